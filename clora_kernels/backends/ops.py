@@ -1,0 +1,84 @@
+"""The registered ops and their one autograd formula (DESIGN.md sections 2 and 3).
+
+    clora::linear_fwd(x, w, b, lora_a, lora_b, r_old, r_delta, proj, s, grad_through_old_route, backend)
+        -> (y, t)        y = x wᵀ + b + s·t·R_eff·lora_bᵀ,  t = x lora_aᵀ  (kept for backward)
+    clora::linear_dx(g, w, lora_a, lora_b, r_old, r_delta, proj, s, backend)
+        -> (dx, v)       v = g lora_b,  dx = g w + s·v·R_effᵀ·lora_a
+
+Both dispatch through the registry (`backends.call`), so every backend shares the backward
+below: dx from the backend's fused kernel, the skinny weight gradients with torch.matmul.
+Saved for backward: x, t and the small weights; never an M×N tensor.
+x and g are 2-D here; `functional.clora_linear` flattens the leading dims.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import call
+
+
+@torch.library.custom_op("clora::linear_fwd", mutates_args=())
+def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+               routing_old: Tensor, routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
+               grad_through_old_route: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return call(backend, "forward", x, lora_a.shape[0],
+                x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling)
+
+
+@linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+      grad_through_old_route, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+@torch.library.custom_op("clora::linear_dx", mutates_args=())
+def linear_dx(g: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, routing_old: Tensor,
+              routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
+              backend: str) -> tuple[Tensor, Tensor]:
+    return call(backend, "dx", g, lora_a.shape[0],
+                g, weight, lora_a, lora_b, routing_old, routing_delta, projection, scaling)
+
+
+@linear_dx.register_fake
+def _(g, weight, lora_a, lora_b, routing_old, routing_delta, projection, scaling, backend):
+    return g.new_empty(g.shape[0], weight.shape[1]), g.new_empty(g.shape[0], lora_a.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old, backend = inputs
+    _, t = output
+    ctx.mark_non_differentiable(t)
+    ctx.save_for_backward(x, t, weight, lora_a, lora_b, routing_old, routing_delta, projection)
+    ctx.scaling, ctx.through_old, ctx.backend = scaling, through_old, backend
+
+
+def _backward(ctx, grad_y, grad_t):
+    x, t, weight, lora_a, lora_b, r_old, r_delta, proj = ctx.saved_tensors
+    s = ctx.scaling
+    g = grad_y
+    need_x, _, need_b, need_a, need_lb, _, need_rd, _ = ctx.needs_input_grad[:8]
+    dx = d_a = d_lb = d_rd = d_bias = None
+    if need_x:
+        dx, v = linear_dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.backend)
+    else:
+        v = g @ lora_b                                     # v = g Bᵀ          (M, r)
+    if need_a or need_lb:
+        r_new = r_delta if proj is None else proj @ r_delta  # P R_delta
+        r_train = r_old + r_new if ctx.through_old else r_new
+        if need_a:
+            d_a = (r_train @ (v.t() @ x)).mul_(s)          # (s xᵀ v R_trainᵀ)ᵀ  (r, K)
+        if need_lb:
+            d_lb = (g.t() @ (t @ r_train)).mul_(s)         # (s (t R_train)ᵀ g)ᵀ (N, r)
+    if need_rd:
+        d_rd = (t.t() @ v).mul_(s)                         # s P tᵀ v          (r, r)
+        if proj is not None:
+            d_rd = proj @ d_rd
+    if need_b:
+        d_bias = g.sum(0)
+    return dx, None, d_bias, d_a, d_lb, None, d_rd, None, None, None, None
+
+
+linear_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,40 @@
+"""The `torch` backend: the reference, plain PyTorch ops in the input's dtype, any device.
+
+Also the baseline the benchmarks call "torch" (eager) and "compile". Four launches in the
+forward (base GEMM, t = x Aᵀ, u = t R_eff, expand) — the cost the fused kernels remove.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from . import register
+
+
+def routing_eff(routing_old, routing_delta, projection):
+    """R_eff = R_old + P R_delta (P = I when projection is None)."""
+    return routing_old + (routing_delta if projection is None else projection @ routing_delta)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def availability(self):
+        return True, "plain PyTorch ops; runs on every device"
+
+    def not_supported_reasons(self, x, rank):
+        return []
+
+    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+        t = x @ lora_a.t()
+        y = F.linear(x, weight, bias)
+        y.addmm_(t @ routing_eff(r_old, r_delta, proj), lora_b.t(), alpha=scaling)
+        return y, t
+
+    def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+        v = g @ lora_b
+        dx = g @ weight
+        dx.addmm_(v @ routing_eff(r_old, r_delta, proj).t(), lora_a, alpha=scaling)
+        return dx, v
+
+
+register(TorchBackend())

@@ -1,0 +1,99 @@
+"""`clora_linear`: validate once, dispatch once (DESIGN.md sections 2 and 3).
+
+    y = x Wᵀ + b + s · (x lora_Aᵀ) (R_old + P R_delta) lora_Bᵀ
+
+Every backend is reached through the registered op `torch.ops.clora.linear_fwd`, whose
+autograd formula (DESIGN.md section 2) is shared by all backends (`backends/ops.py`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import BACKEND_NAMES
+from .backends import ops as _ops  # noqa: F401  (registers torch.ops.clora.*)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 routing_old: Tensor, routing_delta: Tensor, projection: Optional[Tensor],
+                 scaling: float, backend: str = "auto") -> None:
+    """The one validation of a C-LoRA linear call. Raises ValueError/TypeError naming the
+    argument and the sizes; returns None when every backend may be asked to run the call."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (*, in_features), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {_shape(weight)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension (shape {_shape(x)}) but weight "
+            f"expects in_features={k} (weight shape {_shape(weight)})")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A must have shape (rank, in_features=({k})), got {_shape(lora_A)}")
+    r = lora_A.shape[0]
+    if tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B must have shape (out_features, rank) = ({n}, {r}), got {_shape(lora_B)}")
+    for name, m in (("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection)):
+        if m is not None and tuple(m.shape) != (r, r):
+            raise ValueError(f"{name} must have shape (rank, rank) = ({r}, {r}), got {_shape(m)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape (out_features,) = ({n},), got {_shape(bias)}")
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite Python number, got {scaling!r}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {sorted(BACKEND_NAMES)}, got {backend!r}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+    named = (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
+             ("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection))
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype} "
+                            f"(cast the module, or run under torch.autocast)")
+        if t.device != x.device:
+            raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
+
+
+def _autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
+    """Under torch.autocast, compute in the autocast dtype the way nn.Linear (F.linear) does.
+    The casts are differentiable, so fp32 parameters receive fp32 gradients."""
+    dev = x.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None else (t.to(dt) if t.is_floating_point() else t) for t in (x, *tensors))
+
+
+def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 routing_old: Tensor, routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
+                 *, grad_through_old_route: bool = False, backend: str = "auto") -> Tensor:
+    """C-LoRA linear: ``x Wᵀ + b + scaling · x lora_Aᵀ (R_old + P R_delta) lora_Bᵀ``.
+
+    Shapes (nn.Linear / PEFT conventions): x (*, K), weight (N, K), bias (N,) or None,
+    lora_A (r, K), lora_B (N, r), routing_old / routing_delta / projection (r, r);
+    ``projection=None`` means the identity. Gradients follow DESIGN.md section 2: none for
+    ``weight`` or ``routing_old``; ``lora_A``/``lora_B`` see only the new route ``P R_delta``
+    unless ``grad_through_old_route=True``. ``backend``: "auto" (then env ``CLORA_BACKEND``,
+    then the fastest usable), "torch", "triton" or "cuda".
+    """
+    x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection = _autocast_inputs(
+        x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)
+    check_inputs(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling, backend)
+    lead = x.shape[:-1]
+    y, _ = torch.ops.clora.linear_fwd(
+        x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
+        float(scaling), bool(grad_through_old_route), backend)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,117 @@
+"""The float64 oracle of DESIGN.md section 6 and shared test utilities."""
+from __future__ import annotations
+
+import torch
+
+# ‖out − ref‖ / ‖ref‖ bounds per dtype (DESIGN.md section 6)
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+GRAD_NAMES = ("x", "bias", "lora_A", "lora_B", "routing_delta")
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out.shape != ref.shape:
+        raise AssertionError(f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(out).all():
+        return float("inf")
+    den = ref.norm()
+    return float((out - ref).norm() / den) if den > 0 else float((out - ref).norm())
+
+
+def make_inputs(m, k, n, r, *, bias=True, hard=False, lead=None, seed_tensors=True):
+    """Fresh random float64 CPU inputs (never zeros): routing_old non-zero, as after a task."""
+    x = torch.randn(*(lead or (m,)), k, dtype=torch.float64)
+    w = torch.randn(n, k, dtype=torch.float64) / k ** 0.5
+    b = torch.randn(n, dtype=torch.float64) if bias else None
+    la = torch.randn(r, k, dtype=torch.float64) / k ** 0.5
+    lb = torch.randn(n, r, dtype=torch.float64) / r ** 0.5
+    r_old = torch.randn(r, r, dtype=torch.float64) / r ** 0.5
+    r_delta = torch.randn(r, r, dtype=torch.float64) / r ** 0.5
+    p = None
+    if hard:
+        q, _ = torch.linalg.qr(torch.randn(r, max(1, r // 2), dtype=torch.float64))
+        p = torch.eye(r, dtype=torch.float64) - q @ q.t()
+    return dict(x=x, weight=w, bias=b, lora_A=la, lora_B=lb, routing_old=r_old, routing_delta=r_delta,
+                projection=p, scaling=0.7)
+
+
+def oracle(inp, grad_through_old_route=False):
+    """Autograd through the plain formula in float64 on CPU; the old route carries no gradient
+    to lora_A / lora_B unless grad_through_old_route."""
+    d = {k: (v.detach().double().cpu() if torch.is_tensor(v) else v) for k, v in inp.items()}
+    for name in GRAD_NAMES:
+        if d[name] is not None:
+            d[name].requires_grad_(True)
+    x, la, lb = d["x"], d["lora_A"], d["lora_B"]
+    r = la.shape[0]
+    p = d["projection"] if d["projection"] is not None else torch.eye(r, dtype=torch.float64)
+    new = p @ d["routing_delta"]
+    if grad_through_old_route:
+        lora = x @ la.t() @ (d["routing_old"] + new) @ lb.t()
+    else:
+        lora = x @ la.t() @ new @ lb.t() + x @ la.detach().t() @ d["routing_old"] @ lb.detach().t()
+    y = x @ d["weight"].t() + d["scaling"] * lora
+    if d["bias"] is not None:
+        y = y + d["bias"]
+    return y, d
+
+
+def grads_of(inputs: dict) -> dict:
+    return {k: inputs[k].grad for k in GRAD_NAMES if inputs[k] is not None}
+
+
+def cast_inputs(inp, dtype, device="cpu", requires_grad=True):
+    """Copies of the oracle's inputs in dtype/device; differentiable ones require grad."""
+    out = {}
+    for k, v in inp.items():
+        if torch.is_tensor(v):
+            v = v.detach().to(device=device, dtype=dtype).clone()
+            if requires_grad and k in GRAD_NAMES:
+                v.requires_grad_(True)
+        out[k] = v
+    return out
+
+
+def call(fn, inp, **kw):
+    return fn(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["routing_old"],
+              inp["routing_delta"], inp["projection"], inp["scaling"], **kw)
+
+
+def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False, through_old=False, lead=None,
+                  device="cpu", noncontig=False, ref_backend="torch"):
+    """Forward and every gradient of `clora_linear(backend=...)` against the float64 oracle:
+    ‖out − ref‖/‖ref‖ ≤ TOL[dtype], and for a non-reference backend also ≤ 2× (+ a rounding
+    floor) the same-dtype torch reference's error. Returns the errors for inspection."""
+    from clora_kernels import clora_linear
+    base = make_inputs(m, k, n, r, bias=bias, hard=hard, lead=lead)
+    # the oracle sees the inputs the backend sees: rounded to dtype (error measures compute only)
+    base = {key: (v.to(dtype).double() if torch.is_tensor(v) else v) for key, v in base.items()}
+    y_ref, d = oracle(base, through_old)
+    g = torch.randn_like(y_ref).to(dtype).double()
+    y_ref.backward(g)
+    refs = {"y": y_ref, **grads_of(d)}
+
+    def run(name):
+        inp = cast_inputs(base, dtype, device)
+        if noncontig:  # x as a strided view: every other column of a wider tensor
+            wide = torch.randn(*inp["x"].shape[:-1], 2 * k, dtype=dtype, device=device)
+            wide[..., ::2] = inp["x"].detach()
+            inp["x"] = wide[..., ::2].requires_grad_(True)
+            assert not inp["x"].is_contiguous()
+        y = call(clora_linear, inp, grad_through_old_route=through_old, backend=name)
+        y.backward(g.to(device=device, dtype=dtype))
+        assert inp["weight"].grad is None and inp["routing_old"].grad is None
+        return {"y": y, **grads_of(inp)}
+
+    outs = run(backend)
+    errs = {key: rel_err(outs[key], refs[key]) for key in refs}
+    bad = {key: e for key, e in errs.items() if not e <= TOL[dtype]}
+    assert not bad, f"{backend} {dtype}: errors over {TOL[dtype]:g}: {bad}"
+    if backend != ref_backend:
+        touts = run(ref_backend)
+        floor = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 0.0)
+        for key in refs:
+            te = rel_err(touts[key], refs[key])
+            assert errs[key] <= 2 * te + floor, \
+                f"{backend} {dtype} {key}: error {errs[key]:.3g} > 2 x torch reference {te:.3g} + {floor:g}"
+    return errs

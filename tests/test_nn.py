@@ -1,0 +1,235 @@
+"""CLoRALinear, the task lifecycle, merge, persistence and the model helpers."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import clora_kernels as ck
+from clora_kernels import CLoRALinear
+from helpers import rel_err
+
+
+def _trained(layer: CLoRALinear, steps=1):
+    """Give the adapter non-trivial values, as after some training."""
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.routing_delta.add_(0.3 * torch.randn_like(layer.routing_delta))
+    return layer
+
+
+def test_init_and_from_linear_exact(seed):
+    lin = nn.Linear(37, 23)
+    layer = CLoRALinear.from_linear(lin, rank=5)
+    assert layer.weight is not None and not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (5, 37) and layer.lora_B.shape == (23, 5)
+    assert torch.equal(layer.routing_delta, torch.eye(5)) and torch.equal(layer.routing_old, torch.zeros(5, 5))
+    assert torch.equal(layer.projection, torch.eye(5)) and torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(37)   # kaiming_uniform(a=sqrt(5)) bound = 1/sqrt(fan_in)
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > 0.3 * bound
+    assert layer.scaling == 1.0 and layer.task_index == 0 and not layer.merged
+    x = torch.randn(3, 4, 37)
+    assert torch.equal(layer(x), lin(x))
+    assert isinstance(layer, nn.Linear)
+
+
+def test_constructor_and_alpha():
+    layer = CLoRALinear(16, 8, rank=4, alpha=8, bias=False, dtype=torch.float64)
+    assert layer.bias is None and layer.scaling == 2.0 and layer.weight.dtype == torch.float64
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B", "routing_delta"}
+    r = repr(layer)
+    for word in ("rank=4", "alpha=8", "scaling=2", "mode=soft", "task_index=0", "merged=False"):
+        assert word in r, r
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(rank=0), ["rank", "[1, 8]"]), (dict(rank=9), ["rank", "9"]), (dict(rank=-2), ["rank"]),
+    (dict(rank=2.0), ["rank"]), (dict(alpha=float("nan")), ["alpha"]), (dict(alpha=float("inf")), ["alpha"]),
+    (dict(mode="medium"), ["mode", "medium"]), (dict(protect_energy=0.0), ["protect_energy"]),
+    (dict(protect_energy=1.5), ["protect_energy"]), (dict(backend="tpu"), ["backend", "tpu"]),
+])
+def test_bad_config_clear_error(kw, words):
+    args = dict(rank=4)
+    args.update(kw)
+    with pytest.raises(ValueError) as info:
+        CLoRALinear(16, 8, **args)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_wrong_in_features_names_both_sizes():
+    layer = CLoRALinear(16, 8, rank=4)
+    with pytest.raises(ValueError, match=r"15 features.*in_features=16"):
+        layer(torch.randn(2, 15))
+
+
+def test_routing_and_delta_weight_match_forward(seed):
+    layer = _trained(CLoRALinear(24, 40, rank=6, alpha=12))
+    with torch.no_grad():
+        layer.routing_old.copy_(torch.randn(6, 6))
+    x = torch.randn(5, 24)
+    ref = nn.functional.linear(x, layer.weight + layer.delta_weight(), layer.bias)
+    assert rel_err(layer(x), ref) < 1e-5
+    assert torch.allclose(layer.routing(), layer.routing_old + layer.routing_delta)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_end_task_keeps_output_and_folds_routing(seed, mode):
+    layer = _trained(CLoRALinear(24, 40, rank=6, mode=mode, protect_energy=0.8, dtype=torch.float64))
+    x = torch.randn(7, 24, dtype=torch.float64)
+    for task in range(3):
+        before, r_eff = layer(x), layer.routing().clone()
+        layer.end_task()
+        assert layer.task_index == task + 1
+        assert torch.count_nonzero(layer.routing_delta) == 0
+        assert torch.allclose(layer.routing_old, r_eff, atol=1e-12)
+        assert rel_err(layer(x), before) < 1e-12
+        p = layer.projection
+        if mode == "soft":
+            assert torch.equal(p, torch.eye(6, dtype=torch.float64))
+        else:   # P = I - Q Qᵀ: symmetric, idempotent, rank r - k, kills Q = top singular vectors of R_old
+            assert torch.allclose(p, p.t()) and torch.allclose(p @ p, p, atol=1e-10)
+            u, sv, _ = torch.linalg.svd(layer.routing_old)
+            k = 6 - round(float(torch.trace(p)))
+            frac = (sv.square().cumsum(0) / sv.square().sum())
+            assert frac[k - 1] >= 0.8 - 1e-9 and (k == 1 or frac[k - 2] < 0.8)
+            assert torch.allclose(p @ u[:, :k], torch.zeros(6, k, dtype=torch.float64), atol=1e-10)
+        with torch.no_grad():   # next task trains something new
+            layer.routing_delta.normal_()
+            layer.lora_B.add_(0.1 * torch.randn_like(layer.lora_B))
+
+
+def test_hard_mode_projection_is_identity_before_first_end_task():
+    layer = CLoRALinear(16, 16, rank=4, mode="hard")
+    assert torch.equal(layer.projection, torch.eye(4))
+    assert float(layer.orthogonality_loss().detach()) == 0.0
+
+
+def test_orthogonality_loss(seed):
+    layer = CLoRALinear(16, 16, rank=4, dtype=torch.float64)
+    assert float(layer.orthogonality_loss()) == 0.0            # R_old = 0 on the first task
+    with torch.no_grad():
+        layer.routing_old.copy_(torch.randn(4, 4, dtype=torch.float64))
+        layer.routing_delta.copy_(torch.randn(4, 4, dtype=torch.float64))
+    ref = (layer.routing_old.t() @ layer.routing_delta).norm() ** 2
+    assert torch.allclose(layer.orthogonality_loss(), ref)
+    layer.orthogonality_loss().backward()
+    assert layer.routing_delta.grad is not None
+    hard = _trained(CLoRALinear(16, 16, rank=4, mode="hard", dtype=torch.float64))
+    hard.end_task()
+    with torch.no_grad():
+        hard.routing_delta.normal_()
+    assert float(hard.orthogonality_loss()) < 1e-24              # 0 by construction
+
+
+def test_merge_unmerge(seed):
+    layer = _trained(CLoRALinear(24, 40, rank=6))
+    x = torch.randn(5, 24)
+    w0, out = layer.weight.clone(), layer(x)
+    layer.merge()
+    assert layer.merged and "merged=True" in repr(layer)
+    assert rel_err(layer(x), out) < 1e-5
+    layer.merge()                      # idempotent
+    assert rel_err(layer(x), out) < 1e-5
+    layer.unmerge()
+    assert not layer.merged and rel_err(layer.weight, w0) < 1e-6 and rel_err(layer(x), out) < 1e-5
+
+
+def test_state_dict_round_trip_keeps_task_state(seed):
+    layer = _trained(CLoRALinear(24, 40, rank=6, mode="hard"))
+    layer.end_task()
+    layer.end_task()
+    sd = layer.state_dict()
+    assert {"lora_A", "lora_B", "routing_old", "routing_delta", "projection"} <= set(sd)
+    fresh = CLoRALinear(24, 40, rank=6, mode="hard")
+    fresh.load_state_dict(sd)
+    assert fresh.task_index == 2 and torch.equal(fresh.projection, layer.projection)
+    x = torch.randn(3, 24)
+    assert torch.equal(fresh(x), layer(x))
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        self.other = nn.Linear(16, 16)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_Block(), _Block())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            q = b.qkv(x)[..., :16]
+            x = x + b.proj(b.norm(q)) + b.other(x)
+        return self.head(x)
+
+
+def test_inject_and_model_helpers(seed, tmp_path):
+    base = _Net()
+    net = copy.deepcopy(base)
+    x = torch.randn(4, 16)
+    before = net(x)
+    out = ck.inject_clora(net, rank=4)
+    assert out is net
+    names = [n for n, m in net.named_modules() if isinstance(m, CLoRALinear)]
+    assert names == ["blocks.0.qkv", "blocks.0.proj", "blocks.1.qkv", "blocks.1.proj"]
+    assert torch.equal(net(x), before)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{p}" for n in names for p in ("lora_A", "lora_B", "routing_delta")}
+    for _, m in ck.nn.clora_layers(net):
+        _trained(m)
+    y = net(x)
+    ck.end_task(net)
+    assert all(m.task_index == 1 for _, m in ck.nn.clora_layers(net))
+    assert rel_err(net(x), y) < 1e-6
+    for _, m in ck.nn.clora_layers(net):
+        with torch.no_grad():
+            m.routing_delta.normal_()
+    loss = ck.orthogonality_loss(net)
+    assert loss.ndim == 0 and float(loss) > 0
+    y2 = net(x)
+    ck.merge(net)
+    assert rel_err(net(x), y2) < 1e-5
+    ck.unmerge(net)
+    assert rel_err(net(x), y2) < 1e-5
+
+    path = tmp_path / "adapter.safetensors"
+    ck.save_adapter(net, path)
+    other = ck.inject_clora(copy.deepcopy(base), rank=4)
+    assert rel_err(other(x), net(x)) > 1e-3
+    ck.load_adapter(other, path)
+    assert all(m.task_index == 1 for _, m in ck.nn.clora_layers(other))
+    assert rel_err(other(x), net(x)) < 1e-6   # net's base went through merge/unmerge rounding
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:   # adapter tensors only: no base weights
+        assert all(k.rsplit(".", 1)[1] in ("lora_A", "lora_B", "routing_old", "routing_delta", "projection")
+                   for k in f.keys())
+
+
+def test_load_adapter_mismatch_errors(tmp_path):
+    path = tmp_path / "a.safetensors"
+    ck.save_adapter(ck.inject_clora(_Net(), rank=4), path)
+    with pytest.raises(ValueError, match=r"blocks.0.qkv.*lora_A.*\(4, 16\).*\(8, 16\)"):
+        ck.load_adapter(ck.inject_clora(_Net(), rank=8), path)
+    with pytest.raises(ValueError, match=r"no entry for .*blocks.0.other"):
+        ck.load_adapter(ck.inject_clora(_Net(), target_modules=("qkv", "proj", "other"), rank=4), path)
+    with pytest.raises(ValueError, match=r"holds layer\(s\) .*blocks.0.proj"):
+        ck.load_adapter(ck.inject_clora(_Net(), target_modules=("qkv",), rank=4), path)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        ck.load_adapter(ck.inject_clora(_Net(), rank=4), tmp_path / "bad.safetensors")
+
+
+def test_helpers_refuse_models_without_clora():
+    for fn in (ck.end_task, ck.orthogonality_loss, ck.merge, ck.unmerge):
+        with pytest.raises(ValueError, match="no CLoRALinear"):
+            fn(_Net())
+    with pytest.raises(ValueError, match="no nn.Linear matches"):
+        ck.inject_clora(_Net(), target_modules=("nothing",))
