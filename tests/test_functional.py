@@ -139,7 +139,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch, seed):
         def availability(self):
             return True, "test double"
 
-        def not_supported_reasons(self, x, rank):
+        def not_supported_reasons(self, x, weight, rank, auto=False):
             return []
 
         def forward(self, *a, auto=False):

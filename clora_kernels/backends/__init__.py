@@ -3,7 +3,7 @@
 A backend object provides
     name                                  "torch", "triton", "cuda"
     availability() -> (bool, str)         can it run at all on this machine, and why (not)
-    not_supported_reasons(x, rank) -> list[str]   why it cannot run this particular call
+    not_supported_reasons(x, weight, rank, auto) -> list[str]   why it cannot run this call
     forward(x, w, b, lora_a, lora_b, r_old, r_delta, proj, scaling, auto) -> (y, t)
     dx(g, w, lora_a, lora_b, r_old, r_delta, proj, scaling, auto) -> (dx, v)
 where x / g are 2-D and ``auto`` says the backend was picked by "auto" (it may then consider
@@ -59,24 +59,24 @@ def requested_backend(name: str) -> str:
     return name
 
 
-def _reasons(backend, x: torch.Tensor, rank: int) -> list:
+def _reasons(backend, x: torch.Tensor, weight: torch.Tensor, rank: int, auto: bool) -> list:
     ok, why = backend.availability()
-    return ([why] if not ok else []) + list(backend.not_supported_reasons(x, rank))
+    return [why] if not ok else list(backend.not_supported_reasons(x, weight, rank, auto))
 
 
-def call(name: str, method: str, x: torch.Tensor, rank: int, *args):
+def call(name: str, method: str, x: torch.Tensor, weight: torch.Tensor, rank: int, *args):
     """Run ``backend.<method>(*args, auto=...)`` on the backend that ``name`` resolves to."""
     _load_all()
     name = requested_backend(name)
     if name != "auto":
         backend = _registry[name]
-        reasons = _reasons(backend, x, rank)
+        reasons = _reasons(backend, x, weight, rank, False)
         if reasons:
             raise BackendUnavailableError(f"backend {name!r} cannot run this call: " + "; ".join(reasons))
         return getattr(backend, method)(*args, auto=False)
     for cand in _AUTO_ORDER:
         backend = _registry[cand]
-        if cand in _broken or _reasons(backend, x, rank):
+        if cand in _broken or _reasons(backend, x, weight, rank, True):
             continue
         if cand == "torch":
             return getattr(backend, method)(*args, auto=True)

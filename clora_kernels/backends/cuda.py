@@ -11,7 +11,7 @@ class CudaBackend:
     def availability(self):
         return False, "the CUDA C++ extension (csrc/) is not implemented yet"
 
-    def not_supported_reasons(self, x, rank):
+    def not_supported_reasons(self, x, weight, rank, auto=False):
         return []
 
     def forward(self, *args, auto=False):

@@ -24,7 +24,7 @@ from . import call
 def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                routing_old: Tensor, routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
                grad_through_old_route: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return call(backend, "forward", x, lora_a.shape[0],
+    return call(backend, "forward", x, weight, lora_a.shape[0],
                 x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling)
 
 
@@ -38,7 +38,7 @@ def _(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, s
 def linear_dx(g: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, routing_old: Tensor,
               routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
               backend: str) -> tuple[Tensor, Tensor]:
-    return call(backend, "dx", g, lora_a.shape[0],
+    return call(backend, "dx", g, weight, lora_a.shape[0],
                 g, weight, lora_a, lora_b, routing_old, routing_delta, projection, scaling)
 
 

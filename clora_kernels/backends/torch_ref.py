@@ -21,7 +21,7 @@ class TorchBackend:
     def availability(self):
         return True, "plain PyTorch ops; runs on every device"
 
-    def not_supported_reasons(self, x, rank):
+    def not_supported_reasons(self, x, weight, rank, auto=False):
         return []
 
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):

@@ -1,14 +1,57 @@
+"""The `triton` backend: fused C-LoRA kernels (DESIGN.md section 4). Kernels in kernels.py,
+launchers and strategies in launch.py, strategy/tile selection in tune.py."""
+from __future__ import annotations
+
+import torch
+
 from .. import register
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_ELEMS = 2 ** 31 - 1
 
 
 class TritonBackend:
     name = "triton"
 
     def availability(self):
-        return False, "not yet"
+        try:
+            import triton
+            from . import kernels  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install
+            return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+        from .launch import interpreting
+        if interpreting():
+            return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU interpreter, for tests)"
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is available (TRITON_INTERPRET=1 runs the kernels on CPU for tests)"
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
-    def not_supported_reasons(self, x, rank):
-        return []
+    def not_supported_reasons(self, x, weight, rank, auto=False):
+        from .launch import MAX_RANK, interpreting
+        reasons = []
+        if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting() and not auto):
+            reasons.append(f"tensors are on {x.device}, the triton backend needs a CUDA device"
+                           + (" (the CPU interpreter runs only when asked for by name)" if interpreting() else ""))
+        if x.dtype not in _DTYPES:
+            reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
+        if rank > MAX_RANK:
+            reasons.append(f"rank {rank} > {MAX_RANK}")
+        rows = x.numel() // max(1, x.shape[-1])
+        if max(x.numel(), weight.numel(), rows * max(weight.shape)) > _MAX_ELEMS:
+            reasons.append("an operand holds 2**31 elements or more (the kernels use int32 offsets)")
+        return reasons
+
+    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+        from .launch import run
+        from .tune import plan_for
+        args = (x, weight, lora_a.t(), lora_b.t(), r_old, r_delta, proj, bias, scaling, False)
+        return run(plan_for("fwd", auto, *args), *args)
+
+    def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+        from .launch import run
+        from .tune import plan_for
+        args = (g, weight.t(), lora_b, lora_a, r_old, r_delta, proj, None, scaling, True)
+        return run(plan_for("dx", auto, *args), *args)
 
 
 register(TritonBackend())

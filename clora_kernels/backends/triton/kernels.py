@@ -1,0 +1,153 @@
+"""Triton kernels of the C-LoRA engine (DESIGN.md section 4).
+
+_clora_gemm_kernel   Y = X·Wᵀ + bias + s·U·B, with U either
+                       FUSED:  U = (X·A)·R computed in the same K loop (each X tile loaded once
+                               feeds acc += X·Wᵀ and t += X·A; u = t·R and the expand run once
+                               after the loop; the program on the first N tile stores t), or
+                       split:  U read from a precomputed M×r tensor (the shrink kernel's output),
+                               added as one extra K slab after the loop.
+                     R = R_old + P·R_delta (optionally transposed) is built in the prologue from
+                     the r×r tensors, so a fused C-LoRA forward is one launch.
+                     Forward: (x, W, A=lora_Aᵀ, B=lora_Bᵀ, R_eff)          side output t = x·A.
+                     dx:      (g, Wᵀ, A=lora_B, B=lora_A, R_effᵀ)          side output v = g·lora_B.
+                     Every operand is addressed through its strides (views, non-contiguous inputs).
+_clora_shrink_kernel t = X·A and u = t·R in one pass over X (memory-bound). With SPLIT_K > 1 each
+                     program reduces one K chunk into an fp32 partial (no atomics: deterministic);
+                     the launcher sums the partials.
+
+Limits: rank 1..128 (padded to BLOCK_R >= 16 inside, tl.dot needs 16); fp16/bf16/fp32 inputs;
+fp32 accumulation; M, N, K any size (loads wrap rows/cols modulo M/N, K is masked, stores are
+masked); int32 offsets, so every operand must hold < 2**31 elements (the backend refuses otherwise).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _routing(rold_ptr, rd_ptr, p_ptr, R, stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+             HAS_P: tl.constexpr, TRANS_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """R_eff = R_old + P·R_delta (fp32, zero-padded to BLOCK_R), transposed if TRANS_R."""
+    i = tl.arange(0, BLOCK_R)
+    mask = (i[:, None] < R) & (i[None, :] < R)
+    r_old = tl.load(rold_ptr + i[:, None] * stride_oi + i[None, :] * stride_oj, mask=mask, other=0.0)
+    r_delta = tl.load(rd_ptr + i[:, None] * stride_di + i[None, :] * stride_dj, mask=mask, other=0.0)
+    if HAS_P:
+        p = tl.load(p_ptr + i[:, None] * stride_pi + i[None, :] * stride_pj, mask=mask, other=0.0)
+        r = r_old.to(tl.float32) + tl.dot(p, r_delta, input_precision=PRECISION)
+    else:
+        r = r_old.to(tl.float32) + r_delta.to(tl.float32)
+    if TRANS_R:
+        r = tl.trans(r)
+    return r
+
+
+@triton.jit
+def _clora_gemm_kernel(
+        x_ptr, w_ptr, a_ptr, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, u_ptr, y_ptr, t_ptr,
+        M, N, K, R, scale,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_ak, stride_ar, stride_br, stride_bn,
+        stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+        stride_um, stride_ur, stride_ym, stride_yn, stride_tm, stride_tr,
+        HAS_BIAS: tl.constexpr, HAS_P: tl.constexpr, TRANS_R: tl.constexpr, FUSED: tl.constexpr,
+        EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n          # grouped launch order: neighbours share W tiles in L2
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m % M                    # wrapped: loads need no M/N mask, stores are masked
+    cols = offs_n % N
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    mask_r = offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - kb * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if FUSED:
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_r[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+            t_acc = tl.dot(x, a, t_acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    mask_m = offs_m < M
+    cdt = x_ptr.dtype.element_ty
+    if FUSED:
+        r = _routing(rold_ptr, rd_ptr, p_ptr, R, stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+                     HAS_P, TRANS_R, PRECISION, BLOCK_R)
+        u = tl.dot(t_acc.to(cdt), r.to(cdt), input_precision=PRECISION)
+        if pid_n == 0:
+            t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+            tl.store(t_ptrs, t_acc.to(t_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+    else:
+        u = tl.load(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=mask_r[None, :], other=0.0)
+    b = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn, mask=mask_r[:, None], other=0.0)
+    acc = tl.dot((u * scale).to(cdt), b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _clora_shrink_kernel(
+        x_ptr, a_ptr, rold_ptr, rd_ptr, p_ptr, t_ptr, u_ptr, part_ptr,
+        M, K, R, K_CHUNK,
+        stride_xm, stride_xk, stride_ak, stride_ar,
+        stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+        stride_tm, stride_tr, stride_um, stride_ur, stride_ps, stride_pm,
+        HAS_P: tl.constexpr, TRANS_R: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m % M
+    mask_r = offs_r < R
+    k_start = pid_k * K_CHUNK
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
+    a_ptrs = a_ptr + (k_start + offs_k)[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_end = min(K, k_start + K_CHUNK)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kmask = (k0 + offs_k) < k_end
+        x = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=kmask[:, None] & mask_r[None, :], other=0.0)
+        t_acc = tl.dot(x, a, t_acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    mask = (offs_m < M)[:, None] & mask_r[None, :]
+    if SPLIT_K == 1:
+        cdt = x_ptr.dtype.element_ty
+        r = _routing(rold_ptr, rd_ptr, p_ptr, R, stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+                     HAS_P, TRANS_R, PRECISION, BLOCK_R)
+        u = tl.dot(t_acc.to(cdt), r.to(cdt), input_precision=PRECISION)
+        tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                 t_acc.to(t_ptr.dtype.element_ty), mask=mask)
+        tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, u, mask=mask)
+    else:
+        tl.store(part_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_r[None, :], t_acc, mask=mask)

@@ -1,0 +1,145 @@
+"""Host launchers for the Triton kernels: one `gemm` serving forward and dx through operand
+views, one `shrink`, and the three strategies the tuner chooses from:
+
+  fused   one launch: _clora_gemm_kernel(FUSED)            (t recomputed per N tile: r/BLOCK_N extra MMA)
+  split   shrink (u = x·A·R once) + _clora_gemm_kernel(split: u·B as one extra K slab)
+  cublas  F.linear (cuBLAS) + shrink + addmm_(beta=1)       (only under backend="auto")
+
+Operand views (all strides honoured, nothing is copied):
+  forward  x (M,K),  W = weight (N,K),    A = lora_Aᵀ (K,r), B = lora_Bᵀ (r,N), R = R_eff
+  dx       g (M,N),  W = weightᵀ (K,N),   A = lora_B (N,r),  B = lora_A (r,K),  R = R_effᵀ
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+
+MAX_RANK = 128
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's own switch: tf32 only where torch would use it."""
+    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def block_r(rank: int) -> int:
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    block_m: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str                  # "fused" | "split" | "cublas"
+    gemm: GemmConfig | None = None
+    shrink: ShrinkConfig | None = None
+
+
+def _routing_args(r_old, r_delta, proj):
+    p = proj if proj is not None else r_delta
+    return (r_old, r_delta, p), (r_old.stride(0), r_old.stride(1), r_delta.stride(0), r_delta.stride(1),
+                                 p.stride(0), p.stride(1))
+
+
+def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig, *, u=None, y=None, t=None):
+    """y = x·wᵀ + bias + scale·U·b with U = (x·a)·R (fused, writes t = x·a) or the given u."""
+    m, k = x.shape
+    n = w.shape[0]
+    rank = a.shape[1]
+    fused = u is None
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype) if y is None else y
+    if fused and t is None:
+        t = torch.empty(m, rank, device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y, t
+    (ro, rd, p), rstrides = _routing_args(r_old, r_delta, proj)
+    uu = u if u is not None else y
+    tt = t if t is not None else y
+    grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n),)
+    kernels._clora_gemm_kernel[grid](
+        x, w, a, b, ro, rd, p, bias if bias is not None else y, uu, y, tt,
+        m, n, k, rank, float(scale),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        *rstrides, uu.stride(0), uu.stride(1), y.stride(0), y.stride(1), tt.stride(0), tt.stride(1),
+        HAS_BIAS=bias is not None, HAS_P=proj is not None, TRANS_R=trans_r, FUSED=fused,
+        EVEN_K=(k % cfg.block_k == 0), PRECISION=precision(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r(rank), GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y, t
+
+
+def shrink(x, a, r_old, r_delta, proj, trans_r, cfg: ShrinkConfig, *, t=None):
+    """t = x·a (x's dtype) and u = t·R (fp32), one pass over x; split-K without atomics."""
+    m, k = x.shape
+    rank = a.shape[1]
+    t = torch.empty(m, rank, device=x.device, dtype=x.dtype) if t is None else t
+    u = torch.empty(m, rank, device=x.device, dtype=torch.float32)
+    if m == 0:
+        return t, u
+    split = max(1, min(cfg.split_k, triton_cdiv(k, cfg.block_k)))
+    chunk = triton_cdiv(triton_cdiv(k, split), cfg.block_k) * cfg.block_k
+    split = triton_cdiv(k, chunk)
+    part = torch.empty(split, m, rank, device=x.device, dtype=torch.float32) if split > 1 else u
+    (ro, rd, p), rstrides = _routing_args(r_old, r_delta, proj)
+    grid = (triton_cdiv(m, cfg.block_m), split)
+    kernels._clora_shrink_kernel[grid](
+        x, a, ro, rd, p, t, u, part, m, k, rank, chunk,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), *rstrides,
+        t.stride(0), t.stride(1), u.stride(0), u.stride(1), part.stride(0), part.stride(1),
+        HAS_P=proj is not None, TRANS_R=trans_r, SPLIT_K=split, PRECISION=precision(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r(rank),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        from ..torch_ref import routing_eff
+        r = routing_eff(r_old, r_delta, proj).float()
+        t.copy_(part.sum(0))
+        torch.matmul(t.float(), r.t() if trans_r else r, out=u)
+    return t, u
+
+
+def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y=None, t=None):
+    """Run one strategy; returns (y, side output t)."""
+    if plan.strategy == "fused":
+        return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
+    t, u = shrink(x, a, r_old, r_delta, proj, trans_r, plan.shrink, t=t)
+    if plan.strategy == "split":
+        y, _ = gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, u=u, y=y)
+        return y, t
+    # cublas: base GEMM (+bias) by cuBLAS, expand with beta = 1
+    out = torch.nn.functional.linear(x, w, bias)
+    out.addmm_(u.to(x.dtype), b, alpha=scale)
+    if y is not None:
+        y.copy_(out)
+        out = y
+    return out, t
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

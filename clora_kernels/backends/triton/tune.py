@@ -1,0 +1,144 @@
+"""Strategy and tile selection per GPU and shape bucket (DESIGN.md section 4).
+
+Small explicit candidate lists (compile time counts). The first call of a shape bucket times
+every candidate with triton.testing.do_bench (median) and keeps the fastest; results are cached
+in memory and in a JSON file per GPU (CLORA_CACHE_DIR, default ~/.cache/clora_kernels). Under
+backend="auto" the cuBLAS + shrink strategy is a candidate too, so auto is never slower than
+that path. No timing happens under the interpreter or during CUDA-graph capture: a cached plan
+or the heuristic default is used (warm up once before capturing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+
+import torch
+
+from .launch import GemmConfig, Plan, ShrinkConfig, interpreting, run, triton_cdiv
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmConfig(128, 128, 64, 8, 3),
+           GemmConfig(64, 256, 64, 4, 4)]
+SMALL_M = [GemmConfig(16, 64, 128, 4, 4), GemmConfig(16, 128, 128, 4, 4), GemmConfig(32, 32, 256, 4, 3),
+           GemmConfig(64, 128, 64, 4, 4)]
+INTERPRETER = Plan("fused", GemmConfig(32, 32, 32, 4, 1), ShrinkConfig(32, 32, 1))
+
+_lock = threading.Lock()
+_plans: dict = {}
+_loaded = False
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def shrink_config(m: int, k: int, device) -> ShrinkConfig:
+    bm, bk = (16, 256) if m <= 64 else (64, 128)
+    blocks = triton_cdiv(m, bm)
+    split = max(1, min(triton_cdiv(2 * _sm_count(device), blocks), triton_cdiv(k, bk)))
+    return ShrinkConfig(bm, bk, split)
+
+
+def candidates(m: int, n: int, k: int, rank: int, device, auto: bool) -> list:
+    gemms = SMALL_M if m <= 64 else LARGE_M
+    if rank > 64:   # a 128-wide t accumulator next to a 128x256 tile spills
+        gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
+    sh = shrink_config(m, k, device)
+    plans = [Plan("fused", g) for g in gemms] + [Plan("split", g, sh) for g in gemms]
+    if auto:
+        plans.append(Plan("cublas", None, sh))
+    return plans
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(4, (m - 1).bit_length())
+
+
+def _cache_path() -> str:
+    root = os.environ.get("CLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "clora_kernels")
+    return os.path.join(root, "triton-plans.json")
+
+
+def _encode(p: Plan) -> dict:
+    return {"strategy": p.strategy, "gemm": p.gemm and p.gemm.__dict__, "shrink": p.shrink and p.shrink.__dict__}
+
+
+def _decode(d: dict) -> Plan:
+    return Plan(d["strategy"], d["gemm"] and GemmConfig(**d["gemm"]), d["shrink"] and ShrinkConfig(**d["shrink"]))
+
+
+def _load() -> None:
+    global _loaded
+    _loaded = True
+    try:
+        with open(_cache_path()) as f:
+            _plans.update({k: _decode(v) for k, v in json.load(f).items()})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+
+
+def _save() -> None:
+    path = _cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({k: _encode(v) for k, v in _plans.items()}, f, indent=0)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _key(kind, x, w, rank, has_bias, has_p, auto) -> str:
+    import triton
+    m, k = x.shape
+    n = w.shape[0]
+    gpu = torch.cuda.get_device_name(x.device)
+    return (f"{gpu}|triton{triton.__version__}|{kind}|{str(x.dtype)[6:]}|M{_bucket(m)}|N{n}|K{k}|r{rank}|"
+            f"b{int(has_bias)}|p{int(has_p)}|auto{int(auto)}")
+
+
+def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r) -> Plan:
+    if interpreting():
+        return INTERPRETER
+    m, k = x.shape
+    n, rank = w.shape[0], a.shape[1]
+    key = _key(kind, x, w, rank, bias is not None, proj is not None, auto)
+    with _lock:
+        if not _loaded:
+            _load()
+        plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    cands = candidates(m, n, k, rank, x.device, auto)
+    if torch.cuda.is_current_stream_capturing():
+        return cands[0]
+    import triton.testing
+    best, best_ms, errors = None, float("inf"), []
+    for cand in cands:
+        try:
+            fn = lambda: run(cand, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r)  # noqa: E731
+            fn()
+            ms = triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:   # e.g. a config that needs more shared memory than this GPU has
+            errors.append(f"{cand}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    if best is None:
+        raise RuntimeError("every Triton candidate failed to compile or launch: " + " | ".join(errors))
+    if errors and os.environ.get("CLORA_TUNE_VERBOSE"):
+        warnings.warn("clora_kernels: skipped candidates: " + " | ".join(errors))
+    with _lock:
+        _plans[key] = best
+        _save()
+    return best
+
+
+def clear_cache() -> None:
+    with _lock:
+        _plans.clear()

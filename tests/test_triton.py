@@ -1,0 +1,192 @@
+"""The triton backend against the float64 oracle (DESIGN.md section 6).
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py) in fp32 and fp16 at small
+odd shapes; bf16 (broken in the interpreter's tl.dot), large shapes, rank 64/128, the cuBLAS
+strategy and CUDA-graph capture run on a GPU only (marker `gpu`)."""
+import math
+
+import pytest
+import torch
+
+import clora_kernels as ck
+from clora_kernels.backends import BackendUnavailableError
+
+triton = pytest.importorskip("triton")
+from clora_kernels.backends.triton import launch, tune  # noqa: E402
+from clora_kernels.backends.triton.launch import GemmConfig, Plan, ShrinkConfig  # noqa: E402
+from helpers import TOL, call, cast_inputs, check_backend, make_inputs, oracle, rel_err  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+SMALL = GemmConfig(16, 32, 32, 4, 1) if not GPU else GemmConfig(32, 64, 32, 4, 3)
+PLANS = {
+    "fused": Plan("fused", SMALL),
+    "split": Plan("split", SMALL, ShrinkConfig(16, 32, 1)),
+    "split_k": Plan("split", SMALL, ShrinkConfig(16, 32, 4)),   # deterministic split-K shrink
+}
+GPU_PLANS = {**PLANS, "cublas": Plan("cublas", None, ShrinkConfig(16, 32, 2)),
+             "fused_big": Plan("fused", GemmConfig(128, 128, 64, 8, 3))}
+
+
+@pytest.fixture
+def force_plan(monkeypatch):
+    def use(plan):
+        monkeypatch.setattr(tune, "plan_for", lambda *a, **k: plan)
+    return use
+
+
+@pytest.mark.parametrize("strategy", list(PLANS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,k,n,r,bias,hard", [
+    (1, 24, 200, 1, True, False), (7, 200, 24, 5, False, True), (129, 40, 72, 16, True, True),
+    (5, 72, 48, 33, True, False)])
+def test_matches_oracle(seed, force_plan, strategy, dtype, m, k, n, r, bias, hard):
+    force_plan(PLANS[strategy])
+    check_backend("triton", dtype, m=m, k=k, n=n, r=r, bias=bias, hard=hard, device=DEV,
+                  through_old=(m % 2 == 0))
+
+
+@pytest.mark.parametrize("strategy", ["fused", "split_k"])
+def test_3d_noncontiguous_and_old_route(seed, force_plan, strategy):
+    force_plan(PLANS[strategy])
+    check_backend("triton", torch.float32, lead=(2, 3, 5), k=24, n=40, r=4, device=DEV)
+    check_backend("triton", torch.float32, m=9, k=24, n=40, r=4, noncontig=True, through_old=True, device=DEV)
+
+
+@pytest.mark.parametrize("strategy", list(PLANS))
+@pytest.mark.parametrize("kind", ["fwd", "dx"])
+def test_poisoned_outputs_fully_written(seed, strategy, kind):
+    """Launch into NaN-filled outputs: an unwritten element fails (DESIGN.md section 6)."""
+    dtype = torch.float32
+    inp = cast_inputs(make_inputs(37, 40, 72, 6, hard=True), dtype, DEV, requires_grad=False)
+    r_eff = inp["routing_old"] + inp["projection"] @ inp["routing_delta"]
+    s = inp["scaling"]
+    if kind == "fwd":
+        x, w, a, b, bias, trans = inp["x"], inp["weight"], inp["lora_A"].t(), inp["lora_B"].t(), inp["bias"], False
+        t_ref = x.double() @ a.double()
+        y_ref = x.double() @ w.double().t() + bias.double() + s * t_ref @ r_eff.double() @ b.double()
+    else:
+        x = torch.randn(37, 72, device=DEV, dtype=dtype)
+        w, a, b, bias, trans = inp["weight"].t(), inp["lora_B"], inp["lora_A"], None, True
+        t_ref = x.double() @ a.double()
+        y_ref = x.double() @ inp["weight"].double() + s * t_ref @ r_eff.double().t() @ b.double()
+    y = torch.full((x.shape[0], w.shape[0]), float("nan"), device=DEV, dtype=dtype)
+    t = torch.full((x.shape[0], a.shape[1]), float("nan"), device=DEV, dtype=dtype)
+    y, t = launch.run(PLANS[strategy], x, w, a, b, inp["routing_old"], inp["routing_delta"], inp["projection"],
+                      bias, s, trans, y=y, t=t)
+    assert torch.isfinite(y).all() and torch.isfinite(t).all()
+    assert rel_err(y, y_ref) < TOL[dtype] and rel_err(t, t_ref) < TOL[dtype]
+
+
+def test_empty_batch(force_plan):
+    force_plan(PLANS["fused"])
+    inp = cast_inputs(make_inputs(1, 24, 40, 4), torch.float32, DEV)
+    inp["x"] = torch.randn(0, 24, device=DEV, requires_grad=True)
+    y = call(ck.clora_linear, inp, backend="triton")
+    assert y.shape == (0, 40)
+    y.sum().backward()
+    assert inp["x"].grad.shape == (0, 24)
+
+
+def test_unsupported_call_says_why():
+    inp = cast_inputs(make_inputs(3, 24, 40, 4), torch.float64, DEV, requires_grad=False)
+    with pytest.raises(BackendUnavailableError, match="'triton' cannot run this call: .*float64"):
+        call(ck.clora_linear, inp, backend="triton")
+    y = call(ck.clora_linear, inp)          # auto moves on to a backend that can
+    assert y.dtype == torch.float64
+    bad = cast_inputs(make_inputs(3, 24, 40, 4), torch.float32, DEV, requires_grad=False)
+    bad["x"] = torch.randn(3, 25, device=DEV)
+    with pytest.raises(ValueError, match="25 features.*in_features=24"):   # the shared validation
+        call(ck.clora_linear, bad, backend="triton")
+
+
+def test_module_backend_argument(seed, force_plan):
+    force_plan(PLANS["fused"])
+    lin = torch.nn.Linear(24, 40, device=DEV)
+    layer = ck.CLoRALinear.from_linear(lin, rank=4, backend="triton")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 24, device=DEV)
+    ref = torch.nn.functional.linear(x, layer.weight + layer.delta_weight(), layer.bias)
+    assert rel_err(layer(x), ref) < 1e-5
+
+
+# ---- GPU only -------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", list(GPU_PLANS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k,n,r", [(1, 24, 200, 1), (129, 200, 769, 5), (7, 769, 24, 16), (300, 256, 520, 64),
+                                     (65, 130, 260, 128)])
+def test_gpu_matches_oracle(seed, force_plan, strategy, dtype, m, k, n, r):
+    if r > min(k, n):
+        pytest.skip("rank above min(K, N)")
+    force_plan(GPU_PLANS[strategy])
+    check_backend("triton", dtype, m=m, k=k, n=n, r=r, bias=(m % 2 == 1), hard=(r % 2 == 0), device="cuda",
+                  through_old=(m == 7))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [16, 64, 128])
+def test_gpu_large_shape_tuned(seed, r):
+    """M=16384, K=N=4096 through the tuner (auto candidates included), forward and backward."""
+    tune.clear_cache()
+    m, k, n = 16384, 4096, 4096
+    dt = torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=dt, requires_grad=True)
+    w = torch.randn(n, k, device="cuda", dtype=dt) / 64
+    b = torch.randn(n, device="cuda", dtype=dt)
+    la = (torch.randn(r, k, device="cuda", dtype=dt) / 64).requires_grad_(True)
+    lb = (torch.randn(n, r, device="cuda", dtype=dt) / 8).requires_grad_(True)
+    ro = torch.randn(r, r, device="cuda", dtype=dt) / 8
+    rd = (torch.randn(r, r, device="cuda", dtype=dt) / 8).requires_grad_(True)
+    outs = {}
+    for backend in ("triton", "torch"):
+        for p in (x, la, lb, rd):
+            p.grad = None
+        y = ck.clora_linear(x, w, b, la, lb, ro, rd, None, 0.5, backend=backend)
+        g = torch.randn_like(y)
+        y.backward(g)
+        outs[backend] = [y.float(), x.grad.float(), la.grad.float(), lb.grad.float(), rd.grad.float()]
+    # fp32 references computed on the GPU from the same bf16 inputs
+    xf, wf, laf, lbf, rf = x.detach().float(), w.float(), la.detach().float(), lb.detach().float(), (ro + rd).detach().float()
+    t = xf @ laf.t()
+    y_ref = xf @ wf.t() + b.float() + 0.5 * t @ rf @ lbf.t()
+    for name, ours, theirs, ref in (("y", outs["triton"][0], outs["torch"][0], y_ref),):
+        e, te = rel_err(ours, ref), rel_err(theirs, ref)
+        assert e < TOL[dt] and e <= 2 * te + 8e-3, (name, e, te)
+    for i, name in enumerate(("x", "lora_A", "lora_B", "routing_delta"), start=1):
+        e = rel_err(outs["triton"][i], outs["torch"][i])
+        assert e < 2 * TOL[dt], (name, e)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture(seed):
+    layer = ck.CLoRALinear(256, 384, rank=16, backend="triton", device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = layer(x).clone()            # warm-up: compiles and tunes outside the capture
+        graph = torch.cuda.CUDAGraph()
+        static_x = x.clone()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        x2 = torch.randn_like(x)
+        static_x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_y, layer(x2)) < 1e-6
+        assert rel_err(ref, layer(x)) < 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_triton(seed):
+    layer = ck.CLoRALinear(256, 384, rank=16, backend="triton", device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 50, 256, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    assert rel_err(y, layer(x)) < 1e-2
+    y.float().sum().backward()
+    assert torch.isfinite(layer.routing_delta.grad).all()
