@@ -15,6 +15,20 @@ def routing_eff(routing_old, routing_delta, projection):
     return routing_old + (routing_delta if projection is None else projection @ routing_delta)
 
 
+def reference_formula(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                      grad_through_old_route=False):
+    """The plain formula of DESIGN.md section 2 with autograd doing the backward: the old route
+    is written with detached lora_A / lora_B so it carries no gradient to them (unless
+    grad_through_old_route). The tests' float64 oracle and the benchmarks' `compile` baseline."""
+    new = routing_delta if projection is None else projection @ routing_delta
+    t = x @ lora_A.t()
+    if grad_through_old_route:
+        lora = t @ (routing_old + new) @ lora_B.t()
+    else:
+        lora = t @ new @ lora_B.t() + (x @ lora_A.detach().t()) @ routing_old @ lora_B.detach().t()
+    return F.linear(x, weight, bias) + scaling * lora
+
+
 class TorchBackend:
     name = "torch"
 

@@ -26,7 +26,8 @@ SMALL_M = [GemmConfig(16, 64, 128, 4, 4), GemmConfig(16, 128, 128, 4, 4), GemmCo
 INTERPRETER = Plan("fused", GemmConfig(32, 32, 32, 4, 1), ShrinkConfig(32, 32, 1))
 
 _lock = threading.Lock()
-_plans: dict = {}
+_plans: dict = {}    # (kind, dtype, M bucket, N, K, r, bias, P, auto, device index) -> Plan
+_disk: dict = {}     # "gpu|triton version|..." -> Plan, mirrored in the JSON file
 _loaded = False
 
 
@@ -74,7 +75,7 @@ def _load() -> None:
     _loaded = True
     try:
         with open(_cache_path()) as f:
-            _plans.update({k: _decode(v) for k, v in json.load(f).items()})
+            _disk.update({k: _decode(v) for k, v in json.load(f).items()})
     except (OSError, ValueError, KeyError, TypeError):
         pass
 
@@ -85,19 +86,17 @@ def _save() -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({k: _encode(v) for k, v in _plans.items()}, f, indent=0)
+            json.dump({k: _encode(v) for k, v in _disk.items()}, f, indent=0)
         os.replace(tmp, path)
     except OSError:
         pass
 
 
-def _key(kind, x, w, rank, has_bias, has_p, auto) -> str:
+def _disk_key(key: tuple, device) -> str:
     import triton
-    m, k = x.shape
-    n = w.shape[0]
-    gpu = torch.cuda.get_device_name(x.device)
-    return (f"{gpu}|triton{triton.__version__}|{kind}|{str(x.dtype)[6:]}|M{_bucket(m)}|N{n}|K{k}|r{rank}|"
-            f"b{int(has_bias)}|p{int(has_p)}|auto{int(auto)}")
+    kind, dtype, bucket, n, k, rank, has_bias, has_p, auto, _ = key
+    return (f"{torch.cuda.get_device_name(device)}|triton{triton.__version__}|{kind}|{str(dtype)[6:]}|M{bucket}|"
+            f"N{n}|K{k}|r{rank}|b{int(has_bias)}|p{int(has_p)}|auto{int(auto)}")
 
 
 def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r) -> Plan:
@@ -105,12 +104,16 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
         return INTERPRETER
     m, k = x.shape
     n, rank = w.shape[0], a.shape[1]
-    key = _key(kind, x, w, rank, bias is not None, proj is not None, auto)
+    key = (kind, x.dtype, _bucket(m), n, k, rank, bias is not None, proj is not None, auto, x.device.index)
+    plan = _plans.get(key)          # hot path: one dict lookup
+    if plan is not None:
+        return plan
     with _lock:
         if not _loaded:
             _load()
-        plan = _plans.get(key)
+        plan = _disk.get(_disk_key(key, x.device))
     if plan is not None:
+        _plans[key] = plan
         return plan
     cands = candidates(m, n, k, rank, x.device, auto)
     if torch.cuda.is_current_stream_capturing():
@@ -135,10 +138,15 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
         warnings.warn("clora_kernels: skipped candidates: " + " | ".join(errors))
     with _lock:
         _plans[key] = best
+        _disk[_disk_key(key, x.device)] = best
         _save()
     return best
 
 
 def clear_cache() -> None:
+    """Forget every plan (in memory and loaded from disk; the file is rewritten on the next tune)."""
+    global _loaded
     with _lock:
         _plans.clear()
+        _disk.clear()
+        _loaded = True

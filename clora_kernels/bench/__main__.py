@@ -1,0 +1,260 @@
+"""clora-bench: time every variant of every shape of a suite in one process run; print a table,
+write JSON (--json) and a PNG of the ratios to `merged` (--plot)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import warnings
+
+import torch
+
+from .. import available_backends
+from .core import BASELINES, DTYPES, ENGINE, build_variant, flops_bytes, geomean, make_case, measure_ceilings, \
+    peak_mem, time_us
+from .shapes import RANKS, suite_shapes
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "peft", "timm"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def _meta(args, device) -> dict:
+    meta = {"device": str(device), "gpu": None, "driver": None, "cuda": torch.version.cuda,
+            "dtype": args.dtype, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["clora-bench"] + sys.argv[1:]), **_versions()}
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import subprocess
+            meta["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except Exception:
+            meta["driver"] = None
+    else:
+        meta["gpu"] = None
+        meta["cpu"] = platform.processor() or platform.machine()
+    return meta
+
+
+def _select_variants(requested, device) -> tuple:
+    usable = available_backends()
+    chosen, skipped = [], []
+    names = requested or list(BASELINES) + list(ENGINE)
+    for name in names:
+        if name in ("triton", "cuda", "auto", "torch"):
+            if name == "auto":
+                chosen.append(name)
+                continue
+            ok, why = usable[name]
+            if name == "triton" and device.type != "cuda":
+                ok, why = False, "no CUDA device (the interpreter is for tests, not timing)"
+            (chosen if ok else skipped).append(name if ok else (name, why))
+        elif name == "peft":
+            try:
+                import peft  # noqa: F401
+                chosen.append(name)
+            except ImportError:
+                skipped.append((name, "peft is not installed (pip install '.[bench]')"))
+        elif name in ("merged", "compile"):
+            chosen.append(name)
+        else:
+            raise SystemExit(f"clora-bench: unknown backend {name!r}; choose from {list(BASELINES) + list(ENGINE)}")
+    if device.type != "cuda" and "auto" in chosen and "torch" in chosen:
+        chosen.remove("auto")   # auto is the torch backend on CPU: same row twice
+    if "merged" not in chosen:
+        chosen.insert(0, "merged")
+    return chosen, skipped
+
+
+def run(args) -> dict:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("clora-bench: --device cuda but no CUDA GPU is available")
+    device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
+                          else "cpu")
+    dtype = DTYPES[args.dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        warnings.warn("fp16 on CPU is slow and unrepresentative; bf16 or fp32 is the CPU choice")
+    passes = {"fwd": ["fwd"], "fwd+bwd": ["fwd+bwd"], "both": ["fwd", "fwd+bwd"]}[args.passes]
+    shapes = suite_shapes(args.suite, args.rank, args.size_div)
+    variants, skipped = _select_variants(args.backends, device)
+    for name, why in skipped:
+        print(f"clora-bench: skipping {name}: {why}", file=sys.stderr)
+    if args.backends and not [v for v in variants if v != "merged" or "merged" in args.backends]:
+        raise SystemExit("clora-bench: none of the requested backends can run here")
+    meta = _meta(args, device)
+    meta["ceilings"] = measure_ceilings(device, dtype)
+    meta["skipped"] = {n: w for n, w in skipped}
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
+    compiled: dict = {}
+    results = []
+    from tqdm import tqdm
+    jobs = [(s, p) for p in passes for s in shapes]
+    for shape, pas in tqdm(jobs, desc="clora-bench", unit="shape", file=sys.stderr, disable=args.no_progress):
+        training = pas == "fwd+bwd"
+        case = make_case(shape, dtype, device, training, l2)
+        fl, by = flops_bytes(shape, torch.finfo(dtype).bits // 8, training)
+        ceil = meta["ceilings"]
+        floor_s = max(fl / (ceil["gemm_tflops"] * 1e12), by / (ceil["copy_gbps"] * 1e9)) if ceil["gemm_tflops"] else None
+        rows = {}
+        for name in variants:
+            try:
+                step, reset = build_variant(name, case, training, compiled.setdefault((pas, name), {}))
+                ctx = torch.enable_grad() if training else torch.no_grad()
+                with ctx:
+                    step()
+                    us = time_us(step, device, reset, args.rep_ms)
+                    mem = peak_mem(step, device, reset) if training else None
+            except Exception as exc:   # one variant failing must not hide the others
+                print(f"clora-bench: {name} failed at {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            rows[name] = {"suite": shape.suite, "layer": shape.layer, "M": shape.m, "K": shape.k, "N": shape.n,
+                          "r": shape.r, "dtype": args.dtype, "pass": pas, "backend": name, "median_us": us,
+                          "tflops": fl / us / 1e6, "gbps": by / us / 1e3,
+                          "pct_peak": (100 * floor_s / (us * 1e-6)) if floor_s else None}
+            if training:
+                rows[name]["peak_mem_bytes"] = mem
+        base = rows.get("merged", {}).get("median_us")
+        for row in rows.values():
+            row["ratio_to_merged"] = row["median_us"] / base if base else None
+        results.extend(rows.values())
+        del case
+    return {"meta": meta, "results": results}
+
+
+def summarize(data) -> list:
+    """Geometric-mean ratios per backend: the issue's targets read off these lines."""
+    res = data["results"]
+    lines = []
+    backends = sorted({r["backend"] for r in res} - {"merged"})
+    groups = [("fwd, M >= 512", lambda r: r["pass"] == "fwd" and r["M"] >= 512),
+              ("fwd, M <= 16", lambda r: r["pass"] == "fwd" and r["M"] <= 16),
+              ("fwd, all", lambda r: r["pass"] == "fwd"),
+              ("fwd+bwd, all", lambda r: r["pass"] == "fwd+bwd")]
+    lines.append("geomean time ratio to merged (lower is better):")
+    lines.append(f"  {'group':16s}" + "".join(f"{b:>10s}" for b in backends))
+    for title, pred in groups:
+        sel = [r for r in res if pred(r)]
+        if not sel:
+            continue
+        vals = [geomean([r["ratio_to_merged"] for r in sel if r["backend"] == b]) for b in backends]
+        lines.append(f"  {title:16s}" + "".join(f"{v:10.3f}" for v in vals))
+    train = [r for r in res if r["pass"] == "fwd+bwd"]
+    if train:
+        key = lambda r: (r["layer"], r["M"], r["K"], r["N"], r["r"])  # noqa: E731
+        by = {}
+        for r in train:
+            by.setdefault(key(r), {})[r["backend"]] = r
+        lines.append("fwd+bwd speed-up (geomean of t_other / t_backend) and peak memory vs eager torch:")
+        for b in backends:
+            if b in ("torch", "compile"):
+                continue
+            pairs = [(v["torch"], v[b]) for v in by.values() if "torch" in v and b in v]
+            cpairs = [(v["compile"], v[b]) for v in by.values() if "compile" in v and b in v]
+            if not pairs:
+                continue
+            mem = max((p[1]["peak_mem_bytes"] or 0) / max(1, p[0]["peak_mem_bytes"] or 1) for p in pairs)
+            lines.append(f"  {b:8s} vs torch {geomean([t['median_us'] / o['median_us'] for t, o in pairs]):.3f}x"
+                         + (f"   vs compile {geomean([c['median_us'] / o['median_us'] for c, o in cpairs]):.3f}x"
+                            if cpairs else "") + f"   worst peak-memory ratio {mem:.3f}")
+    return lines
+
+
+def table(data) -> str:
+    res = data["results"]
+    out = [f"{'layer':22s} {'M':>6s} {'K':>6s} {'N':>6s} {'r':>4s} {'pass':8s} {'backend':8s} {'us':>10s} "
+           f"{'TFLOP/s':>8s} {'GB/s':>8s} {'%peak':>6s} {'x merged':>9s} {'mem MiB':>8s}"]
+    groups = {}
+    for r in res:
+        groups.setdefault((r["layer"], r["M"], r["K"], r["N"], r["r"], r["pass"]), []).append(r)
+    for rows in groups.values():
+        cand = [r for r in rows if r["backend"] != "merged"]
+        best = min(cand, key=lambda r: r["median_us"])["backend"] if cand else None
+        for r in rows:
+            mark = "*" if r["backend"] == best else " "
+            pct = f"{r['pct_peak']:6.1f}" if r.get("pct_peak") is not None else "     -"
+            mem = f"{r['peak_mem_bytes'] / 2**20:8.1f}" if r.get("peak_mem_bytes") else "       -"
+            ratio = f"{r['ratio_to_merged']:9.3f}" if r.get("ratio_to_merged") else "        -"
+            out.append(f"{r['layer'][:22]:22s} {r['M']:6d} {r['K']:6d} {r['N']:6d} {r['r']:4d} {r['pass']:8s} "
+                       f"{mark}{r['backend']:7s} {r['median_us']:10.1f} {r['tflops']:8.2f} {r['gbps']:8.1f} {pct} "
+                       f"{ratio} {mem}")
+    return "\n".join(out)
+
+
+def plot(data, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res = [r for r in data["results"] if r["backend"] != "merged" and r.get("ratio_to_merged")]
+    keys = sorted({(r["pass"], r["layer"], r["M"], r["r"]) for r in res})
+    backends = sorted({r["backend"] for r in res})
+    fig, axes = plt.subplots(1, 1, figsize=(max(8, 0.28 * len(keys)), 5))
+    width = 0.8 / max(1, len(backends))
+    idx = {k: i for i, k in enumerate(keys)}
+    for j, b in enumerate(backends):
+        pts = [(idx[(r["pass"], r["layer"], r["M"], r["r"])], r["ratio_to_merged"]) for r in res if r["backend"] == b]
+        axes.bar([p[0] + j * width for p in pts], [p[1] for p in pts], width, label=b)
+    axes.axhline(1.0, color="k", lw=0.8)
+    axes.set_xticks([i + 0.4 for i in range(len(keys))])
+    axes.set_xticklabels([f"{p} {l} M={m} r={r}" for p, l, m, r in keys], rotation=90, fontsize=6)
+    axes.set_ylabel("time / merged cuBLAS")
+    m = data["meta"]
+    axes.set_title(f"C-LoRA linear, {m['dtype']}, {m.get('gpu') or m['device']}, torch {m['torch']}")
+    axes.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clora-bench", description=__doc__)
+    ap.add_argument("--suite", choices=["quick", "vit", "llm", "full"], default="quick")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    ap.add_argument("--rank", type=int, nargs="+", default=None, help=f"ranks (default {list(RANKS)}; quick: 16)")
+    ap.add_argument("--pass", dest="passes", choices=["fwd", "fwd+bwd", "both"], default="fwd")
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help=f"variants to time (default: every usable one of {list(BASELINES) + list(ENGINE)})")
+    ap.add_argument("--json", default=None, help="write {meta, results} here")
+    ap.add_argument("--plot", default=None, help="write a PNG of the ratios to merged here")
+    ap.add_argument("--size-div", type=int, default=1, help="divide every dimension by this (CPU smoke runs)")
+    ap.add_argument("--rep-ms", type=int, default=60, help="timing budget per variant and shape (ms)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.rank is None:
+        args.rank = [16] if args.suite == "quick" else list(RANKS)
+    if any(r <= 0 for r in args.rank):
+        raise SystemExit(f"clora-bench: --rank must be positive, got {args.rank}")
+    if args.size_div < 1:
+        raise SystemExit("clora-bench: --size-div must be >= 1")
+    data = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+    if args.plot:
+        plot(data, args.plot)
+    m = data["meta"]
+    print(f"\nclora-bench {m['command']}\ndevice {m.get('gpu') or m['device']}  torch {m['torch']}  triton {m['triton']}"
+          f"  peft {m['peft']}  dtype {m['dtype']}  {m['date']}")
+    if m["ceilings"]["gemm_tflops"]:
+        print(f"measured ceilings: GEMM {m['ceilings']['gemm_tflops']:.0f} TFLOP/s, copy {m['ceilings']['copy_gbps']:.0f} GB/s")
+    print(table(data))
+    print("\n".join(summarize(data)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

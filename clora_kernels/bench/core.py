@@ -1,0 +1,162 @@
+"""Benchmark core: the variants of one shape, timed in one process run (DESIGN.md section 7).
+
+Variants: merged (cuBLAS F.linear with the merged weight: the floor), torch (eager reference
+backend), compile (torch.compile of the reference formula), peft (a PEFT LoRA layer on the same
+base weight with lora_B' = lora_B·R_effᵀ: the same math), and each usable engine backend
+(triton, cuda) plus auto. GPU timing: triton.testing.do_bench (CUDA events, median; it flushes
+L2 before every run) over several rotating input buffers. CPU timing: torch.utils.benchmark.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..backends.torch_ref import reference_formula, routing_eff
+from ..functional import clora_linear
+
+BASELINES = ("merged", "torch", "compile", "peft")
+ENGINE = ("triton", "cuda", "auto")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Case:
+    xs: list
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    routing_old: torch.Tensor
+    routing_delta: torch.Tensor
+    scaling: float
+    grad: torch.Tensor
+
+
+def make_case(shape, dtype, device, training: bool, l2_bytes: int = 0) -> Case:
+    """Random (never zero) tensors; enough x buffers to exceed 2x L2 when rotated."""
+    m, k, n, r = shape.m, shape.k, shape.n, shape.r
+    per = max(1, m * k * torch.finfo(dtype).bits // 8)
+    nbuf = max(2, min(8, math.ceil(2 * l2_bytes / per))) if l2_bytes else 2
+    kw = dict(device=device, dtype=dtype)
+    xs = [torch.randn(m, k, **kw).requires_grad_(training) for _ in range(nbuf)]
+    w = torch.randn(n, k, **kw) / math.sqrt(k)
+    p = dict(lora_A=torch.randn(r, k, **kw) / math.sqrt(k), lora_B=torch.randn(n, r, **kw) / math.sqrt(r),
+             routing_delta=torch.randn(r, r, **kw) / math.sqrt(r))
+    for t in p.values():
+        t.requires_grad_(training)
+    return Case(xs, w, torch.randn(n, **kw), routing_old=torch.randn(r, r, **kw) / math.sqrt(r), scaling=2.0,
+                grad=torch.randn(m, n, **kw), **p)
+
+
+def _rotating(case, fwd, training):
+    state = {"i": 0}
+    params = [case.lora_A, case.lora_B, case.routing_delta]
+
+    def step():
+        i = state["i"] = (state["i"] + 1) % len(case.xs)
+        y = fwd(case.xs[i])
+        if training:
+            y.backward(case.grad)
+        return y
+    return step, (case.xs + params if training else None)
+
+
+def build_variant(name: str, case: Case, training: bool, compiled_cache: dict):
+    """A no-argument callable running one forward (and backward when training) of `name`, and
+    the tensors whose .grad must be reset between runs."""
+    c = case
+    if name == "merged":
+        with torch.no_grad():
+            wm = c.weight + c.scaling * (c.lora_B @ routing_eff(c.routing_old, c.routing_delta, None).t() @ c.lora_A)
+        return _rotating(c, lambda x: F.linear(x, wm, c.bias), training)
+    if name == "compile":
+        fn = compiled_cache.get("fn")
+        if fn is None:
+            fn = compiled_cache["fn"] = torch.compile(reference_formula)
+        return _rotating(c, lambda x: fn(x, c.weight, c.bias, c.lora_A, c.lora_B, c.routing_old, c.routing_delta,
+                                         None, c.scaling), training)
+    if name == "peft":
+        layer = _peft_layer(c)
+        return _rotating(c, layer, training)
+    backend = name
+    return _rotating(c, lambda x: clora_linear(x, c.weight, c.bias, c.lora_A, c.lora_B, c.routing_old,
+                                               c.routing_delta, None, c.scaling, backend=backend), training)
+
+
+def _peft_layer(c: Case):
+    from peft import LoraConfig, get_peft_model
+    n, k = c.weight.shape
+    r = c.lora_A.shape[0]
+    base = torch.nn.Sequential()
+    base.add_module("lin", torch.nn.Linear(k, n, device=c.weight.device, dtype=c.weight.dtype))
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=c.scaling * r, target_modules=["lin"], lora_dropout=0.0))
+    lin = model.base_model.model.lin
+    with torch.no_grad():
+        lin.base_layer.weight.copy_(c.weight)
+        lin.base_layer.bias.copy_(c.bias)
+        lin.lora_A["default"].weight.copy_(c.lora_A)
+        lin.lora_B["default"].weight.copy_(c.lora_B @ routing_eff(c.routing_old, c.routing_delta, None).t())
+    return model
+
+
+def time_us(step, device, reset, rep_ms: int) -> float:
+    if device.type == "cuda":
+        import triton.testing
+        return 1e3 * triton.testing.do_bench(step, warmup=max(5, rep_ms // 4), rep=rep_ms, grad_to_none=reset,
+                                             return_mode="median")
+    from torch.utils import benchmark
+
+    def run():
+        if reset:
+            for t in reset:
+                t.grad = None
+        step()
+    t = benchmark.Timer(stmt="run()", globals={"run": run}).blocked_autorange(min_run_time=rep_ms / 1e3)
+    return 1e6 * t.median
+
+
+def peak_mem(step, device, reset) -> int:
+    if device.type != "cuda":
+        return 0
+    for t in reset or []:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def flops_bytes(shape, elt: int, training: bool):
+    """Useful work of one call: C-LoRA forward, plus dx and the adapter gradients for fwd+bwd."""
+    m, k, n, r = shape.m, shape.k, shape.n, shape.r
+    fl = 2 * m * (n * k + k * r + r * r + r * n)
+    by = elt * (m * k + n * k + m * n + (k + n) * r + n)
+    if training:
+        fl += 2 * m * (n * k + n * r + r * r + r * k) + 2 * m * r * (k + n + r)
+        by += elt * (m * n + n * k + 2 * m * k + (k + n) * r)
+    return fl, by
+
+
+def measure_ceilings(device, dtype) -> dict:
+    """The device's dense GEMM rate and copy bandwidth, measured once."""
+    if device.type != "cuda":
+        return {"gemm_tflops": None, "copy_gbps": None}
+    import triton.testing
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=200, return_mode="median")
+    src = torch.randn(256 * 1024 * 1024, device=device, dtype=torch.float32)   # 1 GiB
+    dst = torch.empty_like(src)
+    ms_copy = triton.testing.do_bench(lambda: dst.copy_(src), warmup=20, rep=100, return_mode="median")
+    return {"gemm_tflops": 2 * 8192 ** 3 / ms / 1e9, "copy_gbps": 2 * src.numel() * 4 / ms_copy / 1e6}
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else float("nan")
