@@ -72,9 +72,13 @@ def call(fn, inp, **kw):
 
 def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False, through_old=False, lead=None,
                   device="cpu", noncontig=False, ref_backend="torch"):
-    """Forward and every gradient of `clora_linear(backend=...)` against the float64 oracle:
-    ‖out − ref‖/‖ref‖ ≤ TOL[dtype], and for a non-reference backend also ≤ 2× (+ a rounding
-    floor) the same-dtype torch reference's error. Returns the errors for inspection."""
+    """Forward and every gradient of `clora_linear(backend=...)` against the float64 oracle.
+
+    Bound per output: ‖out − ref‖/‖ref‖ ≤ max(TOL[dtype], 2 × the error of the plain formula
+    evaluated by autograd in the same dtype on the same inputs). The second term only matters on
+    ill-conditioned draws (e.g. M = r = 1, where a gradient is one cancelling dot product times a
+    vector and no evaluation in that dtype meets TOL). A non-reference backend must also stay
+    within 2× (+ a rounding floor) the same-dtype torch backend's error. Returns the errors."""
     from clora_kernels import clora_linear
     base = make_inputs(m, k, n, r, bias=bias, hard=hard, lead=lead)
     # the oracle sees the inputs the backend sees: rounded to dtype (error measures compute only)
@@ -84,24 +88,26 @@ def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False
     y_ref.backward(g)
     refs = {"y": y_ref, **grads_of(d)}
 
-    def run(name):
+    def run(fn, **kw):
         inp = cast_inputs(base, dtype, device)
         if noncontig:  # x as a strided view: every other column of a wider tensor
             wide = torch.randn(*inp["x"].shape[:-1], 2 * k, dtype=dtype, device=device)
             wide[..., ::2] = inp["x"].detach()
             inp["x"] = wide[..., ::2].requires_grad_(True)
             assert not inp["x"].is_contiguous()
-        y = call(clora_linear, inp, grad_through_old_route=through_old, backend=name)
+        y = call(fn, inp, **kw)
         y.backward(g.to(device=device, dtype=dtype))
         assert inp["weight"].grad is None and inp["routing_old"].grad is None
         return {"y": y, **grads_of(inp)}
 
-    outs = run(backend)
+    outs = run(clora_linear, grad_through_old_route=through_old, backend=backend)
+    plain = run(reference_formula, grad_through_old_route=through_old)
     errs = {key: rel_err(outs[key], refs[key]) for key in refs}
-    bad = {key: e for key, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"{backend} {dtype}: errors over {TOL[dtype]:g}: {bad}"
+    bound = {key: max(TOL[dtype], 2 * rel_err(plain[key], refs[key])) for key in refs}
+    bad = {key: (e, bound[key]) for key, e in errs.items() if not e <= bound[key]}
+    assert not bad, f"{backend} {dtype}: (error, bound) over bound: {bad}"
     if backend != ref_backend:
-        touts = run(ref_backend)
+        touts = run(clora_linear, grad_through_old_route=through_old, backend=ref_backend)
         floor = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 0.0)
         for key in refs:
             te = rel_err(touts[key], refs[key])
