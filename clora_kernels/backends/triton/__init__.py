@@ -14,6 +14,14 @@ class TritonBackend:
     name = "triton"
 
     def availability(self):
+        """Cached: asked on every call by the registry."""
+        if self._availability is None:
+            self._availability = self._probe()
+        return self._availability
+
+    _availability = None
+
+    def _probe(self):
         try:
             import triton
             from . import kernels  # noqa: F401
