@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import warnings
@@ -12,8 +13,8 @@ import warnings
 import torch
 
 from .. import available_backends
-from .core import BASELINES, DTYPES, ENGINE, build_variant, flops_bytes, geomean, make_case, measure_ceilings, \
-    peak_mem, time_us
+from .core import BASELINES, DTYPES, ENGINE, build_variant, flops_bytes, geomean, graph_sets, make_case, \
+    measure_ceilings, peak_mem, time_graph_us, time_us
 from .shapes import RANKS, suite_shapes
 
 
@@ -84,13 +85,21 @@ def run(args) -> dict:
     if device.type == "cpu" and dtype == torch.float16:
         warnings.warn("fp16 on CPU is slow and unrepresentative; bf16 or fp32 is the CPU choice")
     passes = {"fwd": ["fwd"], "fwd+bwd": ["fwd+bwd"], "both": ["fwd", "fwd+bwd"]}[args.passes]
+    if args.size_div is None:   # full-size shapes take minutes per call on a 2-core CPU
+        args.size_div = 1 if device.type == "cuda" else 8
     shapes = suite_shapes(args.suite, args.rank, args.size_div)
     variants, skipped = _select_variants(args.backends, device)
     for name, why in skipped:
         print(f"clora-bench: skipping {name}: {why}", file=sys.stderr)
     if args.backends and not [v for v in variants if v != "merged" or "merged" in args.backends]:
         raise SystemExit("clora-bench: none of the requested backends can run here")
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("clora-bench: --cuda-graphs needs a CUDA device")
     meta = _meta(args, device)
+    meta["size_div"] = args.size_div
+    meta["timing"] = ("cuda-graph replay (fwd); CUDA events (fwd+bwd)" if args.cuda_graphs else
+                      "CUDA events per call, host launch overhead included" if device.type == "cuda" else
+                      "torch.utils.benchmark wall clock")
     meta["ceilings"] = measure_ceilings(device, dtype)
     meta["skipped"] = {n: w for n, w in skipped}
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
@@ -102,6 +111,9 @@ def run(args) -> dict:
     for shape, pas in tqdm(jobs, desc="clora-bench", unit="shape", file=sys.stderr, disable=args.no_progress):
         training = pas == "fwd+bwd"
         case = make_case(shape, dtype, device, training, l2)
+        graph_cases = ([case] + [make_case(shape, dtype, device, False, l2)
+                                 for _ in range(graph_sets(shape, dtype, l2) - 1)]
+                       if args.cuda_graphs and not training else None)
         fl, by = flops_bytes(shape, torch.finfo(dtype).bits // 8, training)
         ceil = meta["ceilings"]
         floor_s = max(fl / (ceil["gemm_tflops"] * 1e12), by / (ceil["copy_gbps"] * 1e9)) if ceil["gemm_tflops"] else None
@@ -112,13 +124,18 @@ def run(args) -> dict:
                 ctx = torch.enable_grad() if training else torch.no_grad()
                 with ctx:
                     step()
-                    us = time_us(step, device, reset, args.rep_ms)
+                    if graph_cases:
+                        steps = [build_variant(name, c, False, compiled[(pas, name)])[0] for c in graph_cases]
+                        us = time_graph_us(steps, args.rep_ms)
+                    else:
+                        us = time_us(step, device, reset, args.rep_ms)
                     mem = peak_mem(step, device, reset) if training else None
             except Exception as exc:   # one variant failing must not hide the others
                 print(f"clora-bench: {name} failed at {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             rows[name] = {"suite": shape.suite, "layer": shape.layer, "M": shape.m, "K": shape.k, "N": shape.n,
                           "r": shape.r, "dtype": args.dtype, "pass": pas, "backend": name, "median_us": us,
+                          "timing": "cuda-graph" if graph_cases else "events",
                           "tflops": fl / us / 1e6, "gbps": by / us / 1e3,
                           "pct_peak": (100 * floor_s / (us * 1e-6)) if floor_s else None}
             if training:
@@ -127,8 +144,17 @@ def run(args) -> dict:
         for row in rows.values():
             row["ratio_to_merged"] = row["median_us"] / base if base else None
         results.extend(rows.values())
-        del case
+        del case, graph_cases
+        if args.json:   # written after every shape: an interrupted run keeps what it measured
+            _write_json(args.json, {"meta": meta, "results": results})
     return {"meta": meta, "results": results}
+
+
+def _write_json(path, data) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 def summarize(data) -> list:
@@ -162,10 +188,12 @@ def summarize(data) -> list:
             cpairs = [(v["compile"], v[b]) for v in by.values() if "compile" in v and b in v]
             if not pairs:
                 continue
-            mem = max((p[1]["peak_mem_bytes"] or 0) / max(1, p[0]["peak_mem_bytes"] or 1) for p in pairs)
+            mems = [p[1]["peak_mem_bytes"] / p[0]["peak_mem_bytes"] for p in pairs
+                    if p[0].get("peak_mem_bytes") and p[1].get("peak_mem_bytes") is not None]
             lines.append(f"  {b:8s} vs torch {geomean([t['median_us'] / o['median_us'] for t, o in pairs]):.3f}x"
                          + (f"   vs compile {geomean([c['median_us'] / o['median_us'] for c, o in cpairs]):.3f}x"
-                            if cpairs else "") + f"   worst peak-memory ratio {mem:.3f}")
+                            if cpairs else "")
+                         + (f"   worst peak-memory ratio {max(mems):.3f}" if mems else ""))
     return lines
 
 
@@ -226,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"variants to time (default: every usable one of {list(BASELINES) + list(ENGINE)})")
     ap.add_argument("--json", default=None, help="write {meta, results} here")
     ap.add_argument("--plot", default=None, help="write a PNG of the ratios to merged here")
-    ap.add_argument("--size-div", type=int, default=1, help="divide every dimension by this (CPU smoke runs)")
+    ap.add_argument("--size-div", type=int, default=None,
+                    help="divide every dimension by this (default 1 on GPU, 8 on CPU)")
     ap.add_argument("--rep-ms", type=int, default=60, help="timing budget per variant and shape (ms)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="time fwd by CUDA-graph replay (GPU time without host launch overhead)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -238,17 +269,14 @@ def main(argv=None) -> int:
         args.rank = [16] if args.suite == "quick" else list(RANKS)
     if any(r <= 0 for r in args.rank):
         raise SystemExit(f"clora-bench: --rank must be positive, got {args.rank}")
-    if args.size_div < 1:
+    if args.size_div is not None and args.size_div < 1:
         raise SystemExit("clora-bench: --size-div must be >= 1")
     data = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=1)
     if args.plot:
         plot(data, args.plot)
     m = data["meta"]
     print(f"\nclora-bench {m['command']}\ndevice {m.get('gpu') or m['device']}  torch {m['torch']}  triton {m['triton']}"
-          f"  peft {m['peft']}  dtype {m['dtype']}  {m['date']}")
+          f"  peft {m['peft']}  dtype {m['dtype']}  {m['date']}\ntiming: {m['timing']}")
     if m["ceilings"]["gemm_tflops"]:
         print(f"measured ceilings: GEMM {m['ceilings']['gemm_tflops']:.0f} TFLOP/s, copy {m['ceilings']['copy_gbps']:.0f} GB/s")
     print(table(data))

@@ -68,8 +68,20 @@ def _routing_args(r_old, r_delta, proj):
                                  p.stride(0), p.stride(1))
 
 
+def column_major(a):
+    """The (K, r) down-projection operand in column-major layout (stride(0) == 1).
+
+    Measured on an H100 with triton 3.6: with a row-major A of small odd rank (e.g. r = 5, strides
+    (5, 1)), tiles with BLOCK_M = 128 and BLOCK_K = 64 compute x·A wrongly (relative error ~1) for
+    every num_warps/num_stages tried, while column-major A is right in every config
+    (benchmarks/triton_diag.py). The forward's lora_Aᵀ is already column-major; dx's lora_B and
+    transposed user views are copied (r·K elements, negligible next to the GEMM)."""
+    return a if a.stride(0) == 1 else a.t().contiguous().t()
+
+
 def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig, *, u=None, y=None, t=None):
     """y = x·wᵀ + bias + scale·U·b with U = (x·a)·R (fused, writes t = x·a) or the given u."""
+    a = column_major(a)
     m, k = x.shape
     n = w.shape[0]
     rank = a.shape[1]
@@ -97,6 +109,7 @@ def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig
 
 def shrink(x, a, r_old, r_delta, proj, trans_r, cfg: ShrinkConfig, *, t=None):
     """t = x·a (x's dtype) and u = t·R (fp32), one pass over x; split-K without atomics."""
+    a = column_major(a)
     m, k = x.shape
     rank = a.shape[1]
     t = torch.empty(m, rank, device=x.device, dtype=x.dtype) if t is None else t

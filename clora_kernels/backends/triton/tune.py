@@ -19,10 +19,11 @@ import torch
 from .launch import GemmConfig, Plan, ShrinkConfig, interpreting, run, triton_cdiv
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmConfig(128, 128, 64, 8, 3),
-           GemmConfig(64, 256, 64, 4, 4)]
-SMALL_M = [GemmConfig(16, 64, 128, 4, 4), GemmConfig(16, 128, 128, 4, 4), GemmConfig(32, 32, 256, 4, 3),
-           GemmConfig(64, 128, 64, 4, 4)]
+LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 256, 64, 8, 4), GemmConfig(128, 128, 64, 4, 4),
+           GemmConfig(256, 128, 64, 8, 3), GemmConfig(64, 256, 64, 4, 4)]
+# small M is a stream over W: more, narrower N tiles keep every SM loading
+SMALL_M = [GemmConfig(16, 32, 256, 4, 4), GemmConfig(16, 64, 128, 4, 4), GemmConfig(16, 32, 128, 2, 6),
+           GemmConfig(32, 64, 128, 4, 4), GemmConfig(64, 128, 64, 4, 4)]
 INTERPRETER = Plan("fused", GemmConfig(32, 32, 32, 4, 1), ShrinkConfig(32, 32, 1))
 
 _lock = threading.Lock()
@@ -43,6 +44,7 @@ def shrink_config(m: int, k: int, device) -> ShrinkConfig:
 
 
 def candidates(m: int, n: int, k: int, rank: int, device, auto: bool) -> list:
+    """Fused and split plans over the tile list; with auto, the cuBLAS + shrink plan too."""
     gemms = SMALL_M if m <= 64 else LARGE_M
     if rank > 64:   # a 128-wide t accumulator next to a 128x256 tile spills
         gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
@@ -115,32 +117,33 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     if plan is not None:
         _plans[key] = plan
         return plan
-    cands = candidates(m, n, k, rank, x.device, auto)
+    cands = candidates(m, n, k, rank, x.device, auto=True)
     if torch.cuda.is_current_stream_capturing():
         return cands[0]
     import triton.testing
-    best, best_ms, errors = None, float("inf"), []
-    for cand in cands:
+    timed, errors = [], []
+    for cand in cands:     # one pass serves both plans: triton (no cuBLAS) and auto (all)
         try:
             fn = lambda: run(cand, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r)  # noqa: E731
             fn()
-            ms = triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+            timed.append((triton.testing.do_bench(fn, warmup=3, rep=12, return_mode="median"), cand))
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:   # e.g. a config that needs more shared memory than this GPU has
             errors.append(f"{cand}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            continue
-        if ms < best_ms:
-            best, best_ms = cand, ms
-    if best is None:
+    own = [tc for tc in timed if tc[1].strategy != "cublas"]
+    if not own:
         raise RuntimeError("every Triton candidate failed to compile or launch: " + " | ".join(errors))
     if errors and os.environ.get("CLORA_TUNE_VERBOSE"):
         warnings.warn("clora_kernels: skipped candidates: " + " | ".join(errors))
+    best = {False: min(own, key=lambda tc: tc[0])[1], True: min(timed, key=lambda tc: tc[0])[1]}
     with _lock:
-        _plans[key] = best
-        _disk[_disk_key(key, x.device)] = best
+        for flag, plan in best.items():
+            kk = key[:8] + (flag,) + key[9:]
+            _plans[kk] = plan
+            _disk[_disk_key(kk, x.device)] = plan
         _save()
-    return best
+    return best[auto]
 
 
 def clear_cache() -> None:

@@ -1,0 +1,79 @@
+"""clora-bench and clora-profile end to end on CPU at tiny sizes; JSON validated field by field."""
+import json
+
+import pytest
+import torch
+
+from clora_kernels.bench.__main__ import main as bench_main
+from clora_kernels.profile import main as profile_main
+
+RESULT_FIELDS = {"suite", "layer", "M", "K", "N", "r", "dtype", "pass", "backend", "median_us", "tflops", "gbps",
+                 "ratio_to_merged"}
+META_FIELDS = {"device", "gpu", "driver", "torch", "triton", "peft", "timm", "dtype", "date", "command"}
+
+
+def test_bench_quick_json_and_plot(tmp_path, capsys):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert bench_main(["--suite", "quick", "--device", "cpu", "--dtype", "fp32", "--size-div", "32", "--rep-ms", "2",
+                       "--pass", "both", "--backends", "merged", "torch", "compile", "--json", str(js),
+                       "--plot", str(png), "--no-progress"]) == 0
+    data = json.loads(js.read_text())
+    assert META_FIELDS <= set(data["meta"])
+    res = data["results"]
+    assert {r["backend"] for r in res} == {"merged", "torch", "compile"}
+    assert {r["pass"] for r in res} == {"fwd", "fwd+bwd"}
+    for r in res:
+        assert RESULT_FIELDS <= set(r), set(r) ^ RESULT_FIELDS
+        assert r["median_us"] > 0 and r["tflops"] > 0 and r["gbps"] > 0 and r["ratio_to_merged"] > 0
+        assert r["dtype"] == "fp32" and r["r"] == 16
+        if r["pass"] == "fwd+bwd":
+            assert "peak_mem_bytes" in r
+    assert all(r["ratio_to_merged"] == 1.0 for r in res if r["backend"] == "merged")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "geomean time ratio to merged" in out and "median" not in out.splitlines()[0]
+
+
+def test_bench_peft_variant_is_the_same_math():
+    """The peft baseline must compute what C-LoRA computes (lora_B' = lora_B R_effᵀ)."""
+    pytest.importorskip("peft")
+    from clora_kernels.bench.core import build_variant, make_case
+    from clora_kernels.bench.shapes import Shape
+    case = make_case(Shape("t", "t", 5, 24, 40, 4), torch.float64, torch.device("cpu"), False)
+    outs = {name: build_variant(name, case, False, {})[0]() for name in ("merged", "torch", "peft")}
+    for name in ("merged", "peft"):
+        assert torch.allclose(outs[name], outs["torch"], rtol=1e-10, atol=1e-10), name
+
+
+def test_bench_refuses_bad_arguments():
+    with pytest.raises(SystemExit, match="--rank must be positive"):
+        bench_main(["--rank", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="unknown backend"):
+        bench_main(["--backends", "tpu", "--device", "cpu", "--size-div", "64"])
+    with pytest.raises(SystemExit, match="none of the requested backends"):
+        bench_main(["--backends", "cuda", "--device", "cpu", "--size-div", "64", "--no-progress"])
+
+
+def test_profile_json(tmp_path, capsys):
+    js = tmp_path / "p.json"
+    assert profile_main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "1", "2", "--rank", "4",
+                         "--mode", "eager", "--iters", "2", "--warmup", "1", "--json", str(js), "--top", "5"]) == 0
+    data = json.loads(js.read_text())
+    variants = {r["variant"] for r in data["results"]}
+    assert {"timm", "clora-merged", "clora-torch"} <= variants
+    for r in data["results"]:
+        assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p99_ms"] + 1e-9 and r["images_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "p50 ms" in out and "top 5 ops of clora-torch" in out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "vit_tiny_patch"], "close names: .*vit_tiny_patch16_224"),
+    (["--batch", "0"], "--batch sizes must be positive"),
+    (["--rank", "-1"], "--rank must be positive"),
+    (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--backends", "cuda", "--device", "cpu"],
+     "none of the requested backends"),
+])
+def test_profile_bad_input(argv, msg):
+    with pytest.raises(SystemExit, match=msg):
+        profile_main(argv)
