@@ -29,6 +29,10 @@ def seed():
 
 
 def pytest_collection_modifyitems(config, items):
+    shard = os.environ.get("CLORA_TEST_SHARD")   # "i/n": keep every n-th test from i (parallel GPU runs)
+    if shard:
+        i, n = (int(v) for v in shard.split("/"))
+        items[:] = [it for k, it in enumerate(items) if k % n == i]
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker 'gpu'); none is present")

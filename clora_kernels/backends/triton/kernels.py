@@ -11,6 +11,8 @@ _clora_gemm_kernel   Y = X·Wᵀ + bias + s·U·B, with U either
                      Forward: (x, W, A=lora_Aᵀ, B=lora_Bᵀ, R_eff)          side output t = x·A.
                      dx:      (g, Wᵀ, A=lora_B, B=lora_A, R_effᵀ)          side output v = g·lora_B.
                      Every operand is addressed through its strides (views, non-contiguous inputs).
+_clora_gemm_tma_kernel  the FUSED form with X and W tiles loaded by TMA descriptors (Hopper);
+                     needs 16-byte aligned row strides, so the launcher offers it only then.
 _clora_shrink_kernel t = X·A and u = t·R in one pass over X (memory-bound). With SPLIT_K > 1 each
                      program reduces one K chunk into an fp32 partial (no atomics: deterministic);
                      the launcher sums the partials.
@@ -71,7 +73,6 @@ def _clora_gemm_kernel(
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
     a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
     mask_r = offs_r < R
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
@@ -93,8 +94,72 @@ def _clora_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
+    _lora_epilogue(acc, t_acc, x_ptr.dtype.element_ty, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, u_ptr, y_ptr, t_ptr,
+                   offs_m, offs_n, offs_r, rows, cols, pid_n, M, N, R, scale, stride_br, stride_bn,
+                   stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+                   stride_um, stride_ur, stride_ym, stride_yn, stride_tm, stride_tr,
+                   HAS_BIAS, HAS_P, TRANS_R, FUSED, PRECISION, BLOCK_R)
+
+
+@triton.jit
+def _clora_gemm_tma_kernel(
+        x_desc, w_desc, a_ptr, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, t_ptr,
+        M, N, K, R, scale,
+        stride_ak, stride_ar, stride_br, stride_bn,
+        stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+        stride_ym, stride_yn, stride_tm, stride_tr,
+        HAS_BIAS: tl.constexpr, HAS_P: tl.constexpr, TRANS_R: tl.constexpr, W_NK: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    """The fused kernel with X and W tiles brought in by TMA (Hopper's bulk tensor copy; out-of-
+    bounds boxes are zero-filled, so the mainloop needs no masks). W_NK: the W descriptor holds
+    (N, K) row-major tiles (forward); else (K, N) row-major tiles (dx through weight)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        off_k = kb * BLOCK_K
+        x = x_desc.load([pid_m * BLOCK_M, off_k])
+        if W_NK:
+            w = w_desc.load([pid_n * BLOCK_N, off_k]).T
+        else:
+            w = w_desc.load([off_k, pid_n * BLOCK_N])
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        a = tl.load(a_ptrs, mask=(offs_k[:, None] < K - off_k) & mask_r[None, :], other=0.0)
+        t_acc = tl.dot(x, a, t_acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+    _lora_epilogue(acc, t_acc, y_ptr.dtype.element_ty, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, y_ptr, t_ptr,
+                   offs_m, offs_n, offs_r, offs_m % M, offs_n % N, pid_n, M, N, R, scale, stride_br, stride_bn,
+                   stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+                   0, 0, stride_ym, stride_yn, stride_tm, stride_tr,
+                   HAS_BIAS, HAS_P, TRANS_R, True, PRECISION, BLOCK_R)
+
+
+@triton.jit
+def _lora_epilogue(acc, t_acc, cdt: tl.constexpr, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, u_ptr, y_ptr, t_ptr,
+                   offs_m, offs_n, offs_r, rows, cols, pid_n, M, N, R, scale, stride_br, stride_bn,
+                   stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+                   stride_um, stride_ur, stride_ym, stride_yn, stride_tm, stride_tr,
+                   HAS_BIAS: tl.constexpr, HAS_P: tl.constexpr, TRANS_R: tl.constexpr, FUSED: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """After the K loop: u = t·R (fused; the first N tile stores t) or u read back (split), then
+    acc += s·u·B, bias, cast, masked store of y."""
     mask_m = offs_m < M
-    cdt = x_ptr.dtype.element_ty
+    mask_r = offs_r < R
     if FUSED:
         r = _routing(rold_ptr, rd_ptr, p_ptr, R, stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
                      HAS_P, TRANS_R, PRECISION, BLOCK_R)

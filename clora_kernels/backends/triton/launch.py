@@ -2,6 +2,7 @@
 views, one `shrink`, and the three strategies the tuner chooses from:
 
   fused   one launch: _clora_gemm_kernel(FUSED)            (t recomputed per N tile: r/BLOCK_N extra MMA)
+  fused_tma  the same with TMA-loaded X and W tiles         (Hopper+; 16-byte aligned row strides only)
   split   shrink (u = x·A·R once) + _clora_gemm_kernel(split: u·B as one extra K slab)
   cublas  F.linear (cuBLAS) + shrink + addmm_(beta=1)       (only under backend="auto")
 
@@ -57,7 +58,7 @@ class ShrinkConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    strategy: str                  # "fused" | "split" | "cublas"
+    strategy: str                  # "fused" | "fused_tma" | "split" | "cublas"
     gemm: GemmConfig | None = None
     shrink: ShrinkConfig | None = None
 
@@ -107,6 +108,45 @@ def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig
     return y, t
 
 
+def tma_eligible(x, w) -> bool:
+    """TMA descriptors need unit inner strides and 16-byte aligned outer strides and bases."""
+    if x.device.type != "cuda" and not interpreting():
+        return False
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    elt = x.element_size()
+    wt = w if w.stride(1) == 1 else w.t()
+    return (x.stride(1) == 1 and wt.stride(1) == 1 and (x.stride(0) * elt) % 16 == 0
+            and (wt.stride(0) * elt) % 16 == 0 and x.data_ptr() % 16 == 0 and wt.data_ptr() % 16 == 0)
+
+
+def gemm_tma(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig, *, y=None, t=None):
+    """The fused form with TMA tiles (call only when tma_eligible(x, w))."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    a = column_major(a)
+    m, k = x.shape
+    n = w.shape[0]
+    rank = a.shape[1]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype) if y is None else y
+    t = torch.empty(m, rank, device=x.device, dtype=x.dtype) if t is None else t
+    if m == 0 or n == 0:
+        return y, t
+    w_nk = w.stride(1) == 1
+    x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
+    w_desc = TensorDescriptor.from_tensor(w if w_nk else w.t(),
+                                          [cfg.block_n, cfg.block_k] if w_nk else [cfg.block_k, cfg.block_n])
+    (ro, rd, p), rstrides = _routing_args(r_old, r_delta, proj)
+    grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n),)
+    kernels._clora_gemm_tma_kernel[grid](
+        x_desc, w_desc, a, b, ro, rd, p, bias if bias is not None else y, y, t,
+        m, n, k, rank, float(scale), a.stride(0), a.stride(1), b.stride(0), b.stride(1), *rstrides,
+        y.stride(0), y.stride(1), t.stride(0), t.stride(1),
+        HAS_BIAS=bias is not None, HAS_P=proj is not None, TRANS_R=trans_r, W_NK=w_nk, PRECISION=precision(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r(rank), GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y, t
+
+
 def shrink(x, a, r_old, r_delta, proj, trans_r, cfg: ShrinkConfig, *, t=None):
     """t = x·a (x's dtype) and u = t·R (fp32), one pass over x; split-K without atomics."""
     a = column_major(a)
@@ -140,6 +180,11 @@ def shrink(x, a, r_old, r_delta, proj, trans_r, cfg: ShrinkConfig, *, t=None):
 def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y=None, t=None):
     """Run one strategy; returns (y, side output t)."""
     if plan.strategy == "fused":
+        return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
+    if plan.strategy == "fused_tma":
+        if tma_eligible(x, w):
+            return gemm_tma(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
+        # a cached plan meeting a misaligned view of the same shape bucket: same tiles, pointer loads
         return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
     t, u = shrink(x, a, r_old, r_delta, proj, trans_r, plan.shrink, t=t)
     if plan.strategy == "split":

@@ -16,18 +16,18 @@ import warnings
 
 import torch
 
-from .launch import GemmConfig, Plan, ShrinkConfig, interpreting, run, triton_cdiv
+from .launch import GemmConfig, Plan, ShrinkConfig, interpreting, run, tma_eligible, triton_cdiv
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 256, 64, 8, 4), GemmConfig(128, 128, 64, 4, 4),
-           GemmConfig(256, 128, 64, 8, 3), GemmConfig(64, 256, 64, 4, 4)]
+LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmConfig(256, 128, 64, 8, 3),
+           GemmConfig(64, 256, 64, 4, 4)]
 # small M is a stream over W: more, narrower N tiles keep every SM loading
 SMALL_M = [GemmConfig(16, 32, 256, 4, 4), GemmConfig(16, 64, 128, 4, 4), GemmConfig(16, 32, 128, 2, 6),
            GemmConfig(32, 64, 128, 4, 4), GemmConfig(64, 128, 64, 4, 4)]
 INTERPRETER = Plan("fused", GemmConfig(32, 32, 32, 4, 1), ShrinkConfig(32, 32, 1))
 
 _lock = threading.Lock()
-_plans: dict = {}    # (kind, dtype, M bucket, N, K, r, bias, P, auto, device index) -> Plan
+_plans: dict = {}    # (kind, dtype, M bucket, N, K, r, bias, P, auto, tma, device index) -> Plan
 _disk: dict = {}     # "gpu|triton version|..." -> Plan, mirrored in the JSON file
 _loaded = False
 
@@ -43,13 +43,16 @@ def shrink_config(m: int, k: int, device) -> ShrinkConfig:
     return ShrinkConfig(bm, bk, split)
 
 
-def candidates(m: int, n: int, k: int, rank: int, device, auto: bool) -> list:
-    """Fused and split plans over the tile list; with auto, the cuBLAS + shrink plan too."""
+def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False) -> list:
+    """Fused (and fused_tma where the operands allow TMA) and split plans over the tile list;
+    with auto, the cuBLAS + shrink plan too."""
     gemms = SMALL_M if m <= 64 else LARGE_M
     if rank > 64:   # a 128-wide t accumulator next to a 128x256 tile spills
         gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
     sh = shrink_config(m, k, device)
     plans = [Plan("fused", g) for g in gemms] + [Plan("split", g, sh) for g in gemms]
+    if tma:
+        plans += [Plan("fused_tma", g) for g in gemms]
     if auto:
         plans.append(Plan("cublas", None, sh))
     return plans
@@ -96,9 +99,9 @@ def _save() -> None:
 
 def _disk_key(key: tuple, device) -> str:
     import triton
-    kind, dtype, bucket, n, k, rank, has_bias, has_p, auto, _ = key
+    kind, dtype, bucket, n, k, rank, has_bias, has_p, auto, tma, _ = key
     return (f"{torch.cuda.get_device_name(device)}|triton{triton.__version__}|{kind}|{str(dtype)[6:]}|M{bucket}|"
-            f"N{n}|K{k}|r{rank}|b{int(has_bias)}|p{int(has_p)}|auto{int(auto)}")
+            f"N{n}|K{k}|r{rank}|b{int(has_bias)}|p{int(has_p)}|auto{int(auto)}|tma{int(tma)}")
 
 
 def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r) -> Plan:
@@ -106,7 +109,8 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
         return INTERPRETER
     m, k = x.shape
     n, rank = w.shape[0], a.shape[1]
-    key = (kind, x.dtype, _bucket(m), n, k, rank, bias is not None, proj is not None, auto, x.device.index)
+    tma = tma_eligible(x, w)
+    key = (kind, x.dtype, _bucket(m), n, k, rank, bias is not None, proj is not None, auto, tma, x.device.index)
     plan = _plans.get(key)          # hot path: one dict lookup
     if plan is not None:
         return plan
@@ -117,7 +121,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     if plan is not None:
         _plans[key] = plan
         return plan
-    cands = candidates(m, n, k, rank, x.device, auto=True)
+    cands = candidates(m, n, k, rank, x.device, auto=True, tma=tma)
     if torch.cuda.is_current_stream_capturing():
         return cands[0]
     import triton.testing
@@ -139,7 +143,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     best = {False: min(own, key=lambda tc: tc[0])[1], True: min(timed, key=lambda tc: tc[0])[1]}
     with _lock:
         for flag, plan in best.items():
-            kk = key[:8] + (flag,) + key[9:]
+            kk = key[:8] + (flag,) + key[9:]   # key[8] is the auto flag
             _plans[kk] = plan
             _disk[_disk_key(kk, x.device)] = plan
         _save()
