@@ -5,6 +5,8 @@ views, one `shrink`, and the three strategies the tuner chooses from:
   fused_tma  the same with TMA-loaded X and W tiles         (Hopper+; 16-byte aligned row strides only)
   split   shrink (u = x·A·R once) + _clora_gemm_kernel(split: u·B as one extra K slab)
   cublas  F.linear (cuBLAS) + shrink + addmm_(beta=1)       (only under backend="auto")
+  eager   the torch backend's own ops (cuBLAS, 4 launches)   (only under backend="auto": auto is then
+          never slower than the eager reference by the tuner's measurement)
 
 Operand views (all strides honoured, nothing is copied):
   forward  x (M,K),  W = weight (N,K),    A = lora_Aᵀ (K,r), B = lora_Bᵀ (r,N), R = R_eff
@@ -12,6 +14,7 @@ Operand views (all strides honoured, nothing is copied):
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -58,7 +61,7 @@ class ShrinkConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    strategy: str                  # "fused" | "fused_tma" | "split" | "cublas"
+    strategy: str                  # "fused" | "fused_tma" | "split" | "cublas" | "eager"
     gemm: GemmConfig | None = None
     shrink: ShrinkConfig | None = None
 
@@ -108,11 +111,16 @@ def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig
     return y, t
 
 
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def tma_eligible(x, w) -> bool:
     """TMA descriptors need unit inner strides and 16-byte aligned outer strides and bases."""
     if x.device.type != "cuda" and not interpreting():
         return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+    if x.device.type == "cuda" and not _has_tma(x.device.index):
         return False
     elt = x.element_size()
     wt = w if w.stride(1) == 1 else w.t()
@@ -179,6 +187,16 @@ def shrink(x, a, r_old, r_delta, proj, trans_r, cfg: ShrinkConfig, *, t=None):
 
 def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y=None, t=None):
     """Run one strategy; returns (y, side output t)."""
+    if plan.strategy == "eager":
+        from ..torch_ref import routing_eff
+        r = routing_eff(r_old, r_delta, proj)
+        t_out = torch.matmul(x, a, out=t)
+        out = torch.nn.functional.linear(x, w, bias)
+        out.addmm_(t_out @ (r.t() if trans_r else r), b, alpha=scale)
+        if y is not None:
+            y.copy_(out)
+            out = y
+        return out, t_out
     if plan.strategy == "fused":
         return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
     if plan.strategy == "fused_tma":

@@ -45,7 +45,7 @@ def shrink_config(m: int, k: int, device) -> ShrinkConfig:
 
 def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False) -> list:
     """Fused (and fused_tma where the operands allow TMA) and split plans over the tile list;
-    with auto, the cuBLAS + shrink plan too."""
+    with auto, the cuBLAS + shrink plan and the eager reference's own ops too."""
     gemms = SMALL_M if m <= 64 else LARGE_M
     if rank > 64:   # a 128-wide t accumulator next to a 128x256 tile spills
         gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
@@ -54,7 +54,7 @@ def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool 
     if tma:
         plans += [Plan("fused_tma", g) for g in gemms]
     if auto:
-        plans.append(Plan("cublas", None, sh))
+        plans += [Plan("cublas", None, sh), Plan("eager")]
     return plans
 
 
@@ -126,7 +126,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
         return cands[0]
     import triton.testing
     timed, errors = [], []
-    for cand in cands:     # one pass serves both plans: triton (no cuBLAS) and auto (all)
+    for cand in cands:     # one pass serves both plans: triton (Triton kernels only) and auto (all)
         try:
             fn = lambda: run(cand, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r)  # noqa: E731
             fn()
@@ -135,7 +135,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
             raise
         except Exception as exc:   # e.g. a config that needs more shared memory than this GPU has
             errors.append(f"{cand}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    own = [tc for tc in timed if tc[1].strategy != "cublas"]
+    own = [tc for tc in timed if tc[1].strategy not in ("cublas", "eager")]
     if not own:
         raise RuntimeError("every Triton candidate failed to compile or launch: " + " | ".join(errors))
     if errors and os.environ.get("CLORA_TUNE_VERBOSE"):
