@@ -12,7 +12,6 @@ import argparse
 import copy
 import datetime
 import difflib
-import json
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ import time
 import torch
 
 from . import available_backends, inject_clora, merge
+from ._io import write_json_atomic
 from .nn import clora_layers
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -215,8 +215,7 @@ def main(argv=None) -> int:
     except ImportError:
         meta["triton"] = None
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
+        write_json_atomic(args.json, {"meta": meta, "results": rows})
     print(f"\nclora-profile {meta['command']}\n{args.model} rank {args.rank} on {meta['gpu'] or device} {meta['dtype']}"
           f", torch {meta['torch']}, triton {meta['triton']}")
     print(f"{'variant':16s} {'batch':>5s} {'mode':12s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>10s}")

@@ -1,5 +1,4 @@
 """clora_linear on the torch backend against the float64 oracle; validation; dispatch; ops."""
-import math
 import warnings
 
 import pytest

@@ -11,7 +11,7 @@ from clora_kernels import CLoRALinear
 from helpers import rel_err
 
 
-def _trained(layer: CLoRALinear, steps=1):
+def _trained(layer: CLoRALinear):
     """Give the adapter non-trivial values, as after some training."""
     with torch.no_grad():
         layer.lora_B.normal_()

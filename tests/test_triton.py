@@ -3,7 +3,6 @@
 On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py) in fp32 and fp16 at small
 odd shapes; bf16 (broken in the interpreter's tl.dot), large shapes, rank 64/128, the cuBLAS
 strategy and CUDA-graph capture run on a GPU only (marker `gpu`)."""
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from clora_kernels.backends import BackendUnavailableError
 triton = pytest.importorskip("triton")
 from clora_kernels.backends.triton import launch, tune  # noqa: E402
 from clora_kernels.backends.triton.launch import GemmConfig, Plan, ShrinkConfig  # noqa: E402
-from helpers import TOL, call, cast_inputs, check_backend, make_inputs, oracle, rel_err  # noqa: E402
+from helpers import TOL, call, cast_inputs, check_backend, make_inputs, rel_err  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"

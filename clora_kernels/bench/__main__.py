@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import sys
 import warnings
@@ -13,6 +11,7 @@ import warnings
 import torch
 
 from .. import available_backends
+from .._io import write_json_atomic
 from .core import BASELINES, DTYPES, ENGINE, build_variant, flops_bytes, geomean, graph_sets, make_case, \
     measure_ceilings, peak_mem, time_graph_us, time_us
 from .shapes import RANKS, suite_shapes
@@ -146,15 +145,8 @@ def run(args) -> dict:
         results.extend(rows.values())
         del case, graph_cases
         if args.json:   # written after every shape: an interrupted run keeps what it measured
-            _write_json(args.json, {"meta": meta, "results": results})
+            write_json_atomic(args.json, {"meta": meta, "results": results})
     return {"meta": meta, "results": results}
-
-
-def _write_json(path, data) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def summarize(data) -> list:
