@@ -29,6 +29,16 @@ def reference_formula(x, weight, bias, lora_A, lora_B, routing_old, routing_delt
     return F.linear(x, weight, bias) + scaling * lora
 
 
+def lora_gemm(x, w, a, b, r, bias, scale):
+    """One C-LoRA GEMM in operand views, the reference of the Triton kernel: returns
+    y = x·wᵀ + bias + scale·(x·a)·r·b and t = x·a.
+    Forward: (x, W, lora_Aᵀ, lora_Bᵀ, R_eff); dx: (g, Wᵀ, lora_B, lora_A, R_effᵀ) with t = v."""
+    t = x @ a
+    y = F.linear(x, w, bias)
+    y.addmm_(t @ r, b, alpha=scale)
+    return y, t
+
+
 class TorchBackend:
     name = "torch"
 
@@ -39,16 +49,10 @@ class TorchBackend:
         return []
 
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
-        t = x @ lora_a.t()
-        y = F.linear(x, weight, bias)
-        y.addmm_(t @ routing_eff(r_old, r_delta, proj), lora_b.t(), alpha=scaling)
-        return y, t
+        return lora_gemm(x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling)
 
     def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
-        v = g @ lora_b
-        dx = g @ weight
-        dx.addmm_(v @ routing_eff(r_old, r_delta, proj).t(), lora_a, alpha=scaling)
-        return dx, v
+        return lora_gemm(g, weight.t(), lora_b, lora_a, routing_eff(r_old, r_delta, proj).t(), None, scaling)
 
 
 register(TorchBackend())

@@ -1,5 +1,5 @@
 """Host launchers for the Triton kernels: one `gemm` serving forward and dx through operand
-views, one `shrink`, and the three strategies the tuner chooses from:
+views, one `shrink`, and the strategies the tuner chooses from:
 
   fused   one launch: _clora_gemm_kernel(FUSED)            (t recomputed per N tile: r/BLOCK_N extra MMA)
   fused_tma  the same with TMA-loaded X and W tiles         (Hopper+; 16-byte aligned row strides only)
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..torch_ref import lora_gemm, routing_eff
 from . import kernels
 
 MAX_RANK = 128
@@ -178,7 +179,6 @@ def shrink(x, a, r_old, r_delta, proj, trans_r, cfg: ShrinkConfig, *, t=None):
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r(rank),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
-        from ..torch_ref import routing_eff
         r = routing_eff(r_old, r_delta, proj).float()
         t.copy_(part.sum(0))
         torch.matmul(t.float(), r.t() if trans_r else r, out=u)
@@ -186,17 +186,7 @@ def shrink(x, a, r_old, r_delta, proj, trans_r, cfg: ShrinkConfig, *, t=None):
 
 
 def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y=None, t=None):
-    """Run one strategy; returns (y, side output t)."""
-    if plan.strategy == "eager":
-        from ..torch_ref import routing_eff
-        r = routing_eff(r_old, r_delta, proj)
-        t_out = torch.matmul(x, a, out=t)
-        out = torch.nn.functional.linear(x, w, bias)
-        out.addmm_(t_out @ (r.t() if trans_r else r), b, alpha=scale)
-        if y is not None:
-            y.copy_(out)
-            out = y
-        return out, t_out
+    """Run one strategy; returns (y, side output t), written into y / t when given."""
     if plan.strategy == "fused":
         return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
     if plan.strategy == "fused_tma":
@@ -204,17 +194,22 @@ def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y
             return gemm_tma(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
         # a cached plan meeting a misaligned view of the same shape bucket: same tiles, pointer loads
         return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
-    t, u = shrink(x, a, r_old, r_delta, proj, trans_r, plan.shrink, t=t)
-    if plan.strategy == "split":
-        y, _ = gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, u=u, y=y)
-        return y, t
-    # cublas: base GEMM (+bias) by cuBLAS, expand with beta = 1
-    out = torch.nn.functional.linear(x, w, bias)
-    out.addmm_(u.to(x.dtype), b, alpha=scale)
+    if plan.strategy == "eager":
+        r = routing_eff(r_old, r_delta, proj)
+        out, t_out = lora_gemm(x, w, a, b, r.t() if trans_r else r, bias, scale)
+        if t is not None:
+            t.copy_(t_out)
+            t_out = t
+    else:
+        t_out, u = shrink(x, a, r_old, r_delta, proj, trans_r, plan.shrink, t=t)
+        if plan.strategy == "split":
+            return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, u=u, y=y)[0], t_out
+        out = torch.nn.functional.linear(x, w, bias)          # cublas: cuBLAS GEMM, expand with beta = 1
+        out.addmm_(u.to(x.dtype), b, alpha=scale)
     if y is not None:
         y.copy_(out)
         out = y
-    return out, t
+    return out, t_out
 
 
 def triton_cdiv(a: int, b: int) -> int:
