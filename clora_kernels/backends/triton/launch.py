@@ -192,7 +192,7 @@ def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y
     if plan.strategy == "fused_tma":
         if tma_eligible(x, w):
             return gemm_tma(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
-        # a cached plan meeting a misaligned view of the same shape bucket: same tiles, pointer loads
+        # only a forced plan (tests) gets here: tuned keys include TMA eligibility. Same tiles, pointer loads
         return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
     if plan.strategy == "eager":
         r = routing_eff(r_old, r_delta, proj)
