@@ -8,6 +8,7 @@ unusable (`clora_kernels.available_backends()`).
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -25,9 +26,14 @@ def _cuda_extensions():
         return [], {}
     if torch.version.cuda is None:
         return [], {}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from clora_kernels.backends.cuda import cuda_home, extra_include_dirs   # the JIT build's own helpers
+    import torch.utils.cpp_extension as ce
+    ce.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home()
     archs = os.environ.get("CLORA_CUDA_ARCH", "80;90").replace(",", ";").split(";")
     nvcc_flags = ["-O3", "--use_fast_math"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-    ext = CUDAExtension("clora_kernels._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags})
+    ext = CUDAExtension("clora_kernels._C", sources, include_dirs=extra_include_dirs(),
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags})
     return [ext], {"build_ext": BuildExtension}
 
 

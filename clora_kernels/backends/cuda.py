@@ -1,23 +1,169 @@
-"""The `cuda` backend: wrappers over torch.ops.clora.* from the csrc/ extension (DESIGN.md
-section 5). The extension is not written yet, so this backend reports itself unusable."""
+"""The `cuda` backend: wrappers over torch.ops.clora.cuda_linear_fwd / cuda_linear_dx from the
+csrc/ extension (DESIGN.md section 5).
+
+The extension is taken from `clora_kernels._C` when setup.py built it; otherwise the first use on
+a CUDA machine JIT-builds csrc/ with torch.utils.cpp_extension.load into a cache directory
+(CLORA_CACHE_DIR, default ~/.cache/clora_kernels/cuda_ext/<hash>). A failed build makes the
+backend unusable with the compiler's first error line as the reason; `auto` moves on.
+"""
 from __future__ import annotations
 
+import glob
+import hashlib
+import os
+import re
+import shutil
+import threading
+
+import torch
+
 from . import register
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_lock = threading.Lock()
+
+
+def csrc_dir() -> str:
+    return os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "csrc"))
+
+
+def sources() -> list:
+    d = csrc_dir()
+    return sorted(glob.glob(os.path.join(d, "*.cu")) + glob.glob(os.path.join(d, "*.cpp")))
+
+
+def cuda_home():
+    """CUDA_HOME, else the toolkit of the `nvcc` on PATH: the first of its real path's parent and
+    /usr/local/cuda that holds include/cuda_runtime.h. (An nvcc wrapper in /usr/local/bin makes
+    torch guess /usr/local, which has no CUDA headers or libraries.)"""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    for cand in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if os.path.exists(os.path.join(cand, "include", "cuda_runtime.h")):
+            return cand
+    return None
+
+
+_LIB_HEADERS = ("cublas", "cusparse", "cusolver", "curand", "cufft", "nvjitlink")
+
+
+def extra_include_dirs() -> list:
+    """Headers of the CUDA libraries that ATen's CUDA headers include (cusparse.h, cublas_v2.h,
+    ...) when the nvcc toolkit lacks them. pip installs of torch carry them under
+    site-packages/nvidia/*/include, but that folder also holds a newer CUDA runtime and CCCL,
+    which must not shadow nvcc's own. So only the library headers are linked into a shim folder."""
+    home = cuda_home()
+    if home and os.path.exists(os.path.join(home, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    bases = list(getattr(nvidia, "__path__", []))
+    root = os.environ.get("CLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "clora_kernels")
+    # one shim per location of the headers: venvs elsewhere never meet each other's links
+    shim = os.path.join(root, "cuda_lib_headers", hashlib.sha256("|".join(bases).encode()).hexdigest()[:12])
+    os.makedirs(shim, exist_ok=True)
+    for base in bases:
+        for header in glob.glob(os.path.join(base, "*", "include", "*.h")):
+            name = os.path.basename(header)
+            link = os.path.join(shim, name)
+            if not name.lower().startswith(_LIB_HEADERS):
+                continue
+            if os.path.lexists(link) and os.path.realpath(link) != os.path.realpath(header):
+                os.remove(link)
+            if not os.path.lexists(link):
+                os.symlink(header, link)
+    return [shim]
+
+
+def _first_error_line(text: str) -> str:
+    for line in text.splitlines():
+        if re.search(r"\berror\b", line, re.IGNORECASE) and "Error building extension" not in line:
+            return line.strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else "unknown build error"
+
+
+def build(build_dir=None, verbose: bool = False) -> str:
+    """JIT-build csrc/ and load it into this process (registers torch.ops.clora.cuda_*).
+    Returns the build directory. Raises RuntimeError with the compiler's first error line."""
+    srcs = sources()
+    if not srcs:
+        raise RuntimeError(f"no CUDA sources in {csrc_dir()} (install from a source checkout)")
+    home = cuda_home()
+    if home is None:
+        raise RuntimeError("nvcc was not found and CUDA_HOME is not set")
+    os.environ.setdefault("CUDA_HOME", home)
+    arch = os.environ.get("CLORA_CUDA_ARCH", "80;90").replace(",", ";")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{a[:-1]}.{a[-1]}" for a in arch.split(";") if a))
+    import torch.utils.cpp_extension as ce
+    ce.CUDA_HOME = home
+    digest = hashlib.sha256(torch.__version__.encode() + os.environ["TORCH_CUDA_ARCH_LIST"].encode())
+    for s in srcs:
+        with open(s, "rb") as f:
+            digest.update(f.read())
+    if build_dir is None:
+        root = os.environ.get("CLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "clora_kernels")
+        build_dir = os.path.join(root, "cuda_ext", digest.hexdigest()[:16])
+    os.makedirs(build_dir, exist_ok=True)
+    try:
+        ce.load(name="clora_cuda_ext", sources=srcs, build_directory=build_dir, extra_cuda_cflags=["-O3"],
+                extra_cflags=["-O3"], extra_include_paths=extra_include_dirs(), is_python_module=False,
+                verbose=verbose)
+    except Exception as exc:   # ninja/nvcc output is in the message
+        raise RuntimeError(f"building the CUDA extension failed: {_first_error_line(str(exc))}") from exc
+    return build_dir
 
 
 class CudaBackend:
     name = "cuda"
+    _availability = None
 
     def availability(self):
-        return False, "the CUDA C++ extension (csrc/) is not implemented yet"
+        """Cached. Builds the extension on first use on a CUDA machine."""
+        with _lock:
+            if self._availability is None:
+                self._availability = self._probe()
+            return self._availability
+
+    def _probe(self):
+        if torch.version.cuda is None:
+            return False, "torch is a CPU-only build"
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is available"
+        if hasattr(torch.ops.clora, "cuda_linear_fwd"):
+            return True, "CUDA extension loaded"
+        try:
+            import clora_kernels._C  # noqa: F401  (built by setup.py; registers the ops)
+            return True, "CUDA extension clora_kernels._C (built by setup.py)"
+        except ImportError:
+            pass
+        try:
+            path = build()
+        except RuntimeError as exc:
+            return False, str(exc)
+        return True, f"CUDA extension JIT-built in {path}"
 
     def not_supported_reasons(self, x, weight, rank, auto=False):
-        return []
+        reasons = []
+        if x.device.type != "cuda":
+            reasons.append(f"tensors are on {x.device}, the cuda backend needs a CUDA device")
+        if x.dtype not in _DTYPES:
+            reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
+        if rank > 128:
+            reasons.append(f"rank {rank} > 128")
+        return reasons
 
-    def forward(self, *args, auto=False):
-        raise NotImplementedError(self.availability()[1])
+    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+        return torch.ops.clora.cuda_linear_fwd(x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling)
 
-    dx = forward
+    def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+        return torch.ops.clora.cuda_linear_dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling)
 
 
 register(CudaBackend())
