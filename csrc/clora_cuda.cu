@@ -56,7 +56,7 @@ __global__ void shrink_kernel(const T* __restrict__ x, int64_t ldx, const T* __r
     for (int j = 0; j < MAX_R; ++j) acc[j] = 0.f;
     const T* xr = x + row * ldx;
     for (int64_t k0 = (int64_t)lane * VEC; k0 < K; k0 += 32 * VEC) {
-      T xv[VEC];
+      alignas(16) T xv[VEC];
       if (VEC > 1 && k0 + VEC <= K) {
         *reinterpret_cast<uint4*>(xv) = *reinterpret_cast<const uint4*>(xr + k0);
       } else {
@@ -67,7 +67,7 @@ __global__ void shrink_kernel(const T* __restrict__ x, int64_t ldx, const T* __r
       for (int j = 0; j < MAX_R; ++j) {
         if (j < R) {
           const T* ar = at + (int64_t)j * K + k0;
-          T av[VEC];
+          alignas(16) T av[VEC];
           if (VEC > 1 && k0 + VEC <= K) {
             *reinterpret_cast<uint4*>(av) = *reinterpret_cast<const uint4*>(ar);
           } else {
