@@ -15,6 +15,7 @@ from then on.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import torch
@@ -23,6 +24,31 @@ BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 _AUTO_ORDER = ("triton", "cuda", "torch")
 _registry: dict = {}
 _broken: dict = {}  # name -> reason, backends that failed under "auto"
+
+
+class KernelBackend:
+    """What the kernel backends (triton, cuda) share: availability probed once per process
+    (the registry asks on every call) and the dtype / rank limits of their kernels.
+    Subclasses define name, _probe() -> (bool, str) and device_reasons(x, weight, auto) -> list."""
+    name = ""
+    DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+    MAX_RANK = 128
+    _availability = None
+    _probe_lock = threading.Lock()
+
+    def availability(self):
+        with self._probe_lock:
+            if self._availability is None:
+                self._availability = self._probe()
+            return self._availability
+
+    def not_supported_reasons(self, x, weight, rank, auto=False):
+        reasons = list(self.device_reasons(x, weight, auto))
+        if x.dtype not in self.DTYPES:
+            reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
+        if rank > self.MAX_RANK:
+            reasons.append(f"rank {rank} > {self.MAX_RANK}")
+        return reasons
 
 
 class BackendUnavailableError(RuntimeError):

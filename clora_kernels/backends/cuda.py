@@ -13,14 +13,11 @@ import hashlib
 import os
 import re
 import shutil
-import threading
 
 import torch
 
-from . import register
+from . import KernelBackend, register
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_lock = threading.Lock()
 
 
 def csrc_dir() -> str:
@@ -120,18 +117,11 @@ def build(build_dir=None, verbose: bool = False) -> str:
     return build_dir
 
 
-class CudaBackend:
+class CudaBackend(KernelBackend):
     name = "cuda"
-    _availability = None
-
-    def availability(self):
-        """Cached. Builds the extension on first use on a CUDA machine."""
-        with _lock:
-            if self._availability is None:
-                self._availability = self._probe()
-            return self._availability
 
     def _probe(self):
+        """Builds the extension on first use on a CUDA machine (availability() caches this)."""
         if torch.version.cuda is None:
             return False, "torch is a CPU-only build"
         if not torch.cuda.is_available():
@@ -149,15 +139,8 @@ class CudaBackend:
             return False, str(exc)
         return True, f"CUDA extension JIT-built in {path}"
 
-    def not_supported_reasons(self, x, weight, rank, auto=False):
-        reasons = []
-        if x.device.type != "cuda":
-            reasons.append(f"tensors are on {x.device}, the cuda backend needs a CUDA device")
-        if x.dtype not in _DTYPES:
-            reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
-        if rank > 128:
-            reasons.append(f"rank {rank} > 128")
-        return reasons
+    def device_reasons(self, x, weight, auto):
+        return [] if x.device.type == "cuda" else [f"tensors are on {x.device}, the cuda backend needs a CUDA device"]
 
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
         return torch.ops.clora.cuda_linear_fwd(x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling)

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import register
+from .. import KernelBackend, register
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_ELEMS = 2 ** 31 - 1
 
 
-class TritonBackend:
+class TritonBackend(KernelBackend):
     name = "triton"
-
-    def availability(self):
-        """Cached: asked on every call by the registry."""
-        if self._availability is None:
-            self._availability = self._probe()
-        return self._availability
-
-    _availability = None
 
     def _probe(self):
         try:
@@ -34,16 +25,12 @@ class TritonBackend:
             return False, "no CUDA GPU is available (TRITON_INTERPRET=1 runs the kernels on CPU for tests)"
         return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
-    def not_supported_reasons(self, x, weight, rank, auto=False):
-        from .launch import MAX_RANK, interpreting
+    def device_reasons(self, x, weight, auto):
+        from .launch import interpreting
         reasons = []
         if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting() and not auto):
             reasons.append(f"tensors are on {x.device}, the triton backend needs a CUDA device"
                            + (" (the CPU interpreter runs only when asked for by name)" if interpreting() else ""))
-        if x.dtype not in _DTYPES:
-            reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
-        if rank > MAX_RANK:
-            reasons.append(f"rank {rank} > {MAX_RANK}")
         rows = x.numel() // max(1, x.shape[-1])
         if max(x.numel(), weight.numel(), rows * max(weight.shape)) > _MAX_ELEMS:
             reasons.append("an operand holds 2**31 elements or more (the kernels use int32 offsets)")

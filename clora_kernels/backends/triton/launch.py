@@ -23,7 +23,6 @@ import torch
 from ..torch_ref import lora_gemm, routing_eff
 from . import kernels
 
-MAX_RANK = 128
 
 
 def interpreting() -> bool:
