@@ -1,8 +1,11 @@
-"""Small shared I/O helpers."""
+"""Small helpers shared by the CLIs and the caches."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
+import sys
 
 
 def write_json_atomic(path, data) -> None:
@@ -12,3 +15,24 @@ def write_json_atomic(path, data) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
+
+
+def cache_dir(*parts: str) -> str:
+    """$CLORA_CACHE_DIR (default ~/.cache/clora_kernels), joined with parts."""
+    root = os.environ.get("CLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "clora_kernels")
+    return os.path.join(root, *parts)
+
+
+def provenance(prog: str) -> dict:
+    """What every result file is stamped with: UTC date, the command line, and the versions of
+    python, torch, triton, peft and timm (None where not installed)."""
+    import torch
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([prog] + sys.argv[1:]), "python": platform.python_version(),
+           "torch": torch.__version__}
+    for mod in ("triton", "peft", "timm"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out

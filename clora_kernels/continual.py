@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import end_task, inject_clora, orthogonality_loss
-from ._io import write_json_atomic
+from ._io import provenance, write_json_atomic
 from .nn import clora_layers
 
 SETTINGS = ("class-il", "task-il")
@@ -328,9 +327,7 @@ def main(argv=None) -> int:
             "setting": args.setting, "seeds": args.seeds, "epochs": args.epochs, "rank": args.rank, "lr": args.lr,
             "lambda_orth": args.lambda_orth, "protect_energy": args.protect_energy,
             "grad_through_old_route": args.grad_through_old_route, "freeze_factors": args.freeze_factors,
-            "pretrain_epochs": args.pretrain_epochs,
-            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["clora-continual"] + sys.argv[1:])}
+            "pretrain_epochs": args.pretrain_epochs, **provenance("clora-continual")}
 
     def save(methods):
         if args.json:

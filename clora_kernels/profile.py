@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import difflib
 import statistics
 import sys
@@ -19,7 +18,8 @@ import time
 import torch
 
 from . import available_backends, inject_clora, merge
-from ._io import write_json_atomic
+from ._io import provenance, write_json_atomic
+from .bench.core import usable_for_timing
 from .nn import clora_layers
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -64,9 +64,7 @@ def make_variants(base, args, device):
     variants["clora-merged"] = merged
     usable = available_backends()
     for b in args.backends:
-        ok, why = usable.get(b, (False, "unknown backend"))
-        if b == "triton" and device.type != "cuda":
-            ok, why = False, "needs a CUDA device (the interpreter is for tests)"
+        ok, why = usable_for_timing(b, device, usable)
         if not ok:
             print(f"clora-profile: skipping backend {b!r}: {why}", file=sys.stderr)
             continue
@@ -207,13 +205,7 @@ def main(argv=None) -> int:
                                  "images_per_s": batch / (p50 / 1e3)})
     meta = {"model": args.model, "rank": args.rank, "targets": args.targets, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "dtype": str(dtype)[6:],
-            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["clora-profile"] + sys.argv[1:])}
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
+            **provenance("clora-profile")}
     if args.json:
         write_json_atomic(args.json, {"meta": meta, "results": rows})
     print(f"\nclora-profile {meta['command']}\n{args.model} rank {args.rank} on {meta['gpu'] or device} {meta['dtype']}"

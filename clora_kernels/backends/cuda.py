@@ -16,6 +16,7 @@ import shutil
 
 import torch
 
+from .._io import cache_dir
 from . import KernelBackend, register
 
 
@@ -61,9 +62,8 @@ def extra_include_dirs() -> list:
     except ImportError:
         return []
     bases = list(getattr(nvidia, "__path__", []))
-    root = os.environ.get("CLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "clora_kernels")
     # one shim per location of the headers: venvs elsewhere never meet each other's links
-    shim = os.path.join(root, "cuda_lib_headers", hashlib.sha256("|".join(bases).encode()).hexdigest()[:12])
+    shim = cache_dir("cuda_lib_headers", hashlib.sha256("|".join(bases).encode()).hexdigest()[:12])
     os.makedirs(shim, exist_ok=True)
     for base in bases:
         for header in glob.glob(os.path.join(base, "*", "include", "*.h")):
@@ -105,8 +105,7 @@ def build(build_dir=None, verbose: bool = False) -> str:
         with open(s, "rb") as f:
             digest.update(f.read())
     if build_dir is None:
-        root = os.environ.get("CLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "clora_kernels")
-        build_dir = os.path.join(root, "cuda_ext", digest.hexdigest()[:16])
+        build_dir = cache_dir("cuda_ext", digest.hexdigest()[:16])
     os.makedirs(build_dir, exist_ok=True)
     try:
         ce.load(name="clora_cuda_ext", sources=srcs, build_directory=build_dir, extra_cuda_cflags=["-O3"],

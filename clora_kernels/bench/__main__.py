@@ -3,7 +3,6 @@ write JSON (--json) and a PNG of the ratios to `merged` (--plot)."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import sys
 import warnings
@@ -11,26 +10,15 @@ import warnings
 import torch
 
 from .. import available_backends
-from .._io import write_json_atomic
+from .._io import provenance, write_json_atomic
 from .core import BASELINES, DTYPES, ENGINE, build_variant, flops_bytes, geomean, graph_sets, make_case, \
-    measure_ceilings, peak_mem, time_graph_us, time_us
+    measure_ceilings, peak_mem, time_graph_us, time_us, usable_for_timing
 from .shapes import RANKS, suite_shapes
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "peft", "timm"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    return out
-
-
 def _meta(args, device) -> dict:
-    meta = {"device": str(device), "gpu": None, "driver": None, "cuda": torch.version.cuda,
-            "dtype": args.dtype, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["clora-bench"] + sys.argv[1:]), **_versions()}
+    meta = {"device": str(device), "gpu": None, "driver": None, "cuda": torch.version.cuda, "dtype": args.dtype,
+            **provenance("clora-bench")}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
         try:
@@ -40,7 +28,6 @@ def _meta(args, device) -> dict:
         except Exception:
             meta["driver"] = None
     else:
-        meta["gpu"] = None
         meta["cpu"] = platform.processor() or platform.machine()
     return meta
 
@@ -54,9 +41,7 @@ def _select_variants(requested, device) -> tuple:
             if name == "auto":
                 chosen.append(name)
                 continue
-            ok, why = usable[name]
-            if name == "triton" and device.type != "cuda":
-                ok, why = False, "no CUDA device (the interpreter is for tests, not timing)"
+            ok, why = usable_for_timing(name, device, usable)
             (chosen if ok else skipped).append(name if ok else (name, why))
         elif name == "peft":
             try:

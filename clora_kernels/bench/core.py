@@ -36,6 +36,15 @@ class Case:
     grad: torch.Tensor
 
 
+def usable_for_timing(name: str, device, usable: dict) -> tuple:
+    """(ok, why) of an engine backend for the timing tools on `device`: as available_backends()
+    says, except that the Triton interpreter (usable on CPU for tests) is never timed."""
+    ok, why = usable.get(name, (False, "unknown backend"))
+    if name == "triton" and device.type != "cuda":
+        return False, "no CUDA device (the Triton interpreter is for tests, not timing)"
+    return ok, why
+
+
 def make_case(shape, dtype, device, training: bool, l2_bytes: int = 0) -> Case:
     """Random (never zero) tensors; enough x buffers to exceed 2x L2 when rotated."""
     m, k, n, r = shape.m, shape.k, shape.n, shape.r

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from ..._io import cache_dir
 from .launch import GemmConfig, Plan, ShrinkConfig, interpreting, run, tma_eligible, triton_cdiv
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -63,8 +64,7 @@ def _bucket(m: int) -> int:
 
 
 def _cache_path() -> str:
-    root = os.environ.get("CLORA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "clora_kernels")
-    return os.path.join(root, "triton-plans.json")
+    return cache_dir("triton-plans.json")
 
 
 def _encode(p: Plan) -> dict:
