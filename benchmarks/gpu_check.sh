@@ -14,6 +14,8 @@ py=${PYTHON:-python}
 rep=${REP_MS:-10}
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/env.txt"
+# the cuda backend JIT-builds once here, not in four shards at the same time
+timeout 300 $py -c "import clora_kernels as ck; print('cuda backend:', ck.available_backends()['cuda'])" 2>&1 | tail -1 | tee -a "$out/env.txt"
 for i in 0 1 2 3; do
   CLORA_TEST_SHARD=$i/4 timeout 150 $py -m pytest tests -q -m gpu -p no:cacheprovider > "$out/gpu_tests_$i.log" 2>&1 &
 done

@@ -1,13 +1,41 @@
 """Markdown tables from clora-bench JSON (for benchmarks/RESULTS.md).
-Usage: python benchmarks/report.py BENCH.json [--per-shape]"""
+Usage: python benchmarks/report.py BENCH.json [BENCH.json ...] [--per-shape] [--vs BASE ENGINE]
+
+--vs torch cuda: per file and pass, the geomean speed-up of ENGINE over BASE (t_BASE / t_ENGINE)
+for M <= 16 and for all shapes, and the worst shape (largest t_ENGINE / t_BASE)."""
+import argparse
 import json
-import sys
 from collections import defaultdict
 
 from clora_kernels.bench.__main__ import summarize
+from clora_kernels.bench.core import geomean
+
+ORDER = ("merged", "torch", "compile", "peft", "triton", "cuda", "auto")
 
 
-def main(path, per_shape=False):
+def _by_shape(data):
+    by = defaultdict(dict)
+    for r in data["results"]:
+        by[(r["pass"], r["layer"], r["M"], r["K"], r["N"], r["r"])][r["backend"]] = r
+    return by
+
+
+def vs(data, base, engine):
+    print(f"\n{engine} vs {base} ({data['meta']['dtype']}; speed-up = t_{base} / t_{engine}):")
+    by = _by_shape(data)
+    for pas in ("fwd", "fwd+bwd"):
+        pairs = [(k, v[base]["median_us"], v[engine]["median_us"]) for k, v in by.items()
+                 if k[0] == pas and base in v and engine in v]
+        if not pairs:
+            continue
+        small = [tb / te for k, tb, te in pairs if k[2] <= 16]
+        worst = max(pairs, key=lambda p: p[2] / p[1])
+        print(f"  {pas:8s} geomean all {geomean([tb / te for _, tb, te in pairs]):.3f}x"
+              + (f"   M<=16 {geomean(small):.3f}x" if small else "")
+              + f"   worst {worst[1] / worst[2]:.3f}x at {worst[0][1]} M={worst[0][2]} ({len(pairs)} shapes)")
+
+
+def main(path, per_shape=False, versus=None):
     data = json.load(open(path))
     m = data["meta"]
     print(f"- device: {m['gpu']} (driver {m['driver']}), torch {m['torch']}, triton {m['triton']}, "
@@ -17,14 +45,13 @@ def main(path, per_shape=False):
           f"GEMM {m['ceilings']['gemm_tflops']:.0f} TFLOP/s, copy {m['ceilings']['copy_gbps']:.0f} GB/s")
     print(f"- rows: {len(data['results'])}\n\n```")
     print("\n".join(summarize(data)))
+    if versus:
+        vs(data, *versus)
     print("```")
     if not per_shape:
         return
-    by = defaultdict(dict)
-    for r in data["results"]:
-        by[(r["pass"], r["layer"], r["M"], r["K"], r["N"], r["r"])][r["backend"]] = r
-    backends = [b for b in ("merged", "torch", "compile", "peft", "triton", "auto")
-                if any(b in v for v in by.values())]
+    by = _by_shape(data)
+    backends = [b for b in ORDER if any(b in v for v in by.values())]
     print("\n| pass | layer | M | K | N | r | merged µs | " + " | ".join(f"{b} ×" for b in backends[1:]) + " |")
     print("|" + "---|" * (7 + len(backends) - 1))
     for k, v in by.items():
@@ -34,4 +61,13 @@ def main(path, per_shape=False):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--per-shape" in sys.argv)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("paths", nargs="+")
+    ap.add_argument("--per-shape", action="store_true")
+    ap.add_argument("--vs", nargs=2, metavar=("BASE", "ENGINE"), default=None)
+    a = ap.parse_args()
+    for p in a.paths:
+        try:
+            main(p, a.per_shape, a.vs)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"{p}: {exc}")

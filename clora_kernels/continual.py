@@ -34,6 +34,7 @@ from ._io import provenance, write_json_atomic
 from .nn import clora_layers
 
 SETTINGS = ("class-il", "task-il")
+OPTIMIZERS = ("adam", "sgd")
 METHODS = ("clora_soft", "clora_hard", "seq_lora", "full_ft")
 
 
@@ -112,16 +113,24 @@ def evaluate(model, task: Task, allowed) -> float:
 
 def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool = True, setting: str = "class-il",
                    epochs: int = 10, lr: float = 5e-3, lambda_orth: float = 0.01, batch_size: int = 32,
-                   freeze_factors: bool = False, seed: int = 0, progress: bool = True, desc: str = "") -> list:
+                   freeze_factors: bool = False, optimizer: str = "adam", seed: int = 0, progress: bool = True,
+                   desc: str = "") -> list:
     """Train `model` on the tasks in order; return the accuracy matrix (list of rows, row i
     holding a[i][0..i]). Only parameters that require grad are trained.
 
     freeze_factors (C-LoRA only): after the first task, stop training lora_A / lora_B, so later
     tasks learn through routing_delta (and the head) alone and the frozen route's output cannot
     drift. Off by default (DESIGN.md's semantics: the factors keep learning through the new
-    route). README "Continual learning" shows what each choice does on the digits sequence."""
+    route). README "Continual learning" shows what each choice does on the digits sequence.
+
+    optimizer: "adam" (torch.optim.Adam) or "sgd" (torch.optim.SGD, momentum 0.9), fresh per task.
+    The choice matters to C-LoRA: Adam rescales each coordinate's step to about lr, so the factors
+    move at full speed even while their gradient through the small new route is tiny, and the
+    frozen old route drifts; with SGD the step is proportional to that gradient."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     head_mod = model.get_submodule(head)
     if not isinstance(head_mod, nn.Linear):
         raise ValueError(f"model.{head} must be an nn.Linear head, got {type(head_mod).__name__}")
@@ -136,7 +145,8 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     acc = []
     model.train()
     for i, task in enumerate(tasks):
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = (torch.optim.Adam(params, lr=lr) if optimizer == "adam"
+               else torch.optim.SGD(params, lr=lr, momentum=0.9))
         n = task.train_x.shape[0]
         for _ in tqdm(range(epochs), desc=f"{desc} task {i} {tuple(task.classes)}", leave=False,
                       disable=not progress, file=sys.stderr):
@@ -150,6 +160,9 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"training diverged on task {i} {tuple(task.classes)}: the loss is "
+                                         f"{float(loss.detach())} (lower the learning rate, now {lr:g} with {optimizer})")
         if clora:
             end_task(model)
             if freeze_factors:
@@ -259,7 +272,8 @@ def run_experiment(args, progress=True, on_method=None) -> dict:
             torch.manual_seed(seed + 1000)
             acc = train_sequence(model, tasks, clora=uses_clora, setting=args.setting, epochs=args.epochs, lr=args.lr,
                                  lambda_orth=args.lambda_orth if uses_clora else 0.0,
-                                 freeze_factors=args.freeze_factors and uses_clora, seed=seed,
+                                 freeze_factors=args.freeze_factors and uses_clora, optimizer=args.optimizer,
+                                 seed=seed,
                                  progress=progress, desc=f"{method} seed {seed}")
             per_seed.append(acc)
         t = len(tasks)
@@ -304,6 +318,8 @@ def build_parser():
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--setting", choices=SETTINGS, default="class-il")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                    help="adam, or sgd with momentum 0.9 (then pass an SGD-sized --lr, e.g. 0.02)")
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--lambda-orth", type=float, default=0.01)
     ap.add_argument("--protect-energy", type=float, default=0.9)
@@ -321,11 +337,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.epochs, args.seeds = 4, [0, 1]
-    if args.epochs <= 0 or args.rank <= 0 or not args.seeds:
-        raise SystemExit("clora-continual: --epochs and --rank must be positive and --seeds non-empty")
+    if args.epochs <= 0 or args.rank <= 0 or not args.seeds or not args.lr > 0:
+        raise SystemExit("clora-continual: --epochs, --rank and --lr must be positive and --seeds non-empty")
     meta = {"data": "scikit-learn digits (UCI optical recognition of handwritten digits), 5 tasks x 2 classes",
             "setting": args.setting, "seeds": args.seeds, "epochs": args.epochs, "rank": args.rank, "lr": args.lr,
-            "lambda_orth": args.lambda_orth, "protect_energy": args.protect_energy,
+            "optimizer": args.optimizer, "lambda_orth": args.lambda_orth, "protect_energy": args.protect_energy,
             "grad_through_old_route": args.grad_through_old_route, "freeze_factors": args.freeze_factors,
             "pretrain_epochs": args.pretrain_epochs, **provenance("clora-continual")}
 
@@ -333,7 +349,10 @@ def main(argv=None) -> int:
         if args.json:
             write_json_atomic(args.json, {"meta": meta, "methods": methods})   # after every method
 
-    methods = run_experiment(args, progress=not args.no_progress, on_method=save)
+    try:
+        methods = run_experiment(args, progress=not args.no_progress, on_method=save)
+    except FloatingPointError as exc:
+        raise SystemExit(f"clora-continual: {exc}") from None
     if args.plot:
         plot_matrices(methods, args.plot)
     print(f"\n{meta['command']}\n{meta['data']}; {args.setting}; seeds {args.seeds}; {args.epochs} epochs/task")

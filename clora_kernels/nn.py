@@ -126,12 +126,23 @@ class CLoRALinear(nn.Linear):
     @torch.no_grad()
     def end_task(self) -> None:
         """Fold the task's routing into the frozen route: R_old <- R_old + P R_delta; in hard
-        mode recompute P from R_old's singular vectors; R_delta <- 0. The output is unchanged."""
+        mode recompute P from R_old's singular vectors; R_delta <- 0. The output is unchanged.
+        Refuses (ValueError, nothing changed) when the routing holds NaN or Inf."""
+        bad = self._nonfinite_routing()
+        if bad:
+            raise ValueError(f"end_task: {bad} holds non-finite values (NaN/Inf; did training diverge?); "
+                             f"the routing was left unchanged")
         self.routing_old.copy_(self.routing())
         self.routing_delta.zero_()
         if self.mode == "hard":
             self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
         self.task_index += 1
+
+    def _nonfinite_routing(self) -> str:
+        """Names of the routing tensors holding NaN or Inf ('' when all are finite)."""
+        named = (("routing_old", self.routing_old), ("routing_delta", self.routing_delta),
+                 ("projection", self.projection))
+        return ", ".join(n for n, t in named if not bool(torch.isfinite(t).all()))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -219,7 +230,14 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
 
 
 def end_task(model: nn.Module) -> None:
-    for _, m in _require_layers(model, "end_task"):
+    """end_task() on every C-LoRA layer; checks every layer first, so a model whose routing
+    went non-finite anywhere is left entirely unchanged (ValueError naming the layers)."""
+    layers = _require_layers(model, "end_task")
+    bad = [f"{name} ({why})" for name, m in layers for why in [m._nonfinite_routing()] if why]
+    if bad:
+        raise ValueError(f"end_task: non-finite routing (NaN/Inf; did training diverge?) in {'; '.join(bad)}; "
+                         f"no layer was changed")
+    for _, m in layers:
         m.end_task()
 
 

@@ -116,3 +116,11 @@ def test_clora_forgets_less_class_il():
     lower within one std in the default run (README: the shared head's recency bias dominates)."""
     c, s = _reduced("class-il")
     assert c["forgetting"]["mean"] < s["forgetting"]["mean"], (c["forgetting"], s["forgetting"])
+
+
+def test_diverging_training_is_a_clear_error():
+    with pytest.raises(SystemExit, match=r"training diverged on task 0 .*lower the learning rate, now 1e\+06 with sgd"):
+        cc.main(["--seeds", "0", "--epochs", "1", "--methods", "seq_lora", "--optimizer", "sgd", "--lr", "1e6",
+                 "--no-progress"])
+    with pytest.raises(SystemExit, match="--lr must be positive"):
+        cc.main(["--lr", "0", "--no-progress"])
