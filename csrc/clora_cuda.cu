@@ -1,15 +1,23 @@
 // CUDA fallback backend of clora_kernels (DESIGN.md section 5).
 //
-//   clora::cuda_linear_fwd(x, weight, bias?, lora_a, lora_b, routing_old, routing_delta, projection?, s) -> (y, t)
-//       t = x·lora_aᵀ and u = t·R_eff in one pass over x (the shrink kernel below), then
-//       y = x·weightᵀ + bias (cuBLAS through ATen) and y += s·u·lora_bᵀ (cuBLAS, beta = 1).
-//   clora::cuda_linear_dx(g, weight, lora_a, lora_b, routing_old, routing_delta, projection?, s) -> (dx, v)
-//       v = g·lora_b and u = v·R_effᵀ in one pass over g (same kernel), dx = g·weight + s·u·lora_a.
+//   clora::cuda_linear_fwd(x, weight, bias?, lora_a, lora_b, routing_old, routing_delta, projection?, s,
+//                          fused_max_mr) -> (y, t)
+//       t = x·lora_aᵀ and u = t·R_eff (the shrink below), then y = x·weightᵀ + bias (cuBLAS through
+//       ATen) and y += s·u·lora_bᵀ (cuBLAS, beta = 1).
+//   clora::cuda_linear_dx(g, weight, lora_a, lora_b, routing_old, routing_delta, projection?, s,
+//                         fused_max_mr) -> (dx, v)
+//       v = g·lora_b and u = v·R_effᵀ (same shrink), then dx = g·weight + s·u·lora_a.
 //
-// Shrink kernel: one warp per row; lanes stride over K with 16-byte vector loads of the row and of
-// each rank's row of Aᵀ (r×K, contiguous), fp32 accumulation, warp-shuffle reduction. R_eff =
-// R_old + P·R_delta (or its transpose) is built once per block in shared memory. Ranks up to 128
-// (accumulators per lane: MAX_R, a template parameter 16/32/64/128).
+// The shrink has two forms, chosen per call by M·r (fused when M·r <= fused_max_mr):
+//   fused   (small M, e.g. decoding): shrink_partial_kernel reads x once with 16-byte vector loads,
+//           split over K across blocks so that even M = 1 spreads the read of A over many SMs, and
+//           writes fp32 partial sums; shrink_finish_kernel adds them in a fixed order (deterministic,
+//           no atomics), rounds t to x's dtype, and multiplies by R_eff built in shared memory.
+//   cuBLAS  (large M): t = x·Aᵀ by cuBLAS, which reuses A across rows; shrink_finish_kernel then
+//           computes u = t·R_eff. (The fused form re-reads A for every row.)
+// R_eff = R_old + P·R_delta (or its transpose, for dx) is built in shared memory from R_old and
+// R_new = P·R_delta; in hard mode R_new is one r×r cuBLAS product, in soft mode it is R_delta.
+// fp32 accumulation throughout; u is rounded to x's dtype as the torch reference rounds t·R_eff.
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,146 +35,197 @@ template <> __device__ __forceinline__ __half from_f<__half>(float v) { return _
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
 
-template <typename T, int MAX_R, int VEC>
-__global__ void shrink_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ at,
-                              const T* __restrict__ r_old, const T* __restrict__ r_delta,
-                              const T* __restrict__ proj, bool trans_r, int64_t M, int64_t K, int R,
-                              T* __restrict__ t_out, float* __restrict__ u_out) {
+// VEC consecutive elements of row[k0 ..] (zeros past K): one 16-byte load when ALIGNED.
+template <typename T, int VEC, bool ALIGNED>
+__device__ __forceinline__ void load_vec(const T* __restrict__ row, int64_t k0, int64_t K, T (&out)[VEC]) {
+  if constexpr (ALIGNED) {
+    *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(row + k0);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = (k0 + e < K) ? row[k0 + e] : from_f<T>(0.f);
+  }
+}
+
+// Block (row, split): part[split][row][j] = Σ_{k in split's chunk} x[row][k]·at[j][k], j < R.
+// Each thread takes VEC consecutive k (one 16-byte load of x and of each rank's row of at when
+// ALIGNED); the chunk of a split is kThreads·VEC wide. at is (R, K) contiguous.
+template <typename T, int MAX_R, int VEC, bool ALIGNED>
+__global__ void shrink_partial_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ at,
+                                      int64_t M, int64_t K, int R, float* __restrict__ part) {
+  __shared__ float red[kWarps][MAX_R];
+  const int64_t row = blockIdx.x;
+  const int split = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t k0 = (int64_t)split * kThreads * VEC + (int64_t)threadIdx.x * VEC;
+  float acc[MAX_R];
+#pragma unroll
+  for (int j = 0; j < MAX_R; ++j) acc[j] = 0.f;
+  if (k0 < K) {
+    alignas(16) T xv[VEC];
+    load_vec<T, VEC, ALIGNED>(x + row * ldx, k0, K, xv);
+#pragma unroll
+    for (int j = 0; j < MAX_R; ++j) {
+      if (j < R) {
+        alignas(16) T av[VEC];
+        load_vec<T, VEC, ALIGNED>(at + (int64_t)j * K, k0, K, av);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j] += to_f(xv[e]) * to_f(av[e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < MAX_R; ++j) {
+    float v = acc[j];
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0 && j < R) red[warp][j] = v;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < R; j += kThreads) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += red[w][j];        // fixed order: deterministic
+    part[((int64_t)split * M + row) * R + j] = v;
+  }
+}
+
+// One warp per row: t[row] = Σ_s part[s][row] rounded to T (or t_in[row] when t came from cuBLAS),
+// then u[row] = t[row]·R (R = R_old + R_new, or its transpose) with R in shared memory.
+template <typename T>
+__global__ void shrink_finish_kernel(const float* __restrict__ part, int splits, const T* __restrict__ t_in,
+                                     const T* __restrict__ r_old, const T* __restrict__ r_new, bool trans_r,
+                                     int64_t M, int R, T* __restrict__ t_out, T* __restrict__ u_out) {
   extern __shared__ float smem[];
   float* reff = smem;                                  // R x R
-  float* trow = smem + R * R;                          // kWarps x MAX_R
   for (int idx = threadIdx.x; idx < R * R; idx += blockDim.x) {
-    int i = idx / R, j = idx % R;                      // element (i, j) of R_eff (transposed if trans_r)
-    int a = trans_r ? j : i, b = trans_r ? i : j;
-    float v = to_f(r_old[a * R + b]);
-    if (proj != nullptr) {
-      for (int k = 0; k < R; ++k) v += to_f(proj[a * R + k]) * to_f(r_delta[k * R + b]);
-    } else {
-      v += to_f(r_delta[a * R + b]);
-    }
-    reff[idx] = v;
+    const int i = idx / R, j = idx % R;
+    const int src = trans_r ? j * R + i : idx;
+    reff[idx] = to_f(r_old[src]) + to_f(r_new[src]);
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* tw = trow + warp * MAX_R;
+  float* tw = smem + R * R + warp * R;                 // this warp's t row
   for (int64_t row = (int64_t)blockIdx.x * kWarps + warp; row < M; row += (int64_t)gridDim.x * kWarps) {
-    float acc[MAX_R];
-#pragma unroll
-    for (int j = 0; j < MAX_R; ++j) acc[j] = 0.f;
-    const T* xr = x + row * ldx;
-    for (int64_t k0 = (int64_t)lane * VEC; k0 < K; k0 += 32 * VEC) {
-      alignas(16) T xv[VEC];
-      if (VEC > 1 && k0 + VEC <= K) {
-        *reinterpret_cast<uint4*>(xv) = *reinterpret_cast<const uint4*>(xr + k0);
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) xv[e] = (k0 + e < K) ? xr[k0 + e] : from_f<T>(0.f);
-      }
-#pragma unroll
-      for (int j = 0; j < MAX_R; ++j) {
-        if (j < R) {
-          const T* ar = at + (int64_t)j * K + k0;
-          alignas(16) T av[VEC];
-          if (VEC > 1 && k0 + VEC <= K) {
-            *reinterpret_cast<uint4*>(av) = *reinterpret_cast<const uint4*>(ar);
-          } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) av[e] = (k0 + e < K) ? ar[e] : from_f<T>(0.f);
-          }
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[j] += to_f(xv[e]) * to_f(av[e]);
-        }
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < MAX_R; ++j) {
-      float v = acc[j];
-      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == 0 && j < R) tw[j] = v;
-    }
-    __syncwarp();
     for (int j = lane; j < R; j += 32) {
-      T tq = from_f<T>(tw[j]);
-      t_out[row * R + j] = tq;
-      tw[j] = to_f(tq);                                 // u from the rounded t, as the reference does
+      float v;
+      if (t_in != nullptr) {
+        v = to_f(t_in[row * R + j]);
+      } else {
+        v = 0.f;
+        for (int s = 0; s < splits; ++s) v += part[((int64_t)s * M + row) * R + j];
+        const T q = from_f<T>(v);
+        t_out[row * R + j] = q;
+        v = to_f(q);                                   // u from the rounded t, as the reference does
+      }
+      tw[j] = v;
     }
     __syncwarp();
     for (int j = lane; j < R; j += 32) {
       float v = 0.f;
       for (int i = 0; i < R; ++i) v += tw[i] * reff[i * R + j];
-      u_out[row * R + j] = v;
+      u_out[row * R + j] = from_f<T>(v);
     }
     __syncwarp();
   }
 }
 
+int sm_count() {
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
 template <typename T, int MAX_R>
-void launch_shrink(const at::Tensor& x, const at::Tensor& at_, const at::Tensor& r_old, const at::Tensor& r_delta,
-                   const c10::optional<at::Tensor>& proj, bool trans_r, at::Tensor& t, at::Tensor& u) {
+void launch_partial(const at::Tensor& x, const at::Tensor& at_, at::Tensor& part, int splits, bool aligned) {
   const int64_t M = x.size(0), K = x.size(1);
   const int R = static_cast<int>(at_.size(0));
   constexpr int vec = 16 / sizeof(T);
-  const bool aligned = (K % vec == 0) && (x.stride(0) % vec == 0) &&
-                       (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0) &&
-                       (reinterpret_cast<uintptr_t>(at_.data_ptr()) % 16 == 0);
-  const int64_t blocks_needed = (M + kWarps - 1) / kWarps;
-  const int blocks = static_cast<int>(std::min<int64_t>(blocks_needed, 65535));
-  const size_t shmem = sizeof(float) * (R * R + kWarps * MAX_R);
+  const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(splits));
   auto stream = at::cuda::getCurrentCUDAStream();
-  const T* p = proj.has_value() ? reinterpret_cast<const T*>(proj->data_ptr()) : nullptr;
-  auto args = [&](auto kernel) {
-    if (shmem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem));
-    }
-    kernel<<<blocks, kWarps * 32, shmem, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), reinterpret_cast<const T*>(at_.data_ptr()),
-        reinterpret_cast<const T*>(r_old.data_ptr()), reinterpret_cast<const T*>(r_delta.data_ptr()), p, trans_r,
-        M, K, R, reinterpret_cast<T*>(t.data_ptr()), u.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const T* ap = reinterpret_cast<const T*>(at_.data_ptr());
   if (aligned) {
-    args(shrink_kernel<T, MAX_R, vec>);
+    shrink_partial_kernel<T, MAX_R, vec, true><<<grid, kThreads, 0, stream>>>(xp, x.stride(0), ap, M, K, R,
+                                                                               part.data_ptr<float>());
   } else {
-    args(shrink_kernel<T, MAX_R, 1>);
+    shrink_partial_kernel<T, MAX_R, 1, false><<<grid, kThreads, 0, stream>>>(xp, x.stride(0), ap, M, K, R,
+                                                                              part.data_ptr<float>());
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void shrink_dispatch_rank(const at::Tensor& x, const at::Tensor& at_, const at::Tensor& r_old,
-                          const at::Tensor& r_delta, const c10::optional<at::Tensor>& proj, bool trans_r,
-                          at::Tensor& t, at::Tensor& u) {
-  const int64_t R = at_.size(0);
-  if (R <= 16) launch_shrink<T, 16>(x, at_, r_old, r_delta, proj, trans_r, t, u);
-  else if (R <= 32) launch_shrink<T, 32>(x, at_, r_old, r_delta, proj, trans_r, t, u);
-  else if (R <= 64) launch_shrink<T, 64>(x, at_, r_old, r_delta, proj, trans_r, t, u);
-  else launch_shrink<T, 128>(x, at_, r_old, r_delta, proj, trans_r, t, u);
+void shrink_typed(const at::Tensor& x, const at::Tensor& at_, bool fused, const at::Tensor& r_old,
+                  const at::Tensor& r_new, bool trans_r, at::Tensor& t, at::Tensor& u) {
+  // x and at_ are defined only when fused (otherwise t already holds x·at_ᵀ)
+  const int64_t M = u.size(0);
+  const int R = static_cast<int>(u.size(1));
+  at::Tensor part;
+  int splits = 0;
+  if (fused) {
+    const int64_t K = x.size(1);
+    constexpr int vec = 16 / sizeof(T);
+    const bool aligned = (K % vec == 0) && (x.stride(0) % vec == 0) &&
+                         (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0) &&
+                         (reinterpret_cast<uintptr_t>(at_.data_ptr()) % 16 == 0);
+    const int64_t chunk = static_cast<int64_t>(kThreads) * (aligned ? vec : 1);
+    const int64_t s = std::max<int64_t>(1, (K + chunk - 1) / chunk);
+    TORCH_CHECK(s <= 65535, "clora cuda shrink: K = ", K, " needs ", s, " splits (at most 65535)");
+    splits = static_cast<int>(s);
+    part = at::empty({splits, M, R}, x.options().dtype(at::kFloat));
+    if (R <= 16) launch_partial<T, 16>(x, at_, part, splits, aligned);
+    else if (R <= 32) launch_partial<T, 32>(x, at_, part, splits, aligned);
+    else if (R <= 64) launch_partial<T, 64>(x, at_, part, splits, aligned);
+    else launch_partial<T, 128>(x, at_, part, splits, aligned);
+  }
+  const int64_t blocks_needed = (M + kWarps - 1) / kWarps;
+  const int blocks = static_cast<int>(std::min<int64_t>(blocks_needed, static_cast<int64_t>(sm_count()) * 8));
+  const size_t shmem = sizeof(float) * (static_cast<size_t>(R) * R + kWarps * R);
+  auto kernel = shrink_finish_kernel<T>;
+  if (shmem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem));
+  }
+  kernel<<<blocks, kThreads, shmem, at::cuda::getCurrentCUDAStream()>>>(
+      fused ? part.data_ptr<float>() : nullptr, splits,
+      fused ? nullptr : reinterpret_cast<const T*>(t.data_ptr()),
+      reinterpret_cast<const T*>(r_old.data_ptr()), reinterpret_cast<const T*>(r_new.data_ptr()), trans_r, M, R,
+      reinterpret_cast<T*>(t.data_ptr()), reinterpret_cast<T*>(u.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// t = x·at_ᵀ (x's dtype), u = t·R (fp32); at_ is (r, K) contiguous.
+// t = x·at_ᵀ and u = t·R (both in x's dtype), R = R_old + P·R_delta (transposed if trans_r).
+// at_ is (r, K), any strides.
 std::tuple<at::Tensor, at::Tensor> shrink(const char* op, const at::Tensor& x_in, const at::Tensor& at_in,
                                           const at::Tensor& r_old_in, const at::Tensor& r_delta_in,
-                                          const c10::optional<at::Tensor>& proj_in, bool trans_r) {
+                                          const c10::optional<at::Tensor>& proj_in, bool trans_r,
+                                          int64_t fused_max_mr) {
   TORCH_CHECK(x_in.is_cuda(), op, ": tensors must be on a CUDA device, got ", x_in.device());
   TORCH_CHECK(x_in.dim() == 2 && at_in.dim() == 2 && x_in.size(1) == at_in.size(1), op,
               ": expected x (M, K) and A (r, K), got ", x_in.sizes(), " and ", at_in.sizes());
-  const int64_t R = at_in.size(0);
+  const int64_t M = x_in.size(0), R = at_in.size(0);
   TORCH_CHECK(R >= 1 && R <= 128, op, ": rank must be in [1, 128], got ", R);
+  TORCH_CHECK(r_old_in.sizes() == r_delta_in.sizes() && r_old_in.dim() == 2 && r_old_in.size(0) == R &&
+              r_old_in.size(1) == R, op, ": routing_old and routing_delta must be (", R, ", ", R, "), got ",
+              r_old_in.sizes(), " and ", r_delta_in.sizes());
   auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
               ": dtype must be float16, bfloat16 or float32, got ", dtype);
   c10::cuda::CUDAGuard guard(x_in.device());
-  auto x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  auto at_ = at_in.contiguous();
-  auto r_old = r_old_in.contiguous(), r_delta = r_delta_in.contiguous();
-  c10::optional<at::Tensor> proj;
-  if (proj_in.has_value()) proj = proj_in->contiguous();
-  auto t = at::empty({x.size(0), R}, x.options());
-  auto u = at::empty({x.size(0), R}, x.options().dtype(at::kFloat));
-  if (x.size(0) == 0) return {t, u};
-  if (dtype == at::kHalf) shrink_dispatch_rank<__half>(x, at_, r_old, r_delta, proj, trans_r, t, u);
-  else if (dtype == at::kBFloat16) shrink_dispatch_rank<__nv_bfloat16>(x, at_, r_old, r_delta, proj, trans_r, t, u);
-  else shrink_dispatch_rank<float>(x, at_, r_old, r_delta, proj, trans_r, t, u);
+  const bool fused = M * R <= fused_max_mr;
+  auto u = at::empty({M, R}, x_in.options());
+  at::Tensor t, x, at_;
+  if (fused) {
+    x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+    at_ = at_in.contiguous();
+    t = at::empty({M, R}, x_in.options());
+  } else {
+    t = at::mm(x_in, at_in.t());                       // cuBLAS: A is reused across rows
+  }
+  if (M == 0) return {t, u};
+  auto r_old = r_old_in.contiguous();
+  auto r_new = proj_in.has_value() ? at::mm(*proj_in, r_delta_in) : r_delta_in.contiguous();
+  if (dtype == at::kHalf) shrink_typed<__half>(x, at_, fused, r_old, r_new, trans_r, t, u);
+  else if (dtype == at::kBFloat16) shrink_typed<__nv_bfloat16>(x, at_, fused, r_old, r_new, trans_r, t, u);
+  else shrink_typed<float>(x, at_, fused, r_old, r_new, trans_r, t, u);
   return {t, u};
 }
 
@@ -174,21 +233,25 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at
                                                    const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                    const at::Tensor& lora_b, const at::Tensor& routing_old,
                                                    const at::Tensor& routing_delta,
-                                                   const c10::optional<at::Tensor>& projection, double scaling) {
-  auto [t, u] = shrink("clora::cuda_linear_fwd", x, lora_a, routing_old, routing_delta, projection, false);
+                                                   const c10::optional<at::Tensor>& projection, double scaling,
+                                                   int64_t fused_max_mr) {
+  auto [t, u] = shrink("clora::cuda_linear_fwd", x, lora_a, routing_old, routing_delta, projection, false,
+                       fused_max_mr);
   auto y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(u.to(x.scalar_type()), lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+  y.addmm_(u, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
   return {y, t};
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_dx_cuda(const at::Tensor& g, const at::Tensor& weight,
                                                   const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                   const at::Tensor& routing_old, const at::Tensor& routing_delta,
-                                                  const c10::optional<at::Tensor>& projection, double scaling) {
-  // v = g·lora_b and u = v·R_effᵀ in one pass over g; then dx = g·W + s·u·lora_a
-  auto [v, u] = shrink("clora::cuda_linear_dx", g, lora_b.t(), routing_old, routing_delta, projection, true);
+                                                  const c10::optional<at::Tensor>& projection, double scaling,
+                                                  int64_t fused_max_mr) {
+  // v = g·lora_b and u = v·R_effᵀ; then dx = g·W + s·u·lora_a
+  auto [v, u] = shrink("clora::cuda_linear_dx", g, lora_b.t(), routing_old, routing_delta, projection, true,
+                       fused_max_mr);
   auto dx = at::mm(g, weight);
-  dx.addmm_(u.to(g.scalar_type()), lora_a, /*beta=*/1, /*alpha=*/scaling);
+  dx.addmm_(u, lora_a, /*beta=*/1, /*alpha=*/scaling);
   return {dx, v};
 }
 
@@ -196,14 +259,16 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_meta(const at::Tensor& x, const at
                                                    const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                    const at::Tensor& lora_b, const at::Tensor& routing_old,
                                                    const at::Tensor& routing_delta,
-                                                   const c10::optional<at::Tensor>& projection, double scaling) {
+                                                   const c10::optional<at::Tensor>& projection, double scaling,
+                                                   int64_t fused_max_mr) {
   return {at::empty({x.size(0), weight.size(0)}, x.options()), at::empty({x.size(0), lora_a.size(0)}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_dx_meta(const at::Tensor& g, const at::Tensor& weight,
                                                   const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                   const at::Tensor& routing_old, const at::Tensor& routing_delta,
-                                                  const c10::optional<at::Tensor>& projection, double scaling) {
+                                                  const c10::optional<at::Tensor>& projection, double scaling,
+                                                  int64_t fused_max_mr) {
   return {at::empty({g.size(0), weight.size(1)}, g.options()), at::empty({g.size(0), lora_a.size(0)}, g.options())};
 }
 
@@ -212,9 +277,9 @@ std::tuple<at::Tensor, at::Tensor> linear_dx_meta(const at::Tensor& g, const at:
 // FRAGMENT: the Python side registers clora::linear_fwd / linear_dx in the same namespace.
 TORCH_LIBRARY_FRAGMENT(clora, m) {
   m.def("cuda_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor routing_old, "
-        "Tensor routing_delta, Tensor? projection, float scaling) -> (Tensor, Tensor)");
+        "Tensor routing_delta, Tensor? projection, float scaling, int fused_max_mr) -> (Tensor, Tensor)");
   m.def("cuda_linear_dx(Tensor g, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor routing_old, "
-        "Tensor routing_delta, Tensor? projection, float scaling) -> (Tensor, Tensor)");
+        "Tensor routing_delta, Tensor? projection, float scaling, int fused_max_mr) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(clora, CUDA, m) {

@@ -9,7 +9,7 @@ import torch
 import clora_kernels as ck
 from clora_kernels.backends import BackendUnavailableError
 from clora_kernels.backends import cuda as cuda_backend
-from helpers import call, cast_inputs, check_backend, make_inputs
+from helpers import call, cast_inputs, check_backend, make_inputs, rel_err
 
 HAVE_TOOLCHAIN = shutil.which("nvcc") is not None and torch.version.cuda is not None
 
@@ -22,8 +22,10 @@ def test_csrc_compiles_and_registers(tmp_path):
 
     def m(*shape):
         return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
-    y, t = torch.ops.clora.cuda_linear_fwd(m(7, 24), m(40, 24), m(40), m(5, 24), m(40, 5), m(5, 5), m(5, 5), None, 0.5)
-    dx, v = torch.ops.clora.cuda_linear_dx(m(7, 40), m(40, 24), m(5, 24), m(40, 5), m(5, 5), m(5, 5), m(5, 5), 0.5)
+    y, t = torch.ops.clora.cuda_linear_fwd(m(7, 24), m(40, 24), m(40), m(5, 24), m(40, 5), m(5, 5), m(5, 5), None, 0.5,
+                                           1024)
+    dx, v = torch.ops.clora.cuda_linear_dx(m(7, 40), m(40, 24), m(5, 24), m(40, 5), m(5, 5), m(5, 5), m(5, 5), 0.5,
+                                           0)
     assert (y.shape, t.shape, dx.shape, v.shape) == ((7, 40), (7, 5), (7, 24), (7, 5))
 
 
@@ -48,6 +50,57 @@ def test_gpu_matches_oracle(seed, dtype, m, k, n, r):
         pytest.skip("rank above min(K, N)")
     check_backend("cuda", dtype, m=m, k=k, n=n, r=r, bias=(m % 2 == 1), hard=(r % 2 == 0), device="cuda",
                   through_old=(m == 7))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_max_mr", ["0", "1000000000"])   # every call via cuBLAS t, every call fused
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,n,r", [(1, 4100, 24, 64), (33, 769, 200, 5), (300, 256, 520, 128)])
+def test_gpu_both_shrink_forms(seed, monkeypatch, fused_max_mr, dtype, m, k, n, r):
+    """The two forms of the shrink (fused split-K kernel, cuBLAS t), each forced at shapes the
+    default threshold would send the other way; K = 4100 takes several K-splits."""
+    monkeypatch.setenv("CLORA_CUDA_FUSED_MAX_MR", fused_max_mr)
+    check_backend("cuda", dtype, m=m, k=k, n=n, r=r, bias=True, hard=(m == 33), device="cuda")
+
+
+def _poison_cuda_allocator():
+    """Fill memory the caching allocator will hand out next with NaN: the ops allocate their outputs
+    with at::empty, so an element a kernel leaves unwritten reads NaN (DESIGN.md section 6)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    small = [torch.full((1024,), float("nan"), device="cuda") for _ in range(512)]      # small pool, 4 KB each
+    large = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(16)]   # large pool, 4 MB each
+    del small, large
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_max_mr", [0, 1 << 30])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_poisoned_outputs_fully_written(seed, fused_max_mr, dtype):
+    from clora_kernels.backends.torch_ref import lora_gemm, routing_eff
+    m, k, n, r = 37, 769, 200, 5
+    x, g = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(m, n, device="cuda", dtype=dtype)
+    w, b = torch.randn(n, k, device="cuda", dtype=dtype), torch.randn(n, device="cuda", dtype=dtype)
+    la, lb = torch.randn(r, k, device="cuda", dtype=dtype), torch.randn(n, r, device="cuda", dtype=dtype)
+    ro, rd, p = (torch.randn(r, r, device="cuda", dtype=dtype) for _ in range(3))
+    reff = routing_eff(ro, rd, p)
+    _poison_cuda_allocator()
+    y, t = torch.ops.clora.cuda_linear_fwd(x, w, b, la, lb, ro, rd, p, 0.5, fused_max_mr)
+    _poison_cuda_allocator()
+    dx, v = torch.ops.clora.cuda_linear_dx(g, w, la, lb, ro, rd, p, 0.5, fused_max_mr)
+    want = lora_gemm(x, w, la.t(), lb.t(), reff, b, 0.5) + lora_gemm(g, w.t(), lb, la, reff.t(), None, 0.5)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, got, ref in zip(("y", "t", "dx", "v"), (y, t, dx, v), want):
+        assert not got.isnan().any(), f"{name} has unwritten (NaN) elements"
+        assert rel_err(got, ref) <= tol, (name, rel_err(got, ref))
+
+
+def test_fused_threshold_env_is_checked(monkeypatch):
+    monkeypatch.setenv("CLORA_CUDA_FUSED_MAX_MR", "lots")
+    with pytest.raises(ValueError, match="CLORA_CUDA_FUSED_MAX_MR must be an integer >= 0, got 'lots'"):
+        cuda_backend.fused_max_mr()
+    monkeypatch.setenv("CLORA_CUDA_FUSED_MAX_MR", "64")
+    assert cuda_backend.fused_max_mr() == 64
 
 
 @pytest.mark.gpu

@@ -116,6 +116,25 @@ def build(build_dir=None, verbose: bool = False) -> str:
     return build_dir
 
 
+FUSED_MAX_MR_DEFAULT = 1024
+
+
+def fused_max_mr() -> int:
+    """Largest M·r served by the fused shrink (one pass over x, split over K); above it t = x·Aᵀ
+    comes from cuBLAS, which reuses A across rows. Env CLORA_CUDA_FUSED_MAX_MR; the default 1024
+    (M <= 64 at r = 16) is a first guess, not yet tuned on a GPU."""
+    raw = os.environ.get("CLORA_CUDA_FUSED_MAX_MR", "")
+    if not raw:
+        return FUSED_MAX_MR_DEFAULT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"environment variable CLORA_CUDA_FUSED_MAX_MR must be an integer >= 0, got {raw!r}")
+    return value
+
+
 class CudaBackend(KernelBackend):
     name = "cuda"
 
@@ -142,10 +161,12 @@ class CudaBackend(KernelBackend):
         return [] if x.device.type == "cuda" else [f"tensors are on {x.device}, the cuda backend needs a CUDA device"]
 
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
-        return torch.ops.clora.cuda_linear_fwd(x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling)
+        return torch.ops.clora.cuda_linear_fwd(x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling,
+                                               fused_max_mr())
 
     def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
-        return torch.ops.clora.cuda_linear_dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling)
+        return torch.ops.clora.cuda_linear_dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling,
+                                              fused_max_mr())
 
 
 register(CudaBackend())
