@@ -5,17 +5,7 @@
 # torch / cuda in bf16 and fp16 (CUDA events, host cost included: the issue's targets are per call).
 # Usage: benchmarks/cuda_check.sh OUTDIR        (REP_MS=ms per variant and shape, default 10)
 set -uo pipefail
-out=${1:?usage: benchmarks/cuda_check.sh OUTDIR}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CLORA_CACHE_DIR=${CLORA_CACHE_DIR:-$out/cache}
-py=${PYTHON:-python}
-rep=${REP_MS:-10}
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; nvcc --version | tail -1; } | tee "$out/env.txt"
-echo "== build =="
-/usr/bin/time -f "build wall %e s" timeout 300 $py -c "import clora_kernels as ck; print('cuda backend:', ck.available_backends()['cuda'])" 2>&1 | tee "$out/build.log"
+source "$(dirname "$0")/gpu_env.sh" "${1:-}"
 echo "== gpu tests (tests/test_cuda.py) =="
 timeout 120 $py -m pytest tests/test_cuda.py -q -m gpu -p no:cacheprovider > "$out/cuda_tests.log" 2>&1
 grep -hE "^(FAILED|ERROR)|passed|failed|Error" "$out/cuda_tests.log" | head -30

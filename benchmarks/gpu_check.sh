@@ -5,17 +5,7 @@
 # by CUDA-graph replay (r=16), and clora-profile at batch 1/8/64 in eager and cuda-graphs modes. Logs, JSON and PNGs go to OUTDIR; the summaries print last.
 # Usage: benchmarks/gpu_check.sh OUTDIR        (REP_MS=ms per variant and shape, default 10)
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CLORA_CACHE_DIR=${CLORA_CACHE_DIR:-$out/cache}
-py=${PYTHON:-python}
-rep=${REP_MS:-10}
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/env.txt"
-# the cuda backend JIT-builds once here, not in four shards at the same time
-timeout 300 $py -c "import clora_kernels as ck; print('cuda backend:', ck.available_backends()['cuda'])" 2>&1 | tail -1 | tee -a "$out/env.txt"
+source "$(dirname "$0")/gpu_env.sh" "${1:-}"
 for i in 0 1 2 3; do
   CLORA_TEST_SHARD=$i/4 timeout 150 $py -m pytest tests -q -m gpu -p no:cacheprovider > "$out/gpu_tests_$i.log" 2>&1 &
 done

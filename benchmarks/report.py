@@ -41,8 +41,9 @@ def main(path, per_shape=False, versus=None):
     print(f"- device: {m['gpu']} (driver {m['driver']}), torch {m['torch']}, triton {m['triton']}, "
           f"peft {m['peft']}, {m['dtype']}, {m['date']}")
     print(f"- command: `{m['command']}`")
-    print(f"- timing: {m['timing']}; ceilings measured at start: "
-          f"GEMM {m['ceilings']['gemm_tflops']:.0f} TFLOP/s, copy {m['ceilings']['copy_gbps']:.0f} GB/s")
+    c = m.get("ceilings") or {}
+    print(f"- timing: {m['timing']}" + (f"; ceilings measured at start: GEMM {c['gemm_tflops']:.0f} TFLOP/s, "
+                                       f"copy {c['copy_gbps']:.0f} GB/s" if c.get("gemm_tflops") else ""))
     print(f"- rows: {len(data['results'])}\n\n```")
     print("\n".join(summarize(data)))
     if versus:
