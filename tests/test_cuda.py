@@ -128,3 +128,27 @@ def test_broken_source_fails_with_the_compiler_line(tmp_path, monkeypatch):
     monkeypatch.setattr(cuda_backend, "sources", lambda: [str(bad)])
     with pytest.raises(RuntimeError, match=r"building the CUDA extension failed: .*broken\.cu.*error"):
         cuda_backend.build(str(tmp_path / "build"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,r", [(4, 16), (300, 120)])       # fused shrink; cuBLAS t with > 48 KB shared memory
+def test_gpu_cuda_graph_capture(seed, m, r):
+    layer = ck.CLoRALinear(256, 384, rank=r, mode="hard", backend="cuda", device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.routing_delta.normal_()
+        layer.end_task()                   # hard mode: a non-identity projection from here on
+        layer.routing_delta.normal_()
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = layer(x).clone()             # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        static_x = x.clone()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        x2 = torch.randn_like(x)
+        static_x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_y, layer(x2)) < 1e-6
+        assert rel_err(ref, layer(x)) < 1e-6
