@@ -273,8 +273,7 @@ def run_experiment(args, progress=True, on_method=None) -> dict:
             acc = train_sequence(model, tasks, clora=uses_clora, setting=args.setting, epochs=args.epochs, lr=args.lr,
                                  lambda_orth=args.lambda_orth if uses_clora else 0.0,
                                  freeze_factors=args.freeze_factors and uses_clora, optimizer=args.optimizer,
-                                 seed=seed,
-                                 progress=progress, desc=f"{method} seed {seed}")
+                                 seed=seed, progress=progress, desc=f"{method} seed {seed}")
             per_seed.append(acc)
         t = len(tasks)
         mean_matrix = [[statistics.fmean(a[i][j] for a in per_seed) for j in range(i + 1)] for i in range(t)]

@@ -88,7 +88,8 @@ def test_gpu_poisoned_outputs_fully_written(seed, fused_max_mr, dtype):
     y, t = torch.ops.clora.cuda_linear_fwd(x, w, b, la, lb, ro, rd, p, 0.5, fused_max_mr)
     _poison_cuda_allocator()
     dx, v = torch.ops.clora.cuda_linear_dx(g, w, la, lb, ro, rd, p, 0.5, fused_max_mr)
-    want = lora_gemm(x, w, la.t(), lb.t(), reff, b, 0.5) + lora_gemm(g, w.t(), lb, la, reff.t(), None, 0.5)
+    want = (*lora_gemm(x, w, la.t(), lb.t(), reff, b, 0.5),           # y, t
+            *lora_gemm(g, w.t(), lb, la, reff.t(), None, 0.5))        # dx, v
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for name, got, ref in zip(("y", "t", "dx", "v"), (y, t, dx, v), want):
         assert not got.isnan().any(), f"{name} has unwritten (NaN) elements"
