@@ -9,7 +9,7 @@ import torch
 import clora_kernels as ck
 from clora_kernels.backends import BackendUnavailableError
 from clora_kernels.backends import cuda as cuda_backend
-from helpers import call, cast_inputs, check_backend, make_inputs, rel_err
+from helpers import call, cast_inputs, check_backend, check_cuda_graph_capture, make_inputs, rel_err
 
 HAVE_TOOLCHAIN = shutil.which("nvcc") is not None and torch.version.cuda is not None
 
@@ -140,16 +140,4 @@ def test_gpu_cuda_graph_capture(seed, m, r):
         layer.routing_delta.normal_()
         layer.end_task()                   # hard mode: a non-identity projection from here on
         layer.routing_delta.normal_()
-    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        ref = layer(x).clone()             # warm-up outside the capture
-        graph = torch.cuda.CUDAGraph()
-        static_x = x.clone()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
-        x2 = torch.randn_like(x)
-        static_x.copy_(x2)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(static_y, layer(x2)) < 1e-6
-        assert rel_err(ref, layer(x)) < 1e-6
+    check_cuda_graph_capture(layer, torch.randn(m, 256, device="cuda", dtype=torch.bfloat16))

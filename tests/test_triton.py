@@ -13,7 +13,7 @@ from clora_kernels.backends import BackendUnavailableError
 triton = pytest.importorskip("triton")
 from clora_kernels.backends.triton import launch, tune  # noqa: E402
 from clora_kernels.backends.triton.launch import GemmConfig, Plan, ShrinkConfig  # noqa: E402
-from helpers import TOL, call, cast_inputs, check_backend, make_inputs, rel_err  # noqa: E402
+from helpers import TOL, call, cast_inputs, check_backend, check_cuda_graph_capture, make_inputs, rel_err  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -190,19 +190,7 @@ def test_gpu_cuda_graph_capture(seed):
     layer = ck.CLoRALinear(256, 384, rank=16, backend="triton", device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         layer.lora_B.normal_()
-    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        ref = layer(x).clone()            # warm-up: compiles and tunes outside the capture
-        graph = torch.cuda.CUDAGraph()
-        static_x = x.clone()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
-        x2 = torch.randn_like(x)
-        static_x.copy_(x2)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(static_y, layer(x2)) < 1e-6
-        assert rel_err(ref, layer(x)) < 1e-6
+    check_cuda_graph_capture(layer, torch.randn(64, 256, device="cuda", dtype=torch.bfloat16))
 
 
 @pytest.mark.gpu
