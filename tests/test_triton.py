@@ -24,6 +24,7 @@ PLANS = {
     "split": Plan("split", SMALL, ShrinkConfig(16, 32, 1)),
     "split_k": Plan("split", SMALL, ShrinkConfig(16, 32, 4)),   # deterministic split-K shrink
     "eager": Plan("eager"),                                       # auto's reference candidate
+    "merge": Plan("merge"),                                       # auto's per-call merged weight
 }
 GPU_PLANS = {**PLANS, "cublas": Plan("cublas", None, ShrinkConfig(16, 32, 2)),
              "fused_big": Plan("fused", GemmConfig(128, 128, 64, 8, 3)),

@@ -7,6 +7,10 @@ views, one `shrink`, and the strategies the tuner chooses from:
   cublas  F.linear (cuBLAS) + shrink + addmm_(beta=1)       (only under backend="auto")
   eager   the torch backend's own ops (cuBLAS, 4 launches)   (only under backend="auto": auto is then
           never slower than the eager reference by the tuner's measurement)
+  merge   W_eff = W + s·(A·R·B)ᵀ by one cuBLAS addmm, then F.linear(x, W_eff) and t = x·A  (only under
+          backend="auto"): the base GEMM runs at cuBLAS speed for the price of one pass over W, which
+          pays where M is large next to the rank (the merged weight is rounded to x's dtype, as a
+          merged checkpoint is)
 
 Operand views (all strides honoured, nothing is copied):
   forward  x (M,K),  W = weight (N,K),    A = lora_Aᵀ (K,r), B = lora_Bᵀ (r,N), R = R_eff
@@ -61,7 +65,7 @@ class ShrinkConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    strategy: str                  # "fused" | "fused_tma" | "split" | "cublas" | "eager"
+    strategy: str                  # "fused" | "fused_tma" | "split" | "cublas" | "eager" | "merge"
     gemm: GemmConfig | None = None
     shrink: ShrinkConfig | None = None
 
@@ -193,9 +197,14 @@ def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y
             return gemm_tma(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
         # only a forced plan (tests) gets here: tuned keys include TMA eligibility. Same tiles, pointer loads
         return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
-    if plan.strategy == "eager":
+    if plan.strategy in ("eager", "merge"):
         r = routing_eff(r_old, r_delta, proj)
-        out, t_out = lora_gemm(x, w, a, b, r.t() if trans_r else r, bias, scale)
+        r = r.t() if trans_r else r
+        if plan.strategy == "eager":
+            out, t_out = lora_gemm(x, w, a, b, r, bias, scale)
+        else:
+            w_eff = torch.addmm(w, b.t(), (a @ r).t(), alpha=scale)    # w + s·(a·R·b)ᵀ
+            out, t_out = torch.nn.functional.linear(x, w_eff, bias), x @ a
         if t is not None:
             t.copy_(t_out)
             t_out = t

@@ -3,8 +3,8 @@
 Small explicit candidate lists (compile time counts). The first call of a shape bucket times
 every candidate with triton.testing.do_bench (median) and keeps the fastest; results are cached
 in memory and in a JSON file per GPU (CLORA_CACHE_DIR, default ~/.cache/clora_kernels). Under
-backend="auto" the cuBLAS + shrink strategy is a candidate too, so auto is never slower than
-that path. No timing happens under the interpreter or during CUDA-graph capture: a cached plan
+backend="auto" the library strategies are candidates too (cuBLAS + shrink, the eager reference's
+own ops, and the per-call merged weight), so auto is never slower than any of them. No timing happens under the interpreter or during CUDA-graph capture: a cached plan
 or the heuristic default is used (warm up once before capturing).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmC
 SMALL_M = [GemmConfig(16, 32, 256, 4, 4), GemmConfig(16, 64, 128, 4, 4), GemmConfig(16, 32, 128, 2, 6),
            GemmConfig(32, 64, 128, 4, 4), GemmConfig(64, 128, 64, 4, 4)]
 INTERPRETER = Plan("fused", GemmConfig(32, 32, 32, 4, 1), ShrinkConfig(32, 32, 1))
+LIBRARY = ("cublas", "eager", "merge")   # strategies made of torch/cuBLAS ops: candidates under auto only
 
 _lock = threading.Lock()
 _plans: dict = {}    # (kind, dtype, M bucket, N, K, r, bias, P, auto, tma, device index) -> Plan
@@ -46,7 +47,7 @@ def shrink_config(m: int, k: int, device) -> ShrinkConfig:
 
 def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False) -> list:
     """Fused (and fused_tma where the operands allow TMA) and split plans over the tile list;
-    with auto, the cuBLAS + shrink plan and the eager reference's own ops too."""
+    with auto, the LIBRARY plans too."""
     gemms = SMALL_M if m <= 64 else LARGE_M
     if rank > 64:   # a 128-wide t accumulator next to a 128x256 tile spills
         gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
@@ -55,7 +56,7 @@ def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool 
     if tma:
         plans += [Plan("fused_tma", g) for g in gemms]
     if auto:
-        plans += [Plan("cublas", None, sh), Plan("eager")]
+        plans += [Plan("cublas", None, sh), Plan("eager"), Plan("merge")]
     return plans
 
 
@@ -135,7 +136,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
             raise
         except Exception as exc:   # e.g. a config that needs more shared memory than this GPU has
             errors.append(f"{cand}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    own = [tc for tc in timed if tc[1].strategy not in ("cublas", "eager")]
+    own = [tc for tc in timed if tc[1].strategy not in LIBRARY]
     if not own:
         raise RuntimeError("every Triton candidate failed to compile or launch: " + " | ".join(errors))
     if errors and os.environ.get("CLORA_TUNE_VERBOSE"):
