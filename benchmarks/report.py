@@ -1,11 +1,14 @@
 """Markdown tables from clora-bench JSON (for benchmarks/RESULTS.md).
 Usage: python benchmarks/report.py BENCH.json [BENCH.json ...] [--per-shape] [--vs BASE ENGINE]
 
+Where the rows carry the Triton tuner's choices, a count of the strategies it settled on follows
+the summary, and --per-shape adds auto's (fwd/dx) to each row.
+
 --vs torch cuda: per file and pass, the geomean speed-up of ENGINE over BASE (t_BASE / t_ENGINE)
 for M <= 16 and for all shapes, and the worst shape (largest t_ENGINE / t_BASE)."""
 import argparse
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from clora_kernels.bench.__main__ import summarize
 from clora_kernels.bench.core import geomean
@@ -35,6 +38,18 @@ def vs(data, base, engine):
               + f"   worst {worst[1] / worst[2]:.3f}x at {worst[0][1]} M={worst[0][2]} ({len(pairs)} shapes)")
 
 
+def strategies(data):
+    """Per (backend, pass, kind): how many shapes the tuner settled on each strategy for."""
+    counts = defaultdict(Counter)
+    for r in data["results"]:
+        for kind, strategy in r.get("plans", {}).items():
+            counts[(r["backend"], r["pass"], kind)][strategy] += 1
+    if counts:
+        print("\nstrategies chosen by the tuner (shapes):")
+    for (backend, pas, kind), c in sorted(counts.items()):
+        print(f"  {backend:7s} {pas:8s} {kind:4s} " + ", ".join(f"{s} {n}" for s, n in c.most_common()))
+
+
 def main(path, per_shape=False, versus=None):
     data = json.load(open(path))
     m = data["meta"]
@@ -48,15 +63,21 @@ def main(path, per_shape=False, versus=None):
     print("\n".join(summarize(data)))
     if versus:
         vs(data, *versus)
+    strategies(data)
     print("```")
     if not per_shape:
         return
     by = _by_shape(data)
     backends = [b for b in ORDER if any(b in v for v in by.values())]
-    print("\n| pass | layer | M | K | N | r | merged µs | " + " | ".join(f"{b} ×" for b in backends[1:]) + " |")
-    print("|" + "---|" * (7 + len(backends) - 1))
+    plans = any("plans" in r for r in data["results"])
+    print("\n| pass | layer | M | K | N | r | merged µs | " + " | ".join(f"{b} ×" for b in backends[1:])
+          + (" | auto plan (fwd/dx)" if plans else "") + " |")
+    print("|" + "---|" * (7 + len(backends) - 1 + plans))
     for k, v in by.items():
         cells = [f"{v[b]['ratio_to_merged']:.2f}" if b in v else "-" for b in backends[1:]]
+        if plans:
+            p = v.get("auto", {}).get("plans", {})
+            cells.append("/".join(p[kind] for kind in ("fwd", "dx") if kind in p) or "-")
         print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {k[5]} | {v['merged']['median_us']:.1f} | "
               + " | ".join(cells) + " |")
 

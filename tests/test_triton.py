@@ -92,6 +92,21 @@ def test_empty_batch(force_plan):
     assert inp["x"].grad.shape == (0, 24)
 
 
+def test_chosen_strategies_reads_the_plan_cache(monkeypatch):
+    """What clora-bench reports beside a shape's timings: each kind's settled plan (dx is keyed
+    on weightᵀ), for auto and for triton separately."""
+    monkeypatch.setattr(tune, "_plans", {})
+    m, k, n, r = 100, 24, 40, 4
+    x, w, g = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+    tune._plans[tune._key("fwd", True, x, w, torch.randn(k, r), None, None)] = PLANS["merge"]
+    tune._plans[tune._key("dx", True, g, w.t(), torch.randn(n, r), None, None)] = PLANS["fused"]
+    tune._plans[tune._key("fwd", False, x, w, torch.randn(k, r), None, None)] = PLANS["split"]
+    assert tune.chosen_strategies(m, n, k, r, torch.float32, auto=True) == {"fwd": "merge", "dx": "fused"}
+    assert tune.chosen_strategies(m, n, k, r, torch.float32, auto=False) == {"fwd": "split"}
+    assert tune.chosen_strategies(m, k, n, r, torch.float32, auto=True) == {}     # the transposed layer
+    assert tune.chosen_strategies(m, n, k, r, torch.float16, auto=True) == {}
+
+
 def test_unsupported_call_says_why():
     inp = cast_inputs(make_inputs(3, 24, 40, 4), torch.float64, DEV, requires_grad=False)
     with pytest.raises(BackendUnavailableError, match="'triton' cannot run this call: .*float64"):
@@ -184,6 +199,8 @@ def test_gpu_large_shape_tuned(seed, r):
     for i, name in enumerate(("x", "lora_A", "lora_B", "routing_delta"), start=1):
         e = rel_err(outs["triton"][i], outs["torch"][i])
         assert e < 2 * TOL[dt], (name, e)
+    for auto in (False, True):    # one tuning pass settles the plans of both
+        assert set(tune.chosen_strategies(m, n, k, r, dt, auto)) == {"fwd", "dx"}
 
 
 @pytest.mark.gpu

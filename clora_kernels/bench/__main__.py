@@ -60,6 +60,14 @@ def _select_variants(requested, device) -> tuple:
     return chosen, skipped
 
 
+def _chosen_strategies(name, shape, dtype, device) -> dict:
+    """The Triton tuner's strategy per kind (fwd, dx) for this shape, for the triton and auto rows."""
+    if name not in ("triton", "auto") or device.type != "cuda" or not available_backends()["triton"][0]:
+        return {}
+    from ..backends.triton.tune import chosen_strategies
+    return chosen_strategies(shape.m, shape.n, shape.k, shape.r, dtype, auto=name == "auto")
+
+
 def run(args) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("clora-bench: --device cuda but no CUDA GPU is available")
@@ -114,6 +122,7 @@ def run(args) -> dict:
                     else:
                         us = time_us(step, device, reset, args.rep_ms)
                     mem = peak_mem(step, device, reset) if training else None
+                plans = _chosen_strategies(name, shape, dtype, device)
             except Exception as exc:   # one variant failing must not hide the others
                 print(f"clora-bench: {name} failed at {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
@@ -124,6 +133,8 @@ def run(args) -> dict:
                           "pct_peak": (100 * floor_s / (us * 1e-6)) if floor_s else None}
             if training:
                 rows[name]["peak_mem_bytes"] = mem
+            if plans:
+                rows[name]["plans"] = plans
         base = rows.get("merged", {}).get("median_us")
         for row in rows.values():
             row["ratio_to_merged"] = row["median_us"] / base if base else None

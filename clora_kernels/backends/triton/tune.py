@@ -105,13 +105,17 @@ def _disk_key(key: tuple, device) -> str:
             f"N{n}|K{k}|r{rank}|b{int(has_bias)}|p{int(has_p)}|auto{int(auto)}|tma{int(tma)}")
 
 
+def _key(kind: str, auto: bool, x, w, a, bias, proj) -> tuple:
+    """The plan cache's key: (kind, dtype, M bucket, N, K, r, bias, P, auto, TMA, device index)."""
+    m, k = x.shape
+    return (kind, x.dtype, _bucket(m), w.shape[0], k, a.shape[1], bias is not None, proj is not None, auto,
+            tma_eligible(x, w), x.device.index)
+
+
 def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r) -> Plan:
     if interpreting():
         return INTERPRETER
-    m, k = x.shape
-    n, rank = w.shape[0], a.shape[1]
-    tma = tma_eligible(x, w)
-    key = (kind, x.dtype, _bucket(m), n, k, rank, bias is not None, proj is not None, auto, tma, x.device.index)
+    key = _key(kind, auto, x, w, a, bias, proj)
     plan = _plans.get(key)          # hot path: one dict lookup
     if plan is not None:
         return plan
@@ -122,7 +126,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     if plan is not None:
         _plans[key] = plan
         return plan
-    cands = candidates(m, n, k, rank, x.device, auto=True, tma=tma)
+    cands = candidates(x.shape[0], w.shape[0], x.shape[1], a.shape[1], x.device, auto=True, tma=key[9])
     if torch.cuda.is_current_stream_capturing():
         return cands[0]
     import triton.testing
@@ -149,6 +153,15 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
             _disk[_disk_key(kk, x.device)] = plan
         _save()
     return best[auto]
+
+
+def chosen_strategies(m: int, n: int, k: int, rank: int, dtype, auto: bool) -> dict:
+    """{"fwd": strategy, "dx": strategy} of the plans this process has settled on for a layer
+    (x (m, k), weight (n, k)); what the benchmark reports beside its timings."""
+    want = {"fwd": (n, k), "dx": (k, n)}      # dx runs on g (m, n) against weightᵀ (k, n)
+    return {key[0]: plan.strategy for key, plan in list(_plans.items())
+            if key[1] == dtype and key[2] == _bucket(m) and (key[3], key[4]) == want[key[0]]
+            and key[5] == rank and key[8] == auto}
 
 
 def clear_cache() -> None:
