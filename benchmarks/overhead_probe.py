@@ -1,31 +1,104 @@
-"""GPU probe: host overhead vs GPU time at small M, and triton vs auto measured alternately."""
+"""GPU probe of host overhead (one device call; prints two small tables).
+
+1. Per shape and backend: time per call by CUDA events (host launch cost included) and by CUDA-graph
+   replay (GPU time only), at small M where the host dominates, measured alternately.
+2. Where the host time goes: wall time per eager call over 2000 calls with one synchronize at the end
+   (when the GPU is the faster side this is the host's cost per call), no_grad and with grad, at ViT-B
+   qkv batch 1 (M=197, K=768, N=2304, r=16), then cProfile's top functions per backend.
+Usage: python benchmarks/overhead_probe.py [--top N]
+"""
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
 import torch
 import triton.testing
 
 import clora_kernels as ck
 
 dt = torch.bfloat16
-for m, k, n in [(16, 4096, 4096), (4096, 4096, 4096), (512, 4096, 14336)]:
+
+
+def tensors(m, k, n, r=16, grad=False):
     x = torch.randn(m, k, device="cuda", dtype=dt)
     w = torch.randn(n, k, device="cuda", dtype=dt) / 64
     b = torch.randn(n, device="cuda", dtype=dt)
-    la = torch.randn(16, k, device="cuda", dtype=dt) / 64
-    lb = torch.randn(n, 16, device="cuda", dtype=dt)
-    ro = torch.randn(16, 16, device="cuda", dtype=dt)
-    rd = torch.randn(16, 16, device="cuda", dtype=dt)
-    fns = {
-        "merged": lambda: torch.nn.functional.linear(x, w, b),
-        "torch": lambda: ck.clora_linear(x, w, b, la, lb, ro, rd, None, 1.0, backend="torch"),
-        "triton": lambda: ck.clora_linear(x, w, b, la, lb, ro, rd, None, 1.0, backend="triton"),
-        "auto": lambda: ck.clora_linear(x, w, b, la, lb, ro, rd, None, 1.0, backend="auto"),
-    }
-    with torch.no_grad():
-        for f in fns.values():
-            f()
-        for rnd in range(2):
-            line = []
-            for name, f in (fns.items() if rnd == 0 else reversed(fns.items())):
-                ev = triton.testing.do_bench(f, warmup=20, rep=100, return_mode="median") * 1e3
-                gr = triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3
-                line.append(f"{name} {ev:7.1f}/{gr:7.1f}")
-            print(f"M={m:5d} K={k} N={n} round {rnd} (events/graph us): " + "  ".join(line))
+    la = (torch.randn(r, k, device="cuda", dtype=dt) / 64).requires_grad_(grad)
+    lb = torch.randn(n, r, device="cuda", dtype=dt).requires_grad_(grad)
+    ro = torch.randn(r, r, device="cuda", dtype=dt)
+    rd = torch.randn(r, r, device="cuda", dtype=dt).requires_grad_(grad)
+    return x, w, b, la, lb, ro, rd
+
+
+def call(backend, x, w, b, la, lb, ro, rd):
+    return ck.clora_linear(x, w, b, la, lb, ro, rd, None, 1.0, backend=backend)
+
+
+def events_vs_graphs(backends):
+    for m, k, n in [(16, 4096, 4096), (4096, 4096, 4096), (512, 4096, 14336)]:
+        t = tensors(m, k, n)
+        fns = {"merged": lambda: torch.nn.functional.linear(t[0], t[1], t[2]),
+               **{name: (lambda name=name: call(name, *t)) for name in backends}}
+        with torch.no_grad():
+            for f in fns.values():
+                f()
+            for rnd in range(2):
+                line = []
+                for name, f in (fns.items() if rnd == 0 else reversed(fns.items())):
+                    ev = triton.testing.do_bench(f, warmup=20, rep=100, return_mode="median") * 1e3
+                    gr = triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median") * 1e3
+                    line.append(f"{name} {ev:7.1f}/{gr:7.1f}")
+                print(f"M={m:5d} K={k} N={n} round {rnd} (events/graph us): " + "  ".join(line))
+
+
+def host_us(fn, calls=2000):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def host_cost(backends, top):
+    nograd, grad = tensors(197, 768, 2304), tensors(197, 768, 2304, grad=True)
+    gy = torch.randn(197, 2304, device="cuda", dtype=dt)
+    fns = {"F.linear": (lambda: torch.nn.functional.linear(nograd[0], nograd[1], nograd[2]), None)}
+    for name in backends:
+        fns[name] = (lambda name=name: call(name, *nograd),
+                     lambda name=name: call(name, *grad).backward(gy))
+    print("\nhost cost per eager call, ViT-B qkv batch 1 (us; wall time of 2000 calls, one sync):")
+    print(f"  {'variant':10s} {'fwd no_grad':>12s} {'fwd+bwd':>10s}")
+    for name, (fwd, train) in fns.items():
+        with torch.no_grad():
+            a = host_us(fwd)
+        b = host_us(train, 500) if train else float("nan")
+        print(f"  {name:10s} {a:12.1f} {b:10.1f}")
+    for name in backends:
+        prof = cProfile.Profile()
+        with torch.no_grad():
+            fns[name][0]()
+            prof.enable()
+            for _ in range(500):
+                fns[name][0]()
+            prof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+        body = [ln for ln in buf.getvalue().splitlines() if ln.strip()][-top - 1:]
+        print(f"\ncProfile, {name}, 500 no_grad calls (tottime s over 500 calls):")
+        print("\n".join(body))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--top", type=int, default=10)
+    args = ap.parse_args()
+    usable = ck.available_backends()
+    backends = [b for b in ("torch", "triton", "cuda") if usable[b][0]] + ["auto"]
+    events_vs_graphs(backends)
+    host_cost(backends, args.top)
