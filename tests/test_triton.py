@@ -107,6 +107,18 @@ def test_chosen_strategies_reads_the_plan_cache(monkeypatch):
     assert tune.chosen_strategies(m, n, k, r, torch.float16, auto=True) == {}
 
 
+def test_merge_candidate_only_where_it_keeps_peak_memory(monkeypatch):
+    """auto's `merge` plan holds an N×K weight: offered for the forward with M >= N only."""
+    monkeypatch.setattr(tune, "_sm_count", lambda device: 132)
+
+    def merge_offered(m, n, k, kind, auto=True):
+        return any(p.strategy == "merge" for p in tune.candidates(m, n, k, 16, None, auto, kind=kind))
+    assert merge_offered(4096, 4096, 1024, "fwd") and merge_offered(12608, 768, 3072, "fwd")
+    assert not merge_offered(4095, 4096, 1024, "fwd")
+    assert not merge_offered(16384, 4096, 4096, "dx")
+    assert not merge_offered(16384, 4096, 4096, "fwd", auto=False)
+
+
 def test_unsupported_call_says_why():
     inp = cast_inputs(make_inputs(3, 24, 40, 4), torch.float64, DEV, requires_grad=False)
     with pytest.raises(BackendUnavailableError, match="'triton' cannot run this call: .*float64"):

@@ -45,9 +45,11 @@ def shrink_config(m: int, k: int, device) -> ShrinkConfig:
     return ShrinkConfig(bm, bk, split)
 
 
-def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False) -> list:
+def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False, kind: str = "fwd") -> list:
     """Fused (and fused_tma where the operands allow TMA) and split plans over the tile list;
-    with auto, the LIBRARY plans too."""
+    with auto, the LIBRARY plans too. `merge` only for the forward with M >= N: its transient
+    N×K weight then stays within what a training step's backward holds anyway (y and dx, M×N + M×K),
+    so auto's peak memory stays at the eager backend's; in dx it would sit beside both."""
     gemms = SMALL_M if m <= 64 else LARGE_M
     if rank > 64:   # a 128-wide t accumulator next to a 128x256 tile spills
         gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
@@ -56,7 +58,7 @@ def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool 
     if tma:
         plans += [Plan("fused_tma", g) for g in gemms]
     if auto:
-        plans += [Plan("cublas", None, sh), Plan("eager"), Plan("merge")]
+        plans += [Plan("cublas", None, sh), Plan("eager")] + ([Plan("merge")] if kind == "fwd" and m >= n else [])
     return plans
 
 
@@ -126,7 +128,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     if plan is not None:
         _plans[key] = plan
         return plan
-    cands = candidates(x.shape[0], w.shape[0], x.shape[1], a.shape[1], x.device, auto=True, tma=key[9])
+    cands = candidates(x.shape[0], w.shape[0], x.shape[1], a.shape[1], x.device, auto=True, tma=key[9], kind=kind)
     if torch.cuda.is_current_stream_capturing():
         return cands[0]
     import triton.testing
