@@ -4,6 +4,8 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py) in fp32 and
 odd shapes; bf16 (broken in the interpreter's tl.dot), large shapes, rank 64/128, the cuBLAS
 strategy and CUDA-graph capture run on a GPU only (marker `gpu`)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ SMALL = GemmConfig(16, 32, 32, 4, 1) if not GPU else GemmConfig(32, 64, 32, 4, 3
 PLANS = {
     "fused": Plan("fused", SMALL),
     "fused_tma": Plan("fused_tma", SMALL),     # TMA descriptors (pointer loads where not eligible)
+    "fused_splitk": Plan("fused", replace(SMALL, split_k=3)),   # K over 3 programs + finish kernel
     "split": Plan("split", SMALL, ShrinkConfig(16, 32, 1)),
     "split_k": Plan("split", SMALL, ShrinkConfig(16, 32, 4)),   # deterministic split-K shrink
     "eager": Plan("eager"),                                       # auto's reference candidate
@@ -29,7 +32,8 @@ PLANS = {
 GPU_PLANS = {**PLANS, "cublas": Plan("cublas", None, ShrinkConfig(16, 32, 2)),
              "fused_big": Plan("fused", GemmConfig(128, 128, 64, 8, 3)),
              "fused_tma_big": Plan("fused_tma", GemmConfig(128, 256, 64, 8, 3)),
-             "split_big": Plan("split", GemmConfig(128, 256, 64, 8, 3), ShrinkConfig(128, 64, 1, 8, 3))}
+             "split_big": Plan("split", GemmConfig(128, 256, 64, 8, 3), ShrinkConfig(128, 64, 1, 8, 3)),
+             "fused_splitk_small_m": Plan("fused", GemmConfig(16, 32, 256, 4, 4, split_k=8))}
 
 
 @pytest.fixture
@@ -50,7 +54,7 @@ def test_matches_oracle(seed, force_plan, strategy, dtype, m, k, n, r, bias, har
                   through_old=(m % 2 == 0))
 
 
-@pytest.mark.parametrize("strategy", ["fused", "split_k", "fused_tma"])
+@pytest.mark.parametrize("strategy", ["fused", "split_k", "fused_tma", "fused_splitk"])
 def test_3d_noncontiguous_and_old_route(seed, force_plan, strategy):
     force_plan(PLANS[strategy])
     check_backend("triton", torch.float32, lead=(2, 3, 5), k=24, n=40, r=4, device=DEV)
@@ -117,6 +121,23 @@ def test_merge_candidate_only_where_it_keeps_peak_memory(monkeypatch):
     assert not merge_offered(4095, 4096, 1024, "fwd")
     assert not merge_offered(16384, 4096, 4096, "dx")
     assert not merge_offered(16384, 4096, 4096, "fwd", auto=False)
+
+
+def test_split_k_where_tiles_leave_sms_idle(monkeypatch):
+    monkeypatch.setattr(tune, "_sm_count", lambda device: 132)
+
+    def splits(m, n, k):
+        return sorted(p.gemm.split_k for p in tune.candidates(m, n, k, 16, None, False) if p.gemm.split_k > 1)
+    assert splits(1, 1024, 4096)            # kv at decode: 16-32 N tiles for 132 SMs
+    assert all(2 <= s <= 16 for s in splits(16, 1024, 4096))
+    assert not splits(16, 14336, 4096)      # 448 tiles of 32 columns already fill the machine
+    assert not splits(512, 1024, 4096)      # large M: no split-K candidates
+    for k in range(1, 700, 7):              # every split gets at least one K block
+        for s in (2, 3, 5, 16):
+            cfg = replace(SMALL, split_k=s)
+            n_split, per = launch.k_splits(k, cfg)
+            blocks = -(-k // cfg.block_k)
+            assert 1 <= n_split <= s and (n_split - 1) * per < blocks <= n_split * per
 
 
 def test_unsupported_call_says_why():

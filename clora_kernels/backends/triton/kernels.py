@@ -11,6 +11,11 @@ _clora_gemm_kernel   Y = X·Wᵀ + bias + s·U·B, with U either
                      Forward: (x, W, A=lora_Aᵀ, B=lora_Bᵀ, R_eff)          side output t = x·A.
                      dx:      (g, Wᵀ, A=lora_B, B=lora_A, R_effᵀ)          side output v = g·lora_B.
                      Every operand is addressed through its strides (views, non-contiguous inputs).
+                     SPLIT_K (small M, FUSED only): the grid's second axis splits K; each program
+                     stores fp32 partials of X·Wᵀ and X·A, and _clora_splitk_finish_kernel adds
+                     them and runs the epilogue. At small M the N tiles alone are fewer than the
+                     SMs (e.g. N = 1024 in 32-wide tiles: 32 programs on 132 SMs), so W streams
+                     from a fraction of the machine.
 _clora_gemm_tma_kernel  the FUSED form with X and W tiles loaded by TMA descriptors (Hopper);
                      needs 16-byte aligned row strides, so the launcher offers it only then.
 _clora_shrink_kernel t = X·A and u = t·R in one pass over X (memory-bound). With SPLIT_K > 1 each
@@ -56,15 +61,15 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
     return first_m + (pid % group) % group_m, (pid % group) // group_m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K_SPLIT_BLOCKS"])   # one compile whatever the K range per split
 def _clora_gemm_kernel(
         x_ptr, w_ptr, a_ptr, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, u_ptr, y_ptr, t_ptr,
         M, N, K, R, scale,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ak, stride_ar, stride_br, stride_bn,
         stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
-        stride_um, stride_ur, stride_ym, stride_yn, stride_tm, stride_tr,
+        stride_um, stride_ur, stride_ym, stride_yn, stride_tm, stride_tr, K_SPLIT_BLOCKS,
         HAS_BIAS: tl.constexpr, HAS_P: tl.constexpr, TRANS_R: tl.constexpr, FUSED: tl.constexpr,
-        EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -81,7 +86,15 @@ def _clora_gemm_kernel(
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    kb_start = 0
+    kb_end = tl.cdiv(K, BLOCK_K)
+    if SPLIT_K:                          # this program reduces K blocks [kb_start, kb_end) only
+        kb_start = tl.program_id(1) * K_SPLIT_BLOCKS
+        kb_end = min(kb_end, kb_start + K_SPLIT_BLOCKS)
+        x_ptrs += kb_start * BLOCK_K * stride_xk
+        w_ptrs += kb_start * BLOCK_K * stride_wk
+        a_ptrs += kb_start * BLOCK_K * stride_ak
+    for kb in range(kb_start, kb_end):
         if EVEN_K:
             x = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
@@ -100,11 +113,56 @@ def _clora_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    _lora_epilogue(acc, t_acc, x_ptr.dtype.element_ty, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, u_ptr, y_ptr, t_ptr,
+    if SPLIT_K:
+        # fp32 partial sums of this K range into rows pid_k·M + m of the (splits·M, N) and
+        # (splits·M, r) workspaces that y_ptr and t_ptr point to; _clora_splitk_finish_kernel adds them
+        prow = tl.program_id(1) * M + offs_m
+        mask_m = offs_m < M
+        tl.store(y_ptr + prow[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc,
+                 mask=mask_m[:, None] & (offs_n[None, :] < N))
+        if pid_n == 0:
+            tl.store(t_ptr + prow[:, None] * stride_tm + offs_r[None, :] * stride_tr, t_acc,
+                     mask=mask_m[:, None] & mask_r[None, :])
+    else:
+        _lora_epilogue(acc, t_acc, x_ptr.dtype.element_ty, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, u_ptr, y_ptr,
+                       t_ptr, offs_m, offs_n, offs_r, rows, cols, pid_n, M, N, R, scale, stride_br, stride_bn,
+                       stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+                       stride_um, stride_ur, stride_ym, stride_yn, stride_tm, stride_tr,
+                       HAS_BIAS, HAS_P, TRANS_R, FUSED, PRECISION, BLOCK_R)
+
+
+@triton.jit(do_not_specialize=["SPLITS"])
+def _clora_splitk_finish_kernel(
+        py_ptr, pt_ptr, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, t_ptr,
+        M, N, R, scale, SPLITS,
+        stride_br, stride_bn, stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+        stride_ym, stride_yn, stride_tm, stride_tr,
+        HAS_BIAS: tl.constexpr, HAS_P: tl.constexpr, TRANS_R: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Split-K fused form, second launch: add the SPLITS fp32 partials of X·Wᵀ (contiguous
+    (SPLITS·M, N)) and of t = X·A (contiguous (SPLITS·M, R)) in a fixed order (deterministic, no
+    atomics), then the fused epilogue: u = t·R_eff, acc += s·u·B, bias, store y (and t)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m % M
+    cols = offs_n % N
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        prow = s * M + rows
+        acc += tl.load(py_ptr + prow[:, None] * N + cols[None, :])
+        t_acc += tl.load(pt_ptr + prow[:, None] * R + offs_r[None, :], mask=mask_r[None, :], other=0.0)
+    _lora_epilogue(acc, t_acc, y_ptr.dtype.element_ty, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, y_ptr, t_ptr,
                    offs_m, offs_n, offs_r, rows, cols, pid_n, M, N, R, scale, stride_br, stride_bn,
                    stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
-                   stride_um, stride_ur, stride_ym, stride_yn, stride_tm, stride_tr,
-                   HAS_BIAS, HAS_P, TRANS_R, FUSED, PRECISION, BLOCK_R)
+                   0, 0, stride_ym, stride_yn, stride_tm, stride_tr,
+                   HAS_BIAS, HAS_P, TRANS_R, True, PRECISION, BLOCK_R)
 
 
 @triton.jit

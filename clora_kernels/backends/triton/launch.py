@@ -1,7 +1,8 @@
 """Host launchers for the Triton kernels: one `gemm` serving forward and dx through operand
 views, one `shrink`, and the strategies the tuner chooses from:
 
-  fused   one launch: _clora_gemm_kernel(FUSED)            (t recomputed per N tile: r/BLOCK_N extra MMA)
+  fused   one launch: _clora_gemm_kernel(FUSED)            (t recomputed per N tile: r/BLOCK_N extra MMA);
+          with GemmConfig.split_k > 1 (small M) two: fp32 partials over K splits + the finish kernel
   fused_tma  the same with TMA-loaded X and W tiles         (Hopper+; 16-byte aligned row strides only)
   split   shrink (u = x·A·R once) + _clora_gemm_kernel(split: u·B as one extra K slab)
   cublas  F.linear (cuBLAS) + shrink + addmm_(beta=1)       (only under backend="auto")
@@ -52,6 +53,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    split_k: int = 1           # > 1: the fused form splits K over this many programs (small M)
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,20 @@ def column_major(a):
     return a if a.stride(0) == 1 else a.t().contiguous().t()
 
 
+FINISH_BLOCK_N = 64     # the split-K finish kernel streams splits·M·N fp32 partials: small tiles, many programs
+
+
+def k_splits(k: int, cfg: GemmConfig) -> tuple:
+    """(splits, K blocks per split) of the split-K fused form: no split is left empty."""
+    blocks = triton_cdiv(k, cfg.block_k)
+    per = triton_cdiv(blocks, max(1, min(cfg.split_k, blocks)))
+    return triton_cdiv(blocks, per), per
+
+
 def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig, *, u=None, y=None, t=None):
-    """y = x·wᵀ + bias + scale·U·b with U = (x·a)·R (fused, writes t = x·a) or the given u."""
+    """y = x·wᵀ + bias + scale·U·b with U = (x·a)·R (fused, writes t = x·a) or the given u.
+    The fused form with cfg.split_k > 1 is two launches: fp32 partials over K splits, then
+    _clora_splitk_finish_kernel."""
     a = column_major(a)
     m, k = x.shape
     n = w.shape[0]
@@ -100,19 +114,35 @@ def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig
     if m == 0 or n == 0:
         return y, t
     (ro, rd, p), rstrides = _routing_args(r_old, r_delta, proj)
-    uu = u if u is not None else y
-    tt = t if t is not None else y
-    grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n),)
+    splits, per_split = k_splits(k, cfg) if fused else (1, 1)
+    if splits > 1:    # the first launch writes fp32 partials; the finish kernel writes y and t
+        y_out = torch.empty(splits * m, n, device=x.device, dtype=torch.float32)
+        t_out = torch.empty(splits * m, rank, device=x.device, dtype=torch.float32)
+    else:
+        y_out, t_out = y, t
+    uu = u if u is not None else y_out
+    tt = t_out if t_out is not None else y_out
+    grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n), splits)
     kernels._clora_gemm_kernel[grid](
-        x, w, a, b, ro, rd, p, bias if bias is not None else y, uu, y, tt,
+        x, w, a, b, ro, rd, p, bias if bias is not None else y, uu, y_out, tt,
         m, n, k, rank, float(scale),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        *rstrides, uu.stride(0), uu.stride(1), y.stride(0), y.stride(1), tt.stride(0), tt.stride(1),
+        *rstrides, uu.stride(0), uu.stride(1), y_out.stride(0), y_out.stride(1), tt.stride(0), tt.stride(1),
+        per_split,
         HAS_BIAS=bias is not None, HAS_P=proj is not None, TRANS_R=trans_r, FUSED=fused,
-        EVEN_K=(k % cfg.block_k == 0), PRECISION=precision(x.dtype),
+        EVEN_K=(k % cfg.block_k == 0), PRECISION=precision(x.dtype), SPLIT_K=splits > 1,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r(rank), GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, FINISH_BLOCK_N),)
+        kernels._clora_splitk_finish_kernel[grid](
+            y_out, t_out, b, ro, rd, p, bias if bias is not None else y, y, t,
+            m, n, rank, float(scale), splits, b.stride(0), b.stride(1), *rstrides,
+            y.stride(0), y.stride(1), t.stride(0), t.stride(1),
+            HAS_BIAS=bias is not None, HAS_P=proj is not None, TRANS_R=trans_r, PRECISION=precision(x.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_N=FINISH_BLOCK_N, BLOCK_R=block_r(rank), num_warps=4)
     return y, t
+
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -45,6 +46,16 @@ def shrink_config(m: int, k: int, device) -> ShrinkConfig:
     return ShrinkConfig(bm, bk, split)
 
 
+def split_k(m: int, n: int, k: int, cfg: GemmConfig, device) -> int:
+    """K splits for the fused form at small M: enough programs for ~2 per SM where the output
+    tiles alone leave SMs idle (at most 16 splits, at least one K block each); 1 = no split."""
+    tiles = triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n)
+    sms = _sm_count(device)
+    if tiles >= sms:
+        return 1
+    return max(1, min(16, triton_cdiv(2 * sms, tiles), triton_cdiv(k, cfg.block_k)))
+
+
 def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False, kind: str = "fwd") -> list:
     """Fused (and fused_tma where the operands allow TMA) and split plans over the tile list;
     with auto, the LIBRARY plans too. `merge` only for the forward with M >= N: its transient
@@ -55,6 +66,8 @@ def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool 
         gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
     sh = shrink_config(m, k, device)
     plans = [Plan("fused", g) for g in gemms] + [Plan("split", g, sh) for g in gemms]
+    if m <= 64:   # split-K versions of the narrowest small-M tiles
+        plans += [Plan("fused", replace(g, split_k=s)) for g in gemms[:3] if (s := split_k(m, n, k, g, device)) > 1]
     if tma:
         plans += [Plan("fused_tma", g) for g in gemms]
     if auto:
