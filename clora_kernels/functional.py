@@ -93,7 +93,10 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)
     check_inputs(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling, backend)
     lead = x.shape[:-1]
+    # t = x·lora_Aᵀ is read only by the gradients of lora_B and routing_delta: without them (inference,
+    # or a frozen adapter) a backend may skip it
+    need_t = torch.is_grad_enabled() and (lora_B.requires_grad or routing_delta.requires_grad)
     y, _ = torch.ops.clora.linear_fwd(
         x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
-        float(scaling), bool(grad_through_old_route), backend)
+        float(scaling), bool(grad_through_old_route), need_t, backend)
     return y.reshape(*lead, weight.shape[0])

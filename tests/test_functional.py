@@ -38,6 +38,36 @@ def test_stop_gradient_differs_from_plain_gradient(seed):
     assert rel_err(d0["x"].grad, d1["x"].grad) < 1e-12
 
 
+@pytest.mark.parametrize("trainable", [("x",), ("x", "lora_A"), ("lora_A", "bias"), ("routing_delta",)])
+def test_partial_gradients(seed, trainable):
+    """Only some inputs need a gradient (a frozen adapter, or A trained alone): t is skipped when
+    neither lora_B nor routing_delta needs it, and the gradients asked for still match the oracle."""
+    base = make_inputs(6, 24, 40, 4, hard=True)
+    y_ref, d = oracle(base)
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    inp = cast_inputs(base, torch.float64, requires_grad=False)
+    for name in trainable:
+        inp[name].requires_grad_(True)
+    y = call(clora_linear, inp)
+    assert rel_err(y, y_ref) < TOL[torch.float64]
+    y.backward(g)
+    for name in ("x", "bias", "lora_A", "lora_B", "routing_delta"):
+        if name in trainable:
+            assert rel_err(inp[name].grad, d[name].grad) < TOL[torch.float64], name
+        else:
+            assert inp[name].grad is None, name
+
+
+def test_op_without_t_refuses_gradients_that_read_it(seed):
+    inp = cast_inputs(make_inputs(3, 24, 40, 4), torch.float32)
+    y, t = torch.ops.clora.linear_fwd(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"],
+                                      inp["routing_old"], inp["routing_delta"], None, 0.5, False, False, "torch")
+    assert t.shape == (3, 0)
+    with pytest.raises(RuntimeError, match="need_t=False, but lora_b or routing_delta needs a gradient"):
+        y.sum().backward()
+
+
 def test_empty_batch(seed):
     inp = cast_inputs(make_inputs(1, 24, 40, 4), torch.float32)
     inp["x"] = torch.randn(0, 3, 24, requires_grad=True)
@@ -161,11 +191,11 @@ def test_auto_falls_back_with_one_warning(monkeypatch, seed):
 
 
 # ---- registered ops ------------------------------------------------------------------------
-@pytest.mark.parametrize("proj", [False, True])
-def test_opcheck_linear_fwd(seed, proj):
-    inp = cast_inputs(make_inputs(5, 24, 40, 4, hard=proj), torch.float32)
+@pytest.mark.parametrize("proj,need_t", [(False, True), (True, True), (False, False)])
+def test_opcheck_linear_fwd(seed, proj, need_t):
+    inp = cast_inputs(make_inputs(5, 24, 40, 4, hard=proj), torch.float32, requires_grad=need_t)
     args = (inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["routing_old"],
-            inp["routing_delta"], inp["projection"], 0.5, False, "torch")
+            inp["routing_delta"], inp["projection"], 0.5, False, need_t, "torch")
     # test_aot_dispatch_dynamic differentiates the backward itself (double backward), which
     # these ops do not support; single backward under AOT is covered by the compile tests.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")

@@ -15,7 +15,8 @@ from clora_kernels.backends import BackendUnavailableError
 triton = pytest.importorskip("triton")
 from clora_kernels.backends.triton import launch, tune  # noqa: E402
 from clora_kernels.backends.triton.launch import GemmConfig, Plan, ShrinkConfig  # noqa: E402
-from helpers import TOL, call, cast_inputs, check_backend, check_cuda_graph_capture, make_inputs, rel_err  # noqa: E402
+from helpers import (TOL, call, cast_inputs, check_backend, check_cuda_graph_capture, make_inputs, oracle,  # noqa: E402
+                     rel_err)
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -86,6 +87,18 @@ def test_poisoned_outputs_fully_written(seed, strategy, kind):
     assert rel_err(y, y_ref) < TOL[dtype] and rel_err(t, t_ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("trained", [False, True])
+def test_merge_skips_t_when_no_gradient_reads_it(seed, force_plan, monkeypatch, trained):
+    force_plan(PLANS["merge"])
+    side = []
+    real = launch.run
+    monkeypatch.setattr(launch, "run", lambda *a, **k: side.append(real(*a, **k)) or side[-1])
+    inp = cast_inputs(make_inputs(9, 24, 40, 4), torch.float32, DEV, requires_grad=trained)
+    y = call(ck.clora_linear, inp, backend="triton")
+    assert rel_err(y, oracle(inp)[0]) < TOL[torch.float32]
+    assert (side[0][1] is None) == (not trained)
+
+
 def test_empty_batch(force_plan):
     force_plan(PLANS["fused"])
     inp = cast_inputs(make_inputs(1, 24, 40, 4), torch.float32, DEV)
@@ -105,10 +118,12 @@ def test_chosen_strategies_reads_the_plan_cache(monkeypatch):
     tune._plans[tune._key("fwd", True, x, w, torch.randn(k, r), None, None)] = PLANS["merge"]
     tune._plans[tune._key("dx", True, g, w.t(), torch.randn(n, r), None, None)] = PLANS["fused"]
     tune._plans[tune._key("fwd", False, x, w, torch.randn(k, r), None, None)] = PLANS["split"]
-    assert tune.chosen_strategies(m, n, k, r, torch.float32, auto=True) == {"fwd": "merge", "dx": "fused"}
-    assert tune.chosen_strategies(m, n, k, r, torch.float32, auto=False) == {"fwd": "split"}
-    assert tune.chosen_strategies(m, k, n, r, torch.float32, auto=True) == {}     # the transposed layer
-    assert tune.chosen_strategies(m, n, k, r, torch.float16, auto=True) == {}
+    tune._plans[tune._key("fwd", True, x, w, torch.randn(k, r), None, None, need_t=False)] = PLANS["eager"]
+    assert tune.chosen_strategies(m, n, k, r, torch.float32, True, training=True) == {"fwd": "merge", "dx": "fused"}
+    assert tune.chosen_strategies(m, n, k, r, torch.float32, True, training=False) == {"fwd": "eager", "dx": "fused"}
+    assert tune.chosen_strategies(m, n, k, r, torch.float32, False, training=True) == {"fwd": "split"}
+    assert tune.chosen_strategies(m, k, n, r, torch.float32, True, training=True) == {}     # the transposed layer
+    assert tune.chosen_strategies(m, n, k, r, torch.float16, True, training=True) == {}
 
 
 def test_merge_candidate_only_where_it_keeps_peak_memory(monkeypatch):
@@ -233,7 +248,7 @@ def test_gpu_large_shape_tuned(seed, r):
         e = rel_err(outs["triton"][i], outs["torch"][i])
         assert e < 2 * TOL[dt], (name, e)
     for auto in (False, True):    # one tuning pass settles the plans of both
-        assert set(tune.chosen_strategies(m, n, k, r, dt, auto)) == {"fwd", "dx"}
+        assert set(tune.chosen_strategies(m, n, k, r, dt, auto, training=True)) == {"fwd", "dx"}
 
 
 @pytest.mark.gpu

@@ -4,7 +4,8 @@ A backend object provides
     name                                  "torch", "triton", "cuda"
     availability() -> (bool, str)         can it run at all on this machine, and why (not)
     not_supported_reasons(x, weight, rank, auto) -> list[str]   why it cannot run this call
-    forward(x, w, b, lora_a, lora_b, r_old, r_delta, proj, scaling, auto) -> (y, t)
+    forward(x, w, b, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t, auto) -> (y, t)
+                                          (t may be None when not need_t)
     dx(g, w, lora_a, lora_b, r_old, r_delta, proj, scaling, auto) -> (dx, v)
 where x / g are 2-D and ``auto`` says the backend was picked by "auto" (it may then consider
 library fallbacks such as cuBLAS). Resolution: an explicit name must be usable or raises one

@@ -160,7 +160,7 @@ class CudaBackend(KernelBackend):
     def device_reasons(self, x, weight, auto):
         return [] if x.device.type == "cuda" else [f"tensors are on {x.device}, the cuda backend needs a CUDA device"]
 
-    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
         return torch.ops.clora.cuda_linear_fwd(x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling,
                                                fused_max_mr())
 

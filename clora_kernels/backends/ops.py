@@ -1,7 +1,9 @@
 """The registered ops and their one autograd formula (DESIGN.md sections 2 and 3).
 
-    clora::linear_fwd(x, w, b, lora_a, lora_b, r_old, r_delta, proj, s, grad_through_old_route, backend)
-        -> (y, t)        y = x wᵀ + b + s·t·R_eff·lora_bᵀ,  t = x lora_aᵀ  (kept for backward)
+    clora::linear_fwd(x, w, b, lora_a, lora_b, r_old, r_delta, proj, s, grad_through_old_route, need_t, backend)
+        -> (y, t)        y = x wᵀ + b + s·t·R_eff·lora_bᵀ,  t = x lora_aᵀ  (kept for backward;
+                         (M, 0) when need_t is False: no gradient will read it, and a backend may
+                         then skip computing it)
     clora::linear_dx(g, w, lora_a, lora_b, r_old, r_delta, proj, s, backend)
         -> (dx, v)       v = g lora_b,  dx = g w + s·v·R_effᵀ·lora_a
 
@@ -23,15 +25,16 @@ from . import call
 @torch.library.custom_op("clora::linear_fwd", mutates_args=())
 def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                routing_old: Tensor, routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
-               grad_through_old_route: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return call(backend, "forward", x, weight, lora_a.shape[0],
-                x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling)
+               grad_through_old_route: bool, need_t: bool, backend: str) -> tuple[Tensor, Tensor]:
+    y, t = call(backend, "forward", x, weight, lora_a.shape[0],
+                x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t)
+    return y, (t if need_t else x.new_empty(x.shape[0], 0))
 
 
 @linear_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-      grad_through_old_route, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+      grad_through_old_route, need_t, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0] if need_t else 0)
 
 
 @torch.library.custom_op("clora::linear_dx", mutates_args=())
@@ -48,7 +51,7 @@ def _(g, weight, lora_a, lora_b, routing_old, routing_delta, projection, scaling
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old, backend = inputs
+    x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old, _, backend = inputs
     _, t = output
     ctx.mark_non_differentiable(t)
     ctx.save_for_backward(x, t, weight, lora_a, lora_b, routing_old, routing_delta, projection)
@@ -60,6 +63,9 @@ def _backward(ctx, grad_y, grad_t):
     s = ctx.scaling
     g = grad_y
     need_x, _, need_b, need_a, need_lb, _, need_rd, _ = ctx.needs_input_grad[:8]
+    if (need_lb or need_rd) and t.shape[1] != lora_a.shape[0]:
+        raise RuntimeError("clora::linear_fwd ran with need_t=False, but lora_b or routing_delta needs a gradient, "
+                           "which reads t = x·lora_aᵀ: call it with need_t=True (clora_linear decides this itself)")
     dx = d_a = d_lb = d_rd = d_bias = None
     if need_x:
         dx, v = linear_dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.backend)
@@ -78,7 +84,7 @@ def _backward(ctx, grad_y, grad_t):
             d_rd = proj @ d_rd
     if need_b:
         d_bias = g.sum(0)
-    return dx, None, d_bias, d_a, d_lb, None, d_rd, None, None, None, None
+    return dx, None, d_bias, d_a, d_lb, None, d_rd, None, None, None, None, None
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -48,7 +48,7 @@ class TorchBackend:
     def not_supported_reasons(self, x, weight, rank, auto=False):
         return []
 
-    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
         return lora_gemm(x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling)
 
     def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):

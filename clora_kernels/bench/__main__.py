@@ -60,12 +60,12 @@ def _select_variants(requested, device) -> tuple:
     return chosen, skipped
 
 
-def _chosen_strategies(name, shape, dtype, device) -> dict:
+def _chosen_strategies(name, shape, dtype, device, training) -> dict:
     """The Triton tuner's strategy per kind (fwd, dx) for this shape, for the triton and auto rows."""
     if name not in ("triton", "auto") or device.type != "cuda" or not available_backends()["triton"][0]:
         return {}
     from ..backends.triton.tune import chosen_strategies
-    return chosen_strategies(shape.m, shape.n, shape.k, shape.r, dtype, auto=name == "auto")
+    return chosen_strategies(shape.m, shape.n, shape.k, shape.r, dtype, auto=name == "auto", training=training)
 
 
 def run(args) -> dict:
@@ -122,7 +122,7 @@ def run(args) -> dict:
                     else:
                         us = time_us(step, device, reset, args.rep_ms)
                     mem = peak_mem(step, device, reset) if training else None
-                plans = _chosen_strategies(name, shape, dtype, device)
+                plans = _chosen_strategies(name, shape, dtype, device, training)
             except Exception as exc:   # one variant failing must not hide the others
                 print(f"clora-bench: {name} failed at {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue

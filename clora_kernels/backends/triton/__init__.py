@@ -36,11 +36,11 @@ class TritonBackend(KernelBackend):
             reasons.append("an operand holds 2**31 elements or more (the kernels use int32 offsets)")
         return reasons
 
-    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
         from .launch import run
         from .tune import plan_for
         args = (x, weight, lora_a.t(), lora_b.t(), r_old, r_delta, proj, bias, scaling, False)
-        return run(plan_for("fwd", auto, *args), *args)
+        return run(plan_for("fwd", auto, *args, need_t=need_t), *args, need_t=need_t)
 
     def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
         from .launch import run

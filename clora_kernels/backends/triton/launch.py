@@ -218,8 +218,9 @@ def shrink(x, a, r_old, r_delta, proj, trans_r, cfg: ShrinkConfig, *, t=None):
     return t, u
 
 
-def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y=None, t=None):
-    """Run one strategy; returns (y, side output t), written into y / t when given."""
+def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y=None, t=None, need_t=True):
+    """Run one strategy; returns (y, side output t), written into y / t when given. With need_t
+    False the `merge` plan skips t (returns None): it is the one plan where t is extra work."""
     if plan.strategy == "fused":
         return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
     if plan.strategy == "fused_tma":
@@ -234,7 +235,8 @@ def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y
             out, t_out = lora_gemm(x, w, a, b, r, bias, scale)
         else:
             w_eff = torch.addmm(w, b.t(), (a @ r).t(), alpha=scale)    # w + s·(a·R·b)ᵀ
-            out, t_out = torch.nn.functional.linear(x, w_eff, bias), x @ a
+            out = torch.nn.functional.linear(x, w_eff, bias)
+            t_out = x @ a if need_t or t is not None else None
         if t is not None:
             t.copy_(t_out)
             t_out = t

@@ -115,22 +115,24 @@ def _save() -> None:
 
 def _disk_key(key: tuple, device) -> str:
     import triton
-    kind, dtype, bucket, n, k, rank, has_bias, has_p, auto, tma, _ = key
+    kind, dtype, bucket, n, k, rank, has_bias, has_p, auto, tma, _, need_t = key
     return (f"{torch.cuda.get_device_name(device)}|triton{triton.__version__}|{kind}|{str(dtype)[6:]}|M{bucket}|"
-            f"N{n}|K{k}|r{rank}|b{int(has_bias)}|p{int(has_p)}|auto{int(auto)}|tma{int(tma)}")
+            f"N{n}|K{k}|r{rank}|b{int(has_bias)}|p{int(has_p)}|auto{int(auto)}|tma{int(tma)}|t{int(need_t)}")
 
 
-def _key(kind: str, auto: bool, x, w, a, bias, proj) -> tuple:
-    """The plan cache's key: (kind, dtype, M bucket, N, K, r, bias, P, auto, TMA, device index)."""
+def _key(kind: str, auto: bool, x, w, a, bias, proj, need_t: bool = True) -> tuple:
+    """The plan cache's key: (kind, dtype, M bucket, N, K, r, bias, P, auto, TMA, device index, t)."""
     m, k = x.shape
     return (kind, x.dtype, _bucket(m), w.shape[0], k, a.shape[1], bias is not None, proj is not None, auto,
-            tma_eligible(x, w), x.device.index)
+            tma_eligible(x, w), x.device.index, need_t)
 
 
-def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r) -> Plan:
+def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, need_t=True) -> Plan:
+    """The plan for this call: cached per key, else every candidate timed once. need_t=False (no
+    gradient will read t) is its own key: the `merge` plan then skips t, so it may win elsewhere."""
     if interpreting():
         return INTERPRETER
-    key = _key(kind, auto, x, w, a, bias, proj)
+    key = _key(kind, auto, x, w, a, bias, proj, need_t)
     plan = _plans.get(key)          # hot path: one dict lookup
     if plan is not None:
         return plan
@@ -148,7 +150,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     timed, errors = [], []
     for cand in cands:     # one pass serves both plans: triton (Triton kernels only) and auto (all)
         try:
-            fn = lambda: run(cand, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r)  # noqa: E731
+            fn = lambda: run(cand, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, need_t=need_t)  # noqa: E731
             fn()
             timed.append((triton.testing.do_bench(fn, warmup=3, rep=12, return_mode="median"), cand))
         except torch.OutOfMemoryError:
@@ -170,13 +172,14 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     return best[auto]
 
 
-def chosen_strategies(m: int, n: int, k: int, rank: int, dtype, auto: bool) -> dict:
+def chosen_strategies(m: int, n: int, k: int, rank: int, dtype, auto: bool, training: bool) -> dict:
     """{"fwd": strategy, "dx": strategy} of the plans this process has settled on for a layer
-    (x (m, k), weight (n, k)); what the benchmark reports beside its timings."""
+    (x (m, k), weight (n, k)) in training or in inference (where no gradient reads t); what the
+    benchmark reports beside its timings."""
     want = {"fwd": (n, k), "dx": (k, n)}      # dx runs on g (m, n) against weightᵀ (k, n)
     return {key[0]: plan.strategy for key, plan in list(_plans.items())
             if key[1] == dtype and key[2] == _bucket(m) and (key[3], key[4]) == want[key[0]]
-            and key[5] == rank and key[8] == auto}
+            and key[5] == rank and key[8] == auto and key[11] == (training or key[0] == "dx")}
 
 
 def clear_cache() -> None:
