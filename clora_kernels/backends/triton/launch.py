@@ -8,10 +8,10 @@ views, one `shrink`, and the strategies the tuner chooses from:
   cublas  F.linear (cuBLAS) + shrink + addmm_(beta=1)       (only under backend="auto")
   eager   the torch backend's own ops (cuBLAS, 4 launches)   (only under backend="auto": auto is then
           never slower than the eager reference by the tuner's measurement)
-  merge   W_eff = W + s·(A·R·B)ᵀ by one cuBLAS addmm, then F.linear(x, W_eff) and t = x·A  (only under
-          backend="auto"): the base GEMM runs at cuBLAS speed for the price of one pass over W, which
-          pays where M is large next to the rank (the merged weight is rounded to x's dtype, as a
-          merged checkpoint is)
+  merge   W_eff = W + s·(A·R·B)ᵀ by one cuBLAS addmm, then F.linear(x, W_eff), and t = x·A where a
+          gradient reads it (only under backend="auto"): the base GEMM runs at cuBLAS speed for the
+          price of one pass over W, which pays where M is large (the merged weight is rounded to x's
+          dtype, as a merged checkpoint is)
 
 Operand views (all strides honoured, nothing is copied):
   forward  x (M,K),  W = weight (N,K),    A = lora_Aᵀ (K,r), B = lora_Bᵀ (r,N), R = R_eff
@@ -142,7 +142,6 @@ def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig
             HAS_BIAS=bias is not None, HAS_P=proj is not None, TRANS_R=trans_r, PRECISION=precision(x.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=FINISH_BLOCK_N, BLOCK_R=block_r(rank), num_warps=4)
     return y, t
-
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,8 +4,9 @@ Small explicit candidate lists (compile time counts). The first call of a shape 
 every candidate with triton.testing.do_bench (median) and keeps the fastest; results are cached
 in memory and in a JSON file per GPU (CLORA_CACHE_DIR, default ~/.cache/clora_kernels). Under
 backend="auto" the library strategies are candidates too (cuBLAS + shrink, the eager reference's
-own ops, and the per-call merged weight), so auto is never slower than any of them. No timing happens under the interpreter or during CUDA-graph capture: a cached plan
-or the heuristic default is used (warm up once before capturing).
+own ops, and the per-call merged weight), so auto is never slower than any of them. No timing
+happens under the interpreter or during CUDA-graph capture: a cached plan or the heuristic
+default is used (warm up once before capturing).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ INTERPRETER = Plan("fused", GemmConfig(32, 32, 32, 4, 1), ShrinkConfig(32, 32, 1
 LIBRARY = ("cublas", "eager", "merge")   # strategies made of torch/cuBLAS ops: candidates under auto only
 
 _lock = threading.Lock()
-_plans: dict = {}    # (kind, dtype, M bucket, N, K, r, bias, P, auto, tma, device index) -> Plan
+_plans: dict = {}    # _key(...) -> Plan
 _disk: dict = {}     # "gpu|triton version|..." -> Plan, mirrored in the JSON file
 _loaded = False
 
