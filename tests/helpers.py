@@ -7,6 +7,9 @@ from clora_kernels.backends.torch_ref import reference_formula
 
 # ‖out − ref‖ / ‖ref‖ bounds per dtype (DESIGN.md section 6)
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# unit roundoff of the accumulation: every kernel and the torch reference accumulate half types in fp32
+ACC_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -24,
+                torch.bfloat16: 2.0 ** -24}
 GRAD_NAMES = ("x", "bias", "lora_A", "lora_B", "routing_delta")
 
 
@@ -75,10 +78,18 @@ def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False
     """Forward and every gradient of `clora_linear(backend=...)` against the float64 oracle.
 
     Bound per output: ‖out − ref‖/‖ref‖ ≤ max(TOL[dtype], 2 × the error of the plain formula
-    evaluated by autograd in the same dtype on the same inputs). The second term only matters on
-    ill-conditioned draws (e.g. M = r = 1, where a gradient is one cancelling dot product times a
-    vector and no evaluation in that dtype meets TOL). A non-reference backend must also stay
-    within 2× (+ a rounding floor) the same-dtype torch backend's error. Returns the errors."""
+    evaluated by autograd in the same dtype on the same inputs, u·κ). The last two terms only
+    matter on ill-conditioned draws (e.g. M = r = 1, where a gradient is one cancelling dot product
+    times a vector and no evaluation in that dtype meets TOL). u is the accumulation's unit
+    roundoff (fp32's for half types too) and κ = ‖oracle on |inputs| and |g|‖ / ‖oracle‖ the
+    output's condition: u·κ is the error of rounding each product and sum once. The plain
+    formula's error alone is one sample, which a lucky summation order makes small (seed
+    840054436: t = x·aᵀ = 0.0027 from terms whose magnitudes sum to 2.77, κ = 1034 for lora_B,
+    plain error < 1e-5, every Triton plan 1.8e-5, the same at the commit before). u·κ exceeds TOL
+    only in fp32 and only where κ > 167 (at most ~2e-4 over the tests' shapes and 30 seeds); a
+    tf32 or half-precision slip in an fp32 path errs by ~1e-3 and still fails. A non-reference
+    backend must also stay within 2× the same-dtype torch backend's error + max(a rounding floor,
+    u·κ). Returns the errors."""
     from clora_kernels import clora_linear
     base = make_inputs(m, k, n, r, bias=bias, hard=hard, lead=lead)
     # the oracle sees the inputs the backend sees: rounded to dtype (error measures compute only)
@@ -87,6 +98,11 @@ def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False
     g = torch.randn_like(y_ref).to(dtype).double()
     y_ref.backward(g)
     refs = {"y": y_ref, **grads_of(d)}
+    y_abs, d_abs = oracle({key: (v.abs() if torch.is_tensor(v) else v) for key, v in base.items()}, through_old)
+    y_abs.backward(g.abs())
+    cond = {key: float(v.detach().norm() / refs[key].detach().norm().clamp_min(1e-300))
+            for key, v in {"y": y_abs, **grads_of(d_abs)}.items()}
+    cond_floor = {key: ACC_ROUNDOFF[dtype] * c for key, c in cond.items()}
 
     def run(fn, **kw):
         inp = cast_inputs(base, dtype, device)
@@ -103,7 +119,7 @@ def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False
     outs = run(clora_linear, grad_through_old_route=through_old, backend=backend)
     plain = run(reference_formula, grad_through_old_route=through_old)
     errs = {key: rel_err(outs[key], refs[key]) for key in refs}
-    bound = {key: max(TOL[dtype], 2 * rel_err(plain[key], refs[key])) for key in refs}
+    bound = {key: max(TOL[dtype], 2 * rel_err(plain[key], refs[key]), cond_floor[key]) for key in refs}
     bad = {key: (e, bound[key]) for key, e in errs.items() if not e <= bound[key]}
     assert not bad, f"{backend} {dtype}: (error, bound) over bound: {bad}"
     if backend != ref_backend:
@@ -111,8 +127,9 @@ def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False
         floor = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 0.0)
         for key in refs:
             te = rel_err(touts[key], refs[key])
-            assert errs[key] <= 2 * te + floor, \
-                f"{backend} {dtype} {key}: error {errs[key]:.3g} > 2 x torch reference {te:.3g} + {floor:g}"
+            slack = max(floor, cond_floor[key])
+            assert errs[key] <= 2 * te + slack, \
+                f"{backend} {dtype} {key}: error {errs[key]:.3g} > 2 x torch reference {te:.3g} + {slack:g}"
     return errs
 
 
