@@ -5,6 +5,9 @@
 2. Where the host time goes: wall time per eager call over 2000 calls with one synchronize at the end
    (when the GPU is the faster side this is the host's cost per call), no_grad and with grad, at ViT-B
    qkv batch 1 (M=197, K=768, N=2304, r=16), then cProfile's top functions per backend.
+Without a GPU only part 2 runs, on CPU tensors at a tiny shape (M=1, K=N=16, r=4, fp32) with the torch
+backend, beside the registered op called directly (`op`: torch's custom-op wrappers, which clora_linear
+avoids in eager mode): there the kernels cost little, so the table is the Python host cost.
 Usage: python benchmarks/overhead_probe.py [--top N]
 """
 import argparse
@@ -18,21 +21,30 @@ import triton.testing
 
 import clora_kernels as ck
 
-dt = torch.bfloat16
+GPU = torch.cuda.is_available()
+dev, dt = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
+
+
+def sync():
+    if GPU:
+        torch.cuda.synchronize()
 
 
 def tensors(m, k, n, r=16, grad=False):
-    x = torch.randn(m, k, device="cuda", dtype=dt)
-    w = torch.randn(n, k, device="cuda", dtype=dt) / 64
-    b = torch.randn(n, device="cuda", dtype=dt)
-    la = (torch.randn(r, k, device="cuda", dtype=dt) / 64).requires_grad_(grad)
-    lb = torch.randn(n, r, device="cuda", dtype=dt).requires_grad_(grad)
-    ro = torch.randn(r, r, device="cuda", dtype=dt)
-    rd = torch.randn(r, r, device="cuda", dtype=dt).requires_grad_(grad)
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    w = torch.randn(n, k, device=dev, dtype=dt) / 64
+    b = torch.randn(n, device=dev, dtype=dt)
+    la = (torch.randn(r, k, device=dev, dtype=dt) / 64).requires_grad_(grad)
+    lb = torch.randn(n, r, device=dev, dtype=dt).requires_grad_(grad)
+    ro = torch.randn(r, r, device=dev, dtype=dt)
+    rd = torch.randn(r, r, device=dev, dtype=dt).requires_grad_(grad)
     return x, w, b, la, lb, ro, rd
 
 
 def call(backend, x, w, b, la, lb, ro, rd):
+    if backend == "op":    # the registered op with its register_autograd, torch backend
+        need_t = torch.is_grad_enabled() and (lb.requires_grad or rd.requires_grad)
+        return torch.ops.clora.linear_fwd(x, w, b, la, lb, ro, rd, None, 1.0, False, need_t, "torch")[0]
     return ck.clora_linear(x, w, b, la, lb, ro, rd, None, 1.0, backend=backend)
 
 
@@ -56,22 +68,27 @@ def events_vs_graphs(backends):
 def host_us(fn, calls=2000):
     for _ in range(50):
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - start) / calls
+    sync()
+    best = float("inf")
+    for _ in range(1 if GPU else 5):    # on CPU: best of 5, the machine is shared
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, 1e6 * (time.perf_counter() - start) / calls)
+    return best
 
 
 def host_cost(backends, top):
-    nograd, grad = tensors(197, 768, 2304), tensors(197, 768, 2304, grad=True)
-    gy = torch.randn(197, 2304, device="cuda", dtype=dt)
+    m, k, n, r = (197, 768, 2304, 16) if GPU else (1, 16, 16, 4)
+    nograd, grad = tensors(m, k, n, r), tensors(m, k, n, r, grad=True)
+    gy = torch.randn(m, n, device=dev, dtype=dt)
     fns = {"F.linear": (lambda: torch.nn.functional.linear(nograd[0], nograd[1], nograd[2]), None)}
     for name in backends:
         fns[name] = (lambda name=name: call(name, *nograd),
                      lambda name=name: call(name, *grad).backward(gy))
-    print("\nhost cost per eager call, ViT-B qkv batch 1 (us; wall time of 2000 calls, one sync):")
+    where = "ViT-B qkv batch 1" if GPU else f"CPU, M={m} K={k} N={n} r={r} fp32"
+    print(f"\nhost cost per eager call, {where} (us; wall time of 2000 calls, one sync):")
     print(f"  {'variant':10s} {'fwd no_grad':>12s} {'fwd+bwd':>10s}")
     for name, (fwd, train) in fns.items():
         with torch.no_grad():
@@ -86,7 +103,7 @@ def host_cost(backends, top):
             for _ in range(500):
                 fns[name][0]()
             prof.disable()
-        torch.cuda.synchronize()
+        sync()
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
         body = [ln for ln in buf.getvalue().splitlines() if ln.strip()][-top - 1:]
@@ -99,6 +116,9 @@ if __name__ == "__main__":
     ap.add_argument("--top", type=int, default=10)
     args = ap.parse_args()
     usable = ck.available_backends()
-    backends = [b for b in ("torch", "triton", "cuda") if usable[b][0]] + ["auto"]
-    events_vs_graphs(backends)
+    if GPU:
+        backends = [b for b in ("torch", "triton", "cuda") if usable[b][0]] + ["auto"]
+        events_vs_graphs(backends)
+    else:
+        backends = ["torch", "op"]
     host_cost(backends, args.top)

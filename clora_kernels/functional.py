@@ -2,8 +2,9 @@
 
     y = x Wᵀ + b + s · (x lora_Aᵀ) (R_old + P R_delta) lora_Bᵀ
 
-Every backend is reached through the registered op `torch.ops.clora.linear_fwd`, whose
-autograd formula (DESIGN.md section 2) is shared by all backends (`backends/ops.py`).
+Every backend is reached through `backends.ops.linear`: the registered op `torch.ops.clora.linear_fwd`
+under torch.compile, a thin autograd.Function over the same implementation in eager mode; one
+autograd formula (DESIGN.md section 2) for all backends (`backends/ops.py`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .backends import BACKEND_NAMES
-from .backends import ops as _ops  # noqa: F401  (registers torch.ops.clora.*)
+from .backends import ops as _ops  # registers torch.ops.clora.*
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -96,7 +97,7 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     # t = x·lora_Aᵀ is read only by the gradients of lora_B and routing_delta: without them (inference,
     # or a frozen adapter) a backend may skip it
     need_t = torch.is_grad_enabled() and (lora_B.requires_grad or routing_delta.requires_grad)
-    y, _ = torch.ops.clora.linear_fwd(
+    y, _ = _ops.linear(
         x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
         float(scaling), bool(grad_through_old_route), need_t, backend)
     return y.reshape(*lead, weight.shape[0])

@@ -206,6 +206,48 @@ def test_opcheck_linear_fwd(seed, proj, need_t):
                            inp["routing_delta"], inp["projection"], 0.5, "torch"), test_utils=utils)
 
 
+@pytest.mark.parametrize("through_old,trainable", [(False, None), (True, None), (False, ("lora_A", "bias"))])
+def test_eager_path_equals_registered_op(seed, through_old, trainable):
+    """clora_linear's eager path (an autograd.Function over the op's implementation, for host cost)
+    and the registered op with its register_autograd (what torch.compile traces) give the same
+    output and the same gradient for every input, also where t is skipped."""
+    from clora_kernels.backends import ops
+    base = make_inputs(6, 24, 40, 4, hard=True)
+    g = torch.randn(6, 40, dtype=torch.float64)
+    runs = []
+    for fn in (ops.linear, torch.ops.clora.linear_fwd):
+        inp = cast_inputs(base, torch.float64, requires_grad=trainable is None)
+        for name in trainable or ():
+            inp[name].requires_grad_(True)
+        need_t = inp["lora_B"].requires_grad or inp["routing_delta"].requires_grad
+        y, t = fn(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["routing_old"],
+                  inp["routing_delta"], inp["projection"], 0.7, through_old, need_t, "torch")
+        y.backward(g)
+        runs.append((y, t, inp))
+    (y0, t0, i0), (y1, t1, i1) = runs
+    assert torch.equal(y0, y1) and torch.equal(t0, t1) and t0.shape[1] == (4 if trainable is None else 0)
+    for name in ("x", "bias", "lora_A", "lora_B", "routing_delta"):
+        a, b = i0[name].grad, i1[name].grad
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    assert i0["lora_A"].grad is not None
+
+
+def test_compile_traces_the_registered_op(seed):
+    """Under torch.compile and torch.export clora_linear must reach the opaque registered op, never
+    the eager path (whose backends launch Triton kernels that fake tensors cannot run)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    layer = clora_kernels.CLoRALinear(24, 40, rank=4, backend="torch")
+    torch.compile(layer, fullgraph=True, backend=backend)(torch.randn(3, 24)).sum().backward()
+    for strict in (True, False):      # torch.export, both tracers
+        graphs.append(str(torch.export.export(layer, (torch.randn(3, 24),), strict=strict).graph))
+    assert len(graphs) == 3 and all("clora.linear_fwd" in gr for gr in graphs), graphs
+
+
 def test_compile_fullgraph_single_layer(seed):
     layer = clora_kernels.CLoRALinear(24, 40, rank=4)
     with torch.no_grad():
