@@ -28,10 +28,14 @@ import torch
 from ..torch_ref import lora_gemm, routing_eff
 from . import kernels
 
+# triton.jit reads TRITON_INTERPRET when it decorates a kernel, so the mode is fixed once kernels.py is
+# imported (just above): read it once too, not on every call (three os.environ lookups per call before)
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETING
 
 
 def precision(dtype: torch.dtype) -> str:
