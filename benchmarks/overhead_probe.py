@@ -31,7 +31,7 @@ def sync():
 
 
 def tensors(m, k, n, r=16, grad=False):
-    x = torch.randn(m, k, device=dev, dtype=dt)
+    x = torch.randn(m, k, device=dev, dtype=dt).requires_grad_(grad)    # a layer inside a network: dx too
     w = torch.randn(n, k, device=dev, dtype=dt) / 64
     b = torch.randn(n, device=dev, dtype=dt)
     la = (torch.randn(r, k, device=dev, dtype=dt) / 64).requires_grad_(grad)
