@@ -87,6 +87,20 @@ def test_nan_propagates_like_linear(seed):
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
 
 
+def test_weight_gradient_does_not_read_its_parameter(seed):
+    """dlora_A = s·R_train·vᵀx does not depend on lora_A's values: the one-GEMM scaled product
+    (addmm, beta = 0) must ignore the parameter it borrows its shape from, NaN included."""
+    base = make_inputs(6, 24, 40, 4)
+    y_ref, d = oracle(base)
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    inp = cast_inputs(base, torch.float64)
+    with torch.no_grad():
+        inp["lora_A"][1, 2] = float("nan")
+    call(clora_linear, inp).backward(g)
+    assert rel_err(inp["lora_A"].grad, d["lora_A"].grad) < TOL[torch.float64]
+
+
 def test_autocast_like_linear(seed):
     inp = cast_inputs(make_inputs(6, 32, 48, 8), torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

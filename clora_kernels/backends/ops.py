@@ -71,6 +71,13 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.through_old, ctx.backend = scaling, through_old, backend
 
 
+def _scaled_mm(like, a, b, s):
+    """s·(a @ b) in one GEMM: addmm with beta = 0 ignores `like` (NaN and Inf included; it only has
+    the output's shape) and applies s to the fp32 accumulator, where `(a @ b).mul_(s)` is a second
+    launch and a second rounding in half precision."""
+    return torch.addmm(like, a, b, beta=0, alpha=s)
+
+
 def _backward(ctx, grad_y, grad_t):
     x, t, weight, lora_a, lora_b, r_old, r_delta, proj = ctx.saved_tensors
     s = ctx.scaling
@@ -83,19 +90,17 @@ def _backward(ctx, grad_y, grad_t):
     if need_x:
         eager = getattr(ctx, "eager", False) and not torch.compiler.is_compiling()
         dx, v = (_linear_dx if eager else linear_dx)(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.backend)
-    else:
+    elif need_a or need_rd:
         v = g @ lora_b                                     # v = g Bᵀ          (M, r)
     if need_a or need_lb:
         r_new = r_delta if proj is None else proj @ r_delta  # P R_delta
         r_train = r_old + r_new if ctx.through_old else r_new
         if need_a:
-            d_a = (r_train @ (v.t() @ x)).mul_(s)          # (s xᵀ v R_trainᵀ)ᵀ  (r, K)
+            d_a = _scaled_mm(lora_a, r_train, v.t() @ x, s)      # (s xᵀ v R_trainᵀ)ᵀ  (r, K)
         if need_lb:
-            d_lb = (g.t() @ (t @ r_train)).mul_(s)         # (s (t R_train)ᵀ g)ᵀ (N, r)
-    if need_rd:
-        d_rd = (t.t() @ v).mul_(s)                         # s P tᵀ v          (r, r)
-        if proj is not None:
-            d_rd = proj @ d_rd
+            d_lb = _scaled_mm(lora_b, g.t(), t @ r_train, s)     # (s (t R_train)ᵀ g)ᵀ (N, r)
+    if need_rd:                                                  # s P tᵀ v          (r, r)
+        d_rd = _scaled_mm(r_delta, t.t(), v, s) if proj is None else _scaled_mm(r_delta, proj, t.t() @ v, s)
     if need_b:
         d_bias = g.sum(0)
     return dx, None, d_bias, d_a, d_lb, None, d_rd, None, None, None, None, None
