@@ -26,7 +26,8 @@ TOL = {torch.float32: 1e-4, torch.float16: 1e-2}   # a bug, not roundoff: errors
 def plans(rng):
     small = GemmConfig(16, 32, 32, 4, 1)
     return [Plan("fused", small), Plan("fused", replace(small, split_k=rng.choice([2, 3, 5]))),
-            Plan("fused_tma", small), Plan("split", small, ShrinkConfig(16, 32, 1)),
+            Plan("fused_tma", small), Plan("fused_tma", replace(small, persistent=True)),
+            Plan("split", small, ShrinkConfig(16, 32, 1)),
             Plan("split", small, ShrinkConfig(16, 32, rng.choice([2, 4, 7]))), Plan("fused", GemmConfig(32, 16, 16, 4, 1, 2))]
 
 

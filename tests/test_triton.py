@@ -24,6 +24,7 @@ SMALL = GemmConfig(16, 32, 32, 4, 1) if not GPU else GemmConfig(32, 64, 32, 4, 3
 PLANS = {
     "fused": Plan("fused", SMALL),
     "fused_tma": Plan("fused_tma", SMALL),     # TMA descriptors (pointer loads where not eligible)
+    "fused_tma_persistent": Plan("fused_tma", replace(SMALL, persistent=True)),   # programs walk the tiles
     "fused_splitk": Plan("fused", replace(SMALL, split_k=3)),   # K over 3 programs + finish kernel
     "split": Plan("split", SMALL, ShrinkConfig(16, 32, 1)),
     "split_k": Plan("split", SMALL, ShrinkConfig(16, 32, 4)),   # deterministic split-K shrink
@@ -33,6 +34,7 @@ PLANS = {
 GPU_PLANS = {**PLANS, "cublas": Plan("cublas", None, ShrinkConfig(16, 32, 2)),
              "fused_big": Plan("fused", GemmConfig(128, 128, 64, 8, 3)),
              "fused_tma_big": Plan("fused_tma", GemmConfig(128, 256, 64, 8, 3)),
+             "fused_tma_big_persistent": Plan("fused_tma", GemmConfig(128, 256, 64, 8, 3, persistent=True)),
              "split_big": Plan("split", GemmConfig(128, 256, 64, 8, 3), ShrinkConfig(128, 64, 1, 8, 3)),
              "fused_splitk_small_m": Plan("fused", GemmConfig(16, 32, 256, 4, 4, split_k=8))}
 
@@ -55,7 +57,7 @@ def test_matches_oracle(seed, force_plan, strategy, dtype, m, k, n, r, bias, har
                   through_old=(m % 2 == 0))
 
 
-@pytest.mark.parametrize("strategy", ["fused", "split_k", "fused_tma", "fused_splitk"])
+@pytest.mark.parametrize("strategy", ["fused", "split_k", "fused_tma", "fused_tma_persistent", "fused_splitk"])
 def test_3d_noncontiguous_and_old_route(seed, force_plan, strategy):
     force_plan(PLANS[strategy])
     check_backend("triton", torch.float32, lead=(2, 3, 5), k=24, n=40, r=4, device=DEV)
@@ -124,6 +126,10 @@ def test_chosen_strategies_reads_the_plan_cache(monkeypatch):
     assert tune.chosen_strategies(m, n, k, r, torch.float32, False, training=True) == {"fwd": "split"}
     assert tune.chosen_strategies(m, k, n, r, torch.float32, True, training=True) == {}     # the transposed layer
     assert tune.chosen_strategies(m, n, k, r, torch.float16, True, training=True) == {}
+    tune._plans[tune._key("fwd", False, x, w, torch.randn(k, r), None, None)] = PLANS["fused_tma_persistent"]
+    tune._plans[tune._key("dx", False, g, w.t(), torch.randn(n, r), None, None)] = PLANS["fused_splitk"]
+    assert tune.chosen_strategies(m, n, k, r, torch.float32, False, training=True) == {
+        "fwd": "fused_tma+persistent", "dx": "fused+splitk3"}
 
 
 def test_merge_candidate_only_where_it_keeps_peak_memory(monkeypatch):
@@ -153,6 +159,36 @@ def test_split_k_where_tiles_leave_sms_idle(monkeypatch):
             n_split, per = launch.k_splits(k, cfg)
             blocks = -(-k // cfg.block_k)
             assert 1 <= n_split <= s and (n_split - 1) * per < blocks <= n_split * per
+
+
+def test_persistent_tma_where_tiles_outnumber_sms(monkeypatch):
+    monkeypatch.setattr(tune, "_sm_count", lambda device: 132)
+
+    def persistent(m, n, tma=True):
+        return [p.gemm for p in tune.candidates(m, n, 4096, 16, None, False, tma=tma) if p.gemm and p.gemm.persistent]
+    assert persistent(16384, 4096) and all(p.block_m >= 64 for p in persistent(16384, 4096))
+    assert not persistent(16384, 4096, tma=False)
+    assert not persistent(64, 14336)                  # small M: no persistent candidates
+    assert not persistent(1576, 768)                  # ViT-B proj, batch 8: at most 78 tiles on 132 SMs
+    for g in persistent(2048, 4096):                  # e.g. 16 x 16 tiles of 128 x 256
+        assert (-(-2048 // g.block_m)) * (-(-4096 // g.block_n)) > 132
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_rows_is_an_aligned_view_or_a_padded_copy(dtype):
+    """Aᵀ for the TMA descriptor: unit inner stride, 16-byte aligned rows and base, same values."""
+    base = torch.randn(64, 40, dtype=dtype)
+    for a in (base[:37, :5].t().t(),          # row-major (K, r): copied
+              base[:, :8].t().contiguous().t()[:37],   # column-major, aligned rows: a view
+              base.t()[:5, :37].t(),           # column-major, rows 64 apart: a view
+              base[:5, 1:38].t(),              # column-major, base off by one element: copied
+              torch.randn(5, 37, dtype=dtype).t()):    # rows of 37 elements: padded copy
+        at = launch.tma_rows(a)
+        elt = at.element_size()
+        assert torch.equal(at, a.t())
+        assert at.stride(1) == 1 and (at.stride(0) * elt) % 16 == 0 and at.data_ptr() % 16 == 0
+        assert (at.data_ptr() == a.data_ptr()) == (a.stride(0) == 1 and (a.stride(1) * elt) % 16 == 0
+                                                    and a.data_ptr() % 16 == 0)
 
 
 def test_unsupported_call_says_why():
@@ -249,6 +285,17 @@ def test_gpu_large_shape_tuned(seed, r):
         assert e < 2 * TOL[dt], (name, e)
     for auto in (False, True):    # one tuning pass settles the plans of both
         assert set(tune.chosen_strategies(m, n, k, r, dt, auto, training=True)) == {"fwd", "dx"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("plan", ["fused_tma_persistent", "fused_tma_big_persistent"])
+def test_gpu_persistent_walks_several_tiles(seed, force_plan, dtype, plan):
+    """More output tiles than SMs (e.g. 32 x 16 = 512 tiles of 32 x 64 on 132 SMs), sizes that are
+    not tile multiples and TMA-eligible in both directions, forward and every gradient."""
+    force_plan(GPU_PLANS[plan])
+    m, n = (1000, 1000) if plan == "fused_tma_persistent" else (4100, 2056)
+    check_backend("triton", dtype, m=m, k=264, n=n, r=12, bias=True, hard=True, device="cuda", through_old=True)
 
 
 @pytest.mark.gpu

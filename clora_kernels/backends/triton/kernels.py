@@ -16,8 +16,9 @@ _clora_gemm_kernel   Y = X·Wᵀ + bias + s·U·B, with U either
                      them and runs the epilogue. At small M the N tiles alone are fewer than the
                      SMs (e.g. N = 1024 in 32-wide tiles: 32 programs on 132 SMs), so W streams
                      from a fraction of the machine.
-_clora_gemm_tma_kernel  the FUSED form with X and W tiles loaded by TMA descriptors (Hopper);
+_clora_gemm_tma_kernel  the FUSED form with X, W and A tiles loaded by TMA descriptors (Hopper);
                      needs 16-byte aligned row strides, so the launcher offers it only then.
+                     One program per output tile, or (PERSISTENT) one per SM walking the tiles.
 _clora_shrink_kernel t = X·A and u = t·R in one pass over X (memory-bound). With SPLIT_K > 1 each
                      program reduces one K chunk into an fp32 partial (no atomics: deterministic);
                      the launcher sums the partials.
@@ -49,10 +50,9 @@ def _routing(rold_ptr, rd_ptr, p_ptr, R, stride_oi, stride_oj, stride_di, stride
 
 
 @triton.jit
-def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program in grouped launch order: GROUP_M row tiles walk the N
-    tiles together, so neighbouring programs share W tiles in L2."""
-    pid = tl.program_id(0)
+def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile `pid` in grouped order: GROUP_M row tiles walk the N tiles
+    together, so neighbouring programs share W tiles in L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_pid_n
@@ -72,7 +72,7 @@ def _clora_gemm_kernel(
         EVEN_K: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,25 +167,47 @@ def _clora_splitk_finish_kernel(
 
 @triton.jit
 def _clora_gemm_tma_kernel(
-        x_desc, w_desc, a_ptr, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, t_ptr,
-        M, N, K, R, scale,
-        stride_ak, stride_ar, stride_br, stride_bn,
-        stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
+        x_desc, w_desc, a_desc, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, t_ptr,
+        M, N, K, R, scale, NUM_PROGS,
+        stride_br, stride_bn, stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,
         stride_ym, stride_yn, stride_tm, stride_tr,
         HAS_BIAS: tl.constexpr, HAS_P: tl.constexpr, TRANS_R: tl.constexpr, W_NK: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, PERSISTENT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr):
-    """The fused kernel with X and W tiles brought in by TMA (Hopper's bulk tensor copy; out-of-
-    bounds boxes are zero-filled, so the mainloop needs no masks). W_NK: the W descriptor holds
-    (N, K) row-major tiles (forward); else (K, N) row-major tiles (dx through weight)."""
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """The fused kernel with every mainloop operand brought in by TMA (Hopper's bulk tensor copy;
+    out-of-bounds boxes are zero-filled, so the mainloop needs no masks): X, W and A, whose
+    descriptor holds Aᵀ (r, K) so that a (BLOCK_R, BLOCK_K) box past row r reads zeros. W_NK: the
+    W descriptor holds (N, K) row-major tiles (forward); else (K, N) row-major tiles (dx through
+    weight). PERSISTENT: NUM_PROGS programs walk the output tiles (grid = min(tiles, SMs)), the
+    tile loop flattened with the K loop so the next tile's loads overlap this tile's epilogue;
+    else one program per tile."""
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS, flatten=True):
+            _tma_tile(tile, x_desc, w_desc, a_desc, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, t_ptr,
+                      M, N, K, R, scale, stride_br, stride_bn, stride_oi, stride_oj, stride_di, stride_dj,
+                      stride_pi, stride_pj, stride_ym, stride_yn, stride_tm, stride_tr,
+                      HAS_BIAS, HAS_P, TRANS_R, W_NK, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
+    else:
+        _tma_tile(tl.program_id(0), x_desc, w_desc, a_desc, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, t_ptr,
+                  M, N, K, R, scale, stride_br, stride_bn, stride_oi, stride_oj, stride_di, stride_dj,
+                  stride_pi, stride_pj, stride_ym, stride_yn, stride_tm, stride_tr,
+                  HAS_BIAS, HAS_P, TRANS_R, W_NK, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
+
+
+@triton.jit
+def _tma_tile(tile, x_desc, w_desc, a_desc, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, t_ptr,
+              M, N, K, R, scale, stride_br, stride_bn, stride_oi, stride_oj, stride_di, stride_dj,
+              stride_pi, stride_pj, stride_ym, stride_yn, stride_tm, stride_tr,
+              HAS_BIAS: tl.constexpr, HAS_P: tl.constexpr, TRANS_R: tl.constexpr, W_NK: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """One output tile of _clora_gemm_tma_kernel: the K loop, then the shared epilogue."""
+    pid_m, pid_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
@@ -196,9 +218,7 @@ def _clora_gemm_tma_kernel(
         else:
             w = w_desc.load([off_k, pid_n * BLOCK_N])
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        a = tl.load(a_ptrs, mask=(offs_k[:, None] < K - off_k) & mask_r[None, :], other=0.0)
-        t_acc = tl.dot(x, a, t_acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
+        t_acc = tl.dot(x, a_desc.load([0, off_k]).T, t_acc, input_precision=PRECISION)
     _lora_epilogue(acc, t_acc, y_ptr.dtype.element_ty, b_ptr, rold_ptr, rd_ptr, p_ptr, bias_ptr, y_ptr, y_ptr, t_ptr,
                    offs_m, offs_n, offs_r, offs_m % M, offs_n % N, pid_n, M, N, R, scale, stride_br, stride_bn,
                    stride_oi, stride_oj, stride_di, stride_dj, stride_pi, stride_pj,

@@ -3,7 +3,8 @@ views, one `shrink`, and the strategies the tuner chooses from:
 
   fused   one launch: _clora_gemm_kernel(FUSED)            (t recomputed per N tile: r/BLOCK_N extra MMA);
           with GemmConfig.split_k > 1 (small M) two: fp32 partials over K splits + the finish kernel
-  fused_tma  the same with TMA-loaded X and W tiles         (Hopper+; 16-byte aligned row strides only)
+  fused_tma  the same with TMA-loaded X, W and A tiles      (Hopper+; 16-byte aligned row strides only);
+          GemmConfig.persistent: one program per SM walks the output tiles
   split   shrink (u = x·A·R once) + _clora_gemm_kernel(split: u·B as one extra K slab)
   cublas  F.linear (cuBLAS) + shrink + addmm_(beta=1)       (only under backend="auto")
   eager   the torch backend's own ops (cuBLAS, 4 launches)   (only under backend="auto": auto is then
@@ -58,6 +59,7 @@ class GemmConfig:
     num_stages: int
     group_m: int = 8
     split_k: int = 1           # > 1: the fused form splits K over this many programs (small M)
+    persistent: bool = False   # fused_tma only: one program per SM walks the output tiles
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,16 @@ class Plan:
     strategy: str                  # "fused" | "fused_tma" | "split" | "cublas" | "eager" | "merge"
     gemm: GemmConfig | None = None
     shrink: ShrinkConfig | None = None
+
+    @property
+    def label(self) -> str:
+        """The strategy with the variant the tile config selects, as reports show it:
+        e.g. "fused+splitk4", "fused_tma+persistent"."""
+        if self.gemm is None or self.strategy not in ("fused", "fused_tma"):
+            return self.strategy
+        if self.gemm.split_k > 1:
+            return f"{self.strategy}+splitk{self.gemm.split_k}"
+        return self.strategy + ("+persistent" if self.gemm.persistent and self.strategy == "fused_tma" else "")
 
 
 def _routing_args(r_old, r_delta, proj):
@@ -153,6 +165,14 @@ def _has_tma(device_index) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+INTERPRETER_PROGRAMS = 3   # a persistent grid under the interpreter: few programs, several tiles each
+
+
 def tma_eligible(x, w) -> bool:
     """TMA descriptors need unit inner strides and 16-byte aligned outer strides and bases."""
     if x.device.type != "cuda" and not interpreting():
@@ -165,10 +185,23 @@ def tma_eligible(x, w) -> bool:
             and (wt.stride(0) * elt) % 16 == 0 and x.data_ptr() % 16 == 0 and wt.data_ptr() % 16 == 0)
 
 
+def tma_rows(a):
+    """The (K, r) down-projection operand as Aᵀ (r, K) with unit inner stride and 16-byte aligned
+    rows and base, for a TMA descriptor: a view when it already is, else a copy into a buffer whose
+    rows are padded to 16 bytes (r·K elements, negligible next to the GEMM)."""
+    at = a.t()
+    elt = at.element_size()
+    if at.stride(1) == 1 and (at.stride(0) * elt) % 16 == 0 and at.data_ptr() % 16 == 0:
+        return at
+    r, k = at.shape
+    padded = at.new_empty(r, triton_cdiv(k * elt, 16) * 16 // elt)[:, :k]
+    return padded.copy_(at)
+
+
 def gemm_tma(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig, *, y=None, t=None):
-    """The fused form with TMA tiles (call only when tma_eligible(x, w))."""
+    """The fused form with TMA tiles of X, W and A (call only when tma_eligible(x, w)); with
+    cfg.persistent, min(tiles, SMs) programs walk the output tiles."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    a = column_major(a)
     m, k = x.shape
     n = w.shape[0]
     rank = a.shape[1]
@@ -180,13 +213,18 @@ def gemm_tma(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmCo
     x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
     w_desc = TensorDescriptor.from_tensor(w if w_nk else w.t(),
                                           [cfg.block_n, cfg.block_k] if w_nk else [cfg.block_k, cfg.block_n])
+    a_desc = TensorDescriptor.from_tensor(tma_rows(a), [block_r(rank), cfg.block_k])
     (ro, rd, p), rstrides = _routing_args(r_old, r_delta, proj)
-    grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n),)
-    kernels._clora_gemm_tma_kernel[grid](
-        x_desc, w_desc, a, b, ro, rd, p, bias if bias is not None else y, y, t,
-        m, n, k, rank, float(scale), a.stride(0), a.stride(1), b.stride(0), b.stride(1), *rstrides,
+    tiles = triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n)
+    progs = tiles
+    if cfg.persistent:
+        progs = min(tiles, INTERPRETER_PROGRAMS if x.device.type == "cpu" else sm_count(x.device.index))
+    kernels._clora_gemm_tma_kernel[(progs,)](
+        x_desc, w_desc, a_desc, b, ro, rd, p, bias if bias is not None else y, y, t,
+        m, n, k, rank, float(scale), progs, b.stride(0), b.stride(1), *rstrides,
         y.stride(0), y.stride(1), t.stride(0), t.stride(1),
         HAS_BIAS=bias is not None, HAS_P=proj is not None, TRANS_R=trans_r, W_NK=w_nk, PRECISION=precision(x.dtype),
+        PERSISTENT=cfg.persistent,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r(rank), GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y, t

@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from ..._io import cache_dir
-from .launch import GemmConfig, Plan, ShrinkConfig, interpreting, run, tma_eligible, triton_cdiv
+from .launch import GemmConfig, Plan, ShrinkConfig, interpreting, run, sm_count, tma_eligible, triton_cdiv
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmConfig(256, 128, 64, 8, 3),
@@ -37,7 +37,7 @@ _loaded = False
 
 
 def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device.index)
 
 
 def shrink_config(m: int, k: int, device) -> ShrinkConfig:
@@ -58,7 +58,7 @@ def split_k(m: int, n: int, k: int, cfg: GemmConfig, device) -> int:
 
 
 def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False, kind: str = "fwd") -> list:
-    """Fused (and fused_tma where the operands allow TMA) and split plans over the tile list;
+    """Fused (and fused_tma, also persistent, where the operands allow TMA) and split plans over the tile list;
     with auto, the LIBRARY plans too. `merge` only for the forward with M >= N: its transient
     N×K weight then stays within what a training step's backward holds anyway (y and dx, M×N + M×K),
     so auto's peak memory stays at the eager backend's; in dx it would sit beside both."""
@@ -71,6 +71,10 @@ def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool 
         plans += [Plan("fused", replace(g, split_k=s)) for g in gemms[:3] if (s := split_k(m, n, k, g, device)) > 1]
     if tma:
         plans += [Plan("fused_tma", g) for g in gemms]
+        if m > 64:   # persistent where there are more output tiles than SMs (else it is the same grid)
+            sms = _sm_count(device)
+            plans += [Plan("fused_tma", replace(g, persistent=True)) for g in gemms
+                      if triton_cdiv(m, g.block_m) * triton_cdiv(n, g.block_n) > sms]
     if auto:
         plans += [Plan("cublas", None, sh), Plan("eager")] + ([Plan("merge")] if kind == "fwd" and m >= n else [])
     return plans
@@ -174,11 +178,11 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
 
 
 def chosen_strategies(m: int, n: int, k: int, rank: int, dtype, auto: bool, training: bool) -> dict:
-    """{"fwd": strategy, "dx": strategy} of the plans this process has settled on for a layer
+    """{"fwd": label, "dx": label} (Plan.label) of the plans this process has settled on for a layer
     (x (m, k), weight (n, k)) in training or in inference (where no gradient reads t); what the
     benchmark reports beside its timings."""
     want = {"fwd": (n, k), "dx": (k, n)}      # dx runs on g (m, n) against weightᵀ (k, n)
-    return {key[0]: plan.strategy for key, plan in list(_plans.items())
+    return {key[0]: plan.label for key, plan in list(_plans.items())
             if key[1] == dtype and key[2] == _bucket(m) and (key[3], key[4]) == want[key[0]]
             and key[5] == rank and key[8] == auto and key[11] == (training or key[0] == "dx")}
 
