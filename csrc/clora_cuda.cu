@@ -192,23 +192,53 @@ void shrink_typed(const at::Tensor& x, const at::Tensor& at_, bool fused, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// What this file relies on, checked for callers of the ops themselves (clora_linear has already
+// checked it all in Python): x (M, K), or g (M, N) for dx, weight (N, K), bias (N), lora_a (r, K),
+// lora_b (N, r), routing_old, routing_delta and projection (r, r), r in [1, 128]; every operand in x's
+// dtype (float16, bfloat16 or float32) and on x's device, a CUDA device. (The ops add their name to
+// any error raised here: see named_op.)
+void check_operands(const at::Tensor& x, bool dx, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                    const at::Tensor& r_old, const at::Tensor& r_delta, const c10::optional<at::Tensor>& proj) {
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (N, K), got ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1), R = lora_a.dim() == 2 ? lora_a.size(0) : -1;
+  const int64_t features = dx ? N : K;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == features, dx ? "g" : "x", " must be (M, ", features, "), got ",
+              x.sizes());
+  TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == K, "lora_a must be (r, K = ", K, "), got ", lora_a.sizes());
+  TORCH_CHECK(R >= 1 && R <= 128, "rank must be in [1, 128], got ", R);
+  struct Operand {
+    const char* name;
+    const at::Tensor* t;
+    std::vector<int64_t> want;
+  };
+  const Operand operands[] = {
+      {"weight", &weight, {N, K}}, {"bias", bias ? &*bias : nullptr, {N}}, {"lora_a", &lora_a, {R, K}},
+      {"lora_b", &lora_b, {N, R}}, {"routing_old", &r_old, {R, R}}, {"routing_delta", &r_delta, {R, R}},
+      {"projection", proj ? &*proj : nullptr, {R, R}}};
+  for (const auto& [name, t, want] : operands) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(want), name, " must be ", at::IntArrayRef(want), ", got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "dtype mismatch: ", dx ? "g" : "x", " is ", x.scalar_type(),
+                " but ", name, " is ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), "device mismatch: ", dx ? "g" : "x", " is on ", x.device(), " but ", name,
+                " is on ", t->device());
+  }
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+              "dtype must be float16, bfloat16 or float32, got ", dtype);
+  TORCH_CHECK(x.is_cuda(), "tensors must be on a CUDA device, got ", x.device());
+}
+
 // t = x·at_ᵀ and u = t·R (both in x's dtype), R = R_old + P·R_delta (transposed if trans_r).
-// at_ is (r, K), any strides.
-std::tuple<at::Tensor, at::Tensor> shrink(const char* op, const at::Tensor& x_in, const at::Tensor& at_in,
+// at_ is (r, K), any strides; the operands passed check_operands.
+std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x_in, const at::Tensor& at_in,
                                           const at::Tensor& r_old_in, const at::Tensor& r_delta_in,
                                           const c10::optional<at::Tensor>& proj_in, bool trans_r,
                                           int64_t fused_max_mr) {
-  TORCH_CHECK(x_in.is_cuda(), op, ": tensors must be on a CUDA device, got ", x_in.device());
-  TORCH_CHECK(x_in.dim() == 2 && at_in.dim() == 2 && x_in.size(1) == at_in.size(1), op,
-              ": expected x (M, K) and A (r, K), got ", x_in.sizes(), " and ", at_in.sizes());
   const int64_t M = x_in.size(0), R = at_in.size(0);
-  TORCH_CHECK(R >= 1 && R <= 128, op, ": rank must be in [1, 128], got ", R);
-  TORCH_CHECK(r_old_in.sizes() == r_delta_in.sizes() && r_old_in.dim() == 2 && r_old_in.size(0) == R &&
-              r_old_in.size(1) == R, op, ": routing_old and routing_delta must be (", R, ", ", R, "), got ",
-              r_old_in.sizes(), " and ", r_delta_in.sizes());
-  auto dtype = x_in.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op,
-              ": dtype must be float16, bfloat16 or float32, got ", dtype);
+  const auto dtype = x_in.scalar_type();
   c10::cuda::CUDAGuard guard(x_in.device());
   const bool fused = M * R <= fused_max_mr;
   auto u = at::empty({M, R}, x_in.options());
@@ -229,17 +259,31 @@ std::tuple<at::Tensor, at::Tensor> shrink(const char* op, const at::Tensor& x_in
   return {t, u};
 }
 
+// Runs an op's body: any c10::Error from it (a check, an ATen/cuBLAS call, a CUDA call or kernel
+// launch) is rethrown with its type kept (an out-of-memory error stays one) and the op's name
+// added, e.g. "CUDA error: ... (in clora::cuda_linear_dx)".
+template <typename Body>
+auto named_op(const char* op, Body&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (c10::Error& e) {
+    TORCH_RETHROW(e, "in ", op);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                    const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                    const at::Tensor& lora_b, const at::Tensor& routing_old,
                                                    const at::Tensor& routing_delta,
                                                    const c10::optional<at::Tensor>& projection, double scaling,
                                                    int64_t fused_max_mr) {
-  auto [t, u] = shrink("clora::cuda_linear_fwd", x, lora_a, routing_old, routing_delta, projection, false,
-                       fused_max_mr);
-  auto y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(u, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
-  return {y, t};
+  return named_op("clora::cuda_linear_fwd", [&]() -> std::tuple<at::Tensor, at::Tensor> {
+    check_operands(x, false, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection);
+    auto [t, u] = shrink(x, lora_a, routing_old, routing_delta, projection, false, fused_max_mr);
+    auto y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    y.addmm_(u, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+    return {y, t};
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_dx_cuda(const at::Tensor& g, const at::Tensor& weight,
@@ -248,11 +292,13 @@ std::tuple<at::Tensor, at::Tensor> linear_dx_cuda(const at::Tensor& g, const at:
                                                   const c10::optional<at::Tensor>& projection, double scaling,
                                                   int64_t fused_max_mr) {
   // v = g·lora_b and u = v·R_effᵀ; then dx = g·W + s·u·lora_a
-  auto [v, u] = shrink("clora::cuda_linear_dx", g, lora_b.t(), routing_old, routing_delta, projection, true,
-                       fused_max_mr);
-  auto dx = at::mm(g, weight);
-  dx.addmm_(u, lora_a, /*beta=*/1, /*alpha=*/scaling);
-  return {dx, v};
+  return named_op("clora::cuda_linear_dx", [&]() -> std::tuple<at::Tensor, at::Tensor> {
+    check_operands(g, true, weight, c10::nullopt, lora_a, lora_b, routing_old, routing_delta, projection);
+    auto [v, u] = shrink(g, lora_b.t(), routing_old, routing_delta, projection, true, fused_max_mr);
+    auto dx = at::mm(g, weight);
+    dx.addmm_(u, lora_a, /*beta=*/1, /*alpha=*/scaling);
+    return {dx, v};
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_fwd_meta(const at::Tensor& x, const at::Tensor& weight,
@@ -283,6 +329,14 @@ TORCH_LIBRARY_FRAGMENT(clora, m) {
 }
 
 TORCH_LIBRARY_IMPL(clora, CUDA, m) {
+  m.impl("cuda_linear_fwd", &linear_fwd_cuda);
+  m.impl("cuda_linear_dx", &linear_dx_cuda);
+}
+
+// CPU tensors reach the same entry points, which check shapes, rank and dtype and then refuse the
+// device, each message ending "(in clora::cuda_linear_...)" (the dispatcher's own error would name no
+// argument); this also lets the CPU-only CI run the validation and the error naming of this file.
+TORCH_LIBRARY_IMPL(clora, CPU, m) {
   m.impl("cuda_linear_fwd", &linear_fwd_cuda);
   m.impl("cuda_linear_dx", &linear_dx_cuda);
 }

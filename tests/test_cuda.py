@@ -1,6 +1,6 @@
 """The cuda backend (csrc/). CI compiles the sources whenever nvcc and a CUDA build of torch are
-present (the extension even loads on a CPU-only machine, so its schemas and Meta kernels are
-checked too); the correctness tests against the float64 oracle need a GPU (marker `gpu`)."""
+present (the extension even loads on a CPU-only machine, so its schemas, Meta kernels and the ops'
+own validation are checked too); the correctness tests against the float64 oracle need a GPU (marker `gpu`)."""
 import shutil
 
 import pytest
@@ -27,6 +27,38 @@ def test_csrc_compiles_and_registers(tmp_path):
     dx, v = torch.ops.clora.cuda_linear_dx(m(7, 40), m(40, 24), m(5, 24), m(40, 5), m(5, 5), m(5, 5), m(5, 5), 0.5,
                                            0)
     assert (y.shape, t.shape, dx.shape, v.shape) == ((7, 40), (7, 5), (7, 24), (7, 5))
+    check_op_errors()
+
+
+def check_op_errors():
+    """The ops' own validation (for callers of torch.ops.clora.cuda_* themselves), run on CPU
+    tensors: every message names the argument and its sizes and ends with the op's name."""
+    def c(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype)
+    fwd, dx = torch.ops.clora.cuda_linear_fwd, torch.ops.clora.cuda_linear_dx
+    good_fwd = dict(x=c(7, 24), weight=c(40, 24), bias=c(40), lora_a=c(5, 24), lora_b=c(40, 5), routing_old=c(5, 5),
+                    routing_delta=c(5, 5), projection=None)
+    cases = [
+        (fwd, {}, r"tensors must be on a CUDA device, got cpu \(in clora::cuda_linear_fwd\)"),
+        (fwd, dict(x=c(7, 23)), r"x must be \(M, 24\), got \[7, 23\] \(in clora::cuda_linear_fwd\)"),
+        (fwd, dict(bias=c(41)), r"bias must be \[40\], got \[41\]"),
+        (fwd, dict(lora_b=c(40, 4)), r"lora_b must be \[40, 5\], got \[40, 4\]"),
+        (fwd, dict(projection=c(4, 5)), r"projection must be \[5, 5\], got \[4, 5\]"),
+        (fwd, dict(routing_old=c(5, 5, dtype=torch.float16)), "dtype mismatch: x is Float but routing_old is Half"),
+        (fwd, dict(lora_a=c(129, 24), lora_b=c(40, 129)), "rank must be in \\[1, 128\\], got 129"),
+        (fwd, {k: (v.double() if v is not None else None) for k, v in good_fwd.items()},
+         "dtype must be float16, bfloat16 or float32, got Double"),
+    ]
+    for op, change, message in cases:
+        args = {**good_fwd, **change}
+        with pytest.raises(RuntimeError, match=message):
+            op(*args.values(), 0.5, 1024)
+    good_dx = dict(g=c(7, 40), weight=c(40, 24), lora_a=c(5, 24), lora_b=c(40, 5), routing_old=c(5, 5),
+                   routing_delta=c(5, 5), projection=c(5, 5))
+    with pytest.raises(RuntimeError, match=r"tensors must be on a CUDA device, got cpu \(in clora::cuda_linear_dx\)"):
+        dx(*good_dx.values(), 0.5, 0)
+    with pytest.raises(RuntimeError, match=r"g must be \(M, 40\), got \[7, 24\] \(in clora::cuda_linear_dx\)"):
+        dx(*{**good_dx, "g": c(7, 24)}.values(), 0.5, 0)
 
 
 def test_build_failure_is_one_clear_line():
