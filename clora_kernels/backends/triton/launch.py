@@ -90,8 +90,7 @@ class Plan:
 
 def _routing_args(r_old, r_delta, proj):
     p = proj if proj is not None else r_delta
-    return (r_old, r_delta, p), (r_old.stride(0), r_old.stride(1), r_delta.stride(0), r_delta.stride(1),
-                                 p.stride(0), p.stride(1))
+    return (r_old, r_delta, p), (*r_old.stride(), *r_delta.stride(), *p.stride())
 
 
 def column_major(a):
@@ -142,8 +141,7 @@ def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig
     kernels._clora_gemm_kernel[grid](
         x, w, a, b, ro, rd, p, bias if bias is not None else y, uu, y_out, tt,
         m, n, k, rank, float(scale),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        *rstrides, uu.stride(0), uu.stride(1), y_out.stride(0), y_out.stride(1), tt.stride(0), tt.stride(1),
+        *x.stride(), *w.stride(), *a.stride(), *b.stride(), *rstrides, *uu.stride(), *y_out.stride(), *tt.stride(),
         per_split,
         HAS_BIAS=bias is not None, HAS_P=proj is not None, TRANS_R=trans_r, FUSED=fused,
         EVEN_K=(k % cfg.block_k == 0), PRECISION=precision(x.dtype), SPLIT_K=splits > 1,
@@ -180,9 +178,10 @@ def tma_eligible(x, w) -> bool:
     if x.device.type == "cuda" and not _has_tma(x.device.index):
         return False
     elt = x.element_size()
-    wt = w if w.stride(1) == 1 else w.t()
-    return (x.stride(1) == 1 and wt.stride(1) == 1 and (x.stride(0) * elt) % 16 == 0
-            and (wt.stride(0) * elt) % 16 == 0 and x.data_ptr() % 16 == 0 and wt.data_ptr() % 16 == 0)
+    (xs0, xs1), (ws0, ws1) = x.stride(), w.stride()
+    w_row = ws0 if ws1 == 1 else (ws1 if ws0 == 1 else 1)     # W's row stride in (N, K) or (K, N) layout
+    return (xs1 == 1 and (xs0 * elt) % 16 == 0 and (w_row * elt) % 16 == 0
+            and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
 
 
 def tma_rows(a):
