@@ -7,7 +7,9 @@
    qkv batch 1 (M=197, K=768, N=2304, r=16), then cProfile's top functions per backend.
 Without a GPU only part 2 runs, on CPU tensors at a tiny shape (M=1, K=N=16, r=4, fp32) with the torch
 backend, beside the registered op called directly (`op`: torch's custom-op wrappers, which clora_linear
-avoids in eager mode): there the kernels cost little, so the table is the Python host cost.
+avoids in eager mode) and the triton backend with its kernel launch stubbed out and a plan cached
+(`triton*`: this package's Python layer up to Triton's launcher, which itself needs a GPU): there the
+kernels cost little, so the table is the Python host cost.
 Usage: python benchmarks/overhead_probe.py [--top N]
 """
 import argparse
@@ -41,7 +43,30 @@ def tensors(m, k, n, r=16, grad=False):
     return x, w, b, la, lb, ro, rd
 
 
+def stub_triton_launch():
+    """CPU only: the triton backend's Python layer without the kernel. Its launch becomes a no-op
+    and the plan cache answers with the fused plan, as it does after the first (tuning) call."""
+    from clora_kernels.backends.triton import kernels, launch, tune
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    kernels._clora_gemm_kernel = NoLaunch()
+    launch.interpreting = lambda: True      # CPU tensors pass device_reasons, as CUDA ones do
+    tune.interpreting = lambda: False       # plan_for consults its cache
+    from clora_kernels.backends import _registry
+    _registry["triton"]._availability = (True, "kernel launch stubbed")
+    plan = launch.Plan("fused", tune.SMALL_M[0])
+
+    class Cached(dict):        # the hot path's one lookup, answered for every key
+        def get(self, key, default=None):
+            return plan
+    tune._plans = Cached()
+
+
 def call(backend, x, w, b, la, lb, ro, rd):
+    if backend == "triton*":
+        backend = "triton"
     if backend == "op":    # the registered op with its register_autograd, torch backend
         need_t = torch.is_grad_enabled() and (lb.requires_grad or rd.requires_grad)
         return torch.ops.clora.linear_fwd(x, w, b, la, lb, ro, rd, None, 1.0, False, need_t, "torch")[0]
@@ -120,5 +145,6 @@ if __name__ == "__main__":
         backends = [b for b in ("torch", "triton", "cuda") if usable[b][0]] + ["auto"]
         events_vs_graphs(backends)
     else:
-        backends = ["torch", "op"]
+        stub_triton_launch()
+        backends = ["torch", "op", "triton*"]
     host_cost(backends, args.top)
