@@ -179,7 +179,12 @@ def tma_eligible(x, w) -> bool:
         return False
     elt = x.element_size()
     (xs0, xs1), (ws0, ws1) = x.stride(), w.stride()
-    w_row = ws0 if ws1 == 1 else (ws1 if ws0 == 1 else 1)     # W's row stride in (N, K) or (K, N) layout
+    if ws1 == 1:          # W's row stride, (N, K) or (K, N) row-major
+        w_row = ws0
+    elif ws0 == 1:
+        w_row = ws1
+    else:
+        return False
     return (xs1 == 1 and (xs0 * elt) % 16 == 0 and (w_row * elt) % 16 == 0
             and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
 
