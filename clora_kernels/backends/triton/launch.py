@@ -168,6 +168,13 @@ def sm_count(device_index) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def max_shared(device_index) -> int:
+    """Shared memory one program may use on this GPU (opt-in maximum): the bound Triton checks at launch."""
+    from triton.runtime.driver import driver
+    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
 INTERPRETER_PROGRAMS = 3   # a persistent grid under the interpreter: few programs, several tiles each
 
 

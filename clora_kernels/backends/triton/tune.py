@@ -19,7 +19,8 @@ from dataclasses import replace
 import torch
 
 from ..._io import cache_dir
-from .launch import GemmConfig, Plan, ShrinkConfig, interpreting, run, sm_count, tma_eligible, triton_cdiv
+from .launch import (GemmConfig, Plan, ShrinkConfig, block_r, interpreting, max_shared, precision, run, sm_count,
+                     tma_eligible, triton_cdiv)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmConfig(256, 128, 64, 8, 3),
@@ -27,6 +28,13 @@ LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmC
 # small M is a stream over W: more, narrower N tiles keep every SM loading
 SMALL_M = [GemmConfig(16, 32, 256, 4, 4), GemmConfig(16, 64, 128, 4, 4), GemmConfig(16, 32, 128, 2, 6),
            GemmConfig(32, 64, 128, 4, 4), GemmConfig(64, 128, 64, 4, 4)]
+# fp32 inputs without tf32: tl.dot is an FMA loop, no tensor cores. There the tiles above spilled 12-28 KiB
+# per thread and took ~10 s each to compile (benchmarks/aot_check.py, triton 3.9, sm_90, r = 16); these
+# compile without spills at r = 16 in ~1 s. (TMA is not offered there: every fp32 FMA TMA tile tried spilled.)
+LARGE_M_FP32 = [GemmConfig(128, 128, 32, 8, 3), GemmConfig(128, 64, 32, 8, 3), GemmConfig(64, 128, 32, 4, 3),
+                GemmConfig(64, 64, 32, 4, 3)]
+SMALL_M_FP32 = [GemmConfig(16, 32, 64, 2, 3), GemmConfig(16, 64, 64, 4, 3), GemmConfig(32, 32, 64, 4, 3),
+                GemmConfig(32, 64, 32, 4, 3)]
 INTERPRETER = Plan("fused", GemmConfig(32, 32, 32, 4, 1), ShrinkConfig(32, 32, 1))
 LIBRARY = ("cublas", "eager", "merge")   # strategies made of torch/cuBLAS ops: candidates under auto only
 
@@ -40,8 +48,24 @@ def _sm_count(device) -> int:
     return sm_count(device.index)
 
 
-def shrink_config(m: int, k: int, device) -> ShrinkConfig:
-    bm, bk = (16, 256) if m <= 64 else (64, 128)
+def _max_shared(device) -> int:
+    return max_shared(device.index)
+
+
+def fit(cfg: GemmConfig, elt: int, rank: int, smem: int, loads_a: bool = True) -> GemmConfig:
+    """`cfg` with as many of its pipeline stages (at least 2) as fit in `smem` bytes of shared memory,
+    1 KiB kept for barriers. A stage holds an X, a W and (fused: loads_a) an A tile of `elt`-byte
+    elements, (BLOCK_M + BLOCK_N + BLOCK_R)·BLOCK_K of them: compiled by benchmarks/aot_check.py
+    (triton 3.9), Triton's wgmma mainloops allocate exactly that per stage, its mma.sync ones at most
+    that. Before this fit, configs there needed up to 264 KiB (rank 128; the H100 allows 227 KiB per
+    program, the A100 163) and with fp32 every large-M config 256-368 KiB: each failed at launch, and
+    an fp32 layer at M > 64 was left with no Triton candidate at all."""
+    stage = (cfg.block_m + cfg.block_n + (block_r(rank) if loads_a else 0)) * cfg.block_k * elt
+    return replace(cfg, num_stages=max(2, min(cfg.num_stages, (smem - 1024) // stage)))
+
+
+def shrink_config(m: int, k: int, device, elt: int = 2) -> ShrinkConfig:
+    bm, bk = (16, 256 * 2 // elt) if m <= 64 else (64, 128 * 2 // elt)    # the same bytes per K step at fp32
     blocks = triton_cdiv(m, bm)
     split = max(1, min(triton_cdiv(2 * _sm_count(device), blocks), triton_cdiv(k, bk)))
     return ShrinkConfig(bm, bk, split)
@@ -57,23 +81,33 @@ def split_k(m: int, n: int, k: int, cfg: GemmConfig, device) -> int:
     return max(1, min(16, triton_cdiv(2 * sms, tiles), triton_cdiv(k, cfg.block_k)))
 
 
-def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False, kind: str = "fwd") -> list:
-    """Fused (and fused_tma, also persistent, where the operands allow TMA) and split plans over the tile list;
-    with auto, the LIBRARY plans too. `merge` only for the forward with M >= N: its transient
-    N×K weight then stays within what a training step's backward holds anyway (y and dx, M×N + M×K),
-    so auto's peak memory stays at the eager backend's; in dx it would sit beside both."""
-    gemms = SMALL_M if m <= 64 else LARGE_M
+def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False, kind: str = "fwd",
+               elt: int = 2) -> list:
+    """Fused (and fused_tma, also persistent, where the operands allow TMA) and split plans over the tile
+    list for the element size `elt` (fp32 without tf32: its own list, no TMA), each fitted to the GPU's
+    shared memory (`fit`); with auto, the LIBRARY plans too. `merge` only for the forward with M >= N: its transient N×K weight then stays
+    within what a training step's backward holds anyway (y and dx, M×N + M×K), so auto's peak memory
+    stays at the eager backend's; in dx it would sit beside both."""
+    if elt == 4 and precision(torch.float32) == "ieee":
+        gemms, tma = (SMALL_M_FP32 if m <= 64 else LARGE_M_FP32), False
+    else:    # 2-byte inputs, or tf32 ones at half the K depth: the same bytes per stage
+        gemms = [replace(g, block_k=g.block_k * 2 // elt) for g in (SMALL_M if m <= 64 else LARGE_M)]
     if rank > 64:   # a 128-wide t accumulator next to a 128x256 tile spills
         gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
-    sh = shrink_config(m, k, device)
-    plans = [Plan("fused", g) for g in gemms] + [Plan("split", g, sh) for g in gemms]
+    smem = _max_shared(device)
+    fused = list(dict.fromkeys(fit(g, elt, rank, smem) for g in gemms))
+    split = list(dict.fromkeys(fit(g, elt, rank, smem, loads_a=False) for g in gemms))
+    sh = shrink_config(m, k, device, elt)
+    plans = [Plan("fused", g) for g in fused] + [Plan("split", g, sh) for g in split]
     if m <= 64:   # split-K versions of the narrowest small-M tiles
-        plans += [Plan("fused", replace(g, split_k=s)) for g in gemms[:3] if (s := split_k(m, n, k, g, device)) > 1]
+        plans += [Plan("fused", replace(g, split_k=s)) for g in fused[:3] if (s := split_k(m, n, k, g, device)) > 1]
     if tma:
-        plans += [Plan("fused_tma", g) for g in gemms]
-        if m > 64:   # persistent where there are more output tiles than SMs (else it is the same grid)
+        plans += [Plan("fused_tma", g) for g in fused]
+        # persistent where there are more output tiles than SMs (else it is the same grid), and not at
+        # rank > 64: its epilogue buffers then need 352-480 KiB (aot_check, sm_90)
+        if m > 64 and rank <= 64:
             sms = _sm_count(device)
-            plans += [Plan("fused_tma", replace(g, persistent=True)) for g in gemms
+            plans += [Plan("fused_tma", replace(g, persistent=True)) for g in fused
                       if triton_cdiv(m, g.block_m) * triton_cdiv(n, g.block_n) > sms]
     if auto:
         plans += [Plan("cublas", None, sh), Plan("eager")] + ([Plan("merge")] if kind == "fwd" and m >= n else [])
@@ -148,7 +182,8 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     if plan is not None:
         _plans[key] = plan
         return plan
-    cands = candidates(x.shape[0], w.shape[0], x.shape[1], a.shape[1], x.device, auto=True, tma=key[9], kind=kind)
+    cands = candidates(x.shape[0], w.shape[0], x.shape[1], a.shape[1], x.device, auto=True, tma=key[9], kind=kind,
+                       elt=x.element_size())
     if torch.cuda.is_current_stream_capturing():
         return cands[0]
     import triton.testing
