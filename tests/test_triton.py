@@ -39,6 +39,12 @@ GPU_PLANS = {**PLANS, "cublas": Plan("cublas", None, ShrinkConfig(16, 32, 2)),
              "fused_splitk_small_m": Plan("fused", GemmConfig(16, 32, 256, 4, 4, split_k=8))}
 
 
+def h100(monkeypatch):
+    """The tuner's view of an H100 SXM, on any machine: 132 SMs, 227 KiB of shared memory per program."""
+    monkeypatch.setattr(tune, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(tune, "_max_shared", lambda device: 232448)
+
+
 @pytest.fixture
 def force_plan(monkeypatch):
     def use(plan):
@@ -134,7 +140,7 @@ def test_chosen_strategies_reads_the_plan_cache(monkeypatch):
 
 def test_merge_candidate_only_where_it_keeps_peak_memory(monkeypatch):
     """auto's `merge` plan holds an N×K weight: offered for the forward with M >= N only."""
-    monkeypatch.setattr(tune, "_sm_count", lambda device: 132)
+    h100(monkeypatch)
 
     def merge_offered(m, n, k, kind, auto=True):
         return any(p.strategy == "merge" for p in tune.candidates(m, n, k, 16, None, auto, kind=kind))
@@ -145,7 +151,7 @@ def test_merge_candidate_only_where_it_keeps_peak_memory(monkeypatch):
 
 
 def test_split_k_where_tiles_leave_sms_idle(monkeypatch):
-    monkeypatch.setattr(tune, "_sm_count", lambda device: 132)
+    h100(monkeypatch)
 
     def splits(m, n, k):
         return sorted(p.gemm.split_k for p in tune.candidates(m, n, k, 16, None, False) if p.gemm.split_k > 1)
@@ -162,7 +168,7 @@ def test_split_k_where_tiles_leave_sms_idle(monkeypatch):
 
 
 def test_persistent_tma_where_tiles_outnumber_sms(monkeypatch):
-    monkeypatch.setattr(tune, "_sm_count", lambda device: 132)
+    h100(monkeypatch)
 
     def persistent(m, n, tma=True):
         return [p.gemm for p in tune.candidates(m, n, 4096, 16, None, False, tma=tma) if p.gemm and p.gemm.persistent]
@@ -172,6 +178,46 @@ def test_persistent_tma_where_tiles_outnumber_sms(monkeypatch):
     assert not persistent(1576, 768)                  # ViT-B proj, batch 8: at most 78 tiles on 132 SMs
     for g in persistent(2048, 4096):                  # e.g. 16 x 16 tiles of 128 x 256
         assert (-(-2048 // g.block_m)) * (-(-4096 // g.block_n)) > 132
+
+
+def test_fp32_candidates_without_tf32_use_fma_tiles(monkeypatch):
+    """fp32 without tf32 is an FMA loop: its own tiles, no TMA. With tf32 the 2-byte tiles at half the K
+    depth (the same bytes per stage)."""
+    h100(monkeypatch)
+    for m in (16, 4096):
+        fp32 = tune.candidates(m, 4096, 4096, 16, None, False, tma=True, elt=4)
+        tiles = {replace(p.gemm, split_k=1) for p in fp32 if p.strategy == "fused"}
+        assert tiles == set(tune.SMALL_M_FP32 if m <= 64 else tune.LARGE_M_FP32)
+        assert not [p for p in fp32 if p.strategy == "fused_tma"]
+    monkeypatch.setattr(tune, "precision", lambda dtype: "tf32")
+    tf32 = {p.gemm for p in tune.candidates(4096, 4096, 4096, 16, None, False, tma=True, elt=4) if p.strategy == "fused"}
+    assert tf32 == {replace(g, block_k=g.block_k // 2) for g in tune.LARGE_M}
+
+
+@pytest.mark.slow
+def test_every_candidate_compiles_and_fits_the_gpu(tmp_path):
+    """Ground truth from the compiler, no GPU needed: benchmarks/aot_check.py builds every plan the tuner
+    offers for an A100 (sm_80) and an H100 (sm_90) and reads the binaries' shared memory. The cases are
+    the ones that did not fit before tune.fit and the fp32 tiles: rank 128 in bf16 on the A100 (up to
+    264 KiB of 163) and fp32 at large M on the H100 (256-368 KiB of 227: no Triton plan was left)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "aot_check.py")
+    nvidia_bin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(nvidia_bin, b)) for b in ("ptxas", "cuobjdump")):
+        pytest.skip(f"this triton install has no bundled ptxas/cuobjdump in {nvidia_bin}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
+    for i, args in enumerate([["--arch", "80", "--shape", "16", "768", "520", "--rank", "128", "--dtype", "bfloat16"],
+                              ["--arch", "90", "--shape", "300", "200", "520", "--rank", "16", "--dtype", "float32"]]):
+        out = tmp_path / f"aot{i}.json"
+        proc = subprocess.run([sys.executable, tool, *args, "--kind", "fwd", "--json", str(out)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (target,) = json.loads(out.read_text())["targets"].values()
+        assert len(target["binaries"]) >= 4 and not target["errors"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -287,6 +333,16 @@ def test_gpu_large_shape_tuned(seed, r):
         assert e < 2 * TOL[dt], (name, e)
     for auto in (False, True):    # one tuning pass settles the plans of both
         assert set(tune.chosen_strategies(m, n, k, r, dt, auto, training=True)) == {"fwd", "dx"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [16, 128])
+def test_gpu_fp32_through_the_tuner(seed, r):
+    """fp32 (no tf32) at M > 64 through the tuner, forward and every gradient. Before the fp32 tiles and
+    tune.fit every large-M candidate needed more shared memory than an H100 has (benchmarks/aot_check.py),
+    so the tuner was left with no Triton plan and the call raised."""
+    tune.clear_cache()
+    check_backend("triton", torch.float32, m=300, k=256, n=520, r=r, device="cuda")
 
 
 @pytest.mark.gpu
