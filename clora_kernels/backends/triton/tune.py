@@ -28,9 +28,10 @@ LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmC
 # small M is a stream over W: more, narrower N tiles keep every SM loading
 SMALL_M = [GemmConfig(16, 32, 256, 4, 4), GemmConfig(16, 64, 128, 4, 4), GemmConfig(16, 32, 128, 2, 6),
            GemmConfig(32, 64, 128, 4, 4), GemmConfig(64, 128, 64, 4, 4)]
-# fp32 inputs without tf32: tl.dot is an FMA loop, no tensor cores. There the tiles above spilled 12-28 KiB
-# per thread and took ~10 s each to compile (benchmarks/aot_check.py, triton 3.9, sm_90, r = 16); these
-# compile without spills at r = 16 in ~1 s. (TMA is not offered there: every fp32 FMA TMA tile tried spilled.)
+# fp32 inputs without tf32: tl.dot is an FMA loop, no tensor cores. There the tiles above (at half the K depth)
+# spilled 0.7-0.8 KiB per thread at r = 16 (12-13 KiB with TMA) and took ~10 s each to compile
+# (benchmarks/aot_check.py, triton 3.9, sm_90, r = 16 and 128); these compile without spills at r = 16 in
+# ~1 s. TMA is not offered there: 8 of the 9 fp32 TMA tiles tried spilled 2-6 KiB at r = 16.
 LARGE_M_FP32 = [GemmConfig(128, 128, 32, 8, 3), GemmConfig(128, 64, 32, 8, 3), GemmConfig(64, 128, 32, 4, 3),
                 GemmConfig(64, 64, 32, 4, 3)]
 SMALL_M_FP32 = [GemmConfig(16, 32, 64, 2, 3), GemmConfig(16, 64, 64, 4, 3), GemmConfig(32, 32, 64, 4, 3),
@@ -85,9 +86,9 @@ def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool 
                elt: int = 2) -> list:
     """Fused (and fused_tma, also persistent, where the operands allow TMA) and split plans over the tile
     list for the element size `elt` (fp32 without tf32: its own list, no TMA), each fitted to the GPU's
-    shared memory (`fit`); with auto, the LIBRARY plans too. `merge` only for the forward with M >= N: its transient N×K weight then stays
-    within what a training step's backward holds anyway (y and dx, M×N + M×K), so auto's peak memory
-    stays at the eager backend's; in dx it would sit beside both."""
+    shared memory (`fit`); with auto, the LIBRARY plans too. `merge` only for the forward with M >= N:
+    its transient N×K weight then stays within what a training step's backward holds anyway (y and dx,
+    M×N + M×K), so auto's peak memory stays at the eager backend's; in dx it would sit beside both."""
     if elt == 4 and precision(torch.float32) == "ieee":
         gemms, tma = (SMALL_M_FP32 if m <= 64 else LARGE_M_FP32), False
     else:    # 2-byte inputs, or tf32 ones at half the K depth: the same bytes per stage
