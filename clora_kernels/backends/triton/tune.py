@@ -96,8 +96,8 @@ def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool 
     if rank > 64:   # a 128-wide t accumulator next to a 128x256 tile spills
         gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
     smem = _max_shared(device)
-    fused = list(dict.fromkeys(fit(g, elt, rank, smem) for g in gemms))
-    split = list(dict.fromkeys(fit(g, elt, rank, smem, loads_a=False) for g in gemms))
+    fused = [fit(g, elt, rank, smem) for g in gemms]
+    split = [fit(g, elt, rank, smem, loads_a=False) for g in gemms]
     sh = shrink_config(m, k, device, elt)
     plans = [Plan("fused", g) for g in fused] + [Plan("split", g, sh) for g in split]
     if m <= 64:   # split-K versions of the narrowest small-M tiles
