@@ -7,6 +7,7 @@ routing_delta the trainable r×r routing. The layer computes
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Iterable, Optional
@@ -18,11 +19,14 @@ from torch import Tensor, nn
 from .backends import BACKEND_NAMES
 from .backends.torch_ref import routing_eff
 from .functional import clora_linear
+from .protection import Protection, make_protection
 
 _MODES = ("soft", "hard")
+DEFAULT_PROTECTION = "freeze"   # DESIGN.md §2: what won on held-out seeds (README "Continual learning")
 
 
-def _check_config(in_features: int, out_features: int, rank, alpha, mode, protect_energy, backend) -> None:
+def _check_config(in_features: int, out_features: int, rank, alpha, mode, protect_energy, backend,
+                  protection=DEFAULT_PROTECTION) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank > min(in_features, out_features):
         raise ValueError(f"rank must be an int in [1, min(in_features, out_features)] = [1, "
                          f"{min(in_features, out_features)}] for a {in_features}->{out_features} layer, got {rank!r}")
@@ -35,6 +39,7 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
         raise ValueError(f"protect_energy must be in (0, 1], got {protect_energy!r}")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
+    make_protection(protection)
 
 
 class CLoRALinear(nn.Linear):
@@ -42,8 +47,9 @@ class CLoRALinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, rank: int = 16, alpha: Optional[float] = None,
                  bias: bool = True, *, mode: str = "soft", protect_energy: float = 0.9,
-                 grad_through_old_route: bool = False, backend: str = "auto", device=None, dtype=None):
-        _check_config(in_features, out_features, rank, alpha, mode, protect_energy, backend)
+                 grad_through_old_route: bool = False, backend: str = "auto", protection=DEFAULT_PROTECTION,
+                 device=None, dtype=None):
+        _check_config(in_features, out_features, rank, alpha, mode, protect_energy, backend, protection)
         self.rank = rank
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
@@ -63,18 +69,37 @@ class CLoRALinear(nn.Linear):
         self.routing_delta = nn.Parameter(torch.eye(rank, **fk))
         self.register_buffer("routing_old", torch.zeros(rank, rank, **fk))
         self.register_buffer("projection", torch.eye(rank, **fk))
+        self.protection: Protection = make_protection(protection)
         self.reset_adapter()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's init of weight and bias, and the adapter's first-task state (so the FSDP
+        idiom, meta-device build, `to_empty`, `reset_parameters()`, gives a layer equal to its base)."""
+        super().reset_parameters()
+        if "routing_delta" in self._parameters:      # nn.Linear.__init__ calls this before the adapter exists
+            self.reset_adapter()
 
     def reset_adapter(self) -> None:
         """First-task state: routing_delta = I, routing_old = 0, P = I, lora_B = 0,
-        lora_A Kaiming-uniform (PEFT's init)."""
+        lora_A Kaiming-uniform (PEFT's init); the protection policy's state is fresh and every
+        adapter tensor trains."""
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_B.zero_()
             self.routing_delta.copy_(torch.eye(self.rank))
             self.routing_old.zero_()
             self.projection.copy_(torch.eye(self.rank))
+        for p in (self.lora_A, self.lora_B, self.routing_delta):
+            p.requires_grad_(True)
         self.task_index = 0
+        self._set_protection(self.protection)
+
+    def _set_protection(self, spec) -> None:
+        """Give the layer a policy with fresh state (the old policy's buffers are removed)."""
+        policy = make_protection(spec)
+        self.protection.detach(self)
+        self.protection = policy
+        policy.attach(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 16, alpha: Optional[float] = None, **kwargs) -> "CLoRALinear":
@@ -92,7 +117,7 @@ class CLoRALinear(nn.Linear):
             setattr(layer, name, nn.Parameter(torch.empty_like(getattr(layer, name), device=w.device)))
         for name in ("routing_old", "projection"):
             setattr(layer, name, torch.empty_like(getattr(layer, name), device=w.device))
-        layer.reset_adapter()
+        layer.reset_adapter()           # also re-creates the policy's buffers on the weight's device
         return layer
 
     # ---- the math -------------------------------------------------------------------------
@@ -105,6 +130,7 @@ class CLoRALinear(nn.Linear):
 
     def delta_weight(self) -> Tensor:
         """scaling · lora_B R_effᵀ lora_A, shape (out_features, in_features)."""
+        self.protection.enforce(self)
         return self.scaling * (self.lora_B @ self.routing().t() @ self.lora_A)
 
     def orthogonality_loss(self) -> Tensor:
@@ -118,9 +144,13 @@ class CLoRALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        return clora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.routing_old,
+        lora_A, lora_B, plain = self.lora_A, self.lora_B, self.grad_through_old_route
+        if self.protection.acts(self):
+            self.protection.enforce(self)
+            lora_A, lora_B, plain = self.protection.operands(self, lora_A, lora_B, plain)
+        return clora_linear(x, self.weight, self.bias, lora_A, lora_B, self.routing_old,
                             self.routing_delta, self._projection_arg(), self.scaling,
-                            grad_through_old_route=self.grad_through_old_route, backend=self.backend)
+                            grad_through_old_route=plain, backend=self.backend)
 
     # ---- task lifecycle -------------------------------------------------------------------
     @torch.no_grad()
@@ -132,11 +162,16 @@ class CLoRALinear(nn.Linear):
         if bad:
             raise ValueError(f"end_task: {bad} holds non-finite values (NaN/Inf; did training diverge?); "
                              f"the routing was left unchanged")
+        why = self.protection.not_ready(self)
+        if why:
+            raise ValueError(f"end_task: {why}; nothing was changed")
+        self.protection.enforce(self)
         self.routing_old.copy_(self.routing())
         self.routing_delta.zero_()
         if self.mode == "hard":
             self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
         self.task_index += 1
+        self.protection.end_task(self)
 
     def _nonfinite_routing(self) -> str:
         """Names of the routing tensors holding NaN or Inf ('' when all are finite)."""
@@ -161,17 +196,35 @@ class CLoRALinear(nn.Linear):
 
     # ---- persistence ----------------------------------------------------------------------
     def get_extra_state(self):
-        return {"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged)}
+        return {"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
+                "protection": self.protection.config()}
 
     def set_extra_state(self, state) -> None:
         self.task_index = int(state["task_index"])
         self.mode = state.get("mode", self.mode)
         self.merged = bool(state.get("merged", False))
+        self.protection.loaded(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the saved policy is adopted before the buffers load, and its variable-size buffers (the
+        # projection policy's bases) take the saved shapes
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and "protection" in extra and extra["protection"] != self.protection.config():
+            self._set_protection(extra["protection"])
+        for name in self.protection.buffers:
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.dim() == 2 and saved.shape != self._buffers[name].shape:
+                mine = self._buffers[name]
+                self._buffers[name] = mine.new_empty(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, mode={self.mode}, "
-                f"task_index={self.task_index}, merged={self.merged}, backend={self.backend}")
+                f"protection={self.protection.name}, task_index={self.task_index}, merged={self.merged}, "
+                f"backend={self.backend}")
 
 
 def _hard_projection(routing_old: Tensor, protect_energy: float) -> Tensor:
@@ -237,8 +290,38 @@ def end_task(model: nn.Module) -> None:
     if bad:
         raise ValueError(f"end_task: non-finite routing (NaN/Inf; did training diverge?) in {'; '.join(bad)}; "
                          f"no layer was changed")
+    waiting = [name for name, m in layers if m.protection.not_ready(m)]
+    if waiting:
+        name = waiting[0]
+        why = dict(layers)[name].protection.not_ready(dict(layers)[name])
+        raise ValueError(f"end_task: {why} (layers {waiting}); no layer was changed")
     for _, m in layers:
         m.end_task()
+
+
+@contextlib.contextmanager
+def observe_task(model: nn.Module):
+    """Record the inputs of every C-LoRA layer whose protection policy needs them (protection=
+    'project'), for the next end_task:
+
+        with torch.no_grad(), clora_kernels.observe_task(model):
+            for x, _ in task_data:
+                model(x)
+        clora_kernels.end_task(model)
+
+    Layers of the other policies ignore the pass. What is recorded is a K×K Gram per layer, freed
+    by end_task."""
+    layers = _require_layers(model, "observe_task")
+    handles = [m.register_forward_pre_hook(_observe_hook) for _, m in layers if m.protection.needs_inputs]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _observe_hook(layer, args):
+    layer.protection.observe(layer, args[0])
 
 
 def orthogonality_loss(model: nn.Module) -> Tensor:
@@ -262,30 +345,73 @@ _FORMAT = "clora_kernels.adapter/1"
 
 
 def save_adapter(model: nn.Module, path) -> None:
-    """Write only the adapter tensors and the task state of every CLoRALinear (safetensors)."""
+    """Write only the adapter tensors, the protection policy's state and the task state of every
+    CLoRALinear (safetensors; the configuration in the file's metadata)."""
     from safetensors.torch import save_file
     layers = _require_layers(model, "save_adapter")
     tensors, meta = {}, {}
     for name, m in layers:
-        for t in _ADAPTER_TENSORS:
+        m.protection.enforce(m)
+        for t in _ADAPTER_TENSORS + m.protection.buffers:
             tensors[f"{name}.{t}"] = getattr(m, t).detach().to("cpu").contiguous()
         meta[name] = {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "protect_energy": m.protect_energy,
+                      "grad_through_old_route": m.grad_through_old_route, "protection": m.protection.config(),
                       "task_index": m.task_index, "in_features": m.in_features, "out_features": m.out_features}
     save_file(tensors, str(path), metadata={"format": _FORMAT, "layers": json.dumps(meta)})
 
 
+def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict) -> dict:
+    """Check one layer's entry of an adapter file against the model's layer; return what to load.
+    Raises ValueError naming the layer, the field and the sizes."""
+    where = f"{path}: layer {name!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: malformed metadata {info!r}")
+    task_index, alpha = info.get("task_index"), info.get("alpha", m.alpha)
+    if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
+        raise ValueError(f"{where}: task_index must be an int >= 0, got {task_index!r}")
+    try:
+        _check_config(m.in_features, m.out_features, m.rank, alpha, info.get("mode", m.mode),
+                      info.get("protect_energy", m.protect_energy), m.backend, info.get("protection", "paper"))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    policy = make_protection(info.get("protection", "paper"))
+    want = {t: tuple(getattr(m, t).shape) for t in _ADAPTER_TENSORS}      # every tensor is 2-D
+    want.update(policy.buffer_shapes(m))                                    # cols None: grows with tasks
+    for t, (rows, cols) in want.items():
+        key = f"{name}.{t}"
+        if key not in tensors:
+            raise ValueError(f"{where}: the file has no tensor {key!r}")
+        have = tuple(tensors[key].shape)
+        if len(have) != 2 or have[0] != rows or (cols is not None and have[1] != cols):
+            raise ValueError(f"{where}: {t} in the adapter has shape {have}, the model needs "
+                             f"({rows}, {'any' if cols is None else cols}) "
+                             f"(adapter rank {info.get('rank')}, model rank {m.rank})")
+    return {"task_index": task_index, "alpha": float(alpha), "mode": info.get("mode", m.mode),
+            "protect_energy": float(info.get("protect_energy", m.protect_energy)), "policy": policy,
+            "grad_through_old_route": bool(info.get("grad_through_old_route", m.grad_through_old_route)),
+            "tensors": {t: tensors[f"{name}.{t}"] for t in want}}
+
+
 def load_adapter(model: nn.Module, path) -> None:
-    """Load an adapter written by save_adapter. Every CLoRALinear of the model must be in the
-    file with the same shapes, and every layer of the file in the model; otherwise nothing is
-    changed and a ValueError names the layer and the shapes."""
+    """Load an adapter written by save_adapter, with the configuration it was trained with (alpha,
+    mode, protect_energy, the protection policy and its state, task_index). The base weights are
+    the model's own: load into the model the adapter was trained on. Every CLoRALinear of the
+    model must be in the file with the same shapes, and every layer of the file in the model;
+    everything is checked first, so on any error nothing is changed and a ValueError names the
+    layer and the sizes."""
     from safetensors import safe_open
     layers = _require_layers(model, "load_adapter")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a clora_kernels adapter file (format {meta.get('format')!r})")
-        info = json.loads(meta["layers"])
+        try:
+            info = json.loads(meta["layers"])
+        except (KeyError, ValueError):
+            raise ValueError(f"{path}: the file's metadata has no readable 'layers' entry") from None
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: the file's 'layers' metadata is not a mapping of layer names")
     names = {n for n, _ in layers}
     missing, extra = sorted(names - set(info)), sorted(set(info) - names)
     if missing:
@@ -295,14 +421,18 @@ def load_adapter(model: nn.Module, path) -> None:
     for name, m in layers:
         if m.merged:
             raise ValueError(f"layer {name!r} is merged; unmerge the model before load_adapter")
-        for t in _ADAPTER_TENSORS:
-            have, want = tuple(tensors[f"{name}.{t}"].shape), tuple(getattr(m, t).shape)
-            if have != want:
-                raise ValueError(f"layer {name!r}: {t} in the adapter has shape {have}, the model has {want} "
-                                 f"(adapter rank {info[name]['rank']}, model rank {m.rank})")
+    entries = [(m, _adapter_entry(path, name, m, info[name], tensors)) for name, m in layers]
     with torch.no_grad():
-        for name, m in layers:
-            for t in _ADAPTER_TENSORS:
-                getattr(m, t).copy_(tensors[f"{name}.{t}"])
-            m.task_index = int(info[name]["task_index"])
-            m.mode = info[name]["mode"]
+        for m, e in entries:
+            m.alpha, m.scaling = e["alpha"], e["alpha"] / m.rank
+            m.mode, m.protect_energy = e["mode"], e["protect_energy"]
+            m.grad_through_old_route = e["grad_through_old_route"]
+            if e["policy"].config() != m.protection.config():
+                m._set_protection(e["policy"])
+            for t, value in e["tensors"].items():
+                mine = getattr(m, t)
+                if mine.shape != value.shape:
+                    m._buffers[t] = mine.new_empty(value.shape)
+                getattr(m, t).copy_(value)
+            m.task_index = e["task_index"]
+            m.protection.loaded(m)

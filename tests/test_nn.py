@@ -248,3 +248,65 @@ def test_end_task_refuses_non_finite_routing_and_changes_nothing():
     with pytest.raises(ValueError, match="routing_delta holds non-finite values"):
         layers[-1].end_task()
     assert layers[-1].task_index == 0
+
+
+def test_load_adapter_adopts_the_files_configuration(seed, tmp_path):
+    """An adapter trained with alpha=8 (and hard mode, another protect_energy) loads into a model
+    built with the defaults and gives the saved model's output, not a rescaled one."""
+    base = _Net()
+    net = ck.inject_clora(copy.deepcopy(base), rank=4, alpha=8, mode="hard", protect_energy=0.7)
+    for _, m in ck.nn.clora_layers(net):
+        _trained(m)
+    ck.end_task(net)
+    path = tmp_path / "a.safetensors"
+    ck.save_adapter(net, path)
+    other = ck.inject_clora(copy.deepcopy(base), rank=4)
+    ck.load_adapter(other, path)
+    x = torch.randn(5, 16)
+    assert rel_err(other(x), net(x)) < 1e-6
+    m = dict(ck.nn.clora_layers(other))["blocks.0.qkv"]
+    assert m.scaling == 2.0 and m.mode == "hard" and m.protect_energy == 0.7
+
+
+def _rewrite_metadata(src, dst, edit=None, drop_tensor=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    import json as _json
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != drop_tensor}
+    if edit:
+        layers = _json.loads(meta["layers"])
+        edit(meta, layers)
+        if "layers" in meta:
+            meta["layers"] = _json.dumps(layers)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+@pytest.mark.parametrize("case,words", [
+    ("task_index", r"layer 'blocks.1.proj'.*task_index must be an int"),
+    ("no_layers", "no readable 'layers' entry"),
+    ("missing_tensor", r"no tensor 'blocks.1.qkv.routing_old'"),
+    ("protection", "protection must be one of"),
+])
+def test_load_adapter_bad_file_changes_nothing(tmp_path, case, words):
+    src = tmp_path / "a.safetensors"
+    ck.save_adapter(ck.inject_clora(_Net(), rank=4), src)
+    dst = tmp_path / "b.safetensors"
+
+    def edit(meta, layers):
+        if case == "task_index":
+            layers["blocks.1.proj"]["task_index"] = "3"      # the last layer: the others would load first
+        elif case == "no_layers":
+            del meta["layers"]
+        elif case == "protection":
+            layers["blocks.1.proj"]["protection"] = {"name": "gpm"}
+    _rewrite_metadata(src, dst, edit, "blocks.1.qkv.routing_old" if case == "missing_tensor" else None)
+    model = ck.inject_clora(_Net(), rank=4)
+    for _, m in ck.nn.clora_layers(model):
+        _trained(m)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=words):
+        ck.load_adapter(model, dst)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if torch.is_tensor(before[k]))

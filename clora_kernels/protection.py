@@ -1,0 +1,287 @@
+"""Protection policies: what a C-LoRA layer does to keep earlier tasks' outputs (DESIGN.md section
+2, "Protection policies").
+
+The op's math and gradients are the paper's whatever the policy; a policy decides, per layer,
+what trains after the first task and which changes of the trainable tensors are allowed. One
+small object per policy, with the hooks of the lifecycle (as PEFT gives each LoRA variant its
+init / merge / forward):
+
+    acts(layer)             does the policy touch this forward (False on the first task)
+    operands(layer, A, B, g) the factors the op sees and its grad_through_old_route (freeze: detached
+                            factors, so they get no gradient; project: plain gradients)
+    enforce(layer)          put the trainable tensors back on the allowed set (project)
+    observe(layer, x)       accumulate the inputs of a pass over the task's data (project)
+    not_ready(layer)        why end_task cannot run yet ('' when it can), checked before anything changes
+    end_task(layer)         after the routing fold (routing_delta is 0 then)
+    config()                what travels in state_dict and adapter files
+
+Policies beyond "paper" are this project's variants, not the paper's method:
+
+- "paper":   the paper's semantics: lora_A / lora_B keep learning through the new route in every
+             task. Measured on the digits sequence, Adam then rewrites the frozen old route
+             (README "Continual learning").
+- "freeze":  lora_A / lora_B stop learning from the second task on; routing_delta (and whatever
+             else the caller trains) still learns. The old route's output is then exactly fixed;
+             the layer's output on old inputs still moves through routing_delta.
+- "project": every trainable tensor keeps learning, but only in directions that leave the
+             layer's output on earlier tasks' inputs unchanged (gradient projection memory, GPM,
+             Saha et al. 2021, applied to the three factors): lora_A moves only orthogonally to
+             the earlier tasks' input subspace U (K-space), routing_delta only where the earlier
+             tasks' t = x·lora_Aᵀ (after P) has no energy, lora_B only where their
+             u = t·R_eff has none. The subspaces keep `energy` of each Gram matrix's trace
+             (GPM's threshold); what falls outside is the bound on how far old outputs can move.
+             Exact for any optimizer: the layer projects the parameters (not only the gradient,
+             which Adam's per-coordinate scaling would leak) before each forward that follows a
+             change. Needs one pass over each task's data before end_task, inside
+             `clora_kernels.observe_task(model)`. Memory per layer: U (K×k, k ≤ K) and r×r
+             Grams; a K×K Gram only while observing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_POLICIES = ("paper", "freeze", "project")
+
+
+class Protection:
+    """The paper's semantics: nothing is protected beyond the stop-gradient on the old route."""
+
+    name = "paper"
+    needs_inputs = False
+    buffers = ()                # names of the layer buffers the policy persists
+
+    def attach(self, layer) -> None:
+        """Give the layer the policy's state for a fresh first task (buffers, flags)."""
+        fk = {"device": layer.lora_A.device, "dtype": layer.lora_A.dtype}
+        for name, (rows, cols) in self.buffer_shapes(layer).items():
+            layer.register_buffer(name, torch.zeros(rows, cols or 0, **fk))
+        self.loaded(layer)
+
+    def buffer_shapes(self, layer) -> dict:
+        """name -> (rows, cols) of each persisted buffer; cols None where it grows with the tasks."""
+        return {}
+
+    def detach(self, layer) -> None:
+        """Remove what attach added (before the layer takes another policy)."""
+        for name in self.buffers:
+            layer._buffers.pop(name, None)
+
+    def acts(self, layer) -> bool:
+        return False
+
+    def operands(self, layer, lora_A: Tensor, lora_B: Tensor, grad_through_old_route: bool):
+        return lora_A, lora_B, grad_through_old_route
+
+    def enforce(self, layer) -> None:
+        pass
+
+    def observe(self, layer, x: Tensor) -> None:
+        pass
+
+    def not_ready(self, layer) -> str:
+        return ""
+
+    def end_task(self, layer) -> None:
+        pass
+
+    def loaded(self, layer) -> None:
+        """After state_dict / adapter loading set the layer's task state."""
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+    def state_numel(self, layer) -> int:
+        """Floats the policy stores per layer beyond the adapter (reported by the experiments)."""
+        return sum(layer._buffers[n].numel() for n in self.buffers)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class Paper(Protection):
+    name = "paper"
+
+
+class Freeze(Protection):
+    """lora_A / lora_B train on the first task only."""
+
+    name = "freeze"
+
+    def acts(self, layer) -> bool:
+        return layer.task_index > 0
+
+    def operands(self, layer, lora_A, lora_B, grad_through_old_route):
+        return lora_A.detach(), lora_B.detach(), grad_through_old_route
+
+    def end_task(self, layer) -> None:
+        self.apply_requires_grad(layer)
+
+    def loaded(self, layer) -> None:
+        self.apply_requires_grad(layer)
+
+    def detach(self, layer) -> None:
+        for p in (layer.lora_A, layer.lora_B):     # another policy decides about them now
+            p.requires_grad_(True)
+
+    @staticmethod
+    def apply_requires_grad(layer) -> None:
+        """The factors train on the first task only: from the second on requires_grad is off (so an
+        optimizer built from `requires_grad` parameters leaves them out) and no stale gradient
+        stays (an optimizer built earlier skips a parameter whose .grad is None); the forward
+        detaches them as well, so a caller switching requires_grad back on changes nothing."""
+        first = layer.task_index == 0
+        for p in (layer.lora_A, layer.lora_B):
+            p.requires_grad_(first)
+            if not first:
+                p.grad = None
+
+
+class Project(Protection):
+    """GPM-style projection of lora_A, routing_delta and lora_B away from earlier tasks."""
+
+    name = "project"
+    needs_inputs = True
+    buffers = ("protect_input_basis", "protect_input_anchor", "protect_routing_basis", "protect_output_basis",
+               "protect_output_anchor", "protect_gram_t", "protect_gram_u")
+
+    def __init__(self, energy: float = 0.99):
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not (0.0 < energy <= 1.0):
+            raise ValueError(f"Project(energy=...) must be in (0, 1], got {energy!r}")
+        self.energy = float(energy)
+
+    def config(self) -> dict:
+        return {"name": self.name, "energy": self.energy}
+
+    # ---- state ----------------------------------------------------------------------------
+    def buffer_shapes(self, layer) -> dict:
+        r, k, n = layer.rank, layer.in_features, layer.out_features
+        return {"protect_input_basis": (k, None), "protect_input_anchor": (r, None),
+                "protect_routing_basis": (r, None), "protect_output_basis": (r, None),
+                "protect_output_anchor": (n, None), "protect_gram_t": (r, r), "protect_gram_u": (r, r)}
+
+    # ---- training -------------------------------------------------------------------------
+    def acts(self, layer) -> bool:
+        return layer.task_index > 0
+
+    def operands(self, layer, lora_A, lora_B, grad_through_old_route):
+        # The stop-gradient on the old route exists to keep it from moving; the projection keeps
+        # it exactly, so the factors take the plain gradient. With the stop-gradient, lora_A would
+        # get none once routing_delta's allowed directions run out (after end_task it is 0).
+        return lora_A, lora_B, True
+
+    def loaded(self, layer) -> None:
+        # no observed inputs ((K, K) float32 Gram and a row count), nothing enforced yet
+        layer._observed, layer._observed_rows = None, 0
+        layer._enforced_versions = None
+
+    def _versions(self, layer):
+        return (layer.lora_A._version, layer.routing_delta._version, layer.lora_B._version)
+
+    @torch.no_grad()
+    def enforce(self, layer) -> None:
+        """lora_A·U = anchor, basisᵀ·routing_delta = 0, lora_B·V = anchor: the earlier tasks'
+        t, u and output are then what they were at their end_task (to the energy threshold).
+        Runs only when one of the three tensors changed since it last ran."""
+        if layer.task_index == 0 or self._versions(layer) == layer._enforced_versions:
+            return
+        u, v, w = layer.protect_input_basis, layer.protect_output_basis, layer.protect_routing_basis
+        if u.shape[1]:
+            a = layer.lora_A
+            a.sub_((a @ u - layer.protect_input_anchor) @ u.t())
+        if w.shape[1]:
+            d = layer.routing_delta
+            d.sub_(w @ (w.t() @ d))
+        if v.shape[1]:
+            b = layer.lora_B
+            b.sub_((b @ v - layer.protect_output_anchor) @ v.t())
+        layer._enforced_versions = self._versions(layer)
+
+    def observe(self, layer, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if layer._observed is None:
+            layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        layer._observed.addmm_(x.t(), x)
+        layer._observed_rows += x.shape[0]
+
+    def not_ready(self, layer) -> str:
+        if layer._observed_rows == 0:
+            return ("protection='project' needs the task's inputs: run a pass over the task's data inside "
+                    "`with clora_kernels.observe_task(model):` before end_task")
+        return ""
+
+    # ---- the task boundary ----------------------------------------------------------------
+    @torch.no_grad()
+    def end_task(self, layer) -> None:
+        """After the fold (routing_delta = 0): add the task's input directions to U (GPM's rule:
+        new directions of the residual until U holds `energy` of the task's input energy), add
+        the task's t and u Grams, and re-derive the r-space bases and the anchors."""
+        gram = layer._observed.double()
+        dt = layer.lora_A.dtype
+        u = layer.protect_input_basis.double()
+        total = float(torch.trace(gram))
+        if total > 0:
+            if u.shape[1]:
+                pu = u @ (u.t() @ gram)
+                resid = gram - pu - pu.t() + u @ (u.t() @ gram @ u) @ u.t()
+            else:
+                resid = gram
+            ev, vec = torch.linalg.eigh((resid + resid.t()) / 2)
+            ev, vec = ev.flip(0).clamp(min=0), vec.flip(1)
+            need = self.energy * total * (1 - 1e-12)
+            held = total - float(torch.trace(resid))         # what U already holds of this task
+            new = 0 if held >= need else int((held + torch.cumsum(ev, 0) < need).sum().item()) + 1
+            new = min(new, gram.shape[0] - u.shape[1])
+            if new:
+                u = torch.linalg.qr(torch.cat([u, vec[:, :new]], 1))[0]
+        a = layer.lora_A.double()
+        gram_t = a @ gram @ a.t()
+        r_eff = layer.routing().double()
+        g_t = layer.protect_gram_t.double() + gram_t
+        g_u = layer.protect_gram_u.double() + r_eff.t() @ gram_t @ r_eff
+        p = layer.projection.double() if layer.mode == "hard" else torch.eye(layer.rank, dtype=torch.float64,
+                                                                            device=a.device)
+        w = _energy_basis(p @ g_t @ p, self.energy)
+        v = _energy_basis(g_u, self.energy)
+        b = layer.lora_B.double()
+        layer.protect_input_basis = u.to(dt)
+        layer.protect_input_anchor = (a @ u).to(dt)
+        layer.protect_routing_basis = w.to(dt)
+        layer.protect_output_basis = v.to(dt)
+        layer.protect_output_anchor = (b @ v).to(dt)
+        layer.protect_gram_t = g_t.to(dt)
+        layer.protect_gram_u = g_u.to(dt)
+        layer._observed, layer._observed_rows = None, 0
+        layer._enforced_versions = None
+
+
+def _energy_basis(gram: Tensor, energy: float) -> Tensor:
+    """Orthonormal columns spanning the top eigenvectors of a PSD Gram matrix that hold `energy`
+    of its trace ((r, 0) when the Gram is 0)."""
+    ev, vec = torch.linalg.eigh((gram + gram.t()) / 2)
+    ev, vec = ev.flip(0).clamp(min=0), vec.flip(1)
+    total = float(ev.sum())
+    if total <= 0:
+        return vec[:, :0]
+    k = int((torch.cumsum(ev, 0) < energy * total * (1 - 1e-12)).sum().item()) + 1
+    return vec[:, :min(k, ev.numel())]
+
+
+def make_protection(spec) -> Protection:
+    """A fresh policy object from a name ('paper', 'freeze', 'project'), a config dict (what
+    `config()` returns), or a policy object (copied, so that layers never share state)."""
+    if isinstance(spec, Protection):
+        spec = spec.config()
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or spec.get("name") not in _POLICIES:
+        raise ValueError(f"protection must be one of {list(_POLICIES)} (or clora_kernels.protection.Project("
+                         f"energy=...)), got {spec!r}")
+    kind = {"paper": Paper, "freeze": Freeze, "project": Project}[spec["name"]]
+    args = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        return kind(**args)
+    except TypeError:
+        raise ValueError(f"protection {spec['name']!r} takes no options {sorted(args)}") from None
+
