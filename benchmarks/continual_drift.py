@@ -28,7 +28,8 @@ def main():
         for seed in range(3):
             model, _ = cc.build_method(cc.pretrain(pre, 15, seed), "clora_soft", 8, 0.9, False)
             torch.manual_seed(seed + 1000)
-            kw = dict(epochs=10, lr=lr, optimizer=optimizer, progress=False, setting="task-il", seed=seed)
+            kw = dict(epochs=10, lr=lr, optimizer=optimizer, progress=False, setting="task-il", classifier="linear",
+                      seed=seed)
             cc.train_sequence(model, tasks[:1], **kw)              # task 0, then end_task
             before = old_route(model)
             r_old = {n: l.routing_old.clone() for n, l in clora_layers(model)}

@@ -1,9 +1,10 @@
-"""The continual-learning workflow: metrics on hand-made matrices, bad input, the CLI's JSON, and
-the claim (C-LoRA forgets less than sequential LoRA without a lower Last-Acc) on a reduced run."""
+"""The continual-learning workflow: metrics on hand-made matrices, bad input, the CLI's JSON, the
+prototype head, and the recommended recipe's targets against sequential LoRA on a reduced run."""
 import json
 import math
 
 import pytest
+import torch
 
 import clora_kernels as ck
 from clora_kernels import continual as cc
@@ -93,34 +94,122 @@ def test_cli_quick_json_and_interrupted_run_keeps_results(tmp_path, monkeypatch)
 
 
 def _reduced(setting):
-    args = cc.build_parser().parse_args(["--quick", "--setting", setting, "--freeze-factors",
-                                         "--methods", "clora_soft", "seq_lora"])
+    args = cc.build_parser().parse_args(["--quick", "--setting", setting, "--methods", cc.RECOMMENDED, "seq_lora",
+                                         "simple_cil"])
     res = cc.run_experiment(args, progress=False)
-    return res["clora_soft"], res["seq_lora"]
+    return res[cc.RECOMMENDED], res["seq_lora"], res["simple_cil"]
 
 
-def test_clora_forgets_less_and_keeps_last_acc_task_il():
-    """The claim on the reduced run (4 epochs per task, seeds 0 and 1), task-incremental, C-LoRA
-    soft mode with the shared factors frozen after the first task: the frozen route cannot
-    drift, so forgetting is exactly 0, and Last-Acc is not lower. Measured with the default run
-    too (README "Continual learning"). With DESIGN.md's default semantics (factors keep learning
-    through the new route) the claim does not hold on this sequence; the README says why."""
-    c, s = _reduced("task-il")
-    assert c["forgetting"]["mean"] < s["forgetting"]["mean"], (c["forgetting"], s["forgetting"])
+def test_recommended_recipe_beats_sequential_lora_class_il():
+    """The issue's class-IL targets on the reduced run (4 epochs per task, seeds 0 and 1; the
+    README's table is the default run, 5 seeds): every method with the prototype head, the
+    recommended recipe's Last-Acc >= seq_lora's + 0.10 and its forgetting <= a quarter of
+    seq_lora's. Measured here: 0.942 vs 0.802, forgetting 0.007 vs 0.206."""
+    c, s, _ = _reduced("class-il")
+    assert c["last_acc"]["mean"] >= s["last_acc"]["mean"] + 0.10, (c["last_acc"], s["last_acc"])
+    assert c["forgetting"]["mean"] <= s["forgetting"]["mean"] / 4, (c["forgetting"], s["forgetting"])
+
+
+def test_recommended_recipe_beats_sequential_lora_task_il():
+    """Task-IL targets, reduced run, every method with the linear head: Last-Acc >= seq_lora's,
+    forgetting <= half of seq_lora's (measured 0.990 vs 0.976, 0.000 vs 0.012)."""
+    c, s, _ = _reduced("task-il")
     assert c["last_acc"]["mean"] >= s["last_acc"]["mean"], (c["last_acc"], s["last_acc"])
+    assert c["forgetting"]["mean"] <= s["forgetting"]["mean"] / 2, (c["forgetting"], s["forgetting"])
 
 
-def test_clora_forgets_less_class_il():
-    """Class-incremental, same configuration: forgetting is much lower (0.08 vs 0.30 reduced,
-    0.14 vs 0.34 default run). Last-Acc is not asserted: it is higher in the reduced run and
-    lower within one std in the default run (README: the shared head's recency bias dominates)."""
-    c, s = _reduced("class-il")
-    assert c["forgetting"]["mean"] < s["forgetting"]["mean"], (c["forgetting"], s["forgetting"])
+def test_prototype_head_is_cosine_nearest_mean():
+    head = cc.PrototypeHead(4, 2)
+    head.add(torch.tensor([[1.0, 0.0], [3.0, 0.2], [0.0, 2.0]]), torch.tensor([0, 0, 2]))
+    scores = head(torch.tensor([[10.0, 0.5], [0.1, 1.0]]))
+    assert scores.shape == (2, 4)
+    assert torch.isinf(scores[:, 1]).all() and torch.isinf(scores[:, 3]).all()      # classes never added
+    assert scores.argmax(-1).tolist() == [0, 2]
+    proto0 = torch.tensor([2.0, 0.1])
+    assert math.isclose(float(scores[0, 0]), float(torch.nn.functional.cosine_similarity(
+        torch.tensor([10.0, 0.5]), proto0, dim=0)), rel_tol=1e-6)
+    with pytest.raises(ValueError, match=r"features must be \(n, 2\)"):
+        head.add(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_simple_cil_trains_nothing_and_joint_has_no_sequence():
+    (pre, tasks) = cc.digits_splits()
+    base = cc.pretrain(pre, 1, 0)
+    model, uses_clora = cc.build_method(base, "simple_cil", 4, 0.9, False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    acc = cc.train_sequence(model, tasks[:2], clora=uses_clora, epochs=0, progress=False)
+    assert [len(r) for r in acc] == [1, 2] and all(0.0 <= a <= 1.0 for r in acc for a in r)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    args = cc.build_parser().parse_args(["--quick", "--seeds", "0", "--epochs", "1", "--methods", "joint"])
+    res = cc.run_experiment(args, progress=False)["joint"]
+    assert res["forgetting"] is None and res["inc_acc"] is None and len(res["acc_last_row"]) == 5
+
+
+def test_cli_argument_errors_are_one_line_exit_2(capsys):
+    for argv, word in ((["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--rank", "1000"], "--rank"),
+                       (["--protect-energy", "1.5"], "--protect-energy"), (["--project-energy", "0"], "--project-energy")):
+        with pytest.raises(SystemExit) as info:
+            cc.main(argv + ["--no-progress"])
+        assert info.value.code == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("clora-continual: error: argument " + word), err
+
+
+README_TABLES = {"class-il": "default.json", "task-il": "taskil.json"}
+
+
+def test_readme_tables_are_the_shipped_json():
+    """Every number of the README's continual-learning tables is the shipped JSON's (regenerated
+    by the command printed beside the table)."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    for name in README_TABLES.values():
+        data = json.loads((root / "benchmarks" / "continual" / name).read_text())
+        assert data["meta"]["recommended"] == cc.RECOMMENDED and data["meta"]["seeds"] == [0, 1, 2, 3, 4]
+        for method, m in data["methods"].items():
+            row = cc.markdown_row(method, m)
+            assert row in readme, f"README lacks the row of {name}: {row}"
 
 
 def test_diverging_training_is_a_clear_error():
     with pytest.raises(SystemExit, match=r"training diverged on task 0 .*lower the learning rate, now 1e\+06 with sgd"):
         cc.main(["--seeds", "0", "--epochs", "1", "--methods", "seq_lora", "--optimizer", "sgd", "--lr", "1e6",
                  "--no-progress"])
-    with pytest.raises(SystemExit, match="--lr must be positive"):
+    with pytest.raises(SystemExit):
         cc.main(["--lr", "0", "--no-progress"])
+
+
+def test_readme_recipe_runs_as_written():
+    """The README's recipe block, run on the digits MLP with a hand-written training loop: the
+    prototype head predicts, and the first task's accuracy survives the second."""
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- recipe -->\n```python\n(.*?)```", readme, re.S).group(1)
+    pre, tasks = cc.digits_splits()
+    model = cc.pretrain(pre, 5, 0)
+    model.head.requires_grad_(True)
+
+    def features(x):
+        return torch.relu(model.fc2(torch.relu(model.fc1(x))))
+
+    def train_one_task(model, task):
+        model.head.requires_grad_(True)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        for _ in range(3):
+            for x, y in task:
+                loss = torch.nn.functional.cross_entropy(cc._masked(model(x), sorted(set(y.tolist()))), y)
+                loss = loss + 0.01 * ck.orthogonality_loss(model)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+    batches = [list(zip(t.train_x.split(32), t.train_y.split(32))) for t in tasks[:2]]
+    env = {"ck": ck, "torch": torch, "model": model, "PrototypeHead": cc.PrototypeHead, "num_classes": 10,
+           "feature_dim": 128, "tasks": batches, "train_one_task": train_one_task, "features": features}
+    exec(code, env)
+    assert all(m.protection.name == "freeze" and m.task_index == 2 for _, m in ck.nn.clora_layers(model))
+    with torch.no_grad():
+        acc = [float((env["predict"](t.test_x) == t.test_y).float().mean()) for t in tasks[:2]]
+    assert min(acc) > 0.8, acc
