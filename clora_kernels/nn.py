@@ -105,8 +105,10 @@ class CLoRALinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, rank: int = 16, alpha: Optional[float] = None, **kwargs) -> "CLoRALinear":
         """Wrap an existing nn.Linear (its weight and bias are shared, not copied): at init the
         output equals the Linear's exactly (lora_B = 0)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, nn.Linear) or isinstance(linear, CLoRALinear):
+            raise TypeError(f"from_linear expects a plain nn.Linear, got {type(linear).__name__}"
+                            + (" (it already holds an adapter, which would be dropped)"
+                               if isinstance(linear, CLoRALinear) else ""))
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, rank, alpha, bias=linear.bias is not None,
                     device="meta", dtype=w.dtype, **kwargs)
@@ -131,7 +133,11 @@ class CLoRALinear(nn.Linear):
     def delta_weight(self) -> Tensor:
         """scaling · lora_B R_effᵀ lora_A, shape (out_features, in_features)."""
         self.protection.enforce(self)
-        return self.scaling * (self.lora_B @ self.routing().t() @ self.lora_A)
+        return self._delta(self.lora_A, self.lora_B, self.routing_old, self.routing_delta, self.projection)
+
+    def _delta(self, lora_A, lora_B, routing_old, routing_delta, projection) -> Tensor:
+        r_eff = routing_eff(routing_old, routing_delta, projection if self.mode == "hard" else None)
+        return self.scaling * (lora_B @ r_eff.t() @ lora_A)
 
     def orthogonality_loss(self) -> Tensor:
         """|| Oᵀ (P R_delta) ||_F² with O = routing_old (soft) or Q (hard; I - P = Q Qᵀ)."""
@@ -181,18 +187,35 @@ class CLoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + delta_weight(); the forward is then a plain F.linear."""
+        """W <- W + delta_weight(); the forward is then a plain F.linear. The adapter as merged is
+        remembered (its small tensors, not the N×K delta), so unmerge takes out exactly what went
+        in even if the adapter is edited meanwhile (an optimizer step with momentum, a load)."""
         if self.merged:
             return
+        self.protection.enforce(self)
+        self._merged_adapter = tuple(getattr(self, t).detach().clone() for t in _ADAPTER_TENSORS) + (self.scaling,)
         self.weight.add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """W <- W - the delta that merge added; the forward is the C-LoRA op again, with the
+        adapter as it is now."""
         if not self.merged:
             return
-        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        kept = getattr(self, "_merged_adapter", None)
+        if kept is None:           # merged in another process (state_dict): the adapter as loaded
+            delta = self.delta_weight()
+        else:
+            *tensors, scaling = kept
+            now, self.scaling = self.scaling, scaling
+            try:
+                delta = self._delta(*tensors)
+            finally:
+                self.scaling = now
+        self.weight.sub_(delta.to(self.weight.dtype))
         self.merged = False
+        self._merged_adapter = None
 
     # ---- persistence ----------------------------------------------------------------------
     def get_extra_state(self):
@@ -262,23 +285,35 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
 
 def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"), rank: int = 16,
                  alpha: Optional[float] = None, **kwargs) -> nn.Module:
-    """Replace every nn.Linear whose name is, or ends with '.' + , a target with a CLoRALinear
-    (PEFT's matching rule), freeze every other parameter, and return the model."""
+    """Replace every nn.Linear whose name is a target or ends with '.' + a target with a
+    CLoRALinear (PEFT's matching rule), freeze every other parameter, and return the model.
+    Every replacement is built first: if one fails (a rank too large for one layer, say), the
+    model is left as it was."""
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     targets = tuple(target_modules)
     found = [(n, m) for n, m in model.named_modules()
              if type(m) is nn.Linear and _matches(n, targets)]
     if not found:
+        done = [n for n, m in model.named_modules() if isinstance(m, CLoRALinear) and _matches(n, targets)]
+        if done:
+            raise ValueError(f"inject_clora: the layers matching target_modules={list(targets)} are C-LoRA layers "
+                             f"already ({done[:8]}); inject once per model")
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(f"inject_clora: no nn.Linear matches target_modules={list(targets)}; "
                          f"some Linear layers of this model: {linears}")
+    new = []
+    for name, linear in found:
+        try:
+            new.append((name, CLoRALinear.from_linear(linear, rank, alpha, **kwargs)))
+        except ValueError as exc:
+            raise ValueError(f"inject_clora: layer {name!r}: {exc}; the model was not changed") from None
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, linear in found:
+    for name, layer in new:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, CLoRALinear.from_linear(linear, rank, alpha, **kwargs))
+        setattr(parent, child, layer)
     return model
 
 

@@ -310,3 +310,35 @@ def test_load_adapter_bad_file_changes_nothing(tmp_path, case, words):
         ck.load_adapter(model, dst)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if torch.is_tensor(before[k]))
+
+
+def test_unmerge_restores_the_base_after_the_adapter_changed_while_merged(seed):
+    """An optimizer step with momentum, or a load, while merged: unmerge takes out what merge put
+    in, so the shared base weight comes back (it ended 0.4-0.5 away before); the forward then uses
+    the adapter as it is now."""
+    lin = nn.Linear(24, 40)
+    w0 = lin.weight.detach().clone()
+    layer = _trained(CLoRALinear.from_linear(lin, rank=6))
+    layer.merge()
+    with torch.no_grad():
+        layer.lora_B.add_(torch.randn_like(layer.lora_B))
+        layer.routing_delta.mul_(3.0)
+    layer.unmerge()
+    assert rel_err(lin.weight, w0) < 1e-6
+    x = torch.randn(5, 24)
+    ref = nn.functional.linear(x, w0 + layer.delta_weight(), lin.bias)
+    assert rel_err(layer(x), ref) < 1e-5
+
+
+def test_inject_is_all_or_nothing_and_once():
+    net = _Net()
+    net.blocks[1].proj = nn.Linear(16, 3)           # rank 4 fits every layer but this one
+    before = {n: p.requires_grad for n, p in net.named_parameters()}
+    with pytest.raises(ValueError, match=r"layer 'blocks.1.proj'.*rank.*the model was not changed"):
+        ck.inject_clora(net, rank=4)
+    assert not ck.nn.clora_layers(net) and {n: p.requires_grad for n, p in net.named_parameters()} == before
+    ck.inject_clora(net, target_modules=("qkv",), rank=4)
+    with pytest.raises(ValueError, match=r"C-LoRA layers already \(\['blocks.0.qkv', 'blocks.1.qkv'\]\)"):
+        ck.inject_clora(net, target_modules=("qkv",), rank=4)
+    with pytest.raises(TypeError, match="already holds an adapter"):
+        CLoRALinear.from_linear(net.blocks[0].qkv, rank=2)

@@ -78,7 +78,28 @@ def _scaled_mm(like, a, b, s):
     return torch.addmm(like, a, b, beta=0, alpha=s)
 
 
+def _double_backward(ctx, grad_y):
+    """The backward when it is itself differentiated (create_graph=True, e.g. a gradient penalty):
+    autograd through the reference formula of the same semantics, recomputed from the saved
+    inputs, so second derivatives are right (the kernels' dx has no derivative of its own). The
+    bias enters linearly, so the formula runs without it and its gradient is Σ_rows g."""
+    from .torch_ref import reference_formula
+    x, _, weight, lora_a, lora_b, r_old, r_delta, proj = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    wrt = [(i, v) for i, v in ((0, x), (3, lora_a), (4, lora_b), (6, r_delta)) if needs[i]]
+    y = reference_formula(x, weight, None, lora_a, lora_b, r_old, r_delta, proj, ctx.scaling, ctx.through_old)
+    got = torch.autograd.grad(y, [v for _, v in wrt], grad_y, create_graph=True, allow_unused=True) if wrt else ()
+    out = [None] * 12
+    for (i, v), d in zip(wrt, got):
+        out[i] = torch.zeros_like(v) if d is None else d
+    if needs[2]:
+        out[2] = grad_y.sum(0)
+    return tuple(out)
+
+
 def _backward(ctx, grad_y, grad_t):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():   # create_graph=True
+        return _double_backward(ctx, grad_y)
     x, t, weight, lora_a, lora_b, r_old, r_delta, proj = ctx.saved_tensors
     s = ctx.scaling
     g = grad_y
@@ -99,8 +120,9 @@ def _backward(ctx, grad_y, grad_t):
             d_a = _scaled_mm(lora_a, r_train, v.t() @ x, s)      # (s xᵀ v R_trainᵀ)ᵀ  (r, K)
         if need_lb:
             d_lb = _scaled_mm(lora_b, g.t(), t @ r_train, s)     # (s (t R_train)ᵀ g)ᵀ (N, r)
-    if need_rd:                                                  # s P tᵀ v          (r, r)
-        d_rd = _scaled_mm(r_delta, t.t(), v, s) if proj is None else _scaled_mm(r_delta, proj, t.t() @ v, s)
+    if need_rd:                                                  # s Pᵀ tᵀ v  (P is symmetric in hard mode; Pᵀ
+        # keeps a direct caller's non-symmetric projection right too)                       (r, r)
+        d_rd = _scaled_mm(r_delta, t.t(), v, s) if proj is None else _scaled_mm(r_delta, proj.t(), t.t() @ v, s)
     if need_b:
         d_bias = g.sum(0)
     return dx, None, d_bias, d_a, d_lb, None, d_rd, None, None, None, None, None

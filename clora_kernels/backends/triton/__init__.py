@@ -39,6 +39,8 @@ class TritonBackend(KernelBackend):
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
         from .launch import run
         from .tune import plan_for
+        if bias is not None and bias.stride(0) != 1:   # the kernels read bias[n] at offset n
+            bias = bias.contiguous()
         args = (x, weight, lora_a.t(), lora_b.t(), r_old, r_delta, proj, bias, scaling, False)
         return run(plan_for("fwd", auto, *args, need_t=need_t), *args, need_t=need_t)
 
