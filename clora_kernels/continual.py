@@ -141,6 +141,9 @@ class PrototypeHead(nn.Module):
         if features.dim() != 2 or features.shape[1] != self.sums.shape[1] or labels.shape != features.shape[:1]:
             raise ValueError(f"PrototypeHead.add: features must be (n, {self.sums.shape[1]}) and labels (n,), got "
                              f"{tuple(features.shape)} and {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.sums.shape[0]):
+            raise ValueError(f"PrototypeHead.add: labels must be in [0, {self.sums.shape[0]}), got "
+                             f"{int(labels.min())}..{int(labels.max())}")
         self.sums.index_add_(0, labels, features.to(self.sums.dtype))
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
 
@@ -176,7 +179,7 @@ def evaluate(model, task: Task, allowed, prototypes: PrototypeHead = None, featu
 
 def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool = True, setting: str = "class-il",
                    epochs: int = 10, lr: float = 5e-3, lambda_orth: float = 0.01, batch_size: int = 32,
-                   optimizer: str = "adam", classifier: str = "prototype", prototypes: PrototypeHead = None,
+                   optimizer: str = "adam", classifier: str = None, prototypes: PrototypeHead = None,
                    seed: int = 0, progress: bool = True, desc: str = "") -> list:
     """Train `model` on the tasks in order; return the accuracy matrix (list of rows, row i
     holding a[i][0..i]). Only parameters that require grad are trained; what a C-LoRA layer
@@ -184,8 +187,8 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     `observe_task` needs).
 
     classifier: "prototype" (a PrototypeHead on the head's input, built here unless `prototypes`
-    is given) or "linear" (the model's head). epochs=0 trains nothing (a frozen backbone with
-    the prototype head: SimpleCIL).
+    is given) or "linear" (the model's head); default: `default_classifier(setting)`. epochs=0
+    trains nothing (a frozen backbone with the prototype head: SimpleCIL).
 
     optimizer: "adam" (torch.optim.Adam) or "sgd" (torch.optim.SGD, momentum 0.9), fresh per task.
     The choice matters to C-LoRA's paper policy: Adam rescales each coordinate's step to about lr,
@@ -195,8 +198,11 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    classifier = classifier or default_classifier(setting)
     if classifier not in CLASSIFIERS:
         raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+    if classifier == "linear" and prototypes is not None:
+        raise ValueError("train_sequence: prototypes were given but classifier='linear' (pass classifier='prototype')")
     head_mod = model.get_submodule(head)
     if not isinstance(head_mod, nn.Linear):
         raise ValueError(f"model.{head} must be an nn.Linear head, got {type(head_mod).__name__}")
@@ -427,6 +433,8 @@ def plot_matrices(methods: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [n for n in methods if "acc_matrix" in methods[n]]
+    if not names:               # joint alone has no sequence to draw
+        return
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         m = methods[name]["acc_matrix"]
@@ -459,6 +467,20 @@ def _positive_float(text):
     return v
 
 
+def _seed(text):
+    v = int(text)
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
+    return v
+
+
+def _non_negative(text):
+    v = float(text)
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
 def _fraction(text):
     v = float(text)
     if not 0.0 < v <= 1.0:
@@ -469,11 +491,11 @@ def _fraction(text):
 def build_parser():
     ap = argparse.ArgumentParser(prog="clora-continual", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+    ap.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2, 3, 4],
                     help=f"seeds of the pre-training and the training order (the defaults were tuned on seeds "
                          f"{list(TUNING_SEEDS)} with --class-order-seed {TUNING_CLASS_ORDER_SEED}, which the "
                          f"reported tables do not use)")
-    ap.add_argument("--class-order-seed", type=int, default=None,
+    ap.add_argument("--class-order-seed", type=_seed, default=None,
                     help="shuffle the classes into tasks with this seed (default: (0, 1), (2, 3), ...)")
     ap.add_argument("--epochs", type=_positive_int, default=10, help="epochs per task")
     ap.add_argument("--quick", action="store_true", help="reduced run: 4 epochs per task, seeds 0 1")
@@ -486,7 +508,7 @@ def build_parser():
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                     help="adam, or sgd with momentum 0.9 (then pass an SGD-sized --lr, e.g. 0.02)")
     ap.add_argument("--lr", type=_positive_float, default=5e-3)
-    ap.add_argument("--lambda-orth", type=float, default=0.01)
+    ap.add_argument("--lambda-orth", type=_non_negative, default=0.01)
     ap.add_argument("--protect-energy", type=_fraction, default=0.9, help="hard mode's routing energy")
     ap.add_argument("--project-energy", type=_fraction, default=0.99,
                     help="clora_project: the energy its protected subspaces hold")
@@ -519,17 +541,19 @@ def main(argv=None) -> int:
     if args.quick:
         args.epochs, args.seeds = 4, [0, 1]
     args.classifier = args.classifier or default_classifier(args.setting)
+    if args.rank > 64:
+        ap.error(f"argument --rank: the digits layers have 64 and 128 features, so rank must be <= 64, got {args.rank}")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:                   # checked before the work starts; missing folders are made
+            if os.path.isdir(path):
+                ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
             folder = os.path.dirname(os.path.abspath(path))
             try:
                 os.makedirs(folder, exist_ok=True)
             except OSError as exc:
-                ap.error(f"argument {flag}: cannot create the folder of {path!r} ({exc.strerror})")
+                ap.error(f"argument {flag}: cannot create the folder of {path!r} ({exc})")
             if not os.access(folder, os.W_OK):
                 ap.error(f"argument {flag}: the folder of {path!r} is not writable")
-    if args.rank > 64:
-        ap.error(f"argument --rank: the digits layers have 64 and 128 features, so rank must be <= 64, got {args.rank}")
     meta = {"data": "scikit-learn digits (UCI optical recognition of handwritten digits), 5 tasks x 2 classes",
             "setting": args.setting, "classifier": args.classifier, "recommended": RECOMMENDED,
             "seeds": args.seeds, "class_order": class_order(args.class_order_seed),

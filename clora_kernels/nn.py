@@ -147,7 +147,8 @@ class CLoRALinear(nn.Linear):
         # ||Qᵀ M||_F = ||Q Qᵀ M||_F = ||(I - P) M||_F  (Q has orthonormal columns)
         return (new - self.projection @ new).square().sum()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:     # nn.Linear's argument name: layer(input=x) works
+        x = input
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         lora_A, lora_B, plain = self.lora_A, self.lora_B, self.grad_through_old_route
@@ -171,7 +172,7 @@ class CLoRALinear(nn.Linear):
         why = self.protection.not_ready(self)
         if why:
             raise ValueError(f"end_task: {why}; nothing was changed")
-        self.protection.enforce(self)
+        self.protection.enforce(self, force=True)
         self.routing_old.copy_(self.routing())
         self.routing_delta.zero_()
         if self.mode == "hard":
@@ -192,7 +193,7 @@ class CLoRALinear(nn.Linear):
         in even if the adapter is edited meanwhile (an optimizer step with momentum, a load)."""
         if self.merged:
             return
-        self.protection.enforce(self)
+        self.protection.enforce(self, force=True)
         self._merged_adapter = tuple(getattr(self, t).detach().clone() for t in _ADAPTER_TENSORS) + (self.scaling,)
         self.weight.add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
@@ -233,8 +234,12 @@ class CLoRALinear(nn.Linear):
         # the saved policy is adopted before the buffers load, and its variable-size buffers (the
         # projection policy's bases) take the saved shapes
         extra = state_dict.get(prefix + "_extra_state")
-        if isinstance(extra, dict) and "protection" in extra and extra["protection"] != self.protection.config():
-            self._set_protection(extra["protection"])
+        saved_a = state_dict.get(prefix + "lora_A")
+        if isinstance(extra, dict) and (saved_a is None or saved_a.shape == self.lora_A.shape):
+            # a state saved before the policies existed was trained with the paper's semantics
+            saved = extra.get("protection", "paper")
+            if make_protection(saved).config() != self.protection.config():
+                self._set_protection(saved)
         for name in self.protection.buffers:
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.dim() == 2 and saved.shape != self._buffers[name].shape:
@@ -325,11 +330,9 @@ def end_task(model: nn.Module) -> None:
     if bad:
         raise ValueError(f"end_task: non-finite routing (NaN/Inf; did training diverge?) in {'; '.join(bad)}; "
                          f"no layer was changed")
-    waiting = [name for name, m in layers if m.protection.not_ready(m)]
+    waiting = [(name, why) for name, m in layers for why in [m.protection.not_ready(m)] if why]
     if waiting:
-        name = waiting[0]
-        why = dict(layers)[name].protection.not_ready(dict(layers)[name])
-        raise ValueError(f"end_task: {why} (layers {waiting}); no layer was changed")
+        raise ValueError(f"end_task: {waiting[0][1]} (layers {[n for n, _ in waiting]}); no layer was changed")
     for _, m in layers:
         m.end_task()
 
@@ -346,17 +349,26 @@ def observe_task(model: nn.Module):
 
     Layers of the other policies ignore the pass. What is recorded is a K×K Gram per layer, freed
     by end_task."""
-    layers = _require_layers(model, "observe_task")
-    handles = [m.register_forward_pre_hook(_observe_hook) for _, m in layers if m.protection.needs_inputs]
+    layers = [m for _, m in _require_layers(model, "observe_task")
+              if m.protection.needs_inputs and not getattr(m, "_observing", False)]   # nested: counted once
+    handles = [m.register_forward_pre_hook(_observe_hook, with_kwargs=True) for m in layers]
+    for m in layers:
+        m._observing = True
     try:
         yield model
+    except BaseException:
+        for m in layers:              # an interrupted pass is not half-recorded
+            m.protection.loaded(m)
+        raise
     finally:
         for h in handles:
             h.remove()
+        for m in layers:
+            m._observing = False
 
 
-def _observe_hook(layer, args):
-    layer.protection.observe(layer, args[0])
+def _observe_hook(layer, args, kwargs):
+    layer.protection.observe(layer, args[0] if args else kwargs["input"])
 
 
 def orthogonality_loss(model: nn.Module) -> Tensor:
@@ -386,7 +398,7 @@ def save_adapter(model: nn.Module, path) -> None:
     layers = _require_layers(model, "save_adapter")
     tensors, meta = {}, {}
     for name, m in layers:
-        m.protection.enforce(m)
+        m.protection.enforce(m, force=True)
         for t in _ADAPTER_TENSORS + m.protection.buffers:
             tensors[f"{name}.{t}"] = getattr(m, t).detach().to("cpu").contiguous()
         meta[name] = {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "protect_energy": m.protect_energy,
@@ -402,8 +414,12 @@ def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict)
     if not isinstance(info, dict):
         raise ValueError(f"{where}: malformed metadata {info!r}")
     task_index, alpha = info.get("task_index"), info.get("alpha", m.alpha)
+    alpha = m.rank if alpha is None else alpha
     if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
         raise ValueError(f"{where}: task_index must be an int >= 0, got {task_index!r}")
+    if not isinstance(info.get("grad_through_old_route", False), bool):
+        raise ValueError(f"{where}: grad_through_old_route must be true or false, got "
+                         f"{info['grad_through_old_route']!r}")
     try:
         _check_config(m.in_features, m.out_features, m.rank, alpha, info.get("mode", m.mode),
                       info.get("protect_energy", m.protect_energy), m.backend, info.get("protection", "paper"))
@@ -421,6 +437,9 @@ def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict)
             raise ValueError(f"{where}: {t} in the adapter has shape {have}, the model needs "
                              f"({rows}, {'any' if cols is None else cols}) "
                              f"(adapter rank {info.get('rank')}, model rank {m.rank})")
+    bad = policy.check_loaded({t: tensors[f"{name}.{t}"] for t in policy.buffers})
+    if bad:
+        raise ValueError(f"{where}: {bad}")
     return {"task_index": task_index, "alpha": float(alpha), "mode": info.get("mode", m.mode),
             "protect_energy": float(info.get("protect_energy", m.protect_energy)), "policy": policy,
             "grad_through_old_route": bool(info.get("grad_through_old_route", m.grad_through_old_route)),

@@ -9,7 +9,7 @@ init / merge / forward):
     acts(layer)             does the policy touch this forward (False on the first task)
     operands(layer, A, B, g) the factors the op sees and its grad_through_old_route (freeze: detached
                             factors, so they get no gradient; project: plain gradients)
-    enforce(layer)          put the trainable tensors back on the allowed set (project)
+    enforce(layer, force)   put the trainable tensors back on the allowed set (project)
     observe(layer, x)       accumulate the inputs of a pass over the task's data (project)
     not_ready(layer)        why end_task cannot run yet ('' when it can), checked before anything changes
     end_task(layer)         after the routing fold (routing_delta is 0 then)
@@ -28,11 +28,13 @@ Policies beyond "paper" are this project's variants, not the paper's method:
              Saha et al. 2021, applied to the three factors): lora_A moves only orthogonally to
              the earlier tasks' input subspace U (K-space), routing_delta only where the earlier
              tasks' t = x·lora_Aᵀ (after P) has no energy, lora_B only where their
-             u = t·R_eff has none. The subspaces keep `energy` of each Gram matrix's trace
-             (GPM's threshold); what falls outside is the bound on how far old outputs can move.
-             Exact for any optimizer: the layer projects the parameters (not only the gradient,
-             which Adam's per-coordinate scaling would leak) before each forward that follows a
-             change. Needs one pass over each task's data before end_task, inside
+             u = t·R_eff has none. U keeps `energy` of each task's input energy (GPM's
+             threshold); the input energy left outside U is what is not protected (measured on
+             the digits at 0.99: a whole next task moves the first task's features by 2-3.5 %).
+             The r-space subspaces take every direction the old t and u use. Optimizer-agnostic:
+             the layer projects the parameters (not only the gradient, which Adam's
+             per-coordinate scaling would leak) before each forward that follows a change or an
+             optimizer step. Needs one pass over each task's data before end_task, inside
              `clora_kernels.observe_task(model)`. Memory per layer: U (K×k, k ≤ K) and r×r
              Grams; a K×K Gram only while observing.
 """
@@ -40,6 +42,22 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+_STEPS = [0]          # optimizer steps taken in this process (a global step hook counts them)
+_HOOK = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[0] += 1
+
+
+def _watch_optimizer_steps() -> None:
+    """Fused optimizers write parameters without bumping their version counters, so the project
+    policy also re-enforces after every optimizer step of the process (one global post-step hook,
+    registered when the first such layer is made)."""
+    if not _HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _HOOK.append(register_optimizer_step_post_hook(_count_step))
 
 _POLICIES = ("paper", "freeze", "project")
 
@@ -73,7 +91,7 @@ class Protection:
     def operands(self, layer, lora_A: Tensor, lora_B: Tensor, grad_through_old_route: bool):
         return lora_A, lora_B, grad_through_old_route
 
-    def enforce(self, layer) -> None:
+    def enforce(self, layer, force: bool = False) -> None:
         pass
 
     def observe(self, layer, x: Tensor) -> None:
@@ -87,6 +105,10 @@ class Protection:
 
     def loaded(self, layer) -> None:
         """After state_dict / adapter loading set the layer's task state."""
+
+    def check_loaded(self, tensors: dict) -> str:
+        """Why buffers about to be loaded (name -> tensor) do not fit together ('' when they do)."""
+        return ""
 
     def config(self) -> dict:
         return {"name": self.name}
@@ -130,7 +152,10 @@ class Freeze(Protection):
         """The factors train on the first task only: from the second on requires_grad is off (so an
         optimizer built from `requires_grad` parameters leaves them out) and no stale gradient
         stays (an optimizer built earlier skips a parameter whose .grad is None); the forward
-        detaches them as well, so a caller switching requires_grad back on changes nothing."""
+        detaches them as well, so a caller switching requires_grad back on gets no gradient for
+        them from the layer's output (a loss on delta_weight() itself would still reach them).
+        Under DistributedDataParallel the factors become unused parameters after the first task:
+        wrap with find_unused_parameters=True, or wrap again after end_task."""
         first = layer.task_index == 0
         for p in (layer.lora_A, layer.lora_B):
             p.requires_grad_(first)
@@ -172,19 +197,24 @@ class Project(Protection):
         return lora_A, lora_B, True
 
     def loaded(self, layer) -> None:
-        # no observed inputs ((K, K) float32 Gram and a row count), nothing enforced yet
+        # no observed inputs ((K, K) Gram and a row count), nothing enforced yet
+        _watch_optimizer_steps()
         layer._observed, layer._observed_rows = None, 0
         layer._enforced_versions = None
 
     def _versions(self, layer):
-        return (layer.lora_A._version, layer.routing_delta._version, layer.lora_B._version)
+        ts = (layer.lora_A, layer.routing_delta, layer.lora_B)
+        return tuple(t._version for t in ts) + tuple(t.data_ptr() for t in ts) + (_STEPS[0],)
 
     @torch.no_grad()
-    def enforce(self, layer) -> None:
+    def enforce(self, layer, force: bool = False) -> None:
         """lora_A·U = anchor, basisᵀ·routing_delta = 0, lora_B·V = anchor: the earlier tasks'
-        t, u and output are then what they were at their end_task (to the energy threshold).
-        Runs only when one of the three tensors changed since it last ran."""
-        if layer.task_index == 0 or self._versions(layer) == layer._enforced_versions:
+        t, u and output are then what they were at their end_task (U to the energy threshold).
+        Runs when one of the three tensors may have changed since it last ran: a new version or
+        storage, or an optimizer step anywhere in the process. Writes that are none of these (an
+        in-place edit through `.data` outside an optimizer) are not seen: pass force=True after
+        them (end_task, merge and save_adapter force it)."""
+        if layer.task_index == 0 or (not force and self._versions(layer) == layer._enforced_versions):
             return
         u, v, w = layer.protect_input_basis, layer.protect_output_basis, layer.protect_routing_basis
         if u.shape[1]:
@@ -199,9 +229,10 @@ class Project(Protection):
         layer._enforced_versions = self._versions(layer)
 
     def observe(self, layer, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if layer._observed is None:
-            layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        x = x.detach().reshape(-1, x.shape[-1])
+        x = x.to(torch.promote_types(x.dtype, torch.float32))     # fp32 at least, fp64 layers in fp64
+        if layer._observed is None or layer._observed.dtype != x.dtype:
+            layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
         layer._observed.addmm_(x.t(), x)
         layer._observed_rows += x.shape[0]
 
@@ -209,6 +240,19 @@ class Project(Protection):
         if layer._observed_rows == 0:
             return ("protection='project' needs the task's inputs: run a pass over the task's data inside "
                     "`with clora_kernels.observe_task(model):` before end_task")
+        if not bool(torch.isfinite(layer._observed).all()):
+            layer._observed, layer._observed_rows = None, 0     # dropped, so that a new pass can replace it
+            return ("the inputs observed for protection='project' held NaN/Inf (they were dropped); observe the "
+                    "task again inside `with clora_kernels.observe_task(model):`")
+        return ""
+
+    def check_loaded(self, tensors: dict) -> str:
+        """Why a set of loaded buffers is inconsistent ('' when it is not)."""
+        for basis, anchor in (("protect_input_basis", "protect_input_anchor"),
+                              ("protect_output_basis", "protect_output_anchor")):
+            if tensors[basis].shape[1] != tensors[anchor].shape[1]:
+                return (f"{anchor} has {tensors[anchor].shape[1]} columns but {basis} has "
+                        f"{tensors[basis].shape[1]}")
         return ""
 
     # ---- the task boundary ----------------------------------------------------------------
@@ -216,7 +260,8 @@ class Project(Protection):
     def end_task(self, layer) -> None:
         """After the fold (routing_delta = 0): add the task's input directions to U (GPM's rule:
         new directions of the residual until U holds `energy` of the task's input energy), add
-        the task's t and u Grams, and re-derive the r-space bases and the anchors."""
+        the task's t and u Grams, and re-derive the r-space bases (every direction the earlier
+        tasks' t and u use) and the anchors."""
         gram = layer._observed.double()
         dt = layer.lora_A.dtype
         u = layer.protect_input_basis.double()
@@ -242,8 +287,8 @@ class Project(Protection):
         g_u = layer.protect_gram_u.double() + r_eff.t() @ gram_t @ r_eff
         p = layer.projection.double() if layer.mode == "hard" else torch.eye(layer.rank, dtype=torch.float64,
                                                                             device=a.device)
-        w = _energy_basis(p @ g_t @ p, self.energy)
-        v = _energy_basis(g_u, self.energy)
+        w = _range_basis(p @ g_t @ p)
+        v = _range_basis(g_u)
         b = layer.lora_B.double()
         layer.protect_input_basis = u.to(dt)
         layer.protect_input_anchor = (a @ u).to(dt)
@@ -256,16 +301,16 @@ class Project(Protection):
         layer._enforced_versions = None
 
 
-def _energy_basis(gram: Tensor, energy: float) -> Tensor:
-    """Orthonormal columns spanning the top eigenvectors of a PSD Gram matrix that hold `energy`
-    of its trace ((r, 0) when the Gram is 0)."""
+def _range_basis(gram: Tensor, rtol: float = 1e-7) -> Tensor:
+    """Orthonormal columns spanning every eigenvector of a PSD r×r Gram matrix whose eigenvalue is
+    above rtol × the largest ((r, 0) when the Gram is 0). In r-space no energy share is left out:
+    a direction holding 0.75 % of the old u's energy let lora_B move old outputs by 13 % (review,
+    inputs in a 5-dimensional subspace at rank 6), and r is small, so protecting it costs little."""
     ev, vec = torch.linalg.eigh((gram + gram.t()) / 2)
     ev, vec = ev.flip(0).clamp(min=0), vec.flip(1)
-    total = float(ev.sum())
-    if total <= 0:
+    if ev.numel() == 0 or float(ev[0]) <= 0:
         return vec[:, :0]
-    k = int((torch.cumsum(ev, 0) < energy * total * (1 - 1e-12)).sum().item()) + 1
-    return vec[:, :min(k, ev.numel())]
+    return vec[:, :int((ev > rtol * ev[0]).sum().item())]
 
 
 def make_protection(spec) -> Protection:

@@ -147,7 +147,9 @@ def test_simple_cil_trains_nothing_and_joint_has_no_sequence():
 
 def test_cli_argument_errors_are_one_line_exit_2(capsys):
     for argv, word in ((["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--rank", "1000"], "--rank"),
-                       (["--protect-energy", "1.5"], "--protect-energy"), (["--project-energy", "0"], "--project-energy")):
+                       (["--protect-energy", "1.5"], "--protect-energy"), (["--project-energy", "0"], "--project-energy"),
+                       (["--lambda-orth", "nan"], "--lambda-orth"), (["--lambda-orth", "-5"], "--lambda-orth"),
+                       (["--seeds", "99999999999999999999999"], "--seeds"), (["--json", "."], "--json")):
         with pytest.raises(SystemExit) as info:
             cc.main(argv + ["--no-progress"])
         assert info.value.code == 2, argv
