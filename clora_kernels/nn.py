@@ -133,11 +133,12 @@ class CLoRALinear(nn.Linear):
     def delta_weight(self) -> Tensor:
         """scaling · lora_B R_effᵀ lora_A, shape (out_features, in_features)."""
         self.protection.enforce(self)
-        return self._delta(self.lora_A, self.lora_B, self.routing_old, self.routing_delta, self.projection)
+        return self._delta(self.lora_A, self.lora_B, self.routing_old, self.routing_delta, self.projection,
+                           self.scaling)
 
-    def _delta(self, lora_A, lora_B, routing_old, routing_delta, projection) -> Tensor:
+    def _delta(self, lora_A, lora_B, routing_old, routing_delta, projection, scaling) -> Tensor:
         r_eff = routing_eff(routing_old, routing_delta, projection if self.mode == "hard" else None)
-        return self.scaling * (lora_B @ r_eff.t() @ lora_A)
+        return scaling * (lora_B @ r_eff.t() @ lora_A)
 
     def orthogonality_loss(self) -> Tensor:
         """|| Oᵀ (P R_delta) ||_F² with O = routing_old (soft) or Q (hard; I - P = Q Qᵀ)."""
@@ -205,15 +206,8 @@ class CLoRALinear(nn.Linear):
         if not self.merged:
             return
         kept = getattr(self, "_merged_adapter", None)
-        if kept is None:           # merged in another process (state_dict): the adapter as loaded
-            delta = self.delta_weight()
-        else:
-            *tensors, scaling = kept
-            now, self.scaling = self.scaling, scaling
-            try:
-                delta = self._delta(*tensors)
-            finally:
-                self.scaling = now
+        # merged in another process (state_dict): the adapter as loaded is all there is
+        delta = self.delta_weight() if kept is None else self._delta(*kept)
         self.weight.sub_(delta.to(self.weight.dtype))
         self.merged = False
         self._merged_adapter = None
@@ -237,14 +231,13 @@ class CLoRALinear(nn.Linear):
         saved_a = state_dict.get(prefix + "lora_A")
         if isinstance(extra, dict) and (saved_a is None or saved_a.shape == self.lora_A.shape):
             # a state saved before the policies existed was trained with the paper's semantics
-            saved = extra.get("protection", "paper")
-            if make_protection(saved).config() != self.protection.config():
-                self._set_protection(saved)
+            policy = make_protection(extra.get("protection", "paper"))
+            if policy.config() != self.protection.config():
+                self._set_protection(policy)
         for name in self.protection.buffers:
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.dim() == 2 and saved.shape != self._buffers[name].shape:
-                mine = self._buffers[name]
-                self._buffers[name] = mine.new_empty(saved.shape)
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dim() == 2 and value.shape != self._buffers[name].shape:
+                self._buffers[name] = self._buffers[name].new_empty(value.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
