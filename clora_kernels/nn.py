@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from typing import Iterable, Optional
+import re
+import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,8 @@ class CLoRALinear(nn.Linear):
         self.backend = backend
         self.task_index = 0
         self.merged = False
+        self.fan_in_fan_out = False      # True: `weight` is stored (in, out), transformers' Conv1D layout
+        self.adapter_enabled = True      # False inside disable_adapter(): the base layer alone
         fk = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **fk))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **fk))
@@ -75,7 +79,13 @@ class CLoRALinear(nn.Linear):
     def reset_parameters(self) -> None:
         """nn.Linear's init of weight and bias, and the adapter's first-task state (so the FSDP
         idiom, meta-device build, `to_empty`, `reset_parameters()`, gives a layer equal to its base)."""
-        super().reset_parameters()
+        if getattr(self, "fan_in_fan_out", False):
+            with torch.no_grad():    # nn.Linear's init, on the (out, in) view of a Conv1D-layout weight
+                nn.init.kaiming_uniform_(self.weight.t(), a=math.sqrt(5))
+                if self.bias is not None:
+                    nn.init.uniform_(self.bias, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+        else:
+            super().reset_parameters()
         if "routing_delta" in self._parameters:      # nn.Linear.__init__ calls this before the adapter exists
             self.reset_adapter()
 
@@ -102,16 +112,20 @@ class CLoRALinear(nn.Linear):
         policy.attach(self)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int = 16, alpha: Optional[float] = None, **kwargs) -> "CLoRALinear":
-        """Wrap an existing nn.Linear (its weight and bias are shared, not copied): at init the
-        output equals the Linear's exactly (lora_B = 0)."""
-        if not isinstance(linear, nn.Linear) or isinstance(linear, CLoRALinear):
-            raise TypeError(f"from_linear expects a plain nn.Linear, got {type(linear).__name__}"
-                            + (" (it already holds an adapter, which would be dropped)"
-                               if isinstance(linear, CLoRALinear) else ""))
+    def from_linear(cls, linear: nn.Module, rank: int = 16, alpha: Optional[float] = None, **kwargs) -> "CLoRALinear":
+        """Wrap an existing nn.Linear, or a transformers `Conv1D` (GPT-2's (in, out) layout, kept
+        as it is: the layer computes with a transposed view, PEFT's fan_in_fan_out). The weight
+        and bias are shared, not copied: at init the output equals the base layer's exactly
+        (lora_B = 0)."""
+        conv1d = _is_conv1d(linear)
+        if not (conv1d or isinstance(linear, nn.Linear)) or isinstance(linear, CLoRALinear):
+            raise TypeError(f"from_linear expects a plain nn.Linear or a transformers Conv1D, got "
+                            f"{type(linear).__name__}" + (" (it already holds an adapter, which would be dropped)"
+                                                          if isinstance(linear, CLoRALinear) else ""))
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, rank, alpha, bias=linear.bias is not None,
-                    device="meta", dtype=w.dtype, **kwargs)
+        k, n = w.shape if conv1d else w.shape[::-1]
+        layer = cls(k, n, rank, alpha, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)
+        layer.fan_in_fan_out = conv1d
         layer.weight = nn.Parameter(w.data, requires_grad=False)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
@@ -123,6 +137,11 @@ class CLoRALinear(nn.Linear):
         return layer
 
     # ---- the math -------------------------------------------------------------------------
+    def base_weight(self) -> Tensor:
+        """The base weight as (out_features, in_features): `weight`, or a view of it for the
+        Conv1D layout."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def _projection_arg(self) -> Optional[Tensor]:
         return self.projection if self.mode == "hard" else None
 
@@ -150,13 +169,13 @@ class CLoRALinear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:     # nn.Linear's argument name: layer(input=x) works
         x = input
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
+        if self.merged or not self.adapter_enabled:
+            return F.linear(x, self.base_weight(), self.bias)
         lora_A, lora_B, plain = self.lora_A, self.lora_B, self.grad_through_old_route
         if self.protection.acts(self):
             self.protection.enforce(self)
             lora_A, lora_B, plain = self.protection.operands(self, lora_A, lora_B, plain)
-        return clora_linear(x, self.weight, self.bias, lora_A, lora_B, self.routing_old,
+        return clora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, self.routing_old,
                             self.routing_delta, self._projection_arg(), self.scaling,
                             grad_through_old_route=plain, backend=self.backend)
 
@@ -196,7 +215,7 @@ class CLoRALinear(nn.Linear):
             return
         self.protection.enforce(self, force=True)
         self._merged_adapter = tuple(getattr(self, t).detach().clone() for t in _ADAPTER_TENSORS) + (self.scaling,)
-        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.base_weight().add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -208,7 +227,7 @@ class CLoRALinear(nn.Linear):
         kept = getattr(self, "_merged_adapter", None)
         # merged in another process (state_dict): the adapter as loaded is all there is
         delta = self.delta_weight() if kept is None else self._delta(*kept)
-        self.weight.sub_(delta.to(self.weight.dtype))
+        self.base_weight().sub_(delta.to(self.weight.dtype))
         self.merged = False
         self._merged_adapter = None
 
@@ -245,7 +264,7 @@ class CLoRALinear(nn.Linear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, mode={self.mode}, "
                 f"protection={self.protection.name}, task_index={self.task_index}, merged={self.merged}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
 
 
 def _hard_projection(routing_old: Tensor, protect_energy: float) -> Tensor:
@@ -277,42 +296,121 @@ def _require_layers(model: nn.Module, what: str) -> list:
     return layers
 
 
-def _matches(name: str, targets: Iterable[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
+def _is_conv1d(module: nn.Module) -> bool:
+    """A transformers `Conv1D` (GPT-2's linear layer, weight (in, out)); transformers is not
+    imported for this: a model holding one has imported it already."""
+    pu = sys.modules.get("transformers.pytorch_utils")
+    return pu is not None and type(module) is getattr(pu, "Conv1D", None)
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or _is_conv1d(module)
+
+
+_HEAD_NAMES = ("lm_head", "classifier", "score", "head")
+
+
+def _output_heads(model: nn.Module) -> set:
+    """Names of the model's output layers, which "all-linear" leaves alone (PEFT's rule, and timm's):
+    transformers' get_output_embeddings(), timm's get_classifier(), and top-level children named
+    lm_head / classifier / score / head."""
+    heads = set()
+    for getter in ("get_output_embeddings", "get_classifier"):
+        fn = getattr(model, getter, None)
+        try:
+            found = fn() if callable(fn) else None
+        except Exception:           # a model whose getter is not implemented has no such head
+            found = None
+        heads.update(n for n, m in model.named_modules() if found is not None and m is found)
+    heads.update(n for n, _ in model.named_children() if n in _HEAD_NAMES)
+    return {n for h in heads for n, _ in model.named_modules() if n == h or n.startswith(h + ".")}
+
+
+def _name_selector(spec, what: str):
+    """PEFT's forms of a module selector as a predicate on qualified names: a list of names
+    (a name matches when it equals one or ends with '.' + one) or a regex string (full match)."""
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as exc:
+            raise ValueError(f"{what}={spec!r} is not a valid regular expression ({exc})") from None
+        return lambda name: pattern.fullmatch(name) is not None
+    try:
+        names = tuple(spec)
+    except TypeError:
+        raise TypeError(f"{what} must be a list of module names or a regex string, got {type(spec).__name__}") from None
+    if not names or not all(isinstance(t, str) and t for t in names):
+        raise ValueError(f"{what} must be a non-empty list of non-empty names (or a regex string), got {spec!r}")
+    return lambda name: any(name == t or name.endswith("." + t) for t in names)
+
+
+def _candidates(model: nn.Module) -> str:
+    """The model's weight-holding layers by type, a few names each, for 'nothing matched' errors."""
+    by_type = {}
+    for n, m in sorted(model.named_modules(), key=lambda nm: not _linear_like(nm[1])):   # linear layers first
+        if n and isinstance(getattr(m, "weight", None), Tensor):
+            by_type.setdefault(type(m).__name__, []).append(n)
+    return "; ".join(f"{t} ({len(ns)}): {ns[:6]}" for t, ns in by_type.items()) or "none"
+
+
+def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> list:
+    """Names of the linear-like layers (nn.Linear, transformers Conv1D) that inject_clora
+    would replace, in module order (see inject_clora for the forms)."""
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        heads = _output_heads(model)
+        chosen = lambda name: name not in heads     # noqa: E731
+    else:
+        chosen = _name_selector(target_modules, "target_modules")
+    excluded = (lambda name: False) if exclude_modules is None else _name_selector(exclude_modules, "exclude_modules")
+    return [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
 
 
 def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"), rank: int = 16,
-                 alpha: Optional[float] = None, **kwargs) -> nn.Module:
-    """Replace every nn.Linear whose name is a target or ends with '.' + a target with a
-    CLoRALinear (PEFT's matching rule), freeze every other parameter, and return the model.
-    Every replacement is built first: if one fails (a rank too large for one layer, say), the
-    model is left as it was."""
-    if isinstance(target_modules, str):
-        target_modules = (target_modules,)
-    targets = tuple(target_modules)
-    found = [(n, m) for n, m in model.named_modules()
-             if type(m) is nn.Linear and _matches(n, targets)]
-    if not found:
-        done = [n for n, m in model.named_modules() if isinstance(m, CLoRALinear) and _matches(n, targets)]
+                 alpha: Optional[float] = None, *, exclude_modules=None, **kwargs) -> nn.Module:
+    """Replace the targeted linear layers (nn.Linear, and transformers' Conv1D, whose (in, out)
+    weight is kept as it is) with CLoRALinear layers sharing their weights, freeze every other
+    parameter, and return the model. `target_modules` takes PEFT's forms:
+
+    - a list of names: a layer matches when its qualified name equals one or ends with '.' + one;
+    - a regex string: a full match on the qualified name;
+    - "all-linear": every linear layer but the output head (transformers' output embeddings,
+      timm's classifier, top-level lm_head / classifier / score / head).
+
+    `exclude_modules` (a list or a regex, as above) removes layers from the selection. Every
+    replacement is built first: if one fails (a rank too large for one layer, say), the model
+    is left as it was."""
+    names = select_targets(model, target_modules, exclude_modules)
+    if not names:
+        done = [n for n, m in model.named_modules() if isinstance(m, CLoRALinear)]
         if done:
-            raise ValueError(f"inject_clora: the layers matching target_modules={list(targets)} are C-LoRA layers "
-                             f"already ({done[:8]}); inject once per model")
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"inject_clora: no nn.Linear matches target_modules={list(targets)}; "
-                         f"some Linear layers of this model: {linears}")
+            raise ValueError(f"inject_clora: the model holds C-LoRA layers already ({done[:8]}) and no other "
+                             f"layer matches target_modules={target_modules!r}; inject once per model")
+        hint = ""
+        if isinstance(target_modules, str) and target_modules != "all-linear" \
+                and select_targets(model, [target_modules], exclude_modules):
+            hint = (f" (a string is a regex on the full module name, PEFT's rule; for names ending in "
+                    f"{target_modules!r} pass [{target_modules!r}])")
+        raise ValueError(f"inject_clora: no nn.Linear or Conv1D layer matches target_modules={target_modules!r}"
+                         + ("" if exclude_modules is None else f" without exclude_modules={exclude_modules!r}")
+                         + f"{hint}; the model's layers by type: {_candidates(model)}")
     new = []
-    for name, linear in found:
+    for name in names:
         try:
-            new.append((name, CLoRALinear.from_linear(linear, rank, alpha, **kwargs)))
+            new.append((name, CLoRALinear.from_linear(model.get_submodule(name), rank, alpha, **kwargs)))
         except ValueError as exc:
             raise ValueError(f"inject_clora: layer {name!r}: {exc}; the model was not changed") from None
+    keep = {id(p) for _, m in clora_layers(model) for p in (m.lora_A, m.lora_B, m.routing_delta)}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in keep:       # adapters injected earlier keep their state (and their policy's)
+            p.requires_grad_(False)
     for name, layer in new:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        _replace(model, name, layer)
     return model
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def end_task(model: nn.Module) -> None:
@@ -378,6 +476,58 @@ def merge(model: nn.Module) -> None:
 def unmerge(model: nn.Module) -> None:
     for _, m in _require_layers(model, "unmerge"):
         m.unmerge()
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Inside the block every C-LoRA layer computes its base layer alone (PEFT's disable_adapter);
+    merged layers are unmerged for the block and merged again after it."""
+    layers = [m for _, m in _require_layers(model, "disable_adapter")]
+    merged = [m for m in layers if m.merged]
+    was = [m.adapter_enabled for m in layers]
+    for m in merged:
+        m.unmerge()
+    for m in layers:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(layers, was):
+            m.adapter_enabled = enabled
+        for m in merged:
+            m.merge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every C-LoRA layer and put back a plain layer of the base's type (nn.Linear, or
+    transformers' Conv1D) holding the merged weight and the bias; returns the model, which no
+    longer holds an adapter (PEFT's merge_and_unload)."""
+    layers = _require_layers(model, "merge_and_unload")
+    for _, m in layers:
+        m.merge()
+    for name, m in layers:
+        with torch.device("meta"):
+            if m.fan_in_fan_out:
+                plain = sys.modules["transformers.pytorch_utils"].Conv1D(m.out_features, m.in_features)
+            else:
+                plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        plain.weight = m.weight
+        plain.bias = m.bias
+        _replace(model, name, plain)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple:
+    """(trainable, total) parameter counts of the model, each shared parameter counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line: trainable params, all params and the trainable percentage."""
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "routing_old", "routing_delta", "projection")

@@ -231,7 +231,7 @@ def test_helpers_refuse_models_without_clora():
     for fn in (ck.end_task, ck.orthogonality_loss, ck.merge, ck.unmerge):
         with pytest.raises(ValueError, match="no CLoRALinear"):
             fn(_Net())
-    with pytest.raises(ValueError, match="no nn.Linear matches"):
+    with pytest.raises(ValueError, match="no nn.Linear or Conv1D layer matches"):
         ck.inject_clora(_Net(), target_modules=("nothing",))
 
 

@@ -1,0 +1,168 @@
+"""PEFT LoRA adapters in and out of C-LoRA layers (DESIGN.md section 2, "Storage layout and public names").
+
+A C-LoRA adapter with its routing folded in is an ordinary LoRA: the layer adds
+    scaling · lora_B R_effᵀ lora_A x,   R_eff = routing_old + projection · routing_delta,
+so PEFT's lora_B' = lora_B R_effᵀ with the same lora_A and scaling (alpha / r) gives the same output.
+`save_peft_adapter` writes that; `load_peft_adapter` reads a PEFT LoRA directory as the first
+task's state (R_old = 0, R_delta = I, P = I), from which continual training goes on.
+
+The directory layout is PEFT's `save_pretrained`: adapter_config.json and adapter_model.safetensors,
+tensors named base_model.model.<module name>.lora_A.weight / .lora_B.weight. PEFT itself is not
+needed to read or write it (the tests check the files with PEFT).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from .nn import _require_layers
+
+_PREFIX = "base_model.model."
+_CONFIG, _WEIGHTS, _LEGACY_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+
+# options of a PEFT LoRA config that change what the adapter computes or which tensors it holds,
+# with the value that means "not used"
+_UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "lora_bias": (False, None),
+                "modules_to_save": (None, ()), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+                "layer_replication": (None, ()), "target_parameters": (None, ()),
+                "trainable_token_indices": (None, {}), "use_qalora": (False, None),
+                "alora_invocation_tokens": (None, ()), "use_bdlora": (None, False)}
+
+
+def _read_config(directory) -> dict:
+    path = os.path.join(directory, _CONFIG)
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory}: no {_CONFIG} (not a PEFT adapter directory, which save_pretrained writes)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type must be 'LORA', got "
+                         f"{config.get('peft_type') if isinstance(config, dict) else config!r}")
+    for option, unused in _UNSUPPORTED.items():
+        value = config.get(option, unused[0])
+        if value not in unused and not (isinstance(value, (list, tuple, dict)) and not value):
+            raise ValueError(f"{path}: option {option}={value!r} is not supported by C-LoRA layers "
+                             f"(supported: plain LoRA, with use_rslora, any lora_dropout)")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{path}: r must be an int >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+    return config
+
+
+def _read_tensors(directory) -> dict:
+    weights = os.path.join(directory, _WEIGHTS)
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+        return load_file(weights)
+    legacy = os.path.join(directory, _LEGACY_WEIGHTS)
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise ValueError(f"{directory}: no {_WEIGHTS} (nor {_LEGACY_WEIGHTS})")
+
+
+def load_peft_adapter(model: nn.Module, directory) -> None:
+    """Load a PEFT LoRA adapter directory into the C-LoRA layers of `model` (made by inject_clora
+    on the same targets, with the adapter's rank), as the first task's state: lora_A, lora_B and
+    the scaling (lora_alpha / r, or / sqrt(r) with use_rslora) from the adapter, routing_old = 0,
+    routing_delta = I, projection = I, task_index = 0. The model then computes what the PEFT
+    model computes. Every layer is checked first; on any error nothing is changed and a
+    ValueError names the layer, the tensor or the option. lora_dropout is not kept (C-LoRA
+    layers have no dropout)."""
+    layers = _require_layers(model, "load_peft_adapter")
+    config = _read_config(directory)
+    tensors = _read_tensors(directory)
+    r = config["r"]
+    alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1.0)   # scaling = alpha / r
+    found = {}
+    for key in tensors:
+        name, _, kind = key.removeprefix(_PREFIX).rpartition(".lora_")
+        if not key.startswith(_PREFIX) or kind not in ("A.weight", "B.weight"):
+            raise ValueError(f"{directory}: tensor {key!r} is not a LoRA factor "
+                             f"({_PREFIX}<module>.lora_A.weight / .lora_B.weight); not supported")
+        found.setdefault(name, {})["lora_" + kind[0]] = tensors[key]
+    names = {n for n, _ in layers}
+    missing, extra = sorted(names - set(found)), sorted(set(found) - names)
+    if missing:
+        raise ValueError(f"{directory}: the adapter has no factors for the model's C-LoRA layer(s) {missing[:8]}")
+    if extra:
+        raise ValueError(f"{directory}: the adapter holds layer(s) {extra[:8]} that the model has no C-LoRA layer "
+                         f"for (inject_clora on the adapter's target_modules {config.get('target_modules')!r})")
+    for name, m in layers:
+        where = f"{directory}: layer {name!r}"
+        if m.merged:
+            raise ValueError(f"{where} is merged; unmerge the model before load_peft_adapter")
+        if m.rank != r:
+            raise ValueError(f"{where}: the adapter's rank is r={r}, the layer's is {m.rank} "
+                             f"(inject_clora(..., rank={r}))")
+        for t, want in (("lora_A", (r, m.in_features)), ("lora_B", (m.out_features, r))):
+            if t not in found[name]:
+                raise ValueError(f"{where}: the adapter has no {t}")
+            if tuple(found[name][t].shape) != want:
+                raise ValueError(f"{where}: {t} has shape {tuple(found[name][t].shape)}, the layer needs {want} "
+                                 f"(a per-module rank, or another base model?)")
+    with torch.no_grad():
+        for name, m in layers:
+            m.reset_adapter()
+            m.alpha, m.scaling = float(alpha), float(alpha) / m.rank
+            m.lora_A.copy_(found[name]["lora_A"])
+            m.lora_B.copy_(found[name]["lora_B"])
+
+
+def _target_names(model: nn.Module, names: list) -> list:
+    """The shortest PEFT target_modules that select exactly `names`: their last components when
+    those match no other module of the model (what vLLM and TGI expect, e.g. q_proj), else the
+    full names."""
+    short = sorted({n.rpartition(".")[2] for n in names})
+    chosen = {n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in short)}
+    return short if chosen == set(names) else sorted(names)
+
+
+def _replace_atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path=None, task_type=None) -> None:
+    """Write the model's C-LoRA adapter as a standard PEFT LoRA adapter directory, the routing
+    folded into lora_B (lora_B R_effᵀ); `peft.PeftModel.from_pretrained(base_model, directory)`
+    then computes what this model computes, and LoRA servers (vLLM, TGI) serve it as any LoRA.
+    Every C-LoRA layer must have the same rank and alpha (PEFT's rank/alpha patterns are not
+    written). Each file is replaced atomically (weights first, then the config): a save that is
+    killed leaves the previous files, or the new weights beside the previous config."""
+    from safetensors.torch import save_file
+    layers = _require_layers(model, "save_peft_adapter")
+    ranks = {(m.rank, m.alpha) for _, m in layers}
+    if len(ranks) != 1:
+        raise ValueError(f"save_peft_adapter: the C-LoRA layers have different (rank, alpha) {sorted(ranks)}; "
+                         f"a PEFT adapter written here has one r and one lora_alpha")
+    (rank, alpha), = ranks
+    tensors = {}
+    for name, m in layers:
+        with torch.no_grad():
+            m.protection.enforce(m, force=True)
+            tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = (m.lora_B @ m.routing().t()).detach().to("cpu").contiguous()
+    names = [n for n, _ in layers]
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "target_modules": _target_names(model, names),
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": all(m.fan_in_fan_out for _, m in layers),
+              "use_rslora": False, "use_dora": False, "modules_to_save": None, "rank_pattern": {},
+              "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True, "task_type": task_type,
+              "base_model_name_or_path": base_model_name_or_path}
+    os.makedirs(directory, exist_ok=True)
+    _replace_atomic(os.path.join(directory, _WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+
+    def write_config(p):
+        with open(p, "w") as f:
+            json.dump(config, f, indent=2)
+    _replace_atomic(os.path.join(directory, _CONFIG), write_config)
+

@@ -1,0 +1,341 @@
+"""PEFT and Hugging Face interop: PEFT-style targeting, transformers' Conv1D, PEFT adapters in and
+out (checked with PEFT itself), and PEFT's conveniences. Tiny models built from configs: nothing
+is downloaded."""
+import copy
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import clora_kernels as ck
+from clora_kernels.nn import clora_layers
+
+from helpers import make_inputs, oracle, rel_err
+
+timm = pytest.importorskip("timm")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
+                             num_classes=5).eval()
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   hidden_size=16, intermediate_size=24, vocab_size=61, bos_token_id=0,
+                                   eos_token_id=1, pad_token_id=1)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _bert():
+    cfg = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=16, intermediate_size=24,
+                                  vocab_size=61, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+MODELS = {"vit": (_vit, "all-linear"), "gpt2": (_gpt2, "all-linear"), "llama": (_llama, LLAMA_TARGETS),
+          "bert": (_bert, "all-linear")}
+
+
+def _run(model, name, data):
+    out = model(data) if name == "vit" else model(input_ids=data)
+    return out if name == "vit" else out.logits
+
+
+def _data(name):
+    return torch.randn(2, 3, 16, 16) if name == "vit" else torch.randint(0, 61, (2, 7))
+
+
+def _two_tasks(model):
+    """Every layer with a non-trivial adapter after one end_task: R_old and R_delta both non-zero
+    and non-identity, so a folding that drops either is seen."""
+    for _, m in clora_layers(model):
+        with torch.no_grad():
+            m.lora_B.normal_(std=0.3)
+            m.routing_delta.add_(0.3 * torch.randn_like(m.routing_delta))
+    ck.end_task(model)
+    for _, m in clora_layers(model):
+        with torch.no_grad():
+            m.routing_delta.normal_(std=0.3)
+
+
+# ---- targeting -----------------------------------------------------------------------------
+def test_target_forms_follow_peft():
+    names = lambda model: [n for n, _ in clora_layers(model)]   # noqa: E731
+    vit = ck.inject_clora(_vit(), target_modules=["qkv", "fc2"], rank=2)
+    assert names(vit) == ["blocks.0.attn.qkv", "blocks.0.mlp.fc2", "blocks.1.attn.qkv", "blocks.1.mlp.fc2"]
+    vit = ck.inject_clora(_vit(), target_modules=r"blocks\.1\..*", rank=2)        # regex: full match
+    assert names(vit) == ["blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    vit = ck.inject_clora(_vit(), target_modules="all-linear", exclude_modules=["fc1"], rank=2)
+    assert "head" not in names(vit) and len(names(vit)) == 6 and not any(n.endswith("fc1") for n in names(vit))
+    vit = ck.inject_clora(_vit(), target_modules="all-linear", exclude_modules=r".*\.attn\..*", rank=2)
+    assert names(vit) == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    llama = ck.inject_clora(_llama(), target_modules="all-linear", rank=2)
+    assert len(names(llama)) == 14 and "lm_head" not in names(llama)
+    bert = ck.inject_clora(_bert(), target_modules="all-linear", rank=2)
+    assert "classifier" not in names(bert) and "bert.pooler.dense" in names(bert)
+    gpt2 = ck.inject_clora(_gpt2(), target_modules="all-linear", rank=2)
+    assert names(gpt2)[:4] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                               "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert len(names(gpt2)) == 8 and all(m.fan_in_fan_out for _, m in clora_layers(gpt2))
+
+
+def test_target_errors_are_clear():
+    with pytest.raises(ValueError, match=r"no nn.Linear or Conv1D layer matches.*Linear \(9\).*Conv2d \(1\)"):
+        ck.inject_clora(_vit(), target_modules=["nothing"])
+    with pytest.raises(ValueError, match=r"a string is a regex on the full module name.*pass \['qkv'\]"):
+        ck.inject_clora(_vit(), target_modules="qkv")
+    with pytest.raises(ValueError, match=r"target_modules='\(' is not a valid regular expression"):
+        ck.inject_clora(_vit(), target_modules="(")
+    with pytest.raises(ValueError, match=r"without exclude_modules"):
+        ck.inject_clora(_vit(), target_modules=["qkv"], exclude_modules=["qkv"])
+    with pytest.raises(TypeError, match="target_modules must be a list of module names or a regex"):
+        ck.inject_clora(_vit(), target_modules=3)
+    with pytest.raises(ValueError, match="non-empty list"):
+        ck.inject_clora(_vit(), target_modules=[])
+
+
+def test_second_injection_keeps_the_first_adapter_trainable():
+    vit = ck.inject_clora(_vit(), target_modules=["qkv"], rank=2)
+    ck.inject_clora(vit, target_modules=["fc1"], rank=2)
+    assert len(clora_layers(vit)) == 4
+    assert all(m.lora_A.requires_grad and m.routing_delta.requires_grad for _, m in clora_layers(vit))
+    assert not vit.head.weight.requires_grad
+
+
+# ---- transformers' Conv1D ------------------------------------------------------------------
+def test_conv1d_shares_its_weight_and_matches_the_oracle(seed):
+    conv = Conv1D(7, 5)                                     # nf=7 outputs, nx=5 inputs: weight (5, 7)
+    nn.init.normal_(conv.bias)
+    x = torch.randn(3, 4, 5)
+    layer = ck.CLoRALinear.from_linear(conv, rank=3, backend="torch")
+    assert layer.weight.data_ptr() == conv.weight.data_ptr() and layer.weight.shape == (5, 7)
+    assert (layer.in_features, layer.out_features) == (5, 7)
+    with torch.no_grad():
+        assert torch.equal(layer(x), conv(x))
+    inp = make_inputs(12, 5, 7, 3)
+    with torch.no_grad():
+        layer.weight.copy_(inp["weight"].t())
+        layer.bias.copy_(inp["bias"])
+        for t in ("lora_A", "lora_B", "routing_old", "routing_delta"):
+            getattr(layer, t).copy_(inp[t])
+    layer.scaling = inp["scaling"]
+    x = inp["x"].float()
+    ref, _ = oracle(inp)
+    for backend in ("torch", "triton"):
+        if ck.available_backends()[backend][0]:
+            layer.backend = backend
+            assert rel_err(layer(x), ref) < 1e-5, backend
+    w0 = conv.weight.detach().clone()
+    layer.merge()
+    assert rel_err(conv(x), ref) < 1e-5                     # the shared Conv1D weight is merged
+    layer.unmerge()
+    assert torch.allclose(conv.weight, w0, atol=1e-6)
+
+
+def test_from_linear_refuses_other_modules():
+    with pytest.raises(TypeError, match="plain nn.Linear or a transformers Conv1D, got Conv2d"):
+        ck.CLoRALinear.from_linear(nn.Conv2d(2, 2, 1))
+
+
+# ---- PEFT out: save_peft_adapter, loaded by PEFT itself ------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+def test_save_peft_adapter_loads_in_peft_with_the_same_outputs(tmp_path, seed, name):
+    make, targets = MODELS[name]
+    base = make()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=3, alpha=5, backend="torch")
+    _two_tasks(model)
+    data = _data(name)
+    with torch.no_grad():
+        want = _run(model, name, data)
+        assert rel_err(want, _run(base, name, data)) > 1e-2   # the adapter changes the output
+    ck.save_peft_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (3, 5, "LORA")
+    if name == "llama":          # short names where they select exactly the layers (what vLLM expects)
+        assert config["target_modules"] == sorted(LLAMA_TARGETS)
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert rel_err(_run(served, name, data), want) < 1e-5
+
+
+# ---- PEFT in: load_peft_adapter of what PEFT's save_pretrained wrote ------------------------
+def _peft_trained(base, targets, tmp_path, **config):
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets,
+                                                                   **config))
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            with torch.no_grad():
+                p.normal_(std=0.3)
+    pm.save_pretrained(str(tmp_path))
+    return pm.eval()
+
+
+@pytest.mark.parametrize("name,rslora", [("llama", False), ("gpt2", True), ("vit", False)])
+def test_load_peft_adapter_gives_the_peft_models_outputs(tmp_path, seed, name, rslora):
+    make, targets = MODELS[name]
+    if name == "vit":          # PEFT's "all-linear" takes timm's head too (its rule skips only transformers' heads)
+        targets = ["qkv", "fc1", "fc2"]
+    base = make()
+    pm = _peft_trained(base, targets, tmp_path, use_rslora=rslora)
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=3, backend="torch")
+    ck.load_peft_adapter(model, tmp_path)
+    data = _data(name)
+    with torch.no_grad():
+        want = _run(pm, name, data)
+        assert rel_err(_run(model, name, data), want) < 1e-5
+    assert all(m.task_index == 0 and torch.equal(m.routing_delta, torch.eye(3)) for _, m in clora_layers(model))
+    ck.end_task(model)                                     # the PEFT adapter becomes the first task
+    with torch.no_grad():
+        assert rel_err(_run(model, name, data), want) < 1e-5
+
+
+def test_llama_trains_generates_and_round_trips(tmp_path, seed):
+    base = _llama()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=LLAMA_TARGETS, rank=2, backend="torch")
+    ids = torch.randint(2, 61, (4, 9))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    out = model.generate(ids[:1, :3], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+    ck.save_adapter(model, tmp_path / "a.safetensors")
+    again = ck.inject_clora(copy.deepcopy(base), target_modules=LLAMA_TARGETS, rank=2, backend="torch")
+    ck.load_adapter(again, tmp_path / "a.safetensors")
+    assert torch.equal(again.generate(ids[:1, :3], max_new_tokens=4, do_sample=False), out)
+    ck.save_peft_adapter(model, tmp_path / "peft")
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    assert torch.equal(served.generate(input_ids=ids[:1, :3], max_new_tokens=4, do_sample=False), out)
+
+
+def _adapter_state(model):
+    return [t.clone() for _, m in clora_layers(model) for t in (m.lora_A, m.lora_B, m.routing_delta)]
+
+
+@pytest.mark.parametrize("option,match", [
+    ({"use_dora": True}, r"use_dora=True is not supported"),
+    ({"bias": "all"}, r"bias='all' is not supported"),
+    ({"modules_to_save": ["head"]}, r"modules_to_save=\['head'\] is not supported"),
+    ({"rank_pattern": {"fc1": 2}}, r"rank_pattern=\{'fc1': 2\} is not supported")])
+def test_load_peft_adapter_refuses_unsupported_options(tmp_path, option, match):
+    base = _vit()
+    _peft_trained(base, ["qkv", "fc1"], tmp_path, **option)
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["qkv", "fc1"], rank=3)
+    before = _adapter_state(model)
+    with pytest.raises(ValueError, match=match):
+        ck.load_peft_adapter(model, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(before, _adapter_state(model)))
+
+
+def test_load_peft_adapter_refuses_mismatches_and_changes_nothing(tmp_path):
+    base = _vit()
+    _peft_trained(base, ["qkv", "fc1"], tmp_path)
+    cases = [(dict(target_modules=["qkv", "fc1"], rank=4), r"layer 'blocks.0.attn.qkv': the adapter's rank is r=3, "
+                                                           r"the layer's is 4"),
+             (dict(target_modules=["qkv", "fc1", "fc2"], rank=3), r"no factors for the model's C-LoRA layer\(s\) "
+                                                                  r"\['blocks.0.mlp.fc2', 'blocks.1.mlp.fc2'\]"),
+             (dict(target_modules=["qkv"], rank=3), r"holds layer\(s\) \['blocks.0.mlp.fc1', 'blocks.1.mlp.fc1'\] "
+                                                    r"that the model has no C-LoRA layer for")]
+    for kwargs, match in cases:
+        model = ck.inject_clora(copy.deepcopy(base), **kwargs)
+        before = _adapter_state(model)
+        with pytest.raises(ValueError, match=match):
+            ck.load_peft_adapter(model, tmp_path)
+        assert all(torch.equal(a, b) for a, b in zip(before, _adapter_state(model)))
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.blocks.0.attn.qkv.lora_magnitude_vector"] = torch.ones(3)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"tensor 'base_model.model.blocks.0.attn.qkv.lora_magnitude_vector' is not "
+                                         r"a LoRA factor"):
+        ck.load_peft_adapter(ck.inject_clora(copy.deepcopy(base), target_modules=["qkv", "fc1"], rank=3), tmp_path)
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        ck.load_peft_adapter(ck.inject_clora(copy.deepcopy(base), rank=3), tmp_path / "nowhere")
+
+
+def test_save_peft_adapter_killed_mid_write_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    base = _vit()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["qkv"], rank=2)
+    _two_tasks(model)
+    ck.save_peft_adapter(model, tmp_path)
+    x = _data("vit")
+    with torch.no_grad():
+        want = model(x)
+    _two_tasks(model)
+    import safetensors.torch
+
+    def dies_mid_write(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_peft_adapter(model, tmp_path)
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert rel_err(served(x), want) < 1e-5
+
+
+def test_save_peft_adapter_refuses_mixed_ranks(tmp_path):
+    model = ck.inject_clora(_vit(), target_modules=["qkv"], rank=2)
+    ck.inject_clora(model, target_modules=["fc1"], rank=3)
+    with pytest.raises(ValueError, match=r"different \(rank, alpha\) \[\(2, 2.0\), \(3, 3.0\)\]"):
+        ck.save_peft_adapter(model, tmp_path)
+
+
+# ---- PEFT's conveniences --------------------------------------------------------------------
+def test_trainable_parameters_and_print(capsys):
+    model = ck.inject_clora(_vit(), target_modules=["qkv"], rank=2)
+    trainable, total = ck.trainable_parameters(model)
+    layers = [m for _, m in clora_layers(model)]
+    assert trainable == sum(m.lora_A.numel() + m.lora_B.numel() + m.routing_delta.numel() for m in layers)
+    assert total == sum(p.numel() for p in model.parameters())
+    ck.print_trainable_parameters(model)
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(rf"trainable params: {trainable:,d} \|\| all params: {total:,d} \|\| trainable%: "
+                        rf"{100 * trainable / total:.4f}", line)
+    ck.end_task(model)                                      # freeze: the factors stop training
+    assert ck.trainable_parameters(model)[0] == sum(m.routing_delta.numel() for m in layers)
+
+
+@pytest.mark.parametrize("name", ["vit", "gpt2"])
+def test_disable_adapter_and_merge_and_unload(seed, name):
+    make, targets = MODELS[name]
+    base = make()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=2, backend="torch")
+    _two_tasks(model)
+    data = _data(name)
+    with torch.no_grad():
+        want, plain = _run(model, name, data), _run(base, name, data)
+        with ck.disable_adapter(model):
+            assert rel_err(_run(model, name, data), plain) < 1e-6
+        assert rel_err(_run(model, name, data), want) < 1e-6
+        ck.merge(model)
+        with ck.disable_adapter(model):
+            assert rel_err(_run(model, name, data), plain) < 1e-5
+        assert all(m.merged for _, m in clora_layers(model))
+        unloaded = ck.merge_and_unload(model)
+        assert not clora_layers(unloaded)
+        kinds = {type(m) for n, m in unloaded.named_modules() if n in {n for n, _ in clora_layers(
+            ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=2))}}
+        assert kinds == ({Conv1D} if name == "gpt2" else {nn.Linear})
+        assert rel_err(_run(unloaded, name, data), want) < 1e-5
