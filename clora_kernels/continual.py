@@ -225,7 +225,7 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                    else torch.optim.SGD(params, lr=lr, momentum=0.9)) if epochs else None
             n = task.train_x.shape[0]
             for _ in tqdm(range(epochs), desc=f"{desc} task {i} {tuple(task.classes)}", leave=False,
-                          disable=not progress, file=sys.stderr):
+                          disable=None if progress else True, file=sys.stderr):   # None: off unless a terminal
                 order = torch.randperm(n, generator=gen)
                 for s in range(0, n, batch_size):
                     idx = order[s:s + batch_size]
@@ -516,7 +516,7 @@ def build_parser():
     ap.add_argument("--pretrain-epochs", type=_positive_int, default=15)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (none are shown when stderr is not a terminal)")
     ap.add_argument("--markdown", action="store_true", help="print the table as the README's markdown")
     return ap
 

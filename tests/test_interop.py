@@ -339,3 +339,22 @@ def test_disable_adapter_and_merge_and_unload(seed, name):
             ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=2))}}
         assert kinds == ({Conv1D} if name == "gpt2" else {nn.Linear})
         assert rel_err(_run(unloaded, name, data), want) < 1e-5
+
+
+def test_readme_transformers_quick_start_runs_as_written(tmp_path, monkeypatch, seed):
+    """The README's transformers block, with a tiny Llama in place of the download: the served
+    PEFT model gives the trained model's logits."""
+    import pathlib
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- quickstart-transformers -->\n```python\n(.*?)```", readme, re.S).group(1)
+    tiny = _llama()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, name: copy.deepcopy(tiny)))
+    monkeypatch.chdir(tmp_path)
+    ids = torch.randint(2, 61, (2, 6))
+    env = {"tasks": [[ids], [ids.flip(0)]]}
+    exec(code, env)
+    model, served = env["model"], env["served"].eval()
+    assert all(m.task_index == 2 for _, m in clora_layers(model))
+    with torch.no_grad():
+        assert rel_err(served(input_ids=ids).logits, model.eval()(input_ids=ids).logits) < 1e-5

@@ -100,7 +100,8 @@ def run(args) -> dict:
     results = []
     from tqdm import tqdm
     jobs = [(s, p) for p in passes for s in shapes]
-    for shape, pas in tqdm(jobs, desc="clora-bench", unit="shape", file=sys.stderr, disable=args.no_progress):
+    for shape, pas in tqdm(jobs, desc="clora-bench", unit="shape", file=sys.stderr,
+                           disable=True if args.no_progress else None):   # None: off unless stderr is a terminal
         training = pas == "fwd+bwd"
         case = make_case(shape, dtype, device, training, l2)
         graph_cases = ([case] + [make_case(shape, dtype, device, False, l2)
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rep-ms", type=int, default=60, help="timing budget per variant and shape (ms)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="time fwd by CUDA-graph replay (GPU time without host launch overhead)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (none is shown when stderr is not a terminal)")
     return ap
 
 
