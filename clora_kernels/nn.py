@@ -170,7 +170,10 @@ class CLoRALinear(nn.Linear):
     def forward(self, input: Tensor) -> Tensor:     # nn.Linear's argument name: layer(input=x) works
         x = input
         if self.merged or not self.adapter_enabled:
-            return F.linear(x, self.base_weight(), self.bias)
+            y = F.linear(x, self.base_weight(), self.bias)
+            if self.merged and torch.is_grad_enabled() and self.routing_delta.requires_grad:
+                y = _MergedGuard.apply(y, self.routing_delta)    # inference works; a backward says why not
+            return y
         lora_A, lora_B, plain = self.lora_A, self.lora_B, self.grad_through_old_route
         if self.protection.acts(self):
             self.protection.enforce(self)
@@ -265,6 +268,21 @@ class CLoRALinear(nn.Linear):
                 f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, mode={self.mode}, "
                 f"protection={self.protection.name}, task_index={self.task_index}, merged={self.merged}, "
                 f"backend={self.backend}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+
+
+class _MergedGuard(torch.autograd.Function):
+    """Identity on a merged layer's output; its backward refuses with the reason: the merged
+    weight is frozen, so training there would leave the adapter unchanged (or fail with torch's
+    "does not require grad")."""
+
+    @staticmethod
+    def forward(ctx, y, routing_delta):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward through a merged CLoRALinear: the merged weight is frozen and the adapter would "
+                           "not train; call clora_kernels.unmerge(model) before training")
 
 
 def _hard_projection(routing_old: Tensor, protect_energy: float) -> Tensor:

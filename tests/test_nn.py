@@ -342,3 +342,17 @@ def test_inject_is_all_or_nothing_and_once():
         ck.inject_clora(net, target_modules=("qkv",), rank=4)
     with pytest.raises(TypeError, match="already holds an adapter"):
         CLoRALinear.from_linear(net.blocks[0].qkv, rank=2)
+
+
+def test_training_a_merged_layer_is_a_clear_error(seed):
+    layer = _trained(CLoRALinear(24, 40, rank=6))
+    x = torch.randn(5, 24)
+    out = layer(x).detach()
+    layer.merge()
+    y = layer(x)                                   # inference with grad enabled works
+    assert rel_err(y, out) < 1e-5
+    with pytest.raises(RuntimeError, match="backward through a merged CLoRALinear.*unmerge"):
+        y.square().sum().backward()
+    layer.unmerge()
+    layer(x).square().sum().backward()
+    assert layer.routing_delta.grad is not None

@@ -100,7 +100,11 @@ def build(build_dir=None, verbose: bool = False) -> str:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{a[:-1]}.{a[-1]}" for a in arch.split(";") if a))
     import torch.utils.cpp_extension as ce
     ce.CUDA_HOME = home
-    digest = hashlib.sha256(torch.__version__.encode() + os.environ["TORCH_CUDA_ARCH_LIST"].encode())
+    flags, includes = ["-O3"], extra_include_dirs()
+    # the cache key: sources, flags, include dirs, arch list, torch and the CUDA home (a second test run on a
+    # machine reuses the build; any change rebuilds)
+    digest = hashlib.sha256(repr((torch.__version__, os.environ["TORCH_CUDA_ARCH_LIST"], flags, includes,
+                                  home)).encode())
     for s in srcs:
         with open(s, "rb") as f:
             digest.update(f.read())
@@ -108,8 +112,8 @@ def build(build_dir=None, verbose: bool = False) -> str:
         build_dir = cache_dir("cuda_ext", digest.hexdigest()[:16])
     os.makedirs(build_dir, exist_ok=True)
     try:
-        ce.load(name="clora_cuda_ext", sources=srcs, build_directory=build_dir, extra_cuda_cflags=["-O3"],
-                extra_cflags=["-O3"], extra_include_paths=extra_include_dirs(), is_python_module=False,
+        ce.load(name="clora_cuda_ext", sources=srcs, build_directory=build_dir, extra_cuda_cflags=flags,
+                extra_cflags=flags, extra_include_paths=includes, is_python_module=False,
                 verbose=verbose)
     except Exception as exc:   # ninja/nvcc output is in the message
         raise RuntimeError(f"building the CUDA extension failed: {_first_error_line(str(exc))}") from exc
