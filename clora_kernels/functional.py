@@ -20,6 +20,14 @@ from .backends import ops as _ops  # registers torch.ops.clora.*
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def finite_number(value) -> bool:
+    """math.isfinite that answers False, not OverflowError, for an int too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
@@ -29,8 +37,11 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
                  scaling: float, backend: str = "auto") -> None:
     """The one validation of a C-LoRA linear call. Raises ValueError/TypeError naming the
     argument and the sizes; returns None when every backend may be asked to run the call."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    for name, t, optional in (("x", x, False), ("weight", weight, False), ("bias", bias, True),
+                              ("lora_A", lora_A, False), ("lora_B", lora_B, False), ("routing_old", routing_old, False),
+                              ("routing_delta", routing_delta, False), ("projection", projection, True)):
+        if not isinstance(t, Tensor) and not (optional and t is None):
+            raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(t).__name__}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (*, in_features), got a 0-d tensor")
     if weight.dim() != 2:
@@ -50,7 +61,8 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
             raise ValueError(f"{name} must have shape (rank, rank) = ({r}, {r}), got {_shape(m)}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape (out_features,) = ({n},), got {_shape(bias)}")
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not (
+            torch.compiler.is_compiling() or finite_number(scaling)):   # dynamic=True traces it as a symbol
         raise ValueError(f"scaling must be a finite Python number, got {scaling!r}")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {sorted(BACKEND_NAMES)}, got {backend!r}")
@@ -98,6 +110,6 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     # or a frozen adapter) a backend may skip it
     need_t = torch.is_grad_enabled() and (lora_B.requires_grad or routing_delta.requires_grad)
     y, _ = _ops.linear(
-        x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
+        x.reshape(lead.numel(), x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
         float(scaling), bool(grad_through_old_route), need_t, backend)
     return y.reshape(*lead, weight.shape[0])

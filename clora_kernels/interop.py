@@ -19,6 +19,7 @@ import os
 import torch
 from torch import nn
 
+from .functional import finite_number
 from .nn import _require_layers
 
 _PREFIX = "base_model.model."
@@ -53,7 +54,7 @@ def _read_config(directory) -> dict:
     r, alpha = config.get("r"), config.get("lora_alpha")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"{path}: r must be an int >= 1, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not finite_number(alpha):
         raise ValueError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
     return config
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .backends import BACKEND_NAMES
 from .backends.torch_ref import routing_eff
-from .functional import clora_linear
+from .functional import clora_linear, finite_number
 from .protection import Protection, make_protection
 
 _MODES = ("soft", "hard")
@@ -32,7 +32,7 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank > min(in_features, out_features):
         raise ValueError(f"rank must be an int in [1, min(in_features, out_features)] = [1, "
                          f"{min(in_features, out_features)}] for a {in_features}->{out_features} layer, got {rank!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)):
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not finite_number(alpha)):
         raise ValueError(f"alpha must be a finite number or None (None means alpha = rank), got {alpha!r}")
     if mode not in _MODES:
         raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")

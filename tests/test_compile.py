@@ -31,3 +31,26 @@ def test_compile_inductor_single_layer(seed):
     x = torch.randn(3, 24)
     y = torch.compile(layer, fullgraph=True)(x)
     assert rel_err(y, layer(x)) < 1e-5
+
+
+def test_compile_dynamic_shapes(seed):
+    """dynamic=True traces the module's scaling as a symbolic float (math.isfinite on it was a
+    graph break under fullgraph): one graph serves every batch size, forward and backward equal eager."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    ck.inject_clora(model, target_modules=["0", "2"], rank=4, alpha=6, backend="torch")
+    for _, m in ck.nn.clora_layers(model):
+        with torch.no_grad():
+            m.lora_B.normal_()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch in (3, 5, 9):
+        x = torch.randn(batch, 16)
+        assert rel_err(compiled(x), model(x)) < 1e-6
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    x = torch.randn(7, 16)
+    compiled(x).square().sum().backward()
+    got = [m.routing_delta.grad.clone() for _, m in ck.nn.clora_layers(model)]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert all(rel_err(g, m.routing_delta.grad) < 1e-5 for g, (_, m) in zip(got, ck.nn.clora_layers(model)))
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames      # batch 7 needed no recompile

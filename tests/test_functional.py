@@ -7,7 +7,7 @@ import torch
 import clora_kernels
 from clora_kernels import clora_linear
 from clora_kernels.backends import BackendUnavailableError
-from helpers import TOL, call, cast_inputs, check_backend, make_inputs, oracle, rel_err
+from helpers import GRAD_NAMES, TOL, call, cast_inputs, check_backend, make_inputs, oracle, rel_err
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -78,6 +78,26 @@ def test_empty_batch(seed):
     assert torch.count_nonzero(inp["lora_A"].grad) == 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("k,n", [(0, 6), (5, 0), (0, 0)])
+def test_empty_features_match_the_formula(seed, backend, k, n):
+    """K = 0 (y is the bias) and N = 0 (no outputs), forward and backward, against autograd
+    through the formula (the Triton dx of N = 0 divided by zero; K = 0 failed to reshape)."""
+    if not clora_kernels.available_backends()[backend][0]:
+        pytest.skip(f"{backend} is not usable here")
+    inp = make_inputs(3, k, n, 2)
+    ref, d = oracle(inp)
+    probe = torch.randn(ref.shape, dtype=torch.float64)
+    (ref * probe).sum().backward()
+    got = cast_inputs(inp, torch.float32)
+    y = call(clora_linear, got, backend=backend)
+    (y * probe.float()).sum().backward()
+    assert y.shape == ref.shape and rel_err(y, ref) < 1e-6
+    for name in GRAD_NAMES:
+        if d[name] is not None:
+            assert got[name].grad.shape == d[name].shape and rel_err(got[name].grad, d[name].grad) < 1e-6, name
+
+
 def test_nan_propagates_like_linear(seed):
     inp = cast_inputs(make_inputs(4, 24, 40, 4), torch.float32, requires_grad=False)
     inp["x"][1, 3] = float("nan")
@@ -134,6 +154,9 @@ def _bad(**change):
     (dict(lora_B=torch.randn(40, 4, dtype=torch.bfloat16)), TypeError, ["lora_B", "bfloat16"]),
     (dict(x=torch.randint(0, 3, (4, 24))), TypeError, ["floating"]),
     (dict(x=torch.randn(4, 24, device="meta")), ValueError, ["device", "meta"]),
+    (dict(lora_A=torch.randn(4, 24).numpy()), TypeError, ["lora_A must be a torch.Tensor", "ndarray"]),
+    (dict(bias=torch.randn(40).numpy()), TypeError, ["bias must be a torch.Tensor or None", "ndarray"]),
+    (dict(routing_old=None), TypeError, ["routing_old must be a torch.Tensor", "NoneType"]),
 ])
 def test_bad_input_clear_error(change, exc, words):
     with pytest.raises(exc) as info:
@@ -310,3 +333,24 @@ def test_double_backward_matches_the_formula(seed, through_old):
             assert got[k] is None or float(got[k].abs().max()) == 0.0, k
         else:
             assert rel_err(got[k], want[k]) < 1e-10, k
+
+
+@pytest.mark.parametrize("through_old", [False, True])
+def test_torch_func_transforms(seed, through_old):
+    """torch.func.grad equals autograd (the old route's stop-gradient included) and vmap equals
+    the batched call: under a transform the op runs as the plain formula (an autograd.Function
+    without setup_context could not run there)."""
+    from torch.func import grad, vmap
+    inp = cast_inputs(make_inputs(5, 12, 10, 3, hard=True), torch.float64)
+    names = ("lora_A", "lora_B", "routing_delta")
+
+    def loss(params, x):
+        d = dict(inp, x=x, **params)
+        return call(clora_linear, d, grad_through_old_route=through_old, backend="torch").square().sum()
+    got = grad(loss)({n: inp[n].detach() for n in names}, inp["x"].detach())
+    call(clora_linear, inp, grad_through_old_route=through_old, backend="torch").square().sum().backward()
+    for n in names:
+        assert rel_err(got[n], inp[n].grad) < 1e-12, n
+    xs = torch.randn(4, 5, 12, dtype=torch.float64)
+    batched = vmap(lambda x: call(clora_linear, dict(inp, x=x)))(xs)
+    assert rel_err(batched, call(clora_linear, dict(inp, x=xs))) < 1e-12

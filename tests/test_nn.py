@@ -46,6 +46,7 @@ def test_constructor_and_alpha():
 @pytest.mark.parametrize("kw,words", [
     (dict(rank=0), ["rank", "[1, 8]"]), (dict(rank=9), ["rank", "9"]), (dict(rank=-2), ["rank"]),
     (dict(rank=2.0), ["rank"]), (dict(alpha=float("nan")), ["alpha"]), (dict(alpha=float("inf")), ["alpha"]),
+    (dict(alpha=10 ** 400), ["alpha"]),
     (dict(mode="medium"), ["mode", "medium"]), (dict(protect_energy=0.0), ["protect_energy"]),
     (dict(protect_energy=1.5), ["protect_energy"]), (dict(backend="tpu"), ["backend", "tpu"]),
 ])

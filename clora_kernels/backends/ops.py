@@ -131,6 +131,13 @@ def _backward(ctx, grad_y, grad_t):
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _functorch_active() -> bool:
+    """Whether a torch.func transform is running (its tensors are wrapped; an autograd.Function
+    without setup_context cannot run under it)."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 class _EagerLinear(torch.autograd.Function):
     """clora::linear_fwd with its registered autograd, minus the custom op's wrappers (eager only).
     Old-style forward(ctx, ...): a `setup_context` staticmethod would make Function.apply bind its
@@ -153,6 +160,13 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     grad mode off, where autograd would record nothing, the implementation itself."""
     if torch.compiler.is_compiling():
         fn = linear_fwd
+    elif _functorch_active():
+        # torch.func (grad, vmap, jacrev, ...): the formula in plain torch ops, which every transform
+        # supports, with the same gradient semantics (the stop-gradient on the old route)
+        from .torch_ref import reference_formula
+        y = reference_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                              grad_through_old_route)
+        return y, x.new_empty(x.shape[0], 0)
     else:
         fn = _EagerLinear.apply if torch.is_grad_enabled() else _linear_fwd
     return fn(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,

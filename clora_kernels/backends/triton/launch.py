@@ -126,8 +126,10 @@ def gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig
     y = torch.empty(m, n, device=x.device, dtype=x.dtype) if y is None else y
     if fused and t is None:
         t = torch.empty(m, rank, device=x.device, dtype=x.dtype)
-    if m == 0 or n == 0:
+    if m == 0:
         return y, t
+    if n == 0 or k == 0:
+        return _empty_tiles(x, a, y, t, u, b, bias, scale)
     (ro, rd, p), rstrides = _routing_args(r_old, r_delta, proj)
     splits, per_split = k_splits(k, cfg) if fused else (1, 1)
     if splits > 1:    # the first launch writes fp32 partials; the finish kernel writes y and t
@@ -180,7 +182,7 @@ INTERPRETER_PROGRAMS = 3   # a persistent grid under the interpreter: few progra
 
 def tma_eligible(x, w) -> bool:
     """TMA descriptors need unit inner strides and 16-byte aligned outer strides and bases."""
-    if x.device.type != "cuda" and not interpreting():
+    if (x.device.type != "cuda" and not interpreting()) or x.shape[1] == 0:
         return False
     if x.device.type == "cuda" and not _has_tma(x.device.index):
         return False
@@ -209,6 +211,20 @@ def tma_rows(a):
     return padded.copy_(at)
 
 
+def _empty_tiles(x, a, y, t, u, b, bias, scale):
+    """gemm's result when N = 0 or K = 0, where no kernel launches (no output tiles, or an empty
+    reduction; the dx of a layer without outputs has K = 0): t = x·a still (0 when K = 0, and
+    routing_delta's gradient reads it), y = bias + scale·u·b with u = t·R = 0 in the fused form."""
+    if t is not None:
+        t.copy_(x @ a)
+    y.zero_()
+    if u is not None and y.numel():
+        y.add_((scale * (u.float() @ b.t().float())).to(y.dtype))
+    if bias is not None:
+        y.add_(bias)
+    return y, t
+
+
 def gemm_tma(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmConfig, *, y=None, t=None):
     """The fused form with TMA tiles of X, W and A (call only when tma_eligible(x, w)); with
     cfg.persistent, min(tiles, SMs) programs walk the output tiles."""
@@ -218,8 +234,10 @@ def gemm_tma(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, cfg: GemmCo
     rank = a.shape[1]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype) if y is None else y
     t = torch.empty(m, rank, device=x.device, dtype=x.dtype) if t is None else t
-    if m == 0 or n == 0:
+    if m == 0:
         return y, t
+    if n == 0:
+        return _empty_tiles(x, a, y, t, None, b, bias, scale)
     w_nk = w.stride(1) == 1
     x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
     w_desc = TensorDescriptor.from_tensor(w if w_nk else w.t(),
@@ -248,8 +266,8 @@ def shrink(x, a, r_old, r_delta, proj, trans_r, cfg: ShrinkConfig, *, t=None):
     rank = a.shape[1]
     t = torch.empty(m, rank, device=x.device, dtype=x.dtype) if t is None else t
     u = torch.empty(m, rank, device=x.device, dtype=torch.float32)
-    if m == 0:
-        return t, u
+    if m == 0 or k == 0:
+        return t.zero_(), u.zero_()
     split = max(1, min(cfg.split_k, triton_cdiv(k, cfg.block_k)))
     chunk = triton_cdiv(triton_cdiv(k, split), cfg.block_k) * cfg.block_k
     split = triton_cdiv(k, chunk)
