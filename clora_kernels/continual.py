@@ -63,11 +63,51 @@ def default_classifier(setting: str) -> str:
 
 @dataclass
 class Task:
+    """A task held as tensors (the digits): classes and its train / test samples."""
     classes: tuple
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self.train_y if split == "train" else self.test_y
+
+    def batches(self, split: str, batch_size=None, gen=None, **_):
+        """(x, y) batches: shuffled by `gen` when given, in order otherwise; batch_size None is
+        the whole split at once."""
+        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        n = x.shape[0]
+        if batch_size is None:
+            yield x, y
+            return
+        order = torch.randperm(n, generator=gen) if gen is not None else None
+        for s in range(0, n, batch_size):
+            idx = order[s:s + batch_size] if order is not None else slice(s, s + batch_size)
+            yield x[idx], y[idx]
+
+
+@dataclass
+class DataTask:
+    """A task held as datasets (images read by a DataLoader): classes, the train and test
+    `torch.utils.data.Dataset`s of its samples, and their labels (for checks and counts)."""
+    classes: tuple
+    train: object
+    test: object
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
+    workers: int = 0
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self.train_labels if split == "train" else self.test_labels
+
+    def batches(self, split: str, batch_size=None, gen=None, device=None):
+        from torch.utils.data import DataLoader
+        data = self.train if split == "train" else self.test
+        loader = DataLoader(data, batch_size=batch_size or 256, shuffle=gen is not None, generator=gen,
+                            num_workers=self.workers, pin_memory=device is not None and device.type == "cuda",
+                            persistent_workers=False)
+        yield from loader
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -106,15 +146,16 @@ def validate_tasks(tasks, num_classes: int) -> None:
         raise ValueError("no tasks given")
     seen = set()
     for i, task in enumerate(tasks):
-        if len(task.classes) == 0 or task.train_x.shape[0] == 0 or task.test_x.shape[0] == 0:
-            raise ValueError(f"task {i} is empty (classes {tuple(task.classes)}, {task.train_x.shape[0]} train "
-                             f"and {task.test_x.shape[0]} test samples)")
+        n_train, n_test = task.labels("train").shape[0], task.labels("test").shape[0]
+        if len(task.classes) == 0 or n_train == 0 or n_test == 0:
+            raise ValueError(f"task {i} is empty (classes {tuple(task.classes)}, {n_train} train "
+                             f"and {n_test} test samples)")
         again = seen & set(task.classes)
         if again:
             raise ValueError(f"task {i} has classes {sorted(again)} that an earlier task already had")
         if max(task.classes) >= num_classes:
             raise ValueError(f"task {i} has class {max(task.classes)} but the head has only {num_classes} outputs")
-        labels = set(int(c) for c in task.train_y.unique().tolist()) | set(int(c) for c in task.test_y.unique().tolist())
+        labels = {int(c) for split in ("train", "test") for c in task.labels(split).unique().tolist()}
         if not labels <= set(task.classes):
             raise ValueError(f"task {i} holds labels {sorted(labels - set(task.classes))} outside its classes")
         seen |= set(task.classes)
@@ -165,26 +206,47 @@ class _HeadInput:
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, allowed, prototypes: PrototypeHead = None, features: _HeadInput = None) -> float:
+def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _HeadInput = None, *,
+             device=None, amp: bool = False) -> float:
     """Accuracy on the task's test split, predicting over `allowed` classes with the model's
     head, or with `prototypes` on the head's input (captured by `features`)."""
     model.eval()
-    logits = model(task.test_x)
-    if prototypes is not None:
-        logits = prototypes(features.value)
-    pred = _masked(logits, allowed).argmax(-1)
+    right = total = 0
+    for x, y in task.batches("test", None if isinstance(task, Task) else 256, device=device):
+        x, y = _to(x, device), _to(y, device)
+        with _autocast(device, amp):
+            logits = model(x)
+        if prototypes is not None:
+            logits = prototypes(features.value)
+        pred = _masked(logits.float(), allowed).argmax(-1)
+        right += int((pred == y).sum())
+        total += y.shape[0]
     model.train()
-    return float((pred == task.test_y).float().mean())
+    return right / total
+
+
+def _to(t, device):
+    return t if device is None else t.to(device, non_blocking=True)
+
+
+def _autocast(device, amp: bool):
+    """bf16 autocast on CUDA when asked for; nothing otherwise."""
+    if amp and device is not None and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool = True, setting: str = "class-il",
                    epochs: int = 10, lr: float = 5e-3, lambda_orth: float = 0.01, batch_size: int = 32,
                    optimizer: str = "adam", classifier: str = None, prototypes: PrototypeHead = None,
-                   seed: int = 0, progress: bool = True, desc: str = "") -> list:
+                   seed: int = 0, progress: bool = True, desc: str = "", device=None, amp: bool = False,
+                   start: int = 0, acc=None, gen: torch.Generator = None, on_task=None, log=None) -> list:
     """Train `model` on the tasks in order; return the accuracy matrix (list of rows, row i
     holding a[i][0..i]). Only parameters that require grad are trained; what a C-LoRA layer
     protects is its own `protection` policy's business (the loop only runs the pass that
-    `observe_task` needs).
+    `observe_task` needs). Tasks are `Task`s (tensors) or `DataTask`s (datasets, read by a
+    DataLoader); batches go to `device` (default: where they are), under bf16 autocast on CUDA
+    with `amp`.
 
     classifier: "prototype" (a PrototypeHead on the head's input, built here unless `prototypes`
     is given) or "linear" (the model's head); default: `default_classifier(setting)`. epochs=0
@@ -193,7 +255,11 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     optimizer: "adam" (torch.optim.Adam) or "sgd" (torch.optim.SGD, momentum 0.9), fresh per task.
     The choice matters to C-LoRA's paper policy: Adam rescales each coordinate's step to about lr,
     so the factors move at full speed even while their gradient through the small new route is
-    tiny, and the frozen old route drifts; with SGD the step is proportional to that gradient."""
+    tiny, and the frozen old route drifts; with SGD the step is proportional to that gradient.
+
+    Resuming: `start` tasks are done, `acc` holds their rows and `gen` the batch-order generator
+    as it was after them; `on_task(i, acc, prototypes, gen)` runs after each task (to save a
+    run), `log(text)` gets one line per task."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     if optimizer not in OPTIMIZERS:
@@ -210,48 +276,61 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     if clora and not clora_layers(model):
         raise ValueError("train_sequence(clora=True): the model has no CLoRALinear layers (call inject_clora first)")
     if classifier == "prototype" and prototypes is None:
-        prototypes = PrototypeHead(head_mod.out_features, head_mod.in_features)
+        prototypes = PrototypeHead(head_mod.out_features, head_mod.in_features).to(head_mod.weight.device)
     from tqdm import tqdm
-    gen = torch.Generator().manual_seed(seed)
+    gen = gen if gen is not None else torch.Generator().manual_seed(seed)
     features = _HeadInput(head_mod)
-    acc = []
+    acc = [list(row) for row in (acc or [])][:start]
     model.train()
     try:
         for i, task in enumerate(tasks):
+            if i < start:
+                continue
             params = [p for p in model.parameters() if p.requires_grad]
             if epochs and not params:
                 raise ValueError("the model has no trainable parameters")
             opt = (torch.optim.Adam(params, lr=lr) if optimizer == "adam"
                    else torch.optim.SGD(params, lr=lr, momentum=0.9)) if epochs else None
-            n = task.train_x.shape[0]
-            for _ in tqdm(range(epochs), desc=f"{desc} task {i} {tuple(task.classes)}", leave=False,
-                          disable=None if progress else True, file=sys.stderr):   # None: off unless a terminal
-                order = torch.randperm(n, generator=gen)
-                for s in range(0, n, batch_size):
-                    idx = order[s:s + batch_size]
-                    logits = _masked(model(task.train_x[idx]), task.classes)
-                    loss = F.cross_entropy(logits, task.train_y[idx])
-                    if clora and lambda_orth:
-                        loss = loss + lambda_orth * orthogonality_loss(model)
+            n = task.labels("train").shape[0]
+            for epoch in range(epochs):
+                bar = tqdm(task.batches("train", batch_size, gen, device=device), total=-(-n // batch_size),
+                           desc=f"{desc} task {i} {tuple(task.classes)} epoch {epoch + 1}/{epochs}", leave=False,
+                           unit="batch", disable=None if progress else True, file=sys.stderr)  # None: only on a tty
+                began = time.perf_counter()
+                for step, (x, y) in enumerate(bar):
+                    x, y = _to(x, device), _to(y, device)
+                    with _autocast(device, amp):
+                        logits = _masked(model(x).float(), task.classes)
+                        loss = F.cross_entropy(logits, y)
+                        if clora and lambda_orth:
+                            loss = loss + lambda_orth * orthogonality_loss(model)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    if step % 10 == 0 and not bar.disable:
+                        bar.set_postfix(loss=f"{float(loss):.3f}",
+                                        img_s=f"{(step + 1) * batch_size / (time.perf_counter() - began):.0f}")
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(f"training diverged on task {i} {tuple(task.classes)}: the loss is "
                                              f"{float(loss.detach())} (lower the learning rate, now {lr:g} with "
                                              f"{optimizer})")
             model.eval()                 # the task's pass: the policies' inputs and the prototypes
             with torch.no_grad(), (observe_task(model) if clora else contextlib.nullcontext()):
-                for s in range(0, n, 256):
-                    model(task.train_x[s:s + 256])
+                for x, y in task.batches("train", 256, device=device):
+                    with _autocast(device, amp):
+                        model(_to(x, device))
                     if prototypes is not None:
-                        prototypes.add(features.value, task.train_y[s:s + 256])
+                        prototypes.add(features.value.float(), _to(y, device))
             model.train()
             if clora:
                 end_task(model)
             seen = [c for t in tasks[:i + 1] for c in t.classes]
-            acc.append([evaluate(model, t, seen if setting == "class-il" else t.classes, prototypes, features)
-                        for t in tasks[:i + 1]])
+            acc.append([evaluate(model, t, seen if setting == "class-il" else t.classes, prototypes, features,
+                                 device=device, amp=amp) for t in tasks[:i + 1]])
+            if log:
+                log(f"{desc} task {i} {tuple(task.classes)}: " + " ".join(f"{a:.3f}" for a in acc[-1]))
+            if on_task:
+                on_task(i, acc, prototypes, gen)
     finally:
         features.handle.remove()
     return acc

@@ -7,37 +7,47 @@ so PEFT's lora_B' = lora_B R_effᵀ with the same lora_A and scaling (alpha / r)
 task's state (R_old = 0, R_delta = I, P = I), from which continual training goes on.
 
 The directory layout is PEFT's `save_pretrained`: adapter_config.json and adapter_model.safetensors,
-tensors named base_model.model.<module name>.lora_A.weight / .lora_B.weight. PEFT itself is not
-needed to read or write it (the tests check the files with PEFT).
+tensors named base_model.model.<module name>.lora_A.weight / .lora_B.weight, and the whole
+modules of `modules_to_save` (a trained head, say) as base_model.model.<module name>.<parameter>.
+PEFT itself is not needed to read or write it (the tests check the files with PEFT).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 
 import torch
 from torch import nn
 
 from .functional import finite_number
-from .nn import _require_layers
+from .nn import CLoRALinear, _require_layers
 
 _PREFIX = "base_model.model."
 _CONFIG, _WEIGHTS, _LEGACY_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+_ADAPTER_PARAMS = ("lora_A", "lora_B", "routing_delta")
 
 # options of a PEFT LoRA config that change what the adapter computes or which tensors it holds,
-# with the value that means "not used"
+# with the values that mean "not used"
 _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "lora_bias": (False, None),
-                "modules_to_save": (None, ()), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+                "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                 "layer_replication": (None, ()), "target_parameters": (None, ()),
                 "trainable_token_indices": (None, {}), "use_qalora": (False, None),
                 "alora_invocation_tokens": (None, ()), "use_bdlora": (None, False)}
+# initialisations that leave the base weights as they are; the others (PiSSA, OLoRA, CorDA, LoftQ,
+# LoRA-GA) train the adapter against a modified base, which PEFT rebuilds on load and this does not
+_BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 def _read_config(directory) -> dict:
     path = os.path.join(directory, _CONFIG)
     if not os.path.isfile(path):
-        raise ValueError(f"{directory}: no {_CONFIG} (not a PEFT adapter directory, which save_pretrained writes)")
+        inner = sorted(d for d in (os.listdir(directory) if os.path.isdir(directory) else [])
+                       if os.path.isfile(os.path.join(directory, d, _CONFIG)))
+        hint = f"; adapters in its subfolders: {inner} (PEFT saves a non-default adapter name there)" if inner else ""
+        raise ValueError(f"{directory}: no {_CONFIG} (not a PEFT adapter directory, which save_pretrained writes)"
+                         + hint)
     try:
         with open(path) as f:
             config = json.load(f)
@@ -50,8 +60,12 @@ def _read_config(directory) -> dict:
         value = config.get(option, unused[0])
         if value not in unused and not (isinstance(value, (list, tuple, dict)) and not value):
             raise ValueError(f"{path}: option {option}={value!r} is not supported by C-LoRA layers "
-                             f"(supported: plain LoRA, with use_rslora, any lora_dropout)")
-    r, alpha = config.get("r"), config.get("lora_alpha")
+                             f"(supported: plain LoRA, with use_rslora, any lora_dropout, modules_to_save)")
+    init = config.get("init_lora_weights", True)
+    if init not in _BASE_KEEPING_INITS:
+        raise ValueError(f"{path}: option init_lora_weights={init!r} is not supported: that initialisation trains "
+                         f"the adapter against a modified base weight, which load_peft_adapter does not rebuild")
+    r, alpha = config.get("r"), config.setdefault("lora_alpha", 8)     # PEFT's default alpha
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"{path}: r must be an int >= 1, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not finite_number(alpha):
@@ -60,43 +74,67 @@ def _read_config(directory) -> dict:
 
 
 def _read_tensors(directory) -> dict:
-    weights = os.path.join(directory, _WEIGHTS)
-    if os.path.isfile(weights):
-        from safetensors.torch import load_file
-        return load_file(weights)
-    legacy = os.path.join(directory, _LEGACY_WEIGHTS)
-    if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+    weights, legacy = os.path.join(directory, _WEIGHTS), os.path.join(directory, _LEGACY_WEIGHTS)
+    try:
+        if os.path.isfile(weights):
+            from safetensors.torch import load_file
+            return load_file(weights)
+        if os.path.isfile(legacy):
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as exc:       # a truncated or foreign file
+        raise ValueError(f"{directory}: the adapter weights cannot be read ({type(exc).__name__}: {exc})") from None
     raise ValueError(f"{directory}: no {_WEIGHTS} (nor {_LEGACY_WEIGHTS})")
+
+
+def _module_kind(model: nn.Module, name: str) -> str:
+    try:
+        return type(model.get_submodule(name)).__name__
+    except AttributeError:
+        return "missing"
 
 
 def load_peft_adapter(model: nn.Module, directory) -> None:
     """Load a PEFT LoRA adapter directory into the C-LoRA layers of `model` (made by inject_clora
     on the same targets, with the adapter's rank), as the first task's state: lora_A, lora_B and
     the scaling (lora_alpha / r, or / sqrt(r) with use_rslora) from the adapter, routing_old = 0,
-    routing_delta = I, projection = I, task_index = 0. The model then computes what the PEFT
-    model computes. Every layer is checked first; on any error nothing is changed and a
-    ValueError names the layer, the tensor or the option. lora_dropout is not kept (C-LoRA
-    layers have no dropout)."""
+    routing_delta = I, projection = I, task_index = 0; the modules of `modules_to_save` get their
+    saved weights. The model then computes what the PEFT model computes. Every layer is checked
+    first; on any error nothing is changed and a ValueError names the layer, the tensor or the
+    option. lora_dropout is not kept (C-LoRA layers have no dropout)."""
     layers = _require_layers(model, "load_peft_adapter")
     config = _read_config(directory)
     tensors = _read_tensors(directory)
     r = config["r"]
     alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1.0)   # scaling = alpha / r
-    found = {}
-    for key in tensors:
+    saved_modules = config.get("modules_to_save") or []
+    own = dict(model.named_parameters(remove_duplicate=False))
+    found, whole = {}, {}
+    for key, value in tensors.items():
         name, _, kind = key.removeprefix(_PREFIX).rpartition(".lora_")
-        if not key.startswith(_PREFIX) or kind not in ("A.weight", "B.weight"):
+        if key.startswith(_PREFIX) and kind in ("A.weight", "B.weight"):
+            found.setdefault(name, {})["lora_" + kind[0]] = value
+            continue
+        param = key.removeprefix(_PREFIX)
+        module = param.rpartition(".")[0]
+        if not (key.startswith(_PREFIX) and any(module == s or module.endswith("." + s) for s in saved_modules)):
             raise ValueError(f"{directory}: tensor {key!r} is not a LoRA factor "
-                             f"({_PREFIX}<module>.lora_A.weight / .lora_B.weight); not supported")
-        found.setdefault(name, {})["lora_" + kind[0]] = tensors[key]
+                             f"({_PREFIX}<module>.lora_A.weight / .lora_B.weight) nor part of modules_to_save "
+                             f"{saved_modules}; not supported")
+        if param not in own or tuple(own[param].shape) != tuple(value.shape):
+            raise ValueError(f"{directory}: modules_to_save tensor {key!r} of shape {tuple(value.shape)} has no "
+                             f"parameter of that shape in the model"
+                             + (f" (the model's is {tuple(own[param].shape)})" if param in own else ""))
+        whole[param] = value
     names = {n for n, _ in layers}
     missing, extra = sorted(names - set(found)), sorted(set(found) - names)
     if missing:
         raise ValueError(f"{directory}: the adapter has no factors for the model's C-LoRA layer(s) {missing[:8]}")
     if extra:
+        kinds = sorted({_module_kind(model, n) for n in extra})
         raise ValueError(f"{directory}: the adapter holds layer(s) {extra[:8]} that the model has no C-LoRA layer "
-                         f"for (inject_clora on the adapter's target_modules {config.get('target_modules')!r})")
+                         f"for (they are {kinds} here; C-LoRA adapts nn.Linear and transformers' Conv1D only: "
+                         f"inject_clora on exactly the adapter's layers, target_modules "
+                         f"{config.get('target_modules')!r})")
     for name, m in layers:
         where = f"{directory}: layer {name!r}"
         if m.merged:
@@ -116,15 +154,31 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             m.alpha, m.scaling = float(alpha), float(alpha) / m.rank
             m.lora_A.copy_(found[name]["lora_A"])
             m.lora_B.copy_(found[name]["lora_B"])
+        for param, value in whole.items():
+            own[param].copy_(value)
 
 
-def _target_names(model: nn.Module, names: list) -> list:
-    """The shortest PEFT target_modules that select exactly `names`: their last components when
-    those match no other module of the model (what vLLM and TGI expect, e.g. q_proj), else the
-    full names."""
+def _target_modules(model: nn.Module, names: list):
+    """PEFT target_modules that select exactly `names`: their last name components when those
+    select nothing else under PEFT's suffix rule (what vLLM and TGI expect, e.g. q_proj); else a
+    regex that PEFT full-matches (full names as a list could also select a module whose name ends
+    with one of them, e.g. '0' and '2.0')."""
     short = sorted({n.rpartition(".")[2] for n in names})
     chosen = {n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in short)}
-    return short if chosen == set(names) else sorted(names)
+    if chosen == set(names):
+        return short
+    return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+
+
+def _trained_elsewhere(model: nn.Module) -> list:
+    """Names of the modules outside the C-LoRA adapters that hold a parameter with requires_grad."""
+    out = []
+    for name, module in model.named_modules():
+        own = [(p_name, p) for p_name, p in module.named_parameters(recurse=False)
+               if not (isinstance(module, CLoRALinear) and p_name in _ADAPTER_PARAMS)]
+        if any(p.requires_grad for _, p in own):
+            out.append(name)
+    return out
 
 
 def _replace_atomic(path: str, write) -> None:
@@ -133,32 +187,54 @@ def _replace_atomic(path: str, write) -> None:
     os.replace(tmp, path)
 
 
-def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path=None, task_type=None) -> None:
+def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base_model_name_or_path=None,
+                      task_type=None) -> None:
     """Write the model's C-LoRA adapter as a standard PEFT LoRA adapter directory, the routing
     folded into lora_B (lora_B R_effᵀ); `peft.PeftModel.from_pretrained(base_model, directory)`
     then computes what this model computes, and LoRA servers (vLLM, TGI) serve it as any LoRA.
-    Every C-LoRA layer must have the same rank and alpha (PEFT's rank/alpha patterns are not
-    written). Each file is replaced atomically (weights first, then the config): a save that is
-    killed leaves the previous files, or the new weights beside the previous config."""
+
+    modules_to_save: names of whole modules to store as well (PEFT's option: a trained
+    classifier head, say). A model that trains parameters outside its adapters (requires_grad)
+    must list their modules here: leaving them out would make the PEFT model compute something
+    else, so that is refused. Every C-LoRA layer must have the same rank and alpha (PEFT's
+    rank/alpha patterns are not written). Each file is replaced atomically (weights first, then
+    the config): a save that is killed leaves the previous files, or the new weights beside the
+    previous config."""
     from safetensors.torch import save_file
     layers = _require_layers(model, "save_peft_adapter")
+    if any(name == "" for name, _ in layers):
+        raise ValueError("save_peft_adapter: the model is a single CLoRALinear; PEFT adapts submodules, so wrap it "
+                         "(e.g. nn.Sequential(layer)) and save that")
     ranks = {(m.rank, m.alpha) for _, m in layers}
     if len(ranks) != 1:
         raise ValueError(f"save_peft_adapter: the C-LoRA layers have different (rank, alpha) {sorted(ranks)}; "
                          f"a PEFT adapter written here has one r and one lora_alpha")
     (rank, alpha), = ranks
+    saved = [] if modules_to_save is None else list(modules_to_save)
+    modules = dict(model.named_modules())
+    unknown = [s for s in saved if s not in modules]
+    if unknown:
+        raise ValueError(f"save_peft_adapter: modules_to_save {unknown} are not modules of the model (full names, "
+                         f"e.g. 'head')")
+    left_out = [n for n in _trained_elsewhere(model) if not any(n == s or n.startswith(s + ".") for s in saved)]
+    if left_out:
+        raise ValueError(f"save_peft_adapter: the model trains parameters outside its adapters in {left_out[:8]}; "
+                         f"pass modules_to_save={left_out[:8]!r} to store them with the adapter, or freeze them "
+                         f"(requires_grad_(False)) if the PEFT model should not have them")
     tensors = {}
     for name, m in layers:
         with torch.no_grad():
             m.protection.enforce(m, force=True)
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = (m.lora_B @ m.routing().t()).detach().to("cpu").contiguous()
-    names = [n for n, _ in layers]
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "target_modules": _target_names(model, names),
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": all(m.fan_in_fan_out for _, m in layers),
-              "use_rslora": False, "use_dora": False, "modules_to_save": None, "rank_pattern": {},
-              "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True, "task_type": task_type,
-              "base_model_name_or_path": base_model_name_or_path}
+    for s in saved:
+        for p_name, p in modules[s].named_parameters():
+            tensors[f"{_PREFIX}{s}.{p_name}"] = p.detach().to("cpu").contiguous()
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+              "target_modules": _target_modules(model, [n for n, _ in layers]), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": all(m.fan_in_fan_out for _, m in layers), "use_rslora": False, "use_dora": False,
+              "modules_to_save": saved or None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
+              "inference_mode": True, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path}
     os.makedirs(directory, exist_ok=True)
     _replace_atomic(os.path.join(directory, _WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
@@ -166,4 +242,3 @@ def save_peft_adapter(model: nn.Module, directory, *, base_model_name_or_path=No
         with open(p, "w") as f:
             json.dump(config, f, indent=2)
     _replace_atomic(os.path.join(directory, _CONFIG), write_config)
-

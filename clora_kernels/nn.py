@@ -126,9 +126,9 @@ class CLoRALinear(nn.Linear):
         k, n = w.shape if conv1d else w.shape[::-1]
         layer = cls(k, n, rank, alpha, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)
         layer.fan_in_fan_out = conv1d
-        layer.weight = nn.Parameter(w.data, requires_grad=False)
+        layer.weight = linear.weight.requires_grad_(False)       # the same Parameter: ties stay ties
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+            layer.bias = linear.bias.requires_grad_(False)
         for name in ("lora_A", "lora_B", "routing_delta"):
             setattr(layer, name, nn.Parameter(torch.empty_like(getattr(layer, name), device=w.device)))
         for name in ("routing_old", "projection"):
@@ -216,6 +216,12 @@ class CLoRALinear(nn.Linear):
         in even if the adapter is edited meanwhile (an optimizer step with momentum, a load)."""
         if self.merged:
             return
+        if not self.adapter_enabled:
+            raise ValueError("merge inside disable_adapter(): the merged layer would compute the adapter; leave the "
+                             "block first")
+        if getattr(self, "tied_to", None):
+            raise ValueError(f"merge: this layer's weight is tied to {self.tied_to} (shared embeddings?); merging "
+                             f"would change those too. Keep the adapter unmerged, or untie the weights first")
         self.protection.enforce(self, force=True)
         self._merged_adapter = tuple(getattr(self, t).detach().clone() for t in _ADAPTER_TENSORS) + (self.scaling,)
         self.base_weight().add_(self.delta_weight().to(self.weight.dtype))
@@ -332,14 +338,17 @@ def _output_heads(model: nn.Module) -> set:
     """Names of the model's output layers, which "all-linear" leaves alone (PEFT's rule, and timm's):
     transformers' get_output_embeddings(), timm's get_classifier(), and top-level children named
     lm_head / classifier / score / head."""
-    heads = set()
-    for getter in ("get_output_embeddings", "get_classifier"):
-        fn = getattr(model, getter, None)
-        try:
-            found = fn() if callable(fn) else None
-        except Exception:           # a model whose getter is not implemented has no such head
-            found = None
-        heads.update(n for n, m in model.named_modules() if found is not None and m is found)
+    heads, found = set(), []
+    for sub in model.modules():          # a wrapped transformers / timm model keeps its head inside
+        for getter in ("get_output_embeddings", "get_classifier"):
+            fn = getattr(sub, getter, None)
+            try:
+                head = fn() if callable(fn) else None
+            except Exception:           # a model whose getter is not implemented has no such head
+                head = None
+            if isinstance(head, nn.Module):
+                found.append(head)
+    heads.update(n for n, m in model.named_modules() if any(m is h for h in found))
     heads.update(n for n, _ in model.named_children() if n in _HEAD_NAMES)
     return {n for h in heads for n, _ in model.named_modules() if n == h or n.startswith(h + ".")}
 
@@ -374,7 +383,7 @@ def _candidates(model: nn.Module) -> str:
 def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> list:
     """Names of the linear-like layers (nn.Linear, transformers Conv1D) that inject_clora
     would replace, in module order (see inject_clora for the forms)."""
-    if isinstance(target_modules, str) and target_modules == "all-linear":
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         heads = _output_heads(model)
         chosen = lambda name: name not in heads     # noqa: E731
     else:
@@ -404,19 +413,28 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
             raise ValueError(f"inject_clora: the model holds C-LoRA layers already ({done[:8]}) and no other "
                              f"layer matches target_modules={target_modules!r}; inject once per model")
         hint = ""
-        if isinstance(target_modules, str) and target_modules != "all-linear" \
+        if isinstance(target_modules, str) and target_modules.lower() != "all-linear" \
                 and select_targets(model, [target_modules], exclude_modules):
             hint = (f" (a string is a regex on the full module name, PEFT's rule; for names ending in "
                     f"{target_modules!r} pass [{target_modules!r}])")
         raise ValueError(f"inject_clora: no nn.Linear or Conv1D layer matches target_modules={target_modules!r}"
                          + ("" if exclude_modules is None else f" without exclude_modules={exclude_modules!r}")
-                         + f"{hint}; the model's layers by type: {_candidates(model)}")
-    new = []
+                         + f"{hint}; the model's layers by type: {_candidates(model)} (subclasses of nn.Linear "
+                         f"are not adapted: their forward may not be nn.Linear's)")
+    users = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            users.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    new, flags = [], [(p, p.requires_grad) for p in model.parameters()]
     for name in names:
         try:
-            new.append((name, CLoRALinear.from_linear(model.get_submodule(name), rank, alpha, **kwargs)))
+            layer = CLoRALinear.from_linear(model.get_submodule(name), rank, alpha, **kwargs)
         except ValueError as exc:
+            for p, flag in flags:           # from_linear froze the weights it shared
+                p.requires_grad_(flag)
             raise ValueError(f"inject_clora: layer {name!r}: {exc}; the model was not changed") from None
+        layer.tied_to = [u for u in users.get(id(layer.weight), []) if u != f"{name}.weight"]
+        new.append((name, layer))
     keep = {id(p) for _, m in clora_layers(model) for p in (m.lora_A, m.lora_B, m.routing_delta)}
     for p in model.parameters():
         if id(p) not in keep:       # adapters injected earlier keep their state (and their policy's)
@@ -531,6 +549,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         plain.weight = m.weight
         plain.bias = m.bias
+        if not name:                    # the model is the layer itself
+            return plain
         _replace(model, name, plain)
     return model
 

@@ -234,7 +234,7 @@ def _adapter_state(model):
 @pytest.mark.parametrize("option,match", [
     ({"use_dora": True}, r"use_dora=True is not supported"),
     ({"bias": "all"}, r"bias='all' is not supported"),
-    ({"modules_to_save": ["head"]}, r"modules_to_save=\['head'\] is not supported"),
+    ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' is not supported.*modified base weight"),
     ({"rank_pattern": {"fc1": 2}}, r"rank_pattern=\{'fc1': 2\} is not supported")])
 def test_load_peft_adapter_refuses_unsupported_options(tmp_path, option, match):
     base = _vit()
@@ -358,3 +358,84 @@ def test_readme_transformers_quick_start_runs_as_written(tmp_path, monkeypatch, 
     assert all(m.task_index == 2 for _, m in clora_layers(model))
     with torch.no_grad():
         assert rel_err(served(input_ids=ids).logits, model.eval()(input_ids=ids).logits) < 1e-5
+
+
+# ---- regressions from the review of the first version (each failed on it) ---------------------
+def test_a_trained_head_travels_as_modules_to_save(tmp_path, seed):
+    base = _vit()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["qkv"], rank=2)
+    _two_tasks(model)
+    model.head.requires_grad_(True)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    with pytest.raises(ValueError, match=r"trains parameters outside its adapters in \['head'\]; pass "
+                                         r"modules_to_save=\['head'\]"):
+        ck.save_peft_adapter(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+    ck.save_peft_adapter(model, tmp_path, modules_to_save=["head"])
+    x = _data("vit")
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    again = ck.inject_clora(copy.deepcopy(base), target_modules=["qkv"], rank=2)
+    ck.load_peft_adapter(again, tmp_path)                  # the head comes back too
+    with torch.no_grad():
+        assert rel_err(served(x), model(x)) < 1e-5 and rel_err(again(x), model(x)) < 1e-5
+
+
+def test_targets_that_are_suffixes_of_other_names(tmp_path, seed):
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 4)))
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=r"0", rank=2)      # '0' only, not '2.0'
+    _two_tasks(model)
+    ck.save_peft_adapter(model, tmp_path)
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert rel_err(served(x), model(x)) < 1e-5
+
+
+def test_tied_output_embeddings(seed):
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = _gpt2()
+
+        def forward(self, ids):
+            return self.lm(input_ids=ids).logits
+    wrapped = ck.inject_clora(Wrap(), target_modules="all-linear", rank=2)
+    assert not any("lm_head" in n for n, _ in clora_layers(wrapped))      # found inside the wrapper
+    gpt2 = _gpt2()
+    total = sum(p.numel() for p in gpt2.parameters())
+    ck.inject_clora(gpt2, target_modules=["c_attn", "lm_head"], rank=2)
+    layer = gpt2.lm_head
+    assert layer.tied_to == ["transformer.wte.weight"]
+    assert ck.trainable_parameters(gpt2)[1] == total + sum(m.lora_A.numel() + m.lora_B.numel() + 4
+                                                           for _, m in clora_layers(gpt2))   # wte counted once
+    with pytest.raises(ValueError, match=r"tied to \['transformer.wte.weight'\].*would change those too"):
+        layer.merge()
+
+
+def test_merge_inside_disable_adapter_and_a_lone_layer(tmp_path, seed):
+    model = ck.inject_clora(_vit(), target_modules=["qkv"], rank=2)
+    with ck.disable_adapter(model), pytest.raises(ValueError, match="merge inside disable_adapter"):
+        ck.merge(model)
+    lone = ck.CLoRALinear(6, 4, rank=2)
+    plain = ck.merge_and_unload(lone)
+    assert type(plain) is nn.Linear and plain.weight is lone.weight
+    with pytest.raises(ValueError, match="single CLoRALinear; PEFT adapts submodules"):
+        ck.save_peft_adapter(ck.CLoRALinear(6, 4, rank=2), tmp_path)
+
+
+def test_peft_directory_details(tmp_path):
+    base = _vit()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["qkv"]), adapter_name="mine")
+    pm.save_pretrained(str(tmp_path))                        # a non-default name: saved in a subfolder
+    model = ck.inject_clora(copy.deepcopy(base), target_modules="ALL-LINEAR", exclude_modules=r".*(proj|fc\d)", rank=2)
+    with pytest.raises(ValueError, match=r"adapters in its subfolders: \['mine'\]"):
+        ck.load_peft_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "mine" / "adapter_config.json").read_text())
+    del config["lora_alpha"]                                 # PEFT's default, 8
+    (tmp_path / "mine" / "adapter_config.json").write_text(json.dumps(config))
+    ck.load_peft_adapter(model, tmp_path / "mine")
+    assert all(m.alpha == 8.0 for _, m in clora_layers(model))
+    (tmp_path / "mine" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="the adapter weights cannot be read"):
+        ck.load_peft_adapter(model, tmp_path / "mine")
