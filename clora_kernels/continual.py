@@ -40,6 +40,8 @@ from torch import nn
 
 from . import end_task, inject_clora, observe_task, orthogonality_loss
 from ._io import provenance, write_json_atomic
+from .backends import BACKEND_NAMES
+from .images import DEFAULT_MODEL, IMAGE_DATASETS
 from .nn import clora_layers
 
 SETTINGS = ("class-il", "task-il")
@@ -410,23 +412,25 @@ def class_order(seed) -> list:
     return [tuple(order[i:i + 2]) for i in range(0, 10, 2)]
 
 
-def build_method(base: MLP, method: str, rank: int, protect_energy: float, grad_through_old_route: bool,
-                 project_energy: float = 0.99):
-    """(model, uses_clora) for one method, from a copy of the pre-trained base."""
+def build_method(base: nn.Module, method: str, rank: int, protect_energy: float, grad_through_old_route: bool,
+                 project_energy: float = 0.99, *, targets=("fc1", "fc2"), head: str = "head", backend: str = "torch"):
+    """(model, uses_clora) for one method, from a copy of the pre-trained base: C-LoRA on
+    `targets` (inject_clora's forms), the classifier module `head` trainable."""
     model = copy.deepcopy(base)
+    model.requires_grad_(True)
     if method == "full_ft":
         return model, False
     if method == "simple_cil":       # frozen backbone: only the head (used by the linear classifier) trains
         model.requires_grad_(False)
-        model.head.requires_grad_(True)
+        model.get_submodule(head).requires_grad_(True)
         return model, False
     mode, protection = CLORA_METHODS.get(method, ("soft", "paper"))
     if protection == "project":
         from .protection import Project
         protection = Project(energy=project_energy)
-    inject_clora(model, target_modules=("fc1", "fc2"), rank=rank, mode=mode, protect_energy=protect_energy,
-                 grad_through_old_route=grad_through_old_route, protection=protection, backend="torch")
-    model.head.requires_grad_(True)
+    inject_clora(model, target_modules=targets, rank=rank, mode=mode, protect_energy=protect_energy,
+                 grad_through_old_route=grad_through_old_route, protection=protection, backend=backend)
+    model.get_submodule(head).requires_grad_(True)
     if method in ("seq_lora", "joint"):   # plain LoRA: routing fixed to I, no regulariser, no end_task folding
         for _, layer in clora_layers(model):
             layer.routing_delta.requires_grad_(False)
@@ -441,10 +445,10 @@ def _stats(xs):
     return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs) if len(xs) > 1 else 0.0}
 
 
-def _extra_floats(model, classifier: str) -> int:
+def _extra_floats(model, classifier: str, head: str = "head") -> int:
     """What a method stores beyond its trainable weights: the prototypes and the protection
     policies' state."""
-    head = model.get_submodule("head")
+    head = model.get_submodule(head)
     protos = head.out_features * head.in_features if classifier == "prototype" else 0
     return protos + sum(m.protection.state_numel(m) for _, m in clora_layers(model))
 
@@ -468,7 +472,8 @@ def run_joint(model, tasks, args, seed, progress):
 
 
 def run_experiment(args, progress=True, on_method=None) -> dict:
-    args.classifier = args.classifier or default_classifier(args.setting)
+    """The digits experiment: every method × seed (args from build_parser; defaults filled here)."""
+    _fill_defaults(args)
     pre, tasks = digits_splits(task_classes=class_order(args.class_order_seed))
     methods = {}
     for method in args.methods:
@@ -489,22 +494,25 @@ def run_experiment(args, progress=True, on_method=None) -> dict:
                     classifier=args.classifier, seed=seed, progress=progress, desc=f"{method} seed {seed}"))
             seconds.append(time.perf_counter() - start)
             extra.append(_extra_floats(model, args.classifier))
-        if method == "joint":     # no sequence: Last-Acc only
-            methods[method] = {"last_acc": _stats([statistics.fmean(a) for a in per_seed]), "inc_acc": None,
-                               "forgetting": None, "acc_last_row": [statistics.fmean(a[j] for a in per_seed)
-                                                                   for j in range(len(tasks))],
-                               "acc_rows": per_seed}
-        else:
-            t = len(tasks)
-            mean_matrix = [[statistics.fmean(a[i][j] for a in per_seed) for j in range(i + 1)] for i in range(t)]
-            methods[method] = {"last_acc": _stats([last_accuracy(a) for a in per_seed]),
-                               "inc_acc": _stats([incremental_accuracy(a) for a in per_seed]),
-                               "forgetting": _stats([average_forgetting(a) for a in per_seed]),
-                               "acc_matrix": mean_matrix, "acc_matrices": per_seed}
-        methods[method].update({"seconds": _stats(seconds), "extra_floats": max(extra)})
+        methods[method] = summarize(method, per_seed, seconds, extra, len(tasks))
         if on_method:
             on_method(methods)
     return methods
+
+
+def summarize(method: str, per_seed: list, seconds: list, extra: list, t: int) -> dict:
+    """A method's entry of the results JSON from its per-seed accuracy matrices (joint: one row)."""
+    if method == "joint":     # no sequence: Last-Acc only
+        out = {"last_acc": _stats([statistics.fmean(a) for a in per_seed]), "inc_acc": None, "forgetting": None,
+               "acc_last_row": [statistics.fmean(a[j] for a in per_seed) for j in range(t)], "acc_rows": per_seed}
+    else:
+        mean_matrix = [[statistics.fmean(a[i][j] for a in per_seed) for j in range(i + 1)] for i in range(t)]
+        out = {"last_acc": _stats([last_accuracy(a) for a in per_seed]),
+               "inc_acc": _stats([incremental_accuracy(a) for a in per_seed]),
+               "forgetting": _stats([average_forgetting(a) for a in per_seed]),
+               "acc_matrix": mean_matrix, "acc_matrices": per_seed}
+    out.update({"seconds": _stats(seconds), "extra_floats": max(extra)})
+    return out
 
 
 def plot_matrices(methods: dict, path: str) -> None:
@@ -570,13 +578,39 @@ def _fraction(text):
 def build_parser():
     ap = argparse.ArgumentParser(prog="clora-continual", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2, 3, 4],
+    ap.add_argument("--seeds", type=_seed, nargs="+", default=None,
                     help=f"seeds of the pre-training and the training order (the defaults were tuned on seeds "
                          f"{list(TUNING_SEEDS)} with --class-order-seed {TUNING_CLASS_ORDER_SEED}, which the "
-                         f"reported tables do not use)")
+                         f"reported tables do not use; default 0-4 for digits, 0-2 for images)")
     ap.add_argument("--class-order-seed", type=_seed, default=None,
                     help="shuffle the classes into tasks with this seed (default: (0, 1), (2, 3), ...)")
-    ap.add_argument("--epochs", type=_positive_int, default=10, help="epochs per task")
+    ap.add_argument("--dataset", choices=("digits",) + IMAGE_DATASETS, default="digits",
+                    help="digits: the MLP on scikit-learn's digits; mnist5k: a small ViT pre-trained on Animal-MNIST, "
+                         "then MNIST digits (both shipped); cifar100 / imagenet-r / folder: a timm --model on the "
+                         "data at --data-dir")
+    ap.add_argument("--data-dir", default=None, help="where cifar100 / imagenet-r / folder data are")
+    ap.add_argument("--download", action="store_true", help="fetch cifar100 into --data-dir (needs internet)")
+    ap.add_argument("--tasks", type=_positive_int, default=None,
+                    help="number of tasks (default: 5 for digits and mnist5k, 10 for cifar100 and imagenet-r)")
+    ap.add_argument("--model", default=None, help=f"timm model of the image datasets (default {DEFAULT_MODEL})")
+    ap.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                    help="timm's pretrained weights (default: on)")
+    ap.add_argument("--image-size", type=_positive_int, default=None, help="input size (default: the model's)")
+    ap.add_argument("--targets", nargs="+", default=None,
+                    help="inject_clora's target_modules (default: fc1 fc2 for digits, qkv proj fc1 fc2 for images)")
+    ap.add_argument("--batch-size", type=_positive_int, default=None, help="default: 32 for digits, 64 for images")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="images: auto is cuda when there is one (with bf16 autocast)")
+    ap.add_argument("--backend", choices=BACKEND_NAMES, default=None,
+                    help="the C-LoRA backend (default: torch for digits, auto for images)")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 for tensors in memory, "
+                    "min(4, cores) for image files)")
+    ap.add_argument("--out", default=None, metavar="RUN_DIR",
+                    help="images: after every task write the adapter, the head, the prototypes and the accuracies "
+                         "here, and the results JSON after every method")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out after its last complete task")
+    ap.add_argument("--epochs", type=_positive_int, default=None,
+                    help="epochs per task (default: 10 for digits, 3 for images)")
     ap.add_argument("--quick", action="store_true", help="reduced run: 4 epochs per task, seeds 0 1")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--setting", choices=SETTINGS, default="class-il")
@@ -586,7 +620,7 @@ def build_parser():
     ap.add_argument("--rank", type=_positive_int, default=8)
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                     help="adam, or sgd with momentum 0.9 (then pass an SGD-sized --lr, e.g. 0.02)")
-    ap.add_argument("--lr", type=_positive_float, default=5e-3)
+    ap.add_argument("--lr", type=_positive_float, default=None, help="default: 5e-3 for digits, 1e-3 for images")
     ap.add_argument("--lambda-orth", type=_non_negative, default=0.01)
     ap.add_argument("--protect-energy", type=_fraction, default=0.9, help="hard mode's routing energy")
     ap.add_argument("--project-energy", type=_fraction, default=0.99,
@@ -614,27 +648,78 @@ def markdown_row(name: str, m: dict) -> str:
     return f"| {name} | " + " | ".join(cells) + f" | {m['seconds']['mean']:.1f} | {m['extra_floats']} |"
 
 
+_DEFAULTS = {"digits": {"epochs": 10, "lr": 5e-3, "batch_size": 32, "seeds": [0, 1, 2, 3, 4], "backend": "torch",
+                         "targets": ["fc1", "fc2"], "workers": 0},
+             "images": {"epochs": 3, "lr": 1e-3, "batch_size": 64, "seeds": [0, 1, 2], "backend": "auto",
+                        "targets": ["qkv", "proj", "fc1", "fc2"]}}
+
+
+def _fill_defaults(args) -> None:
+    kind = "digits" if args.dataset == "digits" else "images"
+    for key, value in _DEFAULTS[kind].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, copy.copy(value))
+    if args.workers is None:        # images in memory need no workers; files are decoded by them
+        args.workers = 0 if args.dataset == "mnist5k" else min(4, os.cpu_count() or 1)
+    if args.quick and not getattr(args, "_quick_done", False):
+        args.epochs, args.seeds = (4, [0, 1]) if kind == "digits" else (1, [0])
+        args._quick_done = True
+    args.classifier = args.classifier or default_classifier(args.setting)
+
+
+def _check_output(ap, flag: str, path, folder_ok: bool = False) -> None:
+    """Before the work starts: the folder of an output file exists (made if missing) and is writable."""
+    if not path:
+        return
+    if os.path.isdir(path) and not folder_ok:
+        ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
+    folder = path if folder_ok else os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"argument {flag}: cannot create the folder of {path!r} ({exc})")
+    if not os.access(folder, os.W_OK):
+        ap.error(f"argument {flag}: the folder of {path!r} is not writable")
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.quick:
-        args.epochs, args.seeds = 4, [0, 1]
-    args.classifier = args.classifier or default_classifier(args.setting)
-    if args.rank > 64:
-        ap.error(f"argument --rank: the digits layers have 64 and 128 features, so rank must be <= 64, got {args.rank}")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:                   # checked before the work starts; missing folders are made
-            if os.path.isdir(path):
-                ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
-            folder = os.path.dirname(os.path.abspath(path))
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as exc:
-                ap.error(f"argument {flag}: cannot create the folder of {path!r} ({exc})")
-            if not os.access(folder, os.W_OK):
-                ap.error(f"argument {flag}: the folder of {path!r} is not writable")
+    _fill_defaults(args)
+    images = args.dataset != "digits"
+    if not images:
+        for flag, value in (("--data-dir", args.data_dir), ("--download", args.download or None),
+                            ("--model", args.model), ("--pretrained", args.pretrained),
+                            ("--image-size", args.image_size), ("--out", args.out), ("--resume", args.resume or None)):
+            if value is not None:
+                ap.error(f"argument {flag}: only for the image datasets (--dataset {' / '.join(IMAGE_DATASETS)})")
+        if args.tasks not in (None, 5):
+            ap.error(f"argument --tasks: the digits protocol has 5 tasks of 2 classes, got {args.tasks}")
+        if args.rank > 64:
+            ap.error(f"argument --rank: the digits layers have 64 and 128 features, so rank must be <= 64, "
+                     f"got {args.rank}")
+    else:
+        if args.resume and not args.out:
+            ap.error("argument --resume: needs --out RUN_DIR (the run to continue)")
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif args.device == "cuda" and not torch.cuda.is_available():
+            ap.error("argument --device: cuda was asked for but torch sees no CUDA GPU")
+        if args.workers < 0:
+            ap.error(f"argument --workers: must be >= 0, got {args.workers}")
+    _check_output(ap, "--json", args.json)
+    _check_output(ap, "--plot", args.plot)
+    if images and args.out:
+        _check_output(ap, "--out", args.out, folder_ok=True)
+        from .images import DataError, check_run_dir
+        try:
+            check_run_dir(args)
+        except DataError as exc:
+            ap.error(str(exc))
+    if images:
+        return _main_images(ap, args)
     meta = {"data": "scikit-learn digits (UCI optical recognition of handwritten digits), 5 tasks x 2 classes",
-            "setting": args.setting, "classifier": args.classifier, "recommended": RECOMMENDED,
+            "dataset": "digits", "setting": args.setting, "classifier": args.classifier, "recommended": RECOMMENDED,
             "seeds": args.seeds, "class_order": class_order(args.class_order_seed),
             "class_order_seed": args.class_order_seed,
             "tuning": {"seeds": list(TUNING_SEEDS), "class_order_seed": TUNING_CLASS_ORDER_SEED},
@@ -651,9 +736,43 @@ def main(argv=None) -> int:
         methods = run_experiment(args, progress=not args.no_progress, on_method=save)
     except FloatingPointError as exc:
         raise SystemExit(f"clora-continual: {exc}") from None
+    return _report(args, meta, methods, f"{meta['data']}; {args.setting}")
+
+
+def _main_images(ap, args) -> int:
+    from .images import DataError, prepare, run_image_experiment
+    try:
+        prep = prepare(args, progress=not args.no_progress)
+    except DataError as exc:
+        ap.error(str(exc))
+    meta = {"data": f"{args.dataset}, {args.tasks} tasks", "setting": args.setting, "classifier": args.classifier,
+            "recommended": RECOMMENDED, "seeds": args.seeds, "class_order_seed": args.class_order_seed,
+            "epochs": args.epochs, "rank": args.rank, "lr": args.lr, "batch_size": args.batch_size,
+            "optimizer": args.optimizer, "lambda_orth": args.lambda_orth, "protect_energy": args.protect_energy,
+            "project_energy": args.project_energy, "grad_through_old_route": args.grad_through_old_route,
+            "tuned": False, **provenance("clora-continual")}
+    if args.out:
+        from .images import _result_key
+        write_json_atomic(os.path.join(args.out, "run.json"), {"result_key": _result_key(args), "meta": meta})
+
+    def save(methods, protocol):
+        meta.update(protocol)
+        for path in (args.json, os.path.join(args.out, "results.json") if args.out else None):
+            if path:
+                write_json_atomic(path, {"meta": meta, "methods": methods})   # after every method
+
+    try:
+        methods, protocol = run_image_experiment(args, prep, progress=not args.no_progress, on_method=save)
+    except FloatingPointError as exc:
+        raise SystemExit(f"clora-continual: {exc}") from None
+    meta.update(protocol)
+    return _report(args, meta, methods, f"{meta['data']}; {args.setting}")
+
+
+def _report(args, meta, methods, what: str) -> int:
     if args.plot:
         plot_matrices(methods, args.plot)
-    print(f"\n{meta['command']}\n{meta['data']}; {args.setting}; {args.classifier} classifier; seeds {args.seeds}; "
+    print(f"\n{meta['command']}\n{what}; {args.classifier} classifier; seeds {args.seeds}; "
           f"{args.epochs} epochs/task; recommended: {RECOMMENDED}")
     if args.markdown:
         print("\n".join([MARKDOWN_HEADER] + [markdown_row(name, m) for name, m in methods.items()]))

@@ -1,0 +1,452 @@
+"""The image protocols of `clora-continual` (`--dataset mnist5k | cifar100 | imagenet-r | folder`):
+a pretrained timm backbone, class-incremental tasks from a real image dataset, every method of
+the digits run on the same task loop (`continual.train_sequence`), runs that save after every task
+and resume.
+
+- mnist5k: the paper's setting in miniature, runs offline on a CPU. A small timm ViT (patch 4 on
+  28×28, 4 blocks, width 64) is pre-trained on Animal-MNIST (10,000 animal silhouettes, 10 classes;
+  cached with its provenance, re-trained when missing), frozen, then adapted on MNIST-5k (5,000
+  real MNIST digits) in 5 tasks of 2 digits, fixed 400/100 train/test split per class. Both sets
+  ship in clora_kernels/data (sources and licences in clora_kernels/data/README.md).
+- cifar100: torchvision's CIFAR-100 at --data-dir (fetched only with --download), its own
+  train/test split; --tasks 10 gives the field's 10 tasks of 10 classes.
+- imagenet-r: an ImageFolder tree of ImageNet-R at --data-dir (200 class folders); a fixed split,
+  per class the files sorted by name, permuted by torch.Generator(0), the first 80 % train.
+- folder: any ImageFolder tree; `train/` and `test/` (or `val/`) subfolders are the split when
+  present, else the 80/20 split above.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from ._io import cache_dir, provenance, write_json_atomic
+
+IMAGE_DATASETS = ("mnist5k", "cifar100", "imagenet-r", "folder")
+DEFAULT_MODEL = "vit_base_patch16_224.augreg_in21k"
+DEFAULT_TASKS = {"mnist5k": 5, "cifar100": 10, "imagenet-r": 10, "folder": None}
+_DATA = os.path.join(os.path.dirname(__file__), "data")
+TEST_FRACTION = 0.2
+
+
+class DataError(ValueError):
+    """A dataset or model that is missing or unusable: the CLI's one-line refusal (exit code 2)."""
+
+
+# ---- data ----------------------------------------------------------------------------------
+class ArrayImages(Dataset):
+    """uint8 images (N, H, W) held in memory as (1, H, W) float tensors scaled to [-1, 1]."""
+
+    def __init__(self, images, labels):
+        self.images = torch.as_tensor(images).unsqueeze(1)
+        self.labels = torch.as_tensor(labels).long()
+
+    def __len__(self):
+        return self.labels.shape[0]
+
+    def __getitem__(self, i):
+        return self.images[i].float().div_(127.5).sub_(1.0), int(self.labels[i])
+
+
+class _Transformed(Dataset):
+    """A dataset of PIL images with a transform applied (the split's indices are kept outside)."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return self.transform(img.convert("RGB")), label
+
+
+def _load_array(name: str):
+    import numpy as np
+    with np.load(os.path.join(_DATA, f"{name}.npz")) as d:
+        return d["images"], d["labels"].astype("int64")
+
+
+def split_per_class(labels: torch.Tensor, test_fraction: float = TEST_FRACTION, seed: int = 0):
+    """(train indices, test indices): per class, a permutation by torch.Generator(seed), the first
+    round(test_fraction · n) samples to test."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = int(round(test_fraction * len(idx)))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def _image_folder(root: str, what: str):
+    """torchvision's ImageFolder of `root`, with every failure as a one-line DataError."""
+    from torchvision.datasets import ImageFolder
+    if not os.path.isdir(root):
+        raise DataError(f"{what}: {root!r} is not a folder (an ImageFolder tree: one subfolder of images per class)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise DataError(f"{what}: {root!r} has no class subfolders (an ImageFolder tree: one subfolder per class)")
+    try:
+        return ImageFolder(root, allow_empty=False)
+    except (FileNotFoundError, RuntimeError) as exc:      # an empty class folder, no images at all
+        raise DataError(f"{what}: {root!r}: {str(exc).splitlines()[0]} (every class needs at least one image)") \
+            from None
+
+
+def load_dataset(args, transform):
+    """(train Dataset, test Dataset, train labels, test labels, class names) of the chosen dataset."""
+    name, root = args.dataset, args.data_dir
+    if name == "mnist5k":
+        images, labels = _load_array("mnist5k")
+        full = ArrayImages(images, labels)
+        tr, te = split_per_class(full.labels)
+        return Subset(full, tr.tolist()), Subset(full, te.tolist()), full.labels[tr], full.labels[te], \
+            [str(c) for c in range(10)]
+    if root is None:
+        raise DataError(f"--dataset {name} needs --data-dir (where the dataset is, or goes with --download)")
+    if name == "cifar100":
+        from torchvision.datasets import CIFAR100
+        if not os.path.isdir(os.path.join(root, "cifar-100-python")) and not args.download:
+            raise DataError(f"--data-dir {root!r} holds no CIFAR-100 (cifar-100-python/); pass --download to fetch it "
+                            f"there (169 MB, needs internet)")
+        try:
+            train = CIFAR100(root, train=True, download=args.download, transform=transform)
+            test = CIFAR100(root, train=False, download=args.download, transform=transform)
+        except Exception as exc:     # a failed download, a corrupt archive
+            raise DataError(f"CIFAR-100 at {root!r} cannot be read or fetched ({type(exc).__name__}: {exc})") from None
+        return train, test, torch.tensor(train.targets), torch.tensor(test.targets), list(train.classes)
+    if args.download:
+        raise DataError(f"--download fetches only cifar100; put the {name} ImageFolder tree at --data-dir")
+    sub = {e.name: e.path for e in os.scandir(root) if e.is_dir()} if os.path.isdir(root) else {}
+    if name == "folder" and "train" in sub and ("test" in sub or "val" in sub):
+        train = _image_folder(sub["train"], "--data-dir train/")
+        test = _image_folder(sub.get("test", sub.get("val")), "--data-dir test/")
+        if train.classes != test.classes:
+            raise DataError(f"--data-dir: train/ and test/ have different classes ({len(train.classes)} and "
+                            f"{len(test.classes)})")
+        return _Transformed(train, transform), _Transformed(test, transform), torch.tensor(train.targets), \
+            torch.tensor(test.targets), train.classes
+    full = _image_folder(root, "--data-dir")
+    labels = torch.tensor(full.targets)
+    tr, te = split_per_class(labels)
+    small = [full.classes[c] for c in labels.unique().tolist() if int((labels[te] == c).sum()) == 0]
+    if small:
+        raise DataError(f"--data-dir: class(es) {small[:5]} have too few images for a test split (at least 3 each)")
+    data = _Transformed(full, transform)
+    return Subset(data, tr.tolist()), Subset(data, te.tolist()), labels[tr], labels[te], full.classes
+
+
+def _set_transform(data, transform) -> None:
+    while isinstance(data, Subset):
+        data = data.dataset
+    data.transform = transform
+
+
+def class_order(num_classes: int, seed) -> list:
+    """The classes in task order: 0..C-1 for seed None, else a permutation by torch.Generator(seed)."""
+    if seed is None:
+        return list(range(num_classes))
+    return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def make_tasks(train, test, train_labels, test_labels, order: list, tasks: int, workers: int):
+    """`tasks` DataTasks of len(order) / tasks classes each, in `order`."""
+    from .continual import DataTask
+    per = len(order) // tasks
+    out = []
+    for t in range(tasks):
+        classes = tuple(order[t * per:(t + 1) * per])
+        tr = torch.isin(train_labels, torch.tensor(classes)).nonzero().flatten()
+        te = torch.isin(test_labels, torch.tensor(classes)).nonzero().flatten()
+        out.append(DataTask(classes, _subset(train, tr), _subset(test, te), train_labels[tr], test_labels[te],
+                            workers))
+    return out
+
+
+def _subset(data, idx):
+    if isinstance(data, Subset):     # flatten: one level of indices
+        return Subset(data.dataset, [data.indices[i] for i in idx.tolist()])
+    return Subset(data, idx.tolist())
+
+
+# ---- backbones -----------------------------------------------------------------------------
+def _small_vit(num_classes: int = 10):
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=num_classes, embed_dim=64, depth=4,
+                             num_heads=4, mlp_ratio=2.0)
+
+
+ANIMAL_PRETRAIN = {"epochs": 8, "lr": 1e-3, "batch_size": 128, "seed": 0}
+
+
+def animal_mnist_backbone(progress: bool = True, log=print):
+    """The small ViT pre-trained on Animal-MNIST (all 10 classes, 90 %; accuracy on the other 10 %
+    recorded), cached under the cache dir with its provenance; trained here when missing."""
+    from safetensors.torch import load_file, save_file
+    images, labels = _load_array("animal_mnist")
+    digest = hashlib.sha256(json.dumps(ANIMAL_PRETRAIN, sort_keys=True).encode() + images.tobytes()[:1 << 20]
+                            + b"vit-28-4-64-4-4-2").hexdigest()[:12]
+    path = cache_dir("pretrained", f"animal_mnist_vit_{digest}.safetensors")
+    model = _small_vit()
+    if os.path.isfile(path) and os.path.isfile(path + ".json"):
+        model.load_state_dict(load_file(path))
+        return model, json.load(open(path + ".json"))
+    data = ArrayImages(images, labels)
+    tr, te = split_per_class(data.labels, 0.1)
+    cfg = ANIMAL_PRETRAIN
+    torch.manual_seed(cfg["seed"])
+    model = _small_vit()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    x_all = torch.stack([data[i][0] for i in range(len(data))])
+    start = time.perf_counter()
+    from tqdm import tqdm
+    for epoch in tqdm(range(cfg["epochs"]), desc="pre-training the ViT on Animal-MNIST", leave=False,
+                      disable=None if progress else True):
+        for idx in tr[torch.randperm(len(tr))].split(cfg["batch_size"]):
+            loss = F.cross_entropy(model(x_all[idx]), data.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x_all[te]).argmax(-1) == data.labels[te]).float().mean())
+    info = {"data": "Animal-MNIST (animal-mnist 0.4, MIT), 9,000 train / 1,000 held out", "held_out_acc": acc,
+            "seconds": time.perf_counter() - start, "config": cfg,
+            "architecture": "timm VisionTransformer img 28, patch 4, in_chans 1, width 64, depth 4, heads 4, mlp 2",
+            **provenance("clora-continual")}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(model.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    write_json_atomic(path + ".json", info)
+    if log:
+        log(f"pre-trained the ViT on Animal-MNIST in {info['seconds']:.0f} s: held-out accuracy {acc:.3f} "
+            f"(cached at {path})")
+    return model, info
+
+
+def timm_backbone(args, num_classes: int):
+    """timm.create_model(--model, pretrained=--pretrained, num_classes, img_size=--image-size),
+    with a failure (unknown name, weights that cannot be fetched offline) as a DataError."""
+    import timm
+    kwargs = {"img_size": args.image_size} if args.image_size else {}
+    try:
+        return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise DataError(f"--model {args.model!r} is not a timm model ({exc})") from None
+        raise DataError(f"--model {args.model}: {str(exc).splitlines()[0]}") from None
+    except TypeError as exc:      # img_size on a model that has none
+        raise DataError(f"--image-size: {args.model} does not take an image size ({exc})") from None
+    except Exception as exc:      # the hub is unreachable: offline
+        raise DataError(f"--pretrained: the weights of {args.model} cannot be fetched ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160]}); connect once to cache them, or pass --no-pretrained") \
+            from None
+
+
+def _transform(model, args):
+    """timm's eval transform for the model (resize, crop, normalisation), at --image-size."""
+    from timm.data import create_transform, resolve_data_config
+    cfg = resolve_data_config({}, model=model)
+    if args.image_size:
+        cfg["input_size"] = (3, args.image_size, args.image_size)
+    return create_transform(**cfg, is_training=False)
+
+
+def head_name(model: nn.Module) -> str:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    names = [n for n, m in model.named_modules() if head is not None and m is head]
+    if not names or not isinstance(head, nn.Linear):
+        raise DataError(f"the model's classifier must be an nn.Linear (timm's get_classifier()), got "
+                        f"{type(head).__name__}")
+    return names[0]
+
+
+# ---- the run -------------------------------------------------------------------------------
+def _result_key(args) -> dict:
+    """What a run's results depend on: a resumed run must have the same."""
+    keys = ("dataset", "data_dir", "model", "pretrained", "image_size", "tasks", "class_order_seed", "setting",
+            "classifier", "epochs", "lr", "rank", "batch_size", "lambda_orth", "optimizer", "protect_energy",
+            "project_energy", "grad_through_old_route", "targets")
+    return {k: getattr(args, k) for k in keys}
+
+
+def check_run_dir(args) -> None:
+    """Refuse an --out that holds another run (or any run without --resume), before any work."""
+    meta = os.path.join(args.out, "run.json")
+    if not os.path.isfile(meta):
+        if args.resume:
+            raise DataError(f"--resume: {args.out!r} holds no run to resume (no run.json)")
+        return
+    if not args.resume:
+        raise DataError(f"--out {args.out!r} holds a run already; pass --resume to continue it, or another --out")
+    saved = json.load(open(meta)).get("result_key", {})
+    diff = sorted(k for k in set(saved) | set(_result_key(args)) if saved.get(k) != _result_key(args).get(k))
+    if diff:
+        raise DataError(f"--resume: the run in {args.out!r} was made with other settings ({', '.join(diff)}: "
+                        f"{[saved.get(k) for k in diff]}); resume with the same command")
+
+
+class _Checkpoint:
+    """One (method, seed)'s state after each task: the adapter (save_adapter), the trainable
+    parameters outside the adapter (the head; every parameter for full_ft), the prototypes, the
+    random state and the accuracy rows. state.pt is replaced atomically last and names its
+    adapter file, so a run killed anywhere resumes from the last complete task."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.state = os.path.join(folder, "state.pt")
+
+    def load(self):
+        return torch.load(self.state, weights_only=False) if os.path.isfile(self.state) else None
+
+    def save(self, model, i, acc, prototypes, gen):
+        from .nn import clora_layers, save_adapter
+        os.makedirs(self.folder, exist_ok=True)
+        adapter = None
+        if clora_layers(model):
+            adapter = f"adapter-{i}.safetensors"
+            save_adapter(model, os.path.join(self.folder, adapter))
+        skip = {f"{n}.{p}" for n, _ in clora_layers(model) for p in ("lora_A", "lora_B", "routing_delta")}
+        state = {"task": i, "acc": acc, "adapter": adapter, "gen": gen.get_state(), "rng": torch.get_rng_state(),
+                 "prototypes": None if prototypes is None else prototypes.state_dict(),
+                 "params": {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                            if p.requires_grad and n not in skip}}
+        torch.save(state, self.state + ".tmp")
+        os.replace(self.state + ".tmp", self.state)
+        for f in os.listdir(self.folder):     # older adapters, now that state.pt names the new one
+            if f.startswith("adapter-") and f != adapter:
+                os.remove(os.path.join(self.folder, f))
+
+    def restore(self, model, state, prototypes, gen):
+        from .nn import load_adapter
+        if state["adapter"]:
+            load_adapter(model, os.path.join(self.folder, state["adapter"]))
+        own = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, value in state["params"].items():
+                own[n].copy_(value)
+        if prototypes is not None and state["prototypes"] is not None:
+            prototypes.load_state_dict(state["prototypes"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["rng"])
+
+
+def prepare(args, progress: bool = True, log=print) -> dict:
+    """Everything a run needs before training, each problem a DataError (the CLI's exit 2): the
+    dataset (present, readable, classes that --tasks divides), the backbone (a timm name whose
+    weights can be had; for mnist5k the Animal-MNIST ViT, pre-trained here when not cached), the
+    tasks and the classifier's name."""
+    if args.dataset == "mnist5k":
+        if args.model is not None or args.image_size is not None or args.pretrained is not None:
+            raise DataError("--dataset mnist5k uses its own backbone (a small ViT pre-trained on Animal-MNIST): drop "
+                            "--model / --image-size / --pretrained")
+    else:
+        args.model = args.model or DEFAULT_MODEL
+        args.pretrained = True if args.pretrained is None else args.pretrained
+    train, test, train_labels, test_labels, names = load_dataset(args, None)   # the data first: the likelier problem
+    tasks = args.tasks or DEFAULT_TASKS[args.dataset]
+    if tasks is None:
+        raise DataError(f"--dataset {args.dataset} needs --tasks N (its {len(names)} classes split into N tasks)")
+    if tasks > len(names) or len(names) % tasks:
+        raise DataError(f"--tasks {tasks}: the {len(names)} classes of --dataset {args.dataset} do not split into "
+                        f"{tasks} tasks of equal size (use a divisor of {len(names)})")
+    args.tasks = tasks
+    if args.dataset == "mnist5k":
+        base, info = animal_mnist_backbone(progress, log)
+    else:
+        torch.manual_seed(0)            # one backbone for every seed and run (random with --no-pretrained)
+        base, info = timm_backbone(args, len(names)), None
+        for data in (train, test):
+            _set_transform(data, _transform(base, args))
+    order = class_order(len(names), args.class_order_seed)
+    base.reset_classifier(len(names))
+    return {"base": base, "pretraining": info, "names": names, "head": head_name(base),
+            "tasks": make_tasks(train, test, train_labels, test_labels, order, tasks, args.workers)}
+
+
+def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_method=None):
+    """Every method × seed of the image protocol on what `prepare` made; returns (methods, meta),
+    the digits schema plus the protocol's fields."""
+    from . import continual as cc
+    device = torch.device(args.device)
+    base, tasks, head, names = prep["base"], prep["tasks"], prep["head"], prep["names"]
+    num_classes, pretrain_info = len(names), prep["pretraining"]
+    meta = {"dataset": args.dataset, "model": "small ViT pre-trained on Animal-MNIST" if args.dataset == "mnist5k"
+            else args.model, "pretrained": True if args.dataset == "mnist5k" else args.pretrained,
+            "pretraining": pretrain_info, "image_size": 28 if args.dataset == "mnist5k" else args.image_size,
+            "tasks": args.tasks, "class_order": [list(t.classes) for t in tasks], "classes": names,
+            "targets": args.targets, "device": str(device), "backend": args.backend}
+    methods = {}
+    for method in args.methods:
+        per_seed, seconds, extra = [], [], []
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            model, uses_clora = cc.build_method(base, method, args.rank, args.protect_energy,
+                                                args.grad_through_old_route, args.project_energy,
+                                                targets=args.targets, head=head, backend=args.backend)
+            with torch.no_grad():       # a fresh head per seed
+                torch.manual_seed(seed)
+                model.get_submodule(head).reset_parameters()
+            model.to(device)
+            torch.manual_seed(seed + 1000)
+            ckpt = _Checkpoint(os.path.join(args.out, method, f"seed{seed}")) if args.out else None
+            gen = torch.Generator().manual_seed(seed)
+            classifier = args.classifier
+            protos = cc.PrototypeHead(num_classes, model.get_submodule(head).in_features).to(device) \
+                if classifier == "prototype" else None
+            start, acc = 0, []
+            state = ckpt.load() if ckpt else None
+            if state is not None:
+                ckpt.restore(model, state, protos, gen)
+                start, acc = state["task"] + 1, state["acc"]
+                log(f"{method} seed {seed}: resumed after task {state['task']}")
+            began = time.perf_counter()
+            if method == "joint":
+                rows = _joint(cc, model, tasks, args, seed, protos, head, device, progress)
+            else:
+                epochs = 0 if method == "simple_cil" and classifier == "prototype" else args.epochs
+                rows = cc.train_sequence(
+                    model, tasks, head=head, clora=uses_clora, setting=args.setting, epochs=epochs, lr=args.lr,
+                    lambda_orth=args.lambda_orth if uses_clora else 0.0, batch_size=args.batch_size,
+                    optimizer=args.optimizer, classifier=classifier, prototypes=protos, seed=seed,
+                    progress=progress, desc=f"{method} seed {seed}", device=device, amp=device.type == "cuda",
+                    start=start, acc=acc, gen=gen, log=log,
+                    on_task=(lambda i, a, p, g, m=model: ckpt.save(m, i, a, p, g)) if ckpt else None)
+            per_seed.append(rows)
+            seconds.append(time.perf_counter() - began)
+            extra.append(cc._extra_floats(model, classifier, head))
+        methods[method] = cc.summarize(method, per_seed, seconds, extra, len(tasks))
+        if on_method:
+            on_method(methods, meta)
+    return methods, meta
+
+
+def _joint(cc, model, tasks, args, seed, protos, head, device, progress):
+    """`joint`: one task holding every class (the upper bound), then a row of accuracies per task."""
+    from torch.utils.data import ConcatDataset
+    union = cc.DataTask(tuple(c for t in tasks for c in t.classes), ConcatDataset([t.train for t in tasks]),
+                        ConcatDataset([t.test for t in tasks]), torch.cat([t.train_labels for t in tasks]),
+                        torch.cat([t.test_labels for t in tasks]), args.workers)
+    cc.train_sequence(model, [union], head=head, clora=False, setting=args.setting, epochs=args.epochs, lr=args.lr,
+                      lambda_orth=0.0, batch_size=args.batch_size, optimizer=args.optimizer,
+                      classifier=args.classifier, prototypes=protos, seed=seed, progress=progress,
+                      desc=f"joint seed {seed}", device=device, amp=device.type == "cuda")
+    features = cc._HeadInput(model.get_submodule(head))
+    try:
+        return [cc.evaluate(model, t, union.classes if args.setting == "class-il" else t.classes, protos, features,
+                            device=device, amp=device.type == "cuda") for t in tasks]
+    finally:
+        features.handle.remove()

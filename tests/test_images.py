@@ -1,0 +1,119 @@
+"""The image protocols of clora-continual (clora_kernels/images.py), offline on a generated
+ImageFolder with an untrained timm ViT: the JSON schema, the accuracy matrix, a killed run resumed
+to the uninterrupted run's numbers, and every refusal (exit code 2, one line, nothing written)."""
+import json
+
+import pytest
+import torch
+
+from clora_kernels import continual as cc
+from clora_kernels import images as im
+
+timm = pytest.importorskip("timm")
+PIL = pytest.importorskip("PIL.Image")
+
+ARGS = ["--dataset", "folder", "--tasks", "3", "--model", "vit_tiny_patch16_224", "--no-pretrained",
+        "--image-size", "32", "--epochs", "1", "--seeds", "0", "--workers", "0", "--batch-size", "8",
+        "--no-progress"]
+
+
+def _folder(root, classes=6, per_class=6, empty=None):
+    """An ImageFolder tree: one colour per class (plus noise), so the classes can be learnt."""
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        d = root / f"class{c}"
+        d.mkdir(parents=True)
+        if c == empty:
+            continue
+        colour = torch.rand(3, generator=g) * 255
+        for i in range(per_class):
+            img = (colour[None, None] + 40 * torch.randn(20, 20, 3, generator=g)).clamp(0, 255).to(torch.uint8)
+            PIL.fromarray(img.numpy()).save(d / f"{i}.png")
+    return root
+
+
+def test_folder_protocol_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    data = _folder(tmp_path / "data")
+    methods = ["clora_freeze", "clora_project", "seq_lora"]
+    argv = ARGS + ["--data-dir", str(data), "--methods", *methods]
+    assert cc.main(argv + ["--out", str(tmp_path / "whole"), "--json", str(tmp_path / "whole.json")]) == 0
+    out = capsys.readouterr().out
+    assert "clora_freeze seed 0 task 2 " in out                        # a line per task with its row
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    meta = whole["meta"]
+    assert meta["dataset"] == "folder" and meta["model"] == "vit_tiny_patch16_224" and meta["pretrained"] is False
+    assert meta["image_size"] == 32 and meta["tasks"] == 3 and len(meta["class_order"]) == 3
+    assert sorted(c for t in meta["class_order"] for c in t) == list(range(6))
+    for m in methods:
+        entry = whole["methods"][m]
+        assert [len(r) for r in entry["acc_matrix"]] == [1, 2, 3]
+        assert 0.0 <= entry["last_acc"]["mean"] <= 1.0 and set(entry["forgetting"]) == {"mean", "std"}
+    assert json.loads((tmp_path / "whole" / "results.json").read_text())["methods"].keys() == set(methods)
+
+    # killed after the second task of the second method: the resumed run ends where the whole one did
+    real = im._Checkpoint.save
+
+    def dies(self, model, i, acc, prototypes, gen):
+        real(self, model, i, acc, prototypes, gen)
+        if "clora_project" in self.folder and i == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(im._Checkpoint, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        cc.main(argv + ["--out", str(tmp_path / "part")])
+    monkeypatch.setattr(im._Checkpoint, "save", real)
+    capsys.readouterr()
+    assert cc.main(argv + ["--out", str(tmp_path / "part"), "--resume"]) == 0
+    assert "clora_project seed 0: resumed after task 1" in capsys.readouterr().out
+    resumed = json.loads((tmp_path / "part" / "results.json").read_text())
+    for m in methods:
+        assert resumed["methods"][m]["acc_matrices"] == whole["methods"][m]["acc_matrices"], m
+
+
+def _refused(argv, capsys, word):
+    with pytest.raises(SystemExit) as info:
+        cc.main(argv)
+    assert info.value.code == 2, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and err[0].startswith("usage: "), err     # argparse's usage, then
+    assert sum(line.startswith("clora-continual: error: ") for line in err) == 1        # one error line
+    assert err[-1].startswith("clora-continual: error: ") and word in err[-1], err[-1]
+
+
+def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = _folder(tmp_path / "data")
+    gap = _folder(tmp_path / "gap", empty=4)
+    cases = [
+        (["--data-dir", str(tmp_path / "nowhere")], "is not a folder"),
+        (["--data-dir", str(gap)], "class4"),
+        (["--data-dir", str(data), "--tasks", "4"], "--tasks 4: the 6 classes"),
+        (["--data-dir", str(data), "--tasks", "7"], "--tasks 7: the 6 classes"),
+        (["--data-dir", str(data), "--model", "vit_nonexistent_model"], "not a timm model"),
+        (["--data-dir", str(data), "--pretrained"], "cannot be fetched"),
+        (["--data-dir", str(data), "--resume", "--out", str(tmp_path / "fresh")], "holds no run to resume"),
+    ]
+    for extra, word in cases:
+        _refused(ARGS + extra, capsys, word)
+    assert not (tmp_path / "fresh" / "run.json").exists()
+    _refused(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--no-progress"], capsys,
+             "holds no CIFAR-100 (cifar-100-python/); pass --download")
+    _refused(["--dataset", "folder", "--no-progress"], capsys, "needs --data-dir")
+    _refused(["--dataset", "mnist5k", "--model", "resnet18", "--no-progress"], capsys, "uses its own backbone")
+    _refused(["--data-dir", str(data), "--no-progress"], capsys, "only for the image datasets")
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    data = _folder(tmp_path / "data")
+    argv = ARGS + ["--data-dir", str(data), "--methods", "simple_cil", "--out", str(tmp_path / "run")]
+    assert cc.main(argv) == 0
+    _refused(argv, capsys, "holds a run already; pass --resume")
+    _refused([a if a != "32" else "48" for a in argv] + ["--resume"], capsys, "other settings (image_size")
+    assert cc.main(argv + ["--resume"]) == 0                   # complete: nothing left to train
+
+
+def test_split_and_tasks_are_fixed():
+    labels = torch.arange(50) % 5
+    tr, te = im.split_per_class(labels)
+    assert len(te) == 10 and set(tr.tolist()).isdisjoint(te.tolist()) and len(tr) + len(te) == 50
+    assert torch.equal(im.split_per_class(labels)[1], te)          # the same split every time
+    assert im.class_order(5, None) == [0, 1, 2, 3, 4] and sorted(im.class_order(5, 3)) == [0, 1, 2, 3, 4]
