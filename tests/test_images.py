@@ -117,3 +117,25 @@ def test_split_and_tasks_are_fixed():
     assert len(te) == 10 and set(tr.tolist()).isdisjoint(te.tolist()) and len(tr) + len(te) == 50
     assert torch.equal(im.split_per_class(labels)[1], te)          # the same split every time
     assert im.class_order(5, None) == [0, 1, 2, 3, 4] and sorted(im.class_order(5, 3)) == [0, 1, 2, 3, 4]
+
+
+def test_mnist5k_protocol_and_its_cached_backbone(tmp_path, monkeypatch, capsys):
+    """The shipped real-data protocol on a reduced run: the Animal-MNIST ViT is pre-trained once
+    (one epoch here), cached with its provenance, and reused by the next run."""
+    monkeypatch.setenv("CLORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(im, "ANIMAL_PRETRAIN", dict(im.ANIMAL_PRETRAIN, epochs=1))
+    argv = ["--dataset", "mnist5k", "--quick", "--methods", "clora_freeze", "--no-progress",
+            "--json", str(tmp_path / "m.json")]
+    assert cc.main(argv) == 0
+    assert "pre-trained the ViT on Animal-MNIST" in capsys.readouterr().out
+    data = json.loads((tmp_path / "m.json").read_text())
+    meta = data["meta"]
+    assert meta["dataset"] == "mnist5k" and meta["image_size"] == 28 and meta["class_order"][0] == [0, 1]
+    assert meta["pretraining"]["config"]["epochs"] == 1 and 0.0 < meta["pretraining"]["held_out_acc"] <= 1.0
+    assert [len(r) for r in data["methods"]["clora_freeze"]["acc_matrix"]] == [1, 2, 3, 4, 5]
+    cached = list((tmp_path / "cache" / "pretrained").glob("*.safetensors"))
+    assert len(cached) == 1 and json.loads(cached[0].with_name(cached[0].name + ".json").read_text())["torch"]
+    assert cc.main(argv) == 0
+    assert "pre-trained" not in capsys.readouterr().out                    # the cached backbone
+    again = json.loads((tmp_path / "m.json").read_text())["methods"]["clora_freeze"]
+    assert again["acc_matrices"] == data["methods"]["clora_freeze"]["acc_matrices"]      # the same numbers
