@@ -50,7 +50,7 @@ CLASSIFIERS = ("prototype", "linear")
 # method -> (C-LoRA mode, protection) for the C-LoRA methods; the others are baselines (DESIGN.md §10)
 CLORA_METHODS = {"clora_soft": ("soft", "paper"), "clora_hard": ("hard", "paper"),
                  "clora_freeze": ("soft", "freeze"), "clora_project": ("soft", "project")}
-METHODS = tuple(CLORA_METHODS) + ("seq_lora", "full_ft", "simple_cil", "joint")
+METHODS = tuple(CLORA_METHODS) + ("seq_lora", "per_task_lora", "full_ft", "simple_cil", "joint")
 RECOMMENDED = "clora_freeze"
 # the seeds and the class order the defaults were chosen on; the reported runs use others (DESIGN.md §10)
 TUNING_SEEDS = (100, 101, 102, 103, 104)
@@ -242,7 +242,8 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                    epochs: int = 10, lr: float = 5e-3, lambda_orth: float = 0.01, batch_size: int = 32,
                    optimizer: str = "adam", classifier: str = None, prototypes: PrototypeHead = None,
                    seed: int = 0, progress: bool = True, desc: str = "", device=None, amp: bool = False,
-                   start: int = 0, acc=None, gen: torch.Generator = None, on_task=None, log=None) -> list:
+                   start: int = 0, acc=None, gen: torch.Generator = None, on_task=None, log=None,
+                   boundary=None) -> list:
     """Train `model` on the tasks in order; return the accuracy matrix (list of rows, row i
     holding a[i][0..i]). Only parameters that require grad are trained; what a C-LoRA layer
     protects is its own `protection` policy's business (the loop only runs the pass that
@@ -261,7 +262,8 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
 
     Resuming: `start` tasks are done, `acc` holds their rows and `gen` the batch-order generator
     as it was after them; `on_task(i, acc, prototypes, gen)` runs after each task (to save a
-    run), `log(text)` gets one line per task."""
+    run), `log(text)` gets one line per task. `boundary(model)` runs between tasks (after the
+    evaluation, before on_task; per_task_lora opens its next branch there)."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     if optimizer not in OPTIMIZERS:
@@ -331,6 +333,8 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                                  device=device, amp=amp) for t in tasks[:i + 1]])
             if log:
                 log(f"{desc} task {i} {tuple(task.classes)}: " + " ".join(f"{a:.3f}" for a in acc[-1]))
+            if boundary and i < len(tasks) - 1:
+                boundary(model)
             if on_task:
                 on_task(i, acc, prototypes, gen)
     finally:
@@ -424,6 +428,11 @@ def build_method(base: nn.Module, method: str, rank: int, protect_energy: float,
         model.requires_grad_(False)
         model.get_submodule(head).requires_grad_(True)
         return model, False
+    if method == "per_task_lora":    # a fresh branch per task, earlier ones frozen (baselines.py)
+        from .baselines import inject_per_task_lora
+        inject_per_task_lora(model, targets, rank=rank)
+        model.get_submodule(head).requires_grad_(True)
+        return model, False
     mode, protection = CLORA_METHODS.get(method, ("soft", "paper"))
     if protection == "project":
         from .protection import Project
@@ -448,9 +457,12 @@ def _stats(xs):
 def _extra_floats(model, classifier: str, head: str = "head") -> int:
     """What a method stores beyond its trainable weights: the prototypes and the protection
     policies' state."""
+    from .baselines import per_task_layers
     head = model.get_submodule(head)
     protos = head.out_features * head.in_features if classifier == "prototype" else 0
-    return protos + sum(m.protection.state_numel(m) for _, m in clora_layers(model))
+    frozen_branches = sum(p.numel() for _, m in per_task_layers(model) for p in m.parameters()
+                          if not p.requires_grad and p is not m.base.weight and p is not m.base.bias)
+    return protos + sum(m.protection.state_numel(m) for _, m in clora_layers(model)) + frozen_branches
 
 
 def run_joint(model, tasks, args, seed, progress):
@@ -461,7 +473,7 @@ def run_joint(model, tasks, args, seed, progress):
     head = model.get_submodule("head")
     protos = PrototypeHead(head.out_features, head.in_features) if args.classifier == "prototype" else None
     train_sequence(model, [union], clora=False, setting=args.setting, epochs=args.epochs, lr=args.lr, lambda_orth=0.0,
-                   optimizer=args.optimizer, classifier=args.classifier, prototypes=protos, seed=seed,
+                   batch_size=args.batch_size, optimizer=args.optimizer, classifier=args.classifier, prototypes=protos, seed=seed,
                    progress=progress, desc=f"joint seed {seed}")
     features = _HeadInput(head)
     try:
@@ -481,7 +493,8 @@ def run_experiment(args, progress=True, on_method=None) -> dict:
         for seed in args.seeds:
             base = pretrain(pre, args.pretrain_epochs, seed)
             model, uses_clora = build_method(base, method, args.rank, args.protect_energy,
-                                             args.grad_through_old_route, args.project_energy)
+                                             args.grad_through_old_route, args.project_energy,
+                                             targets=args.targets, backend=args.backend)
             torch.manual_seed(seed + 1000)
             start = time.perf_counter()
             if method == "joint":
@@ -490,14 +503,23 @@ def run_experiment(args, progress=True, on_method=None) -> dict:
                 epochs = 0 if method == "simple_cil" and args.classifier == "prototype" else args.epochs
                 per_seed.append(train_sequence(
                     model, tasks, clora=uses_clora, setting=args.setting, epochs=epochs, lr=args.lr,
-                    lambda_orth=args.lambda_orth if uses_clora else 0.0, optimizer=args.optimizer,
-                    classifier=args.classifier, seed=seed, progress=progress, desc=f"{method} seed {seed}"))
+                    lambda_orth=args.lambda_orth if uses_clora else 0.0, batch_size=args.batch_size,
+                    optimizer=args.optimizer, classifier=args.classifier, seed=seed, progress=progress,
+                    desc=f"{method} seed {seed}", boundary=task_boundary(method)))
             seconds.append(time.perf_counter() - start)
             extra.append(_extra_floats(model, args.classifier))
         methods[method] = summarize(method, per_seed, seconds, extra, len(tasks))
         if on_method:
             on_method(methods)
     return methods
+
+
+def task_boundary(method: str):
+    """What a method does between tasks besides the C-LoRA fold (None: nothing)."""
+    if method == "per_task_lora":
+        from .baselines import next_task
+        return next_task
+    return None
 
 
 def summarize(method: str, per_seed: list, seconds: list, extra: list, t: int) -> dict:
@@ -660,7 +682,15 @@ def _fill_defaults(args) -> None:
         if getattr(args, key, None) is None:
             setattr(args, key, copy.copy(value))
     if args.workers is None:        # images in memory need no workers; files are decoded by them
-        args.workers = 0 if args.dataset == "mnist5k" else min(4, os.cpu_count() or 1)
+        args.workers = 0 if args.dataset in ("digits", "mnist5k") else min(4, os.cpu_count() or 1)
+    if kind == "images":            # before a resumed run is compared with its saved settings
+        from .images import DEFAULT_TASKS
+        args.tasks = args.tasks or DEFAULT_TASKS[args.dataset]
+        if args.dataset != "mnist5k":
+            args.model = args.model or DEFAULT_MODEL
+            args.pretrained = True if args.pretrained is None else args.pretrained
+        if args.data_dir:
+            args.data_dir = os.path.abspath(args.data_dir)
     if args.quick and not getattr(args, "_quick_done", False):
         args.epochs, args.seeds = (4, [0, 1]) if kind == "digits" else (1, [0])
         args._quick_done = True
@@ -687,10 +717,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     _fill_defaults(args)
     images = args.dataset != "digits"
+    if args.backend != "auto":
+        from .backends import available_backends
+        usable, why = available_backends()[args.backend]
+        if not usable:
+            ap.error(f"argument --backend: {args.backend} cannot run here ({why})")
     if not images:
         for flag, value in (("--data-dir", args.data_dir), ("--download", args.download or None),
                             ("--model", args.model), ("--pretrained", args.pretrained),
-                            ("--image-size", args.image_size), ("--out", args.out), ("--resume", args.resume or None)):
+                            ("--image-size", args.image_size), ("--out", args.out), ("--resume", args.resume or None),
+                            ("--workers", args.workers or None), ("--device", args.device if args.device != "auto"
+                                                                  and args.device != "cpu" else None)):
             if value is not None:
                 ap.error(f"argument {flag}: only for the image datasets (--dataset {' / '.join(IMAGE_DATASETS)})")
         if args.tasks not in (None, 5):
@@ -698,6 +735,14 @@ def main(argv=None) -> int:
         if args.rank > 64:
             ap.error(f"argument --rank: the digits layers have 64 and 128 features, so rank must be <= 64, "
                      f"got {args.rank}")
+        from .nn import select_targets
+        if not [n for n in select_targets(MLP(), args.targets) if n != "head"]:
+            ap.error(f"argument --targets: none of {args.targets} is a layer of the digits MLP (fc1, fc2)")
+    elif args.pretrain_epochs != ap.get_default("pretrain_epochs"):
+        ap.error("argument --pretrain-epochs: only for --dataset digits (mnist5k's backbone has its own recipe)")
+    elif args.dataset == "mnist5k" and (args.data_dir or args.download):
+        ap.error("argument --data-dir/--download: mnist5k ships with the package; they are for cifar100 / "
+                 "imagenet-r / folder")
     else:
         if args.resume and not args.out:
             ap.error("argument --resume: needs --out RUN_DIR (the run to continue)")
@@ -726,7 +771,8 @@ def main(argv=None) -> int:
             "epochs": args.epochs, "rank": args.rank, "lr": args.lr,
             "optimizer": args.optimizer, "lambda_orth": args.lambda_orth, "protect_energy": args.protect_energy,
             "project_energy": args.project_energy, "grad_through_old_route": args.grad_through_old_route,
-            "pretrain_epochs": args.pretrain_epochs, **provenance("clora-continual")}
+            "pretrain_epochs": args.pretrain_epochs, "batch_size": args.batch_size, "targets": args.targets,
+            "backend": args.backend, **provenance("clora-continual")}
 
     def save(methods):
         if args.json:

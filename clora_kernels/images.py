@@ -199,8 +199,8 @@ def animal_mnist_backbone(progress: bool = True, log=print):
     recorded), cached under the cache dir with its provenance; trained here when missing."""
     from safetensors.torch import load_file, save_file
     images, labels = _load_array("animal_mnist")
-    digest = hashlib.sha256(json.dumps(ANIMAL_PRETRAIN, sort_keys=True).encode() + images.tobytes()[:1 << 20]
-                            + b"vit-28-4-64-4-4-2").hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(ANIMAL_PRETRAIN, sort_keys=True).encode() + images.tobytes()
+                            + labels.tobytes() + b"vit-28-4-64-4-4-2").hexdigest()[:12]
     path = cache_dir("pretrained", f"animal_mnist_vit_{digest}.safetensors")
     model = _small_vit()
     if os.path.isfile(path) and os.path.isfile(path + ".json"):
@@ -233,8 +233,9 @@ def animal_mnist_backbone(progress: bool = True, log=print):
             "architecture": "timm VisionTransformer img 28, patch 4, in_chans 1, width 64, depth 4, heads 4, mlp 2",
             **provenance("clora-continual")}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file(model.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"         # two runs pre-training at once do not share a temp file
+    save_file(model.state_dict(), tmp)
+    os.replace(tmp, path)
     write_json_atomic(path + ".json", info)
     if log:
         log(f"pre-trained the ViT on Animal-MNIST in {info['seconds']:.0f} s: held-out accuracy {acc:.3f} "
@@ -285,7 +286,7 @@ def _result_key(args) -> dict:
     """What a run's results depend on: a resumed run must have the same."""
     keys = ("dataset", "data_dir", "model", "pretrained", "image_size", "tasks", "class_order_seed", "setting",
             "classifier", "epochs", "lr", "rank", "batch_size", "lambda_orth", "optimizer", "protect_energy",
-            "project_energy", "grad_through_old_route", "targets")
+            "project_energy", "grad_through_old_route", "targets", "device", "backend")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -316,20 +317,27 @@ class _Checkpoint:
         self.state = os.path.join(folder, "state.pt")
 
     def load(self):
-        return torch.load(self.state, weights_only=False) if os.path.isfile(self.state) else None
+        return torch.load(self.state, map_location="cpu", weights_only=False) if os.path.isfile(self.state) else None
 
-    def save(self, model, i, acc, prototypes, gen):
+    def save(self, model, i, acc, prototypes, gen, seconds: float = 0.0):
         from .nn import clora_layers, save_adapter
         os.makedirs(self.folder, exist_ok=True)
         adapter = None
         if clora_layers(model):
             adapter = f"adapter-{i}.safetensors"
             save_adapter(model, os.path.join(self.folder, adapter))
+        from .baselines import per_task_layers
         skip = {f"{n}.{p}" for n, _ in clora_layers(model) for p in ("lora_A", "lora_B", "routing_delta")}
+        branches = {f"{n}.{kind}.{j}" for n, m in per_task_layers(model) for kind in ("lora_A", "lora_B")
+                    for j in range(len(m.lora_A))}              # frozen ones too: they are the adapter
         state = {"task": i, "acc": acc, "adapter": adapter, "gen": gen.get_state(), "rng": torch.get_rng_state(),
-                 "prototypes": None if prototypes is None else prototypes.state_dict(),
+                 "prototypes": None if prototypes is None else {k: v.cpu() for k, v in prototypes.state_dict().items()},
+                 "seconds": seconds,
+                 "buffers": {n: b.detach().cpu().clone() for n, b in model.named_buffers()    # BatchNorm statistics
+                             if n.rpartition(".")[0] not in {m for m, _ in clora_layers(model)}},
+                 "branches": max((len(m.lora_A) for _, m in per_task_layers(model)), default=0),
                  "params": {n: p.detach().cpu().clone() for n, p in model.named_parameters()
-                            if p.requires_grad and n not in skip}}
+                            if (p.requires_grad and n not in skip) or n in branches}}
         torch.save(state, self.state + ".tmp")
         os.replace(self.state + ".tmp", self.state)
         for f in os.listdir(self.folder):     # older adapters, now that state.pt names the new one
@@ -338,12 +346,19 @@ class _Checkpoint:
 
     def restore(self, model, state, prototypes, gen):
         from .nn import load_adapter
+        from .baselines import per_task_layers
         if state["adapter"]:
             load_adapter(model, os.path.join(self.folder, state["adapter"]))
+        for _, m in per_task_layers(model):       # as many branches as the run had opened
+            while len(m.lora_A) < state.get("branches", 0):
+                m.next_task()
         own = dict(model.named_parameters())
+        bufs = dict(model.named_buffers())
         with torch.no_grad():
             for n, value in state["params"].items():
                 own[n].copy_(value)
+            for n, value in state.get("buffers", {}).items():
+                bufs[n].copy_(value)
         if prototypes is not None and state["prototypes"] is not None:
             prototypes.load_state_dict(state["prototypes"])
         gen.set_state(state["gen"])
@@ -355,13 +370,16 @@ def prepare(args, progress: bool = True, log=print) -> dict:
     dataset (present, readable, classes that --tasks divides), the backbone (a timm name whose
     weights can be had; for mnist5k the Animal-MNIST ViT, pre-trained here when not cached), the
     tasks and the classifier's name."""
+    try:
+        import timm  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        raise DataError(f"--dataset {args.dataset} needs timm and torchvision ({exc.name} is missing): "
+                        f"pip install timm") from None
     if args.dataset == "mnist5k":
         if args.model is not None or args.image_size is not None or args.pretrained is not None:
             raise DataError("--dataset mnist5k uses its own backbone (a small ViT pre-trained on Animal-MNIST): drop "
                             "--model / --image-size / --pretrained")
-    else:
-        args.model = args.model or DEFAULT_MODEL
-        args.pretrained = True if args.pretrained is None else args.pretrained
     train, test, train_labels, test_labels, names = load_dataset(args, None)   # the data first: the likelier problem
     tasks = args.tasks or DEFAULT_TASKS[args.dataset]
     if tasks is None:
@@ -379,8 +397,39 @@ def prepare(args, progress: bool = True, log=print) -> dict:
             _set_transform(data, _transform(base, args))
     order = class_order(len(names), args.class_order_seed)
     base.reset_classifier(len(names))
-    return {"base": base, "pretraining": info, "names": names, "head": head_name(base),
-            "tasks": make_tasks(train, test, train_labels, test_labels, order, tasks, args.workers)}
+    tasks = make_tasks(train, test, train_labels, test_labels, order, tasks, args.workers)
+    head = head_name(base)
+    _check_model(base, head, tasks[0], args)
+    size = 28 if args.dataset == "mnist5k" else _input_size(base, args)
+    return {"base": base, "pretraining": info, "names": names, "head": head, "tasks": tasks, "image_size": size}
+
+
+def _check_model(base, head: str, task, args) -> None:
+    """What would fail only after a method trained: targets that match nothing, a rank too large
+    for a targeted layer, a forward that fails at this image size. One batch goes through."""
+    from .nn import select_targets
+    chosen = [n for n in select_targets(base, args.targets) if n != head]
+    if not chosen:
+        from .nn import _candidates
+        raise DataError(f"--targets {args.targets}: no nn.Linear of the model matches; its layers by type: "
+                        f"{_candidates(base)[:300]}")
+    small = min(min(base.get_submodule(n).in_features, base.get_submodule(n).out_features) for n in chosen)
+    if args.rank > small:
+        raise DataError(f"--rank {args.rank}: the targeted layers need rank <= {small} (their smallest side)")
+    x, _ = next(iter(task.batches("test", 2)))
+    try:
+        with torch.no_grad():
+            base.eval()(x)
+    except Exception as exc:
+        raise DataError(f"the model cannot run on these images ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                        f"check --image-size / --model") from None
+    finally:
+        base.train()
+
+
+def _input_size(model, args) -> int:
+    from timm.data import resolve_data_config
+    return args.image_size or resolve_data_config({}, model=model)["input_size"][-1]
 
 
 def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_method=None):
@@ -392,7 +441,7 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
     num_classes, pretrain_info = len(names), prep["pretraining"]
     meta = {"dataset": args.dataset, "model": "small ViT pre-trained on Animal-MNIST" if args.dataset == "mnist5k"
             else args.model, "pretrained": True if args.dataset == "mnist5k" else args.pretrained,
-            "pretraining": pretrain_info, "image_size": 28 if args.dataset == "mnist5k" else args.image_size,
+            "pretraining": pretrain_info, "image_size": prep["image_size"], "workers": args.workers,
             "tasks": args.tasks, "class_order": [list(t.classes) for t in tasks], "classes": names,
             "targets": args.targets, "device": str(device), "backend": args.backend}
     methods = {}
@@ -413,11 +462,11 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
             classifier = args.classifier
             protos = cc.PrototypeHead(num_classes, model.get_submodule(head).in_features).to(device) \
                 if classifier == "prototype" else None
-            start, acc = 0, []
+            start, acc, before = 0, [], 0.0
             state = ckpt.load() if ckpt else None
             if state is not None:
                 ckpt.restore(model, state, protos, gen)
-                start, acc = state["task"] + 1, state["acc"]
+                start, acc, before = state["task"] + 1, state["acc"], state.get("seconds", 0.0)
                 log(f"{method} seed {seed}: resumed after task {state['task']}")
             began = time.perf_counter()
             if method == "joint":
@@ -429,10 +478,11 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
                     lambda_orth=args.lambda_orth if uses_clora else 0.0, batch_size=args.batch_size,
                     optimizer=args.optimizer, classifier=classifier, prototypes=protos, seed=seed,
                     progress=progress, desc=f"{method} seed {seed}", device=device, amp=device.type == "cuda",
-                    start=start, acc=acc, gen=gen, log=log,
-                    on_task=(lambda i, a, p, g, m=model: ckpt.save(m, i, a, p, g)) if ckpt else None)
+                    start=start, acc=acc, gen=gen, log=log, boundary=cc.task_boundary(method),
+                    on_task=(lambda i, a, p, g, m=model, t0=began, b=before:
+                             ckpt.save(m, i, a, p, g, b + time.perf_counter() - t0)) if ckpt else None)
             per_seed.append(rows)
-            seconds.append(time.perf_counter() - began)
+            seconds.append(before + time.perf_counter() - began)      # a resumed run counts its earlier tasks
             extra.append(cc._extra_floats(model, classifier, head))
         methods[method] = cc.summarize(method, per_seed, seconds, extra, len(tasks))
         if on_method:

@@ -671,3 +671,4 @@ def load_adapter(model: nn.Module, path) -> None:
                 getattr(m, t).copy_(value)
             m.task_index = e["task_index"]
             m.protection.loaded(m)
+            m.protection.loaded_enforced(m)

@@ -106,6 +106,11 @@ class Protection:
     def loaded(self, layer) -> None:
         """After state_dict / adapter loading set the layer's task state."""
 
+    def loaded_enforced(self, layer) -> None:
+        """After loading a file that `save_adapter` wrote (it enforces the policy first): the
+        parameters already satisfy the policy, so the next forward need not enforce it again
+        (enforcing twice is not bit-exact, and a resumed run must equal an uninterrupted one)."""
+
     def check_loaded(self, tensors: dict) -> str:
         """Why buffers about to be loaded (name -> tensor) do not fit together ('' when they do)."""
         return ""
@@ -202,6 +207,9 @@ class Project(Protection):
         layer._observed, layer._observed_rows = None, 0
         layer._enforced_versions = None
 
+    def loaded_enforced(self, layer) -> None:
+        layer._enforced_versions = self._versions(layer)
+
     def _versions(self, layer):
         ts = (layer.lora_A, layer.routing_delta, layer.lora_B)
         return tuple(t._version for t in ts) + tuple(t.data_ptr() for t in ts) + (_STEPS[0],)
@@ -290,13 +298,15 @@ class Project(Protection):
         w = _range_basis(p @ g_t @ p)
         v = _range_basis(g_u)
         b = layer.lora_B.double()
-        layer.protect_input_basis = u.to(dt)
-        layer.protect_input_anchor = (a @ u).to(dt)
-        layer.protect_routing_basis = w.to(dt)
-        layer.protect_output_basis = v.to(dt)
-        layer.protect_output_anchor = (b @ v).to(dt)
-        layer.protect_gram_t = g_t.to(dt)
-        layer.protect_gram_u = g_u.to(dt)
+        # contiguous, as a loaded copy is: the layout changes matmul rounding, and a resumed run
+        # must compute what the uninterrupted one does
+        layer.protect_input_basis = u.to(dt).contiguous()
+        layer.protect_input_anchor = (a @ u).to(dt).contiguous()
+        layer.protect_routing_basis = w.to(dt).contiguous()
+        layer.protect_output_basis = v.to(dt).contiguous()
+        layer.protect_output_anchor = (b @ v).to(dt).contiguous()
+        layer.protect_gram_t = g_t.to(dt).contiguous()
+        layer.protect_gram_u = g_u.to(dt).contiguous()
         layer._observed, layer._observed_rows = None, 0
         layer._enforced_versions = None
 

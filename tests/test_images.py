@@ -53,8 +53,8 @@ def test_folder_protocol_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     # killed after the second task of the second method: the resumed run ends where the whole one did
     real = im._Checkpoint.save
 
-    def dies(self, model, i, acc, prototypes, gen):
-        real(self, model, i, acc, prototypes, gen)
+    def dies(self, model, i, acc, prototypes, gen, seconds=0.0):
+        real(self, model, i, acc, prototypes, gen, seconds)
         if "clora_project" in self.folder and i == 1:
             raise KeyboardInterrupt
     monkeypatch.setattr(im._Checkpoint, "save", dies)
@@ -67,6 +67,12 @@ def test_folder_protocol_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     resumed = json.loads((tmp_path / "part" / "results.json").read_text())
     for m in methods:
         assert resumed["methods"][m]["acc_matrices"] == whole["methods"][m]["acc_matrices"], m
+        a, b = (torch.load(tmp_path / run / m / "seed0" / "state.pt", weights_only=False) for run in ("whole", "part"))
+        assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"]), m      # bit-exact, not just
+        assert torch.equal(a["prototypes"]["sums"], b["prototypes"]["sums"]), m             # the accuracies
+        from safetensors.torch import load_file
+        fa, fb = (load_file(tmp_path / run / m / "seed0" / s["adapter"]) for run, s in (("whole", a), ("part", b)))
+        assert all(torch.equal(fa[k], fb[k]) for k in fa), m
 
 
 def _refused(argv, capsys, word):
@@ -91,6 +97,11 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
         (["--data-dir", str(data), "--model", "vit_nonexistent_model"], "not a timm model"),
         (["--data-dir", str(data), "--pretrained"], "cannot be fetched"),
         (["--data-dir", str(data), "--resume", "--out", str(tmp_path / "fresh")], "holds no run to resume"),
+        (["--data-dir", str(data), "--targets", "nope"], "no nn.Linear of the model matches"),
+        (["--data-dir", str(data), "--rank", "1000"], "--rank 1000: the targeted layers need rank <= 192"),
+        (["--data-dir", str(data), "--image-size", "7"], "the model cannot run on these images"),
+        (["--data-dir", str(data), "--backend", "cuda"], "cuda cannot run here"),
+        (["--data-dir", str(data), "--pretrain-epochs", "3"], "only for --dataset digits"),
     ]
     for extra, word in cases:
         _refused(ARGS + extra, capsys, word)
@@ -135,7 +146,11 @@ def test_mnist5k_protocol_and_its_cached_backbone(tmp_path, monkeypatch, capsys)
     assert [len(r) for r in data["methods"]["clora_freeze"]["acc_matrix"]] == [1, 2, 3, 4, 5]
     cached = list((tmp_path / "cache" / "pretrained").glob("*.safetensors"))
     assert len(cached) == 1 and json.loads(cached[0].with_name(cached[0].name + ".json").read_text())["torch"]
-    assert cc.main(argv) == 0
+    # defaults filled (tasks) and a complete run: --resume accepts it, keeps its numbers and its time
+    assert cc.main(argv + ["--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert cc.main(argv + ["--out", str(tmp_path / "run"), "--resume"]) == 0
     assert "pre-trained" not in capsys.readouterr().out                    # the cached backbone
+    assert json.loads((tmp_path / "m.json").read_text())["methods"]["clora_freeze"]["seconds"]["mean"] > 0.1
     again = json.loads((tmp_path / "m.json").read_text())["methods"]["clora_freeze"]
     assert again["acc_matrices"] == data["methods"]["clora_freeze"]["acc_matrices"]      # the same numbers
