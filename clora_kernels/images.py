@@ -33,7 +33,7 @@ from ._io import cache_dir, provenance, write_json_atomic
 
 IMAGE_DATASETS = ("mnist5k", "cifar100", "imagenet-r", "folder")
 DEFAULT_MODEL = "vit_base_patch16_224.augreg_in21k"
-DEFAULT_TASKS = {"mnist5k": 5, "cifar100": 10, "imagenet-r": 10, "folder": None}
+DEFAULT_TASKS = {"mnist5k": 5, "cifar100": 10, "imagenet-r": 10, "folder": None, "wiki-topics": 5}
 _DATA = os.path.join(os.path.dirname(__file__), "data")
 TEST_FRACTION = 0.2
 
@@ -286,7 +286,8 @@ def _result_key(args) -> dict:
     """What a run's results depend on: a resumed run must have the same."""
     keys = ("dataset", "data_dir", "model", "pretrained", "image_size", "tasks", "class_order_seed", "setting",
             "classifier", "epochs", "lr", "rank", "batch_size", "lambda_orth", "optimizer", "protect_energy",
-            "project_energy", "grad_through_old_route", "targets", "device", "backend")
+            "project_energy", "grad_through_old_route", "targets", "device", "backend", "language",
+            "per_class_train", "per_class_test", "max_tokens")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -433,14 +434,14 @@ def _input_size(model, args) -> int:
 
 
 def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_method=None):
-    """Every method × seed of the image protocol on what `prepare` made; returns (methods, meta),
-    the digits schema plus the protocol's fields."""
+    """Every method × seed of an image (or the text) protocol on what `prepare` made; returns
+    (methods, meta), the digits schema plus the protocol's fields."""
     from . import continual as cc
     device = torch.device(args.device)
     base, tasks, head, names = prep["base"], prep["tasks"], prep["head"], prep["names"]
     num_classes, pretrain_info = len(names), prep["pretraining"]
     meta = {"dataset": args.dataset, "model": "small ViT pre-trained on Animal-MNIST" if args.dataset == "mnist5k"
-            else args.model, "pretrained": True if args.dataset == "mnist5k" else args.pretrained,
+            else args.model, "pretrained": True if args.pretrained is None else args.pretrained,
             "pretraining": pretrain_info, "image_size": prep["image_size"], "workers": args.workers,
             "tasks": args.tasks, "class_order": [list(t.classes) for t in tasks], "classes": names,
             "targets": args.targets, "device": str(device), "backend": args.backend}

