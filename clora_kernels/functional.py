@@ -37,9 +37,10 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
                  scaling: float, backend: str = "auto") -> None:
     """The one validation of a C-LoRA linear call. Raises ValueError/TypeError naming the
     argument and the sizes; returns None when every backend may be asked to run the call."""
-    for name, t, optional in (("x", x, False), ("weight", weight, False), ("bias", bias, True),
-                              ("lora_A", lora_A, False), ("lora_B", lora_B, False), ("routing_old", routing_old, False),
-                              ("routing_delta", routing_delta, False), ("projection", projection, True)):
+    named = (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
+             ("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection))
+    for name, t in (("x", x),) + named:
+        optional = name in ("bias", "projection")
         if not isinstance(t, Tensor) and not (optional and t is None):
             raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(t).__name__}")
     if x.dim() < 1:
@@ -68,8 +69,6 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         raise ValueError(f"backend must be one of {sorted(BACKEND_NAMES)}, got {backend!r}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {x.dtype}")
-    named = (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
-             ("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection))
     for name, t in named:
         if t is None:
             continue
