@@ -67,6 +67,7 @@ class CLoRALinear(nn.Linear):
         self.merged = False
         self.fan_in_fan_out = False      # True: `weight` is stored (in, out), transformers' Conv1D layout
         self.adapter_enabled = True      # False inside disable_adapter(): the base layer alone
+        self.tied_to = []                # other parameters sharing `weight` (inject_clora finds them)
         fk = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **fk))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **fk))
@@ -219,7 +220,7 @@ class CLoRALinear(nn.Linear):
         if not self.adapter_enabled:
             raise ValueError("merge inside disable_adapter(): the merged layer would compute the adapter; leave the "
                              "block first")
-        if getattr(self, "tied_to", None):
+        if self.tied_to:
             raise ValueError(f"merge: this layer's weight is tied to {self.tied_to} (shared embeddings?); merging "
                              f"would change those too. Keep the adapter unmerged, or untie the weights first")
         self.protection.enforce(self, force=True)
