@@ -158,7 +158,7 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys):
 
 
 README_TABLES = {"default.json": "README.md", "taskil.json": "docs/continual.md",   # class-IL, task-IL
-                 "mnist5k.json": "README.md"}
+                 "mnist5k.json": "README.md", "wiki_topics.json": "README.md"}
 
 
 def test_readme_tables_are_the_shipped_json():
