@@ -341,6 +341,7 @@ class _Checkpoint:
                             if (p.requires_grad and n not in skip) or n in branches}}
         torch.save(state, self.state + ".tmp")
         os.replace(self.state + ".tmp", self.state)
+        write_json_atomic(os.path.join(self.folder, "progress.json"), {"task": i, "acc": acc})   # readable
         for f in os.listdir(self.folder):     # older adapters, now that state.pt names the new one
             if f.startswith("adapter-") and f != adapter:
                 os.remove(os.path.join(self.folder, f))

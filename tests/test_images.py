@@ -49,6 +49,8 @@ def test_folder_protocol_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         assert [len(r) for r in entry["acc_matrix"]] == [1, 2, 3]
         assert 0.0 <= entry["last_acc"]["mean"] <= 1.0 and set(entry["forgetting"]) == {"mean", "std"}
     assert json.loads((tmp_path / "whole" / "results.json").read_text())["methods"].keys() == set(methods)
+    progress = json.loads((tmp_path / "whole" / "clora_freeze" / "seed0" / "progress.json").read_text())
+    assert progress["task"] == 2 and progress["acc"] == whole["methods"]["clora_freeze"]["acc_matrices"][0]
 
     # killed after the second task of the second method: the resumed run ends where the whole one did
     real = im._Checkpoint.save
