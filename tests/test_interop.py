@@ -203,18 +203,24 @@ def test_load_peft_adapter_gives_the_peft_models_outputs(tmp_path, seed, name, r
         assert rel_err(_run(model, name, data), want) < 1e-5
 
 
-def test_llama_trains_generates_and_round_trips(tmp_path, seed):
-    base = _llama()
-    model = ck.inject_clora(copy.deepcopy(base), target_modules=LLAMA_TARGETS, rank=2, backend="torch")
-    ids = torch.randint(2, 61, (4, 9))
+def _train_steps(model, ids, labels, steps: int = 6) -> list:
+    """Adam steps on a transformers model's own loss; the losses."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_llama_trains_generates_and_round_trips(tmp_path, seed):
+    base = _llama()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=LLAMA_TARGETS, rank=2, backend="torch")
+    ids = torch.randint(2, 61, (4, 9))
+    losses = _train_steps(model, ids, ids)
     assert losses[-1] < losses[0]
     out = model.generate(ids[:1, :3], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
@@ -236,16 +242,8 @@ def test_transformers_models_train_and_round_trip(tmp_path, seed, name):
     model = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=2, backend="torch")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     ids = torch.randint(2, 61, (4, 7))
-    labels = ids if name == "gpt2" else torch.tensor([0, 1, 2, 0])
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_steps(model, ids, ids if name == "gpt2" else torch.tensor([0, 1, 2, 0]))
     assert losses[-1] < losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     model.eval()
