@@ -16,7 +16,6 @@ and the stored adapter parameters, the adapter file's size, and the inference la
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

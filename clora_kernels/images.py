@@ -17,11 +17,9 @@ and resume.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
-import statistics
 import time
 
 import torch
