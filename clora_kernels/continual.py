@@ -104,6 +104,7 @@ class DataTask:
         return self.train_labels if split == "train" else self.test_labels
 
     def batches(self, split: str, batch_size=None, gen=None, device=None):
+        """(x, y) batches from a DataLoader: shuffled by `gen` when given; batch_size None is 256."""
         from torch.utils.data import DataLoader
         data = self.train if split == "train" else self.test
         loader = DataLoader(data, batch_size=batch_size or 256, shuffle=gen is not None, generator=gen,
@@ -214,7 +215,7 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
     head, or with `prototypes` on the head's input (captured by `features`)."""
     model.eval()
     right = total = 0
-    for x, y in task.batches("test", None if isinstance(task, Task) else 256, device=device):
+    for x, y in task.batches("test", None, device=device):   # the whole split, or the loader's default batches
         x, y = _to(x, device), _to(y, device)
         with _autocast(device, amp):
             logits = model(x)
