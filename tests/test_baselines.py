@@ -1,11 +1,15 @@
-"""per_task_lora (clora_kernels/baselines.py): the sum of its branches, the engine's op with a
-block-diagonal routing matrix (float64 oracle), frozen earlier branches, and its run in the harness."""
+"""The baselines (clora_kernels/baselines.py). per_task_lora: the sum of its branches, the engine's op
+with a block-diagonal routing matrix (float64 oracle), frozen earlier branches, its run in the
+harness. dual_lora: the orthogonal adapter keeps earlier tasks' outputs (exactly inside the bases,
+within the energy bound outside), the residual adapter acts inside the bases only, its run."""
+import pytest
 import torch
 from torch import nn
 
 import clora_kernels as ck
 from clora_kernels import continual as cc
-from clora_kernels.baselines import PerTaskLoRALinear, inject_per_task_lora, next_task, per_task_layers
+from clora_kernels.baselines import (DualLoRALinear, PerTaskLoRALinear, inject_dual_lora, inject_per_task_lora,
+                                    next_task, observe_inputs, per_task_layers)
 from helpers import oracle, rel_err
 
 
@@ -83,3 +87,114 @@ def test_task_scaling_benchmark_runs_quick(tmp_path):
     assert c[0]["adapter_stored"] == c[1]["adapter_stored"] and c[0]["adapter_file_bytes"] == c[1]["adapter_file_bytes"]
     assert p[1]["adapter_stored"] == 3 * p[0]["adapter_stored"] and p[1]["trainable"] == p[0]["trainable"]
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _train(model, x, steps=30, lr=1e-2):
+    """Adam on a random regression target: every trainable tensor moves."""
+    target = torch.randn(x.shape[0], model(x).shape[-1], dtype=x.dtype)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((model(x) - target) ** 2).mean().backward()
+        opt.step()
+
+
+def _orthogonal_out(layer, x):
+    return layer.scaling * (x @ layer.orthogonal_A().t()) @ layer.lora_B.t()
+
+
+def _boundary(model, x):
+    with torch.no_grad(), observe_inputs(model):
+        model(x)
+    next_task(model)
+
+
+def test_dual_lora_orthogonal_adapter_keeps_earlier_inputs_exactly_in_their_span(seed):
+    """Task 0's inputs span 5 of 12 dimensions, so the bases hold them exactly (energy 1): two
+    later tasks of Adam on full-dimensional inputs leave their orthogonal outputs unchanged to
+    float64 rounding, while the adapter does move on the new inputs."""
+    torch.manual_seed(seed)
+    layer = DualLoRALinear(nn.Linear(12, 10).double(), rank=3, alpha=6, energy=1.0)
+    x0 = torch.randn(40, 5, dtype=torch.float64) @ torch.randn(5, 12, dtype=torch.float64)
+    _train(layer, x0)
+    _boundary(layer, x0)
+    assert layer.bases.shape == (12, 5)
+    kept = _orthogonal_out(layer, x0).detach()
+    assert kept.abs().max() > 1e-2                      # task 0 trained it
+    x1 = torch.randn(40, 12, dtype=torch.float64)
+    new_before = _orthogonal_out(layer, x1).detach()
+    for _ in range(2):
+        _train(layer, x1)
+        _boundary(layer, x1)
+    assert rel_err(_orthogonal_out(layer, x0), kept) < 1e-10
+    assert rel_err(_orthogonal_out(layer, x1), new_before) > 1e-2     # plastic where task 0 was not
+
+
+def test_dual_lora_orthogonal_drift_is_within_the_energy_bound(seed):
+    """Full-dimensional task-0 inputs with energy 0.9: the bases keep >= 90 % of their energy, and
+    the orthogonal output's change on them is at most s·‖B ΔA‖₂·‖(I − M Mᵀ) X‖_F, with
+    ‖(I − M Mᵀ) X‖_F² <= 0.1·‖X‖_F² (GPM's threshold)."""
+    torch.manual_seed(seed)
+    layer = DualLoRALinear(nn.Linear(16, 9).double(), rank=4, energy=0.9)
+    x0 = torch.randn(60, 16, dtype=torch.float64) * torch.linspace(3, 0.1, 16, dtype=torch.float64)
+    _train(layer, x0)
+    _boundary(layer, x0)
+    m = layer.bases
+    outside = x0 - x0 @ m @ m.t()
+    assert outside.square().sum() <= 0.1 * x0.square().sum() * (1 + 1e-9)
+    a_before, kept = layer.orthogonal_A().detach().clone(), _orthogonal_out(layer, x0).detach()
+    _train(layer, torch.randn(60, 16, dtype=torch.float64))
+    delta = layer.scaling * layer.lora_B @ (layer.orthogonal_A() - a_before)
+    drift = (_orthogonal_out(layer, x0) - kept).norm()
+    assert drift <= torch.linalg.matrix_norm(delta, 2) * outside.norm() * (1 + 1e-9)
+    assert drift > 0                                    # the bound is not met by standing still
+
+
+def test_dual_lora_residual_adapter_acts_inside_the_bases_only(seed):
+    """The residual adapter trains from the second task on, its input is the part inside the
+    bases, and the dynamic memory g(x) = ‖xM‖²/‖x‖² scales it: 0 for inputs orthogonal to the
+    bases, 1 inside them. B_o freezes after the first task; next_task keeps the output on
+    inputs inside the bases (the folds change no value there)."""
+    torch.manual_seed(seed)
+    model = inject_dual_lora(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)).double(), ["0"], rank=2,
+                             energy=1.0)
+    layer = model[0]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.lora_A", "0.lora_B"]
+    x0 = torch.randn(30, 4, dtype=torch.float64) @ torch.randn(4, 10, dtype=torch.float64)
+    _train(model, x0)
+    _boundary(model, x0)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.lora_A", "0.res_A", "0.res_B"]
+    _train(model, torch.randn(30, 10, dtype=torch.float64))
+    m = layer.bases
+    inside, out = x0[:5], torch.randn(5, 10, dtype=torch.float64)
+    out = out - out @ m @ m.t()
+    assert rel_err(layer.gate(inside), torch.ones(5, 1, dtype=torch.float64)) < 1e-12
+    assert layer.gate(out).abs().max() < 1e-12
+    res = layer.scaling * (inside @ layer.residual_A().t()) @ layer.res_B.t()
+    assert res.abs().max() > 1e-3
+    assert rel_err(layer(inside), layer.base(inside) + _orthogonal_out(layer, inside) + res) < 1e-12
+    assert rel_err(layer(out), layer.base(out) + _orthogonal_out(layer, out)) < 1e-12
+    before = layer(inside).detach()
+    with torch.no_grad(), observe_inputs(model):
+        model(inside)
+    next_task(model)
+    assert rel_err(layer(inside), before) < 1e-12
+
+
+def test_dual_lora_refusals():
+    with pytest.raises(ValueError, match="no inputs were observed"):
+        DualLoRALinear(nn.Linear(4, 4), rank=2).next_task()
+    with pytest.raises(ValueError, match="energy"):
+        DualLoRALinear(nn.Linear(4, 4), rank=2, energy=1.5)
+    with pytest.raises(ValueError, match="rank"):
+        DualLoRALinear(nn.Linear(4, 4), rank=5)
+    with pytest.raises(ValueError, match="inject_dual_lora: no nn.Linear"):
+        inject_dual_lora(nn.Sequential(nn.Linear(4, 4)), ["nope"])
+
+
+def test_dual_lora_in_the_digits_harness():
+    args = cc.build_parser().parse_args(["--seeds", "0", "--epochs", "1", "--methods", "dual_lora", "seq_lora",
+                                         "--no-progress"])
+    res = cc.run_experiment(args, progress=False)
+    assert [len(r) for r in res["dual_lora"]["acc_matrix"]] == [1, 2, 3, 4, 5]
+    assert res["dual_lora"]["extra_floats"] > res["seq_lora"]["extra_floats"]     # the bases and folded factors

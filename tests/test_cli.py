@@ -46,13 +46,38 @@ def test_bench_peft_variant_is_the_same_math():
         assert torch.allclose(outs[name], outs["torch"], rtol=1e-10, atol=1e-10), name
 
 
-def test_bench_refuses_bad_arguments():
-    with pytest.raises(SystemExit, match="--rank must be positive"):
-        bench_main(["--rank", "0", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="unknown backend"):
-        bench_main(["--backends", "tpu", "--device", "cpu", "--size-div", "64"])
-    with pytest.raises(SystemExit, match="none of the requested backends"):
-        bench_main(["--backends", "cuda", "--device", "cpu", "--size-div", "64", "--no-progress"])
+@pytest.mark.parametrize("argv,msg", [
+    (["--rank", "0"], "argument --rank: must be a positive integer, got 0"),
+    (["--size-div", "0"], "argument --size-div: must be a positive integer, got 0"),
+    (["--rep-ms", "-3"], "argument --rep-ms: must be a positive integer"),
+    (["--backends", "tpu"], r"argument --backends: unknown backend\(s\) \['tpu'\]"),
+    (["--backends", "cuda", "--size-div", "64"], "argument --backends: none of the requested backends can run here"),
+    (["--rank", "100000", "--size-div", "64"], "argument --rank: \\[100000\\] fits no layer of the quick suite"),
+    (["--json", "{file}/dir/b.json"], "argument --json: cannot create the folder"),
+    (["--cuda-graphs", "--size-div", "64"], "argument --cuda-graphs: needs a CUDA device"),
+])
+def test_bench_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
+    """Checked before any timing: nothing written, one line, argparse's exit code 2."""
+    (tmp_path / "file").write_text("")               # a folder cannot be made under a file, even by root
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    with pytest.raises(SystemExit) as info:
+        bench_main(argv + ["--device", "cpu", "--no-progress", "--plot", str(tmp_path / "p.png")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and err[-1].startswith("clora-bench: error: ")
+    assert re.search(msg, err[-1]), err[-1]
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_bench_header_and_cpu_defaults(capsys):
+    """fp32 by default on CPU; the command printed once; the '*' mark and the divided sizes said;
+    no GPU-only columns on CPU."""
+    assert bench_main(["--suite", "quick", "--device", "cpu", "--size-div", "32", "--rep-ms", "1",
+                       "--backends", "merged", "torch", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dtype fp32" in out and out.count("clora-bench --suite") == 1
+    assert "* = fastest backend" in out and "divided by 32" in out and "vit_b16.qkv@b8/32" in out
+    assert "%peak" not in out and "mem MiB" not in out
 
 
 def test_profile_json(tmp_path, capsys):
@@ -70,19 +95,22 @@ def test_profile_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--model", "vit_tiny_patch"], "close names: .*vit_tiny_patch16_224"),
-    (["--batch", "0"], "argument --batch: sizes must be positive"),
-    (["--rank", "-1"], "argument --rank: must be positive"),
-    (["--iters", "0"], "argument --iters/--warmup"),
-    (["--img-size", "0"], "argument --img-size"),
+    (["--batch", "0"], "argument --batch: must be a positive integer, got 0"),
+    (["--rank", "-1"], "argument --rank: must be a positive integer, got -1"),
+    (["--iters", "0"], "argument --iters: must be a positive integer"),
+    (["--warmup", "-1"], "argument --warmup: must be an integer >= 0"),
+    (["--img-size", "0"], "argument --img-size: must be a positive integer"),
     (["--backends", "foo"], "unknown backend"),
-    (["--trace", "/nonexistent/dir/t.json"], "argument --trace: cannot write"),
+    (["--trace", "{file}/dir/t.json"], "argument --trace: cannot create the folder"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--targets", "qkvv"], "--targets / --rank: inject_clora"),
     (["--model", "resnet18", "--img-size", "32"], "no nn.Linear or Conv1D layer matches"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--rank", "1000"], "rank must be an int"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--backends", "cuda", "--device", "cpu"],
      "none of the requested backends"),
 ])
-def test_profile_bad_input_is_one_line_exit_2(argv, msg, capsys):
+def test_profile_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
     with pytest.raises(SystemExit) as info:
         profile_main(argv + ["--no-progress"])
     assert info.value.code == 2
@@ -102,3 +130,25 @@ def test_profile_packaged_minilm(tmp_path, capsys):
     assert "CPU run of minilm" in capsys.readouterr().out
     rows = json.loads(js.read_text())["results"]
     assert {r["variant"] for r in rows} == {"plain", "clora-merged", "clora-torch", "peft"}
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["--rank", "0"], "argument --rank: must be a positive integer, got 0"),
+    (["--rank", "193"], "argument --rank: must be <= 192"),
+    (["--lambda-orth", "nan"], "argument --lambda-orth: must be a finite number >= 0"),
+])
+def test_demo_bad_input_is_one_line_exit_2(argv, msg, capsys):
+    from clora_kernels.demo import main as demo_main
+    with pytest.raises(SystemExit) as info:
+        demo_main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("clora-demo: error: ") and re.search(msg, err[-1]), err[-1]
+
+
+def test_demo_runs_and_reports_both_tasks(capsys):
+    from clora_kernels.demo import main as demo_main
+    assert demo_main(["--steps", "2", "--rank", "4"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"task 0: loss [\d.]+ -> [\d.]+", out) and re.search(r"task 1: loss [\d.]+ -> [\d.]+", out)

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from .. import available_backends
+from .. import _cli, available_backends
 from .._io import provenance, write_json_atomic
 from .core import BASELINES, DTYPES, ENGINE, build_variant, flops_bytes, geomean, graph_sets, make_case, \
     measure_ceilings, peak_mem, time_graph_us, time_us, usable_for_timing
@@ -18,7 +18,7 @@ from .shapes import RANKS, suite_shapes
 
 def _meta(args, device) -> dict:
     meta = {"device": str(device), "gpu": None, "driver": None, "cuda": torch.version.cuda, "dtype": args.dtype,
-            **provenance("clora-bench")}
+            **provenance("clora-bench", args.argv)}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
         try:
@@ -52,7 +52,8 @@ def _select_variants(requested, device) -> tuple:
         elif name in ("merged", "compile"):
             chosen.append(name)
         else:
-            raise SystemExit(f"clora-bench: unknown backend {name!r}; choose from {list(BASELINES) + list(ENGINE)}")
+            raise ValueError(f"argument --backends: unknown backend {name!r}; choose from "
+                             f"{list(BASELINES) + list(ENGINE)}")
     if device.type != "cuda" and "auto" in chosen and "torch" in chosen:
         chosen.remove("auto")   # auto is the torch backend on CPU: same row twice
     if "merged" not in chosen:
@@ -68,11 +69,18 @@ def _chosen_strategies(name, shape, dtype, device, training) -> dict:
     return chosen_strategies(shape.m, shape.n, shape.k, shape.r, dtype, auto=name == "auto", training=training)
 
 
-def run(args) -> dict:
+def _device(args) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("clora-bench: --device cuda but no CUDA GPU is available")
-    device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
-                          else "cpu")
+        raise ValueError("argument --device: cuda, but torch sees no CUDA GPU")
+    return torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
+                        else "cpu")
+
+
+def run(args) -> dict:
+    """Time the suite. A bad argument is a ValueError whose message starts with 'argument --flag:'
+    (main turns it into argparse's one line and exit code 2)."""
+    device = _device(args)
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[args.dtype]
     if device.type == "cpu" and dtype == torch.float16:
         warnings.warn("fp16 on CPU is slow and unrepresentative; bf16 or fp32 is the CPU choice")
@@ -80,13 +88,18 @@ def run(args) -> dict:
     if args.size_div is None:   # full-size shapes take minutes per call on a 2-core CPU
         args.size_div = 1 if device.type == "cuda" else 8
     shapes = suite_shapes(args.suite, args.rank, args.size_div)
+    if not shapes:
+        widest = max(min(s.k, s.n) for s in suite_shapes(args.suite, [1], args.size_div))
+        raise ValueError(f"argument --rank: {args.rank} fits no layer of the {args.suite} suite at --size-div "
+                         f"{args.size_div} (the rank must be <= min(K, N), at most {widest} here)")
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError("argument --cuda-graphs: needs a CUDA device")
     variants, skipped = _select_variants(args.backends, device)
+    if args.backends and not [v for v in variants if v != "merged" or "merged" in args.backends]:
+        raise ValueError(f"argument --backends: none of the requested backends can run here "
+                         f"({'; '.join(f'{n}: {w}' for n, w in skipped)})")
     for name, why in skipped:
         print(f"clora-bench: skipping {name}: {why}", file=sys.stderr)
-    if args.backends and not [v for v in variants if v != "merged" or "merged" in args.backends]:
-        raise SystemExit("clora-bench: none of the requested backends can run here")
-    if args.cuda_graphs and device.type != "cuda":
-        raise SystemExit("clora-bench: --cuda-graphs needs a CUDA device")
     meta = _meta(args, device)
     meta["size_div"] = args.size_div
     meta["timing"] = ("cuda-graph replay (fwd); CUDA events (fwd+bwd)" if args.cuda_graphs else
@@ -187,9 +200,16 @@ def summarize(data) -> list:
 
 
 def table(data) -> str:
+    """One row per shape and backend; '*' marks the fastest backend of a shape other than merged.
+    The %peak and memory columns appear where they were measured (a GPU)."""
     res = data["results"]
-    out = [f"{'layer':22s} {'M':>6s} {'K':>6s} {'N':>6s} {'r':>4s} {'pass':8s} {'backend':8s} {'us':>10s} "
-           f"{'TFLOP/s':>8s} {'GB/s':>8s} {'%peak':>6s} {'x merged':>9s} {'mem MiB':>8s}"]
+    gpu = any(r.get("pct_peak") is not None or r.get("peak_mem_bytes") for r in res)
+    div = data["meta"].get("size_div", 1)
+    out = ["* = fastest backend of the shape other than merged" + (
+               f"; every dimension of the named layers divided by {div} (--size-div)" if div > 1 else ""),
+           f"{'layer':22s} {'M':>6s} {'K':>6s} {'N':>6s} {'r':>4s} {'pass':8s} {'backend':8s} {'us':>10s} "
+           f"{'TFLOP/s':>8s} {'GB/s':>8s}" + (f" {'%peak':>6s}" if gpu else "") + f" {'x merged':>9s}"
+           + (f" {'mem MiB':>8s}" if gpu else "")]
     groups = {}
     for r in res:
         groups.setdefault((r["layer"], r["M"], r["K"], r["N"], r["r"], r["pass"]), []).append(r)
@@ -201,9 +221,10 @@ def table(data) -> str:
             pct = f"{r['pct_peak']:6.1f}" if r.get("pct_peak") is not None else "     -"
             mem = f"{r['peak_mem_bytes'] / 2**20:8.1f}" if r.get("peak_mem_bytes") else "       -"
             ratio = f"{r['ratio_to_merged']:9.3f}" if r.get("ratio_to_merged") else "        -"
-            out.append(f"{r['layer'][:22]:22s} {r['M']:6d} {r['K']:6d} {r['N']:6d} {r['r']:4d} {r['pass']:8s} "
-                       f"{mark}{r['backend']:7s} {r['median_us']:10.1f} {r['tflops']:8.2f} {r['gbps']:8.1f} {pct} "
-                       f"{ratio} {mem}")
+            label = r["layer"] + (f"/{div}" if div > 1 else "")
+            out.append(f"{label[:22]:22s} {r['M']:6d} {r['K']:6d} {r['N']:6d} {r['r']:4d} {r['pass']:8s} "
+                       f"{mark}{r['backend']:7s} {r['median_us']:10.1f} {r['tflops']:8.2f} {r['gbps']:8.1f}"
+                       + (f" {pct}" if gpu else "") + f" {ratio}" + (f" {mem}" if gpu else ""))
     return "\n".join(out)
 
 
@@ -233,19 +254,21 @@ def plot(data, path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="clora-bench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="clora-bench", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--suite", choices=["quick", "vit", "llm", "full"], default="quick")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    ap.add_argument("--rank", type=int, nargs="+", default=None, help=f"ranks (default {list(RANKS)}; quick: 16)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on CPU")
+    ap.add_argument("--rank", type=_cli.positive_int, nargs="+", default=None,
+                    help=f"ranks (default {list(RANKS)}; quick: 16)")
     ap.add_argument("--pass", dest="passes", choices=["fwd", "fwd+bwd", "both"], default="fwd")
     ap.add_argument("--backends", nargs="+", default=None,
                     help=f"variants to time (default: every usable one of {list(BASELINES) + list(ENGINE)})")
     ap.add_argument("--json", default=None, help="write {meta, results} here")
     ap.add_argument("--plot", default=None, help="write a PNG of the ratios to merged here")
-    ap.add_argument("--size-div", type=int, default=None,
+    ap.add_argument("--size-div", type=_cli.positive_int, default=None,
                     help="divide every dimension by this (default 1 on GPU, 8 on CPU)")
-    ap.add_argument("--rep-ms", type=int, default=60, help="timing budget per variant and shape (ms)")
+    ap.add_argument("--rep-ms", type=_cli.positive_int, default=60, help="timing budget per variant and shape (ms)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="time fwd by CUDA-graph replay (GPU time without host launch overhead)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (none is shown when stderr is not a terminal)")
@@ -253,18 +276,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    args.argv = argv
     if args.rank is None:
         args.rank = [16] if args.suite == "quick" else list(RANKS)
-    if any(r <= 0 for r in args.rank):
-        raise SystemExit(f"clora-bench: --rank must be positive, got {args.rank}")
-    if args.size_div is not None and args.size_div < 1:
-        raise SystemExit("clora-bench: --size-div must be >= 1")
-    data = run(args)
+    unknown = [b for b in args.backends or [] if b not in BASELINES + ENGINE]
+    if unknown:
+        ap.error(f"argument --backends: unknown backend(s) {unknown}; choose from {list(BASELINES + ENGINE)}")
+    _cli.check_output(ap, "--json", args.json)
+    _cli.check_output(ap, "--plot", args.plot)
+    try:
+        data = run(args)
+    except ValueError as exc:
+        if not str(exc).startswith("argument --"):
+            raise
+        ap.error(str(exc))
+    except KeyboardInterrupt:
+        print("clora-bench: interrupted" + (f"; the shapes measured so far are in {args.json}" if args.json else ""),
+              file=sys.stderr)
+        return 130
     if args.plot:
         plot(data, args.plot)
     m = data["meta"]
-    print(f"\nclora-bench {m['command']}\ndevice {m.get('gpu') or m['device']}  torch {m['torch']}  triton {m['triton']}"
+    print(f"\n{m['command']}\ndevice {m.get('gpu') or m['device']}  torch {m['torch']}  triton {m['triton']}"
           f"  peft {m['peft']}  dtype {m['dtype']}  {m['date']}\ntiming: {m['timing']}")
     if m["ceilings"]["gemm_tflops"]:
         print(f"measured ceilings: GEMM {m['ceilings']['gemm_tflops']:.0f} TFLOP/s, copy {m['ceilings']['copy_gbps']:.0f} GB/s")

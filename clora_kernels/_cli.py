@@ -1,0 +1,66 @@
+"""What every command line of the package shares: argument types that refuse bad values with one
+line and argparse's exit code 2 (naming the value and the allowed range), and the check that an
+output path can be written, made before any work starts."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+
+def positive_int(text):
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def non_negative_int(text):
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return v
+
+
+def positive_float(text):
+    v = float(text)
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return v
+
+
+def non_negative(text):
+    v = float(text)
+    if not 0 <= v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def fraction(text):
+    v = float(text)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def seed(text):
+    v = int(text)
+    if not 0 <= v < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
+    return v
+
+
+def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool = False) -> None:
+    """Before the work starts: an output file's folder exists (made if missing) and is writable;
+    with folder_ok, `path` is that folder."""
+    if not path:
+        return
+    if os.path.isdir(path) and not folder_ok:
+        ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
+    folder = path if folder_ok else os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"argument {flag}: cannot create the folder {folder!r} ({exc.strerror})")
+    if not os.access(folder, os.W_OK):
+        ap.error(f"argument {flag}: the folder {folder!r} is not writable")
