@@ -199,6 +199,23 @@ class DualLoRALinear(nn.Module):
         for p in self.parameters():
             p.grad = None
 
+    def task_state(self) -> dict:
+        """Everything a resumed run needs (`load_task_state`), on CPU."""
+        names = ("lora_A", "lora_B", "res_A", "res_B", "lora_A_old", "res_A_old", "bases")
+        return {"tasks_done": self.tasks_done, **{n: getattr(self, n).detach().cpu().clone() for n in names}}
+
+    @torch.no_grad()
+    def load_task_state(self, state: dict) -> None:
+        for n in ("lora_A", "lora_B", "res_A", "res_B", "lora_A_old", "res_A_old"):
+            getattr(self, n).copy_(state[n])
+        self.bases = state["bases"].to(self.bases).contiguous()
+        self.tasks_done = int(state["tasks_done"])
+        later = self.tasks_done > 0
+        self.lora_B.requires_grad_(not later)
+        self.res_A.requires_grad_(later)
+        self.res_B.requires_grad_(later)
+        self._gram = None
+
     def adapter_state(self) -> dict:
         """What the adapter stores at a task boundary (the trained deltas are folded then): both
         adapters and the bases, which grow with the tasks until they span the input space."""

@@ -325,15 +325,18 @@ class _Checkpoint:
         if clora_layers(model):
             adapter = f"adapter-{i}.safetensors"
             save_adapter(model, os.path.join(self.folder, adapter))
-        from .baselines import per_task_layers
+        from .baselines import DualLoRALinear, per_task_layers
+        dual = {n: m for n, m in model.named_modules() if isinstance(m, DualLoRALinear)}
         skip = {f"{n}.{p}" for n, _ in clora_layers(model) for p in ("lora_A", "lora_B", "routing_delta")}
+        skip |= {f"{n}.{p}" for n, m in dual.items() for p, _ in m.named_parameters(recurse=False)}
         branches = {f"{n}.{kind}.{j}" for n, m in per_task_layers(model) for kind in ("lora_A", "lora_B")
                     for j in range(len(m.lora_A))}              # frozen ones too: they are the adapter
         state = {"task": i, "acc": acc, "adapter": adapter, "gen": gen.get_state(), "rng": torch.get_rng_state(),
                  "prototypes": None if prototypes is None else {k: v.cpu() for k, v in prototypes.state_dict().items()},
                  "seconds": seconds,
                  "buffers": {n: b.detach().cpu().clone() for n, b in model.named_buffers()    # BatchNorm statistics
-                             if n.rpartition(".")[0] not in {m for m, _ in clora_layers(model)}},
+                             if n.rpartition(".")[0] not in {m for m, _ in clora_layers(model)} | set(dual)},
+                 "dual_lora": {n: m.task_state() for n, m in dual.items()},
                  "branches": max((len(m.lora_A) for _, m in per_task_layers(model)), default=0),
                  "params": {n: p.detach().cpu().clone() for n, p in model.named_parameters()
                             if (p.requires_grad and n not in skip) or n in branches}}
@@ -352,6 +355,8 @@ class _Checkpoint:
         for _, m in per_task_layers(model):       # as many branches as the run had opened
             while len(m.lora_A) < state.get("branches", 0):
                 m.next_task()
+        for n, layer_state in state.get("dual_lora", {}).items():
+            model.get_submodule(n).load_task_state(layer_state)
         own = dict(model.named_parameters())
         bufs = dict(model.named_buffers())
         with torch.no_grad():

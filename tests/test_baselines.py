@@ -198,3 +198,27 @@ def test_dual_lora_in_the_digits_harness():
     res = cc.run_experiment(args, progress=False)
     assert [len(r) for r in res["dual_lora"]["acc_matrix"]] == [1, 2, 3, 4, 5]
     assert res["dual_lora"]["extra_floats"] > res["seq_lora"]["extra_floats"]     # the bases and folded factors
+
+
+def test_dual_lora_run_checkpoint_resumes_the_same_layer(tmp_path, seed):
+    """images._Checkpoint (the --out/--resume files) keeps a dual_lora layer whole: both adapters,
+    the folded factors, the grown bases and which factors train."""
+    from clora_kernels.images import _Checkpoint
+    torch.manual_seed(seed)
+    make = lambda: inject_dual_lora(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)), ["0"], rank=2)  # noqa: E731
+    model = make()
+    fresh = make()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "bases" not in k}, strict=False)
+    for _ in range(2):
+        x = torch.randn(20, 10)
+        _train(model, x, steps=5)
+        _boundary(model, x)
+    _train(model, torch.randn(20, 10), steps=5)
+    ckpt = _Checkpoint(str(tmp_path / "run"))
+    gen = torch.Generator().manual_seed(0)
+    ckpt.save(model, 1, [[0.5], [0.5, 0.5]], None, gen)
+    ckpt.restore(fresh, ckpt.load(), None, torch.Generator())
+    x = torch.randn(6, 10)
+    assert torch.equal(fresh(x), model(x)) and fresh[0].bases.shape == model[0].bases.shape
+    assert [n for n, p in fresh.named_parameters() if p.requires_grad] == \
+        [n for n, p in model.named_parameters() if p.requires_grad]

@@ -145,11 +145,44 @@ def test_simple_cil_trains_nothing_and_joint_has_no_sequence():
     assert res["forgetting"] is None and res["inc_acc"] is None and len(res["acc_last_row"]) == 5
 
 
+def test_concat_features_and_head_lr():
+    """--features concat: the prototype head reads [adapted, frozen] each L2-normalised, so a frozen
+    backbone scores exactly as with its own features (SimpleCIL unchanged) and an adapted one
+    differs; --head-lr puts the head in its own optimizer group (a head-only lr of 0 leaves it)."""
+    (pre, tasks) = cc.digits_splits()
+    base = cc.pretrain(pre, 1, 0)
+    ref = cc.frozen_reference(base)
+    assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    model, _ = cc.build_method(base, "simple_cil", 4, 0.9, False)
+    plain = cc.train_sequence(model, tasks[:2], clora=False, epochs=0, progress=False)
+    concat = cc.train_sequence(model, tasks[:2], clora=False, epochs=0, progress=False, reference=ref)
+    assert plain == concat
+    feats = cc._HeadInput(model.head, ref, "head")
+    x = tasks[0].test_x[:5]
+    model(x)
+    got = feats.read(x)
+    feats.remove()
+    assert got.shape == (5, 2 * model.head.in_features)
+    assert torch.allclose(got[:, :model.head.in_features], got[:, model.head.in_features:])
+    assert torch.allclose(got.norm(dim=-1), torch.full((5,), 2 ** 0.5))
+    model, uses = cc.build_method(base, "clora_freeze", 4, 0.9, False)
+    head_before = model.head.weight.detach().clone()
+    adapter_before = [p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "head" not in n]
+    cc.train_sequence(model, tasks[:1], clora=uses, epochs=1, lr=1e-2, head_lr=1e-30, progress=False, reference=ref)
+    assert torch.allclose(model.head.weight, head_before, atol=1e-20)
+    after = [p for n, p in model.named_parameters() if p.requires_grad and "head" not in n]
+    assert any(not torch.equal(a, b) for a, b in zip(adapter_before, after))
+    with pytest.raises(ValueError, match="reference model feeds the prototype head"):
+        cc.train_sequence(model, tasks[:1], clora=uses, epochs=0, classifier="linear", reference=ref, progress=False)
+
+
 def test_cli_argument_errors_are_one_line_exit_2(capsys):
     for argv, word in ((["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--rank", "1000"], "--rank"),
                        (["--protect-energy", "1.5"], "--protect-energy"), (["--project-energy", "0"], "--project-energy"),
                        (["--lambda-orth", "nan"], "--lambda-orth"), (["--lambda-orth", "-5"], "--lambda-orth"),
-                       (["--seeds", "99999999999999999999999"], "--seeds"), (["--json", "."], "--json")):
+                       (["--seeds", "99999999999999999999999"], "--seeds"), (["--json", "."], "--json"),
+                       (["--head-lr", "0"], "--head-lr"), (["--features", "both"], "--features"),
+                       (["--features", "concat", "--classifier", "linear"], "--features")):
         with pytest.raises(SystemExit) as info:
             cc.main(argv + ["--no-progress"])
         assert info.value.code == 2, argv
