@@ -25,12 +25,13 @@ def cache_dir(*parts: str) -> str:
 
 def provenance(prog: str, argv=None) -> dict:
     """What every result file is stamped with: UTC date, the command line (`argv`, default the
-    process's), and the versions of python, torch, triton, peft and timm (None where not installed)."""
+    process's), torch's thread count (clora_soft's numbers depend on it) and the versions of python,
+    torch, triton, peft and timm (None where not installed)."""
     import torch
     argv = sys.argv[1:] if argv is None else list(argv)
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([prog] + argv), "python": platform.python_version(),
-           "torch": torch.__version__}
+           "torch": torch.__version__, "threads": torch.get_num_threads()}
     for mod in ("triton", "peft", "timm"):
         try:
             out[mod] = __import__(mod).__version__

@@ -80,13 +80,15 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
 
 
 def _autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
-    """Under torch.autocast, compute in the autocast dtype the way nn.Linear (F.linear) does.
-    The casts are differentiable, so fp32 parameters receive fp32 gradients."""
+    """Under torch.autocast, compute in the autocast dtype the way nn.Linear (F.linear) does: every
+    floating-point tensor but float64 is cast (autocast leaves float64 alone). The casts are
+    differentiable, so fp32 parameters receive fp32 gradients."""
     dev = x.device.type
     if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
         return (x, *tensors)
     dt = torch.get_autocast_dtype(dev)
-    return tuple(None if t is None else (t.to(dt) if t.is_floating_point() else t) for t in (x, *tensors))
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (x, *tensors))
 
 
 def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,

@@ -211,10 +211,15 @@ class CLoRALinear(nn.Linear):
         return ", ".join(n for n, t in named if not bool(torch.isfinite(t).all()))
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, keep_original=None) -> None:
         """W <- W + delta_weight(); the forward is then a plain F.linear. The adapter as merged is
         remembered (its small tensors, not the N×K delta), so unmerge takes out exactly what went
-        in even if the adapter is edited meanwhile (an optimizer step with momentum, a load)."""
+        in even if the adapter is edited meanwhile (an optimizer step with momentum, a load).
+
+        keep_original: also keep a copy of W, so that unmerge restores it bit for bit. Default:
+        for 16-bit weights, where W + Δ − Δ rounds away from W (one bf16 cycle changed 60 % of
+        the elements), at the cost of one more weight while merged; fp32/fp64 subtract (their
+        rounding is far below the adapter's tolerance). merge_and_unload keeps none."""
         if self.merged:
             return
         if not self.adapter_enabled:
@@ -225,6 +230,9 @@ class CLoRALinear(nn.Linear):
                              f"would change those too. Keep the adapter unmerged, or untie the weights first")
         self.protection.enforce(self, force=True)
         self._merged_adapter = tuple(getattr(self, t).detach().clone() for t in _ADAPTER_TENSORS) + (self.scaling,)
+        if keep_original is None:
+            keep_original = self.weight.dtype in (torch.float16, torch.bfloat16)
+        self._original_weight = self.weight.detach().clone() if keep_original else None
         self.base_weight().add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
 
@@ -234,12 +242,16 @@ class CLoRALinear(nn.Linear):
         adapter as it is now."""
         if not self.merged:
             return
-        kept = getattr(self, "_merged_adapter", None)
-        # merged in another process (state_dict): the adapter as loaded is all there is
-        delta = self.delta_weight() if kept is None else self._delta(*kept)
-        self.base_weight().sub_(delta.to(self.weight.dtype))
+        original = getattr(self, "_original_weight", None)
+        if original is not None:
+            self.weight.copy_(original)
+        else:
+            kept = getattr(self, "_merged_adapter", None)
+            # merged in another process (state_dict): the adapter as loaded is all there is
+            delta = self.delta_weight() if kept is None else self._delta(*kept)
+            self.base_weight().sub_(delta.to(self.weight.dtype))
         self.merged = False
-        self._merged_adapter = None
+        self._merged_adapter = self._original_weight = None
 
     # ---- persistence ----------------------------------------------------------------------
     def get_extra_state(self):
@@ -505,9 +517,10 @@ def orthogonality_loss(model: nn.Module) -> Tensor:
     return torch.stack([m.orthogonality_loss().float() for _, m in layers]).sum()
 
 
-def merge(model: nn.Module) -> None:
+def merge(model: nn.Module, keep_original=None) -> None:
+    """Merge every C-LoRA layer (CLoRALinear.merge; keep_original as there)."""
     for _, m in _require_layers(model, "merge"):
-        m.merge()
+        m.merge(keep_original)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -541,7 +554,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     longer holds an adapter (PEFT's merge_and_unload)."""
     layers = _require_layers(model, "merge_and_unload")
     for _, m in layers:
-        m.merge()
+        m.merge(keep_original=False)
     for name, m in layers:
         with torch.device("meta"):
             if m.fan_in_fan_out:

@@ -133,6 +133,18 @@ def test_autocast_like_linear(seed):
     assert rel_err(y, y64) < TOL[torch.bfloat16]
 
 
+def test_autocast_leaves_float64_alone_like_linear(seed):
+    """autocast casts no float64 tensor (F.linear stays float64 under it): neither does the op,
+    and the result is the float64 oracle's to float64 precision."""
+    inp = make_inputs(5, 12, 9, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = call(clora_linear, inp)
+        ref = torch.nn.functional.linear(inp["x"], inp["weight"], inp["bias"])
+    assert y.dtype == ref.dtype == torch.float64
+    y64, _ = oracle(inp)
+    assert rel_err(y, y64) < TOL[torch.float64]
+
+
 # ---- bad input: one clear error, naming the argument and the sizes ---------------------
 def _bad(**change):
     inp = cast_inputs(make_inputs(4, 24, 40, 4), torch.float32, requires_grad=False)

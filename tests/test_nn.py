@@ -331,6 +331,26 @@ def test_unmerge_restores_the_base_after_the_adapter_changed_while_merged(seed):
     assert rel_err(layer(x), ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_merge_unmerge_restores_the_base_bit_for_bit(seed, dtype):
+    """W + Δ − Δ rounds away from W in 16 bits (most elements moved before): merge keeps the
+    original for 16-bit weights and unmerge puts it back exactly; without the copy it drifts
+    (the reason for the default); merged output still equals the unmerged layer's."""
+    lin = nn.Linear(48, 40).to(dtype)
+    w0 = lin.weight.detach().clone()
+    layer = _trained(CLoRALinear.from_linear(lin, rank=6).float()).to(dtype)
+    assert layer.weight is lin.weight
+    x = torch.randn(7, 48, dtype=dtype)
+    unmerged = layer(x)
+    layer.merge()
+    assert rel_err(layer(x).float(), unmerged.float()) < 5e-2
+    layer.unmerge()
+    assert torch.equal(lin.weight, w0)
+    layer.merge(keep_original=False)
+    layer.unmerge()
+    assert not torch.equal(lin.weight, w0)
+
+
 def test_inject_is_all_or_nothing_and_once():
     net = _Net()
     net.blocks[1].proj = nn.Linear(16, 3)           # rank 4 fits every layer but this one
