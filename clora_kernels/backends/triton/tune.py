@@ -127,30 +127,108 @@ def _encode(p: Plan) -> dict:
     return {"strategy": p.strategy, "gemm": p.gemm and p.gemm.__dict__, "shrink": p.shrink and p.shrink.__dict__}
 
 
+_NEEDS = {"fused": ("gemm",), "fused_tma": ("gemm",), "split": ("gemm", "shrink"), "cublas": ("shrink",),
+          "eager": (), "merge": ()}
+
+
+def _pow2(v, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi and v & (v - 1) == 0
+
+
 def _decode(d: dict) -> Plan:
-    return Plan(d["strategy"], d["gemm"] and GemmConfig(**d["gemm"]), d["shrink"] and ShrinkConfig(**d["shrink"]))
+    """A plan read from the cache file, checked field by field: a ValueError names what is wrong
+    (an edited, truncated or foreign entry must never reach a kernel launch)."""
+    if not isinstance(d, dict) or d.get("strategy") not in _NEEDS:
+        raise ValueError(f"unknown strategy {d.get('strategy') if isinstance(d, dict) else d!r}")
+    need = _NEEDS[d["strategy"]]
+    for part in ("gemm", "shrink"):
+        if (d.get(part) is not None) != (part in need):
+            raise ValueError(f"strategy {d['strategy']!r} {'needs' if part in need else 'takes no'} {part}")
+    gemm = GemmConfig(**d["gemm"]) if d.get("gemm") is not None else None
+    shrink = ShrinkConfig(**d["shrink"]) if d.get("shrink") is not None else None
+    if gemm is not None and not (all(_pow2(getattr(gemm, f), 8, 512) for f in ("block_m", "block_n", "block_k"))
+                                 and _pow2(gemm.num_warps, 1, 32) and type(gemm.num_stages) is int
+                                 and 1 <= gemm.num_stages <= 8 and _pow2(gemm.group_m, 1, 64)
+                                 and type(gemm.split_k) is int and 1 <= gemm.split_k <= 64
+                                 and type(gemm.persistent) is bool):
+        raise ValueError(f"bad gemm config {d['gemm']}")
+    if shrink is not None and not (_pow2(shrink.block_m, 8, 512) and _pow2(shrink.block_k, 8, 512)
+                                   and type(shrink.split_k) is int and 1 <= shrink.split_k <= 1024
+                                   and _pow2(shrink.num_warps, 1, 32) and type(shrink.num_stages) is int
+                                   and 1 <= shrink.num_stages <= 8):
+        raise ValueError(f"bad shrink config {d['shrink']}")
+    return Plan(d["strategy"], gemm, shrink)
+
+
+_warned = set()
+
+
+def _warn_once(what: str, text: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        warnings.warn(f"clora_kernels: {text}", stacklevel=3)
+
+
+def _read_file(path: str) -> dict:
+    """The valid entries of a plan file ({} when it is missing); bad entries are dropped with one
+    warning, an unreadable file gives one warning."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        _warn_once("read", f"the Triton plan cache {path} cannot be read ({type(exc).__name__}: {exc}); "
+                           f"plans will be tuned again")
+        return {}
+    good, bad = {}, []
+    for k, v in raw.items():
+        try:
+            good[k] = _decode(v)
+        except (ValueError, TypeError) as exc:
+            bad.append(f"{k}: {exc}")
+    if bad:
+        _warn_once("entries", f"dropped {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'} of the Triton plan "
+                              f"cache {path} (first: {bad[0]}); they will be tuned again")
+    return good
 
 
 def _load() -> None:
     global _loaded
     _loaded = True
-    try:
-        with open(_cache_path()) as f:
-            _disk.update({k: _decode(v) for k, v in json.load(f).items()})
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    _disk.update(_read_file(_cache_path()))
 
 
 def _save() -> None:
+    """Write the plans under a lock on a sibling file, merged with what other processes wrote
+    since (their entries kept, ours added); leftovers of a killed save are removed; the file gets
+    the user's umask. A cache that cannot be written gives one warning."""
     path = _cache_path()
+    folder = os.path.dirname(path)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({k: _encode(v) for k, v in _disk.items()}, f, indent=0)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+        os.makedirs(folder, exist_ok=True)
+        with open(path + ".lock", "a") as lock:
+            try:
+                import fcntl
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except ImportError:          # not POSIX: last writer wins, as before
+                pass
+            merged = _read_file(path)
+            merged.update(_disk)
+            _disk.update(merged)
+            base = os.path.basename(path)
+            for f in os.listdir(folder):      # a killed save's temp file (under the lock no save is live)
+                if f.startswith(base + ".") and f.endswith(".tmp"):
+                    os.remove(os.path.join(folder, f))
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({k: _encode(v) for k, v in merged.items()}, f, indent=0)
+            os.replace(tmp, path)
+    except OSError as exc:
+        _warn_once("write", f"the Triton plan cache {path} cannot be written ({exc.strerror or exc}); plans are "
+                            f"kept in memory only")
 
 
 def _disk_key(key: tuple, device) -> str:
@@ -224,9 +302,16 @@ def chosen_strategies(m: int, n: int, k: int, rank: int, dtype, auto: bool, trai
 
 
 def clear_cache() -> None:
-    """Forget every plan (in memory and loaded from disk; the file is rewritten on the next tune)."""
+    """Forget every plan: in memory and in the cache file (removed; other processes' later saves
+    write theirs again)."""
     global _loaded
     with _lock:
         _plans.clear()
         _disk.clear()
         _loaded = True
+        try:
+            os.remove(_cache_path())
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _warn_once("write", f"the Triton plan cache {_cache_path()} cannot be removed ({exc.strerror or exc})")
