@@ -47,23 +47,19 @@ from .nn import _replace, select_targets
 from .protection import grow_input_basis
 
 
-class PerTaskLoRALinear(nn.Module):
-    """A frozen nn.Linear (shared, not copied) plus one LoRA branch per task seen so far; only the
-    newest branch trains. `next_task()` freezes it and opens a fresh one (lora_B = 0: the output
-    is unchanged)."""
+class _BaselineLinear(nn.Module):
+    """What both baselines' layers share: a frozen nn.Linear (shared, not copied), a rank and the
+    LoRA scaling alpha / rank."""
 
-    def __init__(self, base: nn.Linear, rank: int = 16, alpha=None):
+    def __init__(self, base: nn.Linear, rank: int, alpha):
         super().__init__()
         if type(base) is not nn.Linear:
-            raise TypeError(f"PerTaskLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+            raise TypeError(f"{type(self).__name__} wraps an nn.Linear, got {type(base).__name__}")
         if not 1 <= rank <= min(base.in_features, base.out_features):
             raise ValueError(f"rank must be in [1, {min(base.in_features, base.out_features)}], got {rank}")
         self.base = base.requires_grad_(False)
         self.rank = rank
         self.scaling = float(rank if alpha is None else alpha) / rank
-        self.lora_A = nn.ParameterList()
-        self.lora_B = nn.ParameterList()
-        self.next_task()
 
     @property
     def in_features(self) -> int:
@@ -72,6 +68,17 @@ class PerTaskLoRALinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+
+class PerTaskLoRALinear(_BaselineLinear):
+    """A frozen nn.Linear plus one LoRA branch per task seen so far; only the newest branch
+    trains. `next_task()` freezes it and opens a fresh one (lora_B = 0: the output is unchanged)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 16, alpha=None):
+        super().__init__(base, rank, alpha)
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        self.next_task()
 
     @torch.no_grad()
     def next_task(self) -> None:
@@ -113,23 +120,17 @@ class PerTaskLoRALinear(nn.Module):
                f"branches={len(self.lora_A)}"
 
 
-class DualLoRALinear(nn.Module):
-    """A frozen nn.Linear (shared) with DualLoRA's orthogonal and residual adapters (module
-    docstring). `next_task()` at a task boundary folds both adapters' trained deltas (the output
-    on inputs in the old bases is unchanged), grows the bases from the inputs observed during
-    the task (`observe_inputs`) and freezes B_o after the first task."""
+class DualLoRALinear(_BaselineLinear):
+    """A frozen nn.Linear with DualLoRA's orthogonal and residual adapters (module docstring).
+    `next_task()` at a task boundary folds both adapters' trained deltas (the output on inputs in
+    the old bases is unchanged), grows the bases from the inputs observed during the task
+    (`observe_inputs`) and freezes B_o after the first task."""
 
     def __init__(self, base: nn.Linear, rank: int = 16, alpha=None, energy: float = 0.99):
-        super().__init__()
-        if type(base) is not nn.Linear:
-            raise TypeError(f"DualLoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if not 1 <= rank <= min(base.in_features, base.out_features):
-            raise ValueError(f"rank must be in [1, {min(base.in_features, base.out_features)}], got {rank}")
+        super().__init__(base, rank, alpha)
         if not 0.0 < energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {energy!r}")
-        self.base = base.requires_grad_(False)
-        self.rank, self.energy = rank, float(energy)
-        self.scaling = float(rank if alpha is None else alpha) / rank
+        self.energy = float(energy)
         w = base.weight
         k, n = base.in_features, base.out_features
         kw = {"device": w.device, "dtype": w.dtype}
@@ -144,14 +145,6 @@ class DualLoRALinear(nn.Module):
         self._gram, self._observing = None, False
         self.res_A.requires_grad_(False)
         self.res_B.requires_grad_(False)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def _outside(self, t: Tensor) -> Tensor:     # t (I − M Mᵀ), rows of t in input space
         m = self.bases
