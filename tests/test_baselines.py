@@ -72,7 +72,8 @@ def test_per_task_lora_in_the_digits_harness():
 
 def test_task_scaling_benchmark_runs_quick(tmp_path):
     """benchmarks/task_scaling.py at T = 1, 3: C-LoRA's stored adapter stays the same size while
-    per_task_lora's grows with the tasks (counts, not timings: those are the benchmark's)."""
+    per_task_lora's and dual_lora's grow with the tasks (counts, not timings: those are the
+    benchmark's)."""
     import importlib.util
     import json
     import pathlib
@@ -86,6 +87,8 @@ def test_task_scaling_benchmark_runs_quick(tmp_path):
     assert [r["tasks"] for r in c] == [1, 3] == [r["tasks"] for r in p]
     assert c[0]["adapter_stored"] == c[1]["adapter_stored"] and c[0]["adapter_file_bytes"] == c[1]["adapter_file_bytes"]
     assert p[1]["adapter_stored"] == 3 * p[0]["adapter_stored"] and p[1]["trainable"] == p[0]["trainable"]
+    d = data["results"]["dual_lora"]          # its bases grow with the tasks (until they span the inputs)
+    assert [r["tasks"] for r in d] == [1, 3] and d[1]["adapter_stored"] > d[0]["adapter_stored"]
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
