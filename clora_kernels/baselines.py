@@ -168,10 +168,14 @@ class DualLoRALinear(_BaselineLinear):
         if self._observing:
             x = input.detach().reshape(-1, input.shape[-1]).double()
             self._gram = x.t() @ x if self._gram is None else self._gram.addmm_(x.t(), x)
-        y = self.base(input) + self.scaling * F.linear(F.linear(input, self.orthogonal_A()), self.lora_B)
-        if self.bases.shape[1]:
-            y = y + self.scaling * self.gate(input) * F.linear(F.linear(input, self.residual_A()), self.res_B)
-        return y
+        return self.base(input) + self.scaling * F.linear(F.linear(input, self.orthogonal_A()), self.lora_B) \
+            + self.residual(input)
+
+    def residual(self, input: Tensor):
+        """The residual adapter's output, gated by the dynamic memory (0 before any bases exist)."""
+        if not self.bases.shape[1]:
+            return 0.0
+        return self.scaling * self.gate(input) * F.linear(F.linear(input, self.residual_A()), self.res_B)
 
     @torch.no_grad()
     def next_task(self) -> None:
@@ -242,11 +246,7 @@ class _DualMerged(nn.Module):
         self.layer = layer
 
     def forward(self, input: Tensor) -> Tensor:
-        m = self.layer
-        y = self.linear(input)
-        if m.bases.shape[1]:
-            y = y + m.scaling * m.gate(input) * F.linear(F.linear(input, m.residual_A()), m.res_B)
-        return y
+        return self.linear(input) + self.layer.residual(input)
 
 
 @contextlib.contextmanager

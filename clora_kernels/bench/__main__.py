@@ -36,6 +36,9 @@ def _select_variants(requested, device) -> tuple:
     usable = available_backends()
     chosen, skipped = [], []
     names = requested or list(BASELINES) + list(ENGINE)
+    unknown = [n for n in names if n not in BASELINES + ENGINE]
+    if unknown:
+        raise ValueError(f"argument --backends: unknown backend(s) {unknown}; choose from {list(BASELINES + ENGINE)}")
     for name in names:
         if name in ("triton", "cuda", "auto", "torch"):
             if name == "auto":
@@ -51,9 +54,6 @@ def _select_variants(requested, device) -> tuple:
                 skipped.append((name, "peft is not installed (pip install '.[bench]')"))
         elif name in ("merged", "compile"):
             chosen.append(name)
-        else:
-            raise ValueError(f"argument --backends: unknown backend {name!r}; choose from "
-                             f"{list(BASELINES) + list(ENGINE)}")
     if device.type != "cuda" and "auto" in chosen and "torch" in chosen:
         chosen.remove("auto")   # auto is the torch backend on CPU: same row twice
     if "merged" not in chosen:
@@ -281,9 +281,6 @@ def main(argv=None) -> int:
     args.argv = argv
     if args.rank is None:
         args.rank = [16] if args.suite == "quick" else list(RANKS)
-    unknown = [b for b in args.backends or [] if b not in BASELINES + ENGINE]
-    if unknown:
-        ap.error(f"argument --backends: unknown backend(s) {unknown}; choose from {list(BASELINES + ENGINE)}")
     _cli.check_output(ap, "--json", args.json)
     _cli.check_output(ap, "--plot", args.plot)
     try:
