@@ -61,15 +61,15 @@ class _OfflineDriver:
 def offline_target(arch: int, record: list):
     """Kernel launches compile for sm_<arch> instead of running; each returned binary is appended to
     `record`. The backend sees CPU tensors, so the launcher's device checks are stood in for:
-    the TMA eligibility test runs its alignment checks only (as under the interpreter), and the tuner's
-    SM count and shared-memory limit are the target's (TARGETS)."""
+    the TMA eligibility test runs its alignment checks only (as under the interpreter); the candidates
+    are the tuner's for the target's SM count and shared-memory limit (TARGETS, as a tune.Target)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("aot_check compiles real kernels: run it with TRITON_INTERPRET unset")
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    from clora_kernels.backends.triton import launch, tune
+    from clora_kernels.backends.triton import launch
     run = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
@@ -77,18 +77,15 @@ def offline_target(arch: int, record: list):
         record.append(kernel)
         return kernel
 
-    _, smem, sms = TARGETS[arch]
-    saved = (launch._INTERPRETING, tune._sm_count, tune._max_shared, driver._active)   # _active: None until used
+    saved = (launch._INTERPRETING, driver._active)   # _active: None until used
     driver.set_active(_OfflineDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_only
     launch._INTERPRETING = arch >= 90          # tma_eligible: alignment only (CPU tensors); precision: ieee
-    tune._sm_count = lambda device: sms
-    tune._max_shared = lambda device: smem
     try:
         yield
     finally:
         JITFunction.run = run
-        launch._INTERPRETING, tune._sm_count, tune._max_shared, driver._active = saved
+        launch._INTERPRETING, driver._active = saved
 
 
 @dataclass
@@ -124,6 +121,8 @@ def compile_plans(arch: int, shapes, dtypes, kinds=("fwd", "dx"), bias: bool = T
     from clora_kernels.backends.triton import TritonBackend, tune
     from clora_kernels.backends.triton.launch import block_r
     backend = TritonBackend()
+    _, smem, sms = TARGETS[arch]
+    target = tune.Target(sms=sms, max_shared=smem)
     binaries, errors, record = {}, [], []
     with offline_target(arch, record):
         for s in shapes:
@@ -134,22 +133,19 @@ def compile_plans(arch: int, shapes, dtypes, kinds=("fwd", "dx"), bias: bool = T
                 b = e(s.n) if bias else None
                 for kind in kinds:
                     m, n, k = (s.m, s.n, s.k) if kind == "fwd" else (s.m, s.k, s.n)
-                    for plan in tune.candidates(m, n, k, s.r, torch.device("cpu"), auto=False, tma=arch >= 90,
-                                                kind=kind, elt=x.element_size()):
+                    for plan in tune.candidates(m, n, k, s.r, target, auto=False, tma=arch >= 90,
+                                                elt=x.element_size()):
                         record.clear()
-                        saved = tune.plan_for
-                        tune.plan_for = lambda *a, _p=plan, **kw: _p
                         try:
-                            if kind == "fwd":
-                                backend.forward(x, weight, b, lora_a, lora_b, r_old, r_delta, None, 2.0)
-                            else:
-                                backend.dx(g, weight, lora_a, lora_b, r_old, r_delta, None, 2.0)
+                            with tune.force_plan(plan):
+                                if kind == "fwd":
+                                    backend.forward(x, weight, b, lora_a, lora_b, r_old, r_delta, None, 2.0)
+                                else:
+                                    backend.dx(g, weight, lora_a, lora_b, r_old, r_delta, None, 2.0)
                         except Exception as exc:   # a compile error: what this script is for
                             msg = str(exc).strip().splitlines()
                             errors.append((s, str(dtype)[6:], kind, plan.label, f"{type(exc).__name__}: "
                                            + (msg[-1] if msg else "")))
-                        finally:
-                            tune.plan_for = saved
                         for kern in record:
                             _add(binaries, kern, plan, dtype, block_r(s.r))
     return binaries, errors

@@ -32,8 +32,8 @@ for (m, k, n, r) in [(16384, 4096, 4096, 128), (2048, 1024, 1024, 128), (2048, 1
             t_ref = g.float() @ lb.float()
             y_ref = g.float() @ wt.float() + 0.5 * (t_ref @ reff.t()) @ la.float()
         tma = launch.tma_eligible(args[0], args[1])
-        for plan in tune.candidates(m, args[1].shape[0], args[0].shape[1], r, args[0].device, True, tma, kind,
-                                    elt=args[0].element_size()):
+        for plan in tune.candidates(m, args[1].shape[0], args[0].shape[1], r, tune.target(args[0].device), True,
+                                    tma, elt=args[0].element_size()):
             try:
                 y, t = launch.run(plan, *args)
                 torch.cuda.synchronize()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends import BACKEND_NAMES
-from .backends.torch_ref import routing_eff
+from .reference import delta_weight, routing_eff
 from .functional import clora_linear, finite_number
 from .protection import Protection, make_protection
 
@@ -158,7 +158,7 @@ class CLoRALinear(nn.Linear):
 
     def _delta(self, lora_A, lora_B, routing_old, routing_delta, projection, scaling) -> Tensor:
         r_eff = routing_eff(routing_old, routing_delta, projection if self.mode == "hard" else None)
-        return scaling * (lora_B @ r_eff.t() @ lora_A)
+        return delta_weight(lora_A, lora_B, r_eff, scaling)
 
     def orthogonality_loss(self) -> Tensor:
         """|| Oᵀ (P R_delta) ||_F² with O = routing_old (soft) or Q (hard; I - P = Q Qᵀ)."""

@@ -208,10 +208,12 @@ def test_available_backends_reports_each():
 def test_auto_falls_back_with_one_warning(monkeypatch, seed):
     """A backend that fails under auto is warned about once and skipped afterwards."""
     from clora_kernels import backends as reg
+    from clora_kernels.backends import auto
     reg._load_all()
 
     class Broken:
         name = "triton"
+        auto_devices = ("cpu",)       # so that auto asks it for these CPU tensors
         calls = 0
 
         def availability(self):
@@ -226,7 +228,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch, seed):
         dx = forward
 
     monkeypatch.setitem(reg._registry, "triton", Broken())
-    monkeypatch.setattr(reg, "_broken", {})
+    monkeypatch.setattr(auto, "broken", {})
     inp = cast_inputs(make_inputs(3, 24, 40, 4), torch.float32, requires_grad=False)
     with pytest.warns(RuntimeWarning, match="'triton' failed .*simulated compile failure"):
         y1 = call(clora_linear, inp)

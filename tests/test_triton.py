@@ -4,6 +4,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py) in fp32 and
 odd shapes; bf16 (broken in the interpreter's tl.dot), large shapes, rank 64/128, the cuBLAS
 strategy and CUDA-graph capture run on a GPU only (marker `gpu`)."""
 
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -39,17 +40,14 @@ GPU_PLANS = {**PLANS, "cublas": Plan("cublas", None, ShrinkConfig(16, 32, 2)),
              "fused_splitk_small_m": Plan("fused", GemmConfig(16, 32, 256, 4, 4, split_k=8))}
 
 
-def h100(monkeypatch):
-    """The tuner's view of an H100 SXM, on any machine: 132 SMs, 227 KiB of shared memory per program."""
-    monkeypatch.setattr(tune, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(tune, "_max_shared", lambda device: 232448)
+H100 = tune.H100     # the tuner's view of an H100 SXM on any machine: 132 SMs, 227 KiB of shared memory per program
 
 
 @pytest.fixture
-def force_plan(monkeypatch):
-    def use(plan):
-        monkeypatch.setattr(tune, "plan_for", lambda *a, **k: plan)
-    return use
+def force_plan():
+    """use(plan): every Triton call of the test runs `plan` (tune.force_plan, undone at the end)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda plan: stack.enter_context(tune.force_plan(plan))
 
 
 @pytest.mark.parametrize("strategy", list(PLANS))
@@ -152,23 +150,20 @@ def test_chosen_strategies_reads_the_plan_cache(monkeypatch):
         "fwd": "fused_tma+persistent", "dx": "fused+splitk3"}
 
 
-def test_merge_candidate_only_where_it_keeps_peak_memory(monkeypatch):
-    """auto's `merge` plan holds an N×K weight: offered for the forward with M >= N only."""
-    h100(monkeypatch)
-
-    def merge_offered(m, n, k, kind, auto=True):
-        return any(p.strategy == "merge" for p in tune.candidates(m, n, k, 16, None, auto, kind=kind))
-    assert merge_offered(4096, 4096, 1024, "fwd") and merge_offered(12608, 768, 3072, "fwd")
-    assert not merge_offered(4095, 4096, 1024, "fwd")
-    assert not merge_offered(16384, 4096, 4096, "dx")
-    assert not merge_offered(16384, 4096, 4096, "fwd", auto=False)
+def test_merge_candidate_only_where_it_keeps_peak_memory():
+    """auto's `merge` plan holds an N×K weight: offered only where that is smaller than the call's
+    M×N output, M > K (forward: the layer's K; dx, whose operand is g: the layer's N)."""
+    def merge_offered(m, n, k, auto=True):
+        return any(p.strategy == "merge" for p in tune.candidates(m, n, k, 16, H100, auto))
+    assert merge_offered(4096, 4096, 1024) and merge_offered(12608, 768, 3072) and merge_offered(1025, 4096, 1024)
+    assert not merge_offered(1024, 4096, 1024) and not merge_offered(16, 4096, 4096)
+    assert not merge_offered(16384, 4096, 4096, auto=False)
 
 
-def test_split_k_where_tiles_leave_sms_idle(monkeypatch):
-    h100(monkeypatch)
+def test_split_k_where_tiles_leave_sms_idle():
 
     def splits(m, n, k):
-        return sorted(p.gemm.split_k for p in tune.candidates(m, n, k, 16, None, False) if p.gemm.split_k > 1)
+        return sorted(p.gemm.split_k for p in tune.candidates(m, n, k, 16, H100, False) if p.gemm.split_k > 1)
     assert splits(1, 1024, 4096)            # kv at decode: 16-32 N tiles for 132 SMs
     assert all(2 <= s <= 16 for s in splits(16, 1024, 4096))
     assert not splits(16, 14336, 4096)      # 448 tiles of 32 columns already fill the machine
@@ -181,11 +176,10 @@ def test_split_k_where_tiles_leave_sms_idle(monkeypatch):
             assert 1 <= n_split <= s and (n_split - 1) * per < blocks <= n_split * per
 
 
-def test_persistent_tma_where_tiles_outnumber_sms(monkeypatch):
-    h100(monkeypatch)
+def test_persistent_tma_where_tiles_outnumber_sms():
 
     def persistent(m, n, tma=True):
-        return [p.gemm for p in tune.candidates(m, n, 4096, 16, None, False, tma=tma) if p.gemm and p.gemm.persistent]
+        return [p.gemm for p in tune.candidates(m, n, 4096, 16, H100, False, tma=tma) if p.gemm and p.gemm.persistent]
     assert persistent(16384, 4096) and all(p.block_m >= 64 for p in persistent(16384, 4096))
     assert not persistent(16384, 4096, tma=False)
     assert not persistent(64, 14336)                  # small M: no persistent candidates
@@ -197,14 +191,13 @@ def test_persistent_tma_where_tiles_outnumber_sms(monkeypatch):
 def test_fp32_candidates_without_tf32_use_fma_tiles(monkeypatch):
     """fp32 without tf32 is an FMA loop: its own tiles, no TMA. With tf32 the 2-byte tiles at half the K
     depth (the same bytes per stage)."""
-    h100(monkeypatch)
     for m in (16, 4096):
-        fp32 = tune.candidates(m, 4096, 4096, 16, None, False, tma=True, elt=4)
+        fp32 = tune.candidates(m, 4096, 4096, 16, H100, False, tma=True, elt=4)
         tiles = {replace(p.gemm, split_k=1) for p in fp32 if p.strategy == "fused"}
         assert tiles == set(tune.SMALL_M_FP32 if m <= 64 else tune.LARGE_M_FP32)
         assert not [p for p in fp32 if p.strategy == "fused_tma"]
     monkeypatch.setattr(tune, "precision", lambda dtype: "tf32")
-    tf32 = {p.gemm for p in tune.candidates(4096, 4096, 4096, 16, None, False, tma=True, elt=4) if p.strategy == "fused"}
+    tf32 = {p.gemm for p in tune.candidates(4096, 4096, 4096, 16, H100, False, tma=True, elt=4) if p.strategy == "fused"}
     assert tf32 == {replace(g, block_k=g.block_k // 2) for g in tune.LARGE_M}
 
 

@@ -1,30 +1,26 @@
-"""Backend registry: one dispatch for every C-LoRA op (DESIGN.md section 3).
+"""Backend registry (DESIGN: docs/design.md, "Backends"). Which backend and plan runs a call is
+decided in one place, `backends/auto.py`.
 
 A backend object provides
     name                                  "torch", "triton", "cuda"
+    auto_devices                          device types auto may give it (None: every device)
     availability() -> (bool, str)         can it run at all on this machine, and why (not)
     not_supported_reasons(x, weight, rank, auto) -> list[str]   why it cannot run this call
     forward(x, w, b, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t, auto) -> (y, t)
                                           (t may be None when not need_t)
     dx(g, w, lora_a, lora_b, r_old, r_delta, proj, scaling, auto) -> (dx, v)
-where x / g are 2-D and ``auto`` says the backend was picked by "auto" (it may then consider
-library fallbacks such as cuBLAS). Resolution: an explicit name must be usable or raises one
-error that says why; "auto" reads env CLORA_BACKEND, else tries backends in preference order,
-and a backend that fails to compile or launch under "auto" is warned about once and skipped
-from then on.
+where x / g are 2-D and ``auto`` says the backend was picked by "auto" (it may then choose among
+its plans, e.g. a per-call merged weight, or library fallbacks such as cuBLAS).
 """
 from __future__ import annotations
 
 import os
 import threading
-import warnings
 
 import torch
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
-_AUTO_ORDER = ("triton", "cuda", "torch")
 _registry: dict = {}
-_broken: dict = {}  # name -> reason, backends that failed under "auto"
 
 
 class KernelBackend:
@@ -32,6 +28,7 @@ class KernelBackend:
     (the registry asks on every call) and the dtype / rank limits of their kernels.
     Subclasses define name, _probe() -> (bool, str) and device_reasons(x, weight, auto) -> list."""
     name = ""
+    auto_devices = ("cuda",)
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
     MAX_RANK = 128
     _availability = None
@@ -61,19 +58,24 @@ def register(backend) -> None:
 
 
 def _load_all() -> None:
-    if len(_registry) == 3:
-        return
-    from . import torch_ref, triton, cuda  # noqa: F401  (each registers itself)
+    from . import torch_ref, triton, cuda  # noqa: F401  (each registers itself on its first import)
+
+
+def get(name: str):
+    """The registered backend object called `name` ("torch", "triton", "cuda")."""
+    if name not in _registry:
+        _load_all()
+    return _registry[name]
 
 
 def available_backends() -> dict:
     """name -> (usable, why) for every backend on this machine."""
-    _load_all()
+    from .auto import broken
     out = {}
     for name in ("torch", "triton", "cuda"):
-        ok, why = _registry[name].availability()
-        if ok and name in _broken:
-            ok, why = False, f"failed under auto: {_broken[name]}"
+        ok, why = get(name).availability()
+        if ok and name in broken:
+            ok, why = False, f"failed under auto: {broken[name]}"
         out[name] = (ok, why)
     return out
 
@@ -84,36 +86,3 @@ def requested_backend(name: str) -> str:
         if name not in BACKEND_NAMES:
             raise ValueError(f"environment variable CLORA_BACKEND must be one of {list(BACKEND_NAMES)}, got {name!r}")
     return name
-
-
-def _reasons(backend, x: torch.Tensor, weight: torch.Tensor, rank: int, auto: bool) -> list:
-    ok, why = backend.availability()
-    return [why] if not ok else list(backend.not_supported_reasons(x, weight, rank, auto))
-
-
-def call(name: str, method: str, x: torch.Tensor, weight: torch.Tensor, rank: int, *args):
-    """Run ``backend.<method>(*args, auto=...)`` on the backend that ``name`` resolves to."""
-    _load_all()
-    name = requested_backend(name)
-    if name != "auto":
-        backend = _registry[name]
-        reasons = _reasons(backend, x, weight, rank, False)
-        if reasons:
-            raise BackendUnavailableError(f"backend {name!r} cannot run this call: " + "; ".join(reasons))
-        return getattr(backend, method)(*args, auto=False)
-    for cand in _AUTO_ORDER:
-        backend = _registry[cand]
-        if cand in _broken or _reasons(backend, x, weight, rank, True):
-            continue
-        if cand == "torch":
-            return getattr(backend, method)(*args, auto=True)
-        try:
-            return getattr(backend, method)(*args, auto=True)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # a compile or launch failure: warn once, never use it again
-            cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            _broken[cand] = cause
-            warnings.warn(f"clora_kernels: backend {cand!r} failed ({cause}); falling back for the rest of "
-                          f"this process", RuntimeWarning, stacklevel=2)
-    raise AssertionError("unreachable: the torch backend runs everywhere")

@@ -7,7 +7,7 @@
     clora::linear_dx(g, w, lora_a, lora_b, r_old, r_delta, proj, s, backend)
         -> (dx, v)       v = g lora_b,  dx = g w + s·v·R_effᵀ·lora_a
 
-Both dispatch through the registry (`backends.call`), so every backend shares the backward
+Both dispatch through `backends.auto.run`, so every backend shares the backward
 below: dx from the backend's fused kernel, the skinny weight gradients with torch.matmul.
 Saved for backward: x, t and the small weights; never an M×N tensor.
 x and g are 2-D here; `functional.clora_linear` flattens the leading dims.
@@ -28,14 +28,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import call
+from ..reference import reference_formula
+from .auto import run
 
 
 def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 routing_old: Tensor, routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
                 grad_through_old_route: bool, need_t: bool, backend: str) -> tuple[Tensor, Tensor]:
-    y, t = call(backend, "forward", x, weight, lora_a.shape[0],
-                x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t)
+    y, t = run(backend, x, weight, lora_a.shape[0], lambda impl, auto: impl.forward(
+        x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t, auto))
     return y, (t if need_t else x.new_empty(x.shape[0], 0))
 
 
@@ -51,8 +52,8 @@ def _(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, s
 def _linear_dx(g: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, routing_old: Tensor,
                routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
                backend: str) -> tuple[Tensor, Tensor]:
-    return call(backend, "dx", g, weight, lora_a.shape[0],
-                g, weight, lora_a, lora_b, routing_old, routing_delta, projection, scaling)
+    return run(backend, g, weight, lora_a.shape[0], lambda impl, auto: impl.dx(
+        g, weight, lora_a, lora_b, routing_old, routing_delta, projection, scaling, auto))
 
 
 linear_dx = torch.library.custom_op("clora::linear_dx", _linear_dx, mutates_args=())
@@ -83,7 +84,6 @@ def _double_backward(ctx, grad_y):
     autograd through the reference formula of the same semantics, recomputed from the saved
     inputs, so second derivatives are right (the kernels' dx has no derivative of its own). The
     bias enters linearly, so the formula runs without it and its gradient is Σ_rows g."""
-    from .torch_ref import reference_formula
     x, _, weight, lora_a, lora_b, r_old, r_delta, proj = ctx.saved_tensors
     needs = ctx.needs_input_grad
     wrt = [(i, v) for i, v in ((0, x), (3, lora_a), (4, lora_b), (6, r_delta)) if needs[i]]
@@ -163,7 +163,6 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     elif _functorch_active():
         # torch.func (grad, vmap, jacrev, ...): the formula in plain torch ops, which every transform
         # supports, with the same gradient semantics (the stop-gradient on the old route)
-        from .torch_ref import reference_formula
         y = reference_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                               grad_through_old_route)
         return y, x.new_empty(x.shape[0], 0)

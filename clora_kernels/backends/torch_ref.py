@@ -1,46 +1,31 @@
-"""The `torch` backend: the reference, plain PyTorch ops in the input's dtype, any device.
+"""The `torch` backend: plain PyTorch ops in the input's dtype, any device; the CPU path.
 
-Also the baseline the benchmarks call "torch" (eager) and "compile". Four launches in the
-forward (base GEMM, t = x Aᵀ, u = t R_eff, expand) — the cost the fused kernels remove.
+Two plans, both written in `clora_kernels.reference`:
+  eager   the unmerged formula, four ops (base GEMM, t = x·A, u = t·R_eff, expand): what an
+          explicit backend="torch" always runs, and the benchmarks' "torch" row;
+  merge   a per-call merged weight W_eff = W + s·lora_B·R_effᵀ·lora_A (one addmm), then one GEMM;
+          dx is g·W_eff, the merged weight recomputed there (never kept between the two).
+Under backend="auto" `auto.torch_plan` picks one per call by its cost model.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
-
+from ..reference import lora_gemm, merged_gemm, routing_eff
+from ..reference import reference_formula  # noqa: F401  (its former import path, kept for users)
 from . import register
+from .auto import torch_plan
 
 
-def routing_eff(routing_old, routing_delta, projection):
-    """R_eff = R_old + P R_delta (P = I when projection is None)."""
-    return routing_old + (routing_delta if projection is None else projection @ routing_delta)
-
-
-def reference_formula(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
-                      grad_through_old_route=False):
-    """The plain formula of DESIGN.md section 2 with autograd doing the backward: the old route
-    is written with detached lora_A / lora_B so it carries no gradient to them (unless
-    grad_through_old_route). The tests' float64 oracle and the benchmarks' `compile` baseline."""
-    new = routing_delta if projection is None else projection @ routing_delta
-    t = x @ lora_A.t()
-    if grad_through_old_route:
-        lora = t @ (routing_old + new) @ lora_B.t()
-    else:
-        lora = t @ new @ lora_B.t() + (x @ lora_A.detach().t()) @ routing_old @ lora_B.detach().t()
-    return F.linear(x, weight, bias) + scaling * lora
-
-
-def lora_gemm(x, w, a, b, r, bias, scale):
-    """One C-LoRA GEMM in operand views, the reference of the Triton kernel: returns
-    y = x·wᵀ + bias + scale·(x·a)·r·b and t = x·a.
-    Forward: (x, W, lora_Aᵀ, lora_Bᵀ, R_eff); dx: (g, Wᵀ, lora_B, lora_A, R_effᵀ) with t = v."""
-    t = x @ a
-    y = F.linear(x, w, bias)
-    y.addmm_(t @ r, b, alpha=scale)
-    return y, t
+def run_plan(strategy: str, x, w, a, b, r, bias, scale, need_t=True):
+    """Run the eager or merge plan on operand views (see `reference`); returns (y, t), t None only
+    for merge without need_t."""
+    if strategy == "merge":
+        return merged_gemm(x, w, a, b, r, bias, scale, need_t)
+    return lora_gemm(x, w, a, b, r, bias, scale)
 
 
 class TorchBackend:
     name = "torch"
+    auto_devices = None      # every device
 
     def availability(self):
         return True, "plain PyTorch ops; runs on every device"
@@ -49,10 +34,13 @@ class TorchBackend:
         return []
 
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
-        return lora_gemm(x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling)
+        plan = torch_plan(x) if auto else "eager"
+        return run_plan(plan, x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling,
+                        need_t)
 
     def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
-        return lora_gemm(g, weight.t(), lora_b, lora_a, routing_eff(r_old, r_delta, proj).t(), None, scaling)
+        plan = torch_plan(g) if auto else "eager"
+        return run_plan(plan, g, weight.t(), lora_b, lora_a, routing_eff(r_old, r_delta, proj).t(), None, scaling)
 
 
 register(TorchBackend())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backends.torch_ref import reference_formula, routing_eff
+from ..reference import delta_weight, reference_formula, routing_eff
 from ..functional import clora_linear
 
 BASELINES = ("merged", "torch", "compile", "peft")
@@ -80,7 +80,8 @@ def build_variant(name: str, case: Case, training: bool, compiled_cache: dict):
     c = case
     if name == "merged":
         with torch.no_grad():
-            wm = c.weight + c.scaling * (c.lora_B @ routing_eff(c.routing_old, c.routing_delta, None).t() @ c.lora_A)
+            wm = c.weight + delta_weight(c.lora_A, c.lora_B, routing_eff(c.routing_old, c.routing_delta, None),
+                                         c.scaling)
         return _rotating(c, lambda x: F.linear(x, wm, c.bias), training)
     if name == "compile":
         fn = compiled_cache.get("fn")

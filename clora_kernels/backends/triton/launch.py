@@ -1,5 +1,5 @@
 """Host launchers for the Triton kernels: one `gemm` serving forward and dx through operand
-views, one `shrink`, and the strategies the tuner chooses from:
+views, one `shrink`, and `run`, which runs any strategy the tuner chooses from:
 
   fused   one launch: _clora_gemm_kernel(FUSED)            (t recomputed per N tile: r/BLOCK_N extra MMA);
           with GemmConfig.split_k > 1 (small M) two: fp32 partials over K splits + the finish kernel
@@ -7,12 +7,9 @@ views, one `shrink`, and the strategies the tuner chooses from:
           GemmConfig.persistent: one program per SM walks the output tiles
   split   shrink (u = x·A·R once) + _clora_gemm_kernel(split: u·B as one extra K slab)
   cublas  F.linear (cuBLAS) + shrink + addmm_(beta=1)       (only under backend="auto")
-  eager   the torch backend's own ops (cuBLAS, 4 launches)   (only under backend="auto": auto is then
-          never slower than the eager reference by the tuner's measurement)
-  merge   W_eff = W + s·(A·R·B)ᵀ by one cuBLAS addmm, then F.linear(x, W_eff), and t = x·A where a
-          gradient reads it (only under backend="auto"): the base GEMM runs at cuBLAS speed for the
-          price of one pass over W, which pays where M is large (the merged weight is rounded to x's
-          dtype, as a merged checkpoint is)
+  eager, merge  the torch backend's two plans (`torch_ref.run_plan`: the unmerged ops, or a per-call
+          merged weight then one cuBLAS GEMM), only under backend="auto": auto is then never slower
+          than either by the tuner's measurement
 
 Operand views (all strides honoured, nothing is copied):
   forward  x (M,K),  W = weight (N,K),    A = lora_Aᵀ (K,r), B = lora_Bᵀ (r,N), R = R_eff
@@ -26,11 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..torch_ref import lora_gemm, routing_eff
+from ...reference import routing_eff
+from ..torch_ref import run_plan
 from . import kernels
 
 # triton.jit reads TRITON_INTERPRET when it decorates a kernel, so the mode is fixed once kernels.py is
-# imported (just above): read it once too, not on every call (three os.environ lookups per call before)
+# imported (just above): read once here too
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -300,13 +298,8 @@ def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y
         return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, y=y, t=t)
     if plan.strategy in ("eager", "merge"):
         r = routing_eff(r_old, r_delta, proj)
-        r = r.t() if trans_r else r
-        if plan.strategy == "eager":
-            out, t_out = lora_gemm(x, w, a, b, r, bias, scale)
-        else:
-            w_eff = torch.addmm(w, b.t(), (a @ r).t(), alpha=scale)    # w + s·(a·R·b)ᵀ
-            out = torch.nn.functional.linear(x, w_eff, bias)
-            t_out = x @ a if need_t or t is not None else None
+        out, t_out = run_plan(plan.strategy, x, w, a, b, r.t() if trans_r else r, bias, scale,
+                              need_t or t is not None)
         if t is not None:
             t.copy_(t_out)
             t_out = t

@@ -10,17 +10,65 @@ default is used (warm up once before capturing).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..._io import cache_dir
+from ..auto import merge_allowed
 from .launch import (GemmConfig, Plan, ShrinkConfig, block_r, interpreting, max_shared, precision, run, sm_count,
                      tma_eligible, triton_cdiv)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the candidate lists depend on: the GPU's SM count and the shared memory one program may
+    use. `target(device)` reads them off a CUDA device; tests and AOT checks pass any GPU's."""
+    sms: int
+    max_shared: int
+
+
+H100 = Target(sms=132, max_shared=232448)
+
+
+def target(device) -> Target:
+    return Target(sm_count(device.index), max_shared(device.index))
+
+
+class PlanKey(NamedTuple):
+    """One plan per key: a layer's shape class on one device, in one role."""
+    kind: str               # "fwd" or "dx"
+    dtype: torch.dtype
+    bucket: int             # M rounded up to a power of two (at least 16)
+    n: int
+    k: int
+    rank: int
+    has_bias: bool
+    has_p: bool
+    auto: bool              # library plans allowed (backend="auto")
+    tma: bool               # operands TMA-eligible
+    device: Optional[int]   # CUDA device index
+    need_t: bool            # a gradient reads t
+
+
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def force_plan(plan: Plan):
+    """Run every Triton call in this thread with `plan` (tests, probes); the cache is not touched."""
+    before = getattr(_forced, "plan", None)
+    _forced.plan = plan
+    try:
+        yield plan
+    finally:
+        _forced.plan = before
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 LARGE_M = [GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 64, 4, 4), GemmConfig(256, 128, 64, 8, 3),
@@ -45,73 +93,61 @@ _disk: dict = {}     # "gpu|triton version|..." -> Plan, mirrored in the JSON fi
 _loaded = False
 
 
-def _sm_count(device) -> int:
-    return sm_count(device.index)
-
-
-def _max_shared(device) -> int:
-    return max_shared(device.index)
-
-
 def fit(cfg: GemmConfig, elt: int, rank: int, smem: int, loads_a: bool = True) -> GemmConfig:
     """`cfg` with as many of its pipeline stages (at least 2) as fit in `smem` bytes of shared memory,
     1 KiB kept for barriers. A stage holds an X, a W and (fused: loads_a) an A tile of `elt`-byte
     elements, (BLOCK_M + BLOCK_N + BLOCK_R)·BLOCK_K of them: compiled by benchmarks/aot_check.py
     (triton 3.9), Triton's wgmma mainloops allocate exactly that per stage, its mma.sync ones at most
-    that. Before this fit, configs there needed up to 264 KiB (rank 128; the H100 allows 227 KiB per
-    program, the A100 163) and with fp32 every large-M config 256-368 KiB: each failed at launch, and
-    an fp32 layer at M > 64 was left with no Triton candidate at all."""
+    that. Unfitted, the tile lists need up to 264 KiB (rank 128; the H100 allows 227 KiB per program,
+    the A100 163) and with fp32 every large-M config 256-368 KiB: each would fail at launch, leaving
+    an fp32 layer at M > 64 with no Triton candidate at all."""
     stage = (cfg.block_m + cfg.block_n + (block_r(rank) if loads_a else 0)) * cfg.block_k * elt
     return replace(cfg, num_stages=max(2, min(cfg.num_stages, (smem - 1024) // stage)))
 
 
-def shrink_config(m: int, k: int, device, elt: int = 2) -> ShrinkConfig:
+def shrink_config(m: int, k: int, tgt: Target, elt: int = 2) -> ShrinkConfig:
     bm, bk = (16, 256 * 2 // elt) if m <= 64 else (64, 128 * 2 // elt)    # the same bytes per K step at fp32
     blocks = triton_cdiv(m, bm)
-    split = max(1, min(triton_cdiv(2 * _sm_count(device), blocks), triton_cdiv(k, bk)))
+    split = max(1, min(triton_cdiv(2 * tgt.sms, blocks), triton_cdiv(k, bk)))
     return ShrinkConfig(bm, bk, split)
 
 
-def split_k(m: int, n: int, k: int, cfg: GemmConfig, device) -> int:
+def split_k(m: int, n: int, k: int, cfg: GemmConfig, tgt: Target) -> int:
     """K splits for the fused form at small M: enough programs for ~2 per SM where the output
     tiles alone leave SMs idle (at most 16 splits, at least one K block each); 1 = no split."""
     tiles = triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n)
-    sms = _sm_count(device)
-    if tiles >= sms:
+    if tiles >= tgt.sms:
         return 1
-    return max(1, min(16, triton_cdiv(2 * sms, tiles), triton_cdiv(k, cfg.block_k)))
+    return max(1, min(16, triton_cdiv(2 * tgt.sms, tiles), triton_cdiv(k, cfg.block_k)))
 
 
-def candidates(m: int, n: int, k: int, rank: int, device, auto: bool, tma: bool = False, kind: str = "fwd",
+def candidates(m: int, n: int, k: int, rank: int, tgt: Target, auto: bool, tma: bool = False,
                elt: int = 2) -> list:
     """Fused (and fused_tma, also persistent, where the operands allow TMA) and split plans over the tile
     list for the element size `elt` (fp32 without tf32: its own list, no TMA), each fitted to the GPU's
-    shared memory (`fit`); with auto, the LIBRARY plans too. `merge` only for the forward with M >= N:
-    its transient N×K weight then stays within what a training step's backward holds anyway (y and dx,
-    M×N + M×K), so auto's peak memory stays at the eager backend's; in dx it would sit beside both."""
+    shared memory (`fit`); with auto, the LIBRARY plans too, `merge` only where `auto.merge_allowed`
+    (its transient weight is smaller than the call's output)."""
     if elt == 4 and precision(torch.float32) == "ieee":
         gemms, tma = (SMALL_M_FP32 if m <= 64 else LARGE_M_FP32), False
     else:    # 2-byte inputs, or tf32 ones at half the K depth: the same bytes per stage
         gemms = [replace(g, block_k=g.block_k * 2 // elt) for g in (SMALL_M if m <= 64 else LARGE_M)]
     if rank > 64:   # a 128-wide t accumulator next to a 128x256 tile spills
         gemms = [g for g in gemms if g.block_n * g.block_m <= 128 * 128] or gemms
-    smem = _max_shared(device)
-    fused = [fit(g, elt, rank, smem) for g in gemms]
-    split = [fit(g, elt, rank, smem, loads_a=False) for g in gemms]
-    sh = shrink_config(m, k, device, elt)
+    fused = [fit(g, elt, rank, tgt.max_shared) for g in gemms]
+    split = [fit(g, elt, rank, tgt.max_shared, loads_a=False) for g in gemms]
+    sh = shrink_config(m, k, tgt, elt)
     plans = [Plan("fused", g) for g in fused] + [Plan("split", g, sh) for g in split]
     if m <= 64:   # split-K versions of the narrowest small-M tiles
-        plans += [Plan("fused", replace(g, split_k=s)) for g in fused[:3] if (s := split_k(m, n, k, g, device)) > 1]
+        plans += [Plan("fused", replace(g, split_k=s)) for g in fused[:3] if (s := split_k(m, n, k, g, tgt)) > 1]
     if tma:
         plans += [Plan("fused_tma", g) for g in fused]
         # persistent where there are more output tiles than SMs (else it is the same grid), and not at
         # rank > 64: its epilogue buffers then need 352-480 KiB (aot_check, sm_90)
         if m > 64 and rank <= 64:
-            sms = _sm_count(device)
             plans += [Plan("fused_tma", replace(g, persistent=True)) for g in fused
-                      if triton_cdiv(m, g.block_m) * triton_cdiv(n, g.block_n) > sms]
+                      if triton_cdiv(m, g.block_m) * triton_cdiv(n, g.block_n) > tgt.sms]
     if auto:
-        plans += [Plan("cublas", None, sh), Plan("eager")] + ([Plan("merge")] if kind == "fwd" and m >= n else [])
+        plans += [Plan("cublas", None, sh), Plan("eager")] + ([Plan("merge")] if merge_allowed(m, k) else [])
     return plans
 
 
@@ -231,23 +267,25 @@ def _save() -> None:
                             f"kept in memory only")
 
 
-def _disk_key(key: tuple, device) -> str:
+def _disk_key(key: PlanKey, device) -> str:
     import triton
-    kind, dtype, bucket, n, k, rank, has_bias, has_p, auto, tma, _, need_t = key
-    return (f"{torch.cuda.get_device_name(device)}|triton{triton.__version__}|{kind}|{str(dtype)[6:]}|M{bucket}|"
-            f"N{n}|K{k}|r{rank}|b{int(has_bias)}|p{int(has_p)}|auto{int(auto)}|tma{int(tma)}|t{int(need_t)}")
+    return (f"{torch.cuda.get_device_name(device)}|triton{triton.__version__}|{key.kind}|{str(key.dtype)[6:]}|"
+            f"M{key.bucket}|N{key.n}|K{key.k}|r{key.rank}|b{int(key.has_bias)}|p{int(key.has_p)}|"
+            f"auto{int(key.auto)}|tma{int(key.tma)}|t{int(key.need_t)}")
 
 
-def _key(kind: str, auto: bool, x, w, a, bias, proj, need_t: bool = True) -> tuple:
-    """The plan cache's key: (kind, dtype, M bucket, N, K, r, bias, P, auto, TMA, device index, t)."""
+def _key(kind: str, auto: bool, x, w, a, bias, proj, need_t: bool = True) -> PlanKey:
     m, k = x.shape
-    return (kind, x.dtype, _bucket(m), w.shape[0], k, a.shape[1], bias is not None, proj is not None, auto,
-            tma_eligible(x, w), x.device.index, need_t)
+    return PlanKey(kind, x.dtype, _bucket(m), w.shape[0], k, a.shape[1], bias is not None, proj is not None, auto,
+                   tma_eligible(x, w), x.device.index, need_t)
 
 
 def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, need_t=True) -> Plan:
     """The plan for this call: cached per key, else every candidate timed once. need_t=False (no
     gradient will read t) is its own key: the `merge` plan then skips t, so it may win elsewhere."""
+    forced = getattr(_forced, "plan", None)
+    if forced is not None:
+        return forced
     if interpreting():
         return INTERPRETER
     key = _key(kind, auto, x, w, a, bias, proj, need_t)
@@ -261,7 +299,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     if plan is not None:
         _plans[key] = plan
         return plan
-    cands = candidates(x.shape[0], w.shape[0], x.shape[1], a.shape[1], x.device, auto=True, tma=key[9], kind=kind,
+    cands = candidates(x.shape[0], w.shape[0], x.shape[1], a.shape[1], target(x.device), auto=True, tma=key.tma,
                        elt=x.element_size())
     if torch.cuda.is_current_stream_capturing():
         return cands[0]
@@ -284,7 +322,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
     best = {False: min(own, key=lambda tc: tc[0])[1], True: min(timed, key=lambda tc: tc[0])[1]}
     with _lock:
         for flag, plan in best.items():
-            kk = key[:8] + (flag,) + key[9:]   # key[8] is the auto flag
+            kk = key._replace(auto=flag)
             _plans[kk] = plan
             _disk[_disk_key(kk, x.device)] = plan
         _save()
@@ -296,9 +334,9 @@ def chosen_strategies(m: int, n: int, k: int, rank: int, dtype, auto: bool, trai
     (x (m, k), weight (n, k)) in training or in inference (where no gradient reads t); what the
     benchmark reports beside its timings."""
     want = {"fwd": (n, k), "dx": (k, n)}      # dx runs on g (m, n) against weightᵀ (k, n)
-    return {key[0]: plan.label for key, plan in list(_plans.items())
-            if key[1] == dtype and key[2] == _bucket(m) and (key[3], key[4]) == want[key[0]]
-            and key[5] == rank and key[8] == auto and key[11] == (training or key[0] == "dx")}
+    return {key.kind: plan.label for key, plan in list(_plans.items())
+            if key.dtype == dtype and key.bucket == _bucket(m) and (key.n, key.k) == want[key.kind]
+            and key.rank == rank and key.auto == auto and key.need_t == (training or key.kind == "dx")}
 
 
 def clear_cache() -> None:

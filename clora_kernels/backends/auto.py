@@ -1,0 +1,91 @@
+"""`auto`: which backend, and which plan of it, runs a call (docs/design.md, "Backends").
+
+Resolution (`run`): an explicit name (argument, else env CLORA_BACKEND) must be usable or raises
+one BackendUnavailableError that says why. "auto" takes the first usable of triton, cuda, torch;
+a kernel backend that fails to compile or launch under auto is warned about once and skipped for
+the rest of the process (`broken`). A backend lists the device types auto may give it
+(`auto_devices`): the kernel backends "cuda" only (the Triton interpreter runs on CPU for tests,
+by name only), torch every device, so a CPU call under auto goes to torch without asking the others.
+
+Plans under auto:
+  GPU, triton   the tuner (`triton/tune.py`) times its fused / split / TMA tile plans beside the
+                library plans (cuBLAS + shrink, the eager ops, the per-call merged weight) per shape
+                bucket and keeps the fastest: auto is then never slower than any of them.
+  CPU (and a GPU without triton or cuda), torch   `torch_plan`: the unmerged ops ("eager") or a
+                per-call merged weight ("merge"), by the cost model below. It is a formula, not a
+                timing, so a seeded CPU run computes the same numbers every time (a timed choice
+                would follow the machine's load).
+
+The cost model counts the FLOPs where the two plans differ (the M×N×K GEMM is in both). In
+operand terms (x (M,K) against an (N,K) weight; the dx call has the layer's N as K):
+    eager: t = x·A  M·K·r,  u = t·R  M·r·r,  expand  M·r·N
+    merge: A·R  K·r·r,  W_eff  N·K·r,  and t = x·A  M·K·r  where a gradient reads it
+so merge costs less exactly when M > K (training; in inference it already does at
+M > K(N+r)/(K+N+r)). It is chosen at M > K.
+
+Memory (`merge_allowed`, the one rule for CPU and GPU, forward and dx): the merge plan is a
+candidate only at M > K, where its transient W_eff (N×K) is smaller than the call's own output
+(M×N), which a training step keeps until later anyway; so the plan does not raise a step's peak
+above the eager plan's. Nothing of W_eff is kept between calls.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import BackendUnavailableError, get, requested_backend
+
+AUTO_ORDER = ("triton", "cuda", "torch")
+broken: dict = {}  # name -> reason, backends that failed under "auto"
+
+
+def reasons(backend, x: torch.Tensor, weight: torch.Tensor, rank: int, auto: bool) -> list:
+    """Why `backend` cannot run this call ([] when it can)."""
+    ok, why = backend.availability()
+    return [why] if not ok else list(backend.not_supported_reasons(x, weight, rank, auto))
+
+
+def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
+    """fn(backend, auto) on the backend that `name` resolves to for this call (x and weight as the
+    backend receives them; rank the adapter's)."""
+    name = requested_backend(name)
+    if name != "auto":
+        backend = get(name)
+        why = reasons(backend, x, weight, rank, False)
+        if why:
+            raise BackendUnavailableError(f"backend {name!r} cannot run this call: " + "; ".join(why))
+        return fn(backend, False)
+    dev = x.device.type
+    for cand in AUTO_ORDER:
+        backend = get(cand)
+        if cand in broken or (backend.auto_devices is not None and dev not in backend.auto_devices) \
+                or reasons(backend, x, weight, rank, True):
+            continue
+        if cand == "torch":
+            return fn(backend, True)
+        try:
+            return fn(backend, True)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a compile or launch failure: warn once, never use it again
+            text = str(exc).strip()
+            cause = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            broken[cand] = cause
+            warnings.warn(f"clora_kernels: backend {cand!r} failed ({cause}); falling back for the rest of "
+                          f"this process", RuntimeWarning, stacklevel=3)
+    raise AssertionError("unreachable: the torch backend runs everywhere")
+
+
+def merge_allowed(m: int, k: int) -> bool:
+    """Whether the per-call merged weight may serve an (M, K) operand (x, or dx's g): the memory
+    rule above, which on CPU is also where the cost model prefers it."""
+    return m > k
+
+
+def torch_plan(x: torch.Tensor) -> str:
+    """The torch backend's plan under auto for the operand x (the forward's x, or dx's g): on CPU
+    "merge" where `merge_allowed`, else "eager"; on a GPU "eager" (the Triton tuner times both)."""
+    if x.device.type != "cpu":
+        return "eager"
+    return "merge" if merge_allowed(x.shape[0], x.shape[1]) else "eager"

@@ -1,0 +1,64 @@
+"""The C-LoRA math in plain PyTorch ops, in one place (the contract: docs/design.md, "The math").
+
+    R_eff = R_old + P R_delta
+    y     = x Wᵀ + b + s · (x lora_Aᵀ) R_eff lora_Bᵀ
+    W_eff = W + s · lora_B R_effᵀ lora_A                (the merged weight)
+
+Every other module computes these through the functions here: the torch backend and its plans,
+the Triton launcher's library plans, the layer's `delta_weight`, the double backward, torch.func,
+the benchmarks' baselines and the tests' float64 oracle.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def routing_eff(routing_old, routing_delta, projection):
+    """R_eff = R_old + P R_delta (P = I when projection is None)."""
+    return routing_old + (routing_delta if projection is None else projection @ routing_delta)
+
+
+def delta_weight(lora_A, lora_B, r_eff, scaling):
+    """s · lora_B R_effᵀ lora_A, (N, K): what merging adds to the base weight."""
+    return scaling * (lora_B @ r_eff.t() @ lora_A)
+
+
+def reference_formula(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                      grad_through_old_route=False):
+    """The plain formula with autograd doing the backward: the old route is written with detached
+    lora_A / lora_B so it carries no gradient to them (unless grad_through_old_route). The tests'
+    float64 oracle, the double backward, torch.func, and the benchmarks' `compile` baseline."""
+    new = routing_delta if projection is None else projection @ routing_delta
+    t = x @ lora_A.t()
+    if grad_through_old_route:
+        lora = t @ (routing_old + new) @ lora_B.t()
+    else:
+        lora = t @ new @ lora_B.t() + (x @ lora_A.detach().t()) @ routing_old @ lora_B.detach().t()
+    return F.linear(x, weight, bias) + scaling * lora
+
+
+# ---- one GEMM in operand views -------------------------------------------------------------------
+# forward  x (M,K),  w = weight (N,K),    a = lora_Aᵀ (K,r), b = lora_Bᵀ (r,N), r = R_eff
+# dx       g (M,N),  w = weightᵀ (K,N),   a = lora_B (N,r),  b = lora_A (r,K),  r = R_effᵀ   (t is then v)
+
+def lora_gemm(x, w, a, b, r, bias, scale):
+    """The unmerged plan ("eager"): y = x·wᵀ + bias + scale·(x·a)·r·b and t = x·a, four ops.
+    The reference of the Triton GEMM kernel."""
+    t = x @ a
+    y = F.linear(x, w, bias)
+    y.addmm_(t @ r, b, alpha=scale)
+    return y, t
+
+
+def merged_weight(w, a, b, r, scale):
+    """w + scale·(a·r·b)ᵀ by one addmm: the forward's W_eff (N,K), or dx's W_effᵀ (K,N)."""
+    return torch.addmm(w, b.t(), (a @ r).t(), alpha=scale)
+
+
+def merged_gemm(x, w, a, b, r, bias, scale, need_t=True):
+    """The per-call merged plan ("merge"): y = x·W_effᵀ + bias with W_eff = merged_weight(...), and
+    t = x·a where a gradient reads it (None otherwise). Equals lora_gemm's y up to rounding (W_eff
+    is rounded to x's dtype, as a merged checkpoint is)."""
+    y = F.linear(x, merged_weight(w, a, b, r, scale), bias)
+    return y, (x @ a if need_t else None)
