@@ -1,16 +1,13 @@
-"""GPU probe of host overhead (one device call; prints two small tables).
+"""Host cost per call of a C-LoRA layer against the layers users would write instead.
 
-1. Per shape and backend: time per call by CUDA events (host launch cost included) and by CUDA-graph
-   replay (GPU time only), at small M where the host dominates, measured alternately.
-2. Where the host time goes: wall time per eager call over 2000 calls with one synchronize at the end
-   (when the GPU is the faster side this is the host's cost per call), no_grad and with grad, at ViT-B
-   qkv batch 1 (M=197, K=768, N=2304, r=16), then cProfile's top functions per backend.
-Without a GPU only part 2 runs, on CPU tensors at a tiny shape (M=1, K=N=16, r=4, fp32) with the torch
-backend, beside the registered op called directly (`op`: torch's custom-op wrappers, which clora_linear
-avoids in eager mode) and the triton backend with its kernel launch stubbed out and a plan cached
-(`triton*`: this package's Python layer up to Triton's launcher, which itself needs a GPU): there the
-kernels cost little, so the table is the Python host cost.
-Usage: python benchmarks/overhead_probe.py [--top N]
+Part 1, every machine (`layers`): wall time per call, best of several interleaved rounds in one
+process, of nn.Linear, PEFT's LoRA Linear, a hand-written eager LoRA
+(F.linear(x, W, b) + ((x @ A.T) @ (R_old + R_delta)) @ B.T, an nn.Module) and CLoRALinear (backend
+auto), in inference, forward with grad, and forward+backward. Default: the CPU, M=1, K=N=64, r=4,
+fp32, one thread (where the host dominates); on a GPU, ViT-B qkv batch 1 in bf16.
+Part 2, GPU only: time per call by CUDA events (host included) against CUDA-graph replay (GPU
+time only) at small M, per backend; then cProfile's top functions of an eager call.
+Usage: python benchmarks/overhead_probe.py [--top N] [--rounds N]
 """
 import argparse
 import cProfile
@@ -43,33 +40,7 @@ def tensors(m, k, n, r=16, grad=False):
     return x, w, b, la, lb, ro, rd
 
 
-def stub_triton_launch():
-    """CPU only: the triton backend's Python layer without the kernel. Its launch becomes a no-op
-    and the plan cache answers with the fused plan, as it does after the first (tuning) call."""
-    from clora_kernels.backends.triton import kernels, launch, tune
-
-    class NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-    kernels._clora_gemm_kernel = NoLaunch()
-    launch.interpreting = lambda: True      # CPU tensors pass device_reasons, as CUDA ones do
-    tune.interpreting = lambda: False       # plan_for consults its cache
-    from clora_kernels.backends import _registry
-    _registry["triton"]._availability = (True, "kernel launch stubbed")
-    plan = launch.Plan("fused", tune.SMALL_M[0])
-
-    class Cached(dict):        # the hot path's one lookup, answered for every key
-        def get(self, key, default=None):
-            return plan
-    tune._plans = Cached()
-
-
 def call(backend, x, w, b, la, lb, ro, rd):
-    if backend == "triton*":
-        backend = "triton"
-    if backend == "op":    # the registered op with its register_autograd, torch backend
-        need_t = torch.is_grad_enabled() and (lb.requires_grad or rd.requires_grad)
-        return torch.ops.clora.linear_fwd(x, w, b, la, lb, ro, rd, None, 1.0, False, need_t, "torch")[0]
     return ck.clora_linear(x, w, b, la, lb, ro, rd, None, 1.0, backend=backend)
 
 
@@ -90,12 +61,13 @@ def events_vs_graphs(backends):
                 print(f"M={m:5d} K={k} N={n} round {rnd} (events/graph us): " + "  ".join(line))
 
 
-def host_us(fn, calls=2000):
+def host_us(fn, calls=2000, repeats=5):
+    """Wall time per call over `calls` calls with one synchronize at the end, best of `repeats`."""
     for _ in range(50):
         fn()
     sync()
     best = float("inf")
-    for _ in range(1 if GPU else 5):    # on CPU: best of 5, the machine is shared
+    for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -104,29 +76,81 @@ def host_us(fn, calls=2000):
     return best
 
 
-def host_cost(backends, top):
-    m, k, n, r = (197, 768, 2304, 16) if GPU else (1, 16, 16, 4)
-    nograd, grad = tensors(m, k, n, r), tensors(m, k, n, r, grad=True)
-    gy = torch.randn(m, n, device=dev, dtype=dt)
-    fns = {"F.linear": (lambda: torch.nn.functional.linear(nograd[0], nograd[1], nograd[2]), None)}
+class HandLoRA(torch.nn.Module):
+    """The eager LoRA a user would write, with C-LoRA's routing between the factors."""
+
+    def __init__(self, base, r):
+        super().__init__()
+        self.base = base
+        self.lora_A = torch.nn.Parameter(torch.randn(r, base.in_features, device=dev, dtype=dt) / 8)
+        self.lora_B = torch.nn.Parameter(torch.randn(base.out_features, r, device=dev, dtype=dt) / 8)
+        self.register_buffer("routing_old", torch.randn(r, r, device=dev, dtype=dt))
+        self.routing_delta = torch.nn.Parameter(torch.randn(r, r, device=dev, dtype=dt))
+
+    def forward(self, x):
+        return self.base(x) + ((x @ self.lora_A.T) @ (self.routing_old + self.routing_delta)) @ self.lora_B.T
+
+
+def layers(m, k, n, r):
+    """name -> module, all on the same frozen base weight."""
+    base = torch.nn.Linear(k, n, device=dev, dtype=dt).requires_grad_(False)
+    out = {"nn.Linear": base, "hand LoRA": HandLoRA(base, r)}
+    try:
+        from peft import LoraConfig, get_peft_model
+        holder = torch.nn.Sequential()
+        holder.add_module("lin", torch.nn.Linear(k, n, device=dev, dtype=dt))
+        out["PEFT LoRA"] = get_peft_model(holder, LoraConfig(r=r, target_modules=["lin"])).base_model.model.lin
+    except ImportError:
+        pass
+    clora = ck.CLoRALinear.from_linear(base, rank=r)     # first task: lora_A, lora_B, routing_delta train,
+    with torch.no_grad():                                 # as the hand-written layer's do
+        clora.lora_B.normal_()
+    out["CLoRALinear"] = clora
+    return out
+
+
+def host_layers(rounds):
+    m, k, n, r = (197, 768, 2304, 16) if GPU else (1, 64, 64, 4)
+    mods = layers(m, k, n, r)
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    xg = x.clone().requires_grad_(True)     # a layer inside a network: dx too
+    g = torch.randn(m, n, device=dev, dtype=dt)
+    modes = {"inference": lambda f: lambda: f(x), "fwd with grad": lambda f: lambda: f(xg),
+             "fwd+bwd": lambda f: lambda: f(xg).backward(g)}
+    best = {(name, mode): float("inf") for name in mods for mode in modes}
+    for rnd in range(rounds):              # interleaved: every variant once per round, order alternating
+        order = list(mods.items()) if rnd % 2 == 0 else list(reversed(mods.items()))
+        for name, f in order:
+            for mode, make in modes.items():
+                fn = make(f)
+                if mode == "inference":
+                    with torch.no_grad():
+                        us = host_us(fn, 1000, 1)
+                else:
+                    us = host_us(fn, 1000 if mode != "fwd+bwd" else 400, 1)
+                best[name, mode] = min(best[name, mode], us)
+    where = f"{'GPU ' + torch.cuda.get_device_name() if GPU else 'CPU'}, M={m} K={k} N={n} r={r} {str(dt)[6:]}, " \
+            f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    print(f"host cost per call, {where} (us, best of {rounds} interleaved rounds):")
+    print(f"  {'layer':12s}" + "".join(f"{mode:>15s}" for mode in modes))
+    for name in mods:
+        print(f"  {name:12s}" + "".join(f"{best[name, mode]:15.1f}" for mode in modes))
+    hand = [best["hand LoRA", mode] for mode in modes]
+    print(f"  {'CLoRA/hand':12s}" + "".join(f"{best['CLoRALinear', mode] / h:15.2f}" for mode, h in zip(modes, hand)))
+    return best
+
+
+def profile_calls(backends, top):
+    m, k, n, r = 197, 768, 2304, 16
+    nograd = tensors(m, k, n, r)
     for name in backends:
-        fns[name] = (lambda name=name: call(name, *nograd),
-                     lambda name=name: call(name, *grad).backward(gy))
-    where = "ViT-B qkv batch 1" if GPU else f"CPU, M={m} K={k} N={n} r={r} fp32"
-    print(f"\nhost cost per eager call, {where} (us; wall time of 2000 calls, one sync):")
-    print(f"  {'variant':10s} {'fwd no_grad':>12s} {'fwd+bwd':>10s}")
-    for name, (fwd, train) in fns.items():
-        with torch.no_grad():
-            a = host_us(fwd)
-        b = host_us(train, 500) if train else float("nan")
-        print(f"  {name:10s} {a:12.1f} {b:10.1f}")
-    for name in backends:
+        fn = lambda name=name: call(name, *nograd)   # noqa: E731
         prof = cProfile.Profile()
         with torch.no_grad():
-            fns[name][0]()
+            fn()
             prof.enable()
             for _ in range(500):
-                fns[name][0]()
+                fn()
             prof.disable()
         sync()
         buf = io.StringIO()
@@ -139,12 +163,14 @@ def host_cost(backends, top):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     args = ap.parse_args()
-    usable = ck.available_backends()
+    if not GPU:
+        torch.set_num_threads(args.threads)
+    host_layers(args.rounds)
     if GPU:
+        usable = ck.available_backends()
         backends = [b for b in ("torch", "triton", "cuda") if usable[b][0]] + ["auto"]
         events_vs_graphs(backends)
-    else:
-        stub_triton_launch()
-        backends = ["torch", "op", "triton*"]
-    host_cost(backends, args.top)
+        profile_calls(backends, args.top)

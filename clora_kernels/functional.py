@@ -79,13 +79,17 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
             raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
 
 
+def _autocasting(device_type: str) -> bool:
+    return device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
     """Under torch.autocast, compute in the autocast dtype the way nn.Linear (F.linear) does: every
     floating-point tensor but float64 is cast (autocast leaves float64 alone). The casts are
     differentiable, so fp32 parameters receive fp32 gradients."""
-    dev = x.device.type
-    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+    if not isinstance(x, Tensor) or not _autocasting(x.device.type):   # (a non-tensor x: check_inputs says so)
         return (x, *tensors)
+    dev = x.device.type
     dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in (x, *tensors))
@@ -106,11 +110,38 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection = _autocast_inputs(
         x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)
     check_inputs(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling, backend)
-    lead = x.shape[:-1]
+    return _linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                   grad_through_old_route, backend)
+
+
+def _linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling, grad_through_old_route,
+            backend):
+    """clora_linear after its validation: flatten the leading dims, dispatch once."""
     # t = x·lora_Aᵀ is read only by the gradients of lora_B and routing_delta: without them (inference,
     # or a frozen adapter) a backend may skip it
     need_t = torch.is_grad_enabled() and (lora_B.requires_grad or routing_delta.requires_grad)
+    flat = x.dim() == 2
     y, _ = _ops.linear(
-        x.reshape(lead.numel(), x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
-        float(scaling), bool(grad_through_old_route), need_t, backend)
-    return y.reshape(*lead, weight.shape[0])
+        x if flat else x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta,
+        projection, float(scaling), bool(grad_through_old_route), need_t, backend)
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def module_linear(owner, x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                  grad_through_old_route, backend, mode):
+    """clora_linear for a module whose operands other than x change rarely: the full validation runs
+    when the call's signature (x's dtype, device and width, scaling, backend, mode) differs from the
+    last one that passed, or the module invalidated it (`owner._checked = None`: a parameter or
+    buffer assigned, `.to()` / `.half()` / `to_empty`); otherwise only x's type is checked. Under
+    autocast every call validates (its casts make new operands)."""
+    key = None
+    if isinstance(x, Tensor) and x.dim() and not _autocasting(x.device.type):
+        key = (x.dtype, x.device, x.shape[-1], scaling, backend, mode)
+        if owner._checked == key:
+            return _linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                           grad_through_old_route, backend)
+    y = clora_linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                     grad_through_old_route=grad_through_old_route, backend=backend)
+    if key is not None:
+        owner._checked = key
+    return y

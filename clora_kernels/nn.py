@@ -20,10 +20,12 @@ from torch import Tensor, nn
 
 from .backends import BACKEND_NAMES
 from .reference import delta_weight, routing_eff
-from .functional import clora_linear, finite_number
+from .functional import finite_number, module_linear
 from .protection import Protection, make_protection
 
 _MODES = ("soft", "hard")
+_OPERANDS = frozenset(("weight", "bias", "lora_A", "lora_B", "routing_old", "routing_delta", "projection",
+                       "fan_in_fan_out"))
 DEFAULT_PROTECTION = "freeze"   # DESIGN.md §2: what won on held-out seeds (README "Continual learning")
 
 
@@ -46,6 +48,7 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
 
 class CLoRALinear(nn.Linear):
     """Drop-in `nn.Linear` with one C-LoRA adapter. `weight` and `bias` are the frozen base."""
+    _checked = None      # the last call signature whose operands passed validation (see __setattr__)
 
     def __init__(self, in_features: int, out_features: int, rank: int = 16, alpha: Optional[float] = None,
                  bias: bool = True, *, mode: str = "soft", protect_energy: float = 0.9,
@@ -175,13 +178,26 @@ class CLoRALinear(nn.Linear):
             if self.merged and torch.is_grad_enabled() and self.routing_delta.requires_grad:
                 y = _MergedGuard.apply(y, self.routing_delta)    # inference works; a backward says why not
             return y
-        lora_A, lora_B, plain = self.lora_A, self.lora_B, self.grad_through_old_route
+        params, buffers = self._parameters, self._buffers     # (not nn.Module.__getattr__: host cost per call)
+        lora_A, lora_B, plain = params["lora_A"], params["lora_B"], self.grad_through_old_route
         if self.protection.acts(self):
             self.protection.enforce(self)
             lora_A, lora_B, plain = self.protection.operands(self, lora_A, lora_B, plain)
-        return clora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, self.routing_old,
-                            self.routing_delta, self._projection_arg(), self.scaling,
-                            grad_through_old_route=plain, backend=self.backend)
+        weight, mode = params["weight"], self.mode
+        return module_linear(self, x, weight.t() if self.fan_in_fan_out else weight, params["bias"], lora_A, lora_B,
+                             buffers["routing_old"], params["routing_delta"],
+                             buffers["projection"] if mode == "hard" else None, self.scaling, plain, self.backend, mode)
+
+    # the operands' validation is remembered per call signature (functional.module_linear); these are
+    # the ways their shape, dtype or device change, each forgetting it
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _OPERANDS:
+            self.__dict__["_checked"] = None
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_checked"] = None
+        return super()._apply(fn, recurse)
 
     # ---- task lifecycle -------------------------------------------------------------------
     @torch.no_grad()

@@ -42,9 +42,10 @@ def reference_formula(x, weight, bias, lora_A, lora_B, routing_old, routing_delt
 # forward  x (M,K),  w = weight (N,K),    a = lora_Aᵀ (K,r), b = lora_Bᵀ (r,N), r = R_eff
 # dx       g (M,N),  w = weightᵀ (K,N),   a = lora_B (N,r),  b = lora_A (r,K),  r = R_effᵀ   (t is then v)
 
-def lora_gemm(x, w, a, b, r, bias, scale):
-    """The unmerged plan ("eager"): y = x·wᵀ + bias + scale·(x·a)·r·b and t = x·a, four ops.
-    The reference of the Triton GEMM kernel."""
+def lora_gemm(x, w, a, b, r, bias, scale, need_t=True):
+    """The unmerged plan ("eager"): y = x·wᵀ + bias + scale·(x·a)·r·b and t = x·a, four ops (t is
+    computed either way; need_t only mirrors merged_gemm's signature). The reference of the Triton
+    GEMM kernel."""
     t = x @ a
     y = F.linear(x, w, bias)
     y.addmm_(t @ r, b, alpha=scale)

@@ -205,6 +205,29 @@ def test_available_backends_reports_each():
     assert info["torch"][0]
 
 
+@pytest.mark.parametrize("m,k,n,plans", [(50, 24, 40, ("merge", "merge")), (30, 24, 40, ("merge", "eager")),
+                                         (20, 24, 40, ("eager", "eager")), (30, 40, 24, ("eager", "merge"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_on_cpu_merges_where_m_exceeds_k(monkeypatch, seed, m, k, n, plans, dtype):
+    """auto on CPU: the per-call merged weight for an operand with more rows than columns (the
+    forward's x (M, K), dx's g (M, N)), the unmerged ops otherwise; every output and gradient
+    against the float64 oracle and within 2x the eager torch backend's error."""
+    from clora_kernels import reference
+    from clora_kernels.backends import auto, torch_ref
+    assert (auto.torch_plan(torch.empty(m, k)), auto.torch_plan(torch.empty(m, n))) == plans
+    ran = []
+
+    def spy(x, *args):
+        ran.append(x.shape[1])
+        return reference.merged_gemm(x, *args)
+    monkeypatch.setattr(torch_ref, "merged_gemm", spy)
+    check_backend("auto", dtype, m=m, k=k, n=n, r=5, hard=True)
+    assert set(ran) == {width for width, plan in ((k, plans[0]), (n, plans[1])) if plan == "merge"}
+    ran.clear()
+    check_backend("torch", dtype, m=m, k=k, n=n, r=5)
+    assert not ran                                  # an explicit backend="torch" is the unmerged reference
+
+
 def test_auto_falls_back_with_one_warning(monkeypatch, seed):
     """A backend that fails under auto is warned about once and skipped afterwards."""
     from clora_kernels import backends as reg

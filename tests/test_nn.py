@@ -65,6 +65,43 @@ def test_wrong_in_features_names_both_sizes():
         layer(torch.randn(2, 15))
 
 
+def test_operands_revalidated_after_every_change(seed):
+    """A layer checks its fixed operands once per call signature (host cost): every way they or the
+    call change gets the same error a first call would (each case first passes one good call)."""
+    def fresh():
+        layer = CLoRALinear(16, 8, rank=4)
+        layer(torch.randn(2, 16))
+        return layer
+    layer = fresh()
+    layer.lora_A = nn.Parameter(torch.randn(5, 16))
+    with pytest.raises(ValueError, match=r"lora_B must have shape .*\(8, 5\), got \(8, 4\)"):
+        layer(torch.randn(2, 16))
+    layer = fresh()
+    layer.routing_old = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"routing_old must have shape \(rank, rank\) = \(4, 4\), got \(3, 3\)"):
+        layer(torch.randn(2, 16))
+    layer = fresh().double()
+    with pytest.raises(TypeError, match="dtype mismatch: x is torch.float32 but weight is torch.float64"):
+        layer(torch.randn(2, 16))
+    assert layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
+    layer = fresh()
+    layer.scaling = float("nan")
+    with pytest.raises(ValueError, match="scaling must be a finite Python number"):
+        layer(torch.randn(2, 16))
+    layer = fresh()
+    layer.backend = "tpu"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        layer(torch.randn(2, 16))
+    layer = fresh()
+    for bad, err, words in [(torch.randn(2, 15), ValueError, r"15 features.*in_features=16"),
+                            (torch.ones(2, 16, dtype=torch.int64), TypeError, "floating-point"),
+                            (torch.tensor(1.0), ValueError, "at least one dimension"),
+                            ([[0.0] * 16], TypeError, "x must be a torch.Tensor")]:
+        with pytest.raises(err, match=words):
+            layer(bad)
+    layer(torch.randn(3, 5, 16))          # leading dims are free
+
+
 def test_routing_and_delta_weight_match_forward(seed):
     layer = _trained(CLoRALinear(24, 40, rank=6, alpha=12))
     with torch.no_grad():

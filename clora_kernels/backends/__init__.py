@@ -3,7 +3,8 @@ decided in one place, `backends/auto.py`.
 
 A backend object provides
     name                                  "torch", "triton", "cuda"
-    auto_devices                          device types auto may give it (None: every device)
+    auto_devices                          device types auto may give it (torch: every device, it is
+                                          auto's last resort)
     availability() -> (bool, str)         can it run at all on this machine, and why (not)
     not_supported_reasons(x, weight, rank, auto) -> list[str]   why it cannot run this call
     forward(x, w, b, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t, auto) -> (y, t)
@@ -63,9 +64,11 @@ def _load_all() -> None:
 
 def get(name: str):
     """The registered backend object called `name` ("torch", "triton", "cuda")."""
-    if name not in _registry:
+    backend = _registry.get(name)
+    if backend is None:
         _load_all()
-    return _registry[name]
+        backend = _registry[name]
+    return backend
 
 
 def available_backends() -> dict:
@@ -81,8 +84,9 @@ def available_backends() -> dict:
 
 
 def requested_backend(name: str) -> str:
+    """`name`, or for "auto" the environment's CLORA_BACKEND (read on every call) when set."""
     if name == "auto":
-        name = os.environ.get("CLORA_BACKEND", "auto") or "auto"
+        name = os.environ.get("CLORA_BACKEND") or "auto"
         if name not in BACKEND_NAMES:
             raise ValueError(f"environment variable CLORA_BACKEND must be one of {list(BACKEND_NAMES)}, got {name!r}")
     return name

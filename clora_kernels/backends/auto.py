@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-from . import BackendUnavailableError, get, requested_backend
+from . import BackendUnavailableError, _registry, get, requested_backend
 
 AUTO_ORDER = ("triton", "cuda", "torch")
 broken: dict = {}  # name -> reason, backends that failed under "auto"
@@ -58,12 +58,11 @@ def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
         return fn(backend, False)
     dev = x.device.type
     for cand in AUTO_ORDER:
-        backend = get(cand)
-        if cand in broken or (backend.auto_devices is not None and dev not in backend.auto_devices) \
-                or reasons(backend, x, weight, rank, True):
-            continue
-        if cand == "torch":
+        backend = _registry.get(cand) or get(cand)
+        if cand == "torch":          # runs every call
             return fn(backend, True)
+        if cand in broken or dev not in backend.auto_devices or reasons(backend, x, weight, rank, True):
+            continue
         try:
             return fn(backend, True)
         except torch.OutOfMemoryError:
@@ -74,7 +73,7 @@ def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
             broken[cand] = cause
             warnings.warn(f"clora_kernels: backend {cand!r} failed ({cause}); falling back for the rest of "
                           f"this process", RuntimeWarning, stacklevel=3)
-    raise AssertionError("unreachable: the torch backend runs everywhere")
+    raise AssertionError("unreachable: torch is the last of AUTO_ORDER")
 
 
 def merge_allowed(m: int, k: int) -> bool:

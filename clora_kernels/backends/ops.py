@@ -131,11 +131,13 @@ def _backward(ctx, grad_y, grad_t):
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+_peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+
+
 def _functorch_active() -> bool:
     """Whether a torch.func transform is running (its tensors are wrapped; an autograd.Function
     without setup_context cannot run under it)."""
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
+    return _peek_interpreter_stack is not None and _peek_interpreter_stack() is not None
 
 
 class _EagerLinear(torch.autograd.Function):

@@ -18,14 +18,11 @@ from .auto import torch_plan
 def run_plan(strategy: str, x, w, a, b, r, bias, scale, need_t=True):
     """Run the eager or merge plan on operand views (see `reference`); returns (y, t), t None only
     for merge without need_t."""
-    if strategy == "merge":
-        return merged_gemm(x, w, a, b, r, bias, scale, need_t)
-    return lora_gemm(x, w, a, b, r, bias, scale)
+    return (merged_gemm if strategy == "merge" else lora_gemm)(x, w, a, b, r, bias, scale, need_t)
 
 
 class TorchBackend:
     name = "torch"
-    auto_devices = None      # every device
 
     def availability(self):
         return True, "plain PyTorch ops; runs on every device"
@@ -34,13 +31,12 @@ class TorchBackend:
         return []
 
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
-        plan = torch_plan(x) if auto else "eager"
-        return run_plan(plan, x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling,
-                        need_t)
+        gemm = merged_gemm if auto and torch_plan(x) == "merge" else lora_gemm
+        return gemm(x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling, need_t)
 
     def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
-        plan = torch_plan(g) if auto else "eager"
-        return run_plan(plan, g, weight.t(), lora_b, lora_a, routing_eff(r_old, r_delta, proj).t(), None, scaling)
+        gemm = merged_gemm if auto and torch_plan(g) == "merge" else lora_gemm
+        return gemm(g, weight.t(), lora_b, lora_a, routing_eff(r_old, r_delta, proj).t(), None, scaling)
 
 
 register(TorchBackend())
