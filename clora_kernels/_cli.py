@@ -7,6 +7,23 @@ import argparse
 import math
 import os
 
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device(choice: str) -> torch.device:
+    """--device auto / cuda / cpu as a torch.device (auto: CUDA when torch sees a GPU). Asking for
+    cuda without one is a ValueError in the CLIs' 'argument --flag: ...' form."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("argument --device: cuda, but torch sees no CUDA GPU")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def dtype_name(name, device: torch.device) -> str:
+    """--dtype, defaulting to bf16 on a GPU and fp32 on CPU (where skinny bf16 matmuls are slow)."""
+    return name or ("bf16" if device.type == "cuda" else "fp32")
+
 
 def positive_int(text):
     v = int(text)

@@ -24,7 +24,6 @@ from ._io import provenance, write_json_atomic
 from .bench.core import usable_for_timing
 from .nn import clora_layers
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("eager", "cuda-graphs", "compile")
 
 
@@ -149,16 +148,9 @@ def runner(model, mode: str, x, device):
         return torch.compile(model)
     if device.type != "cuda":
         raise ValueError("cuda-graphs mode needs a CUDA device")
+    from .bench.core import capture_graph
     static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model(static_x)          # warm-up: kernels compiled and tuned before capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = model(static_x)
+    graph, static_y = capture_graph(lambda: model(static_x), warmup=3)
 
     def replay(inp):
         static_x.copy_(inp)
@@ -201,7 +193,7 @@ def build_parser():
     ap.add_argument("--mode", nargs="+", choices=MODES, default=["eager"])
     ap.add_argument("--backends", nargs="+", default=None, help="engine backends for the unmerged variants")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--dtype", choices=list(_cli.DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--img-size", type=_cli.positive_int, default=None, help="override the model's input size")
     ap.add_argument("--warmup", type=_cli.non_negative_int, default=5)
     ap.add_argument("--iters", type=_cli.positive_int, default=None,
@@ -218,10 +210,10 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     args.argv = argv
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("argument --device: cuda, but no CUDA GPU is available")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    try:
+        device = _cli.device(args.device)
+    except ValueError as exc:
+        ap.error(str(exc))
     quick = device.type == "cpu" and not args.full
     defaults = CPU_QUICK if quick else FULL
     args.batch = args.batch or defaults["batch"]
@@ -237,7 +229,7 @@ def main(argv=None) -> int:
     unknown = [b for b in args.backends if b not in ("torch", "triton", "cuda")]
     if unknown:
         ap.error(f"argument --backends: unknown backend(s) {unknown}; choose from torch, triton, cuda")
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = _cli.DTYPES[_cli.dtype_name(args.dtype, device)]
     modes = [m for m in args.mode if not (m == "cuda-graphs" and device.type != "cuda")]
     for m in set(args.mode) - set(modes):
         print(f"clora-profile: skipping mode {m!r}: needs a CUDA device", file=sys.stderr)

@@ -137,12 +137,11 @@ def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False
 def check_cuda_graph_capture(layer, x):
     """Capture layer(x) in a CUDA graph after one warm-up call, replay it on new input, and compare
     with eager calls (relative error below 1e-6)."""
+    from clora_kernels.bench.core import capture_graph
     with torch.no_grad():
-        ref = layer(x).clone()            # warm-up outside the capture (compiles, tunes, allocates)
-        graph = torch.cuda.CUDAGraph()
+        ref = layer(x).clone()            # an eager call first (compiles, tunes, allocates)
         static_x = x.clone()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
+        graph, static_y = capture_graph(lambda: layer(static_x))
         x2 = torch.randn_like(x)
         static_x.copy_(x2)
         graph.replay()

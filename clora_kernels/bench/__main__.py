@@ -11,8 +11,8 @@ import torch
 
 from .. import _cli, available_backends
 from .._io import provenance, write_json_atomic
-from .core import BASELINES, DTYPES, ENGINE, build_variant, flops_bytes, geomean, graph_sets, make_case, \
-    measure_ceilings, peak_mem, time_graph_us, time_us, usable_for_timing
+from .core import BASELINES, DTYPES, ENGINE, build_variant, floor_ratio, flops_bytes, geomean, graph_sets, \
+    make_case, measure_ceilings, peak_mem, time_graph_us, time_us, usable_for_timing
 from .shapes import RANKS, suite_shapes
 
 
@@ -54,8 +54,6 @@ def _select_variants(requested, device) -> tuple:
                 skipped.append((name, "peft is not installed (pip install '.[bench]')"))
         elif name in ("merged", "compile"):
             chosen.append(name)
-    if device.type != "cuda" and "auto" in chosen and "torch" in chosen:
-        chosen.remove("auto")   # auto is the torch backend on CPU: same row twice
     if "merged" not in chosen:
         chosen.insert(0, "merged")
     return chosen, skipped
@@ -69,18 +67,11 @@ def _chosen_strategies(name, shape, dtype, device, training) -> dict:
     return chosen_strategies(shape.m, shape.n, shape.k, shape.r, dtype, auto=name == "auto", training=training)
 
 
-def _device(args) -> torch.device:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("argument --device: cuda, but torch sees no CUDA GPU")
-    return torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
-                        else "cpu")
-
-
 def run(args) -> dict:
     """Time the suite. A bad argument is a ValueError whose message starts with 'argument --flag:'
     (main turns it into argparse's one line and exit code 2)."""
-    device = _device(args)
-    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    device = _cli.device(args.device)
+    args.dtype = _cli.dtype_name(args.dtype, device)
     dtype = DTYPES[args.dtype]
     if device.type == "cpu" and dtype == torch.float16:
         warnings.warn("fp16 on CPU is slow and unrepresentative; bf16 or fp32 is the CPU choice")
@@ -142,6 +133,7 @@ def run(args) -> dict:
                 continue
             rows[name] = {"suite": shape.suite, "layer": shape.layer, "M": shape.m, "K": shape.k, "N": shape.n,
                           "r": shape.r, "dtype": args.dtype, "pass": pas, "backend": name, "median_us": us,
+                          "floor": floor_ratio(shape, training),
                           "timing": "cuda-graph" if graph_cases else "events",
                           "tflops": fl / us / 1e6, "gbps": by / us / 1e3,
                           "pct_peak": (100 * floor_s / (us * 1e-6)) if floor_s else None}
@@ -160,42 +152,63 @@ def run(args) -> dict:
 
 
 def summarize(data) -> list:
-    """Geometric-mean ratios per backend: the issue's targets read off these lines."""
+    """Geometric means per backend, the performance issue's targets read off these lines: time ratio
+    to merged, that ratio over the row's floor (bench.core.floor_ratio), each engine backend's
+    speed-up over eager torch, compile and PEFT, and the rows where it is slower than PEFT."""
     res = data["results"]
     lines = []
     backends = sorted({r["backend"] for r in res} - {"merged"})
+    engine = [b for b in ENGINE + ("torch",) if b in backends]
     groups = [("fwd, M >= 512", lambda r: r["pass"] == "fwd" and r["M"] >= 512),
               ("fwd, M <= 16", lambda r: r["pass"] == "fwd" and r["M"] <= 16),
               ("fwd, all", lambda r: r["pass"] == "fwd"),
               ("fwd+bwd, all", lambda r: r["pass"] == "fwd+bwd")]
-    lines.append("geomean time ratio to merged (lower is better):")
-    lines.append(f"  {'group':16s}" + "".join(f"{b:>10s}" for b in backends))
-    for title, pred in groups:
-        sel = [r for r in res if pred(r)]
-        if not sel:
-            continue
-        vals = [geomean([r["ratio_to_merged"] for r in sel if r["backend"] == b]) for b in backends]
-        lines.append(f"  {title:16s}" + "".join(f"{v:10.3f}" for v in vals))
-    train = [r for r in res if r["pass"] == "fwd+bwd"]
-    if train:
-        key = lambda r: (r["layer"], r["M"], r["K"], r["N"], r["r"])  # noqa: E731
-        by = {}
-        for r in train:
-            by.setdefault(key(r), {})[r["backend"]] = r
-        lines.append("fwd+bwd speed-up (geomean of t_other / t_backend) and peak memory vs eager torch:")
-        for b in backends:
-            if b in ("torch", "compile"):
+    groups = [(title, [r for r in res if pred(r)]) for title, pred in groups]
+    groups = [(title, sel) for title, sel in groups if sel]
+    key = lambda r: (r["pass"], r["layer"], r["M"], r["K"], r["N"], r["r"])  # noqa: E731
+    rows = {}
+    for r in res:
+        rows.setdefault(key(r), {})[r["backend"]] = r
+    for heading, value in (("geomean time ratio to merged (lower is better):", lambda r: r["ratio_to_merged"]),
+                           ("geomean of (ratio to merged) / floor, floor = the FLOP ratio the math allows:",
+                            lambda r: r["ratio_to_merged"] / r["floor"] if r.get("floor") else None)):
+        lines.append(heading)
+        lines.append(f"  {'group':16s}{'floor':>10s}" + "".join(f"{b:>10s}" for b in backends))
+        for title, sel in groups:
+            floors = geomean([r["floor"] for r in sel if r["backend"] == "merged" and r.get("floor")])
+            vals = [geomean([value(r) for r in sel if r["backend"] == b]) for b in backends]
+            lines.append(f"  {title:16s}{floors:10.3f}" + "".join(f"{v:10.3f}" for v in vals))
+    lines.append("speed-up of each engine backend (geomean of t_other / t_backend; > 1: the backend is faster):")
+    for b in engine:
+        parts = []
+        for title, sel in groups:
+            if not title.endswith(("all", ">= 512")):
                 continue
-            pairs = [(v["torch"], v[b]) for v in by.values() if "torch" in v and b in v]
-            cpairs = [(v["compile"], v[b]) for v in by.values() if "compile" in v and b in v]
-            if not pairs:
-                continue
-            mems = [p[1]["peak_mem_bytes"] / p[0]["peak_mem_bytes"] for p in pairs
-                    if p[0].get("peak_mem_bytes") and p[1].get("peak_mem_bytes") is not None]
-            lines.append(f"  {b:8s} vs torch {geomean([t['median_us'] / o['median_us'] for t, o in pairs]):.3f}x"
-                         + (f"   vs compile {geomean([c['median_us'] / o['median_us'] for c, o in cpairs]):.3f}x"
-                            if cpairs else "")
-                         + (f"   worst peak-memory ratio {max(mems):.3f}" if mems else ""))
+            got = []
+            for other in ("torch", "compile", "peft"):
+                pairs = [(v[other], v[b]) for v in (rows[key(r)] for r in sel if r["backend"] == b)
+                         if other in v and other != b]
+                if pairs:
+                    got.append(f"{other} {geomean([o['median_us'] / t['median_us'] for o, t in pairs]):.3f}x")
+            if got:
+                parts.append(f"{title}: " + ", ".join(got))
+        if parts:
+            lines.append(f"  {b:8s} " + "; ".join(parts))
+    for b in engine:
+        for pas in ("fwd", "fwd+bwd"):
+            both = [v for k, v in rows.items() if k[0] == pas and b in v and "peft" in v]
+            if both:
+                slower = [v[b] for v in both if v[b]["median_us"] > v["peft"]["median_us"]]
+                lines.append(f"  {b:8s} slower than peft on {len(slower)} of {len(both)} {pas} rows"
+                             + (": " + ", ".join(f"{r['layer']} M={r['M']} r={r['r']}" for r in slower[:6])
+                                + (" ..." if len(slower) > 6 else "") if slower else ""))
+    train = [v for k, v in rows.items() if k[0] == "fwd+bwd" and "torch" in v]
+    mems = {b: [v[b]["peak_mem_bytes"] / v["torch"]["peak_mem_bytes"] for v in train
+                if b in v and v["torch"].get("peak_mem_bytes") and v[b].get("peak_mem_bytes") is not None]
+            for b in backends if b != "torch"}
+    if any(mems.values()):
+        lines.append("fwd+bwd worst peak-memory ratio to eager torch: "
+                     + ", ".join(f"{b} {max(m):.3f}" for b, m in mems.items() if m))
     return lines
 
 
@@ -206,9 +219,10 @@ def table(data) -> str:
     gpu = any(r.get("pct_peak") is not None or r.get("peak_mem_bytes") for r in res)
     div = data["meta"].get("size_div", 1)
     out = ["* = fastest backend of the shape other than merged" + (
-               f"; every dimension of the named layers divided by {div} (--size-div)" if div > 1 else ""),
+               f"; every dimension of the named layers divided by {div} (--size-div)" if div > 1 else "")
+           + "; floor = the least ratio to merged the math allows (FLOPs)",
            f"{'layer':22s} {'M':>6s} {'K':>6s} {'N':>6s} {'r':>4s} {'pass':8s} {'backend':8s} {'us':>10s} "
-           f"{'TFLOP/s':>8s} {'GB/s':>8s}" + (f" {'%peak':>6s}" if gpu else "") + f" {'x merged':>9s}"
+           f"{'TFLOP/s':>8s} {'GB/s':>8s}" + (f" {'%peak':>6s}" if gpu else "") + f" {'x merged':>9s} {'floor':>6s}"
            + (f" {'mem MiB':>8s}" if gpu else "")]
     groups = {}
     for r in res:
@@ -221,10 +235,11 @@ def table(data) -> str:
             pct = f"{r['pct_peak']:6.1f}" if r.get("pct_peak") is not None else "     -"
             mem = f"{r['peak_mem_bytes'] / 2**20:8.1f}" if r.get("peak_mem_bytes") else "       -"
             ratio = f"{r['ratio_to_merged']:9.3f}" if r.get("ratio_to_merged") else "        -"
+            floor = f"{r['floor']:6.3f}" if r.get("floor") else "     -"
             label = r["layer"] + (f"/{div}" if div > 1 else "")
             out.append(f"{label[:22]:22s} {r['M']:6d} {r['K']:6d} {r['N']:6d} {r['r']:4d} {r['pass']:8s} "
                        f"{mark}{r['backend']:7s} {r['median_us']:10.1f} {r['tflops']:8.2f} {r['gbps']:8.1f}"
-                       + (f" {pct}" if gpu else "") + f" {ratio}" + (f" {mem}" if gpu else ""))
+                       + (f" {pct}" if gpu else "") + f" {ratio} {floor}" + (f" {mem}" if gpu else ""))
     return "\n".join(out)
 
 

@@ -20,7 +20,7 @@ from ..functional import clora_linear
 
 BASELINES = ("merged", "torch", "compile", "peft")
 ENGINE = ("triton", "cuda", "auto")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .._cli import DTYPES  # noqa: F401  (bench's import path)
 
 
 @dataclass
@@ -133,16 +133,10 @@ def time_graph_us(steps, rep_ms: int) -> float:
     """Median time per call of a CUDA graph that runs each step once. Each step owns a distinct
     tensor set, together over 2x L2, so replays read from memory as a model's layers would. This
     is GPU time without the host's launch overhead (what CUDA-graph inference pays)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    def all_steps():
         for st in steps:
             st()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for st in steps:
-            st()
+    graph, _ = capture_graph(all_steps)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     torch.cuda.synchronize()
@@ -159,6 +153,21 @@ def time_graph_us(steps, rep_ms: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return 1e3 * statistics.median(times) / len(steps)
+
+
+def capture_graph(fn, warmup: int = 1):
+    """(CUDA graph of fn(), fn's output in the graph's memory): fn runs `warmup` times first on a side
+    stream (kernels compiled and tuned, memory allocated), as CUDA-graph capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def graph_sets(shape, dtype, l2_bytes: int) -> int:
@@ -188,6 +197,17 @@ def flops_bytes(shape, elt: int, training: bool):
         fl += 2 * m * (n * k + n * r + r * r + r * k) + 2 * m * r * (k + n + r)
         by += elt * (m * n + n * k + 2 * m * k + (k + n) * r)
     return fl, by
+
+
+def floor_ratio(shape, training: bool) -> float:
+    """The least time ratio to merged that the math allows, in FLOPs. fwd+bwd: 1 + r/N + r/K (the
+    adapter's t, v and weight gradients, 4·M·r·(K + N), over merged's forward and dx, 4·M·N·K).
+    fwd: the cheaper of the unmerged ops (1 + r/N + r/K + r²/(N·K)) and a per-call merged weight
+    (1 + r/M + r²/(M·N): building W_eff, then merged's own GEMM)."""
+    m, k, n, r = shape.m, shape.k, shape.n, shape.r
+    if training:
+        return 1 + r / n + r / k
+    return min(1 + r / n + r / k + r * r / (n * k), 1 + r / m + r * r / (m * n))
 
 
 def measure_ceilings(device, dtype) -> dict:
