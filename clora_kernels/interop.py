@@ -23,6 +23,7 @@ from torch import nn
 
 from .functional import finite_number
 from .nn import CLoRALinear, _require_layers
+from .reference import folded_lora_B
 
 _PREFIX = "base_model.model."
 _CONFIG, _WEIGHTS, _LEGACY_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -226,7 +227,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
         with torch.no_grad():
             m.protection.enforce(m, force=True)
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
-            tensors[f"{_PREFIX}{name}.lora_B.weight"] = (m.lora_B @ m.routing().t()).detach().to("cpu").contiguous()
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded_lora_B(m.lora_B, m.routing()).detach().to("cpu").contiguous()
     for s in saved:
         for p_name, p in modules[s].named_parameters():
             tensors[f"{_PREFIX}{s}.{p_name}"] = p.detach().to("cpu").contiguous()

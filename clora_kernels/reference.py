@@ -3,6 +3,7 @@
     R_eff = R_old + P R_delta
     y     = x Wᵀ + b + s · (x lora_Aᵀ) R_eff lora_Bᵀ
     W_eff = W + s · lora_B R_effᵀ lora_A                (the merged weight)
+    lora_B' = lora_B R_effᵀ                              (the same layer as an ordinary LoRA)
 
 Every other module computes these through the functions here: the torch backend and its plans,
 the Triton launcher's library plans, the layer's `delta_weight`, the double backward, torch.func,
@@ -22,6 +23,12 @@ def routing_eff(routing_old, routing_delta, projection):
 def delta_weight(lora_A, lora_B, r_eff, scaling):
     """s · lora_B R_effᵀ lora_A, (N, K): what merging adds to the base weight."""
     return scaling * (lora_B @ r_eff.t() @ lora_A)
+
+
+def folded_lora_B(lora_B, r_eff):
+    """lora_B R_effᵀ: the up-projection of the ordinary LoRA that computes the same layer
+    (lora_A unchanged), as PEFT / vLLM / TGI read it."""
+    return lora_B @ r_eff.t()
 
 
 def reference_formula(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,

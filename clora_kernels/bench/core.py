@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..reference import delta_weight, reference_formula, routing_eff
+from ..reference import delta_weight, folded_lora_B, reference_formula, routing_eff
 from ..functional import clora_linear
 
 BASELINES = ("merged", "torch", "compile", "peft")
@@ -109,7 +109,7 @@ def _peft_layer(c: Case):
         lin.base_layer.weight.copy_(c.weight)
         lin.base_layer.bias.copy_(c.bias)
         lin.lora_A["default"].weight.copy_(c.lora_A)
-        lin.lora_B["default"].weight.copy_(c.lora_B @ routing_eff(c.routing_old, c.routing_delta, None).t())
+        lin.lora_B["default"].weight.copy_(folded_lora_B(c.lora_B, routing_eff(c.routing_old, c.routing_delta, None)))
     return model
 
 

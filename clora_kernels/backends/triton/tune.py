@@ -249,7 +249,7 @@ def _save() -> None:
             try:
                 import fcntl
                 fcntl.flock(lock, fcntl.LOCK_EX)
-            except ImportError:          # not POSIX: last writer wins, as before
+            except ImportError:          # not POSIX: no lock, the last writer wins
                 pass
             merged = _read_file(path)
             merged.update(_disk)
