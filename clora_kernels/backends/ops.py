@@ -32,12 +32,25 @@ from ..reference import reference_formula
 from .auto import run
 
 
+def _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
+                      backend, ctx=None):
+    """The forward on the backend `backend` resolves to; with `ctx` (eager autograd) that backend is
+    kept as ctx.impl / ctx.auto for the dx, unless auto chose a kernel backend (then the dx resolves
+    again, so that a kernel failing there falls back)."""
+    def fwd(impl, auto):
+        if ctx is not None and (not auto or impl.name == "torch"):
+            ctx.impl, ctx.auto = impl, auto
+        return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
+                            auto)
+    y, t = run(backend, x, weight, lora_a.shape[0], fwd)
+    return y, (t if need_t else x.new_empty(x.shape[0], 0))
+
+
 def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 routing_old: Tensor, routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
                 grad_through_old_route: bool, need_t: bool, backend: str) -> tuple[Tensor, Tensor]:
-    y, t = run(backend, x, weight, lora_a.shape[0], lambda impl, auto: impl.forward(
-        x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t, auto))
-    return y, (t if need_t else x.new_empty(x.shape[0], 0))
+    return _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
+                             backend)
 
 
 linear_fwd = torch.library.custom_op("clora::linear_fwd", _linear_fwd, mutates_args=())
@@ -72,13 +85,6 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling, ctx.through_old, ctx.backend = scaling, through_old, backend
 
 
-def _scaled_mm(like, a, b, s):
-    """s·(a @ b) in one GEMM: addmm with beta = 0 ignores `like` (NaN and Inf included; it only has
-    the output's shape) and applies s to the fp32 accumulator, where `(a @ b).mul_(s)` is a second
-    launch and a second rounding in half precision."""
-    return torch.addmm(like, a, b, beta=0, alpha=s)
-
-
 def _double_backward(ctx, grad_y):
     """The backward when it is itself differentiated (create_graph=True, e.g. a gradient penalty):
     autograd through the reference formula of the same semantics, recomputed from the saved
@@ -98,7 +104,8 @@ def _double_backward(ctx, grad_y):
 
 
 def _backward(ctx, grad_y, grad_t):
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():   # create_graph=True
+    compiling = torch.compiler.is_compiling()
+    if torch.is_grad_enabled() and not compiling:   # create_graph=True
         return _double_backward(ctx, grad_y)
     x, t, weight, lora_a, lora_b, r_old, r_delta, proj = ctx.saved_tensors
     s = ctx.scaling
@@ -109,20 +116,26 @@ def _backward(ctx, grad_y, grad_t):
                            "which reads t = x·lora_aᵀ: call it with need_t=True (clora_linear decides this itself)")
     dx = d_a = d_lb = d_rd = d_bias = None
     if need_x:
-        eager = getattr(ctx, "eager", False) and not torch.compiler.is_compiling()
-        dx, v = (_linear_dx if eager else linear_dx)(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.backend)
+        impl = None if compiling else getattr(ctx, "impl", None)
+        if impl is not None:    # eager: the backend the forward resolved to (torch, or one asked for by name)
+            dx, v = impl.dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.auto)
+        else:
+            dx, v = (linear_dx if compiling else _linear_dx)(g, weight, lora_a, lora_b, r_old, r_delta, proj, s,
+                                                             ctx.backend)
     elif need_a or need_rd:
         v = g @ lora_b                                     # v = g Bᵀ          (M, r)
+    # the weight gradients: torch.addmm(like, a, b, beta=0, alpha=s) is s·(a @ b) in one GEMM (it ignores
+    # `like`, NaN included, but its shape; s applies to the accumulator, not as a second rounding)
     if need_a or need_lb:
         r_new = r_delta if proj is None else proj @ r_delta  # P R_delta
         r_train = r_old + r_new if ctx.through_old else r_new
         if need_a:
-            d_a = _scaled_mm(lora_a, r_train, v.t() @ x, s)      # (s xᵀ v R_trainᵀ)ᵀ  (r, K)
+            d_a = torch.addmm(lora_a, r_train, v.t() @ x, beta=0, alpha=s)      # (s xᵀ v R_trainᵀ)ᵀ  (r, K)
         if need_lb:
-            d_lb = _scaled_mm(lora_b, g.t(), t @ r_train, s)     # (s (t R_train)ᵀ g)ᵀ (N, r)
-    if need_rd:                                                  # s Pᵀ tᵀ v  (P is symmetric in hard mode; Pᵀ
-        # keeps a direct caller's non-symmetric projection right too)                       (r, r)
-        d_rd = _scaled_mm(r_delta, t.t(), v, s) if proj is None else _scaled_mm(r_delta, proj.t(), t.t() @ v, s)
+            d_lb = torch.addmm(lora_b, g.t(), t @ r_train, beta=0, alpha=s)     # (s (t R_train)ᵀ g)ᵀ (N, r)
+    if need_rd:       # s Pᵀ tᵀ v (P is symmetric in hard mode; Pᵀ keeps a direct caller's non-symmetric one right)
+        d_rd = (torch.addmm(r_delta, t.t(), v, beta=0, alpha=s) if proj is None
+                else torch.addmm(r_delta, proj.t(), t.t() @ v, beta=0, alpha=s))
     if need_b:
         d_bias = g.sum(0)
     return dx, None, d_bias, d_a, d_lb, None, d_rd, None, None, None, None, None
@@ -143,13 +156,13 @@ def _functorch_active() -> bool:
 class _EagerLinear(torch.autograd.Function):
     """clora::linear_fwd with its registered autograd, minus the custom op's wrappers (eager only).
     Old-style forward(ctx, ...): a `setup_context` staticmethod would make Function.apply bind its
-    arguments through inspect.signature, 25 µs per call on the CPU machine."""
+    arguments through inspect.signature, 25 µs per call on the CPU machine. The dx runs on the
+    backend the forward resolved to (`_resolved_forward`)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        out = _linear_fwd(*inputs)
+        out = _resolved_forward(*inputs[:9], *inputs[10:], ctx=ctx)
         _setup_context(ctx, inputs, out)
-        ctx.eager = True
         return out
 
     backward = staticmethod(_backward)
