@@ -113,4 +113,6 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     y, _ = _ops.linear(
         x.reshape(lead.numel(), x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
         float(scaling), bool(grad_through_old_route), need_t, backend)
-    return y.reshape(*lead, weight.shape[0])
+    # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
+    # hooks on a layer's output fail after an in-place op on a view (aten's matmul does the same)
+    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))

@@ -245,6 +245,10 @@ class Project(Protection):
         layer._observed_rows += x.shape[0]
 
     def not_ready(self, layer) -> str:
+        from .nn import DTensor
+        if isinstance(layer.lora_A, DTensor):
+            return ("protection='project' does not run on parameters sharded by FSDP2 (fully_shard): its "
+                    "projections write the whole factors in place; use 'freeze' or 'paper' there, or DDP")
         if layer._observed_rows == 0:
             return ("protection='project' needs the task's inputs: run a pass over the task's data inside "
                     "`with clora_kernels.observe_task(model):` before end_task")
