@@ -114,5 +114,7 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         x.reshape(lead.numel(), x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
         float(scaling), bool(grad_through_old_route), need_t, backend)
     # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
-    # hooks on a layer's output fail after an in-place op on a view (aten's matmul does the same)
-    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
+    # hooks on a layer's output fail after an in-place op on a view (aten's matmul does the same). The
+    # TorchScript-based ONNX exporter has no symbolic for _unsafe_view: it gets reshape's view.
+    shape = (*lead, weight.shape[0])
+    return y.reshape(shape) if torch.jit.is_tracing() else torch.ops.aten._unsafe_view(y, shape)

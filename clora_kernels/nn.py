@@ -290,6 +290,14 @@ class CLoRALinear(nn.Linear):
         self.merged = bool(state.get("merged", False))
         self.protection.loaded(self)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        onnx = sys.modules.get("torch.onnx")
+        if onnx is not None and onnx.is_in_onnx_export():
+            # the TorchScript-based ONNX exporter takes every state_dict entry for a tensor, and an
+            # ONNX graph holds the task state as constants anyway
+            destination.pop(prefix + "_extra_state", None)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # the saved policy is adopted before the buffers load, and its variable-size buffers (the
