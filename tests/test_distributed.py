@@ -165,6 +165,13 @@ def _ddp_worker(rank, world, out_dir):
     ddp = DDP(once, find_unused_parameters=True)
     _train(once, rank, world, wrap=lambda m: ddp)
     res["find_unused"] = _results(once, os.path.join(out_dir, f"ddp_unused{rank}.safetensors"))
+    stale = _model()
+    ddp = DDP(stale)              # wrapped once, without find_unused_parameters: what the README warns about
+    try:
+        _train(stale, rank, world, wrap=lambda m: ddp)
+        res["stale_error"] = None
+    except RuntimeError as exc:
+        res["stale_error"] = str(exc)
     return res
 
 
@@ -244,3 +251,61 @@ def test_ddp_training_loop_equals_one_process(ddp, one_process, how):
     """DDP wrapped again at each task (the README's way), or once with find_unused_parameters=True."""
     for rank, res in enumerate(ddp):
         _assert_same(res[how], one_process, f"rank {rank} {how}")
+
+
+def test_ddp_wrapped_once_fails_after_end_task(ddp):
+    """Why the README wraps per task: after end_task the default policy freezes lora_A / lora_B, and a
+    DDP built while they trained waits for their gradients (torch's error, on every rank)."""
+    for res in ddp:
+        assert res["stale_error"] is not None and "find_unused_parameters" in res["stale_error"]
+
+
+_README_PRELUDE = '''
+from collections import OrderedDict
+from torch import nn
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(16, 32), act=nn.ReLU(), fc2=nn.Linear(32, 16))).double()
+
+g = torch.Generator().manual_seed(1)
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+tasks = [[(torch.randn(8, 16, generator=g, dtype=torch.float64)[rank::world],
+           torch.randint(0, 16, (8,), generator=g)[rank::world]) for _ in range(3)] for _ in range(2)]
+'''
+
+
+def _readme_block():
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- distributed -->\n```python\n(.*?)```", readme, re.S).group(1)
+    return "import os\n" + code.replace("import clora_kernels as ck\n", "import clora_kernels as ck\n" + _README_PRELUDE)
+
+
+@pytest.mark.skipif(fully_shard is None, reason="torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
+def test_readme_distributed_block_under_torchrun(tmp_path, monkeypatch):
+    """The README's block as written (a tiny float64 model with fc1 / fc2, rank 16), under
+    `torchrun --nproc_per_node=2`, writes the adapter one process writes (the block run here
+    with a world of one, each rank given half of each batch there)."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    script = tmp_path / "train.py"
+    script.write_text(_readme_block())
+    (tmp_path / "two").mkdir()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], cwd=tmp_path / "two", capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_readme_block(), str(script), "exec"), {"__name__": "readme"})
+    two, one = load_file(str(tmp_path / "two" / "adapter.safetensors")), load_file(str(tmp_path / "adapter.safetensors"))
+    assert sorted(two) == sorted(one) and len(one) == 10
+    for k in one:
+        assert rel_err(two[k], one[k]) <= TOL, k
