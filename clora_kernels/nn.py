@@ -44,6 +44,22 @@ def _like(ref: Tensor, value: Tensor) -> Tensor:
     if not isinstance(ref, DTensor):
         return value
     return distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards some of the model's parameters (the lifecycle helpers are then collective)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _write_once(model: nn.Module, write) -> None:
+    """Run `write()`, which writes a file from the model's gathered tensors: where it is called, or,
+    when FSDP2 shards the model (every rank gathered them), on rank 0, every rank returning once the
+    file is there."""
+    sharded = _sharded(model)
+    if not sharded or torch.distributed.get_rank() == 0:
+        write()
+    if sharded:
+        torch.distributed.barrier()
 DEFAULT_PROTECTION = "freeze"   # DESIGN.md §2: what won on held-out seeds (README "Continual learning")
 
 
@@ -115,9 +131,11 @@ class CLoRALinear(nn.Linear):
         lora_A Kaiming-uniform (PEFT's init); the protection policy's state is fresh and every
         adapter tensor trains."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device=self.lora_A.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))       # drawn whole, so an FSDP2 shard gets its part
+            self.lora_A.copy_(_like(self.lora_A, a))
             self.lora_B.zero_()
-            self.routing_delta.copy_(torch.eye(self.rank))
+            self.routing_delta.copy_(_like(self.routing_delta, torch.eye(self.rank)))
             self.routing_old.zero_()
             self.projection.copy_(torch.eye(self.rank))
         for p in (self.lora_A, self.lora_B, self.routing_delta):
@@ -629,20 +647,16 @@ def save_adapter(model: nn.Module, path) -> None:
     process, DDP) write wherever it is called."""
     from safetensors.torch import save_file
     layers = _require_layers(model, "save_adapter")
-    tensors, meta, sharded = {}, {}, False
+    tensors, meta = {}, {}
     for name, m in layers:
         m.protection.enforce(m, force=True)
         for t in _ADAPTER_TENSORS + m.protection.buffers:
-            value = getattr(m, t)
-            sharded = sharded or isinstance(value, DTensor)
-            tensors[f"{name}.{t}"] = _full(value).detach().to("cpu").contiguous()
+            tensors[f"{name}.{t}"] = _full(getattr(m, t)).detach().to("cpu").contiguous()
         meta[name] = {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "protect_energy": m.protect_energy,
                       "grad_through_old_route": m.grad_through_old_route, "protection": m.protection.config(),
                       "task_index": m.task_index, "in_features": m.in_features, "out_features": m.out_features}
-    if not sharded or torch.distributed.get_rank() == 0:
-        save_file(tensors, str(path), metadata={"format": _FORMAT, "layers": json.dumps(meta)})
-    if sharded:
-        torch.distributed.barrier()
+    metadata = {"format": _FORMAT, "layers": json.dumps(meta)}
+    _write_once(model, lambda: save_file(tensors, str(path), metadata=metadata))
 
 
 def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict) -> dict:

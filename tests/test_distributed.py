@@ -91,8 +91,10 @@ def _results(model, path):
         ck.unmerge(model)
         res["unmerged_out"] = model(x)
     ck.save_adapter(model, path)
+    ck.save_peft_adapter(model, f"{path}.peft")
     from safetensors.torch import load_file
     res["file"] = load_file(str(path))
+    res["peft_file"] = load_file(os.path.join(f"{path}.peft", "adapter_model.safetensors"))
     return res
 
 
@@ -144,6 +146,10 @@ def _fsdp_worker(rank, world, out_dir):
     ck.load_adapter(fresh, os.path.join(out_dir, "fsdp.safetensors"))
     with torch.no_grad():
         res["loaded_out"] = fresh(x)
+    peft_loaded = _shard(_model(), mesh)       # the PEFT form: the routing folded into lora_B, the first task
+    ck.load_peft_adapter(peft_loaded, os.path.join(out_dir, "fsdp.safetensors.peft"))
+    with torch.no_grad():
+        res["peft_loaded_out"] = peft_loaded(x)
     # protection="project" refuses sharded parameters, before anything changes
     project = _shard(_model(protection="project"), mesh)
     with torch.no_grad(), ck.observe_task(project):
@@ -221,7 +227,7 @@ def ddp(tmp_path_factory):
     return _on_two_ranks("_ddp_worker", tmp_path_factory.mktemp("ddp"))
 
 
-_LOOP = ("out", "adapter", "delta", "task_index", "trainable", "merged_out", "unmerged_out", "file")
+_LOOP = ("out", "adapter", "delta", "task_index", "trainable", "merged_out", "unmerged_out", "file", "peft_file")
 
 
 def test_fsdp2_training_loop_equals_one_process(fsdp, one_process):
@@ -233,11 +239,12 @@ def test_fsdp2_training_loop_equals_one_process(fsdp, one_process):
 
 def test_fsdp2_checkpoint_and_adapter_round_trip(fsdp, one_process):
     """torch.distributed.checkpoint of the sharded state_dict into a model built from another seed,
-    and load_adapter into a fresh sharded model, give the trained model back."""
+    load_adapter and load_peft_adapter into a fresh sharded model, give the trained model back."""
     want = {k: one_process[k] for k in ("out", "adapter", "task_index", "trainable")}
     for rank, res in enumerate(fsdp):
         _assert_same(res["dcp"], want, f"rank {rank} dcp")
         _assert_same(res["loaded_out"], one_process["out"], f"rank {rank} load_adapter")
+        _assert_same(res["peft_loaded_out"], one_process["out"], f"rank {rank} load_peft_adapter")
 
 
 def test_fsdp2_project_policy_refuses_clearly(fsdp):
@@ -280,7 +287,8 @@ def _readme_block():
     import re
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = re.search(r"<!-- distributed -->\n```python\n(.*?)```", readme, re.S).group(1)
-    return "import os\n" + code.replace("import clora_kernels as ck\n", "import clora_kernels as ck\n" + _README_PRELUDE)
+    head = "import clora_kernels as ck\n"
+    return "import os\n" + code.replace(head, head + _README_PRELUDE)
 
 
 @pytest.mark.skipif(fully_shard is None, reason="torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
@@ -305,7 +313,8 @@ def test_readme_distributed_block_under_torchrun(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
     exec(compile(_readme_block(), str(script), "exec"), {"__name__": "readme"})
-    two, one = load_file(str(tmp_path / "two" / "adapter.safetensors")), load_file(str(tmp_path / "adapter.safetensors"))
+    two = load_file(str(tmp_path / "two" / "adapter.safetensors"))
+    one = load_file(str(tmp_path / "adapter.safetensors"))
     assert sorted(two) == sorted(one) and len(one) == 10
     for k in one:
         assert rel_err(two[k], one[k]) <= TOL, k
