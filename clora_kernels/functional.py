@@ -110,9 +110,11 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     # t = x·lora_Aᵀ is read only by the gradients of lora_B and routing_delta: without them (inference,
     # or a frozen adapter) a backend may skip it
     need_t = torch.is_grad_enabled() and (lora_B.requires_grad or routing_delta.requires_grad)
-    y, _ = _ops.linear(
-        x.reshape(lead.numel(), x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
-        float(scaling), bool(grad_through_old_route), need_t, backend)
+    # flatten, not reshape(lead.numel(), K): numel() fixes a symbolic batch size, so torch.export
+    # and the ONNX exporters would lose their dynamic batch dimension
+    x2 = x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+    y, _ = _ops.linear(x2, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
+                       float(scaling), bool(grad_through_old_route), need_t, backend)
     # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
     # hooks on a layer's output fail after an in-place op on a view (aten's matmul does the same). The
     # TorchScript-based ONNX exporter has no symbolic for _unsafe_view: it gets reshape's view.
