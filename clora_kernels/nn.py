@@ -540,7 +540,9 @@ def observe_task(model: nn.Module):
         clora_kernels.end_task(model)
 
     Layers of the other policies ignore the pass. What is recorded is a K×K Gram per layer, freed
-    by end_task."""
+    by end_task. In a multi-process job (DDP) every process runs the block on its share of the
+    task's data; at its end the Grams are summed over the processes (an all-reduce), so each
+    protects the whole task's inputs."""
     layers = [m for _, m in _require_layers(model, "observe_task")
               if m.protection.needs_inputs and not getattr(m, "_observing", False)]   # nested: counted once
     handles = [m.register_forward_pre_hook(_observe_hook, with_kwargs=True) for m in layers]
@@ -552,6 +554,9 @@ def observe_task(model: nn.Module):
         for m in layers:              # an interrupted pass is not half-recorded
             m.protection.loaded(m)
         raise
+    else:
+        for m in layers:
+            m.protection.observed(m)
     finally:
         for h in handles:
             h.remove()

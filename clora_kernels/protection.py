@@ -97,6 +97,9 @@ class Protection:
     def observe(self, layer, x: Tensor) -> None:
         pass
 
+    def observed(self, layer) -> None:
+        """After a pass inside observe_task ends normally (every process of a job runs it together)."""
+
     def not_ready(self, layer) -> str:
         return ""
 
@@ -243,6 +246,20 @@ class Project(Protection):
             layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
         layer._observed.addmm_(x.t(), x)
         layer._observed_rows += x.shape[0]
+
+    def observed(self, layer) -> None:
+        """Several processes (DDP): each observed its share of the task's data; sum the Grams, so
+        every process protects the whole task's inputs, as one process given all of them would."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            return
+        k = layer.in_features
+        gram = layer._observed if layer._observed is not None else torch.zeros(
+            k, k, device=layer.lora_A.device, dtype=torch.promote_types(layer.lora_A.dtype, torch.float32))
+        rows = torch.tensor([layer._observed_rows], dtype=torch.float64, device=gram.device)
+        torch.distributed.all_reduce(gram)
+        torch.distributed.all_reduce(rows)
+        layer._observed, layer._observed_rows = gram, int(rows.item())
 
     def not_ready(self, layer) -> str:
         from .nn import DTensor

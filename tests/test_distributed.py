@@ -47,9 +47,10 @@ def _batch(task, rank, world):
     return x[rows], y[rows]
 
 
-def _train(model, rank, world, wrap=lambda m: m):
+def _train(model, rank, world, wrap=lambda m: m, observe=False):
     """The README's loop. `wrap(model)` is called at the start of each task (DDP is wrapped per task:
-    the default protection freezes lora_A / lora_B from the second task on)."""
+    the default protection freezes lora_A / lora_B from the second task on); `observe`: a pass over
+    the task's data inside observe_task before end_task (protection="project")."""
     for task in range(TASKS):
         net = wrap(model)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -61,6 +62,9 @@ def _train(model, rank, world, wrap=lambda m: m):
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if observe:
+            with torch.no_grad(), ck.observe_task(model):
+                net(x)
         ck.end_task(model)
     return model
 
@@ -171,6 +175,8 @@ def _ddp_worker(rank, world, out_dir):
     ddp = DDP(once, find_unused_parameters=True)
     _train(once, rank, world, wrap=lambda m: ddp)
     res["find_unused"] = _results(once, os.path.join(out_dir, f"ddp_unused{rank}.safetensors"))
+    projected = _train(_model(protection="project"), rank, world, wrap=DDP, observe=True)
+    res["project"] = _results(projected, os.path.join(out_dir, f"ddp_project{rank}.safetensors"))
     stale = _model()
     ddp = DDP(stale)              # wrapped once, without find_unused_parameters: what the README warns about
     try:
@@ -216,6 +222,12 @@ def one_process(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def one_process_project(tmp_path_factory):
+    path = tmp_path_factory.mktemp("one_project") / "adapter.safetensors"
+    return _results(_train(_model(protection="project"), 0, 1, observe=True), path)
+
+
+@pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
     if fully_shard is None:
         pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
@@ -258,6 +270,15 @@ def test_ddp_training_loop_equals_one_process(ddp, one_process, how):
     """DDP wrapped again at each task (the README's way), or once with find_unused_parameters=True."""
     for rank, res in enumerate(ddp):
         _assert_same(res[how], one_process, f"rank {rank} {how}")
+
+
+def test_ddp_project_policy_equals_one_process(ddp, one_process_project):
+    """protection="project" under DDP: each rank observes its half of the task's inputs, observe_task
+    sums the Grams, so the protected subspaces (and all that follows) are one process's."""
+    assert one_process_project["trainable"] == sorted(f"{n}.{t}" for n in ("0", "2")
+                                                      for t in ("lora_A", "lora_B", "routing_delta"))
+    for rank, res in enumerate(ddp):
+        _assert_same(res["project"], one_process_project, f"rank {rank} project")
 
 
 def test_ddp_wrapped_once_fails_after_end_task(ddp):
