@@ -11,6 +11,7 @@ init / merge / forward):
                             factors, so they get no gradient; project: plain gradients)
     enforce(layer, force)   put the trainable tensors back on the allowed set (project)
     observe(layer, x)       accumulate the inputs of a pass over the task's data (project)
+    observed(layer)         after that pass (project: sums the inputs over the processes of a DDP job)
     not_ready(layer)        why end_task cannot run yet ('' when it can), checked before anything changes
     end_task(layer)         after the routing fold (routing_delta is 0 then)
     config()                what travels in state_dict and adapter files
