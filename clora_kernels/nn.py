@@ -60,6 +60,8 @@ def _write_once(model: nn.Module, write) -> None:
         write()
     if sharded:
         torch.distributed.barrier()
+
+
 DEFAULT_PROTECTION = "freeze"   # DESIGN.md §2: what won on held-out seeds (README "Continual learning")
 
 
