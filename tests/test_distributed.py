@@ -33,9 +33,16 @@ TOL = 1e-10                  # float64; what differs is the order of the gradien
 
 
 def _model(seed=0, **kwargs):
+    """Two adapted layers, the second in hard mode (end_task recomputes its projection buffer). Its
+    routing starts at diag(1, 0.6, 0.3), not I: from R_old ≈ I the kept singular vectors are any
+    basis of a near-degenerate spectrum, which rounding alone (one process or two) would choose."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(K, 16), nn.ReLU(), nn.Linear(16, N)).double()
-    return ck.inject_clora(model, target_modules=("0", "2"), rank=R, **kwargs)
+    ck.inject_clora(model, target_modules=("0",), rank=R, **kwargs)
+    ck.inject_clora(model, target_modules=("2",), rank=R, mode="hard", protect_energy=0.8, **kwargs)
+    with torch.no_grad():
+        model[2].routing_delta.copy_(torch.diag(torch.tensor([1.0, 0.6, 0.3], dtype=torch.float64)))
+    return model
 
 
 def _batch(task, rank, world):
