@@ -1,4 +1,5 @@
 """clora_kernels: fused kernels and a drop-in nn.Linear for C-LoRA (arXiv 2502.17920)."""
+from . import export as _export  # noqa: F401  (the ONNX exporter's decomposition of clora::linear_fwd)
 from .backends import BackendUnavailableError, available_backends
 from .functional import clora_linear
 from .interop import load_peft_adapter, save_peft_adapter

@@ -120,11 +120,19 @@ def _linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, project
     # t = x·lora_Aᵀ is read only by the gradients of lora_B and routing_delta: without them (inference,
     # or a frozen adapter) a backend may skip it
     need_t = torch.is_grad_enabled() and (lora_B.requires_grad or routing_delta.requires_grad)
-    flat = x.dim() == 2
-    y, _ = _ops.linear(
-        x if flat else x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, routing_old, routing_delta,
-        projection, float(scaling), bool(grad_through_old_route), need_t, backend)
-    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
+    if x.dim() == 2:        # nothing to flatten: the op's output (never a view) is the result
+        return _ops.linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, float(scaling),
+                           bool(grad_through_old_route), need_t, backend)[0]
+    # flatten, not reshape(lead.numel(), K): numel() fixes a symbolic batch size, so torch.export
+    # and the ONNX exporters would lose their dynamic batch dimension
+    x2 = x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+    y, _ = _ops.linear(x2, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
+                       float(scaling), bool(grad_through_old_route), need_t, backend)
+    # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
+    # hooks on a layer's output fail after an in-place op on a view (aten's matmul does the same). The
+    # TorchScript-based ONNX exporter has no symbolic for _unsafe_view: it gets reshape's view.
+    shape = (*x.shape[:-1], weight.shape[0])
+    return y.reshape(shape) if torch.jit.is_tracing() else torch.ops.aten._unsafe_view(y, shape)
 
 
 def module_linear(owner, x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,

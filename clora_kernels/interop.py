@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .functional import finite_number
-from .nn import CLoRALinear, _require_layers
+from .nn import CLoRALinear, _full, _like, _require_layers, _write_once
 from .reference import folded_lora_B
 
 _PREFIX = "base_model.model."
@@ -153,10 +153,10 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         for name, m in layers:
             m.reset_adapter()
             m.alpha, m.scaling = float(alpha), float(alpha) / m.rank
-            m.lora_A.copy_(found[name]["lora_A"])
-            m.lora_B.copy_(found[name]["lora_B"])
+            m.lora_A.copy_(_like(m.lora_A, found[name]["lora_A"]))
+            m.lora_B.copy_(_like(m.lora_B, found[name]["lora_B"]))
         for param, value in whole.items():
-            own[param].copy_(value)
+            own[param].copy_(_like(own[param], value))
 
 
 def _target_modules(model: nn.Module, names: list):
@@ -200,7 +200,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     else, so that is refused. Every C-LoRA layer must have the same rank and alpha (PEFT's
     rank/alpha patterns are not written). Each file is replaced atomically (weights first, then
     the config): a save that is killed leaves the previous files, or the new weights beside the
-    previous config."""
+    previous config. Under FSDP2 every rank calls it and rank 0 writes (as save_adapter)."""
     from safetensors.torch import save_file
     layers = _require_layers(model, "save_peft_adapter")
     if any(name == "" for name, _ in layers):
@@ -226,20 +226,24 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     for name, m in layers:
         with torch.no_grad():
             m.protection.enforce(m, force=True)
-            tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
-            tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded_lora_B(m.lora_B, m.routing()).detach().to("cpu").contiguous()
+            tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A).detach().to("cpu").contiguous()
+            folded = folded_lora_B(_full(m.lora_B), m.routing())
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded.detach().to("cpu").contiguous()
     for s in saved:
         for p_name, p in modules[s].named_parameters():
-            tensors[f"{_PREFIX}{s}.{p_name}"] = p.detach().to("cpu").contiguous()
+            tensors[f"{_PREFIX}{s}.{p_name}"] = _full(p).detach().to("cpu").contiguous()
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
               "target_modules": _target_modules(model, [n for n, _ in layers]), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": all(m.fan_in_fan_out for _, m in layers), "use_rslora": False, "use_dora": False,
               "modules_to_save": saved or None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
               "inference_mode": True, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path}
-    os.makedirs(directory, exist_ok=True)
-    _replace_atomic(os.path.join(directory, _WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
     def write_config(p):
         with open(p, "w") as f:
             json.dump(config, f, indent=2)
-    _replace_atomic(os.path.join(directory, _CONFIG), write_config)
+
+    def write():
+        os.makedirs(directory, exist_ok=True)
+        _replace_atomic(os.path.join(directory, _WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        _replace_atomic(os.path.join(directory, _CONFIG), write_config)
+    _write_once(model, write)      # FSDP2: every rank gathered the tensors, rank 0 writes

@@ -23,9 +23,47 @@ from .reference import delta_weight, routing_eff
 from .functional import finite_number, module_linear
 from .protection import Protection, make_protection
 
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:             # a torch built without torch.distributed: no parameter is ever a DTensor
+    DTensor = ()
+
 _MODES = ("soft", "hard")
 _OPERANDS = frozenset(("weight", "bias", "lora_A", "lora_B", "routing_old", "routing_delta", "projection",
                        "fan_in_fan_out"))
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a parameter that FSDP2 (`fully_shard`) keeps sharded between forwards
+    (a DTensor: an all-gather, so under FSDP2 every rank runs the lifecycle methods together), else
+    `t` itself. Differentiable: a loss on it (orthogonality_loss) sends each rank's shard its part."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(ref: Tensor, value: Tensor) -> Tensor:
+    """`value`, a whole tensor every rank holds, laid out as `ref` is: ref's shard of it when ref is a
+    DTensor (cut locally, no communication), else `value` itself. For in-place writes into `ref`."""
+    if not isinstance(ref, DTensor):
+        return value
+    return distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards some of the model's parameters (the lifecycle helpers are then collective)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _write_once(model: nn.Module, write) -> None:
+    """Run `write()`, which writes a file from the model's gathered tensors: where it is called, or,
+    when FSDP2 shards the model (every rank gathered them), on rank 0, every rank returning once the
+    file is there."""
+    sharded = _sharded(model)
+    if not sharded or torch.distributed.get_rank() == 0:
+        write()
+    if sharded:
+        torch.distributed.barrier()
+
+
 DEFAULT_PROTECTION = "freeze"   # DESIGN.md §2: what won on held-out seeds (README "Continual learning")
 
 
@@ -98,9 +136,11 @@ class CLoRALinear(nn.Linear):
         lora_A Kaiming-uniform (PEFT's init); the protection policy's state is fresh and every
         adapter tensor trains."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device=self.lora_A.device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))       # drawn whole, so an FSDP2 shard gets its part
+            self.lora_A.copy_(_like(self.lora_A, a))
             self.lora_B.zero_()
-            self.routing_delta.copy_(torch.eye(self.rank))
+            self.routing_delta.copy_(_like(self.routing_delta, torch.eye(self.rank)))
             self.routing_old.zero_()
             self.projection.copy_(torch.eye(self.rank))
         for p in (self.lora_A, self.lora_B, self.routing_delta):
@@ -151,13 +191,16 @@ class CLoRALinear(nn.Linear):
 
     def routing(self) -> Tensor:
         """R_eff = routing_old + projection · routing_delta."""
-        return routing_eff(self.routing_old, self.routing_delta, self._projection_arg())
+        return routing_eff(self.routing_old, _full(self.routing_delta), self._projection_arg())
 
     def delta_weight(self) -> Tensor:
         """scaling · lora_B R_effᵀ lora_A, shape (out_features, in_features)."""
         self.protection.enforce(self)
-        return self._delta(self.lora_A, self.lora_B, self.routing_old, self.routing_delta, self.projection,
-                           self.scaling)
+        return self._delta(*self._adapter(), self.scaling)
+
+    def _adapter(self) -> tuple:
+        """The adapter tensors (_ADAPTER_TENSORS' order, _delta's arguments), whole (see _full)."""
+        return tuple(_full(getattr(self, t)) for t in _ADAPTER_TENSORS)
 
     def _delta(self, lora_A, lora_B, routing_old, routing_delta, projection, scaling) -> Tensor:
         r_eff = routing_eff(routing_old, routing_delta, projection if self.mode == "hard" else None)
@@ -165,7 +208,8 @@ class CLoRALinear(nn.Linear):
 
     def orthogonality_loss(self) -> Tensor:
         """|| Oᵀ (P R_delta) ||_F² with O = routing_old (soft) or Q (hard; I - P = Q Qᵀ)."""
-        new = self.routing_delta if self.mode == "soft" else self.projection @ self.routing_delta
+        delta = _full(self.routing_delta)
+        new = delta if self.mode == "soft" else self.projection @ delta
         if self.mode == "soft":
             return (self.routing_old.t() @ new).square().sum()
         # ||Qᵀ M||_F = ||Q Qᵀ M||_F = ||(I - P) M||_F  (Q has orthonormal columns)
@@ -222,7 +266,7 @@ class CLoRALinear(nn.Linear):
 
     def _nonfinite_routing(self) -> str:
         """Names of the routing tensors holding NaN or Inf ('' when all are finite)."""
-        named = (("routing_old", self.routing_old), ("routing_delta", self.routing_delta),
+        named = (("routing_old", self.routing_old), ("routing_delta", _full(self.routing_delta)),
                  ("projection", self.projection))
         return ", ".join(n for n, t in named if not bool(torch.isfinite(t).all()))
 
@@ -245,11 +289,12 @@ class CLoRALinear(nn.Linear):
             raise ValueError(f"merge: this layer's weight is tied to {self.tied_to} (shared embeddings?); merging "
                              f"would change those too. Keep the adapter unmerged, or untie the weights first")
         self.protection.enforce(self, force=True)
-        self._merged_adapter = tuple(getattr(self, t).detach().clone() for t in _ADAPTER_TENSORS) + (self.scaling,)
+        self._merged_adapter = tuple(t.detach().clone() for t in self._adapter()) + (self.scaling,)
         if keep_original is None:
             keep_original = self.weight.dtype in (torch.float16, torch.bfloat16)
         self._original_weight = self.weight.detach().clone() if keep_original else None
-        self.base_weight().add_(self.delta_weight().to(self.weight.dtype))
+        w = self.base_weight()
+        w.add_(_like(w, self.delta_weight().to(w.dtype)))
         self.merged = True
 
     @torch.no_grad()
@@ -265,7 +310,8 @@ class CLoRALinear(nn.Linear):
             kept = getattr(self, "_merged_adapter", None)
             # merged in another process (state_dict): the adapter as loaded is all there is
             delta = self.delta_weight() if kept is None else self._delta(*kept)
-            self.base_weight().sub_(delta.to(self.weight.dtype))
+            w = self.base_weight()
+            w.sub_(_like(w, delta.to(w.dtype)))
         self.merged = False
         self._merged_adapter = self._original_weight = None
 
@@ -279,6 +325,14 @@ class CLoRALinear(nn.Linear):
         self.mode = state.get("mode", self.mode)
         self.merged = bool(state.get("merged", False))
         self.protection.loaded(self)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        onnx = sys.modules.get("torch.onnx")
+        if onnx is not None and onnx.is_in_onnx_export():
+            # the TorchScript-based ONNX exporter takes every state_dict entry for a tensor, and an
+            # ONNX graph holds the task state as constants anyway
+            destination.pop(prefix + "_extra_state", None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -504,7 +558,9 @@ def observe_task(model: nn.Module):
         clora_kernels.end_task(model)
 
     Layers of the other policies ignore the pass. What is recorded is a K×K Gram per layer, freed
-    by end_task."""
+    by end_task. In a multi-process job (DDP) every process runs the block on its share of the
+    task's data; at its end the Grams are summed over the processes (an all-reduce), so each
+    protects the whole task's inputs."""
     layers = [m for _, m in _require_layers(model, "observe_task")
               if m.protection.needs_inputs and not getattr(m, "_observing", False)]   # nested: counted once
     handles = [m.register_forward_pre_hook(_observe_hook, with_kwargs=True) for m in layers]
@@ -516,6 +572,9 @@ def observe_task(model: nn.Module):
         for m in layers:              # an interrupted pass is not half-recorded
             m.protection.loaded(m)
         raise
+    else:
+        for m in layers:
+            m.protection.observed(m)
     finally:
         for h in handles:
             h.remove()
@@ -604,18 +663,23 @@ _FORMAT = "clora_kernels.adapter/1"
 
 def save_adapter(model: nn.Module, path) -> None:
     """Write only the adapter tensors, the protection policy's state and the task state of every
-    CLoRALinear (safetensors; the configuration in the file's metadata)."""
+    CLoRALinear (safetensors; the configuration in the file's metadata).
+
+    A model sharded by FSDP2 (`fully_shard`): every rank calls it (it gathers the shards), rank 0
+    writes the file, and it returns on every rank once the file is there. Unsharded models (one
+    process, DDP) write wherever it is called."""
     from safetensors.torch import save_file
     layers = _require_layers(model, "save_adapter")
     tensors, meta = {}, {}
     for name, m in layers:
         m.protection.enforce(m, force=True)
         for t in _ADAPTER_TENSORS + m.protection.buffers:
-            tensors[f"{name}.{t}"] = getattr(m, t).detach().to("cpu").contiguous()
+            tensors[f"{name}.{t}"] = _full(getattr(m, t)).detach().to("cpu").contiguous()
         meta[name] = {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "protect_energy": m.protect_energy,
                       "grad_through_old_route": m.grad_through_old_route, "protection": m.protection.config(),
                       "task_index": m.task_index, "in_features": m.in_features, "out_features": m.out_features}
-    save_file(tensors, str(path), metadata={"format": _FORMAT, "layers": json.dumps(meta)})
+    metadata = {"format": _FORMAT, "layers": json.dumps(meta)}
+    _write_once(model, lambda: save_file(tensors, str(path), metadata=metadata))
 
 
 def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict) -> dict:
@@ -697,8 +761,8 @@ def load_adapter(model: nn.Module, path) -> None:
             for t, value in e["tensors"].items():
                 mine = getattr(m, t)
                 if mine.shape != value.shape:
-                    m._buffers[t] = mine.new_empty(value.shape)
-                getattr(m, t).copy_(value)
+                    mine = m._buffers[t] = mine.new_empty(value.shape)
+                mine.copy_(_like(mine, value))
             m.task_index = e["task_index"]
             m.protection.loaded(m)
             m.protection.loaded_enforced(m)

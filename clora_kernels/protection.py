@@ -11,6 +11,7 @@ init / merge / forward):
                             factors, so they get no gradient; project: plain gradients)
     enforce(layer, force)   put the trainable tensors back on the allowed set (project)
     observe(layer, x)       accumulate the inputs of a pass over the task's data (project)
+    observed(layer)         after that pass (project: sums the inputs over the processes of a DDP job)
     not_ready(layer)        why end_task cannot run yet ('' when it can), checked before anything changes
     end_task(layer)         after the routing fold (routing_delta is 0 then)
     config()                what travels in state_dict and adapter files
@@ -96,6 +97,9 @@ class Protection:
 
     def observe(self, layer, x: Tensor) -> None:
         pass
+
+    def observed(self, layer) -> None:
+        """After a pass inside observe_task ends normally (every process of a job runs it together)."""
 
     def not_ready(self, layer) -> str:
         return ""
@@ -244,7 +248,25 @@ class Project(Protection):
         layer._observed.addmm_(x.t(), x)
         layer._observed_rows += x.shape[0]
 
+    def observed(self, layer) -> None:
+        """Several processes (DDP): each observed its share of the task's data; sum the Grams, so
+        every process protects the whole task's inputs, as one process given all of them would."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            return
+        k = layer.in_features
+        gram = layer._observed if layer._observed is not None else torch.zeros(
+            k, k, device=layer.lora_A.device, dtype=torch.promote_types(layer.lora_A.dtype, torch.float32))
+        rows = torch.tensor([layer._observed_rows], dtype=torch.float64, device=gram.device)
+        torch.distributed.all_reduce(gram)
+        torch.distributed.all_reduce(rows)
+        layer._observed, layer._observed_rows = gram, int(rows.item())
+
     def not_ready(self, layer) -> str:
+        from .nn import DTensor
+        if isinstance(layer.lora_A, DTensor):
+            return ("protection='project' does not run on parameters sharded by FSDP2 (fully_shard): its "
+                    "projections write the whole factors in place; use 'freeze' or 'paper' there, or DDP")
         if layer._observed_rows == 0:
             return ("protection='project' needs the task's inputs: run a pass over the task's data inside "
                     "`with clora_kernels.observe_task(model):` before end_task")

@@ -175,9 +175,11 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     grad mode off, where autograd would record nothing, the implementation itself."""
     if torch.compiler.is_compiling():
         fn = linear_fwd
-    elif _functorch_active():
-        # torch.func (grad, vmap, jacrev, ...): the formula in plain torch ops, which every transform
-        # supports, with the same gradient semantics (the stop-gradient on the old route)
+    elif _functorch_active() or torch.jit.is_tracing():
+        # torch.func (grad, vmap, jacrev, ...) and the TorchScript tracer (torch.jit.trace, the legacy
+        # ONNX exporter, which mis-wires an autograd.Function's outputs): the formula in plain torch
+        # ops, which every transform supports, with the same gradient semantics (the stop-gradient on
+        # the old route)
         y = reference_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                               grad_through_old_route)
         return y, x.new_empty(x.shape[0], 0)
