@@ -317,8 +317,8 @@ def test_load_adapter_bad_file_changes_nothing(tmp_path, case, words):
 
 def test_unmerge_restores_the_base_after_the_adapter_changed_while_merged(seed):
     """An optimizer step with momentum, or a load, while merged: unmerge takes out what merge put
-    in, so the shared base weight comes back (it ended 0.4-0.5 away before); the forward then uses
-    the adapter as it is now."""
+    in, so the shared base weight comes back (subtracting the changed adapter's delta instead leaves it
+    0.4-0.5 away); the forward then uses the adapter as it is now."""
     lin = nn.Linear(24, 40)
     w0 = lin.weight.detach().clone()
     layer = _trained(CLoRALinear.from_linear(lin, rank=6))
@@ -335,7 +335,7 @@ def test_unmerge_restores_the_base_after_the_adapter_changed_while_merged(seed):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_merge_unmerge_restores_the_base_bit_for_bit(seed, dtype):
-    """W + Δ − Δ rounds away from W in 16 bits (most elements moved before): merge keeps the
+    """W + Δ − Δ rounds away from W in 16 bits (most elements move): merge keeps the
     original for 16-bit weights and unmerge puts it back exactly; without the copy it drifts
     (the reason for the default); merged output still equals the unmerged layer's."""
     lin = nn.Linear(48, 40).to(dtype)
