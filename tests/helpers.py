@@ -1,11 +1,11 @@
-"""The float64 oracle of DESIGN.md section 6 and shared test utilities."""
+"""The float64 oracle of docs/design.md section 6 and shared test utilities."""
 from __future__ import annotations
 
 import torch
 
 from clora_kernels.backends.torch_ref import reference_formula
 
-# ‖out − ref‖ / ‖ref‖ bounds per dtype (DESIGN.md section 6); fp32 with tf32 allowed: TOL_TF32
+# ‖out − ref‖ / ‖ref‖ bounds per dtype (docs/design.md section 6); fp32 with tf32 allowed: TOL_TF32
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 TOL_TF32 = 1e-3
 # slack on "within 2x the torch backend's error" when both errors are rounding of the output alone
@@ -114,7 +114,7 @@ def _oracle_outputs(inputs, grad, through_old) -> dict:
 def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False, through_old=False, lead=None,
                   device="cpu", noncontig=False, ref_backend="torch"):
     """Forward and every gradient of `clora_linear(backend=...)` against the float64 oracle, each
-    output (y and every gradient) by the rule of DESIGN.md section 6:
+    output (y and every gradient) by the rule of docs/design.md section 6:
 
         1. ‖out − ref‖/‖ref‖ ≤ max(tolerance(dtype), 2 × the error of the plain formula evaluated
            by autograd in the same dtype on the same inputs)

@@ -1,5 +1,5 @@
 """The `cuda` backend: wrappers over torch.ops.clora.cuda_linear_fwd / cuda_linear_dx from the
-csrc/ extension (DESIGN.md section 5).
+csrc/ extension (docs/design.md section 5).
 
 The extension is taken from `clora_kernels._C` when setup.py built it; otherwise the first use on
 a CUDA machine JIT-builds csrc/ with torch.utils.cpp_extension.load into a cache directory
