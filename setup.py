@@ -6,11 +6,21 @@ them this installs the pure-Python package cleanly, and the `cuda` backend repor
 unusable (`clora_kernels.available_backends()`).
 """
 import glob
+import importlib.util
 import os
 import shutil
-import sys
 
 from setuptools import setup
+
+
+def _package_file(name):
+    """clora_kernels/<name>.py loaded by path: a standard-library-only module of the package, used
+    here without importing clora_kernels (whose import needs torch and the package's dependencies)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clora_kernels", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_clora_setup_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_extensions():
@@ -26,13 +36,11 @@ def _cuda_extensions():
         return [], {}
     if torch.version.cuda is None:
         return [], {}
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from clora_kernels.backends.cuda import cuda_home, extra_include_dirs   # the JIT build's own helpers
+    build, io = _package_file("_cuda_build"), _package_file("_io")   # the JIT build's own settings
     import torch.utils.cpp_extension as ce
-    ce.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home()
-    archs = os.environ.get("CLORA_CUDA_ARCH", "80;90").replace(",", ";").split(";")
-    nvcc_flags = ["-O3", "--use_fast_math"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-    ext = CUDAExtension("clora_kernels._C", sources, include_dirs=extra_include_dirs(),
+    ce.CUDA_HOME = os.environ["CUDA_HOME"] = build.cuda_home()
+    nvcc_flags = ["-O3", "--use_fast_math"] + build.gencode_flags(build.cuda_archs())
+    ext = CUDAExtension("clora_kernels._C", sources, include_dirs=build.extra_include_dirs(io.cache_dir()),
                         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags})
     return [ext], {"build_ext": BuildExtension}
 

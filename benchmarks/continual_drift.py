@@ -1,7 +1,7 @@
 """How far the frozen old route of C-LoRA soft mode moves while the next task trains.
 
 After task 0 and end_task, R_old is frozen, but lora_A / lora_B keep training through the new
-route P·R_delta (DESIGN.md section 2). The old route's weight s·lora_B·R_oldᵀ·lora_A therefore
+route P·R_delta (docs/design.md section 2). The old route's weight s·lora_B·R_oldᵀ·lora_A therefore
 changes although no gradient sees it. This prints its relative change over task 1, and the size
 of the routing learned on task 1 (‖P·R_delta‖ / ‖R_old‖), per optimizer, mean of 3 seeds.
 

@@ -1,4 +1,4 @@
-"""Baselines that C-LoRA's claim is measured against (DESIGN.md section 10).
+"""Baselines that C-LoRA's claim is measured against (docs/design.md section 10).
 
 `per_task_lora`: this project's name for the separate-adapter design that InfLoRA and SD-LoRA build
 on, without their extra machinery: each task gets a fresh LoRA branch (lora_A_t, lora_B_t, same
@@ -32,7 +32,7 @@ section was not available to us; docs/design-notes.md lists the choices):
 - Dynamic memory: g(x), per row of the input, the share of the input's energy inside the bases;
   the residual adapter speaks for inputs like the earlier tasks' and fades for new ones.
 - Not implemented: the calibration of the outputs by predicted task identity; every method of
-  a table gets the same head (DESIGN.md §10).
+  a table gets the same head (docs/design.md §10).
 """
 from __future__ import annotations
 

@@ -49,12 +49,12 @@ SETTINGS = ("class-il", "task-il")
 OPTIMIZERS = ("adam", "sgd")
 CLASSIFIERS = ("prototype", "linear")
 FEATURES = ("adapted", "concat")
-# method -> (C-LoRA mode, protection) for the C-LoRA methods; the others are baselines (DESIGN.md §10)
+# method -> (C-LoRA mode, protection) for the C-LoRA methods; the others are baselines (docs/design.md §10)
 CLORA_METHODS = {"clora_soft": ("soft", "paper"), "clora_hard": ("hard", "paper"),
                  "clora_freeze": ("soft", "freeze"), "clora_project": ("soft", "project")}
 METHODS = tuple(CLORA_METHODS) + ("seq_lora", "per_task_lora", "dual_lora", "full_ft", "simple_cil", "joint")
 RECOMMENDED = "clora_freeze"
-# the seeds and the class order the defaults were chosen on; the reported runs use others (DESIGN.md §10)
+# the seeds and the class order the defaults were chosen on; the reported runs use others (docs/design.md §10)
 TUNING_SEEDS = (100, 101, 102, 103, 104)
 TUNING_CLASS_ORDER_SEED = 100
 

@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters in and out of C-LoRA layers (DESIGN.md section 2, "Storage layout and public names").
+"""PEFT LoRA adapters in and out of C-LoRA layers (docs/design.md section 2, "Storage layout and public names").
 
 A C-LoRA adapter with its routing folded in is an ordinary LoRA: the layer adds
     scaling · lora_B R_effᵀ lora_A x,   R_eff = routing_old + projection · routing_delta,

@@ -1,4 +1,4 @@
-"""Protection policies: what a C-LoRA layer does to keep earlier tasks' outputs (DESIGN.md section
+"""Protection policies: what a C-LoRA layer does to keep earlier tasks' outputs (docs/design.md section
 2, "Protection policies").
 
 The op's math and gradients are the paper's whatever the policy; a policy decides, per layer,

@@ -1,5 +1,5 @@
 """Test set-up. TRITON_INTERPRET must be set before triton is first imported, and only when no
-GPU is present (DESIGN.md section 6), so it is decided here, before any test module loads."""
+GPU is present (docs/design.md section 6), so it is decided here, before any test module loads."""
 import os
 import random
 

@@ -1,15 +1,16 @@
-"""The float64 oracle of DESIGN.md section 6 and shared test utilities."""
+"""The float64 oracle of docs/design.md section 6 and shared test utilities."""
 from __future__ import annotations
 
 import torch
 
 from clora_kernels.backends.torch_ref import reference_formula
 
-# ‖out − ref‖ / ‖ref‖ bounds per dtype (DESIGN.md section 6)
+# ‖out − ref‖ / ‖ref‖ bounds per dtype (docs/design.md section 6); fp32 with tf32 allowed: TOL_TF32
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-# unit roundoff of the accumulation: every kernel and the torch reference accumulate half types in fp32
-ACC_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -24,
-                torch.bfloat16: 2.0 ** -24}
+TOL_TF32 = 1e-3
+# slack on "within 2x the torch backend's error" when both errors are rounding of the output alone
+ROUNDING_FLOOR = {torch.float64: 0.0, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+FP32_ROUNDOFF = 2.0 ** -24   # unit roundoff of an fp32 product or sum
 GRAD_NAMES = ("x", "bias", "lora_A", "lora_B", "routing_delta")
 
 
@@ -73,37 +74,63 @@ def call(fn, inp, **kw):
               inp["routing_delta"], inp["projection"], inp["scaling"], **kw)
 
 
+def tolerance(dtype, device="cpu") -> float:
+    """TOL[dtype], or TOL_TF32 for fp32 on a GPU where torch (and so the kernels) may use tf32."""
+    if dtype == torch.float32 and torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return TOL_TF32
+    return TOL[dtype]
+
+
+def ill_conditioned(dtype, m, r, lead=None) -> bool:
+    """The named exception to check_backend's bounds: fp32 with a single row and rank 1. There a
+    gradient is one cancelling dot product times a vector, and no fp32 evaluation meets 1e-5 on
+    every draw: over 200 seeds (1, 24, 200, 1) exceeded the bounds in 1 (torch backend) and 4 to 8
+    (each Triton plan under TRITON_INTERPRET=1, errors up to 1.8e-5 against 1e-5); every other
+    shape of the CPU tests passed 15 to 200 seeds without it, and fp16 / bf16 passed 200."""
+    rows = m if lead is None else int(torch.Size(lead).numel())
+    return dtype == torch.float32 and rows == 1 and r == 1
+
+
+def conditioning_floor(base, g, refs, through_old=False) -> dict:
+    """u·κ per output: the error of rounding each product and sum once in fp32, where u is
+    FP32_ROUNDOFF and κ = ‖oracle on |inputs| and |g|‖ / ‖oracle‖
+    the output's condition; check_backend admits it where ill_conditioned(...) holds. The
+    same-dtype plain formula's error alone is one sample, which a lucky summation order makes small
+    (seed 840054436 at M = r = 1: t = x·aᵀ = 0.0027 from terms whose magnitudes sum to 2.77,
+    κ = 1034 for lora_B, plain error < 1e-5, every Triton plan 1.8e-5). A tf32 or half-precision
+    slip in an fp32 path errs by ~1e-3, above u·κ on most draws."""
+    absolute = _oracle_outputs({key: (v.abs() if torch.is_tensor(v) else v) for key, v in base.items()}, g.abs(),
+                               through_old)
+    return {key: FP32_ROUNDOFF * float(v.norm() / refs[key].norm().clamp_min(1e-300))
+            for key, v in absolute.items()}
+
+
+def _oracle_outputs(inputs, grad, through_old) -> dict:
+    y, d = oracle(inputs, through_old)
+    y.backward(grad)
+    return {"y": y.detach(), **grads_of(d)}
+
+
 def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False, through_old=False, lead=None,
                   device="cpu", noncontig=False, ref_backend="torch"):
-    """Forward and every gradient of `clora_linear(backend=...)` against the float64 oracle.
+    """Forward and every gradient of `clora_linear(backend=...)` against the float64 oracle, each
+    output (y and every gradient) by the rule of docs/design.md section 6:
 
-    Bound per output: ‖out − ref‖/‖ref‖ ≤ max(TOL[dtype], 2 × the error of the plain formula
-    evaluated by autograd in the same dtype on the same inputs, u·κ). The last two terms only
-    matter on ill-conditioned draws (e.g. M = r = 1, where a gradient is one cancelling dot product
-    times a vector and no evaluation in that dtype meets TOL). u is the accumulation's unit
-    roundoff (fp32's for half types too) and κ = ‖oracle on |inputs| and |g|‖ / ‖oracle‖ the
-    output's condition: u·κ is the error of rounding each product and sum once. The plain
-    formula's error alone is one sample, which a lucky summation order makes small (seed
-    840054436: t = x·aᵀ = 0.0027 from terms whose magnitudes sum to 2.77, κ = 1034 for lora_B,
-    plain error < 1e-5, every Triton plan 1.8e-5, the same at the commit before). u·κ exceeds TOL
-    only in fp32 and only where κ > 167 (at most ~2e-4 over the tests' shapes and 30 seeds); a
-    tf32 or half-precision slip in an fp32 path errs by ~1e-3 and still fails. A non-reference
-    backend must also stay within 2× the same-dtype torch backend's error + max(a rounding floor,
-    u·κ). Returns the errors."""
+        1. ‖out − ref‖/‖ref‖ ≤ max(tolerance(dtype), 2 × the error of the plain formula evaluated
+           by autograd in the same dtype on the same inputs)
+        2. a backend other than ref_backend: error ≤ 2 × ref_backend's error + ROUNDING_FLOOR[dtype]
+
+    Where ill_conditioned(dtype, m, r, lead) holds (a named exception; its docstring says why), each
+    output's conditioning_floor u·κ may stand in for tolerance(dtype) in 1 and ROUNDING_FLOOR in 2.
+    Returns the errors."""
     from clora_kernels import clora_linear
     base = make_inputs(m, k, n, r, bias=bias, hard=hard, lead=lead)
     # the oracle sees the inputs the backend sees: rounded to dtype (error measures compute only)
     base = {key: (v.to(dtype).double() if torch.is_tensor(v) else v) for key, v in base.items()}
     g = torch.randn(*base["x"].shape[:-1], n, dtype=torch.float64).to(dtype).double()
-
-    def oracle_outputs(inputs, grad):
-        y, d = oracle(inputs, through_old)
-        y.backward(grad)
-        return {"y": y.detach(), **grads_of(d)}
-    refs = oracle_outputs(base, g)
-    absolute = oracle_outputs({key: (v.abs() if torch.is_tensor(v) else v) for key, v in base.items()}, g.abs())
-    cond_floor = {key: ACC_ROUNDOFF[dtype] * float(v.norm() / refs[key].norm().clamp_min(1e-300))
-                  for key, v in absolute.items()}
+    refs = _oracle_outputs(base, g, through_old)
+    extra = (conditioning_floor(base, g, refs, through_old) if ill_conditioned(dtype, m, r, lead)
+             else dict.fromkeys(refs, 0.0))
 
     def run(fn, **kw):
         inp = cast_inputs(base, dtype, device)
@@ -120,17 +147,16 @@ def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False
     outs = run(clora_linear, grad_through_old_route=through_old, backend=backend)
     plain = run(reference_formula, grad_through_old_route=through_old)
     errs = {key: rel_err(outs[key], refs[key]) for key in refs}
-    bound = {key: max(TOL[dtype], 2 * rel_err(plain[key], refs[key]), cond_floor[key]) for key in refs}
+    bound = {key: max(tolerance(dtype, device), 2 * rel_err(plain[key], refs[key]), extra[key]) for key in refs}
     bad = {key: (e, bound[key]) for key, e in errs.items() if not e <= bound[key]}
     assert not bad, f"{backend} {dtype}: (error, bound) over bound: {bad}"
     if backend != ref_backend:
         touts = run(clora_linear, grad_through_old_route=through_old, backend=ref_backend)
-        floor = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 0.0)
         for key in refs:
             te = rel_err(touts[key], refs[key])
-            slack = max(floor, cond_floor[key])
+            slack = max(ROUNDING_FLOOR[dtype], extra[key])
             assert errs[key] <= 2 * te + slack, \
-                f"{backend} {dtype} {key}: error {errs[key]:.3g} > 2 x torch reference {te:.3g} + {slack:g}"
+                f"{backend} {dtype} {key}: error {errs[key]:.3g} > 2 x {ref_backend} backend's {te:.3g} + {slack:g}"
     return errs
 
 

@@ -31,8 +31,13 @@ def test_bench_quick_json_and_plot(tmp_path, capsys):
             assert "peak_mem_bytes" in r
     assert all(r["ratio_to_merged"] == 1.0 for r in res if r["backend"] == "merged")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
-    out = capsys.readouterr().out
-    assert "geomean time ratio to merged" in out and "median" not in out.splitlines()[0]
+    lines = capsys.readouterr().out.splitlines()
+    # the command once, then one table header and one row per result, then the summary
+    assert [line for line in lines if line.startswith("clora-bench ")] == [lines[1]]
+    assert "--suite quick" in lines[1] and lines[2].startswith("device cpu")
+    header = [i for i, line in enumerate(lines) if line.split()[:3] == ["layer", "M", "K"]]
+    summary = lines.index("geomean time ratio to merged (lower is better):")
+    assert len(header) == 1 and summary - header[0] - 1 == len(res), lines
 
 
 def test_bench_peft_variant_is_the_same_math():

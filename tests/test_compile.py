@@ -34,7 +34,7 @@ def test_compile_inductor_single_layer(seed):
 
 
 def test_compile_dynamic_shapes(seed):
-    """dynamic=True traces the module's scaling as a symbolic float (math.isfinite on it was a
+    """dynamic=True traces the module's scaling as a symbolic float (math.isfinite on it would be a
     graph break under fullgraph): one graph serves every batch size, forward and backward equal eager."""
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))

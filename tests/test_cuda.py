@@ -98,7 +98,7 @@ def test_gpu_both_shrink_forms(seed, monkeypatch, fused_max_mr, dtype, m, k, n, 
 
 def _poison_cuda_allocator():
     """Fill memory the caching allocator will hand out next with NaN: the ops allocate their outputs
-    with at::empty, so an element a kernel leaves unwritten reads NaN (DESIGN.md section 6)."""
+    with at::empty, so an element a kernel leaves unwritten reads NaN (docs/design.md section 6)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     small = [torch.full((1024,), float("nan"), device="cuda") for _ in range(512)]      # small pool, 4 KB each

@@ -387,7 +387,7 @@ def test_readme_transformers_quick_start_runs_as_written(tmp_path, monkeypatch, 
         assert rel_err(served(input_ids=ids).logits, model.eval()(input_ids=ids).logits) < 1e-5
 
 
-# ---- regressions from the review of the first version (each failed on it) ---------------------
+# ---- cases a review found (each fails without its handling) -------------------------------------
 def test_a_trained_head_travels_as_modules_to_save(tmp_path, seed):
     base = _vit()
     model = ck.inject_clora(copy.deepcopy(base), target_modules=["qkv"], rank=2)

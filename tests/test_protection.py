@@ -209,9 +209,9 @@ def _sub(n, dim, seed):
 
 @pytest.mark.parametrize("how", ["fused_adam", "fused_sgd", "small_subspace"])
 def test_project_holds_for_fused_optimizers_and_weak_directions(seed, how):
-    """Review findings: fused optimizers write without bumping version counters (old outputs
-    moved by 1.07 relative), and a 5-dimensional input subspace at rank 6 left a u-direction of
-    0.75 % energy unprotected (old outputs moved 13 %). Both now stay within 1e-5."""
+    """Two ways the projection can leak: fused optimizers write without bumping version counters
+    (missed, old outputs move by 1.07 relative), and a 5-dimensional input subspace at rank 6
+    leaves a u-direction of 0.75 % energy (unprotected, old outputs move 13 %). Both stay within 1e-5."""
     torch.manual_seed(seed)
     layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
     dim = 5 if how == "small_subspace" else 10

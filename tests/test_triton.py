@@ -15,6 +15,7 @@ from clora_kernels.backends import BackendUnavailableError
 
 triton = pytest.importorskip("triton")
 from clora_kernels.backends.triton import launch, tune  # noqa: E402
+from clora_kernels.backends.torch_ref import lora_gemm, routing_eff  # noqa: E402
 from clora_kernels.backends.triton.launch import GemmConfig, Plan, ShrinkConfig  # noqa: E402
 from helpers import (TOL, call, cast_inputs, check_backend, check_cuda_graph_capture, make_inputs, oracle,  # noqa: E402
                      rel_err)
@@ -88,17 +89,15 @@ def test_poisoned_outputs_fully_written(seed, strategy, kind):
     """Launch into NaN-filled outputs: an unwritten element fails (DESIGN.md section 6)."""
     dtype = torch.float32
     inp = cast_inputs(make_inputs(37, 40, 72, 6, hard=True), dtype, DEV, requires_grad=False)
-    r_eff = inp["routing_old"] + inp["projection"] @ inp["routing_delta"]
+    r_eff = routing_eff(inp["routing_old"], inp["routing_delta"], inp["projection"])
     s = inp["scaling"]
     if kind == "fwd":
         x, w, a, b, bias, trans = inp["x"], inp["weight"], inp["lora_A"].t(), inp["lora_B"].t(), inp["bias"], False
-        t_ref = x.double() @ a.double()
-        y_ref = x.double() @ w.double().t() + bias.double() + s * t_ref @ r_eff.double() @ b.double()
     else:
         x = torch.randn(37, 72, device=DEV, dtype=dtype)
         w, a, b, bias, trans = inp["weight"].t(), inp["lora_B"], inp["lora_A"], None, True
-        t_ref = x.double() @ a.double()
-        y_ref = x.double() @ inp["weight"].double() + s * t_ref @ r_eff.double().t() @ b.double()
+    y_ref, t_ref = lora_gemm(x.double(), w.double(), a.double(), b.double(), (r_eff.t() if trans else r_eff).double(),
+                             None if bias is None else bias.double(), s)
     y = torch.full((x.shape[0], w.shape[0]), float("nan"), device=DEV, dtype=dtype)
     t = torch.full((x.shape[0], a.shape[1]), float("nan"), device=DEV, dtype=dtype)
     y, t = launch.run(PLANS[strategy], x, w, a, b, inp["routing_old"], inp["routing_delta"], inp["projection"],
@@ -299,10 +298,8 @@ def test_gpu_row_major_down_operand(seed, strategy, kind):
     ro, rd = torch.randn(5, 5, device="cuda", dtype=dt), torch.randn(5, 5, device="cuda", dtype=dt)
     trans = kind == "dx"
     y, t = launch.run(GPU_PLANS[strategy], g, w, a, b, ro, rd, None, None, 0.7, trans)
-    r = (ro.float() + rd.float())
-    r = r.t() if trans else r
-    t_ref = g.float() @ a.float()
-    y_ref = g.float() @ w.float().t() + 0.7 * (t_ref @ r) @ b.float()
+    r = routing_eff(ro.float(), rd.float(), None)
+    y_ref, t_ref = lora_gemm(g.float(), w.float(), a.float(), b.float(), r.t() if trans else r, None, 0.7)
     assert rel_err(t, t_ref) < TOL[dt] and rel_err(y, y_ref) < TOL[dt]
 
 
@@ -330,8 +327,7 @@ def test_gpu_large_shape_tuned(seed, r):
         outs[backend] = [y.float(), x.grad.float(), la.grad.float(), lb.grad.float(), rd.grad.float()]
     # fp32 references computed on the GPU from the same bf16 inputs
     xf, wf, laf, lbf, rf = x.detach().float(), w.float(), la.detach().float(), lb.detach().float(), (ro + rd).detach().float()
-    t = xf @ laf.t()
-    y_ref = xf @ wf.t() + b.float() + 0.5 * t @ rf @ lbf.t()
+    y_ref, _ = lora_gemm(xf, wf, laf.t(), lbf.t(), rf, b.float(), 0.5)
     for name, ours, theirs, ref in (("y", outs["triton"][0], outs["torch"][0], y_ref),):
         e, te = rel_err(ours, ref), rel_err(theirs, ref)
         assert e < TOL[dt] and e <= 2 * te + 8e-3, (name, e, te)

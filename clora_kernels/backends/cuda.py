@@ -1,5 +1,5 @@
 """The `cuda` backend: wrappers over torch.ops.clora.cuda_linear_fwd / cuda_linear_dx from the
-csrc/ extension (DESIGN.md section 5).
+csrc/ extension (docs/design.md section 5).
 
 The extension is taken from `clora_kernels._C` when setup.py built it; otherwise the first use on
 a CUDA machine JIT-builds csrc/ with torch.utils.cpp_extension.load into a cache directory
@@ -12,10 +12,10 @@ import glob
 import hashlib
 import os
 import re
-import shutil
 
 import torch
 
+from .._cuda_build import cuda_archs, cuda_home, extra_include_dirs, torch_arch_list
 from .._io import cache_dir
 from . import KernelBackend, register
 
@@ -28,54 +28,6 @@ def csrc_dir() -> str:
 def sources() -> list:
     d = csrc_dir()
     return sorted(glob.glob(os.path.join(d, "*.cu")) + glob.glob(os.path.join(d, "*.cpp")))
-
-
-def cuda_home():
-    """CUDA_HOME, else the toolkit of the `nvcc` on PATH: the first of its real path's parent and
-    /usr/local/cuda that holds include/cuda_runtime.h. (An nvcc wrapper in /usr/local/bin makes
-    torch guess /usr/local, which has no CUDA headers or libraries.)"""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home:
-        return home
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    for cand in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
-        if os.path.exists(os.path.join(cand, "include", "cuda_runtime.h")):
-            return cand
-    return None
-
-
-_LIB_HEADERS = ("cublas", "cusparse", "cusolver", "curand", "cufft", "nvjitlink")
-
-
-def extra_include_dirs() -> list:
-    """Headers of the CUDA libraries that ATen's CUDA headers include (cusparse.h, cublas_v2.h,
-    ...) when the nvcc toolkit lacks them. pip installs of torch carry them under
-    site-packages/nvidia/*/include, but that folder also holds a newer CUDA runtime and CCCL,
-    which must not shadow nvcc's own. So only the library headers are linked into a shim folder."""
-    home = cuda_home()
-    if home and os.path.exists(os.path.join(home, "include", "cusparse.h")):
-        return []
-    try:
-        import nvidia
-    except ImportError:
-        return []
-    bases = list(getattr(nvidia, "__path__", []))
-    # one shim per location of the headers: venvs elsewhere never meet each other's links
-    shim = cache_dir("cuda_lib_headers", hashlib.sha256("|".join(bases).encode()).hexdigest()[:12])
-    os.makedirs(shim, exist_ok=True)
-    for base in bases:
-        for header in glob.glob(os.path.join(base, "*", "include", "*.h")):
-            name = os.path.basename(header)
-            link = os.path.join(shim, name)
-            if not name.lower().startswith(_LIB_HEADERS):
-                continue
-            if os.path.lexists(link) and os.path.realpath(link) != os.path.realpath(header):
-                os.remove(link)
-            if not os.path.lexists(link):
-                os.symlink(header, link)
-    return [shim]
 
 
 def _first_error_line(text: str) -> str:
@@ -96,11 +48,10 @@ def build(build_dir=None, verbose: bool = False) -> str:
     if home is None:
         raise RuntimeError("nvcc was not found and CUDA_HOME is not set")
     os.environ.setdefault("CUDA_HOME", home)
-    arch = os.environ.get("CLORA_CUDA_ARCH", "80;90").replace(",", ";")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{a[:-1]}.{a[-1]}" for a in arch.split(";") if a))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", torch_arch_list(cuda_archs()))
     import torch.utils.cpp_extension as ce
     ce.CUDA_HOME = home
-    flags, includes = ["-O3"], extra_include_dirs()
+    flags, includes = ["-O3"], extra_include_dirs(cache_dir())
     # the cache key: sources, flags, include dirs, arch list, torch and the CUDA home (a second test run on a
     # machine reuses the build; any change rebuilds)
     digest = hashlib.sha256(repr((torch.__version__, os.environ["TORCH_CUDA_ARCH_LIST"], flags, includes,

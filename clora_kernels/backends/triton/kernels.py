@@ -1,4 +1,4 @@
-"""Triton kernels of the C-LoRA engine (DESIGN.md section 4).
+"""Triton kernels of the C-LoRA engine (docs/design.md section 4).
 
 _clora_gemm_kernel   Y = X·Wᵀ + bias + s·U·B, with U either
                        FUSED:  U = (X·A)·R computed in the same K loop (each X tile loaded once
