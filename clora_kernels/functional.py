@@ -1,10 +1,10 @@
-"""`clora_linear`: validate once, dispatch once (DESIGN.md sections 2 and 3).
+"""`clora_linear`: validate once, dispatch once (docs/design.md sections 2 and 3).
 
     y = x Wᵀ + b + s · (x lora_Aᵀ) (R_old + P R_delta) lora_Bᵀ
 
 Every backend is reached through `backends.ops.linear`: the registered op `torch.ops.clora.linear_fwd`
 under torch.compile, a thin autograd.Function over the same implementation in eager mode; one
-autograd formula (DESIGN.md section 2) for all backends (`backends/ops.py`).
+autograd formula (docs/design.md section 2) for all backends (`backends/ops.py`).
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
 
     Shapes (nn.Linear / PEFT conventions): x (*, K), weight (N, K), bias (N,) or None,
     lora_A (r, K), lora_B (N, r), routing_old / routing_delta / projection (r, r);
-    ``projection=None`` means the identity. Gradients follow DESIGN.md section 2: none for
+    ``projection=None`` means the identity. Gradients follow docs/design.md section 2: none for
     ``weight`` or ``routing_old``; ``lora_A``/``lora_B`` see only the new route ``P R_delta``
     unless ``grad_through_old_route=True``. ``backend``: "auto" (then env ``CLORA_BACKEND``,
     then the fastest usable), "torch", "triton" or "cuda".

@@ -1,4 +1,4 @@
-"""`CLoRALinear` (a drop-in `nn.Linear`) and the model helpers (DESIGN.md section 2,
+"""`CLoRALinear` (a drop-in `nn.Linear`) and the model helpers (docs/design.md section 2,
 "Storage layout and public names").
 
 PEFT layout: lora_A is (r, K), lora_B is (N, r); routing_old / projection are buffers and
@@ -64,7 +64,7 @@ def _write_once(model: nn.Module, write) -> None:
         torch.distributed.barrier()
 
 
-DEFAULT_PROTECTION = "freeze"   # DESIGN.md §2: what won on held-out seeds (README "Continual learning")
+DEFAULT_PROTECTION = "freeze"   # docs/design.md section 2: what won on held-out seeds (README "Continual learning")
 
 
 def _check_config(in_features: int, out_features: int, rank, alpha, mode, protect_energy, backend,

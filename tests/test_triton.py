@@ -1,4 +1,4 @@
-"""The triton backend against the float64 oracle (DESIGN.md section 6).
+"""The triton backend against the float64 oracle (docs/design.md section 6).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py) in fp32 and fp16 at small
 odd shapes; bf16 (broken in the interpreter's tl.dot), large shapes, rank 64/128, the cuBLAS
@@ -86,7 +86,7 @@ def test_3d_noncontiguous_and_old_route(seed, force_plan, strategy):
 @pytest.mark.parametrize("strategy", list(PLANS))
 @pytest.mark.parametrize("kind", ["fwd", "dx"])
 def test_poisoned_outputs_fully_written(seed, strategy, kind):
-    """Launch into NaN-filled outputs: an unwritten element fails (DESIGN.md section 6)."""
+    """Launch into NaN-filled outputs: an unwritten element fails (docs/design.md section 6)."""
     dtype = torch.float32
     inp = cast_inputs(make_inputs(37, 40, 72, 6, hard=True), dtype, DEV, requires_grad=False)
     r_eff = routing_eff(inp["routing_old"], inp["routing_delta"], inp["projection"])

@@ -1,4 +1,4 @@
-"""Benchmark core: the variants of one shape, timed in one process run (DESIGN.md section 7).
+"""Benchmark core: the variants of one shape, timed in one process run (docs/design.md section 7).
 
 Variants: merged (cuBLAS F.linear with the merged weight: the floor), torch (eager reference
 backend), compile (torch.compile of the reference formula), peft (a PEFT LoRA layer on the same

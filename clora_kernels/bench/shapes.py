@@ -1,4 +1,4 @@
-"""Benchmark shape suites (DESIGN.md section 7)."""
+"""Benchmark shape suites (docs/design.md section 7)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""The `triton` backend: fused C-LoRA kernels (DESIGN.md section 4). Kernels in kernels.py,
+"""The `triton` backend: fused C-LoRA kernels (docs/design.md section 4). Kernels in kernels.py,
 launchers and strategies in launch.py, strategy/tile selection in tune.py."""
 from __future__ import annotations
 

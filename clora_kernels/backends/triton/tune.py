@@ -1,4 +1,4 @@
-"""Strategy and tile selection per GPU and shape bucket (DESIGN.md section 4).
+"""Strategy and tile selection per GPU and shape bucket (docs/design.md section 4).
 
 Small explicit candidate lists (compile time counts). The first call of a shape bucket times
 every candidate with triton.testing.do_bench (median) and keeps the fastest; results are cached
