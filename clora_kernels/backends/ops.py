@@ -185,7 +185,10 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
         y = reference_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                               grad_through_old_route)
         return y, x.new_empty(x.shape[0], 0)
+    elif not torch.is_grad_enabled():
+        return _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                                 need_t, backend)
     else:
-        fn = _EagerLinear.apply if torch.is_grad_enabled() else _linear_fwd
+        fn = _EagerLinear.apply
     return fn(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
               grad_through_old_route, need_t, backend)
