@@ -234,27 +234,37 @@ def test_available_backends_reports_each():
             assert str(err.value) == f"backend {name!r} cannot run this call: {why}"
 
 
-@pytest.mark.parametrize("m,k,n,plans", [(50, 24, 40, ("merge", "merge")), (30, 24, 40, ("merge", "eager")),
-                                         (20, 24, 40, ("eager", "eager")), (30, 40, 24, ("eager", "merge"))])
+@pytest.mark.parametrize("m,k,n,plans", [(200, 24, 40, ("merge", "merge")), (120, 24, 40, ("merge", "eager")),
+                                         (60, 24, 40, ("eager", "eager")), (120, 40, 24, ("eager", "merge"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_auto_on_cpu_merges_where_m_exceeds_k(monkeypatch, seed, m, k, n, plans, dtype):
-    """auto on CPU: the per-call merged weight for an operand with more rows than columns (the
-    forward's x (M, K), dx's g (M, N)), the unmerged ops otherwise; every output and gradient
-    against the float64 oracle and within 2x the eager torch backend's error."""
+def test_auto_on_cpu_merges_where_it_pays(monkeypatch, seed, m, k, n, plans, dtype):
+    """auto on CPU: the per-call merged weight where the cost model prefers it (the forward's x
+    (M, K), dx's g (M, N); with t, from M > K(r + 4N)/(N + r)), the unmerged ops otherwise; every
+    output and gradient against the float64 oracle and within 2x the eager torch backend's error."""
     from clora_kernels import reference
     from clora_kernels.backends import auto, torch_ref
-    assert (auto.torch_plan(torch.empty(m, k)), auto.torch_plan(torch.empty(m, n))) == plans
+    r = 5
+    assert (auto.torch_plan(torch.empty(m, k), n, r, True), auto.torch_plan(torch.empty(m, n), k, r, True)) == plans
     ran = []
 
     def spy(x, *args):
         ran.append(x.shape[1])
         return reference.merged_gemm(x, *args)
     monkeypatch.setattr(torch_ref, "merged_gemm", spy)
-    check_backend("auto", dtype, m=m, k=k, n=n, r=5, hard=True)
+    check_backend("auto", dtype, m=m, k=k, n=n, r=r, hard=True)
     assert set(ran) == {width for width, plan in ((k, plans[0]), (n, plans[1])) if plan == "merge"}
     ran.clear()
-    check_backend("torch", dtype, m=m, k=k, n=n, r=5)
+    check_backend("torch", dtype, m=m, k=k, n=n, r=r)
     assert not ran                                  # an explicit backend="torch" is the unmerged reference
+
+
+def test_auto_cost_model_thresholds():
+    """Without t (inference) merging pays earlier than with it; never where M <= K (memory rule)."""
+    from clora_kernels.backends.auto import merge_pays
+    assert merge_pays(60, 24, 40, 5, need_t=False) and not merge_pays(60, 24, 40, 5, need_t=True)
+    assert not merge_pays(57, 24, 40, 5, need_t=False)
+    assert merge_pays(89, 24, 40, 5, need_t=True) and not merge_pays(88, 24, 40, 5, need_t=True)
+    assert not any(merge_pays(m, 640, 64, 16, t) for m in range(1, 641) for t in (False, True))
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch, seed):

@@ -12,24 +12,31 @@ Plans under auto:
                 library plans (cuBLAS + shrink, the eager ops, the per-call merged weight) per shape
                 bucket and keeps the fastest: auto is then never slower than any of them.
   CPU (and a GPU without triton or cuda), torch   `torch_plan`: the unmerged ops ("eager") or a
-                per-call merged weight ("merge"), by the cost model below. It is a formula, not a
+                per-call merged weight ("merge"), by the cost model below (on a GPU: eager). It is a formula, not a
                 timing, so a seeded CPU run computes the same numbers every time (a timed choice
                 would follow the machine's load).
 
-The cost model counts the FLOPs where the two plans differ (the M×N×K GEMM is in both). In
-operand terms (x (M,K) against an (N,K) weight; the dx call has the layer's N as K):
+The cost model (`merge_pays`) counts where the two plans differ (the M×N×K GEMM is in both), in
+operand terms (x (M,K) against an (N,K) weight; the dx call has g (M,N) against Wᵀ), in FLOPs:
     eager: t = x·A  M·K·r,  u = t·R  M·r·r,  expand  M·r·N
-    merge: A·R  K·r·r,  W_eff  N·K·r,  and t = x·A  M·K·r  where a gradient reads it
-so merge costs less exactly when M > K (training; in inference it already does at
-M > K(N+r)/(K+N+r)). It is chosen at M > K.
+    merge: A·R  K·r·r,  W_eff  N·K·r  plus 3r per element for writing W_eff and reading W
+           (measured, below),  and t = x·A  M·K·r  where a gradient reads it (always in dx: v)
+so merge pays at M > K(r + 4N)/(N + r) ≈ 4K with t, and from about 2K without it (inference,
+K ≈ N). The 3r was read off the crossover on shapes outside the benchmark suites (K, N in
+{64, 200, 640}, M/K from 1.25 to 6, fp32, 2 threads, merged_gemm against lora_gemm): with t,
+merge/eager 1.03-1.17 at M/K = 1.25, 1.00-1.14 at 2, 0.90-1.02 at 4, 0.83-0.98 at 6 (one outlier
+1.35); without t, 0.96-0.98 at 2, 0.83-0.91 at 4. FLOPs alone (no 3r) would merge from M > K,
+where it measured up to 17 % slower.
 
 Memory (`merge_allowed`, the one rule for CPU and GPU, forward and dx): the merge plan is a
 candidate only at M > K, where its transient W_eff (N×K) is smaller than the call's own output
-(M×N). W_eff is recomputed in dx, never kept from the forward (that would hold one weight per
-layer across the step). What remains is one transient weight at a time: measured by
-benchmarks/peak_memory.py (a ViT-S/16 training step on CPU, rank 16), the peak above the step's start is
-914.0-915.7 MiB with torch and 915.7-916.1 with auto at batch 16 (the same within the runs'
-spread), 113.1-113.2 against 114.2-114.8 at batch 2 (+1.3 %, about one layer's W_eff).
+(M×N); on CPU the cost model asks for more anyway. W_eff is recomputed in dx, never kept from the
+forward (that would hold one weight per layer across the step). What remains is one transient
+weight at a time: benchmarks/peak_memory.py (a ViT-S/16 training step on CPU, rank 16, peak
+resident memory above the step's start, two runs each) measures 112.3-113.2 MiB with torch and
+112.9-113.1 with auto at batch 2 (no layer merges there), 913.8-914.3 against 915.4-916.0 at
+batch 16 (+1.6 MiB, +0.2 %: about one layer's W_eff), 3663.3-3663.5 against 3663.9-3664.0 at
+batch 64 (+0.02 %).
 """
 from __future__ import annotations
 
@@ -85,9 +92,18 @@ def merge_allowed(m: int, k: int) -> bool:
     return m > k
 
 
-def torch_plan(x: torch.Tensor) -> str:
-    """The torch backend's plan under auto for the operand x (the forward's x, or dx's g): on CPU
-    "merge" where `merge_allowed`, else "eager"; on a GPU "eager" (the Triton tuner times both)."""
+def merge_pays(m: int, k: int, n: int, r: int, need_t: bool) -> bool:
+    """The cost model above: whether the per-call merged weight is the cheaper plan for an (M, K)
+    operand against an (N, K) weight at rank r (and allowed by the memory rule)."""
+    eager = m * r * (k + r + n)
+    merge = k * r * r + 4 * r * n * k + (m * k * r if need_t else 0)
+    return merge_allowed(m, k) and merge < eager
+
+
+def torch_plan(x: torch.Tensor, n: int, r: int, need_t: bool) -> str:
+    """The torch backend's plan under auto for the operand x (the forward's x, or dx's g) against
+    n outputs at rank r: on CPU "merge" where `merge_pays`, else "eager"; on a GPU "eager" (there
+    the Triton tuner times both)."""
     if x.device.type != "cpu":
         return "eager"
-    return "merge" if merge_allowed(x.shape[0], x.shape[1]) else "eager"
+    return "merge" if merge_pays(x.shape[0], x.shape[1], n, r, need_t) else "eager"

@@ -5,7 +5,7 @@ Two plans, both written in `clora_kernels.reference`:
           explicit backend="torch" always runs, and the benchmarks' "torch" row;
   merge   a per-call merged weight W_eff = W + s·lora_B·R_effᵀ·lora_A (one addmm), then one GEMM;
           dx is g·W_eff, the merged weight recomputed there (never kept between the two).
-Under backend="auto" `auto.torch_plan` picks one per call by its cost model.
+Under backend="auto" `auto.torch_plan` picks one per call by its cost model (on CPU).
 """
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ class TorchBackend:
         return []
 
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
-        gemm = merged_gemm if auto and torch_plan(x) == "merge" else lora_gemm
+        merge = auto and torch_plan(x, weight.shape[0], lora_a.shape[0], need_t) == "merge"
+        gemm = merged_gemm if merge else lora_gemm
         return gemm(x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling, need_t)
 
     def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
-        gemm = merged_gemm if auto and torch_plan(g) == "merge" else lora_gemm
+        merge = auto and torch_plan(g, weight.shape[1], lora_a.shape[0], True) == "merge"
+        gemm = merged_gemm if merge else lora_gemm
         return gemm(g, weight.t(), lora_b, lora_a, routing_eff(r_old, r_delta, proj).t(), None, scaling)
 
 
