@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import BACKEND_NAMES
+from .backends import BACKEND_NAMES, device_type
 from .backends import ops as _ops  # registers torch.ops.clora.*
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -87,9 +87,9 @@ def _autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
     """Under torch.autocast, compute in the autocast dtype the way nn.Linear (F.linear) does: every
     floating-point tensor but float64 is cast (autocast leaves float64 alone). The casts are
     differentiable, so fp32 parameters receive fp32 gradients."""
-    if not isinstance(x, Tensor) or not _autocasting(x.device.type):   # (a non-tensor x: check_inputs says so)
+    if not isinstance(x, Tensor) or not _autocasting(device_type(x)):   # (a non-tensor x: check_inputs says so)
         return (x, *tensors)
-    dev = x.device.type
+    dev = device_type(x)
     dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in (x, *tensors))
@@ -143,7 +143,7 @@ def module_linear(owner, x, weight, bias, lora_A, lora_B, routing_old, routing_d
     buffer assigned, `.to()` / `.half()` / `to_empty`); otherwise only x's type is checked. Under
     autocast every call validates (its casts make new operands)."""
     key = None
-    if isinstance(x, Tensor) and x.dim() and not _autocasting(x.device.type):
+    if isinstance(x, Tensor) and x.dim() and not _autocasting(device_type(x)):
         key = (x.dtype, x.device, x.shape[-1], scaling, backend, mode)
         if owner._checked == key:
             return _linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,

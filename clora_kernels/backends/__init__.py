@@ -50,6 +50,13 @@ class KernelBackend:
         return reasons
 
 
+def device_type(t: torch.Tensor) -> str:
+    """t.device.type, without building a device object for CPU and CUDA tensors: on the CPU machine
+    t.device.type costs 0.42 µs, t.is_cpu 0.07 (four reads per call were a tenth of a small layer's
+    Python cost)."""
+    return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run a call; the message says why."""
 

@@ -44,7 +44,7 @@ import warnings
 
 import torch
 
-from . import BackendUnavailableError, _registry, get, requested_backend
+from . import BackendUnavailableError, _registry, device_type, get, requested_backend
 
 AUTO_ORDER = ("triton", "cuda", "torch")
 broken: dict = {}  # name -> reason, backends that failed under "auto"
@@ -66,7 +66,7 @@ def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
         if why:
             raise BackendUnavailableError(f"backend {name!r} cannot run this call: " + "; ".join(why))
         return fn(backend, False)
-    dev = x.device.type
+    dev = device_type(x)
     for cand in AUTO_ORDER:
         backend = _registry.get(cand) or get(cand)
         if cand == "torch":          # runs every call
@@ -104,6 +104,7 @@ def torch_plan(x: torch.Tensor, n: int, r: int, need_t: bool) -> str:
     """The torch backend's plan under auto for the operand x (the forward's x, or dx's g) against
     n outputs at rank r: on CPU "merge" where `merge_pays`, else "eager"; on a GPU "eager" (there
     the Triton tuner times both)."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return "eager"
-    return "merge" if merge_pays(x.shape[0], x.shape[1], n, r, need_t) else "eager"
+    m, k = x.shape
+    return "merge" if merge_pays(m, k, n, r, need_t) else "eager"
