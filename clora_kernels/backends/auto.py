@@ -88,7 +88,7 @@ def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
 
 def merge_allowed(m: int, k: int) -> bool:
     """Whether the per-call merged weight may serve an (M, K) operand (x, or dx's g): the memory
-    rule above, which on CPU is also where the cost model prefers it."""
+    rule above (on CPU the cost model, `merge_pays`, asks for more)."""
     return m > k
 
 
