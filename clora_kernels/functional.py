@@ -9,6 +9,7 @@ autograd formula (docs/design.md section 2) for all backends (`backends/ops.py`)
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -135,21 +136,28 @@ def _linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, project
     return y.reshape(shape) if torch.jit.is_tracing() else torch.ops.aten._unsafe_view(y, shape)
 
 
-def module_linear(owner, x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
-                  grad_through_old_route, backend, mode):
-    """clora_linear for a module whose operands other than x change rarely: the full validation runs
-    when the call's signature (x's dtype, device and width, scaling, backend, mode) differs from the
-    last one that passed, or the module invalidated it (`owner._checked = None`: a parameter or
-    buffer assigned, `.to()` / `.half()` / `to_empty`); otherwise only x's type is checked. Under
-    autocast every call validates (its casts make new operands)."""
-    key = None
-    if isinstance(x, Tensor) and x.dim() and not _autocasting(device_type(x)):
-        key = (x.dtype, x.device, x.shape[-1], scaling, backend, mode)
-        if owner._checked == key:
-            return _linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta, projection,
+                  scaling, grad_through_old_route, backend, mode):
+    """clora_linear for a module whose operands other than x change rarely. The full validation runs
+    unless this call matches the last one that passed: x's dtype, device and width, the scaling (a
+    float), backend and mode, every operand's dtype, and the operands themselves (the same tensor
+    objects: a swapped one, as torch.func.functional_call or a re-registered buffer gives, is
+    checked again). `owner._checked` holds that memo; `owner` clears it when it is moved. A `.data`
+    swap to another shape on the same tensor is the one change not seen. Under autocast every call
+    validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
+    the op transposed (transformers' Conv1D)."""
+    w = weight.t() if fan_in_fan_out else weight
+    if isinstance(x, Tensor) and x.dim() and type(scaling) is float and not _autocasting(device_type(x)):
+        key = (x.dtype, x.device, x.shape[-1], scaling, backend, mode, fan_in_fan_out, weight.dtype, lora_A.dtype,
+               lora_B.dtype, routing_old.dtype, routing_delta.dtype)
+        operands = (weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)
+        memo = owner._checked
+        if memo is not None and memo[0] == key and all(map(operator.is_, memo[1], operands)):
+            return _linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
                            grad_through_old_route, backend)
-    y = clora_linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
-                     grad_through_old_route=grad_through_old_route, backend=backend)
-    if key is not None:
-        owner._checked = key
-    return y
+        y = clora_linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                         grad_through_old_route=grad_through_old_route, backend=backend)
+        owner._checked = (key, operands)
+        return y
+    return clora_linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                        grad_through_old_route=grad_through_old_route, backend=backend)

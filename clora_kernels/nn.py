@@ -29,8 +29,6 @@ except ImportError:             # a torch built without torch.distributed: no pa
     DTensor = ()
 
 _MODES = ("soft", "hard")
-_OPERANDS = frozenset(("weight", "bias", "lora_A", "lora_B", "routing_old", "routing_delta", "projection",
-                       "fan_in_fan_out"))
 
 
 def _full(t: Tensor) -> Tensor:
@@ -86,7 +84,7 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
 
 class CLoRALinear(nn.Linear):
     """Drop-in `nn.Linear` with one C-LoRA adapter. `weight` and `bias` are the frozen base."""
-    _checked = None      # the last call signature whose operands passed validation (see __setattr__)
+    _checked = None      # the last call whose operands passed validation (functional.module_linear)
 
     def __init__(self, in_features: int, out_features: int, rank: int = 16, alpha: Optional[float] = None,
                  bias: bool = True, *, mode: str = "soft", protect_energy: float = 0.9,
@@ -222,28 +220,25 @@ class CLoRALinear(nn.Linear):
             if self.merged and torch.is_grad_enabled() and self.routing_delta.requires_grad:
                 y = _MergedGuard.apply(y, self.routing_delta)    # inference works; a backward says why not
             return y
-        params, buffers = self._parameters, self._buffers     # (not nn.Module.__getattr__: host cost per call)
-        lora_A, lora_B, plain = params["lora_A"], params["lora_B"], self.grad_through_old_route
+        params, buffers = self._parameters, self._buffers
+        try:    # read where they live, not through nn.Module.__getattr__ (host cost per call)
+            weight, bias, lora_A, lora_B = params["weight"], params["bias"], params["lora_A"], params["lora_B"]
+            routing_delta = params["routing_delta"]
+            routing_old, projection = buffers["routing_old"], buffers["projection"]
+        except KeyError:    # torch.nn.utils.prune / parametrize moved one: the attribute computes it
+            weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
+            routing_delta, routing_old, projection = self.routing_delta, self.routing_old, self.projection
+        plain, mode = self.grad_through_old_route, self.mode
         if self.protection.acts(self):
             self.protection.enforce(self)
             lora_A, lora_B, plain = self.protection.operands(self, lora_A, lora_B, plain)
-        weight, mode = params["weight"], self.mode
-        return module_linear(self, x, weight.t() if self.fan_in_fan_out else weight, params["bias"], lora_A, lora_B,
-                             buffers["routing_old"], params["routing_delta"],
-                             buffers["projection"] if mode == "hard" else None, self.scaling, plain, self.backend, mode)
+        return module_linear(self, x, weight, self.fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta,
+                             projection if mode == "hard" else None, self.scaling, plain, self.backend, mode)
 
-    # the operands' validation is remembered per call signature (functional.module_linear); these are
-    # the ways their shape, dtype or device change, each forgetting it
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
-        if name in _OPERANDS:
-            self.__dict__["_checked"] = None
-
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, recurse=True):     # .to() / .half() / to_empty: the operands' validation is redone
         self.__dict__["_checked"] = None
         return super()._apply(fn, recurse)
 
-    # ---- task lifecycle -------------------------------------------------------------------
     @torch.no_grad()
     def end_task(self) -> None:
         """Fold the task's routing into the frozen route: R_old <- R_old + P R_delta; in hard

@@ -100,6 +100,39 @@ def test_operands_revalidated_after_every_change(seed):
         with pytest.raises(err, match=words):
             layer(bad)
     layer(torch.randn(3, 5, 16))          # leading dims are free
+    # changes that go around __setattr__ and _apply: a .data cast, swapped tensors, a tensor scaling
+    layer = fresh()
+    layer.lora_A.data = layer.lora_A.data.double()
+    with pytest.raises(TypeError, match="dtype mismatch: x is torch.float32 but lora_A is torch.float64"):
+        layer(torch.randn(2, 16))
+    layer = fresh()
+    with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(8,\), got \(1,\)"):
+        torch.func.functional_call(layer, {"bias": torch.full((1,), 100.0)}, (torch.randn(2, 16),))
+    layer = fresh()
+    layer.scaling = nn.Parameter(torch.tensor(layer.scaling))
+    with pytest.raises(ValueError, match="scaling must be a finite Python number"):
+        layer(torch.randn(2, 16))
+
+
+def test_pruned_and_parametrized_layers_run(seed):
+    """torch.nn.utils.prune and parametrize move a parameter out of _parameters: the forward still
+    computes with what the attribute gives (the pruned or parametrized tensor)."""
+    import torch.nn.utils.parametrize
+    import torch.nn.utils.prune
+    layer = CLoRALinear(8, 4, rank=2)
+    x = torch.randn(3, 8)
+    torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+    torch.nn.utils.parametrize.register_parametrization(layer, "lora_A", _Double())
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    want = ck.clora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.routing_old,
+                           layer.routing_delta, None, layer.scaling)
+    assert (layer.weight == 0).sum() == 16 and torch.equal(layer(x), want)
+
+
+class _Double(nn.Module):
+    def forward(self, a):
+        return 2 * a
 
 
 def test_routing_and_delta_weight_match_forward(seed):
