@@ -1,10 +1,18 @@
 """Graph export of C-LoRA models (ONNX): the forward op as plain tensor ops.
 
 `torch.onnx.export(model, (x,), path)` (the torch.export-based exporter, torch's default) traces
-`clora::linear_fwd` as one opaque op, which ONNX has no function for. The decomposition below,
-registered in torch's decomposition table when `clora_kernels` is imported, writes the op as the
-reference formula (`backends.torch_ref.reference_formula`: MatMul / Add in ONNX), which the
-exporter applies before translating. It describes the forward value only: torch applies
+`clora::linear_fwd` as one opaque op, which ONNX has no function for. The decomposition below
+writes the op as the reference formula (`reference.reference_formula`: MatMul / Add in ONNX); the
+exporter applies what torch's global decomposition table holds, so `onnx_export()` puts it there
+for the export and takes it out after:
+
+    with clora_kernels.onnx_export():
+        torch.onnx.export(model.eval(), (x,), "model.onnx")
+
+It is not left in the table: with a decomposition there, inductor (torch.compile's default
+backend) refuses to fall back to the op when the environment variable CI is set ("make_fallback
+... a decomposition exists") and would otherwise be asked to inline the formula in place of the
+kernels. It describes the forward value only: torch applies
 decompositions below autograd, so the gradient semantics (the stop-gradient on the old route)
 stay with the op's registered autograd, and the formula runs with one route R_eff = R_old + P·R_delta
 (the same value, one MatMul chain fewer in the exported graph).
@@ -17,6 +25,8 @@ one MatMul per layer, `clora_kernels.merge(model)` first).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch._decomp import register_decomposition
 
@@ -24,9 +34,29 @@ from .backends import ops as _ops  # noqa: F401  (registers torch.ops.clora.*)
 from .backends.torch_ref import reference_formula
 
 
-@register_decomposition(torch.ops.clora.linear_fwd.default)
+_DECOMPOSITIONS: dict = {}
+
+
+@register_decomposition(torch.ops.clora.linear_fwd.default, registry=_DECOMPOSITIONS)
 def _linear_fwd_decomposition(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                               grad_through_old_route, need_t, backend):
     y = reference_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, True)
     t = x @ lora_a.t() if need_t else x.new_empty(x.shape[0], 0)
     return y, t
+
+
+@contextlib.contextmanager
+def onnx_export():
+    """Within the block, torch's decomposition table writes clora::linear_fwd as plain tensor ops
+    (for torch.onnx.export's default exporter); the table is as it was after."""
+    table = torch._decomp.decomposition_table
+    op = torch.ops.clora.linear_fwd.default
+    before = table.get(op)
+    table[op] = _DECOMPOSITIONS[op]
+    try:
+        yield
+    finally:
+        if before is None:
+            table.pop(op, None)
+        else:
+            table[op] = before

@@ -37,7 +37,8 @@ def test_onnx_export_runs_in_onnxruntime_like_eager(seed, tmp_path, exporter):
     # the default grad mode: the TorchScript tracer once wired the layer's autograd.Function wrongly there;
     # a dynamic batch dimension (a reshape by numel() once fixed it to the example's)
     if exporter == "dynamo":
-        torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+        with ck.onnx_export():
+            torch.onnx.export(model, (x,), str(path), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
     else:
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
     graph = onnx.load(str(path))
@@ -57,8 +58,26 @@ def test_decomposition_is_the_forward(seed):
     inp = make_inputs(7, 24, 10, 5, hard=True)
     args = [inp[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "routing_old", "routing_delta",
                              "projection", "scaling")]
-    decomp = torch._decomp.decomposition_table[torch.ops.clora.linear_fwd.default]
+    op = torch.ops.clora.linear_fwd.default
+    assert op not in torch._decomp.decomposition_table          # only inside onnx_export() (see the next test)
+    with ck.onnx_export():
+        decomp = torch._decomp.decomposition_table[op]
+    assert op not in torch._decomp.decomposition_table
     for need_t in (True, False):
         y, t = decomp(*args, False, need_t, "auto")
         y_op, t_op = torch.ops.clora.linear_fwd(*args, False, need_t, "torch")
         assert rel_err(y, y_op) < 1e-12 and t.shape == t_op.shape and rel_err(t, t_op) < 1e-12
+
+
+def test_inductor_falls_back_to_the_op_where_ci_is_set(seed, monkeypatch):
+    """With a decomposition of clora::linear_fwd left in torch's table, inductor's implicit fallback
+    raised "a decomposition exists" whenever the environment variable CI was set (as in CI)."""
+    import torch._inductor.config
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)    # lower it here, not from a cache
+    torch._dynamo.reset()
+    layer = ck.CLoRALinear(12, 8, rank=3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 12)
+    assert rel_err(torch.compile(layer, fullgraph=True)(x), layer(x)) < 1e-5
