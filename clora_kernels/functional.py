@@ -149,7 +149,8 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     w = weight.t() if fan_in_fan_out else weight
     if isinstance(x, Tensor) and x.dim() and type(scaling) is float and not _autocasting(device_type(x)):
         key = (x.dtype, x.device, x.shape[-1], scaling, backend, mode, fan_in_fan_out, weight.dtype, lora_A.dtype,
-               lora_B.dtype, routing_old.dtype, routing_delta.dtype)
+               lora_B.dtype, routing_old.dtype, routing_delta.dtype, None if bias is None else bias.dtype,
+               None if projection is None else projection.dtype)
         operands = (weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)
         memo = owner._checked
         if memo is not None and memo[0] == key and all(map(operator.is_, memo[1], operands)):

@@ -106,6 +106,10 @@ def test_operands_revalidated_after_every_change(seed):
     with pytest.raises(TypeError, match="dtype mismatch: x is torch.float32 but lora_A is torch.float64"):
         layer(torch.randn(2, 16))
     layer = fresh()
+    layer.bias.data = layer.bias.data.double()
+    with pytest.raises(TypeError, match="dtype mismatch: x is torch.float32 but bias is torch.float64"):
+        layer(torch.randn(2, 16))
+    layer = fresh()
     with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(8,\), got \(1,\)"):
         torch.func.functional_call(layer, {"bias": torch.full((1,), 100.0)}, (torch.randn(2, 16),))
     layer = fresh()

@@ -31,14 +31,13 @@ class TorchBackend:
         return []
 
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
-        merge = auto and torch_plan(x, weight.shape[0], lora_a.shape[0], need_t) == "merge"
-        gemm = merged_gemm if merge else lora_gemm
-        return gemm(x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling, need_t)
+        plan = torch_plan(x, weight.shape[0], lora_a.shape[0], need_t) if auto else "eager"
+        return run_plan(plan, x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling,
+                        need_t)
 
     def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
-        merge = auto and torch_plan(g, weight.shape[1], lora_a.shape[0], True) == "merge"
-        gemm = merged_gemm if merge else lora_gemm
-        return gemm(g, weight.t(), lora_b, lora_a, routing_eff(r_old, r_delta, proj).t(), None, scaling)
+        plan = torch_plan(g, weight.shape[1], lora_a.shape[0], True) if auto else "eager"
+        return run_plan(plan, g, weight.t(), lora_b, lora_a, routing_eff(r_old, r_delta, proj).t(), None, scaling)
 
 
 register(TorchBackend())
