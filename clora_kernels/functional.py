@@ -56,12 +56,12 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     if lora_A.dim() != 2 or lora_A.shape[1] != k or lora_A.shape[0] < 1:
         raise ValueError(f"lora_A must have shape (rank, in_features=({k})), got {_shape(lora_A)}")
     r = lora_A.shape[0]
-    if tuple(lora_B.shape) != (n, r):
+    if lora_B.shape != (n, r):
         raise ValueError(f"lora_B must have shape (out_features, rank) = ({n}, {r}), got {_shape(lora_B)}")
     for name, m in (("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection)):
-        if m is not None and tuple(m.shape) != (r, r):
+        if m is not None and m.shape != (r, r):
             raise ValueError(f"{name} must have shape (rank, rank) = ({r}, {r}), got {_shape(m)}")
-    if bias is not None and tuple(bias.shape) != (n,):
+    if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape (out_features,) = ({n},), got {_shape(bias)}")
     if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not (
             torch.compiler.is_compiling() or finite_number(scaling)):   # dynamic=True traces it as a symbol
@@ -70,13 +70,14 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         raise ValueError(f"backend must be one of {sorted(BACKEND_NAMES)}, got {backend!r}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+    cpu = x.is_cpu      # both on the CPU: no device objects built (t.device costs 0.4 µs, seven per call)
     for name, t in named:
         if t is None:
             continue
         if t.dtype != x.dtype:
             raise TypeError(f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype} "
                             f"(cast the module, or run under torch.autocast)")
-        if t.device != x.device:
+        if not (cpu and t.is_cpu) and t.device != x.device:
             raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
 
 

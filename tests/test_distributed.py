@@ -330,9 +330,14 @@ def test_readme_distributed_block_under_torchrun(tmp_path, monkeypatch):
     script = tmp_path / "train.py"
     script.write_text(_readme_block())
     (tmp_path / "two").mkdir()
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], cwd=tmp_path / "two", capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for attempt in range(2):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(script)], cwd=tmp_path / "two", capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # one retry for gloo's abort at interpreter exit (a worker thread still joinable: pytorch/pytorch
+        # issue 190489), 2 of 16 runs on the CPU machine; any other failure fails at once
+        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+            break
     assert run.returncode == 0, run.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
