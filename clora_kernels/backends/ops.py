@@ -35,17 +35,18 @@ from .auto import run
 
 
 def _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
-                      backend, ctx=None):
+                      backend, ctx=None, pad_t=True):
     """The forward on the backend `backend` resolves to; with `ctx` (eager autograd) that backend is
     kept as ctx.impl / ctx.auto for the dx, unless auto chose a kernel backend (then the dx resolves
-    again, so that a kernel failing there falls back)."""
+    again, so that a kernel failing there falls back). Without need_t, t is the op's (M, 0) tensor,
+    or with pad_t=False whatever the backend returned (the no-grad path reads only y)."""
     def fwd(impl, auto):
         if ctx is not None and (not auto or impl.name == "torch"):
             ctx.impl, ctx.auto = impl, auto
         return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
                             auto)
     y, t = run(backend, x, weight, lora_a.shape[0], fwd)
-    return y, (t if need_t else x.new_empty(x.shape[0], 0))
+    return y, (t if need_t or not pad_t else x.new_empty(x.shape[0], 0))
 
 
 def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
@@ -180,7 +181,8 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
            grad_through_old_route, need_t, backend):
     """clora::linear_fwd with autograd: the registered op while torch.compile / export traces,
     else `_EagerLinear` (same implementation and formula, a fraction of the host cost), or with
-    grad mode off, where autograd would record nothing, the implementation itself."""
+    grad mode off, where autograd would record nothing, the implementation itself (its t, read by
+    no gradient then, is whatever the backend returned, None included). Returns (y, t)."""
     if torch.compiler.is_compiling():
         fn = linear_fwd
     elif _functorch_active() or torch.jit.is_tracing():
@@ -193,7 +195,7 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
         return y, x.new_empty(x.shape[0], 0)
     elif not torch.is_grad_enabled():
         return _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-                                 need_t, backend)
+                                 need_t, backend, pad_t=False)
     else:
         fn = _EagerLinear.apply
     return fn(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
