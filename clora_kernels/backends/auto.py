@@ -26,7 +26,14 @@ K ≈ N). The 3r was read off the crossover on shapes outside the benchmark suit
 {64, 200, 640}, M/K from 1.25 to 6, fp32, 2 threads, merged_gemm against lora_gemm): with t,
 merge/eager 1.03-1.17 at M/K = 1.25, 1.00-1.14 at 2, 0.90-1.02 at 4, 0.83-0.98 at 6 (one outlier
 1.35); without t, 0.96-0.98 at 2, 0.83-0.91 at 4. FLOPs alone (no 3r) would merge from M > K,
-where it measured up to 17 % slower.
+where it measured up to 17 % slower. Re-measured after W_eff was built in the base weight's own
+layout (`reference.merged_weight`; same grid, K, N in {64, 200, 640}, M/K 1.25 to 4): with t
+1.04-1.21 at 1.25K, 0.91-1.12 at 2K, 0.87-1.05 at 3K and 0.88-1.05 at 4K; without t 0.97-1.11,
+0.87-1.01, 0.82-0.96 and 0.84-0.96. Where the model merges there, merging measured 0.82-1.05 of
+the unmerged time; where it does not, 0.87-1.21, so it leaves up to 13 % (with t, K=64, N=640 at
+3K) and 18 % (without t, the same shape at 3K) on the table where N is large against K: the cost of
+writing W_eff is not proportional to N·K·r alone. Not refitted: the VM's noise (10-30 % between
+runs) is the size of the effect.
 
 Memory (`merge_allowed`, the one rule for CPU and GPU, forward and dx): the merge plan is a
 candidate only at M > K, where its transient W_eff (N×K) is smaller than the call's own output
