@@ -78,7 +78,7 @@ def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
         backend = _registry.get(cand) or get(cand)
         if cand == "torch":          # runs every call
             return fn(backend, True)
-        if cand in broken or dev not in backend.auto_devices or reasons(backend, x, weight, rank, True):
+        if dev not in backend.auto_devices or cand in broken or reasons(backend, x, weight, rank, True):
             continue
         try:
             return fn(backend, True)
@@ -102,9 +102,9 @@ def merge_allowed(m: int, k: int) -> bool:
 def merge_pays(m: int, k: int, n: int, r: int, need_t: bool) -> bool:
     """The cost model above: whether the per-call merged weight is the cheaper plan for an (M, K)
     operand against an (N, K) weight at rank r (and allowed by the memory rule)."""
-    eager = m * r * (k + r + n)
-    merge = k * r * r + 4 * r * n * k + (m * k * r if need_t else 0)
-    return merge_allowed(m, k) and merge < eager
+    if not merge_allowed(m, k):
+        return False
+    return k * r * r + 4 * r * n * k + (m * k * r if need_t else 0) < m * r * (k + r + n)   # merge < eager
 
 
 def torch_plan(x: torch.Tensor, n: int, r: int, need_t: bool) -> str:
