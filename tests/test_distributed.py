@@ -334,8 +334,9 @@ def test_readme_distributed_block_under_torchrun(tmp_path, monkeypatch):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               str(script)], cwd=tmp_path / "two", capture_output=True, text=True, timeout=120,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        # one retry for gloo's abort at interpreter exit (a worker thread still joinable: pytorch/pytorch
-        # issue 190489), 2 of 16 runs on the CPU machine; any other failure fails at once
+        # one retry for gloo's abort at interpreter exit, "terminate called without an active exception"
+        # (its worker threads at finalization: pytorch/pytorch PR 179291), 2 of 16 runs on the CPU
+        # machine; any other failure fails at once
         if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
             break
     assert run.returncode == 0, run.stderr[-3000:]
