@@ -137,12 +137,11 @@ def _backward(ctx, grad_y, grad_t):
         if need_a:
             d_a = torch.addmm(lora_a, r_train, torch.mm(v.t(), x), beta=0, alpha=s)   # s R_train vᵀ x  (r, K)
         if need_lb:
-            # s gᵀ (t R_train), computed as the transpose of s (t R_train)ᵀ g: the same rounding as the
-            # plain formula (t R_train rounded, then the sum over M), with the pass over g as an
-            # (r, M)·(M, N) product, 68-78 µs against 97-109 for gᵀ·(t R) on the CPU machine (fp32,
-            # M=1576, N=288, r=16). Not (tᵀ g)ᵀ R_train: that rounds before the sum over r, which can
-            # cancel (bf16 error 9x the plain formula's on a random draw). The (N, r) view is not
-            # contiguous; autograd's accumulation copies it into lora_B's layout (N·r elements)
+            # s gᵀ (t R_train) as the transpose of s (t R_train)ᵀ g: the plain formula's rounding (t R_train
+            # rounded, then the sum over M), with the pass over g as an (r, M)·(M, N) product, about 70 µs
+            # against 97-109 for gᵀ·(t R) on the CPU machine (fp32, M=1576, N=288, r=16). Not
+            # (tᵀ g)ᵀ R_train: it rounds before the sum over r, which can cancel (bf16: up to 5x the plain
+            # formula's error on random draws). autograd copies the (N, r) view into lora_B's layout
             d_lb = torch.addmm(lora_b.t(), torch.mm(t, r_train).t(), g, beta=0, alpha=s).t()
     if need_rd:       # s Pᵀ tᵀ v (P is symmetric in hard mode; Pᵀ keeps a direct caller's non-symmetric one right).
         # Not through tᵀ g: that rounds before the sum over N, which cancels (bf16 error 2x the bound, M=r=1)
