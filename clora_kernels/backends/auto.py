@@ -41,9 +41,9 @@ candidate only at M > K, where its transient W_eff (N×K) is smaller than the ca
 forward (that would hold one weight per layer across the step). What remains is one transient
 weight at a time: benchmarks/peak_memory.py (a ViT-S/16 training step on CPU, rank 16, peak
 resident memory above the step's start, two runs each) measures 112.3-113.2 MiB with torch and
-112.9-113.1 with auto at batch 2 (no layer merges there), 913.8-914.3 against 915.4-916.0 at
-batch 16 (+1.6 MiB, +0.2 %: about one layer's W_eff), 3663.3-3663.5 against 3663.9-3664.0 at
-batch 64 (+0.02 %).
+112.9-113.1 with auto at batch 2 (no layer merges there); with the current merged-weight layout
+914.1-914.4 against 916.4-917.1 at batch 16 (+2.3-2.7 MiB, +0.3 %: about one layer's W_eff) and
+3662.4-3662.5 against 3663.8-3664.1 at batch 64 (+0.04 %).
 """
 from __future__ import annotations
 
