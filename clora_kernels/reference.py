@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 def routing_eff(routing_old, routing_delta, projection):
     """R_eff = R_old + P R_delta (P = I when projection is None)."""
-    return routing_old + (routing_delta if projection is None else projection @ routing_delta)
+    return routing_old + (routing_delta if projection is None else torch.mm(projection, routing_delta))
 
 
 def delta_weight(lora_A, lora_B, r_eff, scaling):
@@ -46,37 +46,44 @@ def reference_formula(x, weight, bias, lora_A, lora_B, routing_old, routing_delt
 
 
 # ---- one GEMM in operand views -------------------------------------------------------------------
-# forward  x (M,K),  w = weight (N,K),    a = lora_Aᵀ (K,r), b = lora_Bᵀ (r,N), r = R_eff
-# dx       g (M,N),  w = weightᵀ (K,N),   a = lora_B (N,r),  b = lora_A (r,K),  r = R_effᵀ   (t is then v)
+# forward  x (M,K),  w = weight (N,K),  a = lora_Aᵀ (K,r), b = lora_Bᵀ (r,N), r = R_eff             y = x·wᵀ
+# dx       g (M,N),  w = weight (N,K),  a = lora_B (N,r),  b = lora_A (r,K),  r = R_effᵀ, dx=True   y = g·w
+#          (t is then v). The Triton kernels' views (and their library plans) pass dx's w as weightᵀ
+#          with dx=False: the same product, one Python transpose and F.linear's own dearer.
 
-def lora_gemm(x, w, a, b, r, bias, scale, need_t=True):
-    """The unmerged plan ("eager"): y = x·wᵀ + bias + scale·(x·a)·r·b and t = x·a, four ops (t is
-    computed either way; need_t only mirrors merged_gemm's signature). The reference of the Triton
-    GEMM kernel. The skinny products call torch.mm (not matmul's dispatch layer); the base GEMM is
-    F.linear, whose transpose happens in C++ (0.3 µs less per call than addmm on a Python .t())."""
+def lora_gemm(x, w, a, b, r, bias, scale, need_t=True, dx=False):
+    """The unmerged plan ("eager"): y = x·wᵀ (x·w with dx) + bias + scale·(x·a)·r·b and t = x·a,
+    four ops (t is computed either way; need_t only mirrors merged_gemm's signature). The reference
+    of the Triton GEMM kernel. The skinny products call torch.mm (not matmul's dispatch layer). The
+    forward's base GEMM is F.linear, whose transpose happens in C++ (0.3 µs less per call than addmm
+    on a Python .t()); dx's is torch.mm on the weight as stored, 1.3 µs less than F.linear on a
+    Python .t() (CPU machine, M=1, K=N=64)."""
     t = torch.mm(x, a)
-    y = F.linear(x, w, bias)
+    y = torch.mm(x, w) if dx else F.linear(x, w, bias)
     y.addmm_(torch.mm(t, r), b, alpha=scale)
     return y, t
 
 
-def merged_weight(w, a, b, r, scale):
-    """w + scale·(a·r·b)ᵀ by one addmm, written in the base weight's own layout: the forward's W_eff
-    (N,K) contiguous, and for dx (w = weightᵀ, a view) the transposed view of a contiguous W_eff.
-    The GEMM after it then reads the merged weight as it would read the base weight (x·Wᵀ, g·W);
-    measured on the CPU machine (fp32, M=1576, (K, N) in {(96, 96), (96, 288), (128, 384),
-    (512, 128)}, r=16, interleaved), merged_gemm took 2-16 % longer in the forward and 10-12 % in
-    dx with the other layout."""
+def merged_weight(w, a, b, r, scale, dx=False):
+    """The merged weight by one addmm, in w's own layout: w + scale·(a·r·b)ᵀ for the forward,
+    w + scale·a·r·b for dx (both W_eff, (N,K)); where w is the transposed view of a contiguous
+    tensor (a Conv1D weight, or the kernels' dx view weightᵀ), the transposed view of a contiguous
+    result. The GEMM after it then reads the merged weight as it would read w; measured on the CPU
+    machine (fp32, M=1576, (K, N) in {(96, 96), (96, 288), (128, 384), (512, 128)}, r=16,
+    interleaved), merged_gemm took 2-16 % longer in the forward and 10-12 % in dx with the other
+    layout."""
+    left, right = (torch.mm(a, r), b) if dx else (b.t(), torch.mm(a, r).t())     # w + scale·left·right
     if not w.is_contiguous():
         wt = w.t()
         if wt.is_contiguous():
-            return torch.addmm(wt, torch.mm(a, r), b, alpha=scale).t()
-    return torch.addmm(w, b.t(), torch.mm(a, r).t(), alpha=scale)
+            return torch.addmm(wt, right.t(), left.t(), alpha=scale).t()
+    return torch.addmm(w, left, right, alpha=scale)
 
 
-def merged_gemm(x, w, a, b, r, bias, scale, need_t=True):
-    """The per-call merged plan ("merge"): y = x·W_effᵀ + bias with W_eff = merged_weight(...), and
-    t = x·a where a gradient reads it (None otherwise). Equals lora_gemm's y up to rounding (W_eff
-    is rounded to x's dtype, as a merged checkpoint is)."""
-    y = F.linear(x, merged_weight(w, a, b, r, scale), bias)
+def merged_gemm(x, w, a, b, r, bias, scale, need_t=True, dx=False):
+    """The per-call merged plan ("merge"): y = x·W_effᵀ + bias (x·W_eff with dx) with W_eff =
+    merged_weight(...), and t = x·a where a gradient reads it (None otherwise). Equals lora_gemm's y
+    up to rounding (W_eff is rounded to x's dtype, as a merged checkpoint is)."""
+    w_eff = merged_weight(w, a, b, r, scale, dx)
+    y = torch.mm(x, w_eff) if dx else F.linear(x, w_eff, bias)
     return y, (torch.mm(x, a) if need_t else None)

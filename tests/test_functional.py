@@ -275,12 +275,35 @@ def test_auto_on_cpu_merges_where_it_pays(monkeypatch, seed, m, k, n, plans, dty
     def spy(x, *args):
         ran.append(x.shape[1])
         return reference.merged_gemm(x, *args)
-    monkeypatch.setattr(torch_ref, "merged_gemm", spy)
+    monkeypatch.setitem(torch_ref.PLANS, "merge", spy)
     check_backend("auto", dtype, m=m, k=k, n=n, r=r, hard=True)
     assert set(ran) == {width for width, plan in ((k, plans[0]), (n, plans[1])) if plan == "merge"}
     ran.clear()
     check_backend("torch", dtype, m=m, k=k, n=n, r=r)
     assert not ran                                  # an explicit backend="torch" is the unmerged reference
+
+
+@pytest.mark.parametrize("dx", [False, True])
+@pytest.mark.parametrize("w_transposed", [False, True])     # a Conv1D weight: the (K, N) storage's view
+def test_torch_plans_in_both_orientations_and_layouts(seed, dx, w_transposed):
+    """lora_gemm and merged_gemm, the forward's views (y = x·wᵀ) and dx's (y = g·w, dx=True), on a
+    contiguous weight and on a transposed view, against float64; the merged weight keeps w's layout."""
+    from clora_kernels.reference import lora_gemm, merged_gemm, merged_weight
+    m, k, n, r, s = 37, 23, 29, 5, 0.7
+    w = torch.randn(k, n).t() if w_transposed else torch.randn(n, k)       # (N, K)
+    la, lb, reff = torch.randn(r, k), torch.randn(n, r), torch.randn(r, r)
+    if dx:      # g (M, N); a = lora_B, b = lora_A, r = R_effᵀ; no bias
+        x, a, b, rr, bias = torch.randn(m, n), lb, la, reff.t(), None
+        want = x.double() @ (w.double() + s * lb.double() @ reff.double().t() @ la.double())
+    else:
+        x, a, b, rr, bias = torch.randn(m, k), la.t(), lb.t(), reff, torch.randn(n)
+        want = x.double() @ (w.double() + s * lb.double() @ reff.double().t() @ la.double()).t() + bias.double()
+    w_eff = merged_weight(w, a, b, rr, s, dx)
+    assert w_eff.shape == (n, k) and w_eff.stride() == w.stride()
+    for plan in (lora_gemm, merged_gemm):
+        y, t = plan(x, w, a, b, rr, bias, s, True, dx)
+        assert rel_err(y, want) < 1e-5, plan.__name__
+        assert rel_err(t, x.double() @ a.double()) < 1e-6, plan.__name__
 
 
 def test_auto_cost_model_thresholds():

@@ -11,7 +11,9 @@ A backend object provides
                                           (t may be None when not need_t)
     dx(g, w, lora_a, lora_b, r_old, r_delta, proj, scaling, auto) -> (dx, v)
 where x / g are 2-D and ``auto`` says the backend was picked by "auto" (it may then choose among
-its plans, e.g. a per-call merged weight, or library fallbacks such as cuBLAS).
+its plans, e.g. a per-call merged weight, or library fallbacks such as cuBLAS). The torch backend's
+forward and dx also take r_eff, R_eff where the caller has it (the eager autograd path computes it
+once per step); the kernel backends read r_old, r_delta and proj themselves.
 """
 from __future__ import annotations
 

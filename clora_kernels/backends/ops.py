@@ -10,7 +10,8 @@
 Both dispatch through `backends.auto.run`, so every backend shares the backward
 below: dx from the backend (its fused kernel, or a plan of torch ops), the skinny weight gradients
 with torch's addmm.
-Saved for backward: x, t and the small weights; never an M×N tensor.
+Saved for backward: x, t and the small weights (eager on the torch backend, also the forward's R_eff);
+never an M×N tensor.
 x and g are 2-D here; `functional.clora_linear` flattens the leading dims.
 
 `linear` is how callers reach the forward with its autograd. Under torch.compile / export it is
@@ -30,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import reference_formula
+from ..reference import reference_formula, routing_eff
 from .auto import run
 
 
@@ -43,6 +44,10 @@ def _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delt
     def fwd(impl, auto):
         if ctx is not None and (not auto or impl.name == "torch"):
             ctx.impl, ctx.auto = impl, auto
+            if impl.name == "torch":    # R_eff once per step: the dx and the weight gradients read it too
+                ctx.r_eff = r_eff = routing_eff(routing_old, routing_delta, projection)
+                return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                                    need_t, auto, r_eff)
         return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
                             auto)
     y, t = run(backend, x, weight, lora_a.shape[0], fwd)
@@ -120,9 +125,12 @@ def _backward(ctx, grad_y, grad_t):
         raise RuntimeError("clora::linear_fwd ran with need_t=False, but lora_b or routing_delta needs a gradient, "
                            "which reads t = x·lora_aᵀ: call it with need_t=True (clora_linear decides this itself)")
     dx = d_a = d_lb = d_rd = d_bias = None
+    r_eff = None if compiling else getattr(ctx, "r_eff", None)     # the R_eff of an eager torch forward
     if need_x:
         impl = None if compiling else getattr(ctx, "impl", None)
-        if impl is not None:    # eager: the backend the forward resolved to (torch, or one asked for by name)
+        if r_eff is not None:
+            dx, v = impl.dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.auto, r_eff)
+        elif impl is not None:    # eager: the backend the forward resolved to (torch, or one asked for by name)
             dx, v = impl.dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.auto)
         else:
             dx, v = (linear_dx if compiling else _linear_dx)(g, weight, lora_a, lora_b, r_old, r_delta, proj, s,
@@ -132,8 +140,10 @@ def _backward(ctx, grad_y, grad_t):
     # the weight gradients: torch.addmm(like, a, b, beta=0, alpha=s) is s·(a @ b) in one GEMM (it ignores
     # `like`, NaN included, but its shape; s applies to the accumulator, not as a second rounding)
     if need_a or need_lb:
-        r_new = r_delta if proj is None else torch.mm(proj, r_delta)      # P R_delta
-        r_train = r_old + r_new if ctx.through_old else r_new
+        if not ctx.through_old:
+            r_train = r_delta if proj is None else torch.mm(proj, r_delta)      # P R_delta
+        else:
+            r_train = routing_eff(r_old, r_delta, proj) if r_eff is None else r_eff
         if need_a:
             d_a = torch.addmm(lora_a, r_train, torch.mm(v.t(), x), beta=0, alpha=s)   # s R_train vᵀ x  (r, K)
         if need_lb:

@@ -15,10 +15,13 @@ from . import register
 from .auto import torch_plan
 
 
-def run_plan(strategy: str, x, w, a, b, r, bias, scale, need_t=True):
+PLANS = {"eager": lora_gemm, "merge": merged_gemm}
+
+
+def run_plan(strategy: str, x, w, a, b, r, bias, scale, need_t=True, dx=False):
     """Run the eager or merge plan on operand views (see `reference`); returns (y, t), t None only
     for merge without need_t."""
-    return (merged_gemm if strategy == "merge" else lora_gemm)(x, w, a, b, r, bias, scale, need_t)
+    return PLANS[strategy](x, w, a, b, r, bias, scale, need_t, dx)
 
 
 class TorchBackend:
@@ -30,14 +33,17 @@ class TorchBackend:
     def not_supported_reasons(self, x, weight, rank, auto=False):
         return []
 
-    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
-        plan = torch_plan(x, weight.shape[0], lora_a.shape[0], need_t) if auto else "eager"
-        return run_plan(plan, x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj), bias, scaling,
-                        need_t)
+    # r_eff: R_eff where the caller computed it already (the eager autograd path, once per step for
+    # the forward and dx; backends whose kernels read r_old, r_delta and proj take no such argument)
+    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False,
+                r_eff=None):
+        gemm = PLANS[torch_plan(x, weight.shape[0], lora_a.shape[0], need_t)] if auto else lora_gemm
+        return gemm(x, weight, lora_a.t(), lora_b.t(), routing_eff(r_old, r_delta, proj) if r_eff is None else r_eff,
+                    bias, scaling, need_t)
 
-    def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
-        plan = torch_plan(g, weight.shape[1], lora_a.shape[0], True) if auto else "eager"
-        return run_plan(plan, g, weight.t(), lora_b, lora_a, routing_eff(r_old, r_delta, proj).t(), None, scaling)
-
+    def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False, r_eff=None):
+        gemm = PLANS[torch_plan(g, weight.shape[1], lora_a.shape[0], True)] if auto else lora_gemm
+        return gemm(g, weight, lora_b, lora_a, (routing_eff(r_old, r_delta, proj) if r_eff is None else r_eff).t(),
+                    None, scaling, True, True)
 
 register(TorchBackend())
