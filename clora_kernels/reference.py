@@ -59,7 +59,7 @@ def lora_gemm(x, w, a, b, r, bias, scale, need_t=True, dx=False):
     on a Python .t()); dx's is torch.mm on the weight as stored, 1.3 µs less than F.linear on a
     Python .t() (CPU machine, M=1, K=N=64)."""
     t = torch.mm(x, a)
-    y = torch.mm(x, w) if dx else F.linear(x, w, bias)
+    y = F.linear(x, w, bias) if not dx else torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
     y.addmm_(torch.mm(t, r), b, alpha=scale)
     return y, t
 
@@ -85,5 +85,5 @@ def merged_gemm(x, w, a, b, r, bias, scale, need_t=True, dx=False):
     merged_weight(...), and t = x·a where a gradient reads it (None otherwise). Equals lora_gemm's y
     up to rounding (W_eff is rounded to x's dtype, as a merged checkpoint is)."""
     w_eff = merged_weight(w, a, b, r, scale, dx)
-    y = torch.mm(x, w_eff) if dx else F.linear(x, w_eff, bias)
+    y = F.linear(x, w_eff, bias) if not dx else torch.mm(x, w_eff) if bias is None else torch.addmm(bias, x, w_eff)
     return y, (torch.mm(x, a) if need_t else None)

@@ -45,7 +45,7 @@ def _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delt
         if ctx is not None and (not auto or impl.name == "torch"):
             ctx.impl, ctx.auto = impl, auto
             if impl.name == "torch":    # R_eff once per step: the dx and the weight gradients read it too
-                ctx.r_eff = r_eff = routing_eff(routing_old, routing_delta, projection)
+                ctx.r_eff = r_eff = routing_eff(routing_old, routing_delta, projection)     # saved by _setup_context
                 return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                                     need_t, auto, r_eff)
         return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
@@ -89,7 +89,11 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old, _, backend = inputs
     _, t = output
     ctx.mark_non_differentiable(t)
-    ctx.save_for_backward(x, t, weight, lora_a, lora_b, routing_old, routing_delta, projection)
+    # R_eff where the eager torch forward computed it (else None): saved, not kept as an attribute, so
+    # that activation checkpointing recomputes it with the other saved tensors
+    r_eff = getattr(ctx, "r_eff", None)
+    ctx.save_for_backward(x, t, weight, lora_a, lora_b, routing_old, routing_delta, projection, r_eff)
+    ctx.r_eff = None
     ctx.scaling, ctx.through_old, ctx.backend = scaling, through_old, backend
 
 
@@ -98,7 +102,7 @@ def _double_backward(ctx, grad_y):
     autograd through the reference formula of the same semantics, recomputed from the saved
     inputs, so second derivatives are right (the kernels' dx has no derivative of its own). The
     bias enters linearly, so the formula runs without it and its gradient is Σ_rows g."""
-    x, _, weight, lora_a, lora_b, r_old, r_delta, proj = ctx.saved_tensors
+    x, _, weight, lora_a, lora_b, r_old, r_delta, proj, _ = ctx.saved_tensors
     needs = ctx.needs_input_grad
     wrt = [(i, v) for i, v in ((0, x), (3, lora_a), (4, lora_b), (6, r_delta)) if needs[i]]
     y = reference_formula(x, weight, None, lora_a, lora_b, r_old, r_delta, proj, ctx.scaling, ctx.through_old)
@@ -117,7 +121,7 @@ def _backward(ctx, grad_y, grad_t):
     compiling = torch.compiler.is_compiling()
     if torch.is_grad_enabled() and not compiling:   # create_graph=True
         return _double_backward(ctx, grad_y)
-    x, t, weight, lora_a, lora_b, r_old, r_delta, proj = ctx.saved_tensors
+    x, t, weight, lora_a, lora_b, r_old, r_delta, proj, r_eff = ctx.saved_tensors     # r_eff: None but eager torch
     s = ctx.scaling
     g = grad_y
     need_x, _, need_b, need_a, need_lb, _, need_rd, _ = ctx.needs_input_grad[:8]
@@ -125,7 +129,6 @@ def _backward(ctx, grad_y, grad_t):
         raise RuntimeError("clora::linear_fwd ran with need_t=False, but lora_b or routing_delta needs a gradient, "
                            "which reads t = x·lora_aᵀ: call it with need_t=True (clora_linear decides this itself)")
     dx = d_a = d_lb = d_rd = d_bias = None
-    r_eff = None if compiling else getattr(ctx, "r_eff", None)     # the R_eff of an eager torch forward
     if need_x:
         impl = None if compiling else getattr(ctx, "impl", None)
         if r_eff is not None:
