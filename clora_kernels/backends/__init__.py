@@ -7,13 +7,13 @@ A backend object provides
                                           auto's last resort)
     availability() -> (bool, str)         can it run at all on this machine, and why (not)
     not_supported_reasons(x, weight, rank, auto) -> list[str]   why it cannot run this call
-    forward(x, w, b, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t, auto) -> (y, t)
+    forward(x, w, b, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t, auto, r_eff) -> (y, t)
                                           (t may be None when not need_t)
-    dx(g, w, lora_a, lora_b, r_old, r_delta, proj, scaling, auto) -> (dx, v)
+    dx(g, w, lora_a, lora_b, r_old, r_delta, proj, scaling, auto, r_eff) -> (dx, v)
 where x / g are 2-D and ``auto`` says the backend was picked by "auto" (it may then choose among
-its plans, e.g. a per-call merged weight, or library fallbacks such as cuBLAS). The torch backend's
-forward and dx also take r_eff, R_eff where the caller has it (the eager autograd path computes it
-once per step); the kernel backends read r_old, r_delta and proj themselves.
+its plans, e.g. a per-call merged weight, or library fallbacks such as cuBLAS). r_eff (default
+None) is R_eff where the caller has it: the eager autograd path computes it once per step for the
+torch backend, whose ops read it; the kernel backends build it from r_old, r_delta and proj.
 """
 from __future__ import annotations
 

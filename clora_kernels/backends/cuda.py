@@ -115,11 +115,12 @@ class CudaBackend(KernelBackend):
     def device_reasons(self, x, weight, auto):
         return [] if x.device.type == "cuda" else [f"tensors are on {x.device}, the cuda backend needs a CUDA device"]
 
-    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
+    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False,
+                r_eff=None):     # r_eff unused: the kernels build R_eff from r_old, r_delta and proj
         return torch.ops.clora.cuda_linear_fwd(x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling,
                                                fused_max_mr())
 
-    def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+    def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False, r_eff=None):
         return torch.ops.clora.cuda_linear_dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling,
                                               fused_max_mr())
 

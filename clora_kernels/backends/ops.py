@@ -42,14 +42,13 @@ def _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delt
     again, so that a kernel failing there falls back). Without need_t, t is the op's (M, 0) tensor,
     or with pad_t=False whatever the backend returned (the no-grad path reads only y)."""
     def fwd(impl, auto):
+        r_eff = None
         if ctx is not None and (not auto or impl.name == "torch"):
             ctx.impl, ctx.auto = impl, auto
             if impl.name == "torch":    # R_eff once per step: the dx and the weight gradients read it too
                 ctx.r_eff = r_eff = routing_eff(routing_old, routing_delta, projection)     # saved by _setup_context
-                return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-                                    need_t, auto, r_eff)
         return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
-                            auto)
+                            auto, r_eff)
     y, t = run(backend, x, weight, lora_a.shape[0], fwd)
     return y, (t if need_t or not pad_t else x.new_empty(x.shape[0], 0))
 
@@ -131,10 +130,8 @@ def _backward(ctx, grad_y, grad_t):
     dx = d_a = d_lb = d_rd = d_bias = None
     if need_x:
         impl = None if compiling else getattr(ctx, "impl", None)
-        if r_eff is not None:
+        if impl is not None:    # eager: the backend the forward resolved to (torch, or one asked for by name)
             dx, v = impl.dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.auto, r_eff)
-        elif impl is not None:    # eager: the backend the forward resolved to (torch, or one asked for by name)
-            dx, v = impl.dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.auto)
         else:
             dx, v = (linear_dx if compiling else _linear_dx)(g, weight, lora_a, lora_b, r_old, r_delta, proj, s,
                                                              ctx.backend)

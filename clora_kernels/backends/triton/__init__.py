@@ -36,7 +36,8 @@ class TritonBackend(KernelBackend):
             reasons.append("an operand holds 2**31 elements or more (the kernels use int32 offsets)")
         return reasons
 
-    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False):
+    def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False,
+                r_eff=None):     # r_eff unused: the kernels build R_eff from r_old, r_delta and proj
         from .launch import run
         from .tune import plan_for
         if bias is not None and bias.stride(0) != 1:   # the kernels read bias[n] at offset n
@@ -44,7 +45,7 @@ class TritonBackend(KernelBackend):
         args = (x, weight, lora_a.t(), lora_b.t(), r_old, r_delta, proj, bias, scaling, False)
         return run(plan_for("fwd", auto, *args, need_t=need_t), *args, need_t=need_t)
 
-    def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False):
+    def dx(self, g, weight, lora_a, lora_b, r_old, r_delta, proj, scaling, auto=False, r_eff=None):
         from .launch import run
         from .tune import plan_for
         args = (g, weight.t(), lora_b, lora_a, r_old, r_delta, proj, None, scaling, True)
