@@ -34,7 +34,7 @@ class TorchBackend:
         return []
 
     # r_eff: R_eff where the caller computed it already (the eager autograd path, once per step for
-    # the forward and dx; backends whose kernels read r_old, r_delta and proj take no such argument)
+    # the forward and dx), else None: computed here (the kernel backends take it and ignore it)
     def forward(self, x, weight, bias, lora_a, lora_b, r_old, r_delta, proj, scaling, need_t=True, auto=False,
                 r_eff=None):
         gemm = PLANS[torch_plan(x, weight.shape[0], lora_a.shape[0], need_t)] if auto else lora_gemm
