@@ -81,15 +81,23 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
             raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
 
 
-def _autocasting(device_type: str) -> bool:
-    return device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+# one C call answers "no autocast anywhere", the common case, without building x's device type
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocasting(x: Tensor) -> bool:
+    """Whether torch.autocast casts x's operands (it does on CUDA and CPU)."""
+    if not _any_autocast():
+        return False
+    dev = device_type(x)
+    return dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
 
 
 def _autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
     """Under torch.autocast, compute in the autocast dtype the way nn.Linear (F.linear) does: every
     floating-point tensor but float64 is cast (autocast leaves float64 alone). The casts are
     differentiable, so fp32 parameters receive fp32 gradients."""
-    if not isinstance(x, Tensor) or not _autocasting(device_type(x)):   # (a non-tensor x: check_inputs says so)
+    if not isinstance(x, Tensor) or not _autocasting(x):   # (a non-tensor x: check_inputs says so)
         return (x, *tensors)
     dev = device_type(x)
     dt = torch.get_autocast_dtype(dev)
@@ -112,29 +120,8 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection = _autocast_inputs(
         x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)
     check_inputs(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling, backend)
-    return _linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
-                   grad_through_old_route, backend)
-
-
-def _linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling, grad_through_old_route,
-            backend):
-    """clora_linear after its validation: flatten the leading dims, dispatch once."""
-    # t = x·lora_Aᵀ is read only by the gradients of lora_B and routing_delta: without them (inference,
-    # or a frozen adapter) a backend may skip it
-    need_t = torch.is_grad_enabled() and (lora_B.requires_grad or routing_delta.requires_grad)
-    if x.dim() == 2:        # nothing to flatten: the op's output (never a view) is the result
-        return _ops.linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, float(scaling),
-                           bool(grad_through_old_route), need_t, backend)[0]
-    # flatten, not reshape(lead.numel(), K): numel() fixes a symbolic batch size, so torch.export
-    # and the ONNX exporters would lose their dynamic batch dimension
-    x2 = x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
-    y, _ = _ops.linear(x2, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection,
-                       float(scaling), bool(grad_through_old_route), need_t, backend)
-    # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
-    # hooks on a layer's output fail after an in-place op on a view (aten's matmul does the same). The
-    # TorchScript-based ONNX exporter has no symbolic for _unsafe_view: it gets reshape's view.
-    shape = (*x.shape[:-1], weight.shape[0])
-    return y.reshape(shape) if torch.jit.is_tracing() else torch.ops.aten._unsafe_view(y, shape)
+    return _ops.linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                       grad_through_old_route, backend)
 
 
 def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta, projection,
@@ -148,15 +135,15 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
     the op transposed (transformers' Conv1D)."""
     w = weight.t() if fan_in_fan_out else weight
-    if isinstance(x, Tensor) and x.dim() and type(scaling) is float and not _autocasting(device_type(x)):
+    if isinstance(x, Tensor) and x.dim() and type(scaling) is float and not _autocasting(x):
         key = (x.dtype, x.device, x.shape[-1], scaling, backend, mode, fan_in_fan_out, weight.dtype, lora_A.dtype,
                lora_B.dtype, routing_old.dtype, routing_delta.dtype, None if bias is None else bias.dtype,
                None if projection is None else projection.dtype)
         operands = (weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)
         memo = owner._checked
         if memo is not None and memo[0] == key and all(map(operator.is_, memo[1], operands)):
-            return _linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
-                           grad_through_old_route, backend)
+            return _ops.linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                               grad_through_old_route, backend)
         y = clora_linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
                          grad_through_old_route=grad_through_old_route, backend=backend)
         owner._checked = (key, operands)

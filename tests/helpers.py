@@ -26,7 +26,7 @@ def rel_err(out, ref) -> float:
     return float((out - ref).norm() / den) if den > 0 else float((out - ref).norm())
 
 
-def make_inputs(m, k, n, r, *, bias=True, hard=False, lead=None, seed_tensors=True):
+def make_inputs(m, k, n, r, *, bias=True, hard=False, lead=None, seed_tensors=True, scaling=0.7):
     """Fresh random float64 CPU inputs (never zeros): routing_old non-zero, as after a task."""
     x = torch.randn(*(lead or (m,)), k, dtype=torch.float64)
     w = torch.randn(n, k, dtype=torch.float64) / k ** 0.5
@@ -40,7 +40,7 @@ def make_inputs(m, k, n, r, *, bias=True, hard=False, lead=None, seed_tensors=Tr
         q, _ = torch.linalg.qr(torch.randn(r, max(1, r // 2), dtype=torch.float64))
         p = torch.eye(r, dtype=torch.float64) - q @ q.t()
     return dict(x=x, weight=w, bias=b, lora_A=la, lora_B=lb, routing_old=r_old, routing_delta=r_delta,
-                projection=p, scaling=0.7)
+                projection=p, scaling=scaling)
 
 
 def oracle(inp, grad_through_old_route=False):
@@ -114,7 +114,7 @@ def _oracle_outputs(inputs, grad, through_old) -> dict:
 
 
 def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False, through_old=False, lead=None,
-                  device="cpu", noncontig=False, ref_backend="torch"):
+                  device="cpu", noncontig=False, ref_backend="torch", scaling=0.7):
     """Forward and every gradient of `clora_linear(backend=...)` against the float64 oracle, each
     output (y and every gradient) by the rule of docs/design.md section 6:
 
@@ -126,7 +126,7 @@ def check_backend(backend, dtype, *, m=7, k=24, n=40, r=5, bias=True, hard=False
     output's conditioning_floor u·κ may stand in for tolerance(dtype) in 1 and ROUNDING_FLOOR in 2.
     Returns the errors."""
     from clora_kernels import clora_linear
-    base = make_inputs(m, k, n, r, bias=bias, hard=hard, lead=lead)
+    base = make_inputs(m, k, n, r, bias=bias, hard=hard, lead=lead, scaling=scaling)
     # the oracle sees the inputs the backend sees: rounded to dtype (error measures compute only)
     base = {key: (v.to(dtype).double() if torch.is_tensor(v) else v) for key, v in base.items()}
     g = torch.randn(*base["x"].shape[:-1], n, dtype=torch.float64).to(dtype).double()

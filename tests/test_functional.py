@@ -21,6 +21,15 @@ def test_torch_backend_matches_oracle(seed, dtype, m, k, n, r, hard, through_old
     check_backend("torch", dtype, m=m, k=k, n=n, r=r, hard=hard, through_old=through_old, bias=(m % 2 == 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("through_old", [False, True])
+def test_unit_scaling_matches_oracle(seed, dtype, hard, through_old):
+    """scaling = 1 (the default, alpha = rank), where the backward computes the weight gradients with
+    torch.mm instead of addmm's scaled product: every gradient still matches the oracle."""
+    check_backend("torch", dtype, m=9, k=24, n=40, r=5, hard=hard, through_old=through_old, scaling=1.0)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_3d_and_noncontiguous_inputs(seed, bias):
     check_backend("torch", torch.float32, lead=(2, 3, 5), k=24, n=40, r=4, bias=bias)
@@ -392,24 +401,26 @@ def test_opcheck_linear_fwd(seed, proj, need_t):
 
 @pytest.mark.parametrize("through_old,trainable", [(False, None), (True, None), (False, ("lora_A", "bias"))])
 def test_eager_path_equals_registered_op(seed, through_old, trainable):
-    """clora_linear's eager path (an autograd.Function over the op's implementation, for host cost)
-    and the registered op with its register_autograd (what torch.compile traces) give the same
-    output and the same gradient for every input, also where t is skipped."""
+    """clora_linear's eager path (an autograd.Function over the op's implementation, for host cost;
+    it returns y alone and keeps t for its backward) and the registered op with its
+    register_autograd (what torch.compile traces) give the same output and the same gradient for
+    every input, also where t is skipped."""
     from clora_kernels.backends import ops
     base = make_inputs(6, 24, 40, 4, hard=True)
     g = torch.randn(6, 40, dtype=torch.float64)
     runs = []
-    for fn in (ops.linear, torch.ops.clora.linear_fwd):
+    for eager, fn in ((True, ops._EagerLinear.apply), (False, torch.ops.clora.linear_fwd)):
         inp = cast_inputs(base, torch.float64, requires_grad=trainable is None)
         for name in trainable or ():
             inp[name].requires_grad_(True)
         need_t = inp["lora_B"].requires_grad or inp["routing_delta"].requires_grad
-        y, t = fn(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["routing_old"],
-                  inp["routing_delta"], inp["projection"], 0.7, through_old, need_t, "torch")
+        out = fn(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], inp["routing_old"],
+                 inp["routing_delta"], inp["projection"], 0.7, through_old, need_t, "torch")
+        y = out if eager else out[0]
         y.backward(g)
-        runs.append((y, t, inp))
-    (y0, t0, i0), (y1, t1, i1) = runs
-    assert torch.equal(y0, y1) and torch.equal(t0, t1) and t0.shape[1] == (4 if trainable is None else 0)
+        runs.append((y, out, inp))
+    (y0, _, i0), (y1, (_, t1), i1) = runs
+    assert torch.equal(y0, y1) and t1.shape[1] == (4 if trainable is None else 0)
     for name in ("x", "bias", "lora_A", "lora_B", "routing_delta"):
         a, b = i0[name].grad, i1[name].grad
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name

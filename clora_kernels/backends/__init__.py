@@ -98,18 +98,16 @@ def available_backends() -> dict:
 _ENV_KEY = os.environ.encodekey("CLORA_BACKEND") if hasattr(os.environ, "encodekey") else None
 
 
-def _env_backend():
-    data = getattr(os.environ, "_data", None)
-    if data is None or _ENV_KEY is None:
-        return os.environ.get("CLORA_BACKEND")
-    raw = data.get(_ENV_KEY)
-    return None if raw is None else os.environ.decodevalue(raw)
-
-
 def requested_backend(name: str) -> str:
     """`name`, or for "auto" the environment's CLORA_BACKEND (read on every call) when set."""
     if name == "auto":
-        name = _env_backend() or "auto"
+        data = getattr(os.environ, "_data", None)
+        if data is None or _ENV_KEY is None:
+            env = os.environ.get("CLORA_BACKEND")
+        else:
+            env = data.get(_ENV_KEY)
+            env = None if env is None else os.environ.decodevalue(env)
+        name = env or "auto"
         if name not in BACKEND_NAMES:
             raise ValueError(f"environment variable CLORA_BACKEND must be one of {list(BACKEND_NAMES)}, got {name!r}")
     return name

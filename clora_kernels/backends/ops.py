@@ -12,13 +12,13 @@ below: dx from the backend (its fused kernel, or a plan of torch ops), the skinn
 with torch's addmm.
 Saved for backward: x, t and the small weights (eager on the torch backend, also the forward's R_eff);
 never an M×N tensor.
-x and g are 2-D here; `functional.clora_linear` flattens the leading dims.
+The ops take x and g 2-D; `linear` flattens the leading dims.
 
 `linear` is how callers reach the forward with its autograd. Under torch.compile / export it is
 the registered op (opaque to the compiler, with its fake kernel and `register_autograd`). In eager
 mode it is `_EagerLinear`, a plain autograd.Function over the same implementation, the same
 `_setup_context` and the same `_backward` (which then runs the dx on the backend the forward
-resolved to, without the custom op either):
+resolved to, without the custom op either); it returns y alone and saves t, not an output there:
 measured on the 2-core CPU machine (torch 2.15, torch backend, M=1, K=N=16, r=4), the custom op's
 autograd wrapper costs 27 µs per call with grad, most of it `torch._library.utils.fill_defaults`
 rebuilding the 12-argument schema list per argument, and the op's dispatch 7.6 µs without grad:
@@ -84,10 +84,11 @@ def _(g, weight, lora_a, lora_b, routing_old, routing_delta, projection, scaling
     return g.new_empty(g.shape[0], weight.shape[1]), g.new_empty(g.shape[0], lora_a.shape[0])
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, t_is_output=True):
     x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old, _, backend = inputs
     _, t = output
-    ctx.mark_non_differentiable(t)
+    if t_is_output:
+        ctx.mark_non_differentiable(t)
     # R_eff where the eager torch forward computed it (else None): saved, not kept as an attribute, so
     # that activation checkpointing recomputes it with the other saved tensors
     r_eff = getattr(ctx, "r_eff", None)
@@ -114,8 +115,8 @@ def _double_backward(ctx, grad_y):
     return tuple(out)
 
 
-def _backward(ctx, grad_y, grad_t):
-    if grad_y is None:      # _EagerLinear does not materialize zero gradients: y took no part in the loss
+def _backward(ctx, grad_y, grad_t=None):
+    if grad_y is None:      # the registered op's y took no part in the loss (only its t did)
         return (None,) * 12
     compiling = torch.compiler.is_compiling()
     if torch.is_grad_enabled() and not compiling:   # create_graph=True
@@ -138,25 +139,34 @@ def _backward(ctx, grad_y, grad_t):
     elif need_a or need_rd:
         v = torch.mm(g, lora_b)                            # v = g Bᵀ          (M, r)
     # the weight gradients: torch.addmm(like, a, b, beta=0, alpha=s) is s·(a @ b) in one GEMM (it ignores
-    # `like`, NaN included, but its shape; s applies to the accumulator, not as a second rounding)
+    # `like`, NaN included, but its shape; s applies to the accumulator, not as a second rounding). With
+    # s = 1 (the default scaling, alpha = rank) torch.mm, the same product: on the CPU machine addmm
+    # costs 0.5 µs more per call and the `like` view 0.6 (M=1, r=4), 10 % of a small layer's backward.
+    # Not while compiling: a symbolic s would be specialized on
+    unit = not compiling and s == 1
     if need_a or need_lb:
         if not ctx.through_old:
             r_train = r_delta if proj is None else torch.mm(proj, r_delta)      # P R_delta
         else:
             r_train = routing_eff(r_old, r_delta, proj) if r_eff is None else r_eff
         if need_a:
-            d_a = torch.addmm(lora_a, r_train, torch.mm(v.t(), x), beta=0, alpha=s)   # s R_train vᵀ x  (r, K)
+            vx = torch.mm(v.t(), x)
+            d_a = torch.mm(r_train, vx) if unit else torch.addmm(lora_a, r_train, vx, beta=0, alpha=s)  # s R_train vᵀ x
         if need_lb:
             # s gᵀ (t R_train) as the transpose of s (t R_train)ᵀ g: the plain formula's rounding (t R_train
             # rounded, then the sum over M), with the pass over g as an (r, M)·(M, N) product, about 70 µs
             # against 97-109 for gᵀ·(t R) on the CPU machine (fp32, M=1576, N=288, r=16). Not
             # (tᵀ g)ᵀ R_train: it rounds before the sum over r, which can cancel (bf16: up to 5x the plain
             # formula's error on random draws). autograd copies the (N, r) view into lora_B's layout
-            d_lb = torch.addmm(lora_b.t(), torch.mm(t, r_train).t(), g, beta=0, alpha=s).t()
+            tr = torch.mm(t, r_train).t()
+            d_lb = (torch.mm(tr, g) if unit else torch.addmm(lora_b.t(), tr, g, beta=0, alpha=s)).t()
     if need_rd:       # s Pᵀ tᵀ v (P is symmetric in hard mode; Pᵀ keeps a direct caller's non-symmetric one right).
         # Not through tᵀ g: that rounds before the sum over N, which cancels (bf16 error 2x the bound, M=r=1)
-        d_rd = (torch.addmm(r_delta, t.t(), v, beta=0, alpha=s) if proj is None
-                else torch.addmm(r_delta, proj.t(), torch.mm(t.t(), v), beta=0, alpha=s))
+        if proj is None:
+            d_rd = torch.mm(t.t(), v) if unit else torch.addmm(r_delta, t.t(), v, beta=0, alpha=s)
+        else:
+            tv = torch.mm(t.t(), v)
+            d_rd = torch.mm(proj.t(), tv) if unit else torch.addmm(r_delta, proj.t(), tv, beta=0, alpha=s)
     if need_b:
         d_bias = g.sum(0)
     return dx, None, d_bias, d_a, d_lb, None, d_rd, None, None, None, None, None
@@ -166,50 +176,63 @@ linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 _peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-
-
-def _functorch_active() -> bool:
-    """Whether a torch.func transform is running (its tensors are wrapped; an autograd.Function
-    without setup_context cannot run under it)."""
-    return _peek_interpreter_stack is not None and _peek_interpreter_stack() is not None
+_is_tracing = torch._C._is_tracing     # torch.jit.is_tracing() less its is_scripting test (this code is never scripted)
 
 
 class _EagerLinear(torch.autograd.Function):
     """clora::linear_fwd with its registered autograd, minus the custom op's wrappers (eager only).
     Old-style forward(ctx, ...): a `setup_context` staticmethod would make Function.apply bind its
     arguments through inspect.signature, 25 µs per call on the CPU machine. The dx runs on the
-    backend the forward resolved to (`_resolved_forward`)."""
+    backend the forward resolved to (`_resolved_forward`). The forward returns y alone: t is saved
+    for the backward, not a second (non-differentiable) output for autograd to wrap, and y's gradient
+    is never None."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        ctx.set_materialize_grads(False)    # no zeros allocated for t's gradient, never read (t is non-differentiable)
         out = _resolved_forward(*inputs[:9], *inputs[10:], ctx=ctx)
-        _setup_context(ctx, inputs, out)
-        return out
+        _setup_context(ctx, inputs, out, t_is_output=False)
+        return out[0]
 
     backward = staticmethod(_backward)
 
 
 def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-           grad_through_old_route, need_t, backend):
-    """clora::linear_fwd with autograd: the registered op while torch.compile / export traces,
-    else `_EagerLinear` (same implementation and formula, a fraction of the host cost), or with
-    grad mode off, where autograd would record nothing, the implementation itself (its t, read by
-    no gradient then, is whatever the backend returned, None included). Returns (y, t)."""
+           grad_through_old_route, backend):
+    """y = clora::linear_fwd's y with autograd, for x of shape (*, K) (validated: `functional`), the one
+    dispatch of every call: the registered op while torch.compile / export traces; the formula in
+    plain torch ops under torch.func and the TorchScript tracer; with grad mode off, where autograd
+    would record nothing, the implementation itself; else `_EagerLinear` (same implementation and
+    formula as the op, a fraction of the host cost). Decides need_t: t = x·lora_Aᵀ is read only by
+    the gradients of lora_B and routing_delta, so without them (inference, or a frozen adapter) a
+    backend may skip it. Each test here is one C call or attribute read (no Python frame of
+    torch's): the layer's whole forward runs in few frames, which is most of its host cost on a CPU."""
+    grad = torch.is_grad_enabled()
+    need_t = grad and (lora_b.requires_grad or routing_delta.requires_grad)
+    dim = x.dim()
+    # flatten, not reshape(lead.numel(), K): numel() fixes a symbolic batch size, so torch.export
+    # and the ONNX exporters would lose their dynamic batch dimension
+    x2 = x if dim == 2 else x.unsqueeze(0) if dim == 1 else x.flatten(0, -2)
+    args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, float(scaling),
+            bool(grad_through_old_route), need_t, backend)
+    tracing = False
     if torch.compiler.is_compiling():
-        fn = linear_fwd
-    elif _functorch_active() or torch.jit.is_tracing():
-        # torch.func (grad, vmap, jacrev, ...) and the TorchScript tracer (torch.jit.trace, the legacy
+        y = linear_fwd(*args)[0]
+    elif (tracing := _is_tracing()) or (_peek_interpreter_stack is not None and _peek_interpreter_stack() is not None):
+        # torch.func (grad, vmap, jacrev, ...: its tensors are wrapped, and an autograd.Function without
+        # setup_context cannot run under it) and the TorchScript tracer (torch.jit.trace, the legacy
         # ONNX exporter, which mis-wires an autograd.Function's outputs): the formula in plain torch
         # ops, which every transform supports, with the same gradient semantics (the stop-gradient on
         # the old route)
-        y = reference_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-                              grad_through_old_route)
-        return y, x.new_empty(x.shape[0], 0)
-    elif not torch.is_grad_enabled():
-        return _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-                                 need_t, backend, pad_t=False)
+        y = reference_formula(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, args[8],
+                              args[9])
+    elif not grad:
+        y = _resolved_forward(*args[:9], *args[10:], pad_t=False)[0]
     else:
-        fn = _EagerLinear.apply
-    return fn(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-              grad_through_old_route, need_t, backend)
+        y = _EagerLinear.apply(*args)
+    if dim == 2:        # nothing to flatten: the op's output (never a view) is the result
+        return y
+    # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
+    # hooks on a layer's output fail after an in-place op on a view (aten's matmul does the same). The
+    # TorchScript-based ONNX exporter has no symbolic for _unsafe_view: it gets reshape's view.
+    shape = (*x.shape[:-1], weight.shape[0])
+    return y.reshape(shape) if tracing else torch.ops.aten._unsafe_view(y, shape)
