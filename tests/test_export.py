@@ -74,10 +74,13 @@ def test_inductor_falls_back_to_the_op_where_ci_is_set(seed, monkeypatch):
     raised "a decomposition exists" whenever the environment variable CI was set (as in CI)."""
     import torch._inductor.config
     monkeypatch.setenv("CI", "true")
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)    # lower it here, not from a cache
     torch._dynamo.reset()
     layer = ck.CLoRALinear(12, 8, rank=3)
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(5, 12)
-    assert rel_err(torch.compile(layer, fullgraph=True)(x), layer(x)) < 1e-5
+    # lower it here, not from a cache. inductor's own patch(), not monkeypatch.setattr: undoing that
+    # deleted the option from inductor's config, and a later inductor test in the same process failed
+    # with "fx_graph_cache does not exist"
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        assert rel_err(torch.compile(layer, fullgraph=True)(x), layer(x)) < 1e-5

@@ -150,8 +150,8 @@ def _backward(ctx, grad_y, grad_t=None):
         else:
             r_train = routing_eff(r_old, r_delta, proj) if r_eff is None else r_eff
         if need_a:
-            vx = torch.mm(v.t(), x)
-            d_a = torch.mm(r_train, vx) if unit else torch.addmm(lora_a, r_train, vx, beta=0, alpha=s)  # s R_train vᵀ x
+            vx = torch.mm(v.t(), x)                                                     # s R_train vᵀ x  (r, K)
+            d_a = torch.mm(r_train, vx) if unit else torch.addmm(lora_a, r_train, vx, beta=0, alpha=s)
         if need_lb:
             # s gᵀ (t R_train) as the transpose of s (t R_train)ᵀ g: the plain formula's rounding (t R_train
             # rounded, then the sum over M), with the pass over g as an (r, M)·(M, N) product, about 70 µs
@@ -160,7 +160,7 @@ def _backward(ctx, grad_y, grad_t=None):
             # formula's error on random draws). autograd copies the (N, r) view into lora_B's layout
             tr = torch.mm(t, r_train).t()
             d_lb = (torch.mm(tr, g) if unit else torch.addmm(lora_b.t(), tr, g, beta=0, alpha=s)).t()
-    if need_rd:       # s Pᵀ tᵀ v (P is symmetric in hard mode; Pᵀ keeps a direct caller's non-symmetric one right).
+    if need_rd:   # s Pᵀ tᵀ v (P is symmetric in hard mode; Pᵀ keeps a direct caller's non-symmetric one right)
         # Not through tᵀ g: that rounds before the sum over N, which cancels (bf16 error 2x the bound, M=r=1)
         if proj is None:
             d_rd = torch.mm(t.t(), v) if unit else torch.addmm(r_delta, t.t(), v, beta=0, alpha=s)
