@@ -18,11 +18,12 @@ The ops take x and g 2-D; `linear` flattens the leading dims.
 the registered op (opaque to the compiler, with its fake kernel and `register_autograd`). In eager
 mode it is `_EagerLinear`, a plain autograd.Function over the same implementation, the same
 `_setup_context` and the same `_backward` (which then runs the dx on the backend the forward
-resolved to, without the custom op either); it returns y alone and saves t, not an output there:
-measured on the 2-core CPU machine (torch 2.15, torch backend, M=1, K=N=16, r=4), the custom op's
-autograd wrapper costs 27 µs per call with grad, most of it `torch._library.utils.fill_defaults`
-rebuilding the 12-argument schema list per argument, and the op's dispatch 7.6 µs without grad:
-more host time than the four cuBLAS launches of the eager reference.
+resolved to, without the custom op either), returning y alone (t is saved, not an output). Not the
+op in eager mode because, measured on the 2-core CPU machine (torch 2.15, torch backend, M=1,
+K=N=16, r=4), the custom op's autograd wrapper costs 27 µs per call with grad, most of it
+`torch._library.utils.fill_defaults` rebuilding the 12-argument schema list per argument, and the
+op's dispatch 7.6 µs without grad: more host time than the four cuBLAS launches of the eager
+reference.
 """
 from __future__ import annotations
 
@@ -204,16 +205,18 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     would record nothing, the implementation itself; else `_EagerLinear` (same implementation and
     formula as the op, a fraction of the host cost). Decides need_t: t = x·lora_Aᵀ is read only by
     the gradients of lora_B and routing_delta, so without them (inference, or a frozen adapter) a
-    backend may skip it. Each test here is one C call or attribute read (no Python frame of
-    torch's): the layer's whole forward runs in few frames, which is most of its host cost on a CPU."""
+    backend may skip it. The tests after torch.compiler.is_compiling (which the compiler must see)
+    call torch's C functions directly: on a CPU most of a small layer's host cost is its Python
+    frames."""
     grad = torch.is_grad_enabled()
     need_t = grad and (lora_b.requires_grad or routing_delta.requires_grad)
     dim = x.dim()
     # flatten, not reshape(lead.numel(), K): numel() fixes a symbolic batch size, so torch.export
     # and the ONNX exporters would lose their dynamic batch dimension
     x2 = x if dim == 2 else x.unsqueeze(0) if dim == 1 else x.flatten(0, -2)
-    args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, float(scaling),
-            bool(grad_through_old_route), need_t, backend)
+    scaling, grad_through_old_route = float(scaling), bool(grad_through_old_route)
+    args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+            grad_through_old_route, need_t, backend)
     tracing = False
     if torch.compiler.is_compiling():
         y = linear_fwd(*args)[0]
@@ -223,8 +226,8 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
         # ONNX exporter, which mis-wires an autograd.Function's outputs): the formula in plain torch
         # ops, which every transform supports, with the same gradient semantics (the stop-gradient on
         # the old route)
-        y = reference_formula(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, args[8],
-                              args[9])
+        y = reference_formula(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                              grad_through_old_route)
     elif not grad:
         y = _resolved_forward(*args[:9], *args[10:], pad_t=False)[0]
     else:
