@@ -6,6 +6,10 @@ a kernel backend that fails to compile or launch under auto is warned about once
 the rest of the process (`broken`). A backend lists the device types auto may give it
 (`auto_devices`): the kernel backends "cuda" only (the Triton interpreter runs on CPU for tests,
 by name only), torch every device, so a CPU call under auto goes to torch without asking the others.
+`plain` is the first stage of `run`, and what the eager forward asks first: the torch backend where
+no kernel backend is tried (backend="torch"; auto on a device no kernel backend serves, every CPU
+call), called directly, without run's callback and fallback (measured with benchmarks/host_ab.py,
+one thread, M=1, K=N=64, r=4: 2 % of a small layer's training step, inference and forward alike).
 
 Plans under auto:
   GPU, triton   the tuner (`triton/tune.py`) times its fused / split / TMA tile plans beside the
@@ -63,9 +67,30 @@ def reasons(backend, x: torch.Tensor, weight: torch.Tensor, rank: int, auto: boo
     return [why] if not ok else list(backend.not_supported_reasons(x, weight, rank, auto))
 
 
+def plain(name: str, x: torch.Tensor):
+    """(torch backend, auto) where `name` resolves to the torch backend for x with no kernel backend
+    to try first, so that no fallback can happen: backend="torch", and "auto" on a device that no
+    kernel backend serves under auto (every CPU call). Else None, and `run` resolves the call."""
+    name = requested_backend(name)
+    if name == "torch":
+        return _registry.get("torch") or get("torch"), False
+    if name != "auto":
+        return None
+    dev = device_type(x)
+    for cand in AUTO_ORDER[:-1]:
+        if dev in (_registry.get(cand) or get(cand)).auto_devices:
+            return None
+    return _registry.get("torch") or get("torch"), True
+
+
 def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
     """fn(backend, auto) on the backend that `name` resolves to for this call (x and weight as the
-    backend receives them; rank the adapter's)."""
+    backend receives them; rank the adapter's): `plain`'s torch backend where it answers, else an
+    explicit kernel backend (which must be usable, or this raises), or auto's kernel backends in
+    order, each skipped for the rest of the process once it fails, then torch."""
+    resolved = plain(name, x)
+    if resolved is not None:
+        return fn(*resolved)
     name = requested_backend(name)
     if name != "auto":
         backend = get(name)
@@ -74,10 +99,8 @@ def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
             raise BackendUnavailableError(f"backend {name!r} cannot run this call: " + "; ".join(why))
         return fn(backend, False)
     dev = device_type(x)
-    for cand in AUTO_ORDER:
+    for cand in AUTO_ORDER[:-1]:
         backend = _registry.get(cand) or get(cand)
-        if cand == "torch":          # runs every call
-            return fn(backend, True)
         if dev not in backend.auto_devices or cand in broken or reasons(backend, x, weight, rank, True):
             continue
         try:
@@ -90,7 +113,7 @@ def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
             broken[cand] = cause
             warnings.warn(f"clora_kernels: backend {cand!r} failed ({cause}); falling back for the rest of "
                           f"this process", RuntimeWarning, stacklevel=3)
-    raise AssertionError("unreachable: torch is the last of AUTO_ORDER")
+    return fn(_registry.get("torch") or get("torch"), True)      # the last of AUTO_ORDER runs every call
 
 
 def merge_allowed(m: int, k: int) -> bool:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..reference import reference_formula, routing_eff
-from .auto import run
+from .auto import plain, run
 
 
 def _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
@@ -41,17 +41,43 @@ def _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delt
     """The forward on the backend `backend` resolves to; with `ctx` (eager autograd) that backend is
     kept as ctx.impl / ctx.auto for the dx, unless auto chose a kernel backend (then the dx resolves
     again, so that a kernel failing there falls back). Without need_t, t is the op's (M, 0) tensor,
-    or with pad_t=False whatever the backend returned (the no-grad path reads only y)."""
-    def fwd(impl, auto):
-        r_eff = None
-        if ctx is not None and (not auto or impl.name == "torch"):
-            ctx.impl, ctx.auto = impl, auto
-            if impl.name == "torch":    # R_eff once per step: the dx and the weight gradients read it too
-                ctx.r_eff = r_eff = routing_eff(routing_old, routing_delta, projection)     # saved by _setup_context
-        return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
-                            auto, r_eff)
-    y, t = run(backend, x, weight, lora_a.shape[0], fwd)
+    or with pad_t=False whatever the backend returned (the no-grad path reads only y). The torch
+    backend, where `auto.plain` names it, is called here directly; else `_run_forward`."""
+    resolved = plain(backend, x)
+    if resolved is None:
+        y, t = _run_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
+                            backend, ctx)
+    else:
+        impl, auto = resolved
+        y, t = impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
+                            auto, _keep(ctx, impl, auto, routing_old, routing_delta, projection))
     return y, (t if need_t or not pad_t else x.new_empty(x.shape[0], 0))
+
+
+def _keep(ctx, impl, auto, routing_old, routing_delta, projection):
+    """With ctx, keep the backend the forward runs on for the dx (unless auto chose a kernel backend),
+    and on the torch backend R_eff, once per step (the dx and the weight gradients read it too; saved
+    by _setup_context). Returns that R_eff, or None."""
+    if ctx is None or (auto and impl.name != "torch"):
+        return None
+    ctx.impl, ctx.auto = impl, auto
+    if impl.name != "torch":
+        return None
+    ctx.r_eff = r_eff = routing_eff(routing_old, routing_delta, projection)
+    return r_eff
+
+
+def _run_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t, backend,
+                 ctx):
+    """The forward through `auto.run`, where a kernel backend may be tried (and fall back). Its own
+    function: run's callback, this closure (a cell per captured name, made on every call) and run's
+    loop cost a small layer's call 1-2 % on the CPU machine (benchmarks/host_ab.py, three runs), so
+    the direct path above has none of them (the operands packed in one tuple for a helper shared by
+    both paths measured 2-3 % slower than this form)."""
+    def fwd(impl, auto):
+        return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
+                            auto, _keep(ctx, impl, auto, routing_old, routing_delta, projection))
+    return run(backend, x, weight, lora_a.shape[0], fwd)
 
 
 def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
