@@ -89,10 +89,14 @@ def run(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
     explicit kernel backend (which must be usable, or this raises), or auto's kernel backends in
     order, each skipped for the rest of the process once it fails, then torch."""
     resolved = plain(name, x)
-    if resolved is not None:
-        return fn(*resolved)
+    return fn(*resolved) if resolved is not None else run_kernels(name, x, weight, rank, fn)
+
+
+def run_kernels(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn):
+    """`run` where `plain` answered None (for a caller that asked it already): an explicit kernel
+    backend, or auto's kernel backends with the fallback, then torch."""
     name = requested_backend(name)
-    if name != "auto":
+    if name != "auto":      # "triton" or "cuda" ("torch" is plain's)
         backend = get(name)
         why = reasons(backend, x, weight, rank, False)
         if why:

@@ -7,9 +7,9 @@
     clora::linear_dx(g, w, lora_a, lora_b, r_old, r_delta, proj, s, backend)
         -> (dx, v)       v = g lora_b,  dx = g w + s·v·R_effᵀ·lora_a
 
-Both dispatch through `backends.auto.run`, so every backend shares the backward
-below: dx from the backend (its fused kernel, or a plan of torch ops), the skinny weight gradients
-with torch's addmm.
+Both resolve their backend in `backends.auto` (`plain`, else `run` with its fallback), so every
+backend shares the backward below: dx from the backend (its fused kernel, or a plan of torch ops),
+the skinny weight gradients with torch's addmm.
 Saved for backward: x, t and the small weights (eager on the torch backend, also the forward's R_eff);
 never an M×N tensor.
 The ops take x and g 2-D; `linear` flattens the leading dims.
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..reference import reference_formula, routing_eff
-from .auto import plain, run
+from .auto import plain, run, run_kernels
 
 
 def _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
@@ -69,15 +69,15 @@ def _keep(ctx, impl, auto, routing_old, routing_delta, projection):
 
 def _run_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t, backend,
                  ctx):
-    """The forward through `auto.run`, where a kernel backend may be tried (and fall back). Its own
-    function: run's callback, this closure (a cell per captured name, made on every call) and run's
-    loop cost a small layer's call 1-2 % on the CPU machine (benchmarks/host_ab.py, three runs), so
-    the direct path above has none of them (the operands packed in one tuple for a helper shared by
-    both paths measured 2-3 % slower than this form)."""
+    """The forward where `auto.plain` answered None: through `auto.run_kernels`, where a kernel
+    backend may be tried (and fall back). Its own function: run's callback, this closure (a cell per
+    captured name, made on every call) and run's loop cost a small layer's call 1-2 % on the CPU
+    machine (benchmarks/host_ab.py, three runs), so the direct path above has none of them (the
+    operands packed in one tuple for a helper shared by both paths measured 2-3 % slower)."""
     def fwd(impl, auto):
         return impl.forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
                             auto, _keep(ctx, impl, auto, routing_old, routing_delta, projection))
-    return run(backend, x, weight, lora_a.shape[0], fwd)
+    return run_kernels(backend, x, weight, lora_a.shape[0], fwd)
 
 
 def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
