@@ -9,7 +9,7 @@ by name only), torch every device, so a CPU call under auto goes to torch withou
 `plain` is the first stage of `run`, and what the eager forward asks first: the torch backend where
 no kernel backend is tried (backend="torch"; auto on a device no kernel backend serves, every CPU
 call), called directly, without run's callback and fallback (measured with benchmarks/host_ab.py,
-one thread, M=1, K=N=64, r=4: 2 % of a small layer's training step, inference and forward alike).
+one thread, M=1, K=N=64, r=4: 1-2 % of a small layer's call, in training and in inference).
 
 Plans under auto:
   GPU, triton   the tuner (`triton/tune.py`) times its fused / split / TMA tile plans beside the
