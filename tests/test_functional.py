@@ -383,6 +383,42 @@ def test_auto_falls_back_with_one_warning(monkeypatch, seed):
         call(clora_linear, inp, backend="triton")
 
 
+
+def test_plain_resolution(monkeypatch, seed):
+    """auto.plain names the torch backend exactly where no kernel backend is tried (backend="torch";
+    auto, after CLORA_BACKEND, on a device no kernel backend serves), and the forward then calls it
+    without run's kernel path; a kernel backend that serves the device (or is named) sends the call
+    through run, with its fallback."""
+    from clora_kernels import backends as reg
+    from clora_kernels.backends import auto
+    reg._load_all()
+    x = torch.randn(3, 24)
+    monkeypatch.delenv("CLORA_BACKEND", raising=False)
+    assert auto.plain("auto", x) == (reg.get("torch"), True)
+    assert auto.plain("torch", x) == (reg.get("torch"), False)
+    assert auto.plain("triton", x) is None and auto.plain("cuda", x) is None
+    monkeypatch.setenv("CLORA_BACKEND", "torch")
+    assert auto.plain("auto", x) == (reg.get("torch"), False)
+    monkeypatch.setenv("CLORA_BACKEND", "triton")
+    assert auto.plain("auto", x) is None
+    monkeypatch.delenv("CLORA_BACKEND")
+
+    def no_kernel_path(*args):
+        raise AssertionError("run_kernels called where plain answers")
+    monkeypatch.setattr(auto, "run_kernels", no_kernel_path)
+    from clora_kernels.backends import ops
+    monkeypatch.setattr(ops, "run_kernels", no_kernel_path)
+    inp = cast_inputs(make_inputs(3, 24, 40, 4), torch.float32)
+    call(clora_linear, inp).sum().backward()        # the eager forward and its dx, on CPU under auto
+    with torch.no_grad():
+        call(clora_linear, inp, backend="torch")
+
+    class ServesCpu:             # a kernel backend that auto may give CPU tensors: plain steps aside
+        name, auto_devices = "triton", ("cpu",)
+    monkeypatch.setitem(reg._registry, "triton", ServesCpu())
+    assert auto.plain("auto", x) is None and auto.plain("torch", x) == (reg.get("torch"), False)
+
+
 # ---- registered ops ------------------------------------------------------------------------
 @pytest.mark.parametrize("proj,need_t", [(False, True), (True, True), (False, False)])
 def test_opcheck_linear_fwd(seed, proj, need_t):
