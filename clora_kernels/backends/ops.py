@@ -180,13 +180,15 @@ def _backward(ctx, grad_y, grad_t=None):
             vx = torch.mm(v.t(), x)                                                     # s R_train vᵀ x  (r, K)
             d_a = torch.mm(r_train, vx) if unit else torch.addmm(lora_a, r_train, vx, beta=0, alpha=s)
         if need_lb:
-            # s gᵀ (t R_train) as the transpose of s (t R_train)ᵀ g: the plain formula's rounding (t R_train
-            # rounded, then the sum over M), with the pass over g as an (r, M)·(M, N) product, about 70 µs
-            # against 97-109 for gᵀ·(t R) on the CPU machine (fp32, M=1576, N=288, r=16). Not
+            # s gᵀ (t R_train): the plain formula's rounding (t R_train rounded, then the sum over M). Not
             # (tᵀ g)ᵀ R_train: it rounds before the sum over r, which can cancel (bf16: up to 5x the plain
-            # formula's error on random draws). autograd copies the (N, r) view into lora_B's layout
-            tr = torch.mm(t, r_train).t()
-            d_lb = (torch.mm(tr, g) if unit else torch.addmm(lora_b.t(), tr, g, beta=0, alpha=s)).t()
+            # formula's error on random draws). Two layouts of the same product (`_lb_direct`)
+            tr = torch.mm(t, r_train)
+            if _lb_direct(g, compiling):
+                d_lb = torch.mm(g.t(), tr) if unit else torch.addmm(lora_b, g.t(), tr, beta=0, alpha=s)
+            else:
+                tr = tr.t()
+                d_lb = (torch.mm(tr, g) if unit else torch.addmm(lora_b.t(), tr, g, beta=0, alpha=s)).t()
     if need_rd:   # s Pᵀ tᵀ v (P is symmetric in hard mode; Pᵀ keeps a direct caller's non-symmetric one right)
         # Not through tᵀ g: that rounds before the sum over N, which cancels (bf16 error 2x the bound, M=r=1)
         if proj is None:
@@ -197,6 +199,21 @@ def _backward(ctx, grad_y, grad_t=None):
     if need_b:
         d_bias = g.sum(0)
     return dx, None, d_bias, d_a, d_lb, None, d_rd, None, None, None, None, None
+
+
+def _lb_direct(g, compiling):
+    """Whether lora_B's gradient s gᵀ (t R_train) is computed as written, in lora_B's own (N, r)
+    layout, rather than as the transpose of s (t R_train)ᵀ g, whose pass over g is an (r, M)·(M, N)
+    product that autograd then copies into lora_B's layout. Measured on the CPU machine (fp32,
+    r=16, 1 and 2 threads, the two forms interleaved): as written takes 0.40-0.56 of the time at
+    M ≤ 24 (no copy, one op fewer), 0.65-0.92 at M=128 (N from 64 to 1024), and loses from about
+    M = 100 + 80000/N (1.09-1.52 at M=1576, N from 96 to 512; 70 µs against 97-109 at N=288). The
+    rule keeps below that: M < 64 + 65536/N. Only on CPU (the GPU layouts are untimed) and not
+    while compiling (M may be symbolic)."""
+    if compiling or not g.is_cpu:
+        return False
+    m, n = g.shape
+    return m * n < 64 * n + 65536
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
