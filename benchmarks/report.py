@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from clora_kernels.bench.__main__ import summarize
 from clora_kernels.bench.core import geomean
 
-ORDER = ("merged", "torch", "compile", "peft", "triton", "cuda", "auto")
+ORDER = ("merged", "torch", "compile", "peft", "hand", "triton", "cuda", "auto")
 
 
 def _by_shape(data):

@@ -40,14 +40,15 @@ def test_bench_quick_json_and_plot(tmp_path, capsys):
     assert len(header) == 1 and summary - header[0] - 1 == len(res), lines
 
 
-def test_bench_peft_variant_is_the_same_math():
-    """The peft baseline must compute what C-LoRA computes (lora_B' = lora_B R_effᵀ)."""
+def test_bench_baselines_are_the_same_math():
+    """The peft baseline (lora_B' = lora_B R_effᵀ) and the hand-written one must compute what C-LoRA
+    computes."""
     pytest.importorskip("peft")
     from clora_kernels.bench.core import build_variant, make_case
     from clora_kernels.bench.shapes import Shape
     case = make_case(Shape("t", "t", 5, 24, 40, 4), torch.float64, torch.device("cpu"), False)
-    outs = {name: build_variant(name, case, False, {})[0]() for name in ("merged", "torch", "peft")}
-    for name in ("merged", "peft"):
+    outs = {name: build_variant(name, case, False, {})[0]() for name in ("merged", "torch", "peft", "hand")}
+    for name in ("merged", "peft", "hand"):
         assert torch.allclose(outs[name], outs["torch"], rtol=1e-10, atol=1e-10), name
 
 

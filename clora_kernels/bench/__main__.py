@@ -52,7 +52,7 @@ def _select_variants(requested, device) -> tuple:
                 chosen.append(name)
             except ImportError:
                 skipped.append((name, "peft is not installed (pip install '.[bench]')"))
-        elif name in ("merged", "compile"):
+        elif name in ("merged", "compile", "hand"):
             chosen.append(name)
     if "merged" not in chosen:
         chosen.insert(0, "merged")
@@ -200,7 +200,7 @@ def summarize(data) -> list:
             if not title.endswith(("all", ">= 512")):
                 continue
             got = []
-            for other in ("torch", "compile", "peft"):
+            for other in ("torch", "compile", "peft", "hand"):
                 pairs = [(v[other], v[b]) for v in (rows[key(r)] for r in sel if r["backend"] == b)
                          if other in v and other != b]
                 if pairs:
@@ -210,11 +210,11 @@ def summarize(data) -> list:
         if parts:
             lines.append(f"  {b:8s} " + "; ".join(parts))
     for b in engine:
-        for pas in ("fwd", "fwd+bwd"):
-            both = [v for k, v in rows.items() if k[0] == pas and b in v and "peft" in v]
+        for pas, ref in (("fwd", "peft"), ("fwd+bwd", "peft"), ("fwd", "hand"), ("fwd+bwd", "hand")):
+            both = [v for k, v in rows.items() if k[0] == pas and b in v and ref in v]
             if both:
-                slower = [v[b] for v in both if v[b]["median_us"] > v["peft"]["median_us"]]
-                lines.append(f"  {b:8s} slower than peft on {len(slower)} of {len(both)} {pas} rows"
+                slower = [v[b] for v in both if v[b]["median_us"] > v[ref]["median_us"]]
+                lines.append(f"  {b:8s} slower than {ref} on {len(slower)} of {len(both)} {pas} rows"
                              + (": " + ", ".join(f"{r['layer']} M={r['M']} r={r['r']}" for r in slower[:6])
                                 + (" ..." if len(slower) > 6 else "") if slower else ""))
     train = [v for k, v in rows.items() if k[0] == "fwd+bwd" and "torch" in v]

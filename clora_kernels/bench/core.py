@@ -2,8 +2,10 @@
 
 Variants: merged (cuBLAS F.linear with the merged weight: the floor), torch (eager reference
 backend), compile (torch.compile of the reference formula), peft (a PEFT LoRA layer on the same
-base weight with lora_B' = lora_B·R_effᵀ: the same math), and each usable engine backend
-(triton, cuda) plus auto. GPU timing: triton.testing.do_bench (CUDA events, median; it flushes
+base weight with lora_B' = lora_B·R_effᵀ: the same math), hand (the eager LoRA a user would write,
+F.linear(x, W, b) + s·((x·Aᵀ)·(R_old + R_delta))·Bᵀ with autograd's plain gradients: the same
+forward, the gradient through the old route included), and each usable engine backend (triton,
+cuda) plus auto. GPU timing: triton.testing.do_bench (CUDA events, median; it flushes
 L2 before every run) over several rotating input buffers. CPU timing: torch.utils.benchmark.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from ..reference import delta_weight, folded_lora_B, reference_formula, routing_eff
 from ..functional import clora_linear
 
-BASELINES = ("merged", "torch", "compile", "peft")
+BASELINES = ("merged", "torch", "compile", "peft", "hand")
 ENGINE = ("triton", "cuda", "auto")
 from .._cli import DTYPES  # noqa: F401  (bench's import path)
 
@@ -92,6 +94,9 @@ def build_variant(name: str, case: Case, training: bool, compiled_cache: dict):
     if name == "peft":
         layer = _peft_layer(c)
         return _rotating(c, layer, training)
+    if name == "hand":
+        return _rotating(c, lambda x: reference_formula(x, c.weight, c.bias, c.lora_A, c.lora_B, c.routing_old,
+                                                        c.routing_delta, None, c.scaling, True), training)
     backend = name
     return _rotating(c, lambda x: clora_linear(x, c.weight, c.bias, c.lora_A, c.lora_B, c.routing_old,
                                                c.routing_delta, None, c.scaling, backend=backend), training)
