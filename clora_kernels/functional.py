@@ -37,13 +37,20 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
                  routing_old: Tensor, routing_delta: Tensor, projection: Optional[Tensor],
                  scaling: float, backend: str = "auto") -> None:
     """The one validation of a C-LoRA linear call. Raises ValueError/TypeError naming the
-    argument and the sizes; returns None when every backend may be asked to run the call."""
-    named = (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
-             ("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection))
-    for name, t in (("x", x),) + named:
-        optional = name in ("bias", "projection")
-        if not isinstance(t, Tensor) and not (optional and t is None):
-            raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    argument and the sizes; returns None when every backend may be asked to run the call.
+    The type, routing-shape and dtype / device rules are tested for all operands in one expression
+    first and walked operand by operand only to name the one that fails: 2.2 µs per valid call
+    against 4.0 for the walk alone (timeit, CPU machine, CPU tensors; on a GPU the device rule is
+    still walked). The functional API validates every call."""
+    T = Tensor
+    if not (isinstance(x, T) and isinstance(weight, T) and isinstance(lora_A, T) and isinstance(lora_B, T)
+            and isinstance(routing_old, T) and isinstance(routing_delta, T)
+            and (bias is None or isinstance(bias, T)) and (projection is None or isinstance(projection, T))):
+        for name, t in (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
+                        ("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection)):
+            optional = name in ("bias", "projection")
+            if not isinstance(t, T) and not (optional and t is None):
+                raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(t).__name__}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (*, in_features), got a 0-d tensor")
     if weight.dim() != 2:
@@ -58,24 +65,36 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     r = lora_A.shape[0]
     if lora_B.shape != (n, r):
         raise ValueError(f"lora_B must have shape (out_features, rank) = ({n}, {r}), got {_shape(lora_B)}")
-    for name, m in (("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection)):
-        if m is not None and m.shape != (r, r):
-            raise ValueError(f"{name} must have shape (rank, rank) = ({r}, {r}), got {_shape(m)}")
+    rr = (r, r)
+    if routing_old.shape != rr or routing_delta.shape != rr or (projection is not None and projection.shape != rr):
+        for name, m in (("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection)):
+            if m is not None and m.shape != rr:
+                raise ValueError(f"{name} must have shape (rank, rank) = ({r}, {r}), got {_shape(m)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape (out_features,) = ({n},), got {_shape(bias)}")
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not (
-            torch.compiler.is_compiling() or finite_number(scaling)):   # dynamic=True traces it as a symbol
+    compiling = torch.compiler.is_compiling()   # dynamic=True traces scaling as a symbol: no isfinite then
+    if not (type(scaling) is float and (compiling or math.isfinite(scaling))) and (
+            isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not (
+            compiling or finite_number(scaling))):
         raise ValueError(f"scaling must be a finite Python number, got {scaling!r}")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {sorted(BACKEND_NAMES)}, got {backend!r}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+    dt = x.dtype
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {dt}")
     cpu = x.is_cpu      # both on the CPU: no device objects built (t.device costs 0.4 µs, seven per call)
-    for name, t in named:
+    if (weight.dtype is dt and lora_A.dtype is dt and lora_B.dtype is dt and routing_old.dtype is dt
+            and routing_delta.dtype is dt and (bias is None or bias.dtype is dt)
+            and (projection is None or projection.dtype is dt)
+            and cpu and weight.is_cpu and lora_A.is_cpu and lora_B.is_cpu and routing_old.is_cpu
+            and routing_delta.is_cpu and (bias is None or bias.is_cpu) and (projection is None or projection.is_cpu)):
+        return
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
+                    ("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection)):
         if t is None:
             continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype} "
+        if t.dtype != dt:
+            raise TypeError(f"dtype mismatch: x is {dt} but {name} is {t.dtype} "
                             f"(cast the module, or run under torch.autocast)")
         if not (cpu and t.is_cpu) and t.device != x.device:
             raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")

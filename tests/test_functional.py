@@ -241,6 +241,37 @@ def test_bad_input_clear_error(change, exc, words):
         assert w in str(info.value), (w, str(info.value))
 
 
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "lora_A", "lora_B", "routing_old", "routing_delta",
+                                  "projection"])
+@pytest.mark.parametrize("fault", ["type", "dtype", "device"])
+def test_every_operand_checked(name, fault):
+    """Each operand alone of the wrong type, dtype or device gets the error that names it (check_inputs
+    tests all operands in one expression first: this pins that expression to the per-operand rules)."""
+    inp = _bad(projection=torch.eye(4))
+    good = inp[name]
+    inp[name] = {"type": good.numpy(), "dtype": good.double(), "device": good.to("meta")}[fault]
+    with pytest.raises(TypeError if fault != "device" else ValueError) as info:
+        call(clora_linear, inp)
+    text = str(info.value)
+    if fault == "type":
+        assert text.startswith(f"{name} must be a torch.Tensor") and "ndarray" in text, text
+    else:   # x is the reference the others are compared with: its message names weight
+        other = "weight" if name == "x" else name
+        assert other in text and ("float64" if fault == "dtype" else "meta") in text, text
+
+
+@pytest.mark.parametrize("scaling,ok", [(2.0, True), (2, True), (True, True), (float("nan"), False),
+                                        (10 ** 400, False), (torch.tensor(2.0), False), ("2", False), (None, False)])
+def test_scaling_rule(scaling, ok):
+    """scaling: any finite Python number (int, float, bool); not a tensor, a string, None, nan, inf or
+    an int too large for a float."""
+    if ok:
+        call(clora_linear, _bad(scaling=scaling))
+    else:
+        with pytest.raises(ValueError, match="scaling must be a finite Python number"):
+            call(clora_linear, _bad(scaling=scaling))
+
+
 def test_unknown_backend_and_env(monkeypatch):
     inp = _bad()
     with pytest.raises(ValueError, match="backend must be one of"):
