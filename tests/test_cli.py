@@ -41,14 +41,15 @@ def test_bench_quick_json_and_plot(tmp_path, capsys):
 
 
 def test_bench_baselines_are_the_same_math():
-    """The peft baseline (lora_B' = lora_B R_effᵀ) and the hand-written one must compute what C-LoRA
-    computes."""
-    pytest.importorskip("peft")
+    """The peft baseline (lora_B' = lora_B R_effᵀ; where peft is installed) and the hand-written one
+    must compute what C-LoRA computes."""
+    import importlib.util
     from clora_kernels.bench.core import build_variant, make_case
     from clora_kernels.bench.shapes import Shape
     case = make_case(Shape("t", "t", 5, 24, 40, 4), torch.float64, torch.device("cpu"), False)
-    outs = {name: build_variant(name, case, False, {})[0]() for name in ("merged", "torch", "peft", "hand")}
-    for name in ("merged", "peft", "hand"):
+    names = ("merged", "hand") + (("peft",) if importlib.util.find_spec("peft") else ())
+    outs = {name: build_variant(name, case, False, {})[0]() for name in ("torch",) + names}
+    for name in names:
         assert torch.allclose(outs[name], outs["torch"], rtol=1e-10, atol=1e-10), name
 
 

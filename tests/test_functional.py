@@ -35,15 +35,12 @@ def test_unit_scaling_matches_oracle(seed, dtype, hard, through_old):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_lora_b_gradient_layouts_match_oracle(seed, m, n, scaling, dtype):
     """lora_B's gradient has two layouts (`ops._lb_direct`: as written at small M·N, as a transpose
-    at large): both occur on CPU, match the oracle at unit and non-unit scaling, and leave
-    lora_B.grad in lora_B's own layout."""
+    at large): both occur on CPU (and neither while compiling), and both match the oracle at unit
+    and non-unit scaling."""
     from clora_kernels.backends import ops
     g = torch.zeros(m, n)
     assert ops._lb_direct(g, False) == (m == 9) and not ops._lb_direct(g, True)
     check_backend("torch", dtype, m=m, k=24, n=n, r=5, scaling=scaling)
-    inp = cast_inputs(make_inputs(m, 24, n, 5), dtype)
-    call(clora_linear, inp, backend="torch").backward(torch.randn(m, n, dtype=dtype))
-    assert inp["lora_B"].grad.is_contiguous()
 
 
 @pytest.mark.parametrize("bias", [False, True])
