@@ -83,12 +83,12 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     if dt not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {dt}")
     cpu = x.is_cpu      # both on the CPU: no device objects built (t.device costs 0.4 µs, seven per call)
-    if (weight.dtype is dt and lora_A.dtype is dt and lora_B.dtype is dt and routing_old.dtype is dt
+    if (cpu and weight.dtype is dt and lora_A.dtype is dt and lora_B.dtype is dt and routing_old.dtype is dt
             and routing_delta.dtype is dt and (bias is None or bias.dtype is dt)
             and (projection is None or projection.dtype is dt)
-            and cpu and weight.is_cpu and lora_A.is_cpu and lora_B.is_cpu and routing_old.is_cpu
+            and weight.is_cpu and lora_A.is_cpu and lora_B.is_cpu and routing_old.is_cpu
             and routing_delta.is_cpu and (bias is None or bias.is_cpu) and (projection is None or projection.is_cpu)):
-        return
+        return      # (elsewhere x's device is compared with each operand's below, as before)
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
                     ("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection)):
         if t is None:
