@@ -258,7 +258,8 @@ def test_every_operand_checked(name, fault):
 
 
 @pytest.mark.parametrize("scaling,ok", [(2.0, True), (2, True), (True, True), (float("nan"), False),
-                                        (10 ** 400, False), (torch.tensor(2.0), False), ("2", False), (None, False)])
+                                        (float("-inf"), False), (10 ** 400, False), (torch.tensor(2.0), False),
+                                        ("2", False), (None, False)])
 def test_scaling_rule(scaling, ok):
     """scaling: any finite Python number (int, float, bool); not a tensor, a string, None, nan, inf or
     an int too large for a float."""
