@@ -72,10 +72,11 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
                 raise ValueError(f"{name} must have shape (rank, rank) = ({r}, {r}), got {_shape(m)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape (out_features,) = ({n},), got {_shape(bias)}")
-    compiling = torch.compiler.is_compiling()   # dynamic=True traces scaling as a symbol: no isfinite then
-    if not (type(scaling) is float and (compiling or math.isfinite(scaling))) and (
+    # s - s == 0 is False for nan and ±inf, and traces on the symbolic float that torch.compile(dynamic=True)
+    # makes of a module's scaling, where math.isfinite would break the graph
+    if not (type(scaling) is float and scaling - scaling == 0) and (
             isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not (
-            compiling or finite_number(scaling))):
+            finite_number(scaling) if type(scaling) is not float else scaling - scaling == 0)):
         raise ValueError(f"scaling must be a finite Python number, got {scaling!r}")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {sorted(BACKEND_NAMES)}, got {backend!r}")

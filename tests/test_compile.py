@@ -54,3 +54,22 @@ def test_compile_dynamic_shapes(seed):
     model(x).square().sum().backward()
     assert all(rel_err(g, m.routing_delta.grad) < 1e-5 for g, (_, m) in zip(got, ck.nn.clora_layers(model)))
     assert torch._dynamo.utils.counters["frames"]["ok"] == frames      # batch 7 needed no recompile
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_refuses_nonfinite_scaling(seed, dynamic):
+    """Under torch.compile the functional call refuses a nan or inf scaling as eager does (it once
+    skipped that test while compiling); a finite float and an int still run."""
+    torch._dynamo.reset()
+    x, w, a, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
+    eye, zero = torch.eye(2), torch.zeros(2, 2)
+
+    def f(x, s):
+        return ck.clora_linear(x, w, None, a, b, eye, zero, None, s, backend="torch")
+
+    compiled = torch.compile(f, dynamic=dynamic, backend="eager")
+    for s in (0.5, 2, 1e-3):
+        assert rel_err(compiled(x, s), f(x, s)) < 1e-6, s
+    for s in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="scaling must be a finite Python number"):
+            compiled(x, s)
