@@ -595,3 +595,55 @@ def test_torch_func_transforms(seed, through_old):
     xs = torch.randn(4, 5, 12, dtype=torch.float64)
     batched = vmap(lambda x: call(clora_linear, dict(inp, x=x)))(xs)
     assert rel_err(batched, call(clora_linear, dict(inp, x=xs))) < 1e-12
+
+
+_DUAL = ("x", "weight", "bias", "lora_A", "lora_B", "routing_old", "routing_delta", "projection")
+
+
+@pytest.mark.parametrize("through_old", [False, True])
+def test_forward_mode_ad_is_the_backwards_transpose(seed, through_old):
+    """Dual tensors (torch.autograd.forward_ad) run, and the tangent is the transpose of the layer's
+    own backward: uᵀ (J v) = Σ (Jᵀ u)ᵀ v over every operand, in float64, where weight, routing_old
+    and projection, which get no gradient, contribute none (the stop-gradient on the old route
+    included). The module takes a dual input too."""
+    import torch.autograd.forward_ad as fwAD
+    inp = cast_inputs(make_inputs(6, 11, 9, 3, hard=True), torch.float64)
+    tangents = {n: torch.randn_like(inp[n]) for n in _DUAL}
+    with fwAD.dual_level():
+        duals = dict(inp, **{n: fwAD.make_dual(inp[n].detach(), tangents[n]) for n in _DUAL})
+        y, jv = fwAD.unpack_dual(call(clora_linear, duals, grad_through_old_route=through_old))
+    for n in _DUAL:
+        inp[n].requires_grad_(True)
+    want = call(clora_linear, inp, grad_through_old_route=through_old, backend="torch")
+    assert rel_err(y, want) < 1e-12
+    u = torch.randn_like(want)
+    want.backward(u)
+    vjp = sum(float((inp[n].grad * tangents[n]).sum()) for n in _DUAL if inp[n].grad is not None)
+    assert inp["weight"].grad is None and inp["routing_old"].grad is None and inp["projection"].grad is None
+    assert abs(float((u * jv).sum()) - vjp) < 1e-10 * (1 + abs(vjp))
+    layer = clora_kernels.CLoRALinear(11, 9, rank=3).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, v = torch.randn(2, 5, 11, dtype=torch.float64), torch.randn(2, 5, 11, dtype=torch.float64)
+    with fwAD.dual_level():
+        y, jv = fwAD.unpack_dual(layer(fwAD.make_dual(x, v)))
+    assert rel_err(y, layer(x)) < 1e-12 and rel_err(jv, layer(v) - layer.bias) < 1e-12
+
+
+def test_frozen_operands_get_no_gradient_on_any_path(seed):
+    """weight, routing_old and projection get no gradient (docs/design.md section 2) under torch.func
+    and in a double backward as in the first-order backward (both run the plain formula)."""
+    from torch.func import grad
+    inp = cast_inputs(make_inputs(5, 8, 7, 3, hard=True), torch.float64)
+    frozen = ("weight", "routing_old", "projection")
+
+    def loss(params):
+        return call(clora_linear, dict(inp, **params)).square().sum()
+    got = grad(loss)({n: inp[n].detach() for n in frozen})
+    assert all(float(got[n].abs().max()) == 0.0 for n in frozen)
+    for n in frozen:
+        inp[n].requires_grad_(True)
+    y = call(clora_linear, inp)
+    gx, = torch.autograd.grad(y.square().sum(), inp["x"], create_graph=True)
+    gx.square().sum().backward()
+    assert all(inp[n].grad is None for n in frozen) and float(inp["lora_A"].grad.abs().max()) > 0

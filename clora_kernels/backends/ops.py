@@ -132,7 +132,7 @@ def _double_backward(ctx, grad_y):
     x, _, weight, lora_a, lora_b, r_old, r_delta, proj, _ = ctx.saved_tensors
     needs = ctx.needs_input_grad
     wrt = [(i, v) for i, v in ((0, x), (3, lora_a), (4, lora_b), (6, r_delta)) if needs[i]]
-    y = reference_formula(x, weight, None, lora_a, lora_b, r_old, r_delta, proj, ctx.scaling, ctx.through_old)
+    y = _frozen_formula(x, weight, None, lora_a, lora_b, r_old, r_delta, proj, ctx.scaling, ctx.through_old)
     got = torch.autograd.grad(y, [v for _, v in wrt], grad_y, create_graph=True, allow_unused=True) if wrt else ()
     out = [None] * 12
     for (i, v), d in zip(wrt, got):
@@ -140,6 +140,15 @@ def _double_backward(ctx, grad_y):
     if needs[2]:
         out[2] = grad_y.sum(0)
     return tuple(out)
+
+
+def _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old):
+    """reference_formula with the operands the first-order backward gives no gradient (weight,
+    routing_old, projection: `_backward` returns None for them) detached, so that a second
+    derivative, torch.func and forward-mode AD agree with it (design.md section 2: W and R_old never
+    get gradients). Not in reference_formula itself: that is also the tests' oracle."""
+    return reference_formula(x, weight.detach(), bias, lora_a, lora_b, routing_old.detach(), routing_delta,
+                             None if projection is None else projection.detach(), scaling, through_old)
 
 
 def _backward(ctx, grad_y, grad_t=None):
@@ -220,6 +229,7 @@ linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 _peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+_forward_ad = torch.autograd.forward_ad      # _current_level >= 0 inside dual_level(): forward-mode AD
 _is_tracing = torch._C._is_tracing     # torch.jit.is_tracing() less its is_scripting test (this code is never scripted)
 
 
@@ -263,14 +273,16 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     tracing = False
     if torch.compiler.is_compiling():
         y = linear_fwd(*args)[0]
-    elif (tracing := _is_tracing()) or (_peek_interpreter_stack is not None and _peek_interpreter_stack() is not None):
+    elif (tracing := _is_tracing()) or (_peek_interpreter_stack is not None and _peek_interpreter_stack() is not None) \
+            or _forward_ad._current_level >= 0:
         # torch.func (grad, vmap, jacrev, ...: its tensors are wrapped, and an autograd.Function without
-        # setup_context cannot run under it) and the TorchScript tracer (torch.jit.trace, the legacy
-        # ONNX exporter, which mis-wires an autograd.Function's outputs): the formula in plain torch
-        # ops, which every transform supports, with the same gradient semantics (the stop-gradient on
-        # the old route)
-        y = reference_formula(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-                              grad_through_old_route)
+        # setup_context cannot run under it), the TorchScript tracer (torch.jit.trace, the legacy
+        # ONNX exporter, which mis-wires an autograd.Function's outputs) and forward-mode AD (dual
+        # tensors: _EagerLinear has no jvp): the formula in plain torch ops, which every transform
+        # supports, with the same gradient semantics (the stop-gradient on the old route; none for
+        # weight, routing_old and projection)
+        y = _frozen_formula(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                            grad_through_old_route)
     elif not grad:
         y = _resolved_forward(*args[:9], *args[10:], pad_t=False)[0]
     else:
