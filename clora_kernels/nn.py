@@ -126,6 +126,8 @@ class CLoRALinear(nn.Linear):
                     nn.init.uniform_(self.bias, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
         else:
             super().reset_parameters()
+        self.merged = False     # the weight is new: nothing of an earlier merge is in it, or to take out
+        self._merged_adapter = self._original_weight = None
         if "routing_delta" in self._parameters:      # nn.Linear.__init__ calls this before the adapter exists
             self.reset_adapter()
 
@@ -217,7 +219,8 @@ class CLoRALinear(nn.Linear):
         x = input
         if self.merged or not self.adapter_enabled:
             y = F.linear(x, self.base_weight(), self.bias)
-            if self.merged and torch.is_grad_enabled() and self.routing_delta.requires_grad:
+            if self.merged and torch.is_grad_enabled() and self.routing_delta.requires_grad \
+                    and not torch.compiler.is_compiling():       # (the compiler would trace its raise)
                 y = _MergedGuard.apply(y, self.routing_delta)    # inference works; a backward says why not
             return y
         params, buffers = self._parameters, self._buffers
@@ -237,7 +240,14 @@ class CLoRALinear(nn.Linear):
 
     def _apply(self, fn, recurse=True):     # .to() / .half() / to_empty: the operands' validation is redone
         self.__dict__["_checked"] = None
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        # what merge remembered moves with the layer, so that unmerge takes it out where the weight is now
+        memo = getattr(self, "_merged_adapter", None)
+        if memo is not None:
+            self._merged_adapter = tuple(fn(t) if isinstance(t, Tensor) else t for t in memo)
+        if getattr(self, "_original_weight", None) is not None:
+            self._original_weight = fn(self._original_weight)
+        return out
 
     @torch.no_grad()
     def end_task(self) -> None:
@@ -316,10 +326,14 @@ class CLoRALinear(nn.Linear):
                 "protection": self.protection.config()}
 
     def set_extra_state(self, state) -> None:
+        before = self.task_index
         self.task_index = int(state["task_index"])
         self.mode = state.get("mode", self.mode)
+        # the loaded weight and adapter replace what an earlier merge of this layer remembered: a merged
+        # state's unmerge takes out the loaded adapter's delta (as in a process that never merged)
         self.merged = bool(state.get("merged", False))
-        self.protection.loaded(self)
+        self._merged_adapter = self._original_weight = None
+        self.protection.loaded(self, before)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -366,7 +380,9 @@ class _MergedGuard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         raise RuntimeError("backward through a merged CLoRALinear: the merged weight is frozen and the adapter would "
-                           "not train; call clora_kernels.unmerge(model) before training")
+                           "not train; call clora_kernels.unmerge(model) before training. For gradients of the "
+                           "inputs alone (saliency, adversarial examples), freeze the adapter first: "
+                           "model.requires_grad_(False), then x.requires_grad_()")
 
 
 def _hard_projection(routing_old: Tensor, protect_energy: float) -> Tensor:
@@ -758,6 +774,6 @@ def load_adapter(model: nn.Module, path) -> None:
                 if mine.shape != value.shape:
                     mine = m._buffers[t] = mine.new_empty(value.shape)
                 mine.copy_(_like(mine, value))
-            m.task_index = e["task_index"]
-            m.protection.loaded(m)
+            before, m.task_index = m.task_index, e["task_index"]
+            m.protection.loaded(m, before)
             m.protection.loaded_enforced(m)

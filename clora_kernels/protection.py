@@ -107,8 +107,9 @@ class Protection:
     def end_task(self, layer) -> None:
         pass
 
-    def loaded(self, layer) -> None:
-        """After state_dict / adapter loading set the layer's task state."""
+    def loaded(self, layer, before=None) -> None:
+        """After state_dict / adapter loading set the layer's task state (`before`: the layer's
+        task_index before the load; None where the policy is new to the layer)."""
 
     def loaded_enforced(self, layer) -> None:
         """After loading a file that `save_adapter` wrote (it enforces the policy first): the
@@ -149,8 +150,12 @@ class Freeze(Protection):
     def end_task(self, layer) -> None:
         self.apply_requires_grad(layer)
 
-    def loaded(self, layer) -> None:
-        self.apply_requires_grad(layer)
+    def loaded(self, layer, before=None) -> None:
+        # requires_grad follows the policy where the load moves the layer between its first task and a
+        # later one, or the policy is new; a load that does neither leaves the caller's choice (a
+        # frozen teacher or EMA copy loading its student's state stays frozen, as nn.Linear's would)
+        if before is None or (before == 0) != (layer.task_index == 0):
+            self.apply_requires_grad(layer)
 
     def detach(self, layer) -> None:
         for p in (layer.lora_A, layer.lora_B):     # another policy decides about them now
@@ -205,7 +210,7 @@ class Project(Protection):
         # get none once routing_delta's allowed directions run out (after end_task it is 0).
         return lora_A, lora_B, True
 
-    def loaded(self, layer) -> None:
+    def loaded(self, layer, before=None) -> None:
         # no observed inputs ((K, K) Gram and a row count), nothing enforced yet
         _watch_optimizer_steps()
         layer._observed, layer._observed_rows = None, 0

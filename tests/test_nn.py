@@ -453,3 +453,63 @@ def test_training_a_merged_layer_is_a_clear_error(seed):
     layer.unmerge()
     layer(x).square().sum().backward()
     assert layer.routing_delta.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_loaded_state_replaces_what_an_earlier_merge_remembered(seed, dtype):
+    """Merged, then a merged state loaded (say the best checkpoint, for evaluation), then unmerged:
+    the loaded adapter's delta comes out of the loaded weight, as in a process that never merged.
+    (It took out the layer's own earlier delta, or put back its own earlier weight: 0.5-1.3 off.)"""
+    a, b = (_trained(CLoRALinear(8, 6, rank=4)).to(dtype) for _ in range(2))
+    base_b = b.weight.detach().clone()
+    a.merge()
+    b.merge()
+    a.load_state_dict(b.state_dict())
+    a.unmerge()
+    assert rel_err(a.weight, base_b) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+
+def test_reset_parameters_of_a_merged_layer_leaves_it_unmerged(seed):
+    layer = _trained(CLoRALinear(8, 6, rank=4))
+    layer.merge()
+    layer.reset_parameters()
+    w = layer.weight.detach().clone()
+    assert not layer.merged
+    layer.unmerge()                                # nothing to take out of the fresh weight
+    assert torch.equal(layer.weight, w)
+    x = torch.randn(3, 8)
+    assert rel_err(layer(x), nn.functional.linear(x, w, layer.bias)) < 1e-6
+
+
+def test_what_merge_remembered_moves_with_the_layer(seed):
+    """.to() moves merge's memo with the weights, so unmerge works where the layer is now (here the
+    meta device; a CPU memo beside a CUDA weight would fail the same way)."""
+    layer = _trained(CLoRALinear(8, 6, rank=4))
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    layer.double()
+    layer.unmerge()
+    assert layer.weight.dtype == torch.float64 and rel_err(layer.weight, w0) < 1e-6
+    layer.merge()
+    layer.to("meta")
+    assert all(t.is_meta for t in layer._merged_adapter if torch.is_tensor(t))    # (CPU before the fix)
+    layer.unmerge()
+    assert layer.weight.is_meta and not layer.merged
+
+
+def test_merged_layer_input_gradients_and_compile(seed):
+    """A merged layer whose adapter still requires grad refuses a backward (the guard above); with
+    the adapter frozen the inputs' gradient flows, as through nn.Linear; and torch.compile(fullgraph)
+    of the merged layer runs with grad enabled (the guard is not traced)."""
+    layer = _trained(CLoRALinear(24, 40, rank=6))
+    x = torch.randn(5, 24)
+    layer.merge()
+    with pytest.raises(RuntimeError, match="model.requires_grad_\\(False\\)"):
+        layer(x.requires_grad_()).sum().backward()
+    x.grad = None
+    out = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    assert rel_err(out, nn.functional.linear(x, layer.weight, layer.bias)) < 1e-6
+    layer.requires_grad_(False)
+    layer(x).square().sum().backward()
+    want = 2 * nn.functional.linear(x, layer.weight, layer.bias) @ layer.weight
+    assert rel_err(x.grad, want) < 1e-5

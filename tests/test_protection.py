@@ -262,3 +262,32 @@ def test_state_saved_before_policies_loads_as_paper():
     layer = CLoRALinear(K, N, rank=R)                 # default freeze
     layer.load_state_dict(old)
     assert layer.protection.name == "paper" and layer.lora_A.requires_grad and layer.task_index == 2
+
+
+def test_a_load_keeps_the_callers_requires_grad_unless_the_task_phase_changes(seed, tmp_path):
+    """"freeze" sets the factors' requires_grad where a load moves the layer between its first task
+    and a later one; a load that does not leaves the caller's choice, as nn.Linear's loading does
+    (a frozen teacher copy loading its student's state stays frozen, by state_dict or adapter file)."""
+    student = nn.Sequential(_trained_first_task())
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    teacher.load_state_dict(student.state_dict())
+    path = tmp_path / "a.safetensors"
+    ck.save_adapter(student, path)
+    ck.load_adapter(teacher, path)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    later = copy.deepcopy(student)
+    ck.end_task(later)                                    # task 1: the factors freeze
+    assert not later[0].lora_A.requires_grad and not later[0].lora_B.requires_grad
+    later.load_state_dict(student.state_dict())           # back to the first task: they train again
+    assert later[0].task_index == 0 and later[0].lora_A.requires_grad and later[0].lora_B.requires_grad
+    fresh = nn.Sequential(CLoRALinear(K, N, rank=R, backend="torch"))
+    ck.end_task(student)
+    fresh.load_state_dict(student.state_dict())           # a first-task layer loading task 1 freezes them
+    assert not fresh[0].lora_A.requires_grad and not fresh[0].lora_B.requires_grad
+
+
+def _trained_first_task():
+    layer = CLoRALinear(K, N, rank=R, backend="torch")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
