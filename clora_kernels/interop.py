@@ -99,7 +99,8 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     on the same targets, with the adapter's rank), as the first task's state: lora_A, lora_B and
     the scaling (lora_alpha / r, or / sqrt(r) with use_rslora) from the adapter, routing_old = 0,
     routing_delta = I, projection = I, task_index = 0; the modules of `modules_to_save` get their
-    saved weights. The model then computes what the PEFT model computes. Every layer is checked
+    saved weights (their requires_grad left as it is), and save_peft_adapter stores them again
+    unless told otherwise. The model then computes what the PEFT model computes. Every layer is checked
     first; on any error nothing is changed and a ValueError names the layer, the tensor or the
     option. lora_dropout is not kept (C-LoRA layers have no dropout)."""
     layers = _require_layers(model, "load_peft_adapter")
@@ -157,6 +158,8 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             m.lora_B.copy_(_like(m.lora_B, found[name]["lora_B"]))
         for param, value in whole.items():
             own[param].copy_(_like(own[param], value))
+    # what save_peft_adapter stores again by default, as PEFT's own config keeps modules_to_save
+    model._clora_modules_to_save = sorted({param.rpartition(".")[0] for param in whole})
 
 
 def _target_modules(model: nn.Module, names: list):
@@ -195,9 +198,11 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     then computes what this model computes, and LoRA servers (vLLM, TGI) serve it as any LoRA.
 
     modules_to_save: names of whole modules to store as well (PEFT's option: a trained
-    classifier head, say). A model that trains parameters outside its adapters (requires_grad)
+    classifier head, say); None means those that load_peft_adapter last loaded into this model
+    (none if it loaded none). A model that trains parameters outside its adapters (requires_grad)
     must list their modules here: leaving them out would make the PEFT model compute something
-    else, so that is refused. Every C-LoRA layer must have the same rank and alpha (PEFT's
+    else, so that is refused; so is a module holding a C-LoRA layer (PEFT cannot both adapt and
+    store one, and a trained bias of an adapted layer has no place in a PEFT LoRA adapter). Every C-LoRA layer must have the same rank and alpha (PEFT's
     rank/alpha patterns are not written). Each file is replaced atomically (weights first, then
     the config): a save that is killed leaves the previous files, or the new weights beside the
     previous config. Under FSDP2 every rank calls it and rank 0 writes (as save_adapter)."""
@@ -211,13 +216,24 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
         raise ValueError(f"save_peft_adapter: the C-LoRA layers have different (rank, alpha) {sorted(ranks)}; "
                          f"a PEFT adapter written here has one r and one lora_alpha")
     (rank, alpha), = ranks
-    saved = [] if modules_to_save is None else list(modules_to_save)
+    saved = list(getattr(model, "_clora_modules_to_save", []) if modules_to_save is None else modules_to_save)
     modules = dict(model.named_modules())
     unknown = [s for s in saved if s not in modules]
     if unknown:
         raise ValueError(f"save_peft_adapter: modules_to_save {unknown} are not modules of the model (full names, "
                          f"e.g. 'head')")
+    adapted = [n for n, _ in layers if any(n == s or n.startswith(s + ".") for s in saved)]
+    if adapted:
+        raise ValueError(f"save_peft_adapter: modules_to_save {saved} hold the C-LoRA layer(s) {adapted[:8]}; a PEFT "
+                         f"adapter cannot both adapt a module and store it whole")
     left_out = [n for n in _trained_elsewhere(model) if not any(n == s or n.startswith(s + ".") for s in saved)]
+    layer_names = {n for n, _ in layers}
+    biased = [n for n in left_out if n in layer_names]
+    if biased:
+        raise ValueError(f"save_peft_adapter: the C-LoRA layer(s) {biased[:8]} train their base weight or bias "
+                         f"(requires_grad), which a PEFT LoRA adapter cannot hold (PEFT's bias='lora_only' is not "
+                         f"written): freeze them (requires_grad_(False)), or keep the model's own format "
+                         f"(clora_kernels.save_adapter with the model's state_dict)")
     if left_out:
         raise ValueError(f"save_peft_adapter: the model trains parameters outside its adapters in {left_out[:8]}; "
                          f"pass modules_to_save={left_out[:8]!r} to store them with the adapter, or freeze them "

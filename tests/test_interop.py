@@ -404,8 +404,23 @@ def test_a_trained_head_travels_as_modules_to_save(tmp_path, seed):
     served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     again = ck.inject_clora(copy.deepcopy(base), target_modules=["qkv"], rank=2)
     ck.load_peft_adapter(again, tmp_path)                  # the head comes back too
+    ck.save_peft_adapter(again, tmp_path / "again")        # and is stored again (it was dropped, frozen)
+    served_again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "again")).eval()
     with torch.no_grad():
         assert rel_err(served(x), model(x)) < 1e-5 and rel_err(again(x), model(x)) < 1e-5
+        assert rel_err(served_again(x), model(x)) < 1e-5
+
+
+def test_an_adapted_layers_own_training_is_refused_clearly(tmp_path):
+    """A trained bias of an adapted layer has no place in a PEFT LoRA adapter, and PEFT cannot store
+    whole a module it adapts: both refused by name (it ended in safetensors' shared-memory error)."""
+    model = ck.inject_clora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), ["0"], rank=2)
+    model[0].bias.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"C-LoRA layer\(s\) \['0'\] train their base weight or bias"):
+        ck.save_peft_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match=r"hold the C-LoRA layer\(s\) \['0'\]"):
+        ck.save_peft_adapter(model, tmp_path, modules_to_save=["0"])
+    assert not any(tmp_path.iterdir())
 
 
 def test_targets_that_are_suffixes_of_other_names(tmp_path, seed):
