@@ -9,6 +9,7 @@ autograd formula (docs/design.md section 2) for all backends (`backends/ops.py`)
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Optional
 
@@ -19,6 +20,7 @@ from .backends import BACKEND_NAMES, device_type
 from .backends import ops as _ops  # registers torch.ops.clora.*
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_MAX = {dt: torch.finfo(dt).max for dt in _FLOAT_DTYPES}     # the largest scaling each dtype holds
 
 
 def finite_number(value) -> bool:
@@ -75,7 +77,7 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     # s - s == 0 is False for nan and ±inf, and traces on the symbolic float that torch.compile(dynamic=True)
     # makes of a module's scaling, where math.isfinite would break the graph
     if not (type(scaling) is float and scaling - scaling == 0) and (
-            isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not (
+            isinstance(scaling, Tensor) or not isinstance(scaling, numbers.Real) or not (
             finite_number(scaling) if type(scaling) is not float else scaling - scaling == 0)):
         raise ValueError(f"scaling must be a finite Python number, got {scaling!r}")
     if backend not in BACKEND_NAMES:
@@ -83,6 +85,9 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     dt = x.dtype
     if dt not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {dt}")
+    if abs(scaling) > _FLOAT_MAX[dt]:       # (the GEMMs take it as their alpha, in x's dtype)
+        raise ValueError(f"scaling must be a finite number in x's dtype {dt} (|scaling| <= {_FLOAT_MAX[dt]:g}), "
+                         f"got {scaling!r}")
     cpu = x.is_cpu      # both on the CPU: no device objects built (t.device costs 0.4 µs, seven per call)
     if (cpu and weight.dtype is dt and lora_A.dtype is dt and lora_B.dtype is dt and routing_old.dtype is dt
             and routing_delta.dtype is dt and (bias is None or bias.dtype is dt)
