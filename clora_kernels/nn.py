@@ -166,6 +166,10 @@ class CLoRALinear(nn.Linear):
             raise TypeError(f"from_linear expects a plain nn.Linear or a transformers Conv1D, got "
                             f"{type(linear).__name__}" + (" (it already holds an adapter, which would be dropped)"
                                                           if isinstance(linear, CLoRALinear) else ""))
+        clash = sorted(set(kwargs) & {"bias", "device", "dtype"})
+        if clash:
+            raise TypeError(f"from_linear / inject_clora: {clash} come from the wrapped layer (its bias, its weight's "
+                            f"device and dtype); convert the model itself (model.to(...)) instead")
         w = linear.weight
         k, n = w.shape if conv1d else w.shape[::-1]
         layer = cls(k, n, rank, alpha, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)

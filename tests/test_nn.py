@@ -513,3 +513,13 @@ def test_merged_layer_input_gradients_and_compile(seed):
     layer(x).square().sum().backward()
     want = 2 * nn.functional.linear(x, layer.weight, layer.bias) @ layer.weight
     assert rel_err(x.grad, want) < 1e-5
+
+
+def test_from_linear_refuses_what_the_wrapped_layer_decides():
+    """dtype, device and bias come from the wrapped layer: a clear TypeError, not Python's "got
+    multiple values for keyword argument"."""
+    model = nn.Sequential(nn.Linear(8, 6))
+    for kw in (dict(dtype=torch.float64), dict(device="cpu"), dict(bias=False)):
+        with pytest.raises(TypeError, match=r"come from the wrapped layer"):
+            ck.inject_clora(model, ["0"], rank=2, **kw)
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
