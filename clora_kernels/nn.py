@@ -257,11 +257,11 @@ class CLoRALinear(nn.Linear):
     def end_task(self) -> None:
         """Fold the task's routing into the frozen route: R_old <- R_old + P R_delta; in hard
         mode recompute P from R_old's singular vectors; R_delta <- 0. The output is unchanged.
-        Refuses (ValueError, nothing changed) when the routing holds NaN or Inf."""
-        bad = self._nonfinite_routing()
+        Refuses (ValueError, nothing changed) when the adapter holds NaN or Inf."""
+        bad = self._nonfinite_adapter()
         if bad:
             raise ValueError(f"end_task: {bad} holds non-finite values (NaN/Inf; did training diverge?); "
-                             f"the routing was left unchanged")
+                             f"the layer was left unchanged")
         why = self.protection.not_ready(self)
         if why:
             raise ValueError(f"end_task: {why}; nothing was changed")
@@ -273,10 +273,12 @@ class CLoRALinear(nn.Linear):
         self.task_index += 1
         self.protection.end_task(self)
 
-    def _nonfinite_routing(self) -> str:
-        """Names of the routing tensors holding NaN or Inf ('' when all are finite)."""
-        named = (("routing_old", self.routing_old), ("routing_delta", _full(self.routing_delta)),
-                 ("projection", self.projection))
+    def _nonfinite_adapter(self) -> str:
+        """Names of the adapter tensors holding NaN or Inf ('' when all are finite): a task ended on
+        them would fold them into the frozen route, freeze them ("freeze") or fail half-way through
+        the policy's bases ("project")."""
+        named = (("lora_A", _full(self.lora_A)), ("lora_B", _full(self.lora_B)), ("routing_old", self.routing_old),
+                 ("routing_delta", _full(self.routing_delta)), ("projection", self.projection))
         return ", ".join(n for n, t in named if not bool(torch.isfinite(t).all()))
 
     @torch.no_grad()
@@ -551,9 +553,9 @@ def end_task(model: nn.Module) -> None:
     """end_task() on every C-LoRA layer; checks every layer first, so a model whose routing
     went non-finite anywhere is left entirely unchanged (ValueError naming the layers)."""
     layers = _require_layers(model, "end_task")
-    bad = [f"{name} ({why})" for name, m in layers for why in [m._nonfinite_routing()] if why]
+    bad = [f"{name} ({why})" for name, m in layers for why in [m._nonfinite_adapter()] if why]
     if bad:
-        raise ValueError(f"end_task: non-finite routing (NaN/Inf; did training diverge?) in {'; '.join(bad)}; "
+        raise ValueError(f"end_task: non-finite adapter (NaN/Inf; did training diverge?) in {'; '.join(bad)}; "
                          f"no layer was changed")
     waiting = [(name, why) for name, m in layers for why in [m.protection.not_ready(m)] if why]
     if waiting:

@@ -312,17 +312,24 @@ def test_helpers_refuse_models_without_clora():
         ck.inject_clora(_Net(), target_modules=("nothing",))
 
 
-def test_end_task_refuses_non_finite_routing_and_changes_nothing():
-    net = ck.inject_clora(_Net(), rank=4)
+@pytest.mark.parametrize("tensor,protection", [("routing_delta", "freeze"), ("lora_A", "project"),
+                                               ("lora_B", "freeze")])
+def test_end_task_refuses_a_non_finite_adapter_and_changes_nothing(tensor, protection):
+    """NaN in any adapter tensor of one layer: no layer ends its task (with "project" a NaN lora_A
+    failed in linalg.eigh after the layers before it, and this one's routing, had changed; "freeze"
+    froze an inf lora_B for good)."""
+    net = ck.inject_clora(_Net(), rank=4, protection=protection)
     layers = [m for _, m in ck.nn.clora_layers(net)]
+    with torch.no_grad(), ck.observe_task(net):
+        net(torch.randn(8, 16))
     before = [m.routing_old.clone() for m in layers]
     with torch.no_grad():
-        layers[-1].routing_delta[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"non-finite routing .* in .*routing_delta.*no layer was changed"):
+        getattr(layers[-1], tensor)[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"non-finite adapter .* in .*{tensor}.*no layer was changed"):
         ck.end_task(net)
-    for m, r_old in zip(layers[:-1], before[:-1]):    # the finite layers were not folded either
-        assert m.task_index == 0 and torch.equal(m.routing_old, r_old)
-    with pytest.raises(ValueError, match="routing_delta holds non-finite values"):
+    for m, r_old in zip(layers, before):    # the finite layers were not folded either
+        assert m.task_index == 0 and torch.equal(m.routing_old, r_old) and m.lora_A.requires_grad
+    with pytest.raises(ValueError, match=f"{tensor} holds non-finite values"):
         layers[-1].end_task()
     assert layers[-1].task_index == 0
 
