@@ -298,8 +298,9 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     so the factors move at full speed even while their gradient through the small new route is
     tiny, and the frozen old route drifts; with SGD the step is proportional to that gradient.
 
-    Resuming: `start` tasks are done, `acc` holds their rows and `gen` the batch-order generator
-    as it was after them; `on_task(i, acc, prototypes, gen)` runs after each task (to save a
+    Resuming: `start` tasks are done, `acc` holds their rows (at least `start` of them), `gen` the
+    batch-order generator as it was after them and, with the prototype classifier, `prototypes`
+    the head they built (a fresh one would know none of their classes); `on_task(i, acc, prototypes, gen)` runs after each task (to save a
     run), `log(text)` gets one line per task. `boundary(model)` runs between tasks (after the
     evaluation, before on_task; per_task_lora opens its next branch there); `observe(model)`, a
     context manager, is entered for the task's pass over its training data (after training), as
@@ -319,6 +320,14 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     validate_tasks(tasks, head_mod.out_features)
     if clora and not clora_layers(model):
         raise ValueError("train_sequence(clora=True): the model has no CLoRALinear layers (call inject_clora first)")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"train_sequence: start must be an int >= 0 (tasks already done), got {start!r}")
+    if start and len(acc or ()) < start:
+        raise ValueError(f"train_sequence: resuming after {start} task(s) needs their {start} accuracy row(s) in "
+                         f"`acc`, got {len(acc or ())}")
+    if start and classifier == "prototype" and prototypes is None:
+        raise ValueError(f"train_sequence: resuming after {start} task(s) with the prototype classifier needs the "
+                         f"`prototypes` they built (a fresh head knows none of their classes)")
     if classifier == "prototype" and prototypes is None:
         prototypes = PrototypeHead(head_mod.out_features, feature_dim(head_mod, reference)).to(head_mod.weight.device)
     from tqdm import tqdm
@@ -673,7 +682,8 @@ def build_parser():
     ap.add_argument("--resume", action="store_true", help="continue the run in --out after its last complete task")
     ap.add_argument("--epochs", type=_cli.positive_int, default=None,
                     help="epochs per task (default: 10 for digits, 3 for images)")
-    ap.add_argument("--quick", action="store_true", help="reduced run: 4 epochs per task, seeds 0 1")
+    ap.add_argument("--quick", action="store_true", help="reduced run: 4 epochs per task and seeds 0 1 on digits, 1 epoch and seed 0 "
+                    "elsewhere (--epochs and --seeds, where given, win)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--setting", choices=SETTINGS, default="class-il")
     ap.add_argument("--classifier", choices=CLASSIFIERS, default=None,
@@ -725,6 +735,10 @@ _DEFAULTS = {"digits": {"epochs": 10, "lr": 5e-3, "batch_size": 32, "seeds": [0,
 
 def _fill_defaults(args) -> None:
     kind = "digits" if args.dataset == "digits" else "images"
+    if args.quick:      # the reduced run's epochs and seeds, where the command line gives none
+        for key, value in zip(("epochs", "seeds"), (4, [0, 1]) if kind == "digits" else (1, [0])):
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
     if args.dataset == "wiki-topics":
         # the feasibility probe's epochs and batch (issue 22); lr and head_lr chosen on the tuning
         # seeds 100, 101 with class order 100 (docs/design-notes.md, "wiki-topics tuning")
@@ -746,9 +760,6 @@ def _fill_defaults(args) -> None:
             args.pretrained = True if args.pretrained is None else args.pretrained
         if args.data_dir:
             args.data_dir = os.path.abspath(args.data_dir)
-    if args.quick and not getattr(args, "_quick_done", False):
-        args.epochs, args.seeds = (4, [0, 1]) if kind == "digits" else (1, [0])
-        args._quick_done = True
     args.classifier = args.classifier or default_classifier(args.setting)
 
 

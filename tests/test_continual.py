@@ -52,6 +52,11 @@ def test_bad_input_before_training():
         cc.train_sequence(cc.MLP(), tasks, clora=True, epochs=1, progress=False)
     with pytest.raises(ValueError, match="setting must be"):
         cc.train_sequence(model, tasks, setting="domain-il", epochs=1, progress=False)
+    # a resume short of its rows, or of its prototype head, gave a wrong matrix silently
+    with pytest.raises(ValueError, match=r"resuming after 2 task\(s\) needs their 2 accuracy row\(s\) in `acc`, got 1"):
+        cc.train_sequence(model, tasks, epochs=1, progress=False, start=2, acc=[[1.0]], classifier="linear")
+    with pytest.raises(ValueError, match="needs the `prototypes` they built"):
+        cc.train_sequence(model, tasks, epochs=1, progress=False, start=1, acc=[[1.0]])
     assert all(p.grad is None for p in model.parameters())          # nothing was trained
 
 
@@ -130,6 +135,17 @@ def test_prototype_head_is_cosine_nearest_mean():
         torch.tensor([10.0, 0.5]), proto0, dim=0)), rel_tol=1e-6)
     with pytest.raises(ValueError, match=r"features must be \(n, 2\)"):
         head.add(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_quick_leaves_the_epochs_and_seeds_the_command_gives():
+    """--quick fills the epochs and seeds the command line leaves out (it overrode given ones, and
+    the results' meta then disagreed with their own command)."""
+    for argv, epochs, seeds in ((["--quick"], 4, [0, 1]), (["--quick", "--seeds", "7", "--epochs", "1"], 1, [7]),
+                                (["--quick", "--dataset", "mnist5k"], 1, [0]),
+                                (["--quick", "--dataset", "mnist5k", "--epochs", "2"], 2, [0])):
+        args = cc.build_parser().parse_args(argv)
+        cc._fill_defaults(args)
+        assert (args.epochs, args.seeds) == (epochs, seeds), argv
 
 
 def test_simple_cil_trains_nothing_and_joint_has_no_sequence():
