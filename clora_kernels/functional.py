@@ -20,7 +20,13 @@ from .backends import BACKEND_NAMES, device_type
 from .backends import ops as _ops  # registers torch.ops.clora.*
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FLOAT_MAX = {dt: torch.finfo(dt).max for dt in _FLOAT_DTYPES}     # the largest scaling each dtype holds
+# the largest scaling per x dtype: the GEMMs take it as their alpha, in float64 for float64 x and in
+# float32 for the others (a 16-bit GEMM's alpha is a float32: 1e5 with float16 x works). The error's
+# text is made here: under torch.compile an f-string's float format spec fails.
+_ALPHA = {dt: torch.float64 if dt == torch.float64 else torch.float32 for dt in _FLOAT_DTYPES}
+_SCALING_MAX = {dt: torch.finfo(a).max for dt, a in _ALPHA.items()}
+_SCALING_RANGE = {dt: f"|scaling| <= {_SCALING_MAX[dt]:g}, the {a} range of the GEMMs' alpha for {dt} x"
+                  for dt, a in _ALPHA.items()}
 
 
 def finite_number(value) -> bool:
@@ -74,20 +80,22 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
                 raise ValueError(f"{name} must have shape (rank, rank) = ({r}, {r}), got {_shape(m)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape (out_features,) = ({n},), got {_shape(bias)}")
-    # s - s == 0 is False for nan and ±inf, and traces on the symbolic float that torch.compile(dynamic=True)
-    # makes of a module's scaling, where math.isfinite would break the graph
-    if not (type(scaling) is float and scaling - scaling == 0) and (
-            isinstance(scaling, Tensor) or not isinstance(scaling, numbers.Real) or not (
-            finite_number(scaling) if type(scaling) is not float else scaling - scaling == 0)):
-        raise ValueError(f"scaling must be a finite Python number, got {scaling!r}")
+    # s - s == 0 is False for nan and ±inf, and traces on the symbolic float or int that
+    # torch.compile(dynamic=True) makes of a scaling, where math.isfinite would break the graph
+    if (type(scaling) is float or type(scaling) is int) and scaling - scaling == 0:
+        value = scaling
+    elif not isinstance(scaling, Tensor) and isinstance(scaling, numbers.Real) and finite_number(scaling) \
+            and type(scaling) is not float:     # a bool or a NumPy scalar
+        value = float(scaling)
+    else:
+        raise ValueError(f"scaling must be a finite real number (a Python or NumPy scalar), got {scaling!r}")
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {sorted(BACKEND_NAMES)}, got {backend!r}")
     dt = x.dtype
     if dt not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {dt}")
-    if abs(scaling) > _FLOAT_MAX[dt]:       # (the GEMMs take it as their alpha, in x's dtype)
-        raise ValueError(f"scaling must be a finite number in x's dtype {dt} (|scaling| <= {_FLOAT_MAX[dt]:g}), "
-                         f"got {scaling!r}")
+    if abs(value) > _SCALING_MAX[dt]:
+        raise ValueError(f"scaling must be a finite real number with {_SCALING_RANGE[dt]}, got {scaling!r}")
     cpu = x.is_cpu      # both on the CPU: no device objects built (t.device costs 0.4 µs, seven per call)
     if (cpu and weight.dtype is dt and lora_A.dtype is dt and lora_B.dtype is dt and routing_old.dtype is dt
             and routing_delta.dtype is dt and (bias is None or bias.dtype is dt)

@@ -223,8 +223,9 @@ class CLoRALinear(nn.Linear):
         x = input
         if self.merged or not self.adapter_enabled:
             y = F.linear(x, self.base_weight(), self.bias)
-            if self.merged and torch.is_grad_enabled() and self.routing_delta.requires_grad \
-                    and not torch.compiler.is_compiling():       # (the compiler would trace its raise)
+            if self.merged and self.training and torch.is_grad_enabled() and self.routing_delta.requires_grad:
+                if torch.compiler.is_compiling():   # the compiler cannot carry the guard's raise to the backward
+                    raise RuntimeError(_MERGED_TRAINING)    # (without fullgraph: a graph break, then the guard)
                 y = _MergedGuard.apply(y, self.routing_delta)    # inference works; a backward says why not
             return y
         params, buffers = self._parameters, self._buffers
@@ -332,14 +333,15 @@ class CLoRALinear(nn.Linear):
                 "protection": self.protection.config()}
 
     def set_extra_state(self, state) -> None:
-        before = self.task_index
         self.task_index = int(state["task_index"])
         self.mode = state.get("mode", self.mode)
-        # the loaded weight and adapter replace what an earlier merge of this layer remembered: a merged
-        # state's unmerge takes out the loaded adapter's delta (as in a process that never merged)
-        self.merged = bool(state.get("merged", False))
-        self._merged_adapter = self._original_weight = None
-        self.protection.loaded(self, before)
+        if self.__dict__.get("_loading_weight", True):
+            # the loaded weight replaces what an earlier merge of this layer remembered: a merged state's
+            # unmerge takes out the loaded adapter's delta (as in a process that never merged). A state
+            # without the weight (adapter only, strict=False) leaves the weight's merged state as it is
+            self.merged = bool(state.get("merged", False))
+            self._merged_adapter = self._original_weight = None
+        self.protection.loaded(self)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -351,6 +353,15 @@ class CLoRALinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        with _requires_grad_kept(self):
+            self.__dict__["_loading_weight"] = prefix + "weight" in state_dict     # (read by set_extra_state)
+            try:
+                self._load_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                 error_msgs)
+            finally:
+                self.__dict__.pop("_loading_weight", None)
+
+    def _load_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # the saved policy is adopted before the buffers load, and its variable-size buffers (the
         # projection policy's bases) take the saved shapes
         extra = state_dict.get(prefix + "_extra_state")
@@ -374,10 +385,29 @@ class CLoRALinear(nn.Linear):
                 f"backend={self.backend}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
 
 
+_MERGED_TRAINING = ("a merged CLoRALinear in training mode with its adapter requiring grad: the merged weight is "
+                    "frozen and the adapter would not train; call clora_kernels.unmerge(model) before training (for "
+                    "inference or input gradients alone: model.eval(), or model.requires_grad_(False))")
+
+
+@contextlib.contextmanager
+def _requires_grad_kept(layer):
+    """A load (state_dict or adapter file) keeps the caller's requires_grad on lora_A / lora_B unless
+    it changes whether the layer's policy trains them (the first task against a later one under
+    "freeze", or another policy): a frozen teacher or EMA copy loading its student's state stays
+    frozen, as nn.Linear's loading leaves requires_grad alone."""
+    before, flags = layer.protection.factors_train(layer), [p.requires_grad for p in (layer.lora_A, layer.lora_B)]
+    yield
+    if layer.protection.factors_train(layer) == before:
+        for p, flag in zip((layer.lora_A, layer.lora_B), flags):
+            p.requires_grad_(flag)
+
+
 class _MergedGuard(torch.autograd.Function):
-    """Identity on a merged layer's output; its backward refuses with the reason: the merged
-    weight is frozen, so training there would leave the adapter unchanged (or fail with torch's
-    "does not require grad")."""
+    """Identity on the output of a merged layer in training mode; its backward refuses with the
+    reason: the merged weight is frozen, so training there would leave the adapter unchanged (or
+    fail with torch's "does not require grad"). In eval mode (inference, input gradients) there is
+    none: the adapter then gets no gradient, as a merged PEFT layer's."""
 
     @staticmethod
     def forward(ctx, y, routing_delta):
@@ -385,10 +415,7 @@ class _MergedGuard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError("backward through a merged CLoRALinear: the merged weight is frozen and the adapter would "
-                           "not train; call clora_kernels.unmerge(model) before training. For gradients of the "
-                           "inputs alone (saliency, adversarial examples), freeze the adapter first: "
-                           "model.requires_grad_(False), then x.requires_grad_()")
+        raise RuntimeError(f"backward through {_MERGED_TRAINING}")
 
 
 def _hard_projection(routing_old: Tensor, protect_energy: float) -> Tensor:
@@ -770,16 +797,17 @@ def load_adapter(model: nn.Module, path) -> None:
     entries = [(m, _adapter_entry(path, name, m, info[name], tensors)) for name, m in layers]
     with torch.no_grad():
         for m, e in entries:
-            m.alpha, m.scaling = e["alpha"], e["alpha"] / m.rank
-            m.mode, m.protect_energy = e["mode"], e["protect_energy"]
-            m.grad_through_old_route = e["grad_through_old_route"]
-            if e["policy"].config() != m.protection.config():
-                m._set_protection(e["policy"])
-            for t, value in e["tensors"].items():
-                mine = getattr(m, t)
-                if mine.shape != value.shape:
-                    mine = m._buffers[t] = mine.new_empty(value.shape)
-                mine.copy_(_like(mine, value))
-            before, m.task_index = m.task_index, e["task_index"]
-            m.protection.loaded(m, before)
-            m.protection.loaded_enforced(m)
+            with _requires_grad_kept(m):
+                m.alpha, m.scaling = e["alpha"], e["alpha"] / m.rank
+                m.mode, m.protect_energy = e["mode"], e["protect_energy"]
+                m.grad_through_old_route = e["grad_through_old_route"]
+                if e["policy"].config() != m.protection.config():
+                    m._set_protection(e["policy"])
+                for t, value in e["tensors"].items():
+                    mine = getattr(m, t)
+                    if mine.shape != value.shape:
+                        mine = m._buffers[t] = mine.new_empty(value.shape)
+                    mine.copy_(_like(mine, value))
+                m.task_index = e["task_index"]
+                m.protection.loaded(m)
+                m.protection.loaded_enforced(m)

@@ -89,6 +89,10 @@ class Protection:
     def acts(self, layer) -> bool:
         return False
 
+    def factors_train(self, layer) -> bool:
+        """Whether the policy trains lora_A / lora_B in the layer's current task."""
+        return True
+
     def operands(self, layer, lora_A: Tensor, lora_B: Tensor, grad_through_old_route: bool):
         return lora_A, lora_B, grad_through_old_route
 
@@ -107,9 +111,8 @@ class Protection:
     def end_task(self, layer) -> None:
         pass
 
-    def loaded(self, layer, before=None) -> None:
-        """After state_dict / adapter loading set the layer's task state (`before`: the layer's
-        task_index before the load; None where the policy is new to the layer)."""
+    def loaded(self, layer) -> None:
+        """After state_dict / adapter loading set the layer's task state."""
 
     def loaded_enforced(self, layer) -> None:
         """After loading a file that `save_adapter` wrote (it enforces the policy first): the
@@ -150,19 +153,17 @@ class Freeze(Protection):
     def end_task(self, layer) -> None:
         self.apply_requires_grad(layer)
 
-    def loaded(self, layer, before=None) -> None:
-        # requires_grad follows the policy where the load moves the layer between its first task and a
-        # later one, or the policy is new; a load that does neither leaves the caller's choice (a
-        # frozen teacher or EMA copy loading its student's state stays frozen, as nn.Linear's would)
-        if before is None or (before == 0) != (layer.task_index == 0):
-            self.apply_requires_grad(layer)
+    def factors_train(self, layer) -> bool:
+        return layer.task_index == 0
+
+    def loaded(self, layer) -> None:
+        self.apply_requires_grad(layer)
 
     def detach(self, layer) -> None:
         for p in (layer.lora_A, layer.lora_B):     # another policy decides about them now
             p.requires_grad_(True)
 
-    @staticmethod
-    def apply_requires_grad(layer) -> None:
+    def apply_requires_grad(self, layer) -> None:
         """The factors train on the first task only: from the second on requires_grad is off (so an
         optimizer built from `requires_grad` parameters leaves them out) and no stale gradient
         stays (an optimizer built earlier skips a parameter whose .grad is None); the forward
@@ -170,7 +171,7 @@ class Freeze(Protection):
         them from the layer's output (a loss on delta_weight() itself would still reach them).
         Under DistributedDataParallel the factors become unused parameters after the first task:
         wrap with find_unused_parameters=True, or wrap again after end_task."""
-        first = layer.task_index == 0
+        first = self.factors_train(layer)
         for p in (layer.lora_A, layer.lora_B):
             p.requires_grad_(first)
             if not first:
@@ -210,7 +211,7 @@ class Project(Protection):
         # get none once routing_delta's allowed directions run out (after end_task it is 0).
         return lora_A, lora_B, True
 
-    def loaded(self, layer, before=None) -> None:
+    def loaded(self, layer) -> None:
         # no observed inputs ((K, K) Gram and a row count), nothing enforced yet
         _watch_optimizer_steps()
         layer._observed, layer._observed_rows = None, 0

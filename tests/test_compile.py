@@ -71,5 +71,5 @@ def test_compile_refuses_nonfinite_scaling(seed, dynamic):
     for s in (0.5, 2, 1e-3):
         assert rel_err(compiled(x, s), f(x, s)) < 1e-6, s
     for s in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(ValueError, match="scaling must be a finite Python number"):
+        with pytest.raises(ValueError, match="scaling must be a finite real number"):
             compiled(x, s)

@@ -260,17 +260,33 @@ def test_every_operand_checked(name, fault):
 
 @pytest.mark.parametrize("scaling,ok", [(2.0, True), (2, True), (True, True), (np.float32(0.5), True),
                                         (np.int64(2), True), (-1e30, True), (float("nan"), False),
-                                        (float("-inf"), False), (10 ** 400, False), (1e39, False), (-1e39, False),
+                                        (np.float32("nan"), False), (float("-inf"), False), (10 ** 400, False),
+                                        (10 ** 39, False), (1e39, False), (-1e39, False),
                                         (torch.tensor(2.0), False), ("2", False), (None, False)])
 def test_scaling_rule(scaling, ok):
-    """scaling: any finite real number (int, float, bool, a NumPy scalar) within x's dtype (float32
-    here; addmm's alpha failed on 1e39 with "cannot be converted to type float without overflow");
-    not a tensor, a string, None, nan, inf or an int too large for a float."""
+    """scaling: any finite real number (int, float, bool, a NumPy scalar) within the float32 range
+    of the GEMMs' alpha (addmm failed on 1e39 with "cannot be converted to type float without
+    overflow"); not a tensor, a string, None, nan, inf or an int too large for a float."""
     if ok:
         assert torch.isfinite(call(clora_linear, _bad(scaling=scaling))).all()
     else:
-        with pytest.raises(ValueError, match="scaling must be a finite (Python )?number"):
+        with pytest.raises(ValueError, match="scaling must be a finite real number"):
             call(clora_linear, _bad(scaling=scaling))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_x_takes_a_scaling_beyond_its_own_range(seed, dtype):
+    """A 16-bit GEMM's alpha is a float32: scaling 1e5 (beyond float16's 65504) runs, 1e39 does not;
+    and a NumPy float32 scaling with float64 x raises no overflow warning from the range test."""
+    inp = make_inputs(4, 24, 40, 4, scaling=1e5)
+    inp["lora_B"] *= 1e-5                                       # s·lora_B of order 1: a finite output
+    inp = cast_inputs(inp, dtype, requires_grad=False)
+    assert torch.isfinite(call(clora_linear, inp)).all()
+    with pytest.raises(ValueError, match=r"float32 range of the GEMMs' alpha for torch.(b)?float16 x"):
+        call(clora_linear, dict(inp, scaling=1e39))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(clora_linear, cast_inputs(make_inputs(4, 24, 40, 4, scaling=np.float32(0.5)), torch.float64))
 
 
 def test_unknown_backend_and_env(monkeypatch):

@@ -86,7 +86,7 @@ def test_operands_revalidated_after_every_change(seed):
     assert layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
     layer = fresh()
     layer.scaling = float("nan")
-    with pytest.raises(ValueError, match="scaling must be a finite Python number"):
+    with pytest.raises(ValueError, match="scaling must be a finite real number"):
         layer(torch.randn(2, 16))
     layer = fresh()
     layer.backend = "tpu"
@@ -114,7 +114,7 @@ def test_operands_revalidated_after_every_change(seed):
         torch.func.functional_call(layer, {"bias": torch.full((1,), 100.0)}, (torch.randn(2, 16),))
     layer = fresh()
     layer.scaling = nn.Parameter(torch.tensor(layer.scaling))
-    with pytest.raises(ValueError, match="scaling must be a finite Python number"):
+    with pytest.raises(ValueError, match="scaling must be a finite real number"):
         layer(torch.randn(2, 16))
 
 
@@ -476,6 +476,24 @@ def test_a_loaded_state_replaces_what_an_earlier_merge_remembered(seed, dtype):
     assert rel_err(a.weight, base_b) < (1e-6 if dtype == torch.float32 else 2e-2)
 
 
+def test_an_adapter_only_state_leaves_the_weights_merged_state(seed):
+    """load_state_dict(strict=False) of the adapter alone (no weight) into a merged layer: the weight
+    stays merged with what merge remembered, so unmerge gives the base back; into an unmerged layer
+    it stays unmerged (the state's `merged` flag is the saved weight's, not this one's)."""
+    a, b = _trained(CLoRALinear(8, 6, rank=4)), _trained(CLoRALinear(8, 6, rank=4))
+    base_a = a.weight.detach().clone()
+    b.merge()
+    adapter_only = {k: v for k, v in b.state_dict().items() if k not in ("weight", "bias")}
+    a.merge()
+    a.load_state_dict(adapter_only, strict=False)
+    assert a.merged
+    a.unmerge()
+    assert rel_err(a.weight, base_a) < 1e-6
+    w = a.weight.detach().clone()
+    a.load_state_dict(adapter_only, strict=False)       # b's flag says merged, a's weight is not
+    assert not a.merged and torch.equal(a.weight, w)
+
+
 def test_reset_parameters_of_a_merged_layer_leaves_it_unmerged(seed):
     layer = _trained(CLoRALinear(8, 6, rank=4))
     layer.merge()
@@ -505,21 +523,29 @@ def test_what_merge_remembered_moves_with_the_layer(seed):
 
 
 def test_merged_layer_input_gradients_and_compile(seed):
-    """A merged layer whose adapter still requires grad refuses a backward (the guard above); with
-    the adapter frozen the inputs' gradient flows, as through nn.Linear; and torch.compile(fullgraph)
-    of the merged layer runs with grad enabled (the guard is not traced)."""
+    """A merged layer in training mode whose adapter requires grad refuses a backward (the guard
+    above), compiled too (without fullgraph the compiler breaks the graph there and the guard runs;
+    with fullgraph the trace says why); in eval mode the inputs' gradient flows as through nn.Linear
+    and torch.compile(fullgraph) runs with grad enabled, the adapter getting no gradient."""
     layer = _trained(CLoRALinear(24, 40, rank=6))
     x = torch.randn(5, 24)
     layer.merge()
-    with pytest.raises(RuntimeError, match="model.requires_grad_\\(False\\)"):
+    with pytest.raises(RuntimeError, match=r"training mode.*model.eval\(\)"):
         layer(x.requires_grad_()).sum().backward()
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="backward through a merged CLoRALinear in training mode"):
+        torch.compile(layer, backend="eager")(x).sum().backward()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="merged CLoRALinear in training mode"):
+        torch.compile(layer, fullgraph=True, backend="eager")(x)
+    layer.eval()
     x.grad = None
+    torch._dynamo.reset()
     out = torch.compile(layer, fullgraph=True, backend="eager")(x)
     assert rel_err(out, nn.functional.linear(x, layer.weight, layer.bias)) < 1e-6
-    layer.requires_grad_(False)
     layer(x).square().sum().backward()
     want = 2 * nn.functional.linear(x, layer.weight, layer.bias) @ layer.weight
-    assert rel_err(x.grad, want) < 1e-5
+    assert rel_err(x.grad, want) < 1e-5 and layer.routing_delta.grad is None
 
 
 def test_from_linear_refuses_what_the_wrapped_layer_decides():

@@ -280,10 +280,16 @@ def test_a_load_keeps_the_callers_requires_grad_unless_the_task_phase_changes(se
     assert not later[0].lora_A.requires_grad and not later[0].lora_B.requires_grad
     later.load_state_dict(student.state_dict())           # back to the first task: they train again
     assert later[0].task_index == 0 and later[0].lora_A.requires_grad and later[0].lora_B.requires_grad
+    paper = nn.Sequential(CLoRALinear(K, N, rank=R, protection="paper", backend="torch")).requires_grad_(False)
+    paper.load_state_dict(student.state_dict())           # another policy, the same phase: still frozen
+    assert paper[0].protection.name == "freeze" and not any(p.requires_grad for p in paper.parameters())
     fresh = nn.Sequential(CLoRALinear(K, N, rank=R, backend="torch"))
     ck.end_task(student)
     fresh.load_state_dict(student.state_dict())           # a first-task layer loading task 1 freezes them
     assert not fresh[0].lora_A.requires_grad and not fresh[0].lora_B.requires_grad
+    paper = nn.Sequential(CLoRALinear(K, N, rank=R, protection="paper", backend="torch"))
+    ck.load_adapter(paper, path)                          # "freeze" at task 0 after "paper": both train them
+    assert paper[0].lora_A.requires_grad
 
 
 def _trained_first_task():
