@@ -1,6 +1,6 @@
-"""What every command line of the package shares: argument types that refuse bad values with one
-line and argparse's exit code 2 (naming the value and the allowed range), and the check that an
-output path can be written, made before any work starts."""
+"""What every command line of the package shares: its help formatter, argument types that refuse
+bad values with one line and argparse's exit code 2 (naming the value and the allowed range), and
+the check that an output path can be written, made before any work starts."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,17 @@ import os
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where the help names its own default or there is
+    none to show (it printed "(default: on) (default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def device(choice: str) -> torch.device:

@@ -643,7 +643,7 @@ def plot_matrices(methods: dict, path: str) -> None:
 
 def build_parser():
     ap = argparse.ArgumentParser(prog="clora-continual", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_cli.Help)
     ap.add_argument("--seeds", type=_cli.seed, nargs="+", default=None,
                     help=f"seeds of the pre-training and the training order (the defaults were tuned on seeds "
                          f"{list(TUNING_SEEDS)} with --class-order-seed {TUNING_CLASS_ORDER_SEED}, which the "
@@ -668,8 +668,9 @@ def build_parser():
                     help="timm's pretrained weights (default: on)")
     ap.add_argument("--image-size", type=_cli.positive_int, default=None, help="input size (default: the model's)")
     ap.add_argument("--targets", nargs="+", default=None,
-                    help="inject_clora's target_modules (default: fc1 fc2 for digits, qkv proj fc1 fc2 for images)")
-    ap.add_argument("--batch-size", type=_cli.positive_int, default=None, help="default: 32 for digits, 64 for images")
+                    help="inject_clora's target_modules (default: fc1 fc2 for digits, qkv proj fc1 fc2 for images, "
+                         "the text model's own for wiki-topics)")
+    ap.add_argument("--batch-size", type=_cli.positive_int, default=None, help="default: 32 for digits, 64 for images, 16 for wiki-topics")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="images: auto is cuda when there is one (with bf16 autocast)")
     ap.add_argument("--backend", choices=BACKEND_NAMES, default=None,
@@ -681,9 +682,10 @@ def build_parser():
                          "here, and the results JSON after every method")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out after its last complete task")
     ap.add_argument("--epochs", type=_cli.positive_int, default=None,
-                    help="epochs per task (default: 10 for digits, 3 for images)")
-    ap.add_argument("--quick", action="store_true", help="reduced run: 4 epochs per task and seeds 0 1 on digits, 1 epoch and seed 0 "
-                    "elsewhere (--epochs and --seeds, where given, win)")
+                    help="epochs per task (default: 10 for digits, 3 for images, 2 for wiki-topics)")
+    ap.add_argument("--quick", action="store_true",
+                    help="reduced run: 4 epochs per task and seeds 0 1 on digits, 1 epoch and seed 0 elsewhere "
+                         "(--epochs and --seeds, where given, win)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--setting", choices=SETTINGS, default="class-il")
     ap.add_argument("--classifier", choices=CLASSIFIERS, default=None,
@@ -703,7 +705,7 @@ def build_parser():
     ap.add_argument("--lambda-orth", type=_cli.non_negative, default=0.01)
     ap.add_argument("--protect-energy", type=_cli.fraction, default=0.9, help="hard mode's routing energy")
     ap.add_argument("--project-energy", type=_cli.fraction, default=0.99,
-                    help="clora_project: the energy its protected subspaces hold")
+                    help="clora_project and dual_lora: the energy their protected subspaces hold")
     ap.add_argument("--grad-through-old-route", action="store_true")
     ap.add_argument("--pretrain-epochs", type=_cli.positive_int, default=15)
     ap.add_argument("--json", default=None)

