@@ -241,7 +241,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     tensors = {}
     for name, m in layers:
         with torch.no_grad():
-            m.protection.enforce(m, force=True)
+            m.protection.enforce(m)         # (as save_adapter: a save changes nothing of the run)
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A).detach().to("cpu").contiguous()
             folded = folded_lora_B(_full(m.lora_B), m.routing())
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded.detach().to("cpu").contiguous()

@@ -716,7 +716,10 @@ def save_adapter(model: nn.Module, path) -> None:
     layers = _require_layers(model, "save_adapter")
     tensors, meta = {}, {}
     for name, m in layers:
-        m.protection.enforce(m, force=True)
+        # enforced where a tensor may have changed since the policy last ran, as before a forward, so a
+        # save changes nothing of the run (a forced re-projection is not bit-exact: a run writing
+        # checkpoints ended 5e-7 away from one that did not)
+        m.protection.enforce(m)
         for t in _ADAPTER_TENSORS + m.protection.buffers:
             tensors[f"{name}.{t}"] = _full(getattr(m, t)).detach().to("cpu").contiguous()
         meta[name] = {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "protect_energy": m.protect_energy,
