@@ -152,8 +152,17 @@ class CLoRALinear(nn.Linear):
         """Give the layer a policy with fresh state (the old policy's buffers are removed)."""
         policy = make_protection(spec)
         self.protection.detach(self)
-        self.protection = policy
+        self.__dict__["protection"] = policy
         policy.attach(self)
+
+    def __setattr__(self, name, value):
+        # layer.protection = "project" (or a Protection) switches the policy as protection= at
+        # construction does, with fresh state; a plain attribute write left the new policy without its
+        # buffers and flags (AttributeError at the next forward or end_task)
+        if name == "protection" and "protection" in self.__dict__:
+            self._set_protection(value)
+        else:
+            super().__setattr__(name, value)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, rank: int = 16, alpha: Optional[float] = None, **kwargs) -> "CLoRALinear":

@@ -321,3 +321,25 @@ def test_saving_changes_nothing_of_a_run(seed, tmp_path):
                 ck.save_peft_adapter(model, tmp_path / "peft")
         return [p.detach().clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
+def test_switching_the_policy_by_assignment(seed):
+    """layer.protection = ... mid-sequence gives the new policy with fresh state, as protection= at
+    construction (a plain attribute write failed at the next forward or end_task)."""
+    layer = _trained_first_task()
+    layer.protection = "paper"
+    ck.end_task(nn.Sequential(layer))
+    assert layer.lora_A.requires_grad                       # "paper" trains the factors in every task
+    layer.protection = "freeze"
+    assert layer.protection.name == "freeze" and not layer.lora_A.requires_grad and not layer.lora_B.requires_grad
+    layer.protection = ck.Project(energy=0.9)
+    assert layer.lora_A.requires_grad and "protect_input_basis" in dict(layer.named_buffers())
+    x = torch.randn(16, K)
+    layer(x).sum().backward()
+    with torch.no_grad(), ck.observe_task(nn.Sequential(layer)):
+        layer(x)
+    layer.end_task()
+    assert layer.task_index == 2 and layer.protect_input_basis.shape[1] > 0
+    with pytest.raises(ValueError, match="protection must be one of"):
+        layer.protection = "gpm"
+    assert layer.protection.name == "project"
