@@ -339,18 +339,26 @@ class CLoRALinear(nn.Linear):
     # ---- persistence ----------------------------------------------------------------------
     def get_extra_state(self):
         return {"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
-                "protection": self.protection.config()}
+                "protection": self.protection.config(), "enforced": bool(self.protection.enforced(self))}
 
     def set_extra_state(self, state) -> None:
+        """The task state, from a state_dict load (which calls this after copying the tensors) or a caller."""
+        loading, prefix = self.__dict__.get("_loading", (None, ""))
+        loaded = (lambda name: True) if loading is None else (lambda name: prefix + name in loading)
         self.task_index = int(state["task_index"])
         self.mode = state.get("mode", self.mode)
-        if self.__dict__.get("_loading_weight", True):
+        if loaded("weight"):
             # the loaded weight replaces what an earlier merge of this layer remembered: a merged state's
             # unmerge takes out the loaded adapter's delta (as in a process that never merged). A state
             # without the weight (adapter only, strict=False) leaves the weight's merged state as it is
             self.merged = bool(state.get("merged", False))
             self._merged_adapter = self._original_weight = None
         self.protection.loaded(self)
+        if state.get("enforced") and loading is not None and all(
+                map(loaded, _ADAPTER_TENSORS + self.protection.buffers)):
+            # saved satisfying the policy and loaded whole: the next forward need not enforce it again
+            # (enforcing twice is not bit-exact; a resumed run must equal an uninterrupted one)
+            self.protection.loaded_enforced(self)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -363,12 +371,12 @@ class CLoRALinear(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         with _requires_grad_kept(self):
-            self.__dict__["_loading_weight"] = prefix + "weight" in state_dict     # (read by set_extra_state)
+            self.__dict__["_loading"] = (state_dict, prefix)   # what set_extra_state (called last) asks of
             try:
                 self._load_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                  error_msgs)
             finally:
-                self.__dict__.pop("_loading_weight", None)
+                self.__dict__.pop("_loading", None)
 
     def _load_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # the saved policy is adopted before the buffers load, and its variable-size buffers (the

@@ -119,6 +119,11 @@ class Protection:
         parameters already satisfy the policy, so the next forward need not enforce it again
         (enforcing twice is not bit-exact, and a resumed run must equal an uninterrupted one)."""
 
+    def enforced(self, layer) -> bool:
+        """Whether the parameters satisfy the policy as they are (saved with a state_dict, so that
+        its load need not enforce it again: see loaded_enforced)."""
+        return False
+
     def check_loaded(self, tensors: dict) -> str:
         """Why buffers about to be loaded (name -> tensor) do not fit together ('' when they do)."""
         return ""
@@ -219,6 +224,9 @@ class Project(Protection):
 
     def loaded_enforced(self, layer) -> None:
         layer._enforced_versions = self._versions(layer)
+
+    def enforced(self, layer) -> bool:
+        return layer.task_index > 0 and layer._enforced_versions == self._versions(layer)
 
     def _versions(self, layer):
         ts = (layer.lora_A, layer.routing_delta, layer.lora_B)
