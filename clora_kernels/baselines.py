@@ -6,6 +6,10 @@ rank and scaling), the branches of earlier tasks are frozen, and the layer adds 
 
     y = x Wᵀ + b + s · Σ_t (x lora_A_tᵀ) lora_B_tᵀ
 
+With a known task id (task-incremental evaluation, `task_branches`) task j's inputs take the
+branches of tasks 0..j alone: the layer as it was when task j trained (one adapter per task, routed
+by the task id, as the separate-adapter methods do when the task is given).
+
 k stacked branches are one rank-k·r adapter with a block-diagonal routing matrix: lora_A =
 [A_1; …; A_k], lora_B = [B_1 … B_k], R_old = blockdiag(I, …, I, 0) over the frozen branches and
 R_delta = blockdiag(0, …, 0, I) over the current one, which is how the tests check it against
@@ -78,6 +82,7 @@ class PerTaskLoRALinear(_BaselineLinear):
         super().__init__(base, rank, alpha)
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
+        self.branches = None        # how many branches the forward adds (None: all; `task_branches`)
         self.next_task()
 
     @torch.no_grad()
@@ -104,7 +109,7 @@ class PerTaskLoRALinear(_BaselineLinear):
 
     def forward(self, input: Tensor) -> Tensor:
         y = self.base(input)
-        for a, b in zip(self.lora_A, self.lora_B):
+        for a, b in list(zip(self.lora_A, self.lora_B))[:self.branches]:
             y = y + self.scaling * F.linear(F.linear(input, a), b)
         return y
 
@@ -265,6 +270,22 @@ def observe_inputs(model: nn.Module):
     finally:
         for m in layers:
             m._observing = False
+
+
+@contextlib.contextmanager
+def task_branches(model: nn.Module, task: int):
+    """Inside the block every PerTaskLoRALinear adds the branches of tasks 0..task alone: the model
+    as it was when `task` trained (task-incremental evaluation, where the task id is given; the
+    later branches were trained on other tasks). Other layers are untouched."""
+    layers = [m for _, m in per_task_layers(model)]
+    saved = [m.branches for m in layers]
+    for m in layers:
+        m.branches = task + 1
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, saved):
+            m.branches = b
 
 
 def inject_per_task_lora(model: nn.Module, target_modules, rank: int = 16, alpha=None) -> nn.Module:

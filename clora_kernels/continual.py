@@ -277,7 +277,7 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                    optimizer: str = "adam", classifier: str = None, prototypes: PrototypeHead = None,
                    seed: int = 0, progress: bool = True, desc: str = "", device=None, amp: bool = False,
                    start: int = 0, acc=None, gen: torch.Generator = None, on_task=None, log=None,
-                   boundary=None, observe=None, reference: nn.Module = None) -> list:
+                   boundary=None, observe=None, given_task=None, reference: nn.Module = None) -> list:
     """Train `model` on the tasks in order; return the accuracy matrix (list of rows, row i
     holding a[i][0..i]). Only parameters that require grad are trained; what a C-LoRA layer
     protects is its own `protection` policy's business (the loop only runs the pass that
@@ -304,7 +304,8 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     run), `log(text)` gets one line per task. `boundary(model)` runs between tasks (after the
     evaluation, before on_task; per_task_lora opens its next branch there); `observe(model)`, a
     context manager, is entered for the task's pass over its training data (after training), as
-    `observe_task` is for C-LoRA layers."""
+    `observe_task` is for C-LoRA layers; `given_task(model, j)`, a context manager, is entered to
+    evaluate task j in task-IL, where the task id is given (per_task_lora routes by it there)."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     if optimizer not in OPTIMIZERS:
@@ -386,8 +387,12 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
             if clora:
                 end_task(model)
             seen = [c for t in tasks[:i + 1] for c in t.classes]
-            acc.append([evaluate(model, t, seen if setting == "class-il" else t.classes, prototypes, features,
-                                 device=device, amp=amp) for t in tasks[:i + 1]])
+            row = []
+            for j, t in enumerate(tasks[:i + 1]):
+                with (given_task(model, j) if given_task and setting == "task-il" else contextlib.nullcontext()):
+                    row.append(evaluate(model, t, seen if setting == "class-il" else t.classes, prototypes, features,
+                                        device=device, amp=amp))
+            acc.append(row)
             if log:
                 log(f"{desc} task {i} {tuple(task.classes)}: " + " ".join(f"{a:.3f}" for a in acc[-1]))
             if boundary and i < len(tasks) - 1:
@@ -595,7 +600,7 @@ def method_hooks(method: str) -> dict:
     the C-LoRA fold, and the pass it needs over a task's data (none for most)."""
     from . import baselines
     if method == "per_task_lora":
-        return {"boundary": baselines.next_task}
+        return {"boundary": baselines.next_task, "given_task": baselines.task_branches}
     if method == "dual_lora":
         return {"boundary": baselines.next_task, "observe": baselines.observe_inputs}
     return {}

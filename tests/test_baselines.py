@@ -9,7 +9,7 @@ from torch import nn
 import clora_kernels as ck
 from clora_kernels import continual as cc
 from clora_kernels.baselines import (DualLoRALinear, PerTaskLoRALinear, inject_dual_lora, inject_per_task_lora,
-                                    next_task, observe_inputs, per_task_layers)
+                                    next_task, observe_inputs, per_task_layers, task_branches)
 from helpers import oracle, rel_err
 
 
@@ -59,6 +59,31 @@ def test_next_task_keeps_the_output_and_grows_the_adapter(seed):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["0.lora_A.1", "0.lora_B.1", "2.lora_A.1", "2.lora_B.1"]
     assert sum(m.adapter_numel() for _, m in per_task_layers(model)) == 2 * (2 * 8 + 8 * 2 + 2 * 8 + 4 * 2)
+
+
+def test_a_given_task_takes_its_own_branches(seed):
+    """task_branches(model, j): the branches of tasks 0..j alone, the model as it was when task j
+    trained (task-IL, where the task id is given); outside the block every branch again."""
+    layer = _three_branches(seed)
+    x = torch.randn(7, 13, dtype=torch.float64)
+    s = 5 / 3
+    model = nn.Sequential(layer)
+    for j in range(3):
+        with task_branches(model, j):
+            want = layer.base(x) + sum(s * x @ a.t() @ b.t() for a, b in zip(layer.lora_A[:j + 1], layer.lora_B[:j + 1]))
+            assert rel_err(model(x), want) < 1e-12
+    assert layer.branches is None and rel_err(model(x), layer.base(x) + sum(
+        s * x @ a.t() @ b.t() for a, b in zip(layer.lora_A, layer.lora_B))) < 1e-12
+
+
+def test_per_task_lora_routes_by_the_task_in_task_il():
+    """In task-IL the harness gives per_task_lora the task id: an old task is scored with its own
+    branches (and its own head rows, which later tasks' masked loss leaves alone), so it keeps the
+    accuracy it had (summing every branch cost it up to 0.04 on digits)."""
+    args = cc.build_parser().parse_args(["--seeds", "0", "--epochs", "1", "--methods", "per_task_lora", "--setting",
+                                         "task-il", "--no-progress"])
+    acc = cc.run_experiment(args, progress=False)["per_task_lora"]["acc_matrix"]
+    assert all(acc[i][j] == acc[j][j] for i in range(len(acc)) for j in range(i + 1)), acc
 
 
 def test_per_task_lora_in_the_digits_harness():
