@@ -110,7 +110,7 @@ def load_dataset(args, transform):
     if name == "mnist5k":
         images, labels = _load_array("mnist5k")
         full = ArrayImages(images, labels)
-        tr, te = split_per_class(full.labels)
+        tr, te = split_per_class(full.labels, seed=args.data_seed)
         return Subset(full, tr.tolist()), Subset(full, te.tolist()), full.labels[tr], full.labels[te], \
             [str(c) for c in range(10)]
     if root is None:
@@ -139,7 +139,7 @@ def load_dataset(args, transform):
             torch.tensor(test.targets), train.classes
     full = _image_folder(root, "--data-dir")
     labels = torch.tensor(full.targets)
-    tr, te = split_per_class(labels)
+    tr, te = split_per_class(labels, seed=args.data_seed)
     small = [full.classes[c] for c in labels.unique().tolist() if int((labels[te] == c).sum()) == 0]
     if small:
         raise DataError(f"--data-dir: class(es) {small[:5]} have too few images for a test split (at least 3 each)")
@@ -282,7 +282,7 @@ def head_name(model: nn.Module) -> str:
 # ---- the run -------------------------------------------------------------------------------
 def _result_key(args) -> dict:
     """What a run's results depend on: a resumed run must have the same."""
-    keys = ("dataset", "data_dir", "model", "pretrained", "image_size", "tasks", "class_order_seed", "setting",
+    keys = ("dataset", "data_dir", "model", "pretrained", "image_size", "tasks", "class_order_seed", "data_seed", "setting",
             "classifier", "features", "epochs", "lr", "head_lr", "rank", "batch_size", "lambda_orth", "optimizer", "protect_energy",
             "project_energy", "grad_through_old_route", "targets", "device", "backend", "language",
             "per_class_train", "per_class_test", "max_tokens")
@@ -298,7 +298,7 @@ def check_run_dir(args) -> None:
         return
     if not args.resume:
         raise DataError(f"--out {args.out!r} holds a run already; pass --resume to continue it, or another --out")
-    saved = json.load(open(meta)).get("result_key", {})
+    saved = {"data_seed": 0, **json.load(open(meta)).get("result_key", {})}     # (runs older than --data-seed)
     diff = sorted(k for k in set(saved) | set(_result_key(args)) if saved.get(k) != _result_key(args).get(k))
     if diff:
         raise DataError(f"--resume: the run in {args.out!r} was made with other settings ({', '.join(diff)}: "

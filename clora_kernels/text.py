@@ -111,7 +111,7 @@ def prepare(args, progress: bool = True, log=print) -> dict:
         import transformers
     except ImportError:
         raise DataError("--dataset wiki-topics needs transformers: pip install transformers") from None
-    split, topics = load_wiki_topics(args.language, args.per_class_train, args.per_class_test)
+    split, topics = load_wiki_topics(args.language, args.per_class_train, args.per_class_test, seed=args.data_seed)
     tasks_n = args.tasks
     if tasks_n > len(topics):
         raise DataError(f"--tasks {tasks_n}: the {len(topics)} topics cannot fill {tasks_n} tasks")
