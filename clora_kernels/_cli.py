@@ -92,3 +92,19 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
         ap.error(f"argument {flag}: cannot create the folder {folder!r} ({exc.strerror})")
     if not os.access(folder, os.W_OK):
         ap.error(f"argument {flag}: the folder {folder!r} is not writable")
+
+
+def check_plot(ap: argparse.ArgumentParser, flag: str, path) -> None:
+    """check_output for a plot, and that matplotlib writes its extension (none: PNG), before the work
+    starts rather than after it."""
+    check_output(ap, flag, path)
+    if not path:
+        return
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return      # (the plot then says that matplotlib is missing)
+    ext = os.path.splitext(path)[1][1:].lower()
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in kinds:
+        ap.error(f"argument {flag}: matplotlib cannot write a .{ext} file (it writes {', '.join(sorted(kinds))})")

@@ -818,7 +818,7 @@ def main(argv=None) -> int:
     if args.features == "concat" and args.classifier != "prototype":
         ap.error("argument --features: 'concat' feeds the prototype head; --classifier is linear")
     _cli.check_output(ap, "--json", args.json)
-    _cli.check_output(ap, "--plot", args.plot)
+    _cli.check_plot(ap, "--plot", args.plot)
     if images and args.out:
         _cli.check_output(ap, "--out", args.out, folder_ok=True)
         from .images import DataError, check_run_dir

@@ -53,6 +53,25 @@ def test_bench_baselines_are_the_same_math():
         assert torch.allclose(outs[name], outs["torch"], rtol=1e-10, atol=1e-10), name
 
 
+def test_bench_resets_what_each_variant_trains():
+    """Between timed runs the tensors a training step gave a .grad are reset, PEFT's own lora_A /
+    lora_B included (they were left to accumulate, a cost the other variants did not pay)."""
+    pytest.importorskip("peft")
+    from clora_kernels.bench.core import build_variant, make_case
+    from clora_kernels.bench.shapes import Shape
+    case = make_case(Shape("t", "t", 5, 24, 40, 4), torch.float32, torch.device("cpu"), True)
+    step, reset = build_variant("peft", case, True, {})
+    step()
+    assert {tuple(t.shape) for t in reset if t.grad is not None} == {(5, 24), (4, 24), (40, 4)}
+
+
+def test_bench_refuses_a_plot_it_cannot_write_before_any_work(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        bench_main(["--device", "cpu", "--no-progress", "--plot", str(tmp_path / "p.json")])
+    assert info.value.code == 2 and "argument --plot: matplotlib cannot write a .json file" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--rank", "0"], "argument --rank: must be a positive integer, got 0"),
     (["--size-div", "0"], "argument --size-div: must be a positive integer, got 0"),

@@ -63,9 +63,12 @@ def make_case(shape, dtype, device, training: bool, l2_bytes: int = 0) -> Case:
                 grad=torch.randn(m, n, **kw), **p)
 
 
-def _rotating(case, fwd, training):
+def _rotating(case, fwd, training, params=None):
+    """A step over the rotating x buffers, and what to reset between timed runs: the xs and the
+    trained parameters (`params`, default the case's adapter), so that no variant pays for a growing
+    .grad accumulation that the others do not."""
     state = {"i": 0}
-    params = [case.lora_A, case.lora_B, case.routing_delta]
+    params = [case.lora_A, case.lora_B, case.routing_delta] if params is None else params
 
     def step():
         i = state["i"] = (state["i"] + 1) % len(case.xs)
@@ -89,11 +92,13 @@ def build_variant(name: str, case: Case, training: bool, compiled_cache: dict):
         fn = compiled_cache.get("fn")
         if fn is None:
             fn = compiled_cache["fn"] = torch.compile(reference_formula)
+        # the forward alone as one route (the same value; the two routes of the stop-gradient form are
+        # two chains of products that the compiler keeps, double the adapter's work)
         return _rotating(c, lambda x: fn(x, c.weight, c.bias, c.lora_A, c.lora_B, c.routing_old, c.routing_delta,
-                                         None, c.scaling), training)
+                                         None, c.scaling, not training), training)
     if name == "peft":
         layer = _peft_layer(c)
-        return _rotating(c, layer, training)
+        return _rotating(c, layer, training, [p for p in layer.parameters() if p.requires_grad])
     if name == "hand":
         return _rotating(c, lambda x: reference_formula(x, c.weight, c.bias, c.lora_A, c.lora_B, c.routing_old,
                                                         c.routing_delta, None, c.scaling, True), training)
