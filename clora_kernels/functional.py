@@ -168,8 +168,10 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
     the op transposed (transformers' Conv1D)."""
     w = weight.t() if fan_in_fan_out else weight
-    if isinstance(x, Tensor) and x.dim() and type(scaling) is float and not _autocasting(x):
-        key = (x.dtype, x.device, x.shape[-1], scaling, backend, mode, fan_in_fan_out, weight.dtype, lora_A.dtype,
+    # (a traced width, a tensor under the TorchScript tracer, is no key: the memo would outlive the trace)
+    if isinstance(x, Tensor) and x.dim() and type(scaling) is float and type(k := x.shape[-1]) is int \
+            and not _autocasting(x):
+        key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.dtype, lora_A.dtype,
                lora_B.dtype, routing_old.dtype, routing_delta.dtype, None if bias is None else bias.dtype,
                None if projection is None else projection.dtype)
         operands = (weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)

@@ -73,3 +73,17 @@ def test_compile_refuses_nonfinite_scaling(seed, dynamic):
     for s in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError, match="scaling must be a finite real number"):
             compiled(x, s)
+
+
+def test_a_torchscript_trace_leaves_the_model_exportable(seed):
+    """The TorchScript tracer (torch.jit.trace, the legacy ONNX exporter) gives the layer a traced
+    width: kept as the validation memo's key it failed every later torch.export (a data-dependent
+    guard) and fullgraph compile of the model."""
+    torch._dynamo.reset()
+    model = ck.inject_clora(torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)),
+                            ["0", "2"], rank=2, backend="torch")
+    x = torch.randn(3, 12)
+    traced = torch.jit.trace(model, x)
+    assert rel_err(traced(x), model(x)) < 1e-6
+    exported = torch.export.export(model, (x,))
+    assert rel_err(exported.module()(x), model(x)) < 1e-6
