@@ -247,7 +247,10 @@ class CLoRALinear(nn.Linear):
             routing_delta, routing_old, projection = self.routing_delta, self.routing_old, self.projection
         plain, mode = self.grad_through_old_route, self.mode
         if self.protection.acts(self):
-            self.protection.enforce(self)
+            if not torch.compiler.is_compiling():
+                self.protection.enforce(self)
+            elif not _is_exporting():       # compiled: the in-place projection runs outside the graph
+                _enforce_eagerly(self)      # (an exported graph is inference: the weights are as enforced)
             lora_A, lora_B, plain = self.protection.operands(self, lora_A, lora_B, plain)
         return module_linear(self, x, weight, self.fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta,
                              projection if mode == "hard" else None, self.scaling, plain, self.backend, mode)
@@ -405,6 +408,16 @@ class CLoRALinear(nn.Linear):
 _MERGED_TRAINING = ("a merged CLoRALinear in training mode with its adapter requiring grad: the merged weight is "
                     "frozen and the adapter would not train; call clora_kernels.unmerge(model) before training (for "
                     "inference or input gradients alone: model.eval(), or model.requires_grad_(False))")
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+@torch._dynamo.disable
+def _enforce_eagerly(layer) -> None:
+    """The protection policy's enforce where torch.compile traces the forward: a graph break, so that
+    its in-place projection of the parameters (and its version and data-pointer checks) run eagerly."""
+    layer.protection.enforce(layer)
 
 
 @contextlib.contextmanager

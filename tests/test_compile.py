@@ -87,3 +87,31 @@ def test_a_torchscript_trace_leaves_the_model_exportable(seed):
     assert rel_err(traced(x), model(x)) < 1e-6
     exported = torch.export.export(model, (x,))
     assert rel_err(exported.module()(x), model(x)) < 1e-6
+
+
+def test_project_policy_exports_and_compiles(seed):
+    """protection='project' from the second task: torch.export gives the eager output (its enforce,
+    which reads data pointers and writes the factors in place, failed on fake tensors; the exported
+    graph is inference, the weights as enforced), and compiled training keeps the projection (the
+    enforce runs outside the graph)."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(ck.CLoRALinear(12, 8, rank=2, protection="project", backend="torch"))
+    x = torch.randn(16, 12)
+    with torch.no_grad(), ck.observe_task(model):
+        model(x)
+    ck.end_task(model)
+    layer = model[0]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(3):
+        loss = compiled(x).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        want = model(x)
+    assert layer.protect_input_basis.shape[1] > 0
+    assert float((layer.lora_A @ layer.protect_input_basis - layer.protect_input_anchor).abs().max()) < 1e-5
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert rel_err(exported.module()(x), want) < 1e-6
