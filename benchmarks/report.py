@@ -8,6 +8,7 @@ the summary, and --per-shape adds auto's (fwd/dx) to each row.
 for M <= 16 and for all shapes, and the worst shape (largest t_ENGINE / t_BASE)."""
 import argparse
 import json
+import sys
 from collections import Counter, defaultdict
 
 from clora_kernels.bench.__main__ import summarize
@@ -53,7 +54,8 @@ def strategies(data):
 def main(path, per_shape=False, versus=None):
     data = json.load(open(path))
     m = data["meta"]
-    print(f"- device: {m['gpu']} (driver {m['driver']}), torch {m['torch']}, triton {m['triton']}, "
+    where = f"{m['gpu']} (driver {m['driver']})" if m.get("gpu") else m.get("cpu") or m.get("device")
+    print(f"- device: {where}, torch {m['torch']}, triton {m['triton']}, "
           f"peft {m['peft']}, {m['dtype']}, {m['date']}")
     print(f"- command: `{m['command']}`")
     c = m.get("ceilings") or {}
@@ -88,8 +90,11 @@ if __name__ == "__main__":
     ap.add_argument("--per-shape", action="store_true")
     ap.add_argument("--vs", nargs=2, metavar=("BASE", "ENGINE"), default=None)
     a = ap.parse_args()
+    failed = False
     for p in a.paths:
         try:
             main(p, a.per_shape, a.vs)
         except (OSError, json.JSONDecodeError) as exc:
-            print(f"{p}: {exc}")
+            print(f"{p}: {exc}", file=sys.stderr)
+            failed = True
+    sys.exit(1 if failed else 0)

@@ -211,7 +211,11 @@ def flops_bytes(shape, elt: int, training: bool):
 
 def floor_ratio(shape, training: bool) -> float:
     """The least time ratio to merged that the math allows, in FLOPs. fwd+bwd: 1 + r/N + r/K (the
-    adapter's t, v and weight gradients, 4·M·r·(K + N), over merged's forward and dx, 4·M·N·K).
+    adapter's t, v and weight gradients, 4·M·r·(K + N), over merged's forward and dx, 4·M·N·K), the
+    performance issue's definition. It leaves out the forward's up-projection and dx's low-rank term
+    (2·M·r·(N + K) more, or a merged weight per step, 2·N·K·r), which every plan pays one way or the
+    other: counted, the least ratio is 1 + r/N + r/K + min((r/N + r/K)/2, r/(2M)) plus r² terms
+    (1.23-1.33 on the CPU ViT rows where this floor is 1.21).
     fwd: the cheaper of the unmerged ops (1 + r/N + r/K + r²/(N·K)) and a per-call merged weight
     (1 + r/M + r²/(M·N): building W_eff, then merged's own GEMM)."""
     m, k, n, r = shape.m, shape.k, shape.n, shape.r
