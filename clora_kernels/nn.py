@@ -607,7 +607,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def end_task(model: nn.Module) -> None:
-    """end_task() on every C-LoRA layer; checks every layer first, so a model whose routing
+    """end_task() on every C-LoRA layer; checks every layer first, so a model whose adapter
     went non-finite anywhere is left entirely unchanged (ValueError naming the layers)."""
     layers = _require_layers(model, "end_task")
     bad = [f"{name} ({why})" for name, m in layers for why in [m._nonfinite_adapter()] if why]
