@@ -158,9 +158,12 @@ class CLoRALinear(nn.Linear):
     def __setattr__(self, name, value):
         # layer.protection = "project" (or a Protection) switches the policy as protection= at
         # construction does, with fresh state; a plain attribute write left the new policy without its
-        # buffers and flags (AttributeError at the next forward or end_task)
+        # buffers and flags (AttributeError at the next forward or end_task). Assigning the policy the
+        # layer has (the object, or an equal configuration) changes nothing
         if name == "protection" and "protection" in self.__dict__:
-            self._set_protection(value)
+            current = self.__dict__["protection"]
+            if value is not current and make_protection(value).config() != current.config():
+                self._set_protection(value)     # (the same policy, or an equal one, keeps its state)
         else:
             super().__setattr__(name, value)
 
@@ -245,13 +248,14 @@ class CLoRALinear(nn.Linear):
         except KeyError:    # torch.nn.utils.prune / parametrize moved one: the attribute computes it
             weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
             routing_delta, routing_old, projection = self.routing_delta, self.routing_old, self.projection
-        plain, mode = self.grad_through_old_route, self.mode
-        if self.protection.acts(self):
-            if not torch.compiler.is_compiling():
-                self.protection.enforce(self)
-            elif not _is_exporting():       # compiled: the in-place projection runs outside the graph
-                _enforce_eagerly(self)      # (an exported graph is inference: the weights are as enforced)
-            lora_A, lora_B, plain = self.protection.operands(self, lora_A, lora_B, plain)
+        plain, mode, policy = self.grad_through_old_route, self.mode, self.protection
+        if policy.acts(self):
+            if policy.enforces:     # ("freeze" and "paper" enforce nothing: no call, one graph when compiled)
+                if not _is_compiling():
+                    policy.enforce(self)
+                elif not _is_exporting():       # compiled: the in-place projection runs outside the graph
+                    _enforce_eagerly(self)      # (exported: inference on the weights as they are; see README)
+            lora_A, lora_B, plain = policy.operands(self, lora_A, lora_B, plain)
         return module_linear(self, x, weight, self.fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta,
                              projection if mode == "hard" else None, self.scaling, plain, self.backend, mode)
 
@@ -410,6 +414,7 @@ _MERGED_TRAINING = ("a merged CLoRALinear in training mode with its adapter requ
                     "inference or input gradients alone: model.eval(), or model.requires_grad_(False))")
 
 
+_is_compiling = torch.compiler.is_compiling
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 

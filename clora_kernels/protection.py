@@ -68,6 +68,7 @@ class Protection:
 
     name = "paper"
     needs_inputs = False
+    enforces = False            # whether `enforce` does anything (the forward calls it only then)
     buffers = ()                # names of the layer buffers the policy persists
 
     def attach(self, layer) -> None:
@@ -188,6 +189,7 @@ class Project(Protection):
 
     name = "project"
     needs_inputs = True
+    enforces = True
     buffers = ("protect_input_basis", "protect_input_anchor", "protect_routing_basis", "protect_output_basis",
                "protect_output_anchor", "protect_gram_t", "protect_gram_u")
 

@@ -115,3 +115,14 @@ def test_project_policy_exports_and_compiles(seed):
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         assert rel_err(exported.module()(x), want) < 1e-6
+
+
+def test_freeze_after_the_first_task_compiles_in_one_graph(seed):
+    """The default policy from the second task on: fullgraph compile, no graph break (the project
+    policy's enforce, which runs outside the graph, is not called for a policy that enforces nothing)."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(ck.CLoRALinear(12, 8, rank=2, backend="torch"), torch.nn.ReLU(),
+                                ck.CLoRALinear(8, 4, rank=2, backend="torch"))
+    ck.end_task(model)
+    x = torch.randn(5, 12)
+    assert rel_err(torch.compile(model, fullgraph=True, backend="eager")(x), model(x)) < 1e-6

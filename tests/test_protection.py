@@ -340,6 +340,10 @@ def test_switching_the_policy_by_assignment(seed):
         layer(x)
     layer.end_task()
     assert layer.task_index == 2 and layer.protect_input_basis.shape[1] > 0
+    basis = layer.protect_input_basis
+    layer.protection = layer.protection                     # the policy it has: its state stays
+    layer.protection = ck.Project(energy=0.9)
+    assert layer.protect_input_basis is basis
     with pytest.raises(ValueError, match="protection must be one of"):
         layer.protection = "gpm"
     assert layer.protection.name == "project"
