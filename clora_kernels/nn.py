@@ -346,7 +346,7 @@ class CLoRALinear(nn.Linear):
     # ---- persistence ----------------------------------------------------------------------
     def get_extra_state(self):
         return {"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
-                "protection": self.protection.config(), "enforced": bool(self.protection.enforced(self))}
+                "protection": self.protection.config()}
 
     def set_extra_state(self, state) -> None:
         """The task state, from a state_dict load (which calls this after copying the tensors) or a caller."""
@@ -361,11 +361,8 @@ class CLoRALinear(nn.Linear):
             self.merged = bool(state.get("merged", False))
             self._merged_adapter = self._original_weight = None
         self.protection.loaded(self)
-        if state.get("enforced") and loading is not None and all(
-                map(loaded, _ADAPTER_TENSORS + self.protection.buffers)):
-            # saved satisfying the policy and loaded whole: the next forward need not enforce it again
-            # (enforcing twice is not bit-exact; a resumed run must equal an uninterrupted one)
-            self.protection.loaded_enforced(self)
+        if loading is not None and all(map(loaded, _ADAPTER_TENSORS + self.protection.buffers)):
+            self.protection.loaded_enforced(self)   # (a whole adapter: as after load_adapter)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

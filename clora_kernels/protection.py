@@ -116,14 +116,11 @@ class Protection:
         """After state_dict / adapter loading set the layer's task state."""
 
     def loaded_enforced(self, layer) -> None:
-        """After loading a file that `save_adapter` wrote (it enforces the policy first): the
-        parameters already satisfy the policy, so the next forward need not enforce it again
-        (enforcing twice is not bit-exact, and a resumed run must equal an uninterrupted one)."""
-
-    def enforced(self, layer) -> bool:
-        """Whether the parameters satisfy the policy as they are (saved with a state_dict, so that
-        its load need not enforce it again: see loaded_enforced)."""
-        return False
+        """After a load of the adapter and the policy's state (a file `save_adapter` wrote, or a whole
+        state_dict): where the parameters satisfy the policy already, to rounding, the next forward
+        need not enforce it again (enforcing twice is not bit-exact, and a resumed run must equal an
+        uninterrupted one); where they do not (a state taken between an optimizer step and the
+        forward that projects it, a `.data` edit), it enforces as usual."""
 
     def check_loaded(self, tensors: dict) -> str:
         """Why buffers about to be loaded (name -> tensor) do not fit together ('' when they do)."""
@@ -225,10 +222,25 @@ class Project(Protection):
         layer._enforced_versions = None
 
     def loaded_enforced(self, layer) -> None:
-        layer._enforced_versions = self._versions(layer)
+        if layer.task_index > 0 and self._satisfied(layer):
+            layer._enforced_versions = self._versions(layer)
 
-    def enforced(self, layer) -> bool:
-        return layer.task_index > 0 and layer._enforced_versions == self._versions(layer)
+    @torch.no_grad()
+    def _satisfied(self, layer) -> bool:
+        """Whether enforce's three conditions hold to rounding (1000 units of the dtype, relative to
+        the tensor's scale): what an enforce leaves, and not what an optimizer step leaves. False on
+        buffers that do not fit together (the forward's enforce then says so)."""
+        tol = 1000 * torch.finfo(layer.lora_A.dtype).eps
+
+        def small(residual, scale) -> bool:
+            return residual.numel() == 0 or float(residual.abs().max()) <= tol * max(1.0, float(scale.abs().max()))
+        a, b, d = layer.lora_A, layer.lora_B, layer.routing_delta
+        try:
+            return (small(a @ layer.protect_input_basis - layer.protect_input_anchor, a)
+                    and small(layer.protect_routing_basis.t() @ d, d)
+                    and small(b @ layer.protect_output_basis - layer.protect_output_anchor, b))
+        except RuntimeError:
+            return False
 
     def _versions(self, layer):
         ts = (layer.lora_A, layer.routing_delta, layer.lora_B)
