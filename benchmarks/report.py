@@ -97,4 +97,7 @@ if __name__ == "__main__":
         except (OSError, json.JSONDecodeError) as exc:
             print(f"{p}: {exc}", file=sys.stderr)
             failed = True
+        except (KeyError, TypeError) as exc:
+            print(f"{p}: not a clora-bench JSON ({type(exc).__name__}: {exc})", file=sys.stderr)
+            failed = True
     sys.exit(1 if failed else 0)

@@ -656,9 +656,10 @@ def build_parser():
     ap.add_argument("--class-order-seed", type=_cli.seed, default=None,
                     help="shuffle the classes into tasks with this seed (default: (0, 1), (2, 3), ...)")
     ap.add_argument("--data-seed", type=_cli.seed, default=0,
-                    help="the seed of the train/test split (every dataset but cifar100 and a folder with its own "
-                         "train/ and test/): the defaults were chosen on split 0, so another one scores on test "
-                         "samples that no choice saw")
+                    help="the seed of the train/test split, 0 unless given (digits: of the pre-training part too; "
+                         "every dataset but cifar100 and a folder with its own train/ and test/, which refuse "
+                         "another). The tuned settings were chosen on split 0: another one scores on test samples "
+                         "that no choice saw")
     ap.add_argument("--dataset", choices=("digits",) + IMAGE_DATASETS + ("wiki-topics",), default="digits",
                     help="digits: the MLP on scikit-learn's digits; mnist5k: a small ViT pre-trained on Animal-MNIST, "
                          "then MNIST digits (both shipped); cifar100 / imagenet-r / folder: a timm --model on the "

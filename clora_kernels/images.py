@@ -104,6 +104,11 @@ def _image_folder(root: str, what: str):
             from None
 
 
+def _fixed_split(args, what: str) -> None:
+    if getattr(args, "data_seed", 0):
+        raise DataError(f"--data-seed {args.data_seed}: {what} comes with its own train/test split (only 0 here)")
+
+
 def load_dataset(args, transform):
     """(train Dataset, test Dataset, train labels, test labels, class names) of the chosen dataset."""
     name, root = args.dataset, args.data_dir
@@ -116,6 +121,7 @@ def load_dataset(args, transform):
     if root is None:
         raise DataError(f"--dataset {name} needs --data-dir (where the dataset is, or goes with --download)")
     if name == "cifar100":
+        _fixed_split(args, "CIFAR-100")
         from torchvision.datasets import CIFAR100
         if not os.path.isdir(os.path.join(root, "cifar-100-python")) and not args.download:
             raise DataError(f"--data-dir {root!r} holds no CIFAR-100 (cifar-100-python/); pass --download to fetch it "
@@ -130,6 +136,7 @@ def load_dataset(args, transform):
         raise DataError(f"--download fetches only cifar100; put the {name} ImageFolder tree at --data-dir")
     sub = {e.name: e.path for e in os.scandir(root) if e.is_dir()} if os.path.isdir(root) else {}
     if name == "folder" and "train" in sub and ("test" in sub or "val" in sub):
+        _fixed_split(args, "a --data-dir with train/ and test/")
         train = _image_folder(sub["train"], "--data-dir train/")
         test = _image_folder(sub.get("test", sub.get("val")), "--data-dir test/")
         if train.classes != test.classes:

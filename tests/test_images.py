@@ -110,6 +110,8 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "fresh" / "run.json").exists()
     _refused(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--no-progress"], capsys,
              "holds no CIFAR-100 (cifar-100-python/); pass --download")
+    _refused(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--data-seed", "1", "--no-progress"], capsys,
+             "--data-seed 1: CIFAR-100 comes with its own train/test split")
     _refused(["--dataset", "folder", "--no-progress"], capsys, "needs --data-dir")
     _refused(["--dataset", "mnist5k", "--model", "resnet18", "--no-progress"], capsys, "uses its own backbone")
     _refused(["--data-dir", str(data), "--no-progress"], capsys, "only for the image datasets")
