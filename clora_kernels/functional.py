@@ -158,7 +158,7 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
 
 
 def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta, projection,
-                  scaling, grad_through_old_route, backend, mode):
+                  scaling, grad_through_old_route, backend, mode, factors=None):
     """clora_linear for a module whose operands other than x change rarely. The full validation runs
     unless this call matches the last one that passed: x's dtype, device and width, the scaling (a
     float), backend and mode, every operand's dtype, and the operands themselves (the same tensor
@@ -166,7 +166,9 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     checked again). `owner._checked` holds that memo; `owner` clears it when it is moved. A `.data`
     swap to another shape on the same tensor is the one change not seen. Under autocast every call
     validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
-    the op transposed (transformers' Conv1D)."""
+    the op transposed (transformers' Conv1D). factors: the parameters lora_A and lora_B are views of
+    where the module passes a fresh view each call (the freeze policy's detached factors: the same
+    dtype, device and shape), so that their identity keys the memo (every such call validated)."""
     w = weight.t() if fan_in_fan_out else weight
     # (a traced width, a tensor under the TorchScript tracer, is no key: the memo would outlive the trace)
     if isinstance(x, Tensor) and x.dim() and type(scaling) is float and type(k := x.shape[-1]) is int \
@@ -174,7 +176,7 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
         key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.dtype, lora_A.dtype,
                lora_B.dtype, routing_old.dtype, routing_delta.dtype, None if bias is None else bias.dtype,
                None if projection is None else projection.dtype)
-        operands = (weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)
+        operands = (weight, bias, *(factors or (lora_A, lora_B)), routing_old, routing_delta, projection)
         memo = owner._checked
         if memo is not None and memo[0] == key and all(map(operator.is_, memo[1], operands)):
             return _ops.linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,

@@ -249,7 +249,9 @@ class CLoRALinear(nn.Linear):
             weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
             routing_delta, routing_old, projection = self.routing_delta, self.routing_old, self.projection
         plain, mode, policy = self.grad_through_old_route, self.mode, self.protection
+        factors = None
         if policy.acts(self):
+            factors = (lora_A, lora_B)     # (the memo's key: operands() may return fresh views of them)
             if policy.enforces:     # ("freeze" and "paper" enforce nothing: no call, one graph when compiled)
                 if not _is_compiling():
                     policy.enforce(self)
@@ -257,7 +259,7 @@ class CLoRALinear(nn.Linear):
                     _enforce_eagerly(self)      # (exported: inference on the weights as they are; see README)
             lora_A, lora_B, plain = policy.operands(self, lora_A, lora_B, plain)
         return module_linear(self, x, weight, self.fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta,
-                             projection if mode == "hard" else None, self.scaling, plain, self.backend, mode)
+                             projection if mode == "hard" else None, self.scaling, plain, self.backend, mode, factors)
 
     def _apply(self, fn, recurse=True):     # .to() / .half() / to_empty: the operands' validation is redone
         self.__dict__["_checked"] = None
