@@ -300,11 +300,11 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
 
     Resuming: `start` tasks are done, `acc` holds their rows (at least `start` of them), `gen` the
     batch-order generator as it was after them and, with the prototype classifier, `prototypes`
-    the head they built (a fresh one would know none of their classes); `on_task(i, acc, prototypes, gen)` runs after each task (to save a
-    run), `log(text)` gets one line per task. `boundary(model)` runs between tasks (after the
-    evaluation, before on_task; per_task_lora opens its next branch there); `observe(model)`, a
-    context manager, is entered for the task's pass over its training data (after training), as
-    `observe_task` is for C-LoRA layers; `given_task(model, j)`, a context manager, is entered to
+    the head they built (a fresh one would know none of their classes); `on_task(i, acc,
+    prototypes, gen)` runs after each task (to save a run), `log(text)` gets one line per task.
+    `boundary(model)` runs between tasks (after the evaluation, before on_task; per_task_lora opens
+    its next branch there); `observe(model)`, a context manager, is entered for the task's pass
+    over its training data (after training), as `observe_task` is for C-LoRA layers; `given_task(model, j)`, a context manager, is entered to
     evaluate task j in task-IL, where the task id is given (per_task_lora routes by it there)."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
@@ -680,7 +680,8 @@ def build_parser():
     ap.add_argument("--targets", nargs="+", default=None,
                     help="inject_clora's target_modules (default: fc1 fc2 for digits, qkv proj fc1 fc2 for images, "
                          "the text model's own for wiki-topics)")
-    ap.add_argument("--batch-size", type=_cli.positive_int, default=None, help="default: 32 for digits, 64 for images, 16 for wiki-topics")
+    ap.add_argument("--batch-size", type=_cli.positive_int, default=None,
+                    help="default: 32 for digits, 64 for images, 16 for wiki-topics")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="images: auto is cuda when there is one (with bf16 autocast)")
     ap.add_argument("--backend", choices=BACKEND_NAMES, default=None,

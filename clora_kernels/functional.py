@@ -166,9 +166,9 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     checked again). `owner._checked` holds that memo; `owner` clears it when it is moved. A `.data`
     swap to another shape on the same tensor is the one change not seen. Under autocast every call
     validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
-    the op transposed (transformers' Conv1D). factors: the parameters lora_A and lora_B are views of
-    where the module passes a fresh view each call (the freeze policy's detached factors: the same
-    dtype, device and shape), so that their identity keys the memo (every such call validated)."""
+    the op transposed (transformers' Conv1D). factors: where lora_A and lora_B are fresh views each
+    call (the freeze policy's detached factors: the same dtype, device and shape), the parameters
+    they view, whose identity keys the memo instead (else every such call would validate)."""
     w = weight.t() if fan_in_fan_out else weight
     # (a traced width, a tensor under the TorchScript tracer, is no key: the memo would outlive the trace)
     if isinstance(x, Tensor) and x.dim() and type(scaling) is float and type(k := x.shape[-1]) is int \

@@ -100,8 +100,8 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     the scaling (lora_alpha / r, or / sqrt(r) with use_rslora) from the adapter, routing_old = 0,
     routing_delta = I, projection = I, task_index = 0; the modules of `modules_to_save` get their
     saved weights (their requires_grad left as it is), and save_peft_adapter stores them again
-    unless told otherwise. The model then computes what the PEFT model computes. Every layer is checked
-    first; on any error nothing is changed and a ValueError names the layer, the tensor or the
+    unless told otherwise. The model then computes what the PEFT model computes. Every layer is
+    checked first; on any error nothing is changed and a ValueError names the layer, the tensor or the
     option. lora_dropout is not kept (C-LoRA layers have no dropout)."""
     layers = _require_layers(model, "load_peft_adapter")
     config = _read_config(directory)
@@ -202,8 +202,8 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     (none if it loaded none). A model that trains parameters outside its adapters (requires_grad)
     must list their modules here: leaving them out would make the PEFT model compute something
     else, so that is refused; so is a module holding a C-LoRA layer (PEFT cannot both adapt and
-    store one, and a trained bias of an adapted layer has no place in a PEFT LoRA adapter). Every C-LoRA layer must have the same rank and alpha (PEFT's
-    rank/alpha patterns are not written). Each file is replaced atomically (weights first, then
+    store one, and a trained bias of an adapted layer has no place in a PEFT LoRA adapter). Every
+    C-LoRA layer must have the same rank and alpha (PEFT's rank/alpha patterns are not written). Each file is replaced atomically (weights first, then
     the config): a save that is killed leaves the previous files, or the new weights beside the
     previous config. Under FSDP2 every rank calls it and rank 0 writes (as save_adapter)."""
     from safetensors.torch import save_file

@@ -70,7 +70,8 @@ def test_a_given_task_takes_its_own_branches(seed):
     model = nn.Sequential(layer)
     for j in range(3):
         with task_branches(model, j):
-            want = layer.base(x) + sum(s * x @ a.t() @ b.t() for a, b in zip(layer.lora_A[:j + 1], layer.lora_B[:j + 1]))
+            branches = zip(layer.lora_A[:j + 1], layer.lora_B[:j + 1])
+            want = layer.base(x) + sum(s * x @ a.t() @ b.t() for a, b in branches)
             assert rel_err(model(x), want) < 1e-12
     assert layer.branches is None and rel_err(model(x), layer.base(x) + sum(
         s * x @ a.t() @ b.t() for a, b in zip(layer.lora_A, layer.lora_B))) < 1e-12
