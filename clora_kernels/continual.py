@@ -304,8 +304,9 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     prototypes, gen)` runs after each task (to save a run), `log(text)` gets one line per task.
     `boundary(model)` runs between tasks (after the evaluation, before on_task; per_task_lora opens
     its next branch there); `observe(model)`, a context manager, is entered for the task's pass
-    over its training data (after training), as `observe_task` is for C-LoRA layers; `given_task(model, j)`, a context manager, is entered to
-    evaluate task j in task-IL, where the task id is given (per_task_lora routes by it there)."""
+    over its training data (after training), as `observe_task` is for C-LoRA layers;
+    `given_task(model, j)`, a context manager, is entered to evaluate task j in task-IL, where the
+    task id is given (per_task_lora routes by it there)."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     if optimizer not in OPTIMIZERS:
