@@ -205,7 +205,8 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     store one, and a trained bias of an adapted layer has no place in a PEFT LoRA adapter). Every
     C-LoRA layer must have the same rank and alpha (PEFT's rank/alpha patterns are not written).
     Each file is replaced atomically (weights first, then the config): a save that is killed leaves
-    the previous files, or the new weights beside the previous config. Under FSDP2 every rank calls it and rank 0 writes (as save_adapter)."""
+    the previous files, or the new weights beside the previous config. Under FSDP2 every rank calls
+    it and rank 0 writes (as save_adapter)."""
     from safetensors.torch import save_file
     layers = _require_layers(model, "save_peft_adapter")
     if any(name == "" for name, _ in layers):
