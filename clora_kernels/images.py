@@ -292,8 +292,7 @@ def _result_key(args) -> dict:
     keys = ("dataset", "data_dir", "model", "pretrained", "image_size", "tasks", "class_order_seed", "data_seed",
             "setting", "classifier", "features", "epochs", "lr", "head_lr", "rank", "batch_size", "lambda_orth",
             "optimizer", "protect_energy", "project_energy", "grad_through_old_route", "targets", "device", "backend",
-            "language",
-            "per_class_train", "per_class_test", "max_tokens")
+            "language", "per_class_train", "per_class_test", "max_tokens")
     return {k: getattr(args, k) for k in keys}
 
 
