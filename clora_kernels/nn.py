@@ -348,7 +348,7 @@ class CLoRALinear(nn.Linear):
     # ---- persistence ----------------------------------------------------------------------
     def get_extra_state(self):
         return {"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
-                "protection": self.protection.config()}
+                "protection": self.protection.config(), "enforced": self.protection.enforced_fingerprint(self)}
 
     def set_extra_state(self, state) -> None:
         """The task state, from a state_dict load (which calls this after copying the tensors) or a caller."""
@@ -364,7 +364,7 @@ class CLoRALinear(nn.Linear):
             self._merged_adapter = self._original_weight = None
         self.protection.loaded(self)
         if loading is not None and all(map(loaded, _ADAPTER_TENSORS + self.protection.buffers)):
-            self.protection.loaded_enforced(self)   # (a whole adapter: as after load_adapter)
+            self.protection.loaded_enforced(self, state.get("enforced"))   # (a whole adapter, as load_adapter)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -736,6 +736,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "routing_old", "routing_delta", "projection")
+_SAVED_ENFORCED = object()      # an adapter file's entry without "enforced": written enforced
 _FORMAT = "clora_kernels.adapter/1"
 
 
@@ -758,7 +759,8 @@ def save_adapter(model: nn.Module, path) -> None:
             tensors[f"{name}.{t}"] = _full(getattr(m, t)).detach().to("cpu").contiguous()
         meta[name] = {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "protect_energy": m.protect_energy,
                       "grad_through_old_route": m.grad_through_old_route, "protection": m.protection.config(),
-                      "task_index": m.task_index, "in_features": m.in_features, "out_features": m.out_features}
+                      "task_index": m.task_index, "in_features": m.in_features, "out_features": m.out_features,
+                      "enforced": m.protection.enforced_fingerprint(m)}
     metadata = {"format": _FORMAT, "layers": json.dumps(meta)}
     _write_once(model, lambda: save_file(tensors, str(path), metadata=metadata))
 
@@ -799,7 +801,8 @@ def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict)
     return {"task_index": task_index, "alpha": float(alpha), "mode": info.get("mode", m.mode),
             "protect_energy": float(info.get("protect_energy", m.protect_energy)), "policy": policy,
             "grad_through_old_route": bool(info.get("grad_through_old_route", m.grad_through_old_route)),
-            "tensors": {t: tensors[f"{name}.{t}"] for t in want}}
+            "tensors": {t: tensors[f"{name}.{t}"] for t in want},
+            "enforced": info.get("enforced", _SAVED_ENFORCED)}
 
 
 def load_adapter(model: nn.Module, path) -> None:
@@ -847,4 +850,5 @@ def load_adapter(model: nn.Module, path) -> None:
                     mine.copy_(_like(mine, value))
                 m.task_index = e["task_index"]
                 m.protection.loaded(m)
-                m.protection.loaded_enforced(m)
+                # (a file from before the fingerprint: save_adapter enforced first, so True)
+                m.protection.loaded_enforced(m, True if e["enforced"] is _SAVED_ENFORCED else e["enforced"])

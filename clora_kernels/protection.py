@@ -115,12 +115,19 @@ class Protection:
     def loaded(self, layer) -> None:
         """After state_dict / adapter loading set the layer's task state."""
 
-    def loaded_enforced(self, layer) -> None:
+    def enforced_fingerprint(self, layer):
+        """Saved with the layer (state_dict, save_adapter): a fingerprint of the factors and the
+        routing as the policy last enforced them, or None where they may have changed since."""
+        return None
+
+    def loaded_enforced(self, layer, fingerprint) -> None:
         """After a load of the adapter and the policy's state (a file `save_adapter` wrote, or a whole
-        state_dict): where the parameters satisfy the policy already, to rounding, the next forward
-        need not enforce it again (enforcing twice is not bit-exact, and a resumed run must equal an
-        uninterrupted one); where they do not (a state taken between an optimizer step and the
-        forward that projects it, a `.data` edit), it enforces as usual."""
+        state_dict) that was saved enforced (`enforced_fingerprint`): where the loaded tensors are
+        exactly what was saved so, the next forward need not enforce the policy again (enforcing
+        twice is not bit-exact, and a resumed run must equal an uninterrupted one); anything else (a
+        state saved between an optimizer step and the forward that projects it, a state_dict that
+        shares the live tensors loaded back after a step) is enforced as usual. fingerprint: the
+        saved one, None, or True for a file that was enforced when written (older adapter files)."""
 
     def check_loaded(self, tensors: dict) -> str:
         """Why buffers about to be loaded (name -> tensor) do not fit together ('' when they do)."""
@@ -221,26 +228,26 @@ class Project(Protection):
         layer._observed, layer._observed_rows = None, 0
         layer._enforced_versions = None
 
-    def loaded_enforced(self, layer) -> None:
-        if layer.task_index > 0 and self._satisfied(layer):
+    def enforced_fingerprint(self, layer):
+        if layer.task_index == 0 or layer._enforced_versions != self._versions(layer):
+            return None
+        return self._fingerprint(layer)
+
+    def loaded_enforced(self, layer, fingerprint) -> None:
+        if layer.task_index > 0 and (fingerprint is True or (
+                isinstance(fingerprint, (list, tuple)) and list(fingerprint) == self._fingerprint(layer))):
             layer._enforced_versions = self._versions(layer)
 
+    @staticmethod
     @torch.no_grad()
-    def _satisfied(self, layer) -> bool:
-        """Whether enforce's three conditions hold to rounding (1000 units of the dtype, relative to
-        the tensor's scale): what an enforce leaves, and not what an optimizer step leaves. False on
-        buffers that do not fit together (the forward's enforce then says so)."""
-        tol = 1000 * torch.finfo(layer.lora_A.dtype).eps
-
-        def small(residual, scale) -> bool:
-            return residual.numel() == 0 or float(residual.abs().max()) <= tol * max(1.0, float(scale.abs().max()))
-        a, b, d = layer.lora_A, layer.lora_B, layer.routing_delta
-        try:
-            return (small(a @ layer.protect_input_basis - layer.protect_input_anchor, a)
-                    and small(layer.protect_routing_basis.t() @ d, d)
-                    and small(b @ layer.protect_output_basis - layer.protect_output_anchor, b))
-        except RuntimeError:
-            return False
+    def _fingerprint(layer) -> list:
+        """Three float64 sums (plain, absolute, squared) of lora_A, routing_delta and lora_B: equal
+        for the same values in any dtype, and changed by any optimizer step in practice."""
+        out = []
+        for t in (layer.lora_A, layer.routing_delta, layer.lora_B):
+            t = t.detach().double()
+            out += [float(t.sum()), float(t.abs().sum()), float(t.square().sum())]
+        return out
 
     def _versions(self, layer):
         ts = (layer.lora_A, layer.routing_delta, layer.lora_B)

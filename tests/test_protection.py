@@ -408,3 +408,39 @@ def test_freeze_after_the_first_task_validates_once(seed, monkeypatch):
     layer.lora_A = nn.Parameter(layer.lora_A.detach().double(), requires_grad=False)
     with pytest.raises(TypeError, match="dtype mismatch"):
         layer(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_a_state_saved_enforced_and_unchanged_loads_as_enforced(seed, dtype):
+    """The state_dict carries a fingerprint of the factors as last enforced: a state taken right after
+    end_task (not yet enforced) loads unmarked, so the resumed run enforces where the uninterrupted one
+    does (bit for bit); the model's own state_dict (its live tensors) loaded back after an optimizer
+    step loads unmarked in 16 bits too (a rounding-level check passed any bf16 residual)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(48, K, generator=g).to(dtype), torch.randn(48, N, generator=g).to(dtype)
+
+    def fresh():
+        torch.manual_seed(seed)
+        return nn.Sequential(CLoRALinear(K, N, rank=R, protection=ck.Project(energy=0.99), backend="torch").to(dtype))
+    whole = fresh()
+    _fit(whole[0], x, y, steps=4)
+    with torch.no_grad(), ck.observe_task(whole):
+        whole(x)
+    ck.end_task(whole)
+    state = copy.deepcopy(whole.state_dict())            # before any forward: not enforced yet
+    assert state["0._extra_state"]["enforced"] is None
+    _fit(whole[0], x, y, steps=4)
+    resumed = fresh()
+    resumed.load_state_dict(state)
+    assert resumed[0]._enforced_versions is None
+    _fit(resumed[0], x, y, steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
+    with torch.no_grad():
+        whole(x)
+    own = whole.state_dict()
+    assert own["0._extra_state"]["enforced"] is not None
+    opt = torch.optim.Adam([p for p in whole.parameters() if p.requires_grad], lr=1e-3)
+    F.mse_loss(whole(x), y).backward()
+    opt.step()
+    whole.load_state_dict(own)
+    assert whole[0]._enforced_versions is None
