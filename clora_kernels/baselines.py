@@ -41,6 +41,7 @@ section was not available to us; docs/design-notes.md lists the choices):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import torch
@@ -109,7 +110,7 @@ class PerTaskLoRALinear(_BaselineLinear):
 
     def forward(self, input: Tensor) -> Tensor:
         y = self.base(input)
-        for a, b in list(zip(self.lora_A, self.lora_B))[:self.branches]:
+        for a, b in itertools.islice(zip(self.lora_A, self.lora_B), self.branches):
             y = y + self.scaling * F.linear(F.linear(input, a), b)
         return y
 

@@ -736,7 +736,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "routing_old", "routing_delta", "projection")
-_SAVED_ENFORCED = object()      # an adapter file's entry without "enforced": written enforced
 _FORMAT = "clora_kernels.adapter/1"
 
 
@@ -802,7 +801,8 @@ def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict)
             "protect_energy": float(info.get("protect_energy", m.protect_energy)), "policy": policy,
             "grad_through_old_route": bool(info.get("grad_through_old_route", m.grad_through_old_route)),
             "tensors": {t: tensors[f"{name}.{t}"] for t in want},
-            "enforced": info.get("enforced", _SAVED_ENFORCED)}
+            # the fingerprint, None, or True for a file from before it (save_adapter enforced first)
+            "enforced": info.get("enforced", True)}
 
 
 def load_adapter(model: nn.Module, path) -> None:
@@ -850,5 +850,4 @@ def load_adapter(model: nn.Module, path) -> None:
                     mine.copy_(_like(mine, value))
                 m.task_index = e["task_index"]
                 m.protection.loaded(m)
-                # (a file from before the fingerprint: save_adapter enforced first, so True)
-                m.protection.loaded_enforced(m, True if e["enforced"] is _SAVED_ENFORCED else e["enforced"])
+                m.protection.loaded_enforced(m, e["enforced"])
