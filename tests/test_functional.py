@@ -411,6 +411,27 @@ def test_auto_cost_model_thresholds():
     assert not any(merge_pays(m, 640, 64, 16, t) for m in range(1, 641) for t in (False, True))
 
 
+def test_auto_never_merges_float16(seed):
+    """float16 under auto: no per-call merged weight, whose W + s·ΔW overflows the float16 range where
+    the unmerged plan's output is finite (a large scaling on small inputs); the output is finite and
+    matches the oracle. The same shapes in float32 do merge, and bfloat16 (float32's range) may."""
+    from clora_kernels.backends import auto
+    from clora_kernels.reference import reference_formula
+    m, k, n, r, s = 512, 64, 64, 8, 4096.0
+    assert auto.torch_plan(torch.empty(m, k), n, r, False) == "merge"
+    assert auto.torch_plan(torch.empty(m, k, dtype=torch.bfloat16), n, r, False) == "merge"
+    assert auto.torch_plan(torch.empty(m, k, dtype=torch.float16), n, r, False) == "eager"
+    inp = {"x": torch.randn(m, k, dtype=torch.float64) * 1e-3, "weight": torch.randn(n, k, dtype=torch.float64) / 8,
+           "bias": torch.zeros(n, dtype=torch.float64), "lora_A": torch.randn(r, k, dtype=torch.float64),
+           "lora_B": torch.randn(n, r, dtype=torch.float64), "routing_old": torch.eye(r, dtype=torch.float64),
+           "routing_delta": torch.eye(r, dtype=torch.float64), "projection": None}
+    want = reference_formula(*inp.values(), s)
+    assert want.abs().max() < 2e3          # far inside float16's range; W_eff reaches ~1e5
+    with torch.no_grad():
+        y = clora_linear(*(v if v is None else v.half() for v in inp.values()), s, backend="auto")
+    assert torch.isfinite(y).all() and rel_err(y, want) < 1e-2
+
+
 def test_auto_falls_back_with_one_warning(monkeypatch, seed):
     """A backend that fails under auto is warned about once and skipped afterwards."""
     from clora_kernels import backends as reg

@@ -151,12 +151,15 @@ def test_chosen_strategies_reads_the_plan_cache(monkeypatch):
 
 def test_merge_candidate_only_where_it_keeps_peak_memory():
     """auto's `merge` plan holds an N×K weight: offered only where that is smaller than the call's
-    M×N output, M > K (forward: the layer's K; dx, whose operand is g: the layer's N)."""
-    def merge_offered(m, n, k, auto=True):
-        return any(p.strategy == "merge" for p in tune.candidates(m, n, k, 16, H100, auto))
+    M×N output, M > K (forward: the layer's K; dx, whose operand is g: the layer's N), and never for
+    float16 x, where the merged weight can overflow (`auto.merge_allowed`)."""
+    def merge_offered(m, n, k, auto=True, dtype=None):
+        return any(p.strategy == "merge" for p in tune.candidates(m, n, k, 16, H100, auto, dtype=dtype))
     assert merge_offered(4096, 4096, 1024) and merge_offered(12608, 768, 3072) and merge_offered(1025, 4096, 1024)
     assert not merge_offered(1024, 4096, 1024) and not merge_offered(16, 4096, 4096)
     assert not merge_offered(16384, 4096, 4096, auto=False)
+    assert merge_offered(4096, 4096, 1024, dtype=torch.bfloat16)
+    assert not merge_offered(4096, 4096, 1024, dtype=torch.float16)
 
 
 def test_split_k_where_tiles_leave_sms_idle():

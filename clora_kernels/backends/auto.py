@@ -39,9 +39,10 @@ the unmerged time; where it does not, 0.87-1.21, so it leaves up to 13 % (with t
 writing W_eff is not proportional to N·K·r alone. Not refitted: the VM's noise (10-30 % between
 runs) is the size of the effect.
 
-Memory (`merge_allowed`, the one rule for CPU and GPU, forward and dx): the merge plan is a
-candidate only at M > K, where its transient W_eff (N×K) is smaller than the call's own output
-(M×N); on CPU the cost model asks for more anyway. W_eff is recomputed in dx, never kept from the
+Memory and range (`merge_allowed`, the one rule for CPU and GPU, forward and dx): the merge plan is
+never a candidate in float16 (W_eff can overflow where the output does not), and only at M > K,
+where its transient W_eff (N×K) is smaller than the call's own output (M×N); on CPU the cost model
+asks for more anyway. W_eff is recomputed in dx, never kept from the
 forward (that would hold one weight per layer across the step). What remains is one transient
 weight at a time: benchmarks/peak_memory.py (a ViT-S/16 training step on CPU, rank 16, peak
 resident memory above the step's start, two runs each) measures 112.3-113.2 MiB with torch and
@@ -120,16 +121,18 @@ def run_kernels(name: str, x: torch.Tensor, weight: torch.Tensor, rank: int, fn)
     return fn(_registry.get("torch") or get("torch"), True)      # the last of AUTO_ORDER runs every call
 
 
-def merge_allowed(m: int, k: int) -> bool:
-    """Whether the per-call merged weight may serve an (M, K) operand (x, or dx's g): the memory
-    rule above (on CPU the cost model, `merge_pays`, asks for more)."""
-    return m > k
+def merge_allowed(m: int, k: int, dtype=None) -> bool:
+    """Whether the per-call merged weight may serve an (M, K) operand (x, or dx's g) of `dtype`: the
+    memory rule above (on CPU the cost model, `merge_pays`, asks for more), and never in float16,
+    where W_eff = W + s·ΔW can overflow its range (65504) while the unmerged plan's output is finite
+    (e.g. a large scaling on small inputs: a helper's attack found 30 % of the outputs inf)."""
+    return m > k and dtype is not torch.float16
 
 
-def merge_pays(m: int, k: int, n: int, r: int, need_t: bool) -> bool:
+def merge_pays(m: int, k: int, n: int, r: int, need_t: bool, dtype=None) -> bool:
     """The cost model above: whether the per-call merged weight is the cheaper plan for an (M, K)
-    operand against an (N, K) weight at rank r (and allowed by the memory rule)."""
-    if not merge_allowed(m, k):
+    operand of `dtype` against an (N, K) weight at rank r (and allowed by `merge_allowed`)."""
+    if not merge_allowed(m, k, dtype):
         return False
     return k * r * r + 4 * r * n * k + (m * k * r if need_t else 0) < m * r * (k + r + n)   # merge < eager
 
@@ -141,4 +144,4 @@ def torch_plan(x: torch.Tensor, n: int, r: int, need_t: bool) -> str:
     if not x.is_cpu:
         return "eager"
     m, k = x.shape
-    return "merge" if merge_pays(m, k, n, r, need_t) else "eager"
+    return "merge" if merge_pays(m, k, n, r, need_t, x.dtype) else "eager"

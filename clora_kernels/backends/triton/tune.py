@@ -122,11 +122,11 @@ def split_k(m: int, n: int, k: int, cfg: GemmConfig, tgt: Target) -> int:
 
 
 def candidates(m: int, n: int, k: int, rank: int, tgt: Target, auto: bool, tma: bool = False,
-               elt: int = 2) -> list:
+               elt: int = 2, dtype=None) -> list:
     """Fused (and fused_tma, also persistent, where the operands allow TMA) and split plans over the tile
     list for the element size `elt` (fp32 without tf32: its own list, no TMA), each fitted to the GPU's
     shared memory (`fit`); with auto, the LIBRARY plans too, `merge` only where `auto.merge_allowed`
-    (its transient weight is smaller than the call's output)."""
+    (its transient weight is smaller than the call's output, and x's `dtype` is not float16)."""
     if elt == 4 and precision(torch.float32) == "ieee":
         gemms, tma = (SMALL_M_FP32 if m <= 64 else LARGE_M_FP32), False
     else:    # 2-byte inputs, or tf32 ones at half the K depth: the same bytes per stage
@@ -147,7 +147,7 @@ def candidates(m: int, n: int, k: int, rank: int, tgt: Target, auto: bool, tma: 
             plans += [Plan("fused_tma", replace(g, persistent=True)) for g in fused
                       if triton_cdiv(m, g.block_m) * triton_cdiv(n, g.block_n) > tgt.sms]
     if auto:
-        plans += [Plan("cublas", None, sh), Plan("eager")] + ([Plan("merge")] if merge_allowed(m, k) else [])
+        plans += [Plan("cublas", None, sh), Plan("eager")] + ([Plan("merge")] if merge_allowed(m, k, dtype) else [])
     return plans
 
 
@@ -300,7 +300,7 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
         _plans[key] = plan
         return plan
     cands = candidates(x.shape[0], w.shape[0], x.shape[1], a.shape[1], target(x.device), auto=True, tma=key.tma,
-                       elt=x.element_size())
+                       elt=x.element_size(), dtype=x.dtype)
     if torch.cuda.is_current_stream_capturing():
         return cands[0]
     import triton.testing
