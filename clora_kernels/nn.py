@@ -126,8 +126,7 @@ class CLoRALinear(nn.Linear):
                     nn.init.uniform_(self.bias, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
         else:
             super().reset_parameters()
-        self.merged = False     # the weight is new: nothing of an earlier merge is in it, or to take out
-        self._merged_adapter = self._original_weight = None
+        self._set_merged(False)     # the weight is new: nothing of an earlier merge is in it, or to take out
         if "routing_delta" in self._parameters:      # nn.Linear.__init__ calls this before the adapter exists
             self.reset_adapter()
 
@@ -218,8 +217,9 @@ class CLoRALinear(nn.Linear):
         """The adapter tensors (_ADAPTER_TENSORS' order, _delta's arguments), whole (see _full)."""
         return tuple(_full(getattr(self, t)) for t in _ADAPTER_TENSORS)
 
-    def _delta(self, lora_A, lora_B, routing_old, routing_delta, projection, scaling) -> Tensor:
-        r_eff = routing_eff(routing_old, routing_delta, projection if self.mode == "hard" else None)
+    def _delta(self, lora_A, lora_B, routing_old, routing_delta, projection, scaling, mode=None) -> Tensor:
+        """The delta of these adapter tensors in `mode` (default the layer's: merge remembers its own)."""
+        r_eff = routing_eff(routing_old, routing_delta, projection if (mode or self.mode) == "hard" else None)
         return delta_weight(lora_A, lora_B, r_eff, scaling)
 
     def orthogonality_loss(self) -> Tensor:
@@ -312,14 +312,11 @@ class CLoRALinear(nn.Linear):
         rounding is far below the adapter's tolerance). merge_and_unload keeps none."""
         if self.merged:
             return
-        if not self.adapter_enabled:
-            raise ValueError("merge inside disable_adapter(): the merged layer would compute the adapter; leave the "
-                             "block first")
-        if self.tied_to:
-            raise ValueError(f"merge: this layer's weight is tied to {self.tied_to} (shared embeddings?); merging "
-                             f"would change those too. Keep the adapter unmerged, or untie the weights first")
+        why = self._refusal("merge")
+        if why:
+            raise ValueError(why)
         self.protection.enforce(self, force=True)
-        self._merged_adapter = tuple(t.detach().clone() for t in self._adapter()) + (self.scaling,)
+        self._merged_adapter = tuple(t.detach().clone() for t in self._adapter()) + (self.scaling, self.mode)
         if keep_original is None:
             keep_original = self.weight.dtype in (torch.float16, torch.bfloat16)
         self._original_weight = self.weight.detach().clone() if keep_original else None
@@ -333,6 +330,9 @@ class CLoRALinear(nn.Linear):
         adapter as it is now."""
         if not self.merged:
             return
+        why = self._refusal("unmerge")
+        if why:
+            raise ValueError(why)
         original = getattr(self, "_original_weight", None)
         if original is not None:
             self.weight.copy_(original)
@@ -342,8 +342,30 @@ class CLoRALinear(nn.Linear):
             delta = self.delta_weight() if kept is None else self._delta(*kept)
             w = self.base_weight()
             w.sub_(_like(w, delta.to(w.dtype)))
-        self.merged = False
+        self._set_merged(False)
+
+    def _set_merged(self, merged: bool) -> None:
+        """The weight's merged state where it was replaced (a load, a reset, an unmerge), and nothing of
+        what an earlier merge of this layer remembered."""
+        self.merged = merged
         self._merged_adapter = self._original_weight = None
+
+    def _refusal(self, what: str) -> str:
+        """Why this layer cannot `what` ("merge" or "unmerge"; '' when it can): merging inside
+        disable_adapter(), or into a weight tied to another module; either, where the weight is
+        computed on every access (torch.nn.utils.prune's weight_orig · weight_mask, or a
+        parametrization), so that an in-place change of it would be lost."""
+        if what == "merge" and not self.adapter_enabled:
+            return ("merge inside disable_adapter(): the merged layer would compute the adapter; leave the block "
+                    "first")
+        if what == "merge" and self.tied_to:
+            return (f"merge: this layer's weight is tied to {self.tied_to} (shared embeddings?); merging would "
+                    f"change those too. Keep the adapter unmerged, or untie the weights first")
+        if "weight" not in self._parameters:
+            return (f"{what}: this layer's weight is computed by torch.nn.utils.prune or parametrize, so {what} "
+                    f"could not change it in place; remove the pruning / parametrization first (prune.remove, "
+                    f"parametrize.remove_parametrizations), or keep the adapter unmerged")
+        return ""
 
     # ---- persistence ----------------------------------------------------------------------
     def get_extra_state(self):
@@ -360,8 +382,7 @@ class CLoRALinear(nn.Linear):
             # the loaded weight replaces what an earlier merge of this layer remembered: a merged state's
             # unmerge takes out the loaded adapter's delta (as in a process that never merged). A state
             # without the weight (adapter only, strict=False) leaves the weight's merged state as it is
-            self.merged = bool(state.get("merged", False))
-            self._merged_adapter = self._original_weight = None
+            self._set_merged(bool(state.get("merged", False)))
         self.protection.loaded(self)
         if loading is not None and all(map(loaded, _ADAPTER_TENSORS + self.protection.buffers)):
             self.protection.loaded_enforced(self, state.get("enforced"))   # (a whole adapter, as load_adapter)
@@ -381,6 +402,8 @@ class CLoRALinear(nn.Linear):
             try:
                 self._load_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                  error_msgs)
+                if prefix + "weight" in state_dict and prefix + "_extra_state" not in state_dict:
+                    self._set_merged(False)     # a plain layer's weight (nn.Linear's checkpoint): no adapter in it
             finally:
                 self.__dict__.pop("_loading", None)
 
@@ -671,21 +694,34 @@ def orthogonality_loss(model: nn.Module) -> Tensor:
 
 
 def merge(model: nn.Module, keep_original=None) -> None:
-    """Merge every C-LoRA layer (CLoRALinear.merge; keep_original as there)."""
-    for _, m in _require_layers(model, "merge"):
+    """Merge every C-LoRA layer (CLoRALinear.merge; keep_original as there), or none of them."""
+    for _, m in _layers_that_can(model, "merge"):
         m.merge(keep_original)
 
 
 def unmerge(model: nn.Module) -> None:
-    for _, m in _require_layers(model, "unmerge"):
+    """Unmerge every merged C-LoRA layer (CLoRALinear.unmerge), or none of them."""
+    for _, m in _layers_that_can(model, "unmerge"):
         m.unmerge()
+
+
+def _layers_that_can(model: nn.Module, what: str, caller: str = "") -> list:
+    """The model's C-LoRA layers (`_require_layers`, for `caller`, default `what`), after asking each
+    one that `what` ("merge", "unmerge") would change whether it can (`CLoRALinear._refusal`): a
+    refusal raises before any layer changes, so the model is never left half merged."""
+    layers = _require_layers(model, caller or what)
+    for name, m in layers:
+        why = m._refusal(what) if m.merged == (what == "unmerge") else ""
+        if why:
+            raise ValueError(f"{why} (layer {name or '<the model>'!r}; no layer was changed)")
+    return layers
 
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
     """Inside the block every C-LoRA layer computes its base layer alone (PEFT's disable_adapter);
     merged layers are unmerged for the block and merged again after it."""
-    layers = [m for _, m in _require_layers(model, "disable_adapter")]
+    layers = [m for _, m in _layers_that_can(model, "unmerge", "disable_adapter")]
     merged = [m for m in layers if m.merged]
     was = [m.adapter_enabled for m in layers]
     for m in merged:
@@ -705,7 +741,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every C-LoRA layer and put back a plain layer of the base's type (nn.Linear, or
     transformers' Conv1D) holding the merged weight and the bias; returns the model, which no
     longer holds an adapter (PEFT's merge_and_unload)."""
-    layers = _require_layers(model, "merge_and_unload")
+    layers = _layers_that_can(model, "merge", "merge_and_unload")
     for _, m in layers:
         m.merge(keep_original=False)
     for name, m in layers:

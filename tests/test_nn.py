@@ -494,6 +494,81 @@ def test_an_adapter_only_state_leaves_the_weights_merged_state(seed):
     assert not a.merged and torch.equal(a.weight, w)
 
 
+def test_unmerge_uses_the_mode_the_adapter_was_merged_in(seed):
+    """Merged in hard mode (P ≠ I), then the mode changed while merged (an adapter-only state saved in
+    soft mode, or an assignment): unmerge takes out the delta that merge put in (it took out the
+    new mode's, leaving the weight 0.3-0.9 away from the base)."""
+    def layer(mode):
+        m = _trained(CLoRALinear(12, 20, rank=4, mode=mode, protection="paper", dtype=torch.float64))
+        with torch.no_grad():
+            m.routing_old.normal_()
+            m.projection.copy_(torch.eye(4, dtype=torch.float64) - 0.25)
+        return m
+    for change in ("load", "assign"):
+        m = layer("hard")
+        w0 = m.weight.detach().clone()
+        m.merge()
+        if change == "load":
+            m.load_state_dict({k: v for k, v in layer("soft").state_dict().items() if k not in ("weight", "bias")},
+                              strict=False)
+        else:
+            m.mode = "soft"
+        assert m.mode == "soft" and m.merged
+        m.unmerge()
+        assert rel_err(m.weight, w0) < 1e-12, change
+
+
+def test_a_plain_weight_loaded_into_a_merged_layer_leaves_it_unmerged(seed):
+    """A plain nn.Linear checkpoint (weight and bias, no C-LoRA state) loaded with strict=False into a
+    merged layer: that weight holds no adapter, so the layer is unmerged; its forward adds the adapter
+    and unmerge leaves the loaded weight alone (it stayed merged: the adapter was dropped from the
+    output, and unmerge subtracted it from the fresh base)."""
+    base = nn.Linear(12, 20)
+    layer = _trained(CLoRALinear(12, 20, rank=4))
+    fresh = copy.deepcopy(layer)
+    fresh.load_state_dict(base.state_dict(), strict=False)
+    layer.merge()
+    layer.load_state_dict(base.state_dict(), strict=False)
+    assert not layer.merged
+    x = torch.randn(5, 12)
+    assert torch.equal(layer(x), fresh(x))
+    layer.unmerge()
+    assert torch.equal(layer.weight, base.weight)
+
+
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+def test_merge_refuses_a_computed_weight(seed, how):
+    """A pruned or parametrized weight is recomputed on every access, so an in-place merge into it was
+    lost while the layer said merged (the adapter vanished from the output): merge, unmerge and the
+    model-level helpers refuse by name, before any layer of the model changes."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    ck.inject_clora(net, target_modules=("0", "1"), rank=2)
+    for layer in net:
+        _trained(layer)
+    x = torch.randn(3, 8)
+    if how == "prune":
+        import torch.nn.utils.prune as prune
+        prune.l1_unstructured(net[1], "weight", amount=0.3)
+    else:
+        import torch.nn.utils.parametrize as parametrize
+        parametrize.register_parametrization(net[1], "weight", _Double())
+    before = {k: v.clone() for k, v in net.state_dict().items() if torch.is_tensor(v)}
+    y = net(x)
+    for call in (ck.merge, ck.merge_and_unload, net[1].merge):
+        with pytest.raises(ValueError, match=r"merge: this layer's weight is computed by torch.nn.utils.prune"):
+            call(net) if call is not net[1].merge else call()
+        assert not net[0].merged and not net[1].merged
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items() if torch.is_tensor(v))
+    assert torch.equal(net(x), y)
+    ck.merge(nn.Sequential(net[0]))               # (a layer with a stored weight still merges)
+    assert net[0].merged
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
 def test_reset_parameters_of_a_merged_layer_leaves_it_unmerged(seed):
     layer = _trained(CLoRALinear(8, 6, rank=4))
     layer.merge()
