@@ -873,8 +873,14 @@ def _main_images(ap, args) -> int:
                        if args.dataset == "wiki-topics" else None),
             **provenance("clora-continual", args.argv)}
     if args.out:
-        from .images import _result_key
-        write_json_atomic(os.path.join(args.out, "run.json"), {"result_key": _result_key(args), "meta": meta})
+        from .images import _result_key, backbone_fingerprint, check_backbone
+        backbone = backbone_fingerprint(prep["base"], prep["head"])
+        try:
+            check_backbone(args, backbone)
+        except DataError as exc:
+            ap.error(str(exc))
+        write_json_atomic(os.path.join(args.out, "run.json"), {"result_key": _result_key(args), "backbone": backbone,
+                                                              "meta": meta})
 
     def save(methods, protocol):
         meta.update(protocol)

@@ -296,12 +296,43 @@ def _result_key(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
+def backbone_fingerprint(base: nn.Module, head: str) -> str:
+    """A digest of the frozen backbone's weights and buffers (the classifier `head`, new for every
+    seed, left out): a run resumed on another backbone (a rebuilt mnist5k cache, other timm weights)
+    would mix its rows and prototypes with the new one's."""
+    h = hashlib.sha256()
+    for name, t in sorted(base.state_dict().items()):
+        if torch.is_tensor(t) and not name.startswith(head + "."):
+            h.update(name.encode() + str(t.dtype).encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_backbone(args, fingerprint: str, log=print) -> None:
+    """With --resume, refuse a backbone other than the one the run in --out began on (run.json's
+    `backbone`; a run from before the fingerprint cannot be checked, and says so)."""
+    if not (args.out and args.resume):
+        return
+    saved = json.load(open(os.path.join(args.out, "run.json"))).get("backbone")
+    if saved is None:
+        log(f"clora-continual: the run in {args.out!r} predates backbone fingerprints; its backbone is not checked")
+    elif saved != fingerprint:
+        raise DataError(f"--resume: the backbone's weights differ from those the run in {args.out!r} began on "
+                        f"(fingerprint {fingerprint}, the run's {saved}: a rebuilt pre-training cache, or other "
+                        f"weights); start a new --out")
+
+
 def check_run_dir(args) -> None:
-    """Refuse an --out that holds another run (or any run without --resume), before any work."""
+    """Refuse an --out that holds another run (or any run without --resume: its run.json, or a
+    checkpoint of one whose run.json is gone), before any work."""
     meta = os.path.join(args.out, "run.json")
     if not os.path.isfile(meta):
         if args.resume:
             raise DataError(f"--resume: {args.out!r} holds no run to resume (no run.json)")
+        stale = next((os.path.join(d, "state.pt") for d, _, files in os.walk(args.out) if "state.pt" in files), None)
+        if stale:
+            raise DataError(f"--out {args.out!r} holds checkpoints of an earlier run ({stale}) but no run.json to "
+                            f"check them against; pass another --out, or remove that run")
         return
     if not args.resume:
         raise DataError(f"--out {args.out!r} holds a run already; pass --resume to continue it, or another --out")
@@ -339,6 +370,8 @@ class _Checkpoint:
         branches = {f"{n}.{kind}.{j}" for n, m in per_task_layers(model) for kind in ("lora_A", "lora_B")
                     for j in range(len(m.lora_A))}              # frozen ones too: they are the adapter
         state = {"task": i, "acc": acc, "adapter": adapter, "gen": gen.get_state(), "rng": torch.get_rng_state(),
+                 # dropout on a GPU draws from its own generator (MiniLM's dropout 0.1)
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
                  "prototypes": None if prototypes is None else {k: v.cpu() for k, v in prototypes.state_dict().items()},
                  "seconds": seconds,
                  "buffers": {n: b.detach().cpu().clone() for n, b in model.named_buffers()    # BatchNorm statistics
@@ -375,6 +408,9 @@ class _Checkpoint:
             prototypes.load_state_dict(state["prototypes"])
         gen.set_state(state["gen"])
         torch.set_rng_state(state["rng"])
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def prepare(args, progress: bool = True, log=print) -> dict:
@@ -476,7 +512,7 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
             protos = cc.PrototypeHead(num_classes, cc.feature_dim(model.get_submodule(head), reference)).to(device) \
                 if classifier == "prototype" else None
             start, acc, before = 0, [], 0.0
-            state = ckpt.load() if ckpt else None
+            state = ckpt.load() if ckpt and getattr(args, "resume", False) else None
             if state is not None:
                 ckpt.restore(model, state, protos, gen)
                 start, acc, before = state["task"] + 1, state["acc"], state.get("seconds", 0.0)

@@ -124,6 +124,40 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     _refused(argv, capsys, "holds a run already; pass --resume")
     _refused([a if a != "32" else "48" for a in argv] + ["--resume"], capsys, "other settings (image_size")
     assert cc.main(argv + ["--resume"]) == 0                   # complete: nothing left to train
+    # a resume on another backbone (a rebuilt pre-training cache, other weights) is refused; a run from
+    # before the fingerprint is resumed with a word that it cannot be checked
+    run_json = tmp_path / "run" / "run.json"
+    record = json.loads(run_json.read_text())
+    assert len(record["backbone"]) == 16
+    run_json.write_text(json.dumps({**record, "backbone": "0" * 16}))
+    _refused(argv + ["--resume"], capsys, "the backbone's weights differ")
+    run_json.write_text(json.dumps({k: v for k, v in record.items() if k != "backbone"}))
+    assert cc.main(argv + ["--resume"]) == 0
+    assert "predates backbone fingerprints" in capsys.readouterr().out
+    assert json.loads(run_json.read_text())["backbone"] == record["backbone"]
+    # its run.json gone, the checkpoints stay: a new run there was refused by nothing and continued them
+    run_json.unlink()
+    _refused(argv, capsys, "holds checkpoints of an earlier run")
+
+
+def test_checkpoint_keeps_the_gpu_generator(tmp_path, monkeypatch):
+    """On a GPU, dropout draws from the GPU's generator: a checkpoint saves its state and a resume
+    restores it (simulated: no GPU here), so a resumed run continues the uninterrupted one's draws."""
+    cuda = torch.cuda
+    saved = [torch.tensor([1, 2, 3], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(cuda, "get_rng_state_all", lambda: saved)
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(cuda, "set_rng_state_all", restored.append)
+    ckpt = im._Checkpoint(str(tmp_path / "seed0"))
+    model, gen = torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.Generator().manual_seed(0)
+    ckpt.save(model, 0, [[1.0]], None, gen)
+    state = ckpt.load()
+    assert [t.tolist() for t in state["cuda_rng"]] == [[1, 2, 3]]
+    ckpt.restore(model, state, None, gen)
+    assert [[t.tolist() for t in r] for r in restored] == [[[1, 2, 3]]]
 
 
 def test_split_and_tasks_are_fixed():
