@@ -59,6 +59,11 @@ TUNING_SEEDS = (100, 101, 102, 103, 104)
 TUNING_CLASS_ORDER_SEED = 100
 
 
+def task_test_sizes(tasks) -> list:
+    """Each task's number of test samples (the weights of the sample-weighted metrics)."""
+    return [len(t.labels("test")) for t in tasks]
+
+
 def default_classifier(setting: str) -> str:
     """The prototype head where the linear head's recency bias hurts (class-IL); the linear head
     in task-IL, where prediction stays within one task's classes (measured better there)."""
@@ -116,6 +121,10 @@ class DataTask:
 
 
 # ---- metrics ---------------------------------------------------------------------------------
+# acc[i][j]: accuracy on task j's test samples after training task i (j <= i). Last-Acc and Inc-Acc
+# average over tasks (GEM's convention), unless `sizes` (each task's number of test samples) is given:
+# then over test samples, the top-1 accuracy on every seen class's test samples that PyCIL and
+# LAMDA-PILOT report. The two agree where the tasks have equal test sets.
 def _check_matrix(acc) -> int:
     t = len(acc)
     if t == 0:
@@ -126,14 +135,28 @@ def _check_matrix(acc) -> int:
     return t
 
 
-def last_accuracy(acc) -> float:
-    t = _check_matrix(acc)
-    return statistics.fmean(acc[t - 1][:t])
+def _mean(row, sizes):
+    return statistics.fmean(row) if sizes is None else sum(a * n for a, n in zip(row, sizes)) / sum(sizes[:len(row)])
 
 
-def incremental_accuracy(acc) -> float:
+def _check_sizes(sizes, t: int):
+    if sizes is not None and (len(sizes) < t or any(not isinstance(n, int) or n < 1 for n in sizes[:t])):
+        raise ValueError(f"sizes must give a positive int (the task's test samples) for each of the {t} tasks, "
+                         f"got {sizes!r}")
+    return sizes
+
+
+def last_accuracy(acc, sizes=None) -> float:
+    """The accuracy after the last task: over tasks, or with `sizes` over test samples (above)."""
     t = _check_matrix(acc)
-    return statistics.fmean(statistics.fmean(acc[i][:i + 1]) for i in range(t))
+    return _mean(acc[t - 1][:t], _check_sizes(sizes, t))
+
+
+def incremental_accuracy(acc, sizes=None) -> float:
+    """The mean over steps of the accuracy on the tasks seen so far (each as `last_accuracy`)."""
+    t = _check_matrix(acc)
+    sizes = _check_sizes(sizes, t)
+    return statistics.fmean(_mean(acc[i][:i + 1], sizes) for i in range(t))
 
 
 def average_forgetting(acc) -> float:
@@ -590,7 +613,7 @@ def run_experiment(args, progress=True, on_method=None) -> dict:
                     desc=f"{method} seed {seed}", reference=reference, **method_hooks(method)))
             seconds.append(time.perf_counter() - start)
             extra.append(_extra_floats(model, args.classifier, reference=reference))
-        methods[method] = summarize(method, per_seed, seconds, extra, len(tasks))
+        methods[method] = summarize(method, per_seed, seconds, extra, len(tasks), task_test_sizes(tasks))
         if on_method:
             on_method(methods)
     return methods
@@ -607,17 +630,23 @@ def method_hooks(method: str) -> dict:
     return {}
 
 
-def summarize(method: str, per_seed: list, seconds: list, extra: list, t: int) -> dict:
-    """A method's entry of the results JSON from its per-seed accuracy matrices (joint: one row)."""
+def summarize(method: str, per_seed: list, seconds: list, extra: list, t: int, sizes=None) -> dict:
+    """A method's entry of the results JSON from its per-seed accuracy matrices (joint: one row);
+    with the tasks' test `sizes`, also Last-Acc and Inc-Acc over test samples (`*_samples`)."""
     if method == "joint":     # no sequence: Last-Acc only
         out = {"last_acc": _stats([statistics.fmean(a) for a in per_seed]), "inc_acc": None, "forgetting": None,
                "acc_last_row": [statistics.fmean(a[j] for a in per_seed) for j in range(t)], "acc_rows": per_seed}
+        if sizes is not None:
+            out["last_acc_samples"] = _stats([_mean(a, sizes) for a in per_seed])
     else:
         mean_matrix = [[statistics.fmean(a[i][j] for a in per_seed) for j in range(i + 1)] for i in range(t)]
         out = {"last_acc": _stats([last_accuracy(a) for a in per_seed]),
                "inc_acc": _stats([incremental_accuracy(a) for a in per_seed]),
                "forgetting": _stats([average_forgetting(a) for a in per_seed]),
                "acc_matrix": mean_matrix, "acc_matrices": per_seed}
+        if sizes is not None:
+            out["last_acc_samples"] = _stats([last_accuracy(a, sizes) for a in per_seed])
+            out["inc_acc_samples"] = _stats([incremental_accuracy(a, sizes) for a in per_seed])
     out.update({"seconds": _stats(seconds), "extra_floats": max(extra)})
     return out
 

@@ -491,6 +491,7 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
             else args.model, "pretrained": True if args.pretrained is None else args.pretrained,
             "pretraining": pretrain_info, "image_size": prep["image_size"], "workers": args.workers,
             "tasks": args.tasks, "class_order": [list(t.classes) for t in tasks], "classes": names,
+            "test_sizes": cc.task_test_sizes(tasks),
             "targets": args.targets, "device": str(device), "backend": args.backend}
     methods = {}
     reference = cc.frozen_reference(base).to(device) if args.features == "concat" else None
@@ -535,7 +536,7 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
             per_seed.append(rows)
             seconds.append(before + time.perf_counter() - began)      # a resumed run counts its earlier tasks
             extra.append(cc._extra_floats(model, classifier, head, reference))
-        methods[method] = cc.summarize(method, per_seed, seconds, extra, len(tasks))
+        methods[method] = cc.summarize(method, per_seed, seconds, extra, len(tasks), cc.task_test_sizes(tasks))
         if on_method:
             on_method(methods, meta)
     return methods, meta

@@ -25,6 +25,27 @@ def test_metrics_on_hand_made_matrix():
     assert math.isclose(cc.average_forgetting(rising), ((0.6 - 0.8) + 0.0) / 2)
 
 
+def test_sample_weighted_metrics():
+    """With the tasks' test sizes, Last-Acc / Inc-Acc are over test samples (PyCIL's top-1 on every seen
+    class's samples); equal sizes give the task average; the summary carries both."""
+    sizes = [30, 10, 10]
+    assert math.isclose(cc.last_accuracy(A, sizes), (0.5 * 30 + 0.7 * 10 + 1.0 * 10) / 50)
+    assert math.isclose(cc.incremental_accuracy(A, sizes),
+                        (0.9 + (0.6 * 30 + 0.8 * 10) / 40 + (0.5 * 30 + 0.7 * 10 + 1.0 * 10) / 50) / 3)
+    assert math.isclose(cc.last_accuracy(A, [7, 7, 7]), cc.last_accuracy(A))
+    assert math.isclose(cc.incremental_accuracy(A, [7, 7, 7]), cc.incremental_accuracy(A))
+    for bad in ([30, 10], [30, 0, 10], [30, 10.0, 10]):
+        with pytest.raises(ValueError, match="sizes must give a positive int"):
+            cc.last_accuracy(A, bad)
+    entry = cc.summarize("clora_freeze", [A, A], [1.0, 1.0], [0, 0], 3, sizes)
+    assert math.isclose(entry["last_acc_samples"]["mean"], cc.last_accuracy(A, sizes))
+    assert math.isclose(entry["inc_acc_samples"]["mean"], cc.incremental_accuracy(A, sizes))
+    assert math.isclose(entry["last_acc"]["mean"], cc.last_accuracy(A))
+    joint = cc.summarize("joint", [[0.5, 0.7, 1.0]], [1.0], [0], 3, sizes)
+    assert math.isclose(joint["last_acc_samples"]["mean"], cc.last_accuracy(A, sizes))
+    assert cc.task_test_sizes(_tasks()) == [len(t.test_y) for t in _tasks()]
+
+
 def test_metrics_refuse_malformed_matrix():
     with pytest.raises(ValueError, match="empty"):
         cc.last_accuracy([])
