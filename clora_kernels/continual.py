@@ -300,7 +300,7 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                    optimizer: str = "adam", classifier: str = None, prototypes: PrototypeHead = None,
                    seed: int = 0, progress: bool = True, desc: str = "", device=None, amp: bool = False,
                    start: int = 0, acc=None, gen: torch.Generator = None, on_task=None, log=None,
-                   boundary=None, observe=None, given_task=None, reference: nn.Module = None) -> list:
+                   boundary=None, observe=None, given_task=None, before=None, reference: nn.Module = None) -> list:
     """Train `model` on the tasks in order; return the accuracy matrix (list of rows, row i
     holding a[i][0..i]). Only parameters that require grad are trained; what a C-LoRA layer
     protects is its own `protection` policy's business (the loop only runs the pass that
@@ -328,6 +328,8 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     `boundary(model)` runs between tasks (after the evaluation, before on_task; per_task_lora opens
     its next branch there); `observe(model)`, a context manager, is entered for the task's pass
     over its training data (after training), as `observe_task` is for C-LoRA layers;
+    `before(model)`, a context manager, is entered for a pass over the task's training data before
+    it trains (dual_lora's residual subspace);
     `given_task(model, j)`, a context manager, is entered to evaluate task j in task-IL, where the
     task id is given (per_task_lora routes by it there)."""
     if setting not in SETTINGS:
@@ -366,6 +368,13 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
         for i, task in enumerate(tasks):
             if i < start:
                 continue
+            if before is not None:       # the task's pass before training (inputs as the model is now)
+                model.eval()
+                with torch.no_grad(), before(model):
+                    for x, _ in task.batches("train", 256, device=device):
+                        with _autocast(device, amp):
+                            model(_to(x, device))
+                model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             if epochs and not params:
                 raise ValueError("the model has no trainable parameters")
@@ -626,7 +635,8 @@ def method_hooks(method: str) -> dict:
     if method == "per_task_lora":
         return {"boundary": baselines.next_task, "given_task": baselines.task_branches}
     if method == "dual_lora":
-        return {"boundary": baselines.next_task, "observe": baselines.observe_inputs}
+        return {"boundary": baselines.next_task, "observe": baselines.observe_inputs,
+                "before": baselines.observe_new_inputs}
     return {}
 
 

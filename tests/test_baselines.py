@@ -1,7 +1,8 @@
 """The baselines (clora_kernels/baselines.py). per_task_lora: the sum of its branches, the engine's op
 with a block-diagonal routing matrix (float64 oracle), frozen earlier branches, its run in the
 harness. dual_lora: the orthogonal adapter keeps earlier tasks' outputs (exactly inside the bases,
-within the energy bound outside), the residual adapter acts inside the bases only, its run."""
+within the energy bound outside), the residual adapter trains in the task's own bases and leaves
+earlier tasks' outputs alone, its run."""
 import pytest
 import torch
 from torch import nn
@@ -9,7 +10,7 @@ from torch import nn
 import clora_kernels as ck
 from clora_kernels import continual as cc
 from clora_kernels.baselines import (DualLoRALinear, PerTaskLoRALinear, inject_dual_lora, inject_per_task_lora,
-                                    next_task, observe_inputs, per_task_layers, task_branches)
+                                    next_task, observe_inputs, observe_new_inputs, per_task_layers, task_branches)
 from helpers import oracle, rel_err
 
 
@@ -179,40 +180,60 @@ def test_dual_lora_orthogonal_drift_is_within_the_energy_bound(seed):
     assert drift > 0                                    # the bound is not met by standing still
 
 
-def test_dual_lora_residual_adapter_acts_inside_the_bases_only(seed):
-    """The residual adapter trains from the second task on, its input is the part inside the
-    bases, and the dynamic memory g(x) = ‖xM‖²/‖x‖² scales it: 0 for inputs orthogonal to the
-    bases, 1 inside them. B_o freezes after the first task; next_task keeps the output on
-    inputs inside the bases (the folds change no value there)."""
+def _begin(model, x):
+    with torch.no_grad(), observe_new_inputs(model):
+        model(x)
+
+
+def test_dual_lora_residual_adapter_trains_in_the_tasks_own_bases(seed):
+    """begin_task takes M_t, the task's input directions outside the earlier tasks' bases; the
+    residual adapter's new directions stay inside it, the dynamic memory g(x) = ‖x[M, M_t]‖²/‖x‖²
+    scales it, and B_o and B_r freeze after the first task. So a later task leaves the whole layer's
+    output on an earlier task's inputs unchanged (DualLoRA's "without interaction across tasks";
+    exact here, where those inputs lie in their bases), while it adapts to its own; next_task's
+    folds change no output. (The residual adapter acted in the earlier tasks' bases: a later task
+    rewrote their outputs, and dual_lora forgot as much as sequential LoRA.)"""
     torch.manual_seed(seed)
     model = inject_dual_lora(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)).double(), ["0"], rank=2,
                              energy=1.0)
     layer = model[0]
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.lora_A", "0.lora_B"]
+    trainable = lambda: [n for n, p in model.named_parameters() if p.requires_grad]  # noqa: E731
+    assert trainable() == ["0.lora_A", "0.lora_B", "0.res_A", "0.res_B"]
     x0 = torch.randn(30, 4, dtype=torch.float64) @ torch.randn(4, 10, dtype=torch.float64)
+    _begin(model, x0)
+    assert layer.task_bases.shape == (10, 4) and layer.bases.shape == (10, 0)
+    assert rel_err(layer.gate(x0), torch.ones(30, 1, dtype=torch.float64)) < 1e-12
     _train(model, x0)
+    res0 = layer.residual(x0).detach()
+    assert res0.abs().max() > 1e-3                       # the residual adapter trained on the first task
+    before = layer(x0).detach()
     _boundary(model, x0)
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.lora_A", "0.res_A", "0.res_B"]
-    _train(model, torch.randn(30, 10, dtype=torch.float64))
-    m = layer.bases
-    inside, out = x0[:5], torch.randn(5, 10, dtype=torch.float64)
-    out = out - out @ m @ m.t()
-    assert rel_err(layer.gate(inside), torch.ones(5, 1, dtype=torch.float64)) < 1e-12
+    assert trainable() == ["0.lora_A", "0.res_A"] and layer.task_bases.shape == (10, 0)
+    assert rel_err(layer(x0), before) < 1e-12
+    x1 = torch.randn(30, 3, dtype=torch.float64) @ torch.randn(3, 10, dtype=torch.float64)
+    _begin(model, x1)
+    m, mt = layer.bases, layer.task_bases
+    assert mt.shape == (10, 3) and (m.t() @ mt).abs().max() < 1e-12
+    out = torch.randn(5, 10, dtype=torch.float64)
+    out = out - (out @ m) @ m.t() - (out @ mt) @ mt.t()
     assert layer.gate(out).abs().max() < 1e-12
-    res = layer.scaling * (inside @ layer.residual_A().t()) @ layer.res_B.t()
-    assert res.abs().max() > 1e-3
-    assert rel_err(layer(inside), layer.base(inside) + _orthogonal_out(layer, inside) + res) < 1e-12
-    assert rel_err(layer(out), layer.base(out) + _orthogonal_out(layer, out)) < 1e-12
-    before = layer(inside).detach()
-    with torch.no_grad(), observe_inputs(model):
-        model(inside)
-    next_task(model)
-    assert rel_err(layer(inside), before) < 1e-12
+    new_before = layer(x1).detach()
+    _train(model, x1)
+    assert rel_err(layer.residual(x0), res0) < 1e-10 and rel_err(layer(x0), before) < 1e-10
+    assert rel_err(layer(x1), new_before) > 1e-2         # plastic on the new task's inputs
+    after = layer(x1).detach()
+    _boundary(model, x1)
+    assert rel_err(layer(x1), after) < 1e-12 and rel_err(layer(x0), before) < 1e-10
 
 
 def test_dual_lora_refusals():
     with pytest.raises(ValueError, match="no inputs were observed"):
         DualLoRALinear(nn.Linear(4, 4), rank=2).next_task()
+    with pytest.raises(ValueError, match="no inputs were observed for the task that begins"):
+        DualLoRALinear(nn.Linear(4, 4), rank=2).begin_task()
+    with pytest.raises(ValueError, match="no 'task_bases'"):
+        layer = DualLoRALinear(nn.Linear(4, 4), rank=2)
+        layer.load_task_state({k: v for k, v in layer.task_state().items() if k != "task_bases"})
     with pytest.raises(ValueError, match="energy"):
         DualLoRALinear(nn.Linear(4, 4), rank=2, energy=1.5)
     with pytest.raises(ValueError, match="rank"):
@@ -240,9 +261,12 @@ def test_dual_lora_run_checkpoint_resumes_the_same_layer(tmp_path, seed):
     fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "bases" not in k}, strict=False)
     for _ in range(2):
         x = torch.randn(20, 10)
+        _begin(model, x)
         _train(model, x, steps=5)
         _boundary(model, x)
-    _train(model, torch.randn(20, 10), steps=5)
+    x = torch.randn(20, 10)
+    _begin(model, x)
+    _train(model, x, steps=5)
     ckpt = _Checkpoint(str(tmp_path / "run"))
     gen = torch.Generator().manual_seed(0)
     ckpt.save(model, 1, [[0.5], [0.5, 0.5]], None, gen)
