@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import clora_kernels as ck                                      # noqa: E402
-from clora_kernels._io import provenance, write_json_atomic     # noqa: E402
+from clora_kernels._io import parent_made, provenance, write_json_atomic     # noqa: E402
 from clora_kernels import baselines                             # noqa: E402
 
 METHODS = ("clora_freeze", "per_task_lora", "dual_lora")
@@ -191,7 +191,7 @@ def plot(results: dict, path: str) -> None:
         ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(parent_made(path), dpi=120)
     plt.close(fig)
 
 

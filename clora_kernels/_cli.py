@@ -79,24 +79,26 @@ def seed(text):
 
 
 def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool = False) -> None:
-    """Before the work starts: an output file's folder exists (made if missing) and is writable;
-    with folder_ok, `path` is that folder."""
+    """Before the work starts: an output file's folder exists and is writable, or can be made (its
+    nearest existing folder is writable; the writer makes it, `_io.parent_made`, so that a refused
+    run leaves no folder behind); with folder_ok, `path` is that folder."""
     if not path:
         return
     if os.path.isdir(path) and not folder_ok:
         ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
-    folder = path if folder_ok else os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        ap.error(f"argument {flag}: cannot create the folder {folder!r} ({exc.strerror})")
-    if not os.access(folder, os.W_OK):
-        ap.error(f"argument {flag}: the folder {folder!r} is not writable")
+    folder = os.path.abspath(path if folder_ok else os.path.dirname(os.path.abspath(path)))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        ap.error(f"argument {flag}: cannot create the folder {folder!r} ({existing!r} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        ap.error(f"argument {flag}: the folder {existing!r} is not writable")
 
 
 def check_plot(ap: argparse.ArgumentParser, flag: str, path) -> None:
-    """check_output for a plot, and that matplotlib writes its extension (none: PNG), before the work
-    starts rather than after it."""
+    """check_output for a plot, and that it names a format matplotlib writes, before the work starts
+    rather than after it."""
     check_output(ap, flag, path)
     if not path:
         return
@@ -106,5 +108,7 @@ def check_plot(ap: argparse.ArgumentParser, flag: str, path) -> None:
         return      # (the plot then says that matplotlib is missing)
     ext = os.path.splitext(path)[1][1:].lower()
     kinds = FigureCanvasBase.get_supported_filetypes()
-    if ext and ext not in kinds:
+    if not ext:         # (matplotlib would write PATH.png, which no message names)
+        ap.error(f"argument {flag}: {path!r} has no extension; name the format (e.g. {path}.png)")
+    if ext not in kinds:
         ap.error(f"argument {flag}: matplotlib cannot write a .{ext} file (it writes {', '.join(sorted(kinds))})")

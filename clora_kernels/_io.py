@@ -8,10 +8,17 @@ import platform
 import sys
 
 
+def parent_made(path: str) -> str:
+    """`path`, its folder made where missing (the CLIs check only that it can be: a refused run
+    leaves no folder behind)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
 def write_json_atomic(path, data) -> None:
     """Write JSON through a temporary file and an atomic rename: a reader, or a run interrupted
     mid-write, never sees a half-written file; the previous complete file stays until replaced."""
-    tmp = f"{path}.tmp"
+    tmp = f"{parent_made(path)}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)

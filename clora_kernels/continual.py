@@ -40,7 +40,7 @@ from torch import nn
 
 from . import end_task, inject_clora, observe_task, orthogonality_loss
 from . import _cli
-from ._io import provenance, write_json_atomic
+from ._io import parent_made, provenance, write_json_atomic
 from .backends import BACKEND_NAMES
 from .images import DEFAULT_MODEL, IMAGE_DATASETS
 from .nn import clora_layers
@@ -682,7 +682,7 @@ def plot_matrices(methods: dict, path: str) -> None:
         ax.set_xlabel("evaluated task j")
         ax.set_ylabel("after training task i")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(parent_made(path), dpi=120)
     plt.close(fig)
 
 
@@ -738,7 +738,8 @@ def build_parser():
                     help="reduced run: 4 epochs per task and seeds 0 1 on digits, 1 epoch and seed 0 elsewhere "
                          "(--epochs and --seeds, where given, win)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--setting", choices=SETTINGS, default="class-il")
+    ap.add_argument("--setting", choices=SETTINGS, default="class-il",
+                    help="class-il: predict among every class seen; task-il: the task is given")
     ap.add_argument("--classifier", choices=CLASSIFIERS, default=None,
                     help="evaluation head of every method: class prototypes (cosine) or the trained linear head "
                          "(default: prototype in class-il, linear in task-il)")
@@ -746,19 +747,21 @@ def build_parser():
                     help="what the prototype head reads: the adapted model's features, or 'concat': those and "
                          "the frozen pre-trained model's, each normalised (APER, Zhou et al. 2023; one more "
                          "forward at inference)")
-    ap.add_argument("--rank", type=_cli.positive_int, default=8)
+    ap.add_argument("--rank", type=_cli.positive_int, default=8, help="the adapters' rank")
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                     help="adam, or sgd with momentum 0.9 (then pass an SGD-sized --lr, e.g. 0.02)")
     ap.add_argument("--lr", type=_cli.positive_float, default=None,
                     help="default: 5e-3 for digits, 1e-3 for images, 1e-4 for wiki-topics")
     ap.add_argument("--head-lr", type=_cli.positive_float, default=None,
                     help="the head's learning rate (default: --lr; 1e-2 for wiki-topics: SLCA's slow learner)")
-    ap.add_argument("--lambda-orth", type=_cli.non_negative, default=0.01)
+    ap.add_argument("--lambda-orth", type=_cli.non_negative, default=0.01,
+                    help="weight of C-LoRA's orthogonality loss")
     ap.add_argument("--protect-energy", type=_cli.fraction, default=0.9, help="hard mode's routing energy")
     ap.add_argument("--project-energy", type=_cli.fraction, default=0.99,
                     help="clora_project and dual_lora: the energy their protected subspaces hold")
     ap.add_argument("--grad-through-old-route", action="store_true")
-    ap.add_argument("--pretrain-epochs", type=_cli.positive_int, default=15)
+    ap.add_argument("--pretrain-epochs", type=_cli.positive_int, default=15,
+                    help="digits: epochs of the MLP's pre-training")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (none are shown when stderr is not a terminal)")
@@ -820,8 +823,18 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     args.argv = argv
+    given = {k for k, v in vars(args).items() if k != "argv" and v != ap.get_default(k)}
     _fill_defaults(args)
     images = args.dataset != "digits"
+    text_flags = (("--language", "language"), ("--per-class-train", "per_class_train"),
+                  ("--per-class-test", "per_class_test"), ("--max-tokens", "max_tokens"))
+    for flag, key in text_flags if args.dataset != "wiki-topics" else ():
+        if key in given:
+            ap.error(f"argument {flag}: only for --dataset wiki-topics")
+    for flag, key in (("--data-dir", "data_dir"), ("--download", "download"), ("--pretrained/--no-pretrained",
+                      "pretrained"), ("--image-size", "image_size")) if args.dataset == "wiki-topics" else ():
+        if key in given:
+            ap.error(f"argument {flag}: not for --dataset wiki-topics (the packaged, pretrained MiniLM on text)")
     if args.backend != "auto":
         from .backends import available_backends
         usable, why = available_backends()[args.backend]
@@ -829,19 +842,25 @@ def main(argv=None) -> int:
             ap.error(f"argument --backend: {args.backend} cannot run here ({why})")
     if not images:
         for flag, value in (("--data-dir", args.data_dir), ("--download", args.download or None),
-                            ("--model", args.model), ("--pretrained", args.pretrained),
-                            ("--image-size", args.image_size), ("--out", args.out), ("--resume", args.resume or None),
+                            ("--pretrained", args.pretrained), ("--image-size", args.image_size),
+                            ("--model", args.model), ("--out", args.out), ("--resume", args.resume or None),
                             ("--workers", args.workers or None), ("--device", args.device if args.device != "auto"
                                                                   and args.device != "cpu" else None)):
             if value is not None:
-                ap.error(f"argument {flag}: only for the image datasets (--dataset {' / '.join(IMAGE_DATASETS)})")
+                kinds = IMAGE_DATASETS + (() if flag in ("--data-dir", "--download", "--pretrained", "--image-size")
+                                          else ("wiki-topics",))
+                ap.error(f"argument {flag}: only for --dataset {' / '.join(kinds)}")
         if args.tasks not in (None, 5):
             ap.error(f"argument --tasks: the digits protocol has 5 tasks of 2 classes, got {args.tasks}")
         if args.rank > 64:
             ap.error(f"argument --rank: the digits layers have 64 and 128 features, so rank must be <= 64, "
                      f"got {args.rank}")
         from .nn import select_targets
-        if not [n for n in select_targets(MLP(), args.targets) if n != "head"]:
+        chosen = select_targets(MLP(), args.targets)
+        if "head" in chosen:
+            ap.error(f"argument --targets: {args.targets} names the classifier 'head', which every method trains in "
+                     f"full (or replaces by prototypes); target the layers before it")
+        if not chosen:
             ap.error(f"argument --targets: none of {args.targets} is a layer of the digits MLP (fc1, fc2)")
     elif args.pretrain_epochs != ap.get_default("pretrain_epochs"):
         ap.error("argument --pretrain-epochs: only for --dataset digits (mnist5k's backbone has its own recipe)")
@@ -868,8 +887,30 @@ def main(argv=None) -> int:
             check_run_dir(args)
         except DataError as exc:
             ap.error(str(exc))
-    if images:
-        return _main_images(ap, args)
+    done = []           # the methods whose results are written (what an interrupt leaves)
+    try:
+        return _main_images(ap, args, done) if images else _main_digits(args, done)
+    except KeyboardInterrupt:
+        return _interrupted(args, done)
+
+
+def _interrupted(args, done: list) -> int:
+    """Ctrl-C: one line on what the result files hold (exit 130)."""
+    files = [p for p in (args.json, os.path.join(args.out, "results.json") if getattr(args, "out", None) else None)
+             if p]
+    if done and files:
+        what = f"the {len(done)} method(s) done ({', '.join(done)}) are in {' and '.join(files)}"
+    elif files:
+        what = "no method finished; " + ", ".join(files) + " were not written by this run"
+    else:
+        what = f"{len(done)} method(s) had finished; nothing is written without --json"
+    resume = "; rerun the same command with --resume to continue from the last finished task" \
+        if getattr(args, "out", None) else ""
+    print(f"\nclora-continual: interrupted; {what}{resume}", file=sys.stderr)
+    return 130
+
+
+def _main_digits(args, done: list) -> int:
     meta = {"data": "scikit-learn digits (UCI optical recognition of handwritten digits), 5 tasks x 2 classes",
             "dataset": "digits", "setting": args.setting, "classifier": args.classifier, "features": args.features,
             "recommended": RECOMMENDED,
@@ -885,6 +926,7 @@ def main(argv=None) -> int:
     def save(methods):
         if args.json:
             write_json_atomic(args.json, {"meta": meta, "methods": methods})   # after every method
+        done[:] = list(methods)
 
     try:
         methods = run_experiment(args, progress=not args.no_progress, on_method=save)
@@ -893,7 +935,7 @@ def main(argv=None) -> int:
     return _report(args, meta, methods, f"{meta['data']}; {args.setting}")
 
 
-def _main_images(ap, args) -> int:
+def _main_images(ap, args, done: list) -> int:
     from .images import DataError, prepare, run_image_experiment
     if args.dataset == "wiki-topics":
         from .text import prepare
@@ -921,11 +963,18 @@ def _main_images(ap, args) -> int:
         write_json_atomic(os.path.join(args.out, "run.json"), {"result_key": _result_key(args), "backbone": backbone,
                                                               "meta": meta})
 
+    kept = {}       # a resumed run's results.json keeps the methods this command does not rerun
+    if args.out and args.resume and os.path.isfile(os.path.join(args.out, "results.json")):
+        import json
+        kept = json.load(open(os.path.join(args.out, "results.json"))).get("methods", {})
+
     def save(methods, protocol):
         meta.update(protocol)
-        for path in (args.json, os.path.join(args.out, "results.json") if args.out else None):
-            if path:
-                write_json_atomic(path, {"meta": meta, "methods": methods})   # after every method
+        if args.json:
+            write_json_atomic(args.json, {"meta": meta, "methods": methods})   # after every method
+        if args.out:
+            write_json_atomic(os.path.join(args.out, "results.json"), {"meta": meta, "methods": {**kept, **methods}})
+        done[:] = list(methods)
 
     try:
         methods, protocol = run_image_experiment(args, prep, progress=not args.no_progress, on_method=save)
@@ -936,18 +985,27 @@ def _main_images(ap, args) -> int:
 
 
 def _report(args, meta, methods, what: str) -> int:
-    if args.plot:
-        plot_matrices(methods, args.plot)
     print(f"\n{meta['command']}\n{what}; {args.classifier} classifier; seeds {args.seeds}; "
           f"{args.epochs} epochs/task; recommended: {RECOMMENDED}")
     if args.markdown:
         print("\n".join([MARKDOWN_HEADER] + [markdown_row(name, m) for name, m in methods.items()]))
-        return 0
-    print(f"{'method':14s} {'Last-Acc':>16s} {'Inc-Acc':>16s} {'Forgetting':>16s} {'s/seed':>7s} {'extra floats':>12s}")
-    for name, m in methods.items():
-        cells = [_cell(m[k]) for k in ("last_acc", "inc_acc", "forgetting")]
-        print(f"{name:14s} " + " ".join(f"{c:>16s}" for c in cells) +
-              f" {m['seconds']['mean']:7.1f} {m['extra_floats']:12d}")
+    else:
+        print(f"{'method':14s} {'Last-Acc':>16s} {'Inc-Acc':>16s} {'Forgetting':>16s} {'s/seed':>7s} "
+              f"{'extra floats':>12s}")
+        for name, m in methods.items():
+            cells = [_cell(m[k]) for k in ("last_acc", "inc_acc", "forgetting")]
+            print(f"{name:14s} " + " ".join(f"{c:>16s}" for c in cells) +
+                  f" {m['seconds']['mean']:7.1f} {m['extra_floats']:12d}")
+    if args.plot:           # after the table: a plot that cannot be written loses nothing else
+        if not any("acc_matrix" in m for m in methods.values()):
+            print(f"clora-continual: no plot written to {args.plot}: joint alone has no accuracy matrix to draw",
+                  file=sys.stderr)
+        else:
+            try:
+                plot_matrices(methods, args.plot)
+            except OSError as exc:
+                print(f"clora-continual: the plot could not be written to {args.plot} ({exc})", file=sys.stderr)
+                return 1
     return 0
 
 

@@ -17,8 +17,9 @@ def main(argv=None) -> int:
                                  formatter_class=_cli.Help)
     ap.add_argument("--steps", type=_cli.positive_int, default=30, help="Adam steps per task")
     ap.add_argument("--rank", type=_cli.positive_int, default=8, help=f"at most {WIDTH} (the ViT's width)")
-    ap.add_argument("--lambda-orth", type=_cli.non_negative, default=0.1)
-    ap.add_argument("--seed", type=_cli.seed, default=0)
+    ap.add_argument("--lambda-orth", type=_cli.non_negative, default=0.1,
+                    help="weight of the orthogonality loss")
+    ap.add_argument("--seed", type=_cli.seed, default=0, help="seed of the tasks and the model")
     args = ap.parse_args(argv)
     if args.rank > WIDTH:
         ap.error(f"argument --rank: must be <= {WIDTH} (the demo ViT's layers are {WIDTH} wide), got {args.rank}")

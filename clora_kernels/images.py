@@ -119,7 +119,8 @@ def load_dataset(args, transform):
         return Subset(full, tr.tolist()), Subset(full, te.tolist()), full.labels[tr], full.labels[te], \
             [str(c) for c in range(10)]
     if root is None:
-        raise DataError(f"--dataset {name} needs --data-dir (where the dataset is, or goes with --download)")
+        raise DataError(f"--dataset {name} needs --data-dir (where the dataset is"
+                        + (", or goes with --download)" if name == "cifar100" else ")"))
     if name == "cifar100":
         _fixed_split(args, "CIFAR-100")
         from torchvision.datasets import CIFAR100
@@ -456,7 +457,10 @@ def _check_model(base, head: str, task, args) -> None:
     """What would fail only after a method trained: targets that match nothing, a rank too large
     for a targeted layer, a forward that fails at this image size. One batch goes through."""
     from .nn import select_targets
-    chosen = [n for n in select_targets(base, args.targets) if n != head]
+    chosen = select_targets(base, args.targets)
+    if head in chosen:
+        raise DataError(f"--targets {args.targets} names the classifier {head!r}, which every method trains in full "
+                        f"(or replaces by prototypes); target the layers before it")
     if not chosen:
         from .nn import _candidates
         raise DataError(f"--targets {args.targets}: no nn.Linear of the model matches; its layers by type: "

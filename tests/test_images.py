@@ -60,8 +60,7 @@ def test_folder_protocol_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         if "clora_project" in self.folder and i == 1:
             raise KeyboardInterrupt
     monkeypatch.setattr(im._Checkpoint, "save", dies)
-    with pytest.raises(KeyboardInterrupt):
-        cc.main(argv + ["--out", str(tmp_path / "part")])
+    assert cc.main(argv + ["--out", str(tmp_path / "part")]) == 130
     monkeypatch.setattr(im._Checkpoint, "save", real)
     capsys.readouterr()
     assert cc.main(argv + ["--out", str(tmp_path / "part"), "--resume"]) == 0
@@ -114,7 +113,7 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
              "--data-seed 1: CIFAR-100 comes with its own train/test split")
     _refused(["--dataset", "folder", "--no-progress"], capsys, "needs --data-dir")
     _refused(["--dataset", "mnist5k", "--model", "resnet18", "--no-progress"], capsys, "uses its own backbone")
-    _refused(["--data-dir", str(data), "--no-progress"], capsys, "only for the image datasets")
+    _refused(["--data-dir", str(data), "--no-progress"], capsys, "argument --data-dir: only for --dataset mnist5k")
 
 
 def test_resume_refuses_other_settings(tmp_path, capsys):
@@ -124,6 +123,12 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     _refused(argv, capsys, "holds a run already; pass --resume")
     _refused([a if a != "32" else "48" for a in argv] + ["--resume"], capsys, "other settings (image_size")
     assert cc.main(argv + ["--resume"]) == 0                   # complete: nothing left to train
+    # a resume that runs another method keeps the run's results of the earlier ones in results.json
+    other = [a if a != "simple_cil" else "seq_lora" for a in argv] + ["--resume", "--json", str(tmp_path / "o.json")]
+    assert cc.main(other) == 0
+    assert set(json.loads((tmp_path / "run" / "results.json").read_text())["methods"]) == {"simple_cil", "seq_lora"}
+    assert set(json.loads((tmp_path / "o.json").read_text())["methods"]) == {"seq_lora"}     # (this command's)
+    capsys.readouterr()
     # a resume on another backbone (a rebuilt pre-training cache, other weights) is refused; a run from
     # before the fingerprint is resumed with a word that it cannot be checked
     run_json = tmp_path / "run" / "run.json"

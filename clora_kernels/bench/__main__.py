@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from .. import _cli, available_backends
-from .._io import provenance, write_json_atomic
+from .._io import parent_made, provenance, write_json_atomic
 from .core import BASELINES, DTYPES, ENGINE, build_variant, floor_ratio, flops_bytes, geomean, graph_sets, \
     make_case, measure_ceilings, peak_mem, time_graph_us, time_us, usable_for_timing
 from .shapes import RANKS, suite_shapes
@@ -83,6 +83,11 @@ def run(args) -> dict:
         widest = max(min(s.k, s.n) for s in suite_shapes(args.suite, [1], args.size_div))
         raise ValueError(f"argument --rank: {args.rank} fits no layer of the {args.suite} suite at --size-div "
                          f"{args.size_div} (the rank must be <= min(K, N), at most {widest} here)")
+    for one in suite_shapes(args.suite, [1], args.size_div):      # the layers a rank does not fit: named
+        for r in args.rank:
+            if r > min(one.k, one.n):
+                print(f"clora-bench: skipping {one.layer} at rank {r}: rank > min(K, N) = {min(one.k, one.n)} at "
+                      f"--size-div {args.size_div}", file=sys.stderr)
     if args.cuda_graphs and device.type != "cuda":
         raise ValueError("argument --cuda-graphs: needs a CUDA device")
     variants, skipped = _select_variants(args.backends, device)
@@ -98,6 +103,7 @@ def run(args) -> dict:
                       "torch.utils.benchmark wall clock, median; best of 3 interleaved rounds")
     meta["ceilings"] = measure_ceilings(device, dtype)
     meta["skipped"] = {n: w for n, w in skipped}
+    meta["failed"] = failed = []      # "variant at shape: error", one per failure (main exits 1 if any)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
     compiled: dict = {}
@@ -127,6 +133,7 @@ def run(args) -> dict:
                     else:
                         built[name] = (step, reset, float("inf"))
             except Exception as exc:   # one variant failing must not hide the others
+                failed.append(f"{name} at {shape}: {type(exc).__name__}: {exc}")
                 print(f"clora-bench: {name} failed at {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
         # timed in rounds, every variant once per round in alternating order, best round kept: on a
         # shared CPU a variant timed alone can meet a slow stretch (the same plan measured 10-30 %
@@ -139,6 +146,7 @@ def run(args) -> dict:
                     with ctx():
                         built[name] = (step, reset, min(best, time_us(step, device, reset, args.rep_ms // rounds)))
                 except Exception as exc:
+                    failed.append(f"{name} at {shape}: {type(exc).__name__}: {exc}")
                     print(f"clora-bench: {name} failed at {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
                     built.pop(name)
         rows = {}
@@ -163,6 +171,7 @@ def run(args) -> dict:
         del case, graph_cases
         if args.json:   # written after every shape: an interrupted run keeps what it measured
             write_json_atomic(args.json, {"meta": meta, "results": results})
+            args.written = len(results)
     return {"meta": meta, "results": results}
 
 
@@ -279,19 +288,22 @@ def plot(data, path) -> None:
     axes.set_title(f"C-LoRA linear, {m['dtype']}, {m.get('gpu') or m['device']}, torch {m['torch']}")
     axes.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(parent_made(path), dpi=120)
     plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clora-bench", description=__doc__,
                                  formatter_class=_cli.Help)
-    ap.add_argument("--suite", choices=["quick", "vit", "llm", "full"], default="quick")
-    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--suite", choices=["quick", "vit", "llm", "full"], default="quick",
+                    help="shapes: quick (four layers), vit (ViT-B/L), llm (LLaMA-class), full (vit and llm)")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                    help="auto: CUDA when torch sees a GPU, else CPU")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--rank", type=_cli.positive_int, nargs="+", default=None,
                     help=f"ranks (default {list(RANKS)}; quick: 16)")
-    ap.add_argument("--pass", dest="passes", choices=["fwd", "fwd+bwd", "both"], default="fwd")
+    ap.add_argument("--pass", dest="passes", choices=["fwd", "fwd+bwd", "both"], default="fwd",
+                    help="the forward alone, forward and backward, or both")
     ap.add_argument("--backends", nargs="+", default=None,
                     help=f"variants to time (default: every usable one of {list(BASELINES) + list(ENGINE)})")
     ap.add_argument("--json", default=None, help="write {meta, results} here")
@@ -320,11 +332,10 @@ def main(argv=None) -> int:
             raise
         ap.error(str(exc))
     except KeyboardInterrupt:
-        print("clora-bench: interrupted" + (f"; the shapes measured so far are in {args.json}" if args.json else ""),
-              file=sys.stderr)
+        where = "" if not args.json else f"; the shapes measured so far are in {args.json}" \
+            if getattr(args, "written", 0) else f"; no shape was finished, {args.json} was not written by this run"
+        print("\nclora-bench: interrupted" + where, file=sys.stderr)
         return 130
-    if args.plot:
-        plot(data, args.plot)
     m = data["meta"]
     print(f"\n{m['command']}\ndevice {m.get('gpu') or m['device']}  torch {m['torch']}  triton {m['triton']}"
           f"  peft {m['peft']}  dtype {m['dtype']}  {m['date']}\ntiming: {m['timing']}")
@@ -332,6 +343,16 @@ def main(argv=None) -> int:
         print(f"measured ceilings: GEMM {m['ceilings']['gemm_tflops']:.0f} TFLOP/s, copy {m['ceilings']['copy_gbps']:.0f} GB/s")
     print(table(data))
     print("\n".join(summarize(data)))
+    if args.plot:           # after the table: a plot that cannot be written loses nothing else
+        try:
+            plot(data, args.plot)
+        except OSError as exc:
+            print(f"clora-bench: the plot could not be written to {args.plot} ({exc})", file=sys.stderr)
+            return 1
+    if m["failed"]:
+        print(f"clora-bench: {len(m['failed'])} run(s) failed (above; the JSON's meta.failed lists them)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
