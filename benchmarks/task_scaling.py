@@ -132,6 +132,9 @@ def run(method: str, args) -> list:
     for t in range(1, max(args.checkpoints) + 1):
         x = torch.randn(args.batch, args.tokens, args.hidden, generator=g)
         y = torch.randint(0, 2, (args.batch,), generator=g)
+        if method == "dual_lora":           # its residual adapter's subspace: the task's inputs, before it trains
+            with torch.no_grad(), baselines.observe_new_inputs(model):
+                model(x)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=1e-3)
         times = []

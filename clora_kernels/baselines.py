@@ -157,6 +157,7 @@ class DualLoRALinear(_BaselineLinear):
         self.register_buffer("bases", torch.zeros(k, 0, **kw))
         self.register_buffer("task_bases", torch.zeros(k, 0, **kw))     # M_t: the current task's own directions
         self.tasks_done = 0
+        self.begun = False          # begin_task ran for the task now training
         self._gram, self._observing = None, False
 
     def _outside(self, t: Tensor) -> Tensor:     # t (I − M Mᵀ), rows of t in input space
@@ -207,12 +208,17 @@ class DualLoRALinear(_BaselineLinear):
         grown = grow_input_basis(self.bases.double(), self._gram, self.energy)
         self.task_bases = grown[:, k:].to(self.bases.dtype).contiguous()
         self._gram = None
+        self.begun = True
 
     @torch.no_grad()
     def next_task(self) -> None:
         if self._gram is None:
             raise ValueError("DualLoRALinear.next_task: no inputs were observed for the task that ended; run a pass "
                              "over its data inside `with observe_inputs(model):` first")
+        if not self.begun:
+            raise ValueError("DualLoRALinear.next_task: begin_task did not run before the task trained, so its "
+                             "residual adapter had no subspace and did not train; run a pass over the task's data "
+                             "inside `with observe_new_inputs(model):` before training it")
         self.lora_A_old.copy_(self.orthogonal_A())
         self.lora_A.zero_()
         self.res_A_old.copy_(self.residual_A())
@@ -220,6 +226,7 @@ class DualLoRALinear(_BaselineLinear):
         self.bases = grow_input_basis(self.bases.double(), self._gram, self.energy).to(self.bases.dtype).contiguous()
         self.task_bases = self.bases.new_zeros(self.bases.shape[0], 0)
         self._gram = None
+        self.begun = False
         self.tasks_done += 1
         self.lora_B.requires_grad_(False)         # from the second task on, only the A factors' new directions move
         self.res_B.requires_grad_(False)
@@ -229,7 +236,8 @@ class DualLoRALinear(_BaselineLinear):
     def task_state(self) -> dict:
         """Everything a resumed run needs (`load_task_state`), on CPU."""
         names = ("lora_A", "lora_B", "res_A", "res_B", "lora_A_old", "res_A_old", "bases", "task_bases")
-        return {"tasks_done": self.tasks_done, **{n: getattr(self, n).detach().cpu().clone() for n in names}}
+        return {"tasks_done": self.tasks_done, "begun": self.begun,
+                **{n: getattr(self, n).detach().cpu().clone() for n in names}}
 
     @torch.no_grad()
     def load_task_state(self, state: dict) -> None:
@@ -241,6 +249,7 @@ class DualLoRALinear(_BaselineLinear):
         self.bases = state["bases"].to(self.bases).contiguous()
         self.task_bases = state["task_bases"].to(self.bases).contiguous()
         self.tasks_done = int(state["tasks_done"])
+        self.begun = bool(state.get("begun", False))
         first = self.tasks_done == 0
         self.lora_B.requires_grad_(first)
         self.res_B.requires_grad_(first)

@@ -737,7 +737,8 @@ def build_parser():
     ap.add_argument("--quick", action="store_true",
                     help="reduced run: 4 epochs per task and seeds 0 1 on digits, 1 epoch and seed 0 elsewhere "
                          "(--epochs and --seeds, where given, win)")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="the methods to run, each with every seed")
     ap.add_argument("--setting", choices=SETTINGS, default="class-il",
                     help="class-il: predict among every class seen; task-il: the task is given")
     ap.add_argument("--classifier", choices=CLASSIFIERS, default=None,
@@ -759,11 +760,12 @@ def build_parser():
     ap.add_argument("--protect-energy", type=_cli.fraction, default=0.9, help="hard mode's routing energy")
     ap.add_argument("--project-energy", type=_cli.fraction, default=0.99,
                     help="clora_project and dual_lora: the energy their protected subspaces hold")
-    ap.add_argument("--grad-through-old-route", action="store_true")
+    ap.add_argument("--grad-through-old-route", action="store_true",
+                    help="C-LoRA: lora_A / lora_B also get the old route's gradient (the paper's stop-gradient off)")
     ap.add_argument("--pretrain-epochs", type=_cli.positive_int, default=15,
                     help="digits: epochs of the MLP's pre-training")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--plot", default=None)
+    ap.add_argument("--json", default=None, help="write {meta, methods} here, after every method")
+    ap.add_argument("--plot", default=None, help="draw each method's accuracy matrix here (.png, .pdf, .svg)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (none are shown when stderr is not a terminal)")
     ap.add_argument("--markdown", action="store_true", help="print the table as the README's markdown")
     return ap
@@ -819,11 +821,22 @@ def _fill_defaults(args) -> None:
     args.classifier = args.classifier or default_classifier(args.setting)
 
 
+_UNSET = object()
+
+
+def _given(argv) -> set:
+    """The options on the command line (their dests), a value equal to the default included: the
+    same parse with every default replaced by a sentinel."""
+    probe = build_parser()
+    probe.set_defaults(**{a.dest: _UNSET for a in probe._actions if a.dest != "help"})
+    return {k for k, v in vars(probe.parse_args(argv)).items() if v is not _UNSET}
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     args.argv = argv
-    given = {k for k, v in vars(args).items() if k != "argv" and v != ap.get_default(k)}
+    given = _given(argv)
     _fill_defaults(args)
     images = args.dataset != "digits"
     text_flags = (("--language", "language"), ("--per-class-train", "per_class_train"),
@@ -847,8 +860,9 @@ def main(argv=None) -> int:
                             ("--workers", args.workers or None), ("--device", args.device if args.device != "auto"
                                                                   and args.device != "cpu" else None)):
             if value is not None:
-                kinds = IMAGE_DATASETS + (() if flag in ("--data-dir", "--download", "--pretrained", "--image-size")
-                                          else ("wiki-topics",))
+                timm = ("cifar100", "imagenet-r", "folder")       # (mnist5k brings its data and backbone)
+                kinds = timm if flag in ("--data-dir", "--download", "--pretrained", "--image-size") else \
+                    timm + ("wiki-topics",) if flag == "--model" else IMAGE_DATASETS + ("wiki-topics",)
                 ap.error(f"argument {flag}: only for --dataset {' / '.join(kinds)}")
         if args.tasks not in (None, 5):
             ap.error(f"argument --tasks: the digits protocol has 5 tasks of 2 classes, got {args.tasks}")
@@ -905,7 +919,7 @@ def _interrupted(args, done: list) -> int:
     else:
         what = f"{len(done)} method(s) had finished; nothing is written without --json"
     resume = "; rerun the same command with --resume to continue from the last finished task" \
-        if getattr(args, "out", None) else ""
+        if getattr(args, "out", None) and os.path.isfile(os.path.join(args.out, "run.json")) else ""
     print(f"\nclora-continual: interrupted; {what}{resume}", file=sys.stderr)
     return 130
 
@@ -963,10 +977,15 @@ def _main_images(ap, args, done: list) -> int:
         write_json_atomic(os.path.join(args.out, "run.json"), {"result_key": _result_key(args), "backbone": backbone,
                                                               "meta": meta})
 
-    kept = {}       # a resumed run's results.json keeps the methods this command does not rerun
+    kept = {}       # a resumed run's results.json keeps the methods this command does not rerun (same seeds)
     if args.out and args.resume and os.path.isfile(os.path.join(args.out, "results.json")):
         import json
-        kept = json.load(open(os.path.join(args.out, "results.json"))).get("methods", {})
+        saved = json.load(open(os.path.join(args.out, "results.json")))
+        if saved.get("meta", {}).get("seeds") == args.seeds:
+            kept = saved.get("methods", {})
+        else:
+            print(f"clora-continual: {args.out}/results.json held seeds {saved.get('meta', {}).get('seeds')}; it "
+                  f"now holds this command's methods alone, on seeds {args.seeds}", file=sys.stderr)
 
     def save(methods, protocol):
         meta.update(protocol)

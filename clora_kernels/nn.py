@@ -400,10 +400,15 @@ class CLoRALinear(nn.Linear):
         with _requires_grad_kept(self):
             self.__dict__["_loading"] = (state_dict, prefix)   # what set_extra_state (called last) asks of
             try:
+                errors = len(error_msgs)
                 self._load_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                  error_msgs)
-                if prefix + "weight" in state_dict and prefix + "_extra_state" not in state_dict:
-                    self._set_merged(False)     # a plain layer's weight (nn.Linear's checkpoint): no adapter in it
+                # a plain layer's weight (nn.Linear's checkpoint: no adapter, no task state) holds no adapter;
+                # a state with the adapter but no task state (safetensors drops it) says nothing of merging
+                plain = prefix + "weight" in state_dict and not any(
+                    prefix + name in state_dict for name in ("_extra_state", "lora_A", "lora_B", "routing_delta"))
+                if plain and len(error_msgs) == errors:     # (a weight the load refused is still the old one)
+                    self._set_merged(False)
             finally:
                 self.__dict__.pop("_loading", None)
 

@@ -302,6 +302,10 @@ def _main(argv) -> int:
         with torch.inference_mode():
             try:
                 table = profile_breakdown(variants[name], x, device, max(args.top, 1), args.trace)
+            except KeyboardInterrupt:
+                print(f"\nclora-profile: interrupted while profiling {name}"
+                      + (f"; the timed runs are in {args.json}" if args.json and rows else ""), file=sys.stderr)
+                return 130
             except OSError as exc:
                 print(f"clora-profile: the trace could not be written to {args.trace} ({exc})", file=sys.stderr)
                 return 1

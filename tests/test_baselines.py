@@ -146,6 +146,7 @@ def test_dual_lora_orthogonal_adapter_keeps_earlier_inputs_exactly_in_their_span
     torch.manual_seed(seed)
     layer = DualLoRALinear(nn.Linear(12, 10).double(), rank=3, alpha=6, energy=1.0)
     x0 = torch.randn(40, 5, dtype=torch.float64) @ torch.randn(5, 12, dtype=torch.float64)
+    _begin(layer, x0)
     _train(layer, x0)
     _boundary(layer, x0)
     assert layer.bases.shape == (12, 5)
@@ -154,6 +155,7 @@ def test_dual_lora_orthogonal_adapter_keeps_earlier_inputs_exactly_in_their_span
     x1 = torch.randn(40, 12, dtype=torch.float64)
     new_before = _orthogonal_out(layer, x1).detach()
     for _ in range(2):
+        _begin(layer, x1)
         _train(layer, x1)
         _boundary(layer, x1)
     assert rel_err(_orthogonal_out(layer, x0), kept) < 1e-10
@@ -167,6 +169,7 @@ def test_dual_lora_orthogonal_drift_is_within_the_energy_bound(seed):
     torch.manual_seed(seed)
     layer = DualLoRALinear(nn.Linear(16, 9).double(), rank=4, energy=0.9)
     x0 = torch.randn(60, 16, dtype=torch.float64) * torch.linspace(3, 0.1, 16, dtype=torch.float64)
+    _begin(layer, x0)
     _train(layer, x0)
     _boundary(layer, x0)
     m = layer.bases
@@ -231,6 +234,11 @@ def test_dual_lora_refusals():
         DualLoRALinear(nn.Linear(4, 4), rank=2).next_task()
     with pytest.raises(ValueError, match="no inputs were observed for the task that begins"):
         DualLoRALinear(nn.Linear(4, 4), rank=2).begin_task()
+    layer = DualLoRALinear(nn.Linear(4, 4), rank=2)     # trained without begin_task: its residual did not train
+    with torch.no_grad(), observe_inputs(layer):
+        layer(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="begin_task did not run before the task trained"):
+        layer.next_task()
     with pytest.raises(ValueError, match="no 'task_bases'"):
         layer = DualLoRALinear(nn.Linear(4, 4), rank=2)
         layer.load_task_state({k: v for k, v in layer.task_state().items() if k != "task_bases"})

@@ -226,6 +226,7 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys):
                        (["--features", "concat", "--classifier", "linear"], "--features"),
                        (["--targets", "fc1", "head"], "--targets: ['fc1', 'head'] names the classifier"),
                        (["--language", "fr-fr"], "--language: only for --dataset wiki-topics"),
+                       (["--language", "en-us"], "--language: only for --dataset wiki-topics"),     # (its default)
                        (["--max-tokens", "3"], "--max-tokens: only for --dataset wiki-topics"),
                        (["--dataset", "wiki-topics", "--no-pretrained"], "--pretrained/--no-pretrained: not for"),
                        (["--dataset", "wiki-topics", "--image-size", "32"], "--image-size: not for"),

@@ -113,7 +113,8 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
              "--data-seed 1: CIFAR-100 comes with its own train/test split")
     _refused(["--dataset", "folder", "--no-progress"], capsys, "needs --data-dir")
     _refused(["--dataset", "mnist5k", "--model", "resnet18", "--no-progress"], capsys, "uses its own backbone")
-    _refused(["--data-dir", str(data), "--no-progress"], capsys, "argument --data-dir: only for --dataset mnist5k")
+    _refused(["--data-dir", str(data), "--no-progress"], capsys, "argument --data-dir: only for --dataset cifar100 / "
+             "imagenet-r / folder")
 
 
 def test_resume_refuses_other_settings(tmp_path, capsys):
@@ -129,6 +130,13 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert set(json.loads((tmp_path / "run" / "results.json").read_text())["methods"]) == {"simple_cil", "seq_lora"}
     assert set(json.loads((tmp_path / "o.json").read_text())["methods"]) == {"seq_lora"}     # (this command's)
     capsys.readouterr()
+    # on other seeds the earlier entries would stand under this run's meta.seeds: they are not kept
+    seeds1 = list(other)
+    seeds1[seeds1.index("--seeds") + 1] = "1"
+    assert cc.main(seeds1) == 0
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(saved["methods"]) == {"seq_lora"} and saved["meta"]["seeds"] == [1]
+    assert "held seeds [0]" in capsys.readouterr().err
     # a resume on another backbone (a rebuilt pre-training cache, other weights) is refused; a run from
     # before the fingerprint is resumed with a word that it cannot be checked
     run_json = tmp_path / "run" / "run.json"
@@ -143,6 +151,18 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     # its run.json gone, the checkpoints stay: a new run there was refused by nothing and continued them
     run_json.unlink()
     _refused(argv, capsys, "holds checkpoints of an earlier run")
+
+
+def test_interrupt_before_the_run_exists_gives_no_resume_hint(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the data or the backbone loads: no run.json yet, so no hint to --resume (which
+    would be refused)."""
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(im, "prepare", interrupted)
+    data = _folder(tmp_path / "data")
+    assert cc.main(ARGS + ["--data-dir", str(data), "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" not in err and "Traceback" not in err
 
 
 def test_checkpoint_keeps_the_gpu_generator(tmp_path, monkeypatch):

@@ -534,6 +534,16 @@ def test_a_plain_weight_loaded_into_a_merged_layer_leaves_it_unmerged(seed):
     assert torch.equal(layer(x), fresh(x))
     layer.unmerge()
     assert torch.equal(layer.weight, base.weight)
+    # not so a state that holds the adapter without the task state (safetensors refuses that dict),
+    # nor a weight the load refused (the layer's weight is still its merged one)
+    layer = _trained(CLoRALinear(12, 20, rank=4))
+    x_out = layer(x).detach()
+    layer.merge()
+    layer.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "_extra_state"}, strict=False)
+    assert layer.merged and rel_err(layer(x), x_out) < 1e-5
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict({"weight": torch.zeros(20, 13)}, strict=False)
+    assert layer.merged and rel_err(layer(x), x_out) < 1e-5
 
 
 @pytest.mark.parametrize("how", ["prune", "parametrize"])
@@ -562,6 +572,16 @@ def test_merge_refuses_a_computed_weight(seed, how):
     assert torch.equal(net(x), y)
     ck.merge(nn.Sequential(net[0]))               # (a layer with a stored weight still merges)
     assert net[0].merged
+    # merged before the weight became computed: unmerge refuses too, every layer left as it was
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    ck.inject_clora(net, target_modules=("0", "1"), rank=2)
+    ck.merge(net)
+    import torch.nn.utils.prune as prune
+    prune.identity(net[1], "weight")
+    for call in (ck.unmerge, lambda n: ck.disable_adapter(n).__enter__(), lambda n: n[1].unmerge()):
+        with pytest.raises(ValueError, match=r"unmerge: this layer's weight is computed"):
+            call(net)
+        assert net[0].merged and net[1].merged and net[0].adapter_enabled
 
 
 class _Double(nn.Module):

@@ -8,6 +8,7 @@ import os
 import warnings
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 from clora_kernels.backends.triton import tune  # noqa: E402
@@ -26,6 +27,14 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "_warned", set())
     monkeypatch.setattr(tune, "_loaded", tune._loaded)
     return tmp_path / "triton-plans.json"
+
+
+def test_a_cached_float16_merge_plan_is_not_served():
+    """A plan file from before float16 lost the per-call merged weight (it can overflow there) may
+    hold a `merge` plan for float16 x: it is timed again, not served; other dtypes and plans are."""
+    x16, x32 = torch.empty(512, 64, dtype=torch.float16), torch.empty(512, 64)
+    assert not tune.still_allowed(Plan("merge"), x16)
+    assert tune.still_allowed(Plan("merge"), x32) and tune.still_allowed(GOOD["fused"], x16)
 
 
 def test_round_trip_of_every_strategy(cache):

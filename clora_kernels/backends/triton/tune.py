@@ -274,6 +274,12 @@ def _disk_key(key: PlanKey, device) -> str:
             f"auto{int(key.auto)}|tma{int(key.tma)}|t{int(key.need_t)}")
 
 
+def still_allowed(plan: Plan, x) -> bool:
+    """Whether a plan read from the file may serve the operand x now: a `merge` plan tuned before
+    float16 lost it (`auto.merge_allowed`) is timed again, not served."""
+    return plan.strategy != "merge" or merge_allowed(x.shape[0], x.shape[1], x.dtype)
+
+
 def _key(kind: str, auto: bool, x, w, a, bias, proj, need_t: bool = True) -> PlanKey:
     m, k = x.shape
     return PlanKey(kind, x.dtype, _bucket(m), w.shape[0], k, a.shape[1], bias is not None, proj is not None, auto,
@@ -296,6 +302,8 @@ def plan_for(kind: str, auto: bool, x, w, a, b, r_old, r_delta, proj, bias, scal
         if not _loaded:
             _load()
         plan = _disk.get(_disk_key(key, x.device))
+    if plan is not None and not still_allowed(plan, x):     # (a plan file written under an older rule)
+        plan = None
     if plan is not None:
         _plans[key] = plan
         return plan
