@@ -136,7 +136,7 @@ class PerTaskLoRALinear(_BaselineLinear):
 class DualLoRALinear(_BaselineLinear):
     """A frozen nn.Linear with DualLoRA's orthogonal and residual adapters (module docstring).
     `begin_task()` before a task trains takes the task's own input directions outside the earlier
-    tasks' bases (the residual adapter's subspace, from a pass inside `observe_inputs`);
+    tasks' bases (the residual adapter's subspace, from a pass inside `observe_new_inputs`);
     `next_task()` at its end folds both adapters' trained deltas (the output is unchanged), grows the
     bases from the inputs observed after training and freezes B_o and B_r after the first task."""
 
