@@ -540,7 +540,7 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
             per_seed.append(rows)
             seconds.append(before + time.perf_counter() - began)      # a resumed run counts its earlier tasks
             extra.append(cc._extra_floats(model, classifier, head, reference))
-        methods[method] = cc.summarize(method, per_seed, seconds, extra, len(tasks), cc.task_test_sizes(tasks))
+        methods[method] = cc.summarize(method, per_seed, seconds, extra, len(tasks), meta["test_sizes"])
         if on_method:
             on_method(methods, meta)
     return methods, meta
