@@ -661,13 +661,15 @@ def summarize(method: str, per_seed: list, seconds: list, extra: list, t: int, s
     return out
 
 
-def plot_matrices(methods: dict, path: str) -> None:
+def plot_matrices(methods: dict, path: str) -> bool:
+    """Each method's accuracy matrix, side by side, written to `path`; False (nothing written) where
+    no method has one (joint alone)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [n for n in methods if "acc_matrix" in methods[n]]
     if not names:               # joint alone has no sequence to draw
-        return
+        return False
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         m = methods[name]["acc_matrix"]
@@ -684,6 +686,7 @@ def plot_matrices(methods: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(parent_made(path), dpi=120)
     plt.close(fig)
+    return True
 
 
 def build_parser():
@@ -1016,15 +1019,13 @@ def _report(args, meta, methods, what: str) -> int:
             print(f"{name:14s} " + " ".join(f"{c:>16s}" for c in cells) +
                   f" {m['seconds']['mean']:7.1f} {m['extra_floats']:12d}")
     if args.plot:           # after the table: a plot that cannot be written loses nothing else
-        if not any("acc_matrix" in m for m in methods.values()):
-            print(f"clora-continual: no plot written to {args.plot}: joint alone has no accuracy matrix to draw",
-                  file=sys.stderr)
-        else:
-            try:
-                plot_matrices(methods, args.plot)
-            except OSError as exc:
-                print(f"clora-continual: the plot could not be written to {args.plot} ({exc})", file=sys.stderr)
-                return 1
+        try:
+            if not plot_matrices(methods, args.plot):
+                print(f"clora-continual: no plot written to {args.plot}: joint alone has no accuracy matrix to draw",
+                      file=sys.stderr)
+        except OSError as exc:
+            print(f"clora-continual: the plot could not be written to {args.plot} ({exc})", file=sys.stderr)
+            return 1
     return 0
 
 

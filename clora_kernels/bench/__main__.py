@@ -79,11 +79,12 @@ def run(args) -> dict:
     if args.size_div is None:   # full-size shapes take minutes per call on a 2-core CPU
         args.size_div = 1 if device.type == "cuda" else 8
     shapes = suite_shapes(args.suite, args.rank, args.size_div)
+    layers = suite_shapes(args.suite, [1], args.size_div)        # every layer, for what a rank does not fit
     if not shapes:
-        widest = max(min(s.k, s.n) for s in suite_shapes(args.suite, [1], args.size_div))
+        widest = max(min(s.k, s.n) for s in layers)
         raise ValueError(f"argument --rank: {args.rank} fits no layer of the {args.suite} suite at --size-div "
                          f"{args.size_div} (the rank must be <= min(K, N), at most {widest} here)")
-    for one in suite_shapes(args.suite, [1], args.size_div):      # the layers a rank does not fit: named
+    for one in layers:          # the layers a rank does not fit: named
         for r in args.rank:
             if r > min(one.k, one.n):
                 print(f"clora-bench: skipping {one.layer} at rank {r}: rank > min(K, N) = {min(one.k, one.n)} at "
