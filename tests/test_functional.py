@@ -96,6 +96,29 @@ def test_partial_gradients(seed, trainable):
             assert inp[name].grad is None, name
 
 
+@pytest.mark.parametrize("frozen_grad", [None, "weight", "routing_old", "projection"])
+def test_nothing_to_differentiate_skips_autograd(monkeypatch, seed, frozen_grad):
+    """Grad mode on, but no operand requiring a gradient (an eval loop without no_grad): the call takes
+    the no-grad path (no autograd.Function), with the no-grad result. An operand that gets no gradient
+    but requires one (weight, routing_old, projection) still makes y require one, as before."""
+    from clora_kernels.backends import ops
+    inp = cast_inputs(make_inputs(6, 24, 40, 4, hard=True), torch.float64, requires_grad=False)
+    with torch.no_grad():
+        want = call(clora_linear, inp)
+    assert rel_err(want, oracle(inp)[0]) < TOL[torch.float64]
+    applied = []
+    real = ops._EagerLinear.apply
+    monkeypatch.setattr(ops._EagerLinear, "apply", lambda *a: applied.append(1) or real(*a))
+    if frozen_grad is not None:
+        inp[frozen_grad].requires_grad_(True)
+    y = call(clora_linear, inp)
+    assert torch.equal(y, want)
+    assert y.requires_grad == bool(applied) == (frozen_grad is not None)
+    if frozen_grad is not None:
+        y.sum().backward()
+        assert inp[frozen_grad].grad is None
+
+
 @pytest.mark.parametrize("dtype,step", [(torch.bfloat16, 2.0 ** -7), (torch.float32, 2.0 ** -20)])
 def test_lora_b_gradient_rounds_like_the_plain_formula(seed, dtype, step):
     """lora_B's gradient s·gᵀ(t R_train) where t R_train cancels over r: t = (1, 1 + step) is exact

@@ -250,12 +250,21 @@ class _EagerLinear(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+def _graph_free(x, weight, bias, lora_a, routing_old, projection) -> bool:
+    """Whether none of these operands requires a gradient (`linear` asks it after lora_b and
+    routing_delta): then autograd records nothing for the call, and y requires no gradient, whichever
+    path computes it. weight, routing_old and projection get no gradient, but one that requires it
+    still makes y require one, as the Function's output does."""
+    return not (x.requires_grad or lora_a.requires_grad or weight.requires_grad or routing_old.requires_grad
+                or (bias is not None and bias.requires_grad) or (projection is not None and projection.requires_grad))
+
+
 def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
            grad_through_old_route, backend):
     """y = clora::linear_fwd's y with autograd, for x of shape (*, K) (validated: `functional`), the one
     dispatch of every call: the registered op while torch.compile / export traces; the formula in
-    plain torch ops under torch.func and the TorchScript tracer; with grad mode off, where autograd
-    would record nothing, the implementation itself; else `_EagerLinear` (same implementation and
+    plain torch ops under torch.func and the TorchScript tracer; with grad mode off, or no operand
+    requiring a gradient, where autograd would record nothing, the implementation itself; else `_EagerLinear` (same implementation and
     formula as the op, a fraction of the host cost). Decides need_t: t = x·lora_Aᵀ is read only by
     the gradients of lora_B and routing_delta, so without them (inference, or a frozen adapter) a
     backend may skip it. The tests after torch.compiler.is_compiling (which the compiler must see)
@@ -283,7 +292,9 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
         # weight, routing_old and projection)
         y = _frozen_formula(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                             grad_through_old_route)
-    elif not grad:
+    elif not grad or (not need_t and _graph_free(x, weight, bias, lora_a, routing_old, projection)):
+        # grad mode on but no operand requiring a gradient (an eval loop without no_grad, a frozen
+        # layer, the bench's fwd rows) is the no-grad path too: autograd would record nothing
         y = _resolved_forward(*args[:9], *args[10:], pad_t=False)[0]
     else:
         y = _EagerLinear.apply(*args)
