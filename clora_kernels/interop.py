@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .functional import finite_number
-from .nn import CLoRALinear, _full, _like, _require_layers, _write_once
+from .nn import CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, set_tensors, tensor_at
 from .reference import folded_lora_B
 
 _PREFIX = "base_model.model."
@@ -110,25 +110,42 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1.0)   # scaling = alpha / r
     saved_modules = config.get("modules_to_save") or []
     own = dict(model.named_parameters(remove_duplicate=False))
-    found, whole = {}, {}
+    own.update(model.named_buffers(remove_duplicate=False))
+    found, whole, skipped = {}, {}, {}
+    layer_names = {n for n, _ in layers}
     for key, value in tensors.items():
         name, _, kind = key.removeprefix(_PREFIX).rpartition(".lora_")
         if key.startswith(_PREFIX) and kind in ("A.weight", "B.weight"):
             found.setdefault(name, {})["lora_" + kind[0]] = value
             continue
         param = key.removeprefix(_PREFIX)
-        module = param.rpartition(".")[0]
-        if not (key.startswith(_PREFIX) and any(module == s or module.endswith("." + s) for s in saved_modules)):
+        layer, _, base = param.rpartition(".base_layer.")
+        if key.startswith(_PREFIX) and layer in layer_names and base in ("weight", "bias"):
+            skipped[param] = (layer, base, value)       # PEFT's save_embedding_layers: the base, checked below
+            continue
+        if not (key.startswith(_PREFIX) and _saved_module(param, saved_modules)):
             raise ValueError(f"{directory}: tensor {key!r} is not a LoRA factor "
                              f"({_PREFIX}<module>.lora_A.weight / .lora_B.weight) nor part of modules_to_save "
                              f"{saved_modules}; not supported")
         if param not in own or tuple(own[param].shape) != tuple(value.shape):
             raise ValueError(f"{directory}: modules_to_save tensor {key!r} of shape {tuple(value.shape)} has no "
-                             f"parameter of that shape in the model"
+                             f"parameter or buffer of that shape in the model"
                              + (f" (the model's is {tuple(own[param].shape)})" if param in own else ""))
         whole[param] = value
-    names = {n for n, _ in layers}
-    missing, extra = sorted(names - set(found)), sorted(set(found) - names)
+    for param, (layer, base, value) in skipped.items():
+        mine = getattr(model.get_submodule(layer), base)
+        if mine is None or mine.is_meta or tuple(mine.shape) != tuple(value.shape) \
+                or not torch.equal(_full(mine).detach().cpu(), value.to(mine.dtype)):
+            raise ValueError(f"{directory}: the adapter holds a base {base} for layer {layer!r} ({param}, PEFT's "
+                             f"save_embedding_layers) that differs from the model's: load the adapter into the base "
+                             f"model it was trained on (with the same vocabulary size)")
+    if any(t.is_meta for _, m in layers for t in (m.weight, m.lora_A)) or any(own[p].is_meta for p in whole):
+        raise ValueError(f"{directory}: the model's tensors are on the meta device, where a load writes nothing: "
+                         f"materialise the model first (to_empty, then its base weights), then load the adapter")
+    if whole and _sharded(model):
+        raise ValueError(f"{directory}: the adapter stores whole modules (modules_to_save {saved_modules}), which "
+                         f"load_peft_adapter gives new tensors: load it before FSDP2 shards the model (fully_shard)")
+    missing, extra = sorted(layer_names - set(found)), sorted(set(found) - layer_names)
     if missing:
         raise ValueError(f"{directory}: the adapter has no factors for the model's C-LoRA layer(s) {missing[:8]}")
     if extra:
@@ -153,13 +170,36 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     with torch.no_grad():
         for name, m in layers:
             m.reset_adapter()
-            m.alpha, m.scaling = float(alpha), float(alpha) / m.rank
+            m.alpha = float(alpha)      # (and scaling = alpha / rank)
             m.lora_A.copy_(_like(m.lora_A, found[name]["lora_A"]))
             m.lora_B.copy_(_like(m.lora_B, found[name]["lora_B"]))
+        # the modules of modules_to_save get new tensors holding the saved values, beside the model's own
+        # (PEFT's ModulesToSaveWrapper: its trained copy of a module): a tied tensor (GPT-2's lm_head and
+        # wte) is untied, so its other module keeps the base's values, and disable_adapter computes with the
+        # originals. A later load starts from the originals (a module it does not store is the base's again)
+        set_tensors(model, model.__dict__.pop("_clora_originals", {}))
+        fresh = {}
         for param, value in whole.items():
-            own[param].copy_(_like(own[param], value))
+            mine = tensor_at(model, param)
+            value = value.to(device=mine.device, dtype=mine.dtype).clone()
+            fresh[param] = nn.Parameter(value, requires_grad=mine.requires_grad) if isinstance(mine, nn.Parameter) \
+                else value
+        if fresh:
+            model._clora_originals = set_tensors(model, fresh)
     # what save_peft_adapter stores again by default, as PEFT's own config keeps modules_to_save
-    model._clora_modules_to_save = sorted({param.rpartition(".")[0] for param in whole})
+    model._clora_modules_to_save = sorted({_saved_module(param, saved_modules) for param in whole})
+
+
+def _saved_module(path: str, entries) -> str:
+    """The module holding the tensor `path` (a name in the model) that an entry of modules_to_save names
+    (PEFT's rule: the module's name is the entry or ends with '.' + entry; the outermost such module,
+    whose whole state PEFT saves), or "" when none does."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        module = ".".join(parts[:i])
+        if any(module == s or module.endswith("." + s) for s in entries):
+            return module
+    return ""
 
 
 def _target_modules(model: nn.Module, names: list):
@@ -218,6 +258,8 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
                          f"a PEFT adapter written here has one r and one lora_alpha")
     (rank, alpha), = ranks
     saved = list(getattr(model, "_clora_modules_to_save", []) if modules_to_save is None else modules_to_save)
+    if "" in saved:
+        raise ValueError("save_peft_adapter: modules_to_save names the whole model (''); PEFT stores submodules")
     modules = dict(model.named_modules())
     unknown = [s for s in saved if s not in modules]
     if unknown:
@@ -235,6 +277,12 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
                          f"(requires_grad), which a PEFT LoRA adapter cannot hold (PEFT's bias='lora_only' is not "
                          f"written): freeze them (requires_grad_(False)), or keep the model's own format "
                          f"(clora_kernels.save_adapter with the model's state_dict)")
+    if "" in left_out:
+        own = [n for n, p in model.named_parameters(recurse=False) if p.requires_grad]
+        raise ValueError(f"save_peft_adapter: the model trains its own parameter(s) {own[:8]} (requires_grad), "
+                         f"outside any submodule, which a PEFT LoRA adapter cannot store (its modules_to_save are "
+                         f"submodules): freeze them (requires_grad_(False)), or keep the model's own format "
+                         f"(clora_kernels.save_adapter with the model's state_dict)")
     if left_out:
         raise ValueError(f"save_peft_adapter: the model trains parameters outside its adapters in {left_out[:8]}; "
                          f"pass modules_to_save={left_out[:8]!r} to store them with the adapter, or freeze them "
@@ -246,9 +294,10 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A).detach().to("cpu").contiguous()
             folded = folded_lora_B(_full(m.lora_B), m.routing())
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded.detach().to("cpu").contiguous()
-    for s in saved:
-        for p_name, p in modules[s].named_parameters():
-            tensors[f"{_PREFIX}{s}.{p_name}"] = _full(p).detach().to("cpu").contiguous()
+    for s in saved:     # the module's whole state (buffers too), as PEFT saves it; tied tensors stored apart
+        for p_name, p in modules[s].state_dict(keep_vars=True).items():
+            if isinstance(p, torch.Tensor):
+                tensors[f"{_PREFIX}{s}.{p_name}"] = _full(p).detach().to("cpu", copy=True).contiguous()
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
               "target_modules": _target_modules(model, [n for n, _ in layers]), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": all(m.fan_in_fan_out for _, m in layers), "use_rslora": False, "use_dora": False,

@@ -96,8 +96,7 @@ class CLoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.alpha = float(rank if alpha is None else alpha)
-        self.scaling = self.alpha / rank
+        self.alpha = float(rank if alpha is None else alpha)        # and scaling = alpha / rank (__setattr__)
         self.mode = mode
         self.protect_energy = float(protect_energy)
         self.grad_through_old_route = bool(grad_through_old_route)
@@ -163,8 +162,15 @@ class CLoRALinear(nn.Linear):
             current = self.__dict__["protection"]
             if value is not current and make_protection(value).config() != current.config():
                 self._set_protection(value)     # (the same policy, or an equal one, keeps its state)
-        else:
-            super().__setattr__(name, value)
+            return
+        # alpha and scaling = alpha / rank are one setting: writing either sets the other (as floats), so
+        # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
+        if name in ("alpha", "scaling") and "rank" in self.__dict__ and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            value, rank = float(value), self.__dict__["rank"]
+            other = ("scaling", value / rank) if name == "alpha" else ("alpha", value * rank)
+            self.__dict__[other[0]] = other[1]
+        super().__setattr__(name, value)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, rank: int = 16, alpha: Optional[float] = None, **kwargs) -> "CLoRALinear":
@@ -370,7 +376,8 @@ class CLoRALinear(nn.Linear):
     # ---- persistence ----------------------------------------------------------------------
     def get_extra_state(self):
         return {"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
-                "protection": self.protection.config(), "enforced": self.protection.enforced_fingerprint(self)}
+                "protection": self.protection.config(), "enforced": self.protection.enforced_fingerprint(self),
+                "alpha": float(self.alpha)}
 
     def set_extra_state(self, state) -> None:
         """The task state, from a state_dict load (which calls this after copying the tensors) or a caller."""
@@ -378,6 +385,8 @@ class CLoRALinear(nn.Linear):
         loaded = (lambda name: True) if loading is None else (lambda name: prefix + name in loading)
         self.task_index = int(state["task_index"])
         self.mode = state.get("mode", self.mode)
+        if "alpha" in state:        # (a state from before it was kept: the layer's own)
+            self.alpha = float(state["alpha"])      # and so scaling = alpha / rank
         if loaded("weight"):
             # the loaded weight replaces what an earlier merge of this layer remembered: a merged state's
             # unmerge takes out the loaded adapter's delta (as in a process that never merged). A state
@@ -722,20 +731,54 @@ def _layers_that_can(model: nn.Module, what: str, caller: str = "") -> list:
     return layers
 
 
+def tensor_at(model: nn.Module, name: str) -> Tensor:
+    """The parameter or buffer of `model` at the dotted name `name`."""
+    holder, _, attr = name.rpartition(".")
+    module = model.get_submodule(holder)
+    return module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+
+
+def set_tensors(model: nn.Module, tensors: dict) -> dict:
+    """Put each tensor object of `tensors` ({dotted name: Parameter or tensor}) in the model at its name,
+    as the parameter or buffer that is there (other modules sharing the one it replaces keep theirs);
+    returns the objects replaced, by name."""
+    replaced = {}
+    for name, value in tensors.items():
+        holder, _, attr = name.rpartition(".")
+        module = model.get_submodule(holder)
+        slots = module._parameters if attr in module._parameters else module._buffers
+        replaced[name], slots[attr] = slots[attr], value
+    return replaced
+
+
+def _placed(original: Tensor, current: Tensor) -> Tensor:
+    """`original` on `current`'s device and dtype (the model may have moved since it was kept)."""
+    if original.device == current.device and original.dtype == current.dtype:
+        return original
+    moved = original.detach().to(device=current.device, dtype=current.dtype)
+    return nn.Parameter(moved, requires_grad=False) if isinstance(original, nn.Parameter) else moved
+
+
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
     """Inside the block every C-LoRA layer computes its base layer alone (PEFT's disable_adapter);
-    merged layers are unmerged for the block and merged again after it."""
+    merged layers are unmerged for the block and merged again after it. The modules that
+    load_peft_adapter loaded as modules_to_save compute with the base model's tensors in the block
+    (PEFT's original modules): the tensor objects are swapped, never written, so a graph built
+    before the block still backpropagates after it."""
     layers = [m for _, m in _layers_that_can(model, "unmerge", "disable_adapter")]
     merged = [m for m in layers if m.merged]
     was = [m.adapter_enabled for m in layers]
+    originals = model.__dict__.get("_clora_originals", {})
     for m in merged:
         m.unmerge()
     for m in layers:
         m.adapter_enabled = False
+    swapped = set_tensors(model, {n: _placed(t, tensor_at(model, n)) for n, t in originals.items()})
     try:
         yield model
     finally:
+        set_tensors(model, swapped)
         for m, enabled in zip(layers, was):
             m.adapter_enabled = enabled
         for m in merged:
@@ -749,6 +792,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = _layers_that_can(model, "merge", "merge_and_unload")
     for _, m in layers:
         m.merge(keep_original=False)
+    model.__dict__.pop("_clora_originals", None)     # (load_peft_adapter's base tensors: no adapter is left)
     for name, m in layers:
         with torch.device("meta"):
             if m.fan_in_fan_out:
@@ -879,7 +923,7 @@ def load_adapter(model: nn.Module, path) -> None:
     with torch.no_grad():
         for m, e in entries:
             with _requires_grad_kept(m):
-                m.alpha, m.scaling = e["alpha"], e["alpha"] / m.rank
+                m.alpha = e["alpha"]                # (and scaling)
                 m.mode, m.protect_energy = e["mode"], e["protect_energy"]
                 m.grad_through_old_route = e["grad_through_old_route"]
                 if e["policy"].config() != m.protection.config():

@@ -481,3 +481,144 @@ def test_peft_directory_details(tmp_path):
     (tmp_path / "mine" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="the adapter weights cannot be read"):
         ck.load_peft_adapter(model, tmp_path / "mine")
+
+
+# ---- modules_to_save as PEFT keeps them, and alpha as scaling (cases a second review found) ----------
+def _headed():
+    """A body to adapt and a nested head holding buffers (BatchNorm), PEFT's modules_to_save case."""
+    from collections import OrderedDict
+    head = nn.Sequential(OrderedDict(norm=nn.BatchNorm1d(8), out=nn.Linear(8, 3)))
+    return nn.Sequential(OrderedDict(body=nn.Linear(6, 8), act=nn.ReLU(), head=head)).eval()
+
+
+def _peft_headed(base, tmp_path):
+    """PEFT's model with modules_to_save=['head'], its adapter and its head's copy (buffers too) moved; saved."""
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["body"],
+                                                                   modules_to_save=["head"]))
+    with torch.no_grad():
+        for n, t in [*pm.named_parameters(), *pm.named_buffers()]:
+            if "lora_" in n or ("modules_to_save" in n and t.is_floating_point()):
+                t.add_(0.5 * torch.randn_like(t)).abs_()
+    pm.save_pretrained(str(tmp_path))
+    return pm.eval()
+
+
+def test_nested_modules_to_save_with_buffers_round_trip_with_peft(tmp_path, seed):
+    base = _headed()
+    pm = _peft_headed(base, tmp_path / "peft")
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=3, backend="torch")
+    ck.load_peft_adapter(model, tmp_path / "peft")        # 'head.norm.running_mean' is part of 'head' (it was refused)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        want = pm(x)
+        assert rel_err(model(x), want) < 1e-6 and rel_err(want, base(x)) > 1e-2
+    ck.save_peft_adapter(model, tmp_path / "ours")        # the head's buffers are stored (PEFT's loader needs them)
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    again = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=3, backend="torch")
+    ck.load_peft_adapter(again, tmp_path / "ours")
+    with torch.no_grad():
+        assert rel_err(served(x), want) < 1e-6 and rel_err(again(x), want) < 1e-6
+
+
+def test_loaded_modules_to_save_keep_the_base_for_disable_adapter_and_the_next_load(tmp_path, seed):
+    """PEFT keeps the original module beside its trained copy: disable_adapter computes the base model,
+    and a second adapter without modules_to_save runs on the base's head, not the first adapter's."""
+    base = _headed()
+    pm = _peft_headed(base, tmp_path / "a")
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=3, backend="torch")
+    ck.load_peft_adapter(model, tmp_path / "a")
+    x = torch.randn(5, 6, requires_grad=True)
+    y = model(x)            # a graph built before the block (DPO's policy pass) backpropagates after it
+    with torch.no_grad():
+        with ck.disable_adapter(model), pm.disable_adapter():
+            assert rel_err(model(x), base(x)) < 1e-6 and rel_err(pm(x), base(x)) < 1e-6
+        assert rel_err(model(x), pm(x)) < 1e-6
+    y.square().sum().backward()
+    assert x.grad is not None and model.body.lora_B.grad is not None
+    _peft_trained(base, ["body"], tmp_path / "b")
+    second = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "b")).eval()
+    ck.load_peft_adapter(model, tmp_path / "b")
+    with torch.no_grad():
+        assert rel_err(model(x), second(x)) < 1e-6
+
+
+def test_tied_lm_head_as_modules_to_save_is_untied_as_in_peft(tmp_path, seed):
+    base = _gpt2()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["c_attn"],
+                                                                   modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["c_attn"], rank=2, backend="torch")
+    ck.load_peft_adapter(model, tmp_path / "peft")
+    assert torch.equal(model.transformer.wte.weight, base.transformer.wte.weight)    # (it moved with lm_head)
+    ids = _data("gpt2")
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, pm.eval()(input_ids=ids).logits) < 1e-6
+    tied = ck.inject_clora(copy.deepcopy(base), target_modules=["c_attn"], rank=2, backend="torch")
+    tied.lm_head.requires_grad_(True)        # trains wte too (tied): both stored, apart (a shared-memory error)
+    ck.save_peft_adapter(tied, tmp_path / "tied", modules_to_save=["transformer.wte", "lm_head"])
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "tied")).eval()
+    with torch.no_grad():
+        assert rel_err(served(input_ids=ids).logits, tied(input_ids=ids).logits) < 1e-6
+
+
+def test_peft_adapter_on_lm_head_with_its_saved_base_weight(tmp_path, seed):
+    """PEFT's save_embedding_layers='auto' stores lm_head.base_layer.weight beside the factors: the same as the
+    model's is accepted, another (a resized vocabulary) refused by name."""
+    base = _gpt2()
+    pm = _peft_trained(base, ["c_attn", "lm_head"], tmp_path)
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["c_attn", "lm_head"], rank=3, backend="torch")
+    ck.load_peft_adapter(model, tmp_path)
+    ids = _data("gpt2")
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-6
+    other = _gpt2()          # another base
+    model = ck.inject_clora(other, target_modules=["c_attn", "lm_head"], rank=3, backend="torch")
+    before = {n: t.clone() for n, t in model.state_dict().items() if torch.is_tensor(t)}
+    with pytest.raises(ValueError, match=r"base weight for layer 'lm_head' .* differs from the model's"):
+        ck.load_peft_adapter(model, tmp_path)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items() if torch.is_tensor(t))
+
+
+def test_save_peft_adapter_refuses_the_root_module_by_name(tmp_path):
+    model = ck.inject_clora(_vit(), target_modules=["qkv"], rank=2)
+    model.cls_token.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"trains its own parameter\(s\) \['cls_token'\]"):
+        ck.save_peft_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match=r"modules_to_save names the whole model"):
+        ck.save_peft_adapter(model, tmp_path, modules_to_save=[""])
+    assert not any(tmp_path.iterdir())
+
+
+def test_scaling_and_alpha_are_one_setting(tmp_path, seed):
+    """scaling (what the forward uses) and alpha (what a save writes) move together, and a state_dict keeps
+    them: a PEFT adapter written after layer.scaling = 3 serves the same outputs."""
+    base = _headed()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=2, backend="torch")
+    _two_tasks(model)
+    layer = model.body
+    layer.scaling = 3
+    assert (layer.alpha, layer.scaling) == (6.0, 3.0) and type(layer.scaling) is float
+    layer.alpha = 1
+    assert layer.scaling == 0.5
+    layer.scaling = 3.0
+    ck.save_peft_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 6
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    copied = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=2, backend="torch")
+    copied.load_state_dict(model.state_dict())
+    assert copied.body.scaling == 3.0
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        assert rel_err(served(x), model(x)) < 1e-6 and rel_err(copied(x), model(x)) < 1e-6
+
+
+def test_load_peft_adapter_refuses_a_meta_model(tmp_path, seed):
+    _peft_trained(_headed(), ["body"], tmp_path)
+    with torch.device("meta"):
+        model = ck.inject_clora(_headed(), target_modules=["body"], rank=3, backend="torch")
+    with pytest.raises(ValueError, match="on the meta device, where a load writes nothing"):
+        ck.load_peft_adapter(model, tmp_path)
