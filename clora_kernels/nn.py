@@ -29,6 +29,8 @@ except ImportError:             # a torch built without torch.distributed: no pa
     DTensor = ()
 
 _MODES = ("soft", "hard")
+_ADAPTER_TENSORS = ("lora_A", "lora_B", "routing_old", "routing_delta", "projection")
+_REFUSED = object()     # CLoRALinear._loading while a load of another shape runs: set_extra_state takes nothing
 
 
 def _full(t: Tensor) -> Tensor:
@@ -259,7 +261,10 @@ class CLoRALinear(nn.Linear):
         if policy.acts(self):
             factors = (lora_A, lora_B)     # (the memo's key: operands() may return fresh views of them)
             if policy.enforces:     # ("freeze" and "paper" enforce nothing: no call, one graph when compiled)
-                if not _is_compiling():
+                if _in_functorch():     # torch.func: its tensors take no in-place write; project the operands
+                    lora_A, routing_delta, lora_B = policy.projected(self, lora_A, routing_delta, lora_B)
+                    factors = (lora_A, lora_B)
+                elif not _is_compiling():
                     policy.enforce(self)
                 elif not _is_exporting():       # compiled: the in-place projection runs outside the graph
                     _enforce_eagerly(self)      # (exported: inference on the weights as they are; see README)
@@ -381,6 +386,8 @@ class CLoRALinear(nn.Linear):
 
     def set_extra_state(self, state) -> None:
         """The task state, from a state_dict load (which calls this after copying the tensors) or a caller."""
+        if self.__dict__.get("_loading") is _REFUSED:
+            return
         loading, prefix = self.__dict__.get("_loading", (None, ""))
         loaded = (lambda name: True) if loading is None else (lambda name: prefix + name in loading)
         self.task_index = int(state["task_index"])
@@ -406,6 +413,19 @@ class CLoRALinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        own = dict(self._parameters, **self._buffers)
+        if any(isinstance(state_dict.get(prefix + n), Tensor) and isinstance(own.get(n), Tensor)
+               and state_dict[prefix + n].shape != own[n].shape for n in ("weight", "bias") + _ADAPTER_TENSORS):
+            # a state of another shape (another rank, another layer): the load reports the size mismatch
+            # and takes none of the state's task state (no policy adopted, no buffer resized, no task_index:
+            # after `try: load / except: start fresh`, the fresh layer would think itself in a later task)
+            self.__dict__["_loading"] = _REFUSED
+            try:
+                nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                                unexpected_keys, error_msgs)
+            finally:
+                self.__dict__.pop("_loading", None)
+            return
         with _requires_grad_kept(self):
             self.__dict__["_loading"] = (state_dict, prefix)   # what set_extra_state (called last) asks of
             try:
@@ -451,6 +471,12 @@ _MERGED_TRAINING = ("a merged CLoRALinear in training mode with its adapter requ
 
 
 _is_compiling = torch.compiler.is_compiling
+_peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+def _in_functorch() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
+    return _peek_interpreter_stack() is not None
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
@@ -820,7 +846,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
           f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
-_ADAPTER_TENSORS = ("lora_A", "lora_B", "routing_old", "routing_delta", "projection")
 _FORMAT = "clora_kernels.adapter/1"
 
 

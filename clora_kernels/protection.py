@@ -35,7 +35,12 @@ Policies beyond "paper" are this project's variants, not the paper's method:
              The r-space subspaces take every direction the old t and u use. Optimizer-agnostic:
              the layer projects the parameters (not only the gradient, which Adam's
              per-coordinate scaling would leak) before each forward that follows a change or an
-             optimizer step. Needs one pass over each task's data before end_task, inside
+             optimizer step. An in-place write through `.data` outside an optimizer (a hand-written
+             `p.data -= lr * p.grad`) is none of these: write under torch.no_grad() instead, or call
+             `layer.protection.enforce(layer, force=True)` after it. Under torch.func transforms the
+             forward projects its operands out of place instead (their tensors take no in-place
+             write), so there the projection is part of the function and its gradients are the
+             projected ones. Needs one pass over each task's data before end_task, inside
              `clora_kernels.observe_task(model)`. Memory per layer: U (K×k, k ≤ K) and r×r
              Grams; a K×K Gram only while observing.
 """
@@ -250,6 +255,7 @@ class Project(Protection):
         return out
 
     def _versions(self, layer):
+        _watch_optimizer_steps()      # (a layer unpickled in a new process was never attached there)
         ts = (layer.lora_A, layer.routing_delta, layer.lora_B)
         return tuple(t._version for t in ts) + tuple(t.data_ptr() for t in ts) + (_STEPS[0],)
 
@@ -263,19 +269,35 @@ class Project(Protection):
         them (end_task and merge force it; the saves do not, so that saving changes nothing of a run)."""
         if layer.task_index == 0 or (not force and self._versions(layer) == layer._enforced_versions):
             return
-        u, v, w = layer.protect_input_basis, layer.protect_output_basis, layer.protect_routing_basis
-        if u.shape[1]:
-            a = layer.lora_A
-            a.sub_((a @ u - layer.protect_input_anchor) @ u.t())
-        if w.shape[1]:
-            d = layer.routing_delta
-            d.sub_(w @ (w.t() @ d))
-        if v.shape[1]:
-            b = layer.lora_B
-            b.sub_((b @ v - layer.protect_output_anchor) @ v.t())
+        computed = [n for n in ("lora_A", "routing_delta", "lora_B") if n not in layer._parameters]
+        if computed:
+            raise ValueError(f"protection='project' writes {computed} in place, but this layer computes them "
+                             f"(torch.nn.utils.parametrize or prune), so the projection would be lost and earlier "
+                             f"tasks unprotected: remove the parametrization, or use protection='freeze'")
+        tensors = (layer.lora_A, layer.routing_delta, layer.lora_B)
+        for t, projected in zip(tensors, self.projected(layer, *tensors)):
+            if projected is not t:
+                t.copy_(projected)
         layer._enforced_versions = self._versions(layer)
 
+    @staticmethod
+    def projected(layer, lora_A: Tensor, routing_delta: Tensor, lora_B: Tensor) -> tuple:
+        """The three tensors put back on the allowed set (`enforce` writes them into the layer's own):
+        lora_A·U = anchor, basisᵀ·routing_delta = 0, lora_B·V = anchor. Out of place, so that under
+        torch.func transforms (whose tensors cannot be written in place) the layer's forward projects
+        its operands instead, differentiably."""
+        u, v, w = layer.protect_input_basis, layer.protect_output_basis, layer.protect_routing_basis
+        if u.shape[1]:
+            lora_A = lora_A - (lora_A @ u - layer.protect_input_anchor) @ u.t()
+        if w.shape[1]:
+            routing_delta = routing_delta - w @ (w.t() @ routing_delta)
+        if v.shape[1]:
+            lora_B = lora_B - (lora_B @ v - layer.protect_output_anchor) @ v.t()
+        return lora_A, routing_delta, lora_B
+
     def observe(self, layer, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != layer.in_features:
+            return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)
         x = x.detach().reshape(-1, x.shape[-1])
         x = x.to(torch.promote_types(x.dtype, torch.float32))     # fp32 at least, fp64 layers in fp64
         if layer._observed is None or layer._observed.dtype != x.dtype:

@@ -444,3 +444,81 @@ def test_only_a_state_saved_enforced_and_unchanged_loads_as_enforced(seed, dtype
     opt.step()
     whole.load_state_dict(own)
     assert whole[0]._enforced_versions is None
+
+
+# ---- cases a review of the task lifecycle found (each fails without its fix) ------------------------------
+@pytest.mark.parametrize("protection", ["freeze", "project"])
+def test_a_refused_load_of_another_rank_takes_no_task_state(seed, protection):
+    """`try: load / except: start fresh` must leave a fresh layer: the size mismatch is reported and neither
+    task_index, the policy's buffers nor the frozen factors come from the refused state."""
+    layer, x_old = _first_task(protection, seed, inputs=_sub(256, 10, seed % 1000))
+    fresh = nn.Sequential(CLoRALinear(K, N, rank=R + 2, protection=protection, backend="torch"))
+    shapes = {n: t.shape for n, t in fresh.named_buffers()}
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0\.lora_A"):
+        fresh.load_state_dict(nn.Sequential(layer).state_dict())
+    m = fresh[0]
+    assert m.task_index == 0 and m.lora_A.requires_grad and m.lora_B.requires_grad
+    assert {n: t.shape for n, t in fresh.named_buffers()} == shapes
+    x, y = torch.randn(64, K), torch.randn(64, N)
+    _fit(m, x, y, steps=5)               # it trains as a first task (freeze: lora_B leaves zero)
+    assert float(m.lora_B.detach().abs().max()) > 0
+
+
+def test_project_in_a_process_that_only_unpickled_it_still_sees_fused_steps(seed, monkeypatch):
+    """The fused-optimizer step hook is registered by a layer's attach / load; a layer that arrives by pickle
+    (torch.load of a whole model, mp.spawn) in a process that made none registers it at its first forward."""
+    import pickle
+    from clora_kernels import protection as prot
+    layer, x_old = _first_task("project", seed, inputs=_sub(256, 10, seed % 1000))
+    blob = pickle.dumps(layer)
+    for handle in prot._HOOK:                  # a new process: no hook registered
+        handle.remove()
+    monkeypatch.setattr(prot, "_HOOK", [])
+    monkeypatch.setattr(prot, "_STEPS", [0])
+    copy_ = pickle.loads(blob)
+    with torch.no_grad():
+        before = copy_(x_old).clone()
+    params = [p for p in copy_.parameters() if p.requires_grad]
+    _fit(copy_, torch.randn(128, K), torch.randn(128, N), steps=30, opt=torch.optim.Adam(params, lr=5e-3, fused=True))
+    with torch.no_grad():
+        assert rel_err(copy_(x_old), before) < 1e-5
+
+
+def test_project_under_torch_func_projects_its_operands(seed):
+    """torch.func's wrapped tensors take no in-place projection (it raised 'Cannot access data pointer'): the
+    forward projects the operands out of place, so outputs match and gradients leave the protected inputs."""
+    from torch.func import functional_call, grad
+    layer, x_old = _first_task("project", seed, inputs=_sub(256, 10, seed % 1000))
+    params = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    with torch.no_grad():
+        params["lora_A"] += 0.1 * torch.randn_like(params["lora_A"])     # off the allowed set: projected
+        layer.lora_A.copy_(params["lora_A"])
+        want = layer(x_old)                                              # the layer projects its own, in place
+    x = torch.randn(16, K)
+    got = grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+    with torch.no_grad():
+        assert rel_err(functional_call(layer, params, (x_old,)), want) < 1e-5
+    u = layer.protect_input_basis
+    assert u.shape[1] > 0 and float((got["lora_A"] @ u).abs().max()) < 1e-5 * float(got["lora_A"].abs().max())
+
+
+def test_project_refuses_a_parametrized_factor_it_cannot_write(seed):
+    from torch.nn.utils import parametrize
+
+    class Same(nn.Module):
+        def forward(self, a):
+            return 1.0 * a
+    layer, x_old = _first_task("project", seed)
+    parametrize.register_parametrization(layer, "lora_A", Same())
+    with pytest.raises(ValueError, match=r"writes \['lora_A'\] in place, but this layer computes them"):
+        layer(x_old)
+
+
+def test_observe_task_leaves_bad_input_to_the_layers_own_errors():
+    layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
+    with ck.observe_task(layer):
+        layer(torch.randn(4, K))
+        with pytest.raises(ValueError, match=rf"x has 5 features in its last dimension .* in_features={K}"):
+            layer(torch.randn(4, 5))
+        with pytest.raises(ValueError, match="at least one dimension"):
+            layer(torch.tensor(1.0))
