@@ -165,6 +165,17 @@ class CLoRALinear(nn.Linear):
             if value is not current and make_protection(value).config() != current.config():
                 self._set_protection(value)     # (the same policy, or an equal one, keeps its state)
             return
+        if name == "mode" and "mode" in self.__dict__:
+            # checked as at construction (a 'Hard' ran as soft); a switch to hard after a task makes P from
+            # R_old as end_task would have (with P = I the new route would not be kept off the old one)
+            if value not in _MODES:
+                raise ValueError(f"mode must be 'soft' or 'hard', got {value!r}")
+            switch = value == "hard" and self.mode == "soft" and self.task_index > 0 and "_loading" not in self.__dict__
+            super().__setattr__(name, value)
+            if switch:
+                with torch.no_grad():
+                    self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
+            return
         # alpha and scaling = alpha / rank are one setting: writing either sets the other (as floats), so
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
         if name in ("alpha", "scaling") and "rank" in self.__dict__ and isinstance(value, (int, float)) \

@@ -522,3 +522,13 @@ def test_observe_task_leaves_bad_input_to_the_layers_own_errors():
             layer(torch.randn(4, 5))
         with pytest.raises(ValueError, match="at least one dimension"):
             layer(torch.tensor(1.0))
+
+
+def test_mode_assignment_is_checked_and_a_switch_to_hard_makes_p(seed):
+    layer, x_old = _first_task("paper", seed)
+    with pytest.raises(ValueError, match="mode must be 'soft' or 'hard', got 'Hard'"):
+        layer.mode = "Hard"
+    assert torch.equal(layer.projection, torch.eye(R))
+    layer.mode = "hard"          # as if the layer had been hard through end_task: P from R_old
+    want = ck.nn._hard_projection(layer.routing_old, layer.protect_energy)
+    assert torch.equal(layer.projection, want) and not torch.equal(want, torch.eye(R))
