@@ -6,8 +6,14 @@ merged (F.linear with a weight merged once, the bench's floor), interleaved, bes
                no per-call plan that materialises a weight can be cheaper than this
     weff+gemm  W_eff = W + s·lora_B·C by one addmm (C = (lora_Aᵀ R_eff)ᵀ made once, outside the
                timing), then the GEMM: the merge plan's GEMMs alone
+    +C         the same with R_eff and C made in the call (two small ops)
+    plan       reference.merged_gemm, the plan as the torch backend runs it (R_eff made first)
+    backend    the torch backend's forward under auto (its plan choice, torch_plan)
+    op         backends.ops.linear (grad mode and tracing checks, the backend's resolution)
     auto       clora_linear(..., backend="auto") without grad: the merge plan with R_eff, C, the
                validation and the dispatch
+Each row adds one layer of the call to the one before it, so the columns' differences say what each
+costs.
 
 Performance issue 17 asks auto for a geomean <= 1.05 here; this prints how much of that a fresh
 weight alone takes on this machine. Usage: python benchmarks/merge_floor.py [--rounds N] [--min-time S]
@@ -20,7 +26,9 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 from clora_kernels import clora_linear
+from clora_kernels.backends import get, ops
 from clora_kernels.bench.shapes import suite_shapes
+from clora_kernels.reference import merged_gemm, routing_eff
 
 
 def main(argv=None) -> int:
@@ -30,11 +38,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     shapes = [s for s in suite_shapes("vit", [16], 8) if s.m >= 512]
-    names = ("merged", "add+gemm", "weff+gemm", "auto")
+    names = ("merged", "add+gemm", "weff+gemm", "+C", "plan", "backend", "op", "auto")
+    torch_backend = get("torch")
     ratios = {n: [] for n in names[1:]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; time / merged, best of "
           f"{args.rounds} interleaved rounds")
-    print(f"{'layer':20s} {'M':>5s} {'K':>4s} {'N':>4s} {'merged us':>10s} " + " ".join(f"{n:>10s}" for n in names[1:]))
+    print(f"{'layer':20s} {'M':>5s} {'K':>4s} {'N':>4s} {'merged us':>10s} " + " ".join(f"{n:>9s}" for n in names[1:]))
     for sh in shapes:
         m, k, n, r = sh.m, sh.k, sh.n, sh.r
         xs = [torch.randn(m, k) for _ in range(2)]
@@ -51,6 +60,10 @@ def main(argv=None) -> int:
         fns = {"merged": lambda: F.linear(x(), wm, b),
                "add+gemm": lambda: F.linear(x(), w + w2, b),
                "weff+gemm": lambda: F.linear(x(), torch.addmm(w, lb, c, alpha=2.0), b),
+               "+C": lambda: F.linear(x(), torch.addmm(w, lb, torch.mm((ro + rd).t(), la), alpha=2.0), b),
+               "plan": lambda: merged_gemm(x(), w, la.t(), lb.t(), routing_eff(ro, rd, None), b, 2.0, False)[0],
+               "backend": lambda: torch_backend.forward(x(), w, b, la, lb, ro, rd, None, 2.0, False, True)[0],
+               "op": lambda: ops.linear(x(), w, b, la, lb, ro, rd, None, 2.0, False, "auto"),
                "auto": lambda: clora_linear(x(), w, b, la, lb, ro, rd, None, 2.0, backend="auto")}
         best = {name: math.inf for name in names}
         with torch.no_grad():
@@ -61,8 +74,8 @@ def main(argv=None) -> int:
         for name in names[1:]:
             ratios[name].append(best[name] / best["merged"])
         print(f"{sh.layer:20s} {m:5d} {k:4d} {n:4d} {best['merged']:10.1f} "
-              + " ".join(f"{best[name] / best['merged']:10.3f}" for name in names[1:]))
-    print("geomean" + " " * 39 + " ".join(f"{math.exp(sum(map(math.log, v)) / len(v)):10.3f}"
+              + " ".join(f"{best[name] / best['merged']:9.3f}" for name in names[1:]))
+    print("geomean" + " " * 39 + " ".join(f"{math.exp(sum(map(math.log, v)) / len(v)):9.3f}"
                                           for v in ratios.values()))
     return 0
 
