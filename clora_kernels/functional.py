@@ -114,6 +114,7 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
             raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
 
 
+_compiling = torch.compiler.is_compiling
 # one C call answers "no autocast anywhere", the common case, without building x's device type
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
@@ -170,9 +171,12 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     call (the freeze policy's detached factors: the same dtype, device and shape), the parameters
     they view, whose identity keys the memo instead (else every such call would validate)."""
     w = weight.t() if fan_in_fan_out else weight
-    # (a traced width, a tensor under the TorchScript tracer, is no key: the memo would outlive the trace)
+    # (a traced width, a tensor under the TorchScript tracer, is no key: the memo would outlive the trace;
+    # and no memo under torch.compile, which traces the validation once and guards it: the memo's write
+    # is a mutation of the module inside the graph, which compiled activation checkpointing refuses and
+    # which cost every compiled model a second compile)
     if isinstance(x, Tensor) and x.dim() and type(scaling) is float and type(k := x.shape[-1]) is int \
-            and not _autocasting(x):
+            and not _autocasting(x) and not _compiling():
         key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.dtype, lora_A.dtype,
                lora_B.dtype, routing_old.dtype, routing_delta.dtype, None if bias is None else bias.dtype,
                None if projection is None else projection.dtype)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .functional import finite_number
-from .nn import CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, set_tensors, tensor_at
+from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, set_tensors, tensor_at,
+                 unwrapped)
 from .reference import folded_lora_B
 
 _PREFIX = "base_model.model."
@@ -103,6 +104,7 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     unless told otherwise. The model then computes what the PEFT model computes. Every layer is
     checked first; on any error nothing is changed and a ValueError names the layer, the tensor or the
     option. lora_dropout is not kept (C-LoRA layers have no dropout)."""
+    model = unwrapped(model)
     layers = _require_layers(model, "load_peft_adapter")
     config = _read_config(directory)
     tensors = _read_tensors(directory)
@@ -248,6 +250,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     the previous files, or the new weights beside the previous config. Under FSDP2 every rank calls
     it and rank 0 writes (as save_adapter)."""
     from safetensors.torch import save_file
+    model = unwrapped(model)
     layers = _require_layers(model, "save_peft_adapter")
     if any(name == "" for name, _ in layers):
         raise ValueError("save_peft_adapter: the model is a single CLoRALinear; PEFT adapts submodules, so wrap it "

@@ -276,7 +276,10 @@ class CLoRALinear(nn.Linear):
                     lora_A, routing_delta, lora_B = policy.projected(self, lora_A, routing_delta, lora_B)
                     factors = (lora_A, lora_B)
                 elif not _is_compiling():
-                    policy.enforce(self)
+                    if _is_tracing():   # torch.jit.trace / the TorchScript ONNX exporter: not recorded
+                        _untraced(policy.enforce, self)
+                    else:
+                        policy.enforce(self)
                 elif not _is_exporting():       # compiled: the in-place projection runs outside the graph
                     _enforce_eagerly(self)      # (exported: inference on the weights as they are; see README)
             lora_A, lora_B, plain = policy.operands(self, lora_A, lora_B, plain)
@@ -485,6 +488,20 @@ _is_compiling = torch.compiler.is_compiling
 _peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 
+_is_tracing = torch._C._is_tracing
+
+
+def _untraced(fn, *args) -> None:
+    """fn(*args) with the TorchScript tracer suspended: the project policy's in-place projection of the
+    parameters, which a trace would record as writes into them on every call."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        fn(*args)
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def _in_functorch() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
     return _peek_interpreter_stack() is not None
@@ -546,6 +563,13 @@ def _hard_projection(routing_old: Tensor, protect_energy: float) -> Tensor:
 def clora_layers(model: nn.Module) -> list:
     """(name, CLoRALinear) pairs of a model, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, CLoRALinear)]
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module that torch.compile wrapped (its OptimizedModule names every submodule `_orig_mod.<name>`,
+    which adapter files would then carry: a PEFT model would not find them), else `model`."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return model._orig_mod if dynamo is not None and isinstance(model, dynamo.OptimizedModule) else model
 
 
 def _require_layers(model: nn.Module, what: str) -> list:
@@ -803,6 +827,7 @@ def disable_adapter(model: nn.Module):
     load_peft_adapter loaded as modules_to_save compute with the base model's tensors in the block
     (PEFT's original modules): the tensor objects are swapped, never written, so a graph built
     before the block still backpropagates after it."""
+    model = unwrapped(model)
     layers = [m for _, m in _layers_that_can(model, "unmerge", "disable_adapter")]
     merged = [m for m in layers if m.merged]
     was = [m.adapter_enabled for m in layers]
@@ -868,6 +893,7 @@ def save_adapter(model: nn.Module, path) -> None:
     writes the file, and it returns on every rank once the file is there. Unsharded models (one
     process, DDP) write wherever it is called."""
     from safetensors.torch import save_file
+    model = unwrapped(model)
     layers = _require_layers(model, "save_adapter")
     tensors, meta = {}, {}
     for name, m in layers:
@@ -934,6 +960,7 @@ def load_adapter(model: nn.Module, path) -> None:
     everything is checked first, so on any error nothing is changed and a ValueError names the
     layer and the sizes."""
     from safetensors import safe_open
+    model = unwrapped(model)
     layers = _require_layers(model, "load_adapter")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

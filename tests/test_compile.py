@@ -126,3 +126,83 @@ def test_freeze_after_the_first_task_compiles_in_one_graph(seed):
     ck.end_task(model)
     x = torch.randn(5, 12)
     assert rel_err(torch.compile(model, fullgraph=True, backend="eager")(x), model(x)) < 1e-6
+
+
+# ---- cases a review of the compile / export surface found (each fails without its fix) ------------
+def test_compiled_activation_checkpointing_in_one_graph(seed):
+    """The validation memo's write, a mutation of the module inside the traced region, was refused by
+    compiled checkpointing under fullgraph and cost every compiled model a second compile."""
+    from torch.utils.checkpoint import checkpoint
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(ck.CLoRALinear(12, 8, rank=2, backend="torch"))
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    x = torch.randn(5, 12, requires_grad=True)
+    compiled = torch.compile(lambda x: checkpoint(model, x, use_reentrant=False), fullgraph=True, backend="eager")
+    out = compiled(x)
+    assert rel_err(out, model(x)) < 1e-6
+    out.sum().backward()
+    assert model[0].lora_B.grad is not None
+
+
+def test_a_graph_exported_without_grad_trains(seed):
+    """need_t is fixed when traced: a model exported under no_grad, then trained, ran the op without t and
+    its backward raised; it makes t again from the saved x, with eager's gradients."""
+    model = torch.nn.Sequential(ck.CLoRALinear(12, 8, rank=2, backend="torch"))
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,)).module()
+    exported(x).square().sum().backward()
+    model(x).square().sum().backward()
+    got = dict(exported.named_parameters())
+    for name in ("0.lora_A", "0.lora_B", "0.routing_delta"):
+        assert rel_err(got[name].grad, dict(model.named_parameters())[name].grad) < 1e-6, name
+
+
+def test_adapter_files_of_a_compiled_model_name_its_layers(seed, tmp_path):
+    """torch.compile's wrapper names every submodule `_orig_mod.<name>`: the files carried those names (a
+    PEFT model then served the plain base). The helpers name the wrapped model's layers."""
+    model = torch.nn.Sequential(ck.CLoRALinear(12, 8, rank=2, backend="torch"), torch.nn.ReLU())
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    compiled = torch.compile(model)       # (never called: nothing compiles)
+    ck.save_adapter(compiled, tmp_path / "a.safetensors")
+    ck.save_peft_adapter(compiled, tmp_path / "peft")
+    plain = torch.nn.Sequential(ck.CLoRALinear(12, 8, rank=2, backend="torch"), torch.nn.ReLU())
+    plain[0].weight, plain[0].bias = model[0].weight, model[0].bias
+    x = torch.randn(3, 12)
+    for load, path in ((ck.load_adapter, tmp_path / "a.safetensors"), (ck.load_peft_adapter, tmp_path / "peft")):
+        ck.nn.clora_layers(plain)[0][1].reset_adapter()
+        load(plain, path)                                   # the compiled model's file, into a plain one
+        with torch.no_grad():
+            assert rel_err(plain(x), model(x)) < 1e-6, load.__name__
+    ck.save_adapter(plain, tmp_path / "b.safetensors")
+    again = torch.nn.Sequential(ck.CLoRALinear(12, 8, rank=2, backend="torch"), torch.nn.ReLU())
+    ck.load_adapter(torch.compile(again), tmp_path / "b.safetensors")      # a plain model's file, into a compiled one
+    assert torch.equal(again[0].lora_B, model[0].lora_B)
+    with ck.disable_adapter(compiled), torch.no_grad():
+        assert rel_err(model(x), torch.nn.functional.relu(torch.nn.functional.linear(x, model[0].weight,
+                                                                                     model[0].bias))) < 1e-6
+
+
+def test_a_torchscript_trace_runs_at_any_rank_and_records_no_projection(seed):
+    """A trace at a 3-D input ran a 4-D one to the wrong shape and refused a 2-D one (a flatten and a
+    reshape of one rank were recorded), and the project policy's in-place projection was recorded as
+    writes into the parameters (torch.jit.trace's check failed; the TorchScript ONNX exporter refused
+    aten::copy)."""
+    layer = ck.CLoRALinear(8, 4, rank=2, protection="project", backend="torch")
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(x)
+    layer.end_task()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    layer(x).square().sum().backward()
+    opt.step()                              # the next forward projects
+    traced = torch.jit.trace(layer, x)
+    assert "aten::copy_" not in str(traced.graph)
+    for shape in ((7, 8), (1, 1, 1, 8), (8,)):
+        z = torch.randn(shape)
+        with torch.no_grad():
+            assert traced(z).shape == layer(z).shape and rel_err(traced(z), layer(z)) < 1e-6, shape

@@ -162,8 +162,9 @@ def _backward(ctx, grad_y, grad_t=None):
     g = grad_y
     need_x, _, need_b, need_a, need_lb, _, need_rd, _ = ctx.needs_input_grad[:8]
     if (need_lb or need_rd) and t.shape[1] != lora_a.shape[0]:
-        raise RuntimeError("clora::linear_fwd ran with need_t=False, but lora_b or routing_delta needs a gradient, "
-                           "which reads t = x·lora_aᵀ: call it with need_t=True (clora_linear decides this itself)")
+        # the op ran with need_t=False, but a gradient reads t = x·lora_aᵀ: a graph exported under no_grad
+        # or with a frozen adapter (need_t is fixed when traced), then trained. x is saved: t again
+        t = torch.mm(x, lora_a.t())
     dx = d_a = d_lb = d_rd = d_bias = None
     if need_x:
         impl = None if compiling else getattr(ctx, "impl", None)
@@ -279,19 +280,19 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     scaling, grad_through_old_route = float(scaling), bool(grad_through_old_route)
     args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
             grad_through_old_route, need_t, backend)
-    tracing = False
     if torch.compiler.is_compiling():
         y = linear_fwd(*args)[0]
-    elif (tracing := _is_tracing()) or (_peek_interpreter_stack is not None and _peek_interpreter_stack() is not None) \
+    elif _is_tracing() or (_peek_interpreter_stack is not None and _peek_interpreter_stack() is not None) \
             or _forward_ad._current_level >= 0:
         # torch.func (grad, vmap, jacrev, ...: its tensors are wrapped, and an autograd.Function without
         # setup_context cannot run under it), the TorchScript tracer (torch.jit.trace, the legacy
         # ONNX exporter, which mis-wires an autograd.Function's outputs) and forward-mode AD (dual
         # tensors: _EagerLinear has no jvp): the formula in plain torch ops, which every transform
         # supports, with the same gradient semantics (the stop-gradient on the old route; none for
-        # weight, routing_old and projection)
-        y = _frozen_formula(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-                            grad_through_old_route)
+        # weight, routing_old and projection). On x as given: F.linear and matmul take any leading
+        # dims, so a trace runs at another rank than it was traced at (a flatten and reshape would fix it)
+        return _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                               grad_through_old_route)
     elif not grad or (not need_t and _graph_free(x, weight, bias, lora_a, routing_old, projection)):
         # grad mode on but no operand requiring a gradient (an eval loop without no_grad, a frozen
         # layer, the bench's fwd rows) is the no-grad path too: autograd would record nothing
@@ -301,7 +302,5 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     if dim == 2:        # nothing to flatten: the op's output (never a view) is the result
         return y
     # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
-    # hooks on a layer's output fail after an in-place op on a view (aten's matmul does the same). The
-    # TorchScript-based ONNX exporter has no symbolic for _unsafe_view: it gets reshape's view.
-    shape = (*x.shape[:-1], weight.shape[0])
-    return y.reshape(shape) if tracing else torch.ops.aten._unsafe_view(y, shape)
+    # hooks on a layer's output fail after an in-place op on a view (aten's matmul does the same)
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
