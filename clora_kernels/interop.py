@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .functional import finite_number
-from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, set_tensors, tensor_at,
-                 unwrapped)
+from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, placed_originals,
+                 set_tensors, tensor_at, unwrapped)
 from .reference import folded_lora_B
 
 _PREFIX = "base_model.model."
@@ -134,13 +134,6 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
                              f"parameter or buffer of that shape in the model"
                              + (f" (the model's is {tuple(own[param].shape)})" if param in own else ""))
         whole[param] = value
-    for param, (layer, base, value) in skipped.items():
-        mine = getattr(model.get_submodule(layer), base)
-        if mine is None or mine.is_meta or tuple(mine.shape) != tuple(value.shape) \
-                or not torch.equal(_full(mine).detach().cpu(), value.to(mine.dtype)):
-            raise ValueError(f"{directory}: the adapter holds a base {base} for layer {layer!r} ({param}, PEFT's "
-                             f"save_embedding_layers) that differs from the model's: load the adapter into the base "
-                             f"model it was trained on (with the same vocabulary size)")
     if any(t.is_meta for _, m in layers for t in (m.weight, m.lora_A)) or any(own[p].is_meta for p in whole):
         raise ValueError(f"{directory}: the model's tensors are on the meta device, where a load writes nothing: "
                          f"materialise the model first (to_empty, then its base weights), then load the adapter")
@@ -169,6 +162,13 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             if tuple(found[name][t].shape) != want:
                 raise ValueError(f"{where}: {t} has shape {tuple(found[name][t].shape)}, the layer needs {want} "
                                  f"(a per-module rank, or another base model?)")
+    for param, (layer, base, value) in skipped.items():     # (after the merged check: a merged base differs)
+        mine = getattr(model.get_submodule(layer), base)
+        if mine is None or mine.is_meta or tuple(mine.shape) != tuple(value.shape) \
+                or not torch.equal(_full(mine).detach().cpu(), value.to(mine.dtype)):
+            raise ValueError(f"{directory}: the adapter holds a base {base} for layer {layer!r} ({param}, PEFT's "
+                             f"save_embedding_layers) that differs from the model's: load the adapter into the base "
+                             f"model it was trained on (with the same vocabulary size)")
     with torch.no_grad():
         for name, m in layers:
             m.reset_adapter()
@@ -179,7 +179,8 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         # (PEFT's ModulesToSaveWrapper: its trained copy of a module): a tied tensor (GPT-2's lm_head and
         # wte) is untied, so its other module keeps the base's values, and disable_adapter computes with the
         # originals. A later load starts from the originals (a module it does not store is the base's again)
-        set_tensors(model, model.__dict__.pop("_clora_originals", {}))
+        set_tensors(model, placed_originals(model))        # (on the model's device and dtype now)
+        model.__dict__.pop("_clora_originals", None)
         fresh = {}
         for param, value in whole.items():
             mine = tensor_at(model, param)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import re
 import sys
 from typing import Optional
@@ -171,6 +172,8 @@ class CLoRALinear(nn.Linear):
             if value not in _MODES:
                 raise ValueError(f"mode must be 'soft' or 'hard', got {value!r}")
             switch = value == "hard" and self.mode == "soft" and self.task_index > 0 and "_loading" not in self.__dict__
+            if switch and self.merged and getattr(self, "_merged_adapter", None) is None:
+                self._merged_adapter = self._merge_memo()   # (merged elsewhere: unmerge takes out the soft delta)
             super().__setattr__(name, value)
             if switch:
                 with torch.no_grad():
@@ -178,8 +181,7 @@ class CLoRALinear(nn.Linear):
             return
         # alpha and scaling = alpha / rank are one setting: writing either sets the other (as floats), so
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
-        if name in ("alpha", "scaling") and "rank" in self.__dict__ and isinstance(value, (int, float)) \
-                and not isinstance(value, bool):
+        if name in ("alpha", "scaling") and "rank" in self.__dict__ and isinstance(value, numbers.Real):
             value, rank = float(value), self.__dict__["rank"]
             other = ("scaling", value / rank) if name == "alpha" else ("alpha", value * rank)
             self.__dict__[other[0]] = other[1]
@@ -272,10 +274,11 @@ class CLoRALinear(nn.Linear):
         if policy.acts(self):
             factors = (lora_A, lora_B)     # (the memo's key: operands() may return fresh views of them)
             if policy.enforces:     # ("freeze" and "paper" enforce nothing: no call, one graph when compiled)
-                if _in_functorch():     # torch.func: its tensors take no in-place write; project the operands
+                compiling = _is_compiling()
+                if not compiling and _in_functorch():   # torch.func: no in-place write; project the operands
                     lora_A, routing_delta, lora_B = policy.projected(self, lora_A, routing_delta, lora_B)
                     factors = (lora_A, lora_B)
-                elif not _is_compiling():
+                elif not compiling:
                     if _is_tracing():   # torch.jit.trace / the TorchScript ONNX exporter: not recorded
                         _untraced(policy.enforce, self)
                     else:
@@ -325,6 +328,10 @@ class CLoRALinear(nn.Linear):
                  ("routing_delta", _full(self.routing_delta)), ("projection", self.projection))
         return ", ".join(n for n, t in named if not bool(torch.isfinite(t).all()))
 
+    def _merge_memo(self) -> tuple:
+        """What merge remembers: the adapter's small tensors as they are, the scaling and the mode."""
+        return tuple(t.detach().clone() for t in self._adapter()) + (self.scaling, self.mode)
+
     @torch.no_grad()
     def merge(self, keep_original=None) -> None:
         """W <- W + delta_weight(); the forward is then a plain F.linear. The adapter as merged is
@@ -341,7 +348,7 @@ class CLoRALinear(nn.Linear):
         if why:
             raise ValueError(why)
         self.protection.enforce(self, force=True)
-        self._merged_adapter = tuple(t.detach().clone() for t in self._adapter()) + (self.scaling, self.mode)
+        self._merged_adapter = self._merge_memo()
         if keep_original is None:
             keep_original = self.weight.dtype in (torch.float16, torch.bfloat16)
         self._original_weight = self.weight.detach().clone() if keep_original else None
@@ -503,7 +510,8 @@ def _untraced(fn, *args) -> None:
 
 
 def _in_functorch() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running (ask while not compiling:
+    Dynamo's tracing answers yes too)."""
     return _peek_interpreter_stack() is not None
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
@@ -812,6 +820,17 @@ def set_tensors(model: nn.Module, tensors: dict) -> dict:
     return replaced
 
 
+def _originals(model: nn.Module) -> list:
+    """(module, its base tensors by name) for each module of `model` that load_peft_adapter loaded
+    modules_to_save into (`_clora_originals`: the base's tensor objects it replaced)."""
+    return [(m, m.__dict__["_clora_originals"]) for m in model.modules() if "_clora_originals" in m.__dict__]
+
+
+def placed_originals(model: nn.Module) -> dict:
+    """`model`'s own `_clora_originals` (none: {}), each on the device and dtype of the tensor now in its place."""
+    return {n: _placed(t, tensor_at(model, n)) for n, t in model.__dict__.get("_clora_originals", {}).items()}
+
+
 def _placed(original: Tensor, current: Tensor) -> Tensor:
     """`original` on `current`'s device and dtype (the model may have moved since it was kept)."""
     if original.device == current.device and original.dtype == current.dtype:
@@ -827,20 +846,20 @@ def disable_adapter(model: nn.Module):
     load_peft_adapter loaded as modules_to_save compute with the base model's tensors in the block
     (PEFT's original modules): the tensor objects are swapped, never written, so a graph built
     before the block still backpropagates after it."""
-    model = unwrapped(model)
     layers = [m for _, m in _layers_that_can(model, "unmerge", "disable_adapter")]
     merged = [m for m in layers if m.merged]
     was = [m.adapter_enabled for m in layers]
-    originals = model.__dict__.get("_clora_originals", {})
     for m in merged:
         m.unmerge()
     for m in layers:
         m.adapter_enabled = False
-    swapped = set_tensors(model, {n: _placed(t, tensor_at(model, n)) for n, t in originals.items()})
+    # (the model a load went into may sit inside a wrapper: torch.compile's, DDP, a trainer's)
+    swapped = [(holder, set_tensors(holder, placed_originals(holder))) for holder, _ in _originals(model)]
     try:
         yield model
     finally:
-        set_tensors(model, swapped)
+        for holder, replaced in swapped:
+            set_tensors(holder, replaced)
         for m, enabled in zip(layers, was):
             m.adapter_enabled = enabled
         for m in merged:
@@ -854,7 +873,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = _layers_that_can(model, "merge", "merge_and_unload")
     for _, m in layers:
         m.merge(keep_original=False)
-    model.__dict__.pop("_clora_originals", None)     # (load_peft_adapter's base tensors: no adapter is left)
+    for holder, _ in _originals(model):            # (load_peft_adapter's base tensors: no adapter is left)
+        holder.__dict__.pop("_clora_originals")
     for name, m in layers:
         with torch.device("meta"):
             if m.fan_in_fan_out:

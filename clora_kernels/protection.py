@@ -49,6 +49,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .functional import _autocasting
+
 _STEPS = [0]          # optimizer steps taken in this process (a global step hook counts them)
 _HOOK = []
 
@@ -296,12 +298,14 @@ class Project(Protection):
         return lora_A, routing_delta, lora_B
 
     def observe(self, layer, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != layer.in_features:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != layer.in_features or not (
+                x.dtype == layer.lora_A.dtype or _autocasting(x)):
             return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)
         x = x.detach().reshape(-1, x.shape[-1])
-        x = x.to(torch.promote_types(x.dtype, torch.float32))     # fp32 at least, fp64 layers in fp64
-        if layer._observed is None or layer._observed.dtype != x.dtype:
-            layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
+        if layer._observed is None:     # fp32 at least, fp64 layers in fp64
+            layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device,
+                                          dtype=torch.promote_types(x.dtype, torch.float32))
+        x = x.to(layer._observed.dtype)
         layer._observed.addmm_(x.t(), x)
         layer._observed_rows += x.shape[0]
 

@@ -5,6 +5,7 @@ import copy
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -604,7 +605,8 @@ def test_scaling_and_alpha_are_one_setting(tmp_path, seed):
     assert (layer.alpha, layer.scaling) == (6.0, 3.0) and type(layer.scaling) is float
     layer.alpha = 1
     assert layer.scaling == 0.5
-    layer.scaling = 3.0
+    layer.scaling = np.float32(3)          # the forward takes NumPy scalars: so does the setting
+    assert (layer.alpha, layer.scaling) == (6.0, 3.0)
     ck.save_peft_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 6
     served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
@@ -622,3 +624,25 @@ def test_load_peft_adapter_refuses_a_meta_model(tmp_path, seed):
         model = ck.inject_clora(_headed(), target_modules=["body"], rank=3, backend="torch")
     with pytest.raises(ValueError, match="on the meta device, where a load writes nothing"):
         ck.load_peft_adapter(model, tmp_path)
+
+
+def test_modules_to_save_after_a_move_and_inside_wrappers(tmp_path, seed):
+    """The base's tensors kept beside the loaded ones follow the model: a second load after .double()
+    puts them back in float64 (float32 before: a mixed-dtype error), and disable_adapter finds them
+    through a wrapper (torch.compile's, a Sequential: it computed with the adapter's head there)."""
+    base = _headed()
+    _peft_headed(base, tmp_path / "a")
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=3, backend="torch")
+    ck.load_peft_adapter(model, tmp_path / "a")
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        for wrapper in (nn.Sequential(model), torch.compile(model)):
+            with ck.disable_adapter(wrapper):
+                assert rel_err(model(x), base(x)) < 1e-6
+    _peft_trained(base, ["body"], tmp_path / "b")
+    second = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "b")).eval().double()
+    model.double()
+    ck.load_peft_adapter(model, tmp_path / "b")
+    assert {t.dtype for t in model.head.state_dict().values() if t.is_floating_point()} == {torch.float64}
+    with torch.no_grad():
+        assert rel_err(model(x.double()), second(x.double())) < 1e-9

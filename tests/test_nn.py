@@ -651,3 +651,23 @@ def test_from_linear_refuses_what_the_wrapped_layer_decides():
         with pytest.raises(TypeError, match=r"come from the wrapped layer"):
             ck.inject_clora(model, ["0"], rank=2, **kw)
     assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
+
+
+def test_a_switch_to_hard_keeps_unmerge_of_a_layer_merged_elsewhere(seed):
+    """A layer loaded merged has no memory of what was merged, so unmerge takes out delta_weight(); a
+    switch to hard changes P and so that delta (1.49 off the base): the switch remembers the merged one."""
+    torch.manual_seed(seed)
+    src = CLoRALinear(12, 10, rank=3, protection="paper")
+    with torch.no_grad():
+        src.lora_B.normal_()
+    src.end_task()
+    with torch.no_grad():
+        src.routing_delta.normal_()
+    base = src.weight.detach().clone()
+    src.merge()
+    layer = CLoRALinear(12, 10, rank=3, protection="paper")
+    layer.load_state_dict(src.state_dict())
+    assert layer.merged
+    layer.mode = "hard"
+    layer.unmerge()
+    assert rel_err(layer.weight, base) < 1e-6
