@@ -36,7 +36,10 @@ _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "lora_bias": 
                 "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                 "layer_replication": (None, ()), "target_parameters": (None, ()),
                 "trainable_token_indices": (None, {}), "use_qalora": (False, None),
-                "alora_invocation_tokens": (None, ()), "use_bdlora": (None, False)}
+                "alora_invocation_tokens": (None, ()), "use_bdlora": (None, False),
+                # KaSA (a truncated base, singular values), MonteCLoRA (sampled factors), Arrow (routing
+                # between adapters at inference): PEFT 0.21's options that change what the adapter computes
+                "kasa_config": (None, {}), "monteclora_config": (None, {}), "arrow_config": (None, {})}
 # initialisations that leave the base weights as they are; the others (PiSSA, OLoRA, CorDA, LoftQ,
 # LoRA-GA) train the adapter against a modified base, which PEFT rebuilds on load and this does not
 _BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal")

@@ -274,6 +274,20 @@ def test_load_peft_adapter_refuses_unsupported_options(tmp_path, option, match):
     assert all(torch.equal(a, b) for a, b in zip(before, _adapter_state(model)))
 
 
+@pytest.mark.parametrize("option", ["kasa_config", "monteclora_config", "arrow_config"])
+def test_load_peft_adapter_refuses_options_that_change_the_computation(tmp_path, option):
+    """PEFT 0.21's KaSA, MonteCLoRA and Arrow compute something else from lora_A / lora_B (Arrow's factors
+    alone would load and serve another model): refused by name."""
+    base = _vit()
+    _peft_trained(base, ["qkv"], tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config[option] = {"top_k": 2}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["qkv"], rank=3)
+    with pytest.raises(ValueError, match=rf"option {option}=.* is not supported"):
+        ck.load_peft_adapter(model, tmp_path)
+
+
 def test_load_peft_adapter_refuses_mismatches_and_changes_nothing(tmp_path):
     base = _vit()
     _peft_trained(base, ["qkv", "fc1"], tmp_path)
