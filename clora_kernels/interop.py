@@ -70,7 +70,7 @@ def _read_config(directory) -> dict:
     if init not in _BASE_KEEPING_INITS:
         raise ValueError(f"{path}: option init_lora_weights={init!r} is not supported: that initialisation trains "
                          f"the adapter against a modified base weight, which load_peft_adapter does not rebuild")
-    r, alpha = config.get("r"), config.setdefault("lora_alpha", 8)     # PEFT's default alpha
+    r, alpha = config.setdefault("r", 8), config.setdefault("lora_alpha", 8)     # PEFT's defaults
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"{path}: r must be an int >= 1, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not finite_number(alpha):
