@@ -400,15 +400,20 @@ class CLoRALinear(nn.Linear):
         return ""
 
     # ---- persistence ----------------------------------------------------------------------
-    def get_extra_state(self):
-        return {"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
-                "protection": self.protection.config(), "enforced": self.protection.enforced_fingerprint(self),
-                "alpha": float(self.alpha)}
+    def get_extra_state(self) -> Tensor:
+        """The task state (`task_state` reads it), as a tensor: a state_dict of tensors only is what
+        safetensors, transformers' save_pretrained and code moving every entry with .to() take (a dict
+        here failed them all)."""
+        return _encode_task_state({"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
+                                   "protection": self.protection.config(),
+                                   "enforced": self.protection.enforced_fingerprint(self), "alpha": float(self.alpha)})
 
     def set_extra_state(self, state) -> None:
-        """The task state, from a state_dict load (which calls this after copying the tensors) or a caller."""
+        """The task state, from a state_dict load (which calls this after copying the tensors) or a caller:
+        get_extra_state's tensor, or the dict that states saved before 2026-12-06 hold."""
         if self.__dict__.get("_loading") is _REFUSED:
             return
+        state = task_state(state)
         loading, prefix = self.__dict__.get("_loading", (None, ""))
         loaded = (lambda name: True) if loading is None else (lambda name: prefix + name in loading)
         self.task_index = int(state["task_index"])
@@ -454,7 +459,7 @@ class CLoRALinear(nn.Linear):
                 self._load_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                  error_msgs)
                 # a plain layer's weight (nn.Linear's checkpoint: no adapter, no task state) holds no adapter;
-                # a state with the adapter but no task state (safetensors drops it) says nothing of merging
+                # a state with the adapter but no task state (strict=False without it) says nothing of merging
                 plain = prefix + "weight" in state_dict and not any(
                     prefix + name in state_dict for name in ("_extra_state", "lora_A", "lora_B", "routing_delta"))
                 if plain and len(error_msgs) == errors:     # (a weight the load refused is still the old one)
@@ -466,8 +471,9 @@ class CLoRALinear(nn.Linear):
         # the saved policy is adopted before the buffers load, and its variable-size buffers (the
         # projection policy's bases) take the saved shapes
         extra = state_dict.get(prefix + "_extra_state")
+        extra = None if extra is None else task_state(extra)
         saved_a = state_dict.get(prefix + "lora_A")
-        if isinstance(extra, dict) and (saved_a is None or saved_a.shape == self.lora_A.shape):
+        if extra is not None and (saved_a is None or saved_a.shape == self.lora_A.shape):
             # a state saved before the policies existed was trained with the paper's semantics
             policy = make_protection(extra.get("protection", "paper"))
             if policy.config() != self.protection.config():
@@ -492,9 +498,8 @@ _MERGED_TRAINING = ("a merged CLoRALinear in training mode with its adapter requ
 
 
 _is_compiling = torch.compiler.is_compiling
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
-
-
 _is_tracing = torch._C._is_tracing
 
 
@@ -513,7 +518,41 @@ def _in_functorch() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running (ask while not compiling:
     Dynamo's tracing answers yes too)."""
     return _peek_interpreter_stack() is not None
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+_TASK_STATE_BYTES = 1024     # one size for every layer and task: torch.distributed.checkpoint loads in place
+
+
+def _encode_task_state(state: dict) -> Tensor:
+    """A CLoRALinear's task state as a uint8 tensor of _TASK_STATE_BYTES: its JSON (floats round-trip
+    exactly), zero-padded."""
+    data = json.dumps(state).encode()
+    if len(data) > _TASK_STATE_BYTES:       # (about 400 bytes in practice)
+        raise ValueError(f"the task state takes {len(data)} bytes, more than {_TASK_STATE_BYTES}: {state!r}")
+    out = torch.zeros(_TASK_STATE_BYTES, dtype=torch.uint8)
+    out[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out
+
+
+def task_state(state) -> dict:
+    """A CLoRALinear's task state as a dict, from its `_extra_state` entry in a state_dict: the uint8
+    tensor get_extra_state writes, or the dict of states saved before 2026-12-06."""
+    if isinstance(state, dict):
+        return state
+    if not (isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
+        raise ValueError(f"a CLoRALinear's _extra_state must be the uint8 tensor its state_dict holds (or the dict "
+                         f"of an older one), got {type(state).__name__}"
+                         + (f" of dtype {state.dtype} and shape {tuple(state.shape)}" if isinstance(state, Tensor)
+                            else ""))
+    data = bytes(state.detach().cpu().tolist()).rstrip(b"\0")
+    try:
+        out = json.loads(data.decode())
+    except ValueError:
+        out = None
+    if not isinstance(out, dict):
+        raise ValueError(f"a CLoRALinear's _extra_state holds no task state (not the JSON get_extra_state writes): "
+                         f"{data[:60]!r}")
+    return out
 
 
 @torch._dynamo.disable

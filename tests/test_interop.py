@@ -660,3 +660,22 @@ def test_modules_to_save_after_a_move_and_inside_wrappers(tmp_path, seed):
     assert {t.dtype for t in model.head.state_dict().values() if t.is_floating_point()} == {torch.float64}
     with torch.no_grad():
         assert rel_err(model(x.double()), second(x.double())) < 1e-9
+
+
+def test_transformers_save_pretrained_and_safetensors_take_the_state_dict(tmp_path, seed):
+    """The layer's task state is a tensor in the state_dict (a dict failed save_pretrained and safetensors'
+    save_model with "'dict' object has no attribute 'device'"); it comes back through load_state_dict."""
+    from safetensors.torch import load_file, save_model
+    model = ck.inject_clora(_gpt2(), target_modules=["c_attn"], rank=2)
+    _two_tasks(model)
+    model.save_pretrained(str(tmp_path / "hf"))
+    save_model(model, str(tmp_path / "m.safetensors"))
+    again = ck.inject_clora(_gpt2(), target_modules=["c_attn"], rank=2)
+    again.load_state_dict(load_file(str(tmp_path / "m.safetensors")), strict=False)
+    ids = _data("gpt2")
+    assert all(m.task_index == 1 for _, m in clora_layers(again))
+    with torch.no_grad():
+        assert rel_err(again(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-6
+    state = model.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())
+    assert ck.nn.task_state(state["transformer.h.0.attn.c_attn._extra_state"])["task_index"] == 1

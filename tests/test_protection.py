@@ -256,8 +256,8 @@ def test_observe_task_counts_once_drops_bad_passes_and_takes_keyword_input():
 
 
 def test_state_saved_before_policies_loads_as_paper():
-    old = CLoRALinear(K, N, rank=R, protection="paper").state_dict()
-    old["_extra_state"] = {k: v for k, v in old["_extra_state"].items() if k != "protection"}
+    old = CLoRALinear(K, N, rank=R, protection="paper").state_dict()     # the dict such states held
+    old["_extra_state"] = {k: v for k, v in ck.nn.task_state(old["_extra_state"]).items() if k != "protection"}
     old["_extra_state"]["task_index"] = 2
     layer = CLoRALinear(K, N, rank=R)                 # default freeze
     layer.load_state_dict(old)
@@ -428,7 +428,7 @@ def test_only_a_state_saved_enforced_and_unchanged_loads_as_enforced(seed, dtype
         whole(x)
     ck.end_task(whole)
     state = copy.deepcopy(whole.state_dict())            # before any forward: not enforced yet
-    assert state["0._extra_state"]["enforced"] is None
+    assert ck.nn.task_state(state["0._extra_state"])["enforced"] is None
     _fit(whole[0], x, y, steps=4)
     resumed = fresh()
     resumed.load_state_dict(state)
@@ -438,7 +438,7 @@ def test_only_a_state_saved_enforced_and_unchanged_loads_as_enforced(seed, dtype
     with torch.no_grad():
         whole(x)
     own = whole.state_dict()
-    assert own["0._extra_state"]["enforced"] is not None
+    assert ck.nn.task_state(own["0._extra_state"])["enforced"] is not None
     opt = torch.optim.Adam([p for p in whole.parameters() if p.requires_grad], lr=1e-3)
     F.mse_loss(whole(x), y).backward()
     opt.step()
