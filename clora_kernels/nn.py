@@ -539,6 +539,11 @@ def task_state(state) -> dict:
     tensor get_extra_state writes, or the dict of states saved before 2026-12-06."""
     if isinstance(state, dict):
         return state
+    if isinstance(state, Tensor) and state.dim() == 1 and state.dtype != torch.uint8 and not state.is_complex():
+        # a state_dict cast whole (`{k: v.half() ...}`): bytes are integers every float type holds exactly
+        exact = state.detach().cpu().double()
+        if bool(((exact >= 0) & (exact <= 255) & (exact == exact.round())).all()):
+            state = exact.to(torch.uint8)
     if not (isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
         raise ValueError(f"a CLoRALinear's _extra_state must be the uint8 tensor its state_dict holds (or the dict "
                          f"of an older one), got {type(state).__name__}"

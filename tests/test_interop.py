@@ -679,3 +679,6 @@ def test_transformers_save_pretrained_and_safetensors_take_the_state_dict(tmp_pa
     state = model.state_dict()
     assert all(torch.is_tensor(v) for v in state.values())
     assert ck.nn.task_state(state["transformer.h.0.attn.c_attn._extra_state"])["task_index"] == 1
+    half = ck.inject_clora(_gpt2(), target_modules=["c_attn"], rank=2).to(torch.bfloat16)
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()})     # a state_dict cast whole
+    assert all(m.task_index == 1 for _, m in clora_layers(half))
