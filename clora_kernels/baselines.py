@@ -201,24 +201,32 @@ class DualLoRALinear(_BaselineLinear):
         """Before a task trains: M_t, the directions of its inputs (observed in a pass inside
         `observe_inputs`) outside the earlier tasks' bases, by GPM's rule at the layer's energy;
         the residual adapter's new directions stay inside it for the task."""
-        if self._gram is None:
-            raise ValueError("DualLoRALinear.begin_task: no inputs were observed for the task that begins; run a pass "
-                             "over its data inside `with observe_inputs(model):` first")
+        why = self.not_ready(begin=True)
+        if why:
+            raise ValueError(why)
         k = self.bases.shape[1]
         grown = grow_input_basis(self.bases.double(), self._gram, self.energy)
         self.task_bases = grown[:, k:].to(self.bases.dtype).contiguous()
         self._gram = None
         self.begun = True
 
+    def not_ready(self, begin: bool = False) -> str:
+        """Why next_task (begin_task with `begin`) cannot run ('' when it can)."""
+        if self._gram is None:
+            return (f"DualLoRALinear.{'begin_task' if begin else 'next_task'}: no inputs were observed for the task "
+                    f"that {'begins' if begin else 'ended'}; run a pass over its data inside `with "
+                    f"{'observe_new_inputs' if begin else 'observe_inputs'}(model):` first")
+        if not begin and not self.begun:
+            return ("DualLoRALinear.next_task: begin_task did not run before the task trained, so its residual "
+                    "adapter had no subspace and did not train; run a pass over the task's data inside `with "
+                    "observe_new_inputs(model):` before training it")
+        return ""
+
     @torch.no_grad()
     def next_task(self) -> None:
-        if self._gram is None:
-            raise ValueError("DualLoRALinear.next_task: no inputs were observed for the task that ended; run a pass "
-                             "over its data inside `with observe_inputs(model):` first")
-        if not self.begun:
-            raise ValueError("DualLoRALinear.next_task: begin_task did not run before the task trained, so its "
-                             "residual adapter had no subspace and did not train; run a pass over the task's data "
-                             "inside `with observe_new_inputs(model):` before training it")
+        why = self.not_ready()
+        if why:
+            raise ValueError(why)
         self.lora_A_old.copy_(self.orthogonal_A())
         self.lora_A.zero_()
         self.res_A_old.copy_(self.residual_A())
@@ -315,9 +323,13 @@ def observe_new_inputs(model: nn.Module):
     takes the task's own input directions (`begin_task`) for its residual adapter."""
     with observe_inputs(model):
         yield model
-    for _, m in baseline_layers(model):
-        if isinstance(m, DualLoRALinear):
-            m.begin_task()
+    layers = [(n, m) for n, m in baseline_layers(model) if isinstance(m, DualLoRALinear)]
+    for name, m in layers:          # every layer checked first: on an error none has begun
+        why = m.not_ready(begin=True)
+        if why:
+            raise ValueError(f"{why} (layer {name!r}; no layer was changed)")
+    for _, m in layers:
+        m.begin_task()
 
 
 @contextlib.contextmanager
@@ -326,6 +338,9 @@ def task_branches(model: nn.Module, task: int):
     as it was when `task` trained (task-incremental evaluation, where the task id is given; the
     later branches were trained on other tasks). Other layers are untouched."""
     layers = [m for _, m in per_task_layers(model)]
+    count = min((len(m.lora_A) for m in layers), default=0)
+    if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < count:
+        raise ValueError(f"task_branches: task must be an int in [0, {count}) (the branches opened), got {task!r}")
     saved = [m.branches for m in layers]
     for m in layers:
         m.branches = task + 1
@@ -372,10 +387,26 @@ def per_task_layers(model: nn.Module) -> list:
 
 def next_task(model: nn.Module) -> None:
     """The task boundary of the baselines' layers: per_task_lora freezes every layer's current
-    branch and opens a fresh one; dual_lora folds and grows its bases."""
+    branch and opens a fresh one; dual_lora folds and grows its bases. Every layer is checked
+    first: on an error no layer has changed."""
     layers = baseline_layers(model)
     if not layers:
         raise ValueError("next_task: the model has no PerTaskLoRALinear or DualLoRALinear layers (call "
                          "inject_per_task_lora or inject_dual_lora first)")
+    for name, m in layers:
+        why = m.not_ready() if isinstance(m, DualLoRALinear) else ""
+        if why:
+            raise ValueError(f"{why} (layer {name!r}; no layer was changed)")
     for _, m in layers:
         m.next_task()
+
+
+def task_position(model: nn.Module):
+    """The task the baselines' layers are set up to train (per_task_lora: its newest branch's;
+    dual_lora: the number of tasks folded), or None when the model has none; a ValueError when
+    the layers disagree."""
+    at = {name: len(m.lora_A) - 1 if isinstance(m, PerTaskLoRALinear) else m.tasks_done
+          for name, m in baseline_layers(model)}
+    if len(set(at.values())) > 1:
+        raise ValueError(f"the baselines' layers are at different tasks: {at}")
+    return next(iter(at.values()), None)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
+import numbers
 import os
 import statistics
 import sys
@@ -140,7 +142,8 @@ def _mean(row, sizes):
 
 
 def _check_sizes(sizes, t: int):
-    if sizes is not None and (len(sizes) < t or any(not isinstance(n, int) or n < 1 for n in sizes[:t])):
+    if sizes is not None and (len(sizes) < t or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
+                                                    for n in sizes[:t])):
         raise ValueError(f"sizes must give a positive int (the task's test samples) for each of the {t} tasks, "
                          f"got {sizes!r}")
     return sizes
@@ -163,6 +166,8 @@ def average_forgetting(acc) -> float:
     t = _check_matrix(acc)
     if t < 2:
         return 0.0
+    if any(math.isnan(acc[i][j]) for i in range(t) for j in range(i + 1)):
+        return math.nan         # (max() over a NaN answers by the NaN's position: dropped or kept)
     return statistics.fmean(max(acc[l][j] for l in range(j, t - 1)) - acc[t - 1][j] for j in range(t - 1))
 
 
@@ -267,20 +272,39 @@ def frozen_reference(base: nn.Module) -> nn.Module:
 def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _HeadInput = None, *,
              device=None, amp: bool = False) -> float:
     """Accuracy on the task's test split, predicting over `allowed` classes with the model's
-    head, or with `prototypes` on the head's input (captured by `features`)."""
+    head, or with `prototypes` on the head's input (captured by `features`). The model's modules
+    are left in the modes they were in."""
+    if prototypes is not None and features is None:
+        raise ValueError("evaluate: prototypes read the head's input, so `features` (a _HeadInput on the model's "
+                         "head) must be given with them")
+    was = [(m, m.training) for m in model.modules()]
     model.eval()
     right = total = 0
-    for x, y in task.batches("test", None, device=device):   # the whole split, or the loader's default batches
-        x, y = _to(x, device), _to(y, device)
-        with _autocast(device, amp):
-            logits = model(x)
-            if prototypes is not None:
-                logits = prototypes(features.read(x))
-        pred = _masked(logits.float(), allowed).argmax(-1)
-        right += int((pred == y).sum())
-        total += y.shape[0]
-    model.train()
+    try:
+        for x, y in task.batches("test", None, device=device):   # the whole split, or the loader's default batches
+            x, y = _to(x, device), _to(y, device)
+            with _autocast(device, amp):
+                logits = model(x)
+                if prototypes is not None:
+                    logits = prototypes(features.read(x))
+            pred = _masked(logits.float(), allowed).argmax(-1)
+            right += int((pred == y).sum())
+            total += y.shape[0]
+    finally:
+        for m, training in was:
+            m.training = training
+    if not total:
+        raise ValueError("evaluate: the task's test split is empty")
     return right / total
+
+
+def _train_mode(model) -> None:
+    """model.train(), but for the BatchNorm layers that train nothing (a frozen backbone's): their
+    running statistics stay as they are, which no adapter's protection policy would keep."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
 
 
 def _to(t, device):
@@ -321,6 +345,9 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     so the factors move at full speed even while their gradient through the small new route is
     tiny, and the frozen old route drifts; with SGD the step is proportional to that gradient.
 
+    seed: the batch order's generator (`gen`); torch's global generator, which draws dropout and the
+    baselines' new branches (per_task_lora), is the caller's to seed (`run_experiment` does).
+
     Resuming: `start` tasks are done, `acc` holds their rows (at least `start` of them), `gen` the
     batch-order generator as it was after them and, with the prototype classifier, `prototypes`
     the head they built (a fresh one would know none of their classes); `on_task(i, acc,
@@ -355,6 +382,25 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     if start and classifier == "prototype" and prototypes is None:
         raise ValueError(f"train_sequence: resuming after {start} task(s) with the prototype classifier needs the "
                          f"`prototypes` they built (a fresh head knows none of their classes)")
+    if prototypes is not None:
+        known = sorted(c for t in tasks[start:] for c in t.classes if float(prototypes.counts[c]) > 0)
+        if known:
+            raise ValueError(f"train_sequence: the prototypes given already hold classes {known[:8]} of the tasks to "
+                             f"train (from {start} on); their means would be added to again: pass a fresh "
+                             f"PrototypeHead (or, resuming, the one saved with the tasks done)")
+    if epochs:
+        single = [i for i, t in enumerate(tasks) if i >= start and len(t.classes) < 2]
+        if single:
+            raise ValueError(f"train_sequence: task(s) {single[:8]} have one class: the cross-entropy over a task's "
+                             f"classes is then 0 and nothing would train (give each task two classes or more)")
+    if start and boundary is not None:
+        from .baselines import task_position
+        position = task_position(model)
+        if position == start - 1:       # a sequence run in two calls: the first ended without the boundary
+            boundary(model)
+        elif position is not None and position != start:
+            raise ValueError(f"train_sequence: start={start}, but the model's baseline layers are set up to train "
+                             f"task {position}")
     if classifier == "prototype" and prototypes is None:
         prototypes = PrototypeHead(head_mod.out_features, feature_dim(head_mod, reference)).to(head_mod.weight.device)
     from tqdm import tqdm
@@ -363,7 +409,7 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
         raise ValueError("train_sequence: a reference model feeds the prototype head; classifier is 'linear'")
     features = _HeadInput(head_mod, reference, head)
     acc = [list(row) for row in (acc or [])][:start]
-    model.train()
+    _train_mode(model)
     try:
         for i, task in enumerate(tasks):
             if i < start:
@@ -374,7 +420,7 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                     for x, _ in task.batches("train", 256, device=device):
                         with _autocast(device, amp):
                             model(_to(x, device))
-                model.train()
+                _train_mode(model)
             params = [p for p in model.parameters() if p.requires_grad]
             if epochs and not params:
                 raise ValueError("the model has no trainable parameters")
@@ -416,7 +462,7 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                         model(x)
                         if prototypes is not None:
                             prototypes.add(features.read(x).float(), _to(y, device))
-            model.train()
+            _train_mode(model)
             if clora:
                 end_task(model)
             seen = [c for t in tasks[:i + 1] for c in t.classes]
@@ -515,6 +561,8 @@ def build_method(base: nn.Module, method: str, rank: int, protect_energy: float,
                  project_energy: float = 0.99, *, targets=("fc1", "fc2"), head: str = "head", backend: str = "torch"):
     """(model, uses_clora) for one method, from a copy of the pre-trained base: C-LoRA on
     `targets` (inject_clora's forms), the classifier module `head` trainable."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     model = copy.deepcopy(base)
     model.requires_grad_(True)
     if method == "full_ft":
@@ -597,7 +645,9 @@ def run_joint(model, tasks, args, seed, progress, *, head: str = "head", prototy
 
 
 def run_experiment(args, progress=True, on_method=None) -> dict:
-    """The digits experiment: every method × seed (args from build_parser; defaults filled here)."""
+    """The digits experiment: every method × seed (args from build_parser; defaults filled here, on a
+    copy: a second call with other settings gets their defaults)."""
+    args = copy.copy(args)
     _fill_defaults(args)
     pre, tasks = digits_splits(task_classes=class_order(args.class_order_seed), data_seed=args.data_seed)
     methods = {}
@@ -647,7 +697,7 @@ def summarize(method: str, per_seed: list, seconds: list, extra: list, t: int, s
         out = {"last_acc": _stats([statistics.fmean(a) for a in per_seed]), "inc_acc": None, "forgetting": None,
                "acc_last_row": [statistics.fmean(a[j] for a in per_seed) for j in range(t)], "acc_rows": per_seed}
         if sizes is not None:
-            out["last_acc_samples"] = _stats([_mean(a, sizes) for a in per_seed])
+            out["last_acc_samples"] = _stats([_mean(a, _check_sizes(sizes, t)) for a in per_seed])
     else:
         mean_matrix = [[statistics.fmean(a[i][j] for a in per_seed) for j in range(i + 1)] for i in range(t)]
         out = {"last_acc": _stats([last_accuracy(a) for a in per_seed]),

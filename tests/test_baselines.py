@@ -283,3 +283,46 @@ def test_dual_lora_run_checkpoint_resumes_the_same_layer(tmp_path, seed):
     assert torch.equal(fresh(x), model(x)) and fresh[0].bases.shape == model[0].bases.shape
     assert [n for n, p in fresh.named_parameters() if p.requires_grad] == \
         [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_a_sequence_trained_in_two_calls_equals_one_call(seed):
+    """train_sequence's `start` with a first call that ended at its last task: that call ran no boundary, so
+    per_task_lora's tasks 1 and 2 shared a branch (task 1's 'frozen' branch was trained again). The second
+    call runs the boundary it finds pending: the matrices and branches equal one call's."""
+    _, tasks = cc.digits_splits()
+    tasks = tasks[:4]
+    kw = dict(setting="task-il", epochs=1, classifier="linear", clora=False, progress=False,
+              **cc.method_hooks("per_task_lora"))
+    runs = []
+    for split in (False, True):
+        torch.manual_seed(seed)
+        model = cc.build_method(cc.MLP(), "per_task_lora", 4, 0.9, False, 0.99)[0]
+        gen = torch.Generator().manual_seed(0)
+        if split:
+            acc = cc.train_sequence(model, tasks[:2], gen=gen, **kw)
+            acc = cc.train_sequence(model, tasks, start=2, acc=acc, gen=gen, **kw)
+        else:
+            acc = cc.train_sequence(model, tasks, gen=gen, **kw)
+        runs.append((acc, [len(m.lora_A) for _, m in per_task_layers(model)]))
+    assert runs[0] == runs[1] and runs[1][1] == [4, 4]
+    with pytest.raises(ValueError, match=r"set up to train task 3"):
+        cc.train_sequence(model, tasks, start=1, acc=runs[1][0], **kw)
+    with pytest.raises(ValueError, match=r"task must be an int in \[0, 4\)"):
+        with task_branches(model, 4):
+            pass
+
+
+def test_a_refused_dual_lora_boundary_changes_no_layer(seed):
+    model = inject_dual_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), ["0", "2"], rank=2)
+    x = torch.randn(32, 8)
+    with torch.no_grad(), observe_new_inputs(model):
+        model(x)
+    with torch.no_grad(), observe_inputs(model):
+        model[0](x)                     # the pass reached one layer of two
+    with pytest.raises(ValueError, match=r"no inputs were observed .* \(layer '2'; no layer was changed\)"):
+        next_task(model)
+    assert [m.tasks_done for m in (model[0], model[2])] == [0, 0]
+    with torch.no_grad(), observe_inputs(model):
+        model(x)
+    next_task(model)                    # the retry the message asks for
+    assert [m.tasks_done for m in (model[0], model[2])] == [1, 1]

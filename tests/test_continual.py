@@ -3,6 +3,8 @@ prototype head, and the recommended recipe's targets against sequential LoRA on 
 import json
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -307,3 +309,43 @@ def test_readme_recipe_runs_as_written():
     with torch.no_grad():
         acc = [float((env["predict"](t.test_x) == t.test_y).float().mean()) for t in tasks[:2]]
     assert min(acc) > 0.8, acc
+
+
+# ---- cases a review of the harness's Python API found (each fails without its fix) ---------------------
+def test_harness_refuses_what_would_silently_go_wrong():
+    tasks = _tasks()
+    with pytest.raises(ValueError, match="method must be one of .* got 'clora_projet'"):
+        cc.build_method(cc.MLP(), "clora_projet", 4, 0.9, False, 0.99)          # it built clora_soft
+    model = ck.inject_clora(cc.MLP(), target_modules=("fc1", "fc2"), rank=4)
+    one = cc.Task((4,), tasks[2].train_x[tasks[2].train_y == 4], tasks[2].train_y[tasks[2].train_y == 4],
+                  tasks[2].test_x[tasks[2].test_y == 4], tasks[2].test_y[tasks[2].test_y == 4])
+    with pytest.raises(ValueError, match=r"task\(s\) \[1\] have one class"):       # its masked loss is 0
+        cc.train_sequence(model, [tasks[0], one], epochs=1, progress=False, classifier="linear")
+    head = cc.PrototypeHead(10, 128)
+    cc.train_sequence(ck.inject_clora(cc.MLP(), ("fc1", "fc2"), rank=4), tasks[:2], epochs=0, prototypes=head,
+                      progress=False)
+    with pytest.raises(ValueError, match=r"prototypes given already hold classes \[0, 1, 2, 3\]"):
+        cc.train_sequence(model, tasks[:2], epochs=0, prototypes=head, progress=False)     # summed twice
+    assert math.isnan(cc.average_forgetting([[0.9], [math.nan, 0.8], [0.5, 0.7, 1.0]]))  # (it dropped the NaN)
+    assert cc.last_accuracy([[0.5], [0.5, 1.0]], sizes=[np.int64(30), np.int64(10)]) == 0.625
+    with pytest.raises(ValueError, match="sizes must give"):
+        cc.summarize("joint", [[0.5, 0.5, 0.5]], [1.0], [0], 3, sizes=[30, 10])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_evaluate_leaves_modes_and_a_frozen_batchnorm_keeps_its_statistics():
+    tasks = _tasks()
+
+    class Net(cc.MLP):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.BatchNorm1d(128)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.norm(self.fc2(torch.relu(self.fc1(x))))))
+    model = ck.inject_clora(Net(), target_modules=("fc1", "fc2"), rank=4).eval()
+    cc.evaluate(model, tasks[0], tasks[0].classes)
+    assert not any(m.training for m in model.modules())        # (evaluate left it in train mode)
+    stats = model.norm.running_mean.clone()
+    cc.train_sequence(model, tasks[:2], epochs=1, classifier="linear", progress=False)
+    assert torch.equal(model.norm.running_mean, stats)          # a frozen backbone's statistics stay
