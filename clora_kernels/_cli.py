@@ -36,6 +36,21 @@ def dtype_name(name, device: torch.device) -> str:
     return name or ("bf16" if device.type == "cuda" else "fp32")
 
 
+_REGEX_CHARS = set("^$*+?()[]{}|\\")
+
+
+def target_modules(values):
+    """--targets as inject_clora takes it: names (a list, the suffix rule), or one value that is
+    'all-linear' or a regex (it holds one of ^$*+?()[]{}|\\) as a string; None stays None."""
+    if values is not None and len(values) == 1 and (values[0].lower() == "all-linear" or _REGEX_CHARS & set(values[0])):
+        return values[0]
+    return values
+
+
+TARGETS_HELP = ("inject_clora's target_modules: layer names (a name matches a layer's full name or its last "
+                "components), or one regex on the full name, or 'all-linear'")
+
+
 def positive_int(text):
     v = int(text)
     if v <= 0:

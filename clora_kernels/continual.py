@@ -771,8 +771,8 @@ def build_parser():
                     help="timm's pretrained weights (default: on)")
     ap.add_argument("--image-size", type=_cli.positive_int, default=None, help="input size (default: the model's)")
     ap.add_argument("--targets", nargs="+", default=None,
-                    help="inject_clora's target_modules (default: fc1 fc2 for digits, qkv proj fc1 fc2 for images, "
-                         "the text model's own for wiki-topics)")
+                    help=_cli.TARGETS_HELP + " (default: fc1 fc2 for digits, qkv proj fc1 fc2 for images, the text "
+                         "model's own for wiki-topics)")
     ap.add_argument("--batch-size", type=_cli.positive_int, default=None,
                     help="default: 32 for digits, 64 for images, 16 for wiki-topics")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -889,6 +889,7 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     args.argv = argv
+    args.targets = _cli.target_modules(args.targets)
     given = _given(argv)
     _fill_defaults(args)
     images = args.dataset != "digits"

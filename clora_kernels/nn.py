@@ -13,6 +13,7 @@ import math
 import numbers
 import re
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -657,8 +658,8 @@ def _output_heads(model: nn.Module) -> set:
                 head = fn() if callable(fn) else None
             except Exception:           # a model whose getter is not implemented has no such head
                 head = None
-            if isinstance(head, nn.Module):
-                found.append(head)
+            # (distilled models, timm's DeiT / LeViT / EfficientFormer / PiT: a tuple (head, head_dist))
+            found.extend(h for h in (head if isinstance(head, (tuple, list)) else (head,)) if isinstance(h, nn.Module))
     heads.update(n for n, m in model.named_modules() if any(m is h for h in found))
     heads.update(n for n, _ in model.named_children() if n in _HEAD_NAMES)
     return {n for h in heads for n, _ in model.named_modules() if n == h or n.startswith(h + ".")}
@@ -718,6 +719,14 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
     replacement is built first: if one fails (a rank too large for one layer, say), the model
     is left as it was."""
     names = select_targets(model, target_modules, exclude_modules)
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear" and isinstance(rank, int):
+        # layers narrower than the rank (a 2 -> 512 relative-position MLP: SwinV2, ViT-RelPos, MaxViT-RMLP)
+        # cannot hold a rank-r adapter here; "all-linear" leaves them out and says so (a name asks for them)
+        small = [n for n in names if min(model.get_submodule(n).weight.shape) < rank]
+        if small:
+            warnings.warn(f"inject_clora: 'all-linear' leaves out {len(small)} layer(s) narrower than rank={rank} "
+                          f"(min(in, out) < rank): {small[:8]}", UserWarning, stacklevel=2)
+            names = [n for n in names if n not in small]
     if not names:
         done = [n for n, m in model.named_modules() if isinstance(m, CLoRALinear)]
         if done:
@@ -752,7 +761,19 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
             p.requires_grad_(False)
     for name, layer in new:
         _replace(model, name, layer)
+        parent, _, child = name.rpartition(".")
+        _call_qkv(model.get_submodule(parent), child)
     return model
+
+
+def _call_qkv(parent: nn.Module, child: str) -> None:
+    """timm's BEiT, EVA and SwinV2 attention with q/v biases computes F.linear(x, self.qkv.weight, bias)
+    and never calls its qkv module (qkv_bias_separate=False), so an adapter there would never run (its
+    lora_B would get no gradient). Their own option to call it, then add the bias, is set: the same
+    output to rounding."""
+    if child == "qkv" and getattr(parent, "qkv_bias_separate", None) is False \
+            and getattr(parent, "q_bias", None) is not None:
+        parent.qkv_bias_separate = True
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

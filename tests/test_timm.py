@@ -29,3 +29,52 @@ def test_vit_inject_forward_backward(seed, name):
     assert with_grad == expected
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
                for n, p in model.named_parameters() if n in expected)
+
+
+# ---- cases a review of the timm integration found (each fails without its fix) -----------------------
+def test_all_linear_skips_a_distilled_models_two_heads():
+    """timm's distilled models (DeiT, LeViT, EfficientFormer, PiT) answer get_classifier() with a tuple
+    (head, head_dist): the tuple was dropped, so head_dist was adapted."""
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              num_classes=5)
+    ck.inject_clora(model, "all-linear", rank=2)
+    adapted = {n for n, _ in ck.nn.clora_layers(model)}
+    assert adapted and not adapted & {"head", "head_dist"}
+
+
+def test_all_linear_leaves_out_layers_narrower_than_the_rank_and_says_so():
+    """SwinV2's relative-position MLP starts with a 2 -> 512 layer: 'all-linear' at rank 4 refused the whole
+    model. It leaves those layers out with a warning; a name that asks for one still gets the error."""
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=64, depths=(1, 1, 1, 1),
+                              num_classes=5)
+    with pytest.warns(UserWarning, match=r"'all-linear' leaves out \d+ layer\(s\) narrower than rank=4 .*cpb_mlp\.0"):
+        ck.inject_clora(model, "all-linear", rank=4)
+    adapted = {n for n, _ in ck.nn.clora_layers(model)}
+    assert "layers.0.blocks.0.attn.qkv" in adapted and not any(n.endswith("cpb_mlp.0") for n in adapted)
+    with pytest.raises(ValueError, match=r"layer 'layers.0.blocks.0.attn.cpb_mlp.0': rank must be"):
+        ck.inject_clora(timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=64,
+                                          depths=(1, 1, 1, 1)), ["cpb_mlp.0"], rank=4)
+
+
+def test_beit_qkv_adapter_runs(seed):
+    """BEiT / EVA / SwinV2 attention with q/v biases computed F.linear(x, self.qkv.weight, bias) without
+    calling its qkv module: the adapter there never ran and its lora_B got no gradient."""
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              embed_dim=32, num_heads=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    ck.inject_clora(model, ["qkv"], rank=2)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5, rtol=1e-5)
+    model(x).square().sum().backward()
+    layer = model.blocks[0].attn.qkv
+    assert float(layer.lora_B.grad.abs().sum()) > 0
+
+
+def test_cli_targets_take_all_linear_and_a_regex():
+    from clora_kernels import _cli
+    assert _cli.target_modules(["all-linear"]) == "all-linear"
+    assert _cli.target_modules([r"blocks\.0\..*"]) == r"blocks\.0\..*"
+    assert _cli.target_modules(["qkv", "proj"]) == ["qkv", "proj"] and _cli.target_modules(["qkv"]) == ["qkv"]
+    assert _cli.target_modules(None) is None
