@@ -353,16 +353,17 @@ def task_branches(model: nn.Module, task: int):
 
 def inject_per_task_lora(model: nn.Module, target_modules, rank: int = 16, alpha=None) -> nn.Module:
     """Wrap the targeted nn.Linear layers (inject_clora's forms) in PerTaskLoRALinear; freeze the rest."""
-    return _inject(model, target_modules, lambda m: PerTaskLoRALinear(m, rank, alpha), "inject_per_task_lora")
+    return _inject(model, target_modules, lambda m: PerTaskLoRALinear(m, rank, alpha), "inject_per_task_lora", rank)
 
 
 def inject_dual_lora(model: nn.Module, target_modules, rank: int = 16, alpha=None, energy: float = 0.99) -> nn.Module:
     """Wrap the targeted nn.Linear layers (inject_clora's forms) in DualLoRALinear; freeze the rest."""
-    return _inject(model, target_modules, lambda m: DualLoRALinear(m, rank, alpha, energy), "inject_dual_lora")
+    return _inject(model, target_modules, lambda m: DualLoRALinear(m, rank, alpha, energy), "inject_dual_lora",
+                   rank)
 
 
-def _inject(model, target_modules, make, what: str) -> nn.Module:
-    names = [n for n in select_targets(model, target_modules) if type(model.get_submodule(n)) is nn.Linear]
+def _inject(model, target_modules, make, what: str, rank: int) -> nn.Module:
+    names = [n for n in select_targets(model, target_modules, rank=rank) if type(model.get_submodule(n)) is nn.Linear]
     if not names:
         raise ValueError(f"{what}: no nn.Linear matches target_modules={target_modules!r}")
     new = [(n, make(model.get_submodule(n))) for n in names]     # every layer built before any is replaced

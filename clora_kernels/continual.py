@@ -303,7 +303,8 @@ def _train_mode(model) -> None:
     running statistics stay as they are, which no adapter's protection policy would keep."""
     model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+        params = list(m.parameters())       # (affine=False: no parameters to say whether it is frozen)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
             m.eval()
 
 
@@ -393,7 +394,7 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
         if single:
             raise ValueError(f"train_sequence: task(s) {single[:8]} have one class: the cross-entropy over a task's "
                              f"classes is then 0 and nothing would train (give each task two classes or more)")
-    if start and boundary is not None:
+    if 0 < start < len(tasks) and boundary is not None:     # (start = len(tasks): a finished run, nothing to do)
         from .baselines import task_position
         position = task_position(model)
         if position == start - 1:       # a sequence run in two calls: the first ended without the boundary
@@ -924,7 +925,10 @@ def main(argv=None) -> int:
             ap.error(f"argument --rank: the digits layers have 64 and 128 features, so rank must be <= 64, "
                      f"got {args.rank}")
         from .nn import select_targets
-        chosen = select_targets(MLP(), args.targets)
+        try:
+            chosen = select_targets(MLP(), args.targets)
+        except (TypeError, ValueError) as exc:
+            ap.error(f"argument --targets: {exc}")
         if "head" in chosen:
             ap.error(f"argument --targets: {args.targets} names the classifier 'head', which every method trains in "
                      f"full (or replaces by prototypes); target the layers before it")

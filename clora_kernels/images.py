@@ -433,9 +433,10 @@ def prepare(args, progress: bool = True, log=print) -> dict:
     tasks = args.tasks or DEFAULT_TASKS[args.dataset]
     if tasks is None:
         raise DataError(f"--dataset {args.dataset} needs --tasks N (its {len(names)} classes split into N tasks)")
-    if tasks > len(names) or len(names) % tasks:
+    if tasks * 2 > len(names) or len(names) % tasks:
         raise DataError(f"--tasks {tasks}: the {len(names)} classes of --dataset {args.dataset} do not split into "
-                        f"{tasks} tasks of equal size (use a divisor of {len(names)})")
+                        f"{tasks} tasks of equal size and two classes at least (use a divisor of {len(names)} "
+                        f"up to {len(names) // 2})")
     args.tasks = tasks
     if args.dataset == "mnist5k":
         base, info = animal_mnist_backbone(progress, log)
@@ -457,7 +458,10 @@ def _check_model(base, head: str, task, args) -> None:
     """What would fail only after a method trained: targets that match nothing, a rank too large
     for a targeted layer, a forward that fails at this image size. One batch goes through."""
     from .nn import select_targets
-    chosen = select_targets(base, args.targets)
+    try:
+        chosen = select_targets(base, args.targets, rank=args.rank, warn=False)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"--targets: {exc}") from None
     if head in chosen:
         raise DataError(f"--targets {args.targets} names the classifier {head!r}, which every method trains in full "
                         f"(or replaces by prototypes); target the layers before it")

@@ -39,7 +39,8 @@ _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "lora_bias": 
                 "alora_invocation_tokens": (None, ()), "use_bdlora": (None, False),
                 # KaSA (a truncated base, singular values), MonteCLoRA (sampled factors), Arrow (routing
                 # between adapters at inference): PEFT 0.21's options that change what the adapter computes
-                "kasa_config": (None, {}), "monteclora_config": (None, {}), "arrow_config": (None, {})}
+                # ({} is not "unset" there: PEFT makes it the option's default config, which turns it on)
+                "kasa_config": (None,), "monteclora_config": (None,), "arrow_config": (None,)}
 # initialisations that leave the base weights as they are; the others (PiSSA, OLoRA, CorDA, LoftQ,
 # LoRA-GA) train the adapter against a modified base, which PEFT rebuilds on load and this does not
 _BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal")
@@ -63,7 +64,8 @@ def _read_config(directory) -> dict:
                          f"{config.get('peft_type') if isinstance(config, dict) else config!r}")
     for option, unused in _UNSUPPORTED.items():
         value = config.get(option, unused[0])
-        if value not in unused and not (isinstance(value, (list, tuple, dict)) and not value):
+        if value not in unused and not (isinstance(value, (list, tuple, dict)) and not value
+                                        and option not in ("kasa_config", "monteclora_config", "arrow_config")):
             raise ValueError(f"{path}: option {option}={value!r} is not supported by C-LoRA layers "
                              f"(supported: plain LoRA, with use_rslora, any lora_dropout, modules_to_save)")
     init = config.get("init_lora_weights", True)

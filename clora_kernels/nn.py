@@ -173,8 +173,7 @@ class CLoRALinear(nn.Linear):
             if value not in _MODES:
                 raise ValueError(f"mode must be 'soft' or 'hard', got {value!r}")
             switch = value == "hard" and self.mode == "soft" and self.task_index > 0 and "_loading" not in self.__dict__
-            if switch and self.merged and getattr(self, "_merged_adapter", None) is None:
-                self._merged_adapter = self._merge_memo()   # (merged elsewhere: unmerge takes out the soft delta)
+            self._remember_merged()
             super().__setattr__(name, value)
             if switch:
                 with torch.no_grad():
@@ -183,6 +182,7 @@ class CLoRALinear(nn.Linear):
         # alpha and scaling = alpha / rank are one setting: writing either sets the other (as floats), so
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
         if name in ("alpha", "scaling") and "rank" in self.__dict__ and isinstance(value, numbers.Real):
+            self._remember_merged()
             value, rank = float(value), self.__dict__["rank"]
             other = ("scaling", value / rank) if name == "alpha" else ("alpha", value * rank)
             self.__dict__[other[0]] = other[1]
@@ -328,6 +328,14 @@ class CLoRALinear(nn.Linear):
         named = (("lora_A", _full(self.lora_A)), ("lora_B", _full(self.lora_B)), ("routing_old", self.routing_old),
                  ("routing_delta", _full(self.routing_delta)), ("projection", self.projection))
         return ", ".join(n for n, t in named if not bool(torch.isfinite(t).all()))
+
+    def _remember_merged(self) -> None:
+        """Before the mode or the scaling changes: a layer merged elsewhere (loaded merged) has no memory
+        of what was merged, so unmerge would take out the delta of the new setting; it remembers the
+        delta it holds now (not while a load sets them: the loaded state's own)."""
+        d = self.__dict__
+        if d.get("merged") and d.get("_merged_adapter") is None and "_loading" not in d:
+            self._merged_adapter = self._merge_memo()
 
     def _merge_memo(self) -> tuple:
         """What merge remembers: the adapter's small tensors as they are, the scaling and the mode."""
@@ -692,16 +700,27 @@ def _candidates(model: nn.Module) -> str:
     return "; ".join(f"{t} ({len(ns)}): {ns[:6]}" for t, ns in by_type.items()) or "none"
 
 
-def select_targets(model: nn.Module, target_modules, exclude_modules=None) -> list:
+def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=None, warn: bool = True) -> list:
     """Names of the linear-like layers (nn.Linear, transformers Conv1D) that inject_clora
-    would replace, in module order (see inject_clora for the forms)."""
-    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+    would replace, in module order (see inject_clora for the forms). With `rank`, "all-linear"
+    leaves out the layers narrower than it (min(in, out) < rank: SwinV2's 2 -> 512 relative-position
+    MLP cannot hold a rank-r adapter here; PEFT adapts it with a rank above its size), and warns
+    naming them (with `warn`); a name or regex that asks for one keeps it, and the layer refuses."""
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+    if all_linear:
         heads = _output_heads(model)
         chosen = lambda name: name not in heads     # noqa: E731
     else:
         chosen = _name_selector(target_modules, "target_modules")
     excluded = (lambda name: False) if exclude_modules is None else _name_selector(exclude_modules, "exclude_modules")
-    return [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
+    names = [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
+    if all_linear and isinstance(rank, int) and not isinstance(rank, bool):
+        small = [n for n in names if min(model.get_submodule(n).weight.shape) < rank]
+        if small and warn:
+            warnings.warn(f"'all-linear' leaves out {len(small)} layer(s) narrower than rank={rank} "
+                          f"(min(in, out) < rank): {small[:8]}", UserWarning, stacklevel=3)
+        names = [n for n in names if n not in small]
+    return names
 
 
 def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"), rank: int = 16,
@@ -718,15 +737,7 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
     `exclude_modules` (a list or a regex, as above) removes layers from the selection. Every
     replacement is built first: if one fails (a rank too large for one layer, say), the model
     is left as it was."""
-    names = select_targets(model, target_modules, exclude_modules)
-    if isinstance(target_modules, str) and target_modules.lower() == "all-linear" and isinstance(rank, int):
-        # layers narrower than the rank (a 2 -> 512 relative-position MLP: SwinV2, ViT-RelPos, MaxViT-RMLP)
-        # cannot hold a rank-r adapter here; "all-linear" leaves them out and says so (a name asks for them)
-        small = [n for n in names if min(model.get_submodule(n).weight.shape) < rank]
-        if small:
-            warnings.warn(f"inject_clora: 'all-linear' leaves out {len(small)} layer(s) narrower than rank={rank} "
-                          f"(min(in, out) < rank): {small[:8]}", UserWarning, stacklevel=2)
-            names = [n for n in names if n not in small]
+    names = select_targets(model, target_modules, exclude_modules, rank=rank)
     if not names:
         done = [n for n, m in model.named_modules() if isinstance(m, CLoRALinear)]
         if done:
@@ -761,8 +772,6 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
             p.requires_grad_(False)
     for name, layer in new:
         _replace(model, name, layer)
-        parent, _, child = name.rpartition(".")
-        _call_qkv(model.get_submodule(parent), child)
     return model
 
 
@@ -777,8 +786,11 @@ def _call_qkv(parent: nn.Module, child: str) -> None:
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at `name` (every adapter's injection, and merge_and_unload's plain layers)."""
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+    _call_qkv(parent, child)
 
 
 def end_task(model: nn.Module) -> None:

@@ -51,6 +51,8 @@ from torch import Tensor
 
 from .functional import _autocasting
 
+_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)    # what autocast casts (float64 it leaves)
+
 _STEPS = [0]          # optimizer steps taken in this process (a global step hook counts them)
 _HOOK = []
 
@@ -299,7 +301,7 @@ class Project(Protection):
 
     def observe(self, layer, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != layer.in_features or not (
-                x.dtype == layer.lora_A.dtype or _autocasting(x)):
+                x.dtype == layer.lora_A.dtype or (x.dtype in _AUTOCAST_CASTS and _autocasting(x))):
             return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)
         x = x.detach().reshape(-1, x.shape[-1])
         if layer._observed is None:     # fp32 at least, fp64 layers in fp64

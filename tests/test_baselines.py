@@ -305,6 +305,8 @@ def test_a_sequence_trained_in_two_calls_equals_one_call(seed):
             acc = cc.train_sequence(model, tasks, gen=gen, **kw)
         runs.append((acc, [len(m.lora_A) for _, m in per_task_layers(model)]))
     assert runs[0] == runs[1] and runs[1][1] == [4, 4]
+    again = cc.train_sequence(model, tasks, start=4, acc=runs[1][0], **kw)     # a finished run resumed: nothing
+    assert again == runs[1][0] and [len(m.lora_A) for _, m in per_task_layers(model)] == [4, 4]
     with pytest.raises(ValueError, match=r"set up to train task 3"):
         cc.train_sequence(model, tasks, start=1, acc=runs[1][0], **kw)
     with pytest.raises(ValueError, match=r"task must be an int in \[0, 4\)"):

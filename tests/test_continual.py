@@ -227,6 +227,7 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys):
                        (["--head-lr", "0"], "--head-lr"), (["--features", "both"], "--features"),
                        (["--features", "concat", "--classifier", "linear"], "--features"),
                        (["--targets", "fc1", "head"], "--targets: ['fc1', 'head'] names the classifier"),
+                       (["--targets", "fc[1"], "--targets: target_modules='fc[1' is not a valid regular"),
                        (["--language", "fr-fr"], "--language: only for --dataset wiki-topics"),
                        (["--language", "en-us"], "--language: only for --dataset wiki-topics"),     # (its default)
                        (["--max-tokens", "3"], "--max-tokens: only for --dataset wiki-topics"),

@@ -671,3 +671,13 @@ def test_a_switch_to_hard_keeps_unmerge_of_a_layer_merged_elsewhere(seed):
     layer.mode = "hard"
     layer.unmerge()
     assert rel_err(layer.weight, base) < 1e-6
+    for change in (dict(alpha=7.0), dict(mode="soft")):     # any change of what the delta is
+        other = CLoRALinear(12, 10, rank=3, protection="paper", mode="hard" if "mode" in change else "soft")
+        src.mode = other.mode
+        src.merge()
+        other.load_state_dict(src.state_dict())
+        src.unmerge()
+        for k, v in change.items():
+            setattr(other, k, v)
+        other.unmerge()
+        assert rel_err(other.weight, base) < 1e-6, change

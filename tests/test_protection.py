@@ -556,3 +556,7 @@ def test_observe_skips_an_input_the_layer_refuses_and_keeps_its_gram(seed):
             layer(x.double())
         layer(x)
     assert layer._observed_rows == 40 and rel_err(layer._observed, 2 * x.t() @ x) < 1e-6
+    with ck.observe_task(layer), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="dtype mismatch"):
+            layer(x.double())             # autocast leaves float64 alone: the forward refuses it
+    assert layer._observed_rows == 40         # (it was counted)

@@ -70,6 +70,12 @@ def test_beit_qkv_adapter_runs(seed):
     model(x).square().sum().backward()
     layer = model.blocks[0].attn.qkv
     assert float(layer.lora_B.grad.abs().sum()) > 0
+    from clora_kernels.baselines import inject_per_task_lora
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                             embed_dim=32, num_heads=2, num_classes=5).eval()
+    inject_per_task_lora(beit, ["qkv"], rank=2)        # a baseline's layer has no weight: it must be called
+    with torch.no_grad():
+        assert beit(x).shape == (2, 5)
 
 
 def test_cli_targets_take_all_linear_and_a_regex():
