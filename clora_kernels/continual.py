@@ -1,6 +1,7 @@
-"""Continual learning with C-LoRA: a task loop, the standard metrics, and `clora-continual`, a
-real-data experiment on scikit-learn's digits (shipped in clora_kernels/data; nothing is
-downloaded).
+"""Continual learning with C-LoRA: a task loop, the standard metrics, and `clora-continual`, the
+experiments on real data: scikit-learn's digits (the default), mnist5k and wiki-topics (shipped
+or installed; nothing is downloaded), cifar100, imagenet-r and an image folder (only --download
+fetches anything).
 
 Task loop (`train_sequence`): for each task, train with the task loss (+ lambda_orth ·
 orthogonality_loss for C-LoRA), then one pass over the task's training data (inside

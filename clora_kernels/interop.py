@@ -8,7 +8,8 @@ task's state (R_old = 0, R_delta = I, P = I), from which continual training goes
 
 The directory layout is PEFT's `save_pretrained`: adapter_config.json and adapter_model.safetensors,
 tensors named base_model.model.<module name>.lora_A.weight / .lora_B.weight, and the whole
-modules of `modules_to_save` (a trained head, say) as base_model.model.<module name>.<parameter>.
+modules of `modules_to_save` (a trained head, say) as base_model.model.<module name>.<parameter or
+buffer>.
 PEFT itself is not needed to read or write it (the tests check the files with PEFT).
 """
 from __future__ import annotations
@@ -138,6 +139,11 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             raise ValueError(f"{directory}: modules_to_save tensor {key!r} of shape {tuple(value.shape)} has no "
                              f"parameter or buffer of that shape in the model"
                              + (f" (the model's is {tuple(own[param].shape)})" if param in own else ""))
+        holder = _saved_module(param, saved_modules)
+        adapted = [n for n in layer_names if n == holder or n.startswith(holder + ".")]
+        if adapted:
+            raise ValueError(f"{directory}: modules_to_save module {holder!r} holds the C-LoRA layer(s) "
+                             f"{sorted(adapted)[:8]}; a module is either adapted or stored whole, not both")
         whole[param] = value
     if any(t.is_meta for _, m in layers for t in (m.weight, m.lora_A)) or any(own[p].is_meta for p in whole):
         raise ValueError(f"{directory}: the model's tensors are on the meta device, where a load writes nothing: "

@@ -64,7 +64,8 @@ def _count_step(optimizer, args, kwargs) -> None:
 def _watch_optimizer_steps() -> None:
     """Fused optimizers write parameters without bumping their version counters, so the project
     policy also re-enforces after every optimizer step of the process (one global post-step hook,
-    registered when the first such layer is made)."""
+    registered when the first such layer is made or loaded, and at a layer's first enforce: an
+    unpickled layer was neither)."""
     if not _HOOK:
         from torch.optim.optimizer import register_optimizer_step_post_hook
         _HOOK.append(register_optimizer_step_post_hook(_count_step))

@@ -683,3 +683,13 @@ def test_transformers_save_pretrained_and_safetensors_take_the_state_dict(tmp_pa
     half = ck.inject_clora(_gpt2(), target_modules=["c_attn"], rank=2).to(torch.bfloat16)
     half.load_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()})     # a state_dict cast whole
     assert all(m.task_index == 1 for _, m in clora_layers(half))
+
+
+def test_load_peft_adapter_refuses_modules_to_save_holding_an_adapted_layer(tmp_path, seed):
+    """It loaded the module's saved weight into the C-LoRA layer's base (a new tensor): a module is either
+    adapted or stored whole."""
+    base = _headed()
+    _peft_headed(base, tmp_path)
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["body", "out"], rank=3)
+    with pytest.raises(ValueError, match=r"modules_to_save module 'head' holds the C-LoRA layer\(s\) \['head.out'\]"):
+        ck.load_peft_adapter(model, tmp_path)
