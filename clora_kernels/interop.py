@@ -131,7 +131,8 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         if key.startswith(_PREFIX) and layer in layer_names and base in ("weight", "bias"):
             skipped[param] = (layer, base, value)       # PEFT's save_embedding_layers: the base, checked below
             continue
-        if not (key.startswith(_PREFIX) and _saved_module(param, saved_modules)):
+        holder = _saved_module(param, saved_modules) if key.startswith(_PREFIX) else ""
+        if not holder:
             raise ValueError(f"{directory}: tensor {key!r} is not a LoRA factor "
                              f"({_PREFIX}<module>.lora_A.weight / .lora_B.weight) nor part of modules_to_save "
                              f"{saved_modules}; not supported")
@@ -139,7 +140,6 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             raise ValueError(f"{directory}: modules_to_save tensor {key!r} of shape {tuple(value.shape)} has no "
                              f"parameter or buffer of that shape in the model"
                              + (f" (the model's is {tuple(own[param].shape)})" if param in own else ""))
-        holder = _saved_module(param, saved_modules)
         adapted = [n for n in layer_names if n == holder or n.startswith(holder + ".")]
         if adapted:
             raise ValueError(f"{directory}: modules_to_save module {holder!r} holds the C-LoRA layer(s) "
