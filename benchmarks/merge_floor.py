@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             for rnd in range(args.rounds):
                 for name in (names if rnd % 2 == 0 else names[::-1]):
-                    t = benchmark.Timer("f()", globals={"f": fns[name]}).blocked_autorange(min_run_time=args.min_time)
+                    t = benchmark.Timer("f()", globals={"f": fns[name]}, num_threads=torch.get_num_threads()) \
+                        .blocked_autorange(min_run_time=args.min_time)
                     best[name] = min(best[name], t.median * 1e6)
         for name in names[1:]:
             ratios[name].append(best[name] / best["merged"])

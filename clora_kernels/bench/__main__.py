@@ -99,6 +99,7 @@ def run(args) -> dict:
         print(f"clora-bench: skipping {name}: {why}", file=sys.stderr)
     meta = _meta(args, device)
     meta["size_div"] = args.size_div
+    meta["threads"] = torch.get_num_threads()      # (CPU timing runs at this count)
     meta["timing"] = ("cuda-graph replay (fwd); CUDA events (fwd+bwd)" if args.cuda_graphs else
                       "CUDA events per call, host launch overhead included" if device.type == "cuda" else
                       "torch.utils.benchmark wall clock, median; best of 3 interleaved rounds")

@@ -90,8 +90,9 @@ def build_variant(name: str, case: Case, training: bool, compiled_cache: dict):
         return _rotating(c, lambda x: F.linear(x, wm, c.bias), training)
     if name == "compile":
         fn = compiled_cache.get("fn")
-        if fn is None:
-            fn = compiled_cache["fn"] = torch.compile(reference_formula)
+        if fn is None:      # static shapes: one graph per shape (after its first shape change Dynamo's
+            # automatic dynamic made the later shapes' graphs dynamic, 3-7 % slower)
+            fn = compiled_cache["fn"] = torch.compile(reference_formula, dynamic=False)
         # the forward alone as one route (the same value; the two routes of the stop-gradient form are
         # two chains of products that the compiler keeps, double the adapter's work)
         return _rotating(c, lambda x: fn(x, c.weight, c.bias, c.lora_A, c.lora_B, c.routing_old, c.routing_delta,
@@ -113,7 +114,10 @@ def _peft_layer(c: Case):
     r = c.lora_A.shape[0]
     base = torch.nn.Sequential()
     base.add_module("lin", torch.nn.Linear(k, n, device=c.weight.device, dtype=c.weight.dtype))
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=c.scaling * r, target_modules=["lin"], lora_dropout=0.0))
+    # autocast_adapter_dtype=False: the adapter in the base's dtype, as every other row computes (PEFT's
+    # default keeps a bf16 model's adapter in fp32, with casts around it)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=c.scaling * r, target_modules=["lin"], lora_dropout=0.0),
+                           autocast_adapter_dtype=False)
     lin = model.base_model.model.lin
     with torch.no_grad():
         lin.base_layer.weight.copy_(c.weight)
@@ -135,7 +139,10 @@ def time_us(step, device, reset, rep_ms: int) -> float:
             for t in reset:
                 t.grad = None
         step()
-    t = benchmark.Timer(stmt="run()", globals={"run": run}).blocked_autorange(min_run_time=rep_ms / 1e3)
+    # at the process's thread count: Timer's default is one thread (until 2026-12-06 every CPU row was
+    # timed on one, while the machine ran two)
+    t = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads()) \
+        .blocked_autorange(min_run_time=rep_ms / 1e3)
     return 1e6 * t.median
 
 
