@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .backends import BACKEND_NAMES
 from .reference import delta_weight, routing_eff
 from .functional import finite_number, module_linear
-from .protection import Protection, make_protection
+from .protection import Project, Protection, make_protection
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -58,12 +58,22 @@ def _sharded(model: nn.Module) -> bool:
 def _write_once(model: nn.Module, write) -> None:
     """Run `write()`, which writes a file from the model's gathered tensors: where it is called, or,
     when FSDP2 shards the model (every rank gathered them), on rank 0, every rank returning once the
-    file is there."""
-    sharded = _sharded(model)
-    if not sharded or torch.distributed.get_rank() == 0:
+    file is there, or raising when rank 0's write failed (the others waited for it in a barrier
+    forever)."""
+    if not _sharded(model):
         write()
-    if sharded:
-        torch.distributed.barrier()
+        return
+    failure = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            write()
+        except Exception as exc:
+            failure[0] = f"{type(exc).__name__}: {exc}"
+            torch.distributed.broadcast_object_list(failure, src=0)
+            raise
+    torch.distributed.broadcast_object_list(failure, src=0)     # (every rank waits here for rank 0's write)
+    if failure[0] is not None:
+        raise RuntimeError(f"rank 0 could not write the file: {failure[0]}")
 
 
 DEFAULT_PROTECTION = "freeze"   # docs/design.md section 2: what won on held-out seeds (README "Continual learning")
@@ -485,6 +495,9 @@ class CLoRALinear(nn.Linear):
         if extra is not None and (saved_a is None or saved_a.shape == self.lora_A.shape):
             # a state saved before the policies existed was trained with the paper's semantics
             policy = make_protection(extra.get("protection", "paper"))
+            why = policy.sharded(self) if isinstance(policy, Project) and extra.get("task_index") else ""
+            if why:
+                raise ValueError(f"a state saved at task {extra['task_index']} with {why} (layer {prefix[:-1]!r})")
             if policy.config() != self.protection.config():
                 self._set_protection(policy)
         for name in self.protection.buffers:
@@ -626,6 +639,20 @@ def clora_layers(model: nn.Module) -> list:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, CLoRALinear)]
 
 
+def _resharded(model: nn.Module) -> None:
+    """FSDP2 may leave parameters unsharded after a forward (its root group, reshard_after_forward=False):
+    plain tensors then, which FSDP2 drops at its next reshard, so the lifecycle's in-place writes into
+    them (end_task's fold, merge) were lost. The model-level helpers reshard first (local: no
+    communication), so they read and write the sharded parameters."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_type = getattr(fsdp, "FSDPModule", None)
+    if module_type is None:
+        return
+    for m in model.modules():
+        if isinstance(m, module_type):
+            m.reshard()
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The module that torch.compile wrapped (its OptimizedModule names every submodule `_orig_mod.<name>`,
     which adapter files would then carry: a PEFT model would not find them), else `model`."""
@@ -633,7 +660,11 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model._orig_mod if dynamo is not None and isinstance(model, dynamo.OptimizedModule) else model
 
 
-def _require_layers(model: nn.Module, what: str) -> list:
+def _require_layers(model: nn.Module, what: str, reshard: bool = True) -> list:
+    """The model's C-LoRA layers (a ValueError for `what` when it has none), FSDP2's parameters
+    resharded first (`_resharded`) unless the caller runs inside the training step (`reshard`)."""
+    if reshard:
+        _resharded(model)
     layers = clora_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no CLoRALinear layers (call inject_clora first)")
@@ -822,7 +853,7 @@ def observe_task(model: nn.Module):
     by end_task. In a multi-process job (DDP) every process runs the block on its share of the
     task's data; at its end the Grams are summed over the processes (an all-reduce), so each
     protects the whole task's inputs."""
-    layers = [m for _, m in _require_layers(model, "observe_task")
+    layers = [m for _, m in _require_layers(model, "observe_task", reshard=False)
               if m.protection.needs_inputs and not getattr(m, "_observing", False)]   # nested: counted once
     handles = [m.register_forward_pre_hook(_observe_hook, with_kwargs=True) for m in layers]
     for m in layers:
@@ -849,7 +880,7 @@ def _observe_hook(layer, args, kwargs):
 
 def orthogonality_loss(model: nn.Module) -> Tensor:
     """Σ over C-LoRA layers of || Oᵀ (P R_delta) ||_F² (paper Eq. 26)."""
-    layers = _require_layers(model, "orthogonality_loss")
+    layers = _require_layers(model, "orthogonality_loss", reshard=False)
     return torch.stack([m.orthogonality_loss().float() for _, m in layers]).sum()
 
 
@@ -1080,6 +1111,10 @@ def load_adapter(model: nn.Module, path) -> None:
         if m.merged:
             raise ValueError(f"layer {name!r} is merged; unmerge the model before load_adapter")
     entries = [(m, _adapter_entry(path, name, m, info[name], tensors)) for name, m in layers]
+    for (name, _), (m, e) in zip(layers, entries):      # (a later task's project state: no sharded layer holds it)
+        why = e["policy"].sharded(m) if e["task_index"] and isinstance(e["policy"], Project) else ""
+        if why:
+            raise ValueError(f"{path}: layer {name!r} saved at task {e['task_index']} with {why}; nothing was loaded")
     with torch.no_grad():
         for m, e in entries:
             with _requires_grad_kept(m):

@@ -326,11 +326,19 @@ class Project(Protection):
         torch.distributed.all_reduce(rows)
         layer._observed, layer._observed_rows = gram, int(rows.item())
 
-    def not_ready(self, layer) -> str:
+    @staticmethod
+    def sharded(layer) -> str:
+        """Why this policy cannot protect `layer` past its first task ('' when it can)."""
         from .nn import DTensor
         if isinstance(layer.lora_A, DTensor):
             return ("protection='project' does not run on parameters sharded by FSDP2 (fully_shard): its "
                     "projections write the whole factors in place; use 'freeze' or 'paper' there, or DDP")
+        return ""
+
+    def not_ready(self, layer) -> str:
+        why = self.sharded(layer)
+        if why:
+            return why
         if layer._observed_rows == 0:
             return ("protection='project' needs the task's inputs: run a pass over the task's data inside "
                     "`with clora_kernels.observe_task(model):` before end_task")

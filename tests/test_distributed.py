@@ -54,10 +54,11 @@ def _batch(task, rank, world):
     return x[rows], y[rows]
 
 
-def _train(model, rank, world, wrap=lambda m: m, observe=False):
+def _train(model, rank, world, wrap=lambda m: m, observe=False, evaluate=False):
     """The README's loop. `wrap(model)` is called at the start of each task (DDP is wrapped per task:
     the default protection freezes lora_A / lora_B from the second task on); `observe`: a pass over
-    the task's data inside observe_task before end_task (protection="project")."""
+    the task's data inside observe_task before end_task (protection="project"); `evaluate`: a
+    forward without grad before end_task (FSDP2 may leave the parameters unsharded after it)."""
     for task in range(TASKS):
         net = wrap(model)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -71,6 +72,9 @@ def _train(model, rank, world, wrap=lambda m: m, observe=False):
             opt.step()
         if observe:
             with torch.no_grad(), ck.observe_task(model):
+                net(x)
+        if evaluate:
+            with torch.no_grad():
                 net(x)
         ck.end_task(model)
     return model
@@ -171,6 +175,31 @@ def _fsdp_worker(rank, world, out_dir):
     except ValueError as exc:
         res["project_error"] = str(exc)
     res["project_task_index"] = project[0].task_index
+    # cases a review found: FSDP2's root group keeps its parameters unsharded after a forward, where
+    # end_task's writes were lost (the root alone shards the layers here); rank 0's failed write left
+    # the other ranks in a barrier; a later task's project state loaded into sharded layers
+    root = _model()
+    fully_shard(root, mesh=mesh)
+    root = _train(root, rank, world, evaluate=True)
+    with torch.no_grad():
+        res["root_only"] = {"out": root(x), "adapter": _adapter(root)}
+    try:
+        ck.save_adapter(model, os.path.join(out_dir, "no_such_dir", "a.safetensors"))
+        res["bad_path_error"] = None
+    except Exception as exc:
+        res["bad_path_error"] = f"{type(exc).__name__}: {exc}"
+    one = _model(protection="project")          # (unsharded; observe_task sums over the ranks: both run it)
+    with torch.no_grad(), ck.observe_task(one):
+        one(x)
+    ck.end_task(one)
+    if rank == 0:
+        ck.save_adapter(one, os.path.join(out_dir, "project.safetensors"))
+    dist.barrier()
+    try:
+        ck.load_adapter(_shard(_model(protection="project"), mesh), os.path.join(out_dir, "project.safetensors"))
+        res["project_load_error"] = None
+    except ValueError as exc:
+        res["project_load_error"] = str(exc)
     return res
 
 
@@ -274,6 +303,19 @@ def test_fsdp2_project_policy_refuses_clearly(fsdp):
     for res in fsdp:
         assert "FSDP2" in res["project_error"] and "no layer was changed" in res["project_error"]
         assert res["project_task_index"] == 0
+        assert "saved at task 1 with protection='project' does not run on parameters sharded by FSDP2" in \
+            res["project_load_error"]
+
+
+def test_fsdp2_lifecycle_after_a_forward_and_a_failed_write(fsdp, one_process):
+    """FSDP2's root group left its parameters unsharded after an evaluation forward: end_task folded the
+    routing into a copy FSDP2 then dropped (routing_old 1.02 relative off one process). And rank 0's
+    failed write left rank 1 waiting in a barrier: now both ranks raise (this test would time out)."""
+    want = {k: one_process[k] for k in ("out", "adapter")}
+    for rank, res in enumerate(fsdp):
+        _assert_same(res["root_only"], want, f"rank {rank} root only")
+        assert res["bad_path_error"] is not None, rank
+    assert "rank 0 could not write the file" in fsdp[1]["bad_path_error"]
 
 
 @pytest.mark.parametrize("how", ["rewrap", "find_unused"])
