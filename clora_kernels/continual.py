@@ -301,7 +301,8 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
 
 def _train_mode(model) -> None:
     """model.train(), but for the BatchNorm layers that train nothing (a frozen backbone's): their
-    running statistics stay as they are, which no adapter's protection policy would keep."""
+    running statistics stay as they are, which no adapter's protection policy would keep. A
+    BatchNorm without affine parameters says nothing of being frozen and stays in train mode."""
     model.train()
     for m in model.modules():
         params = list(m.parameters())       # (affine=False: no parameters to say whether it is frozen)

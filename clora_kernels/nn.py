@@ -970,6 +970,8 @@ def disable_adapter(model: nn.Module):
             set_tensors(holder, replaced)
         for m, enabled in zip(layers, was):
             m.adapter_enabled = enabled
+        if merged:
+            _resharded(model)       # (the block's forwards may have left FSDP2's parameters unsharded)
         for m in merged:
             m.merge()
 

@@ -183,6 +183,11 @@ def _fsdp_worker(rank, world, out_dir):
     root = _train(root, rank, world, evaluate=True)
     with torch.no_grad():
         res["root_only"] = {"out": root(x), "adapter": _adapter(root)}
+        ck.merge(root)
+        with ck.disable_adapter(root):      # its exit merged again into the copy FSDP2 then dropped
+            root(x)
+        ck.unmerge(root)
+        res["root_only_unmerged_out"] = root(x)
     try:
         ck.save_adapter(model, os.path.join(out_dir, "no_such_dir", "a.safetensors"))
         res["bad_path_error"] = None
@@ -314,6 +319,7 @@ def test_fsdp2_lifecycle_after_a_forward_and_a_failed_write(fsdp, one_process):
     want = {k: one_process[k] for k in ("out", "adapter")}
     for rank, res in enumerate(fsdp):
         _assert_same(res["root_only"], want, f"rank {rank} root only")
+        _assert_same(res["root_only_unmerged_out"], one_process["out"], f"rank {rank} root only, unmerged")
         assert res["bad_path_error"] is not None, rank
     assert "rank 0 could not write the file" in fsdp[1]["bad_path_error"]
 

@@ -107,7 +107,11 @@ def run(args) -> dict:
     meta["skipped"] = {n: w for n, w in skipped}
     meta["failed"] = failed = []      # "variant at shape: error", one per failure (main exits 1 if any)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    # the compile row compiles each shape static: one graph per shape and pass (264 for --suite full), beyond
+    # Dynamo's limits, which fall back to eager silently and would leave eager rows labelled "compile"
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
     compiled: dict = {}
     results = []
     from tqdm import tqdm
