@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends import BACKEND_NAMES
+from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
 from .functional import finite_number, module_linear
 from .protection import Project, Protection, make_protection
@@ -286,7 +287,7 @@ class CLoRALinear(nn.Linear):
             factors = (lora_A, lora_B)     # (the memo's key: operands() may return fresh views of them)
             if policy.enforces:     # ("freeze" and "paper" enforce nothing: no call, one graph when compiled)
                 compiling = _is_compiling()
-                if not compiling and _in_functorch():   # torch.func: no in-place write; project the operands
+                if not compiling and in_functorch():   # torch.func: no in-place write; project the operands
                     lora_A, routing_delta, lora_B = policy.projected(self, lora_A, routing_delta, lora_B)
                     factors = (lora_A, lora_B)
                 elif not compiling:
@@ -521,8 +522,6 @@ _MERGED_TRAINING = ("a merged CLoRALinear in training mode with its adapter requ
 
 _is_compiling = torch.compiler.is_compiling
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-_peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
-_is_tracing = torch._C._is_tracing
 
 
 def _untraced(fn, *args) -> None:
@@ -534,12 +533,6 @@ def _untraced(fn, *args) -> None:
         fn(*args)
     finally:
         torch._C._set_tracing_state(state)
-
-
-def _in_functorch() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running (ask while not compiling:
-    Dynamo's tracing answers yes too)."""
-    return _peek_interpreter_stack() is not None
 
 
 _TASK_STATE_BYTES = 1024     # one size for every layer and task: torch.distributed.checkpoint loads in place

@@ -229,9 +229,15 @@ def _lb_direct(g, compiling):
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-_peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+_peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 _forward_ad = torch.autograd.forward_ad      # _current_level >= 0 inside dual_level(): forward-mode AD
 _is_tracing = torch._C._is_tracing     # torch.jit.is_tracing() less its is_scripting test (this code is never scripted)
+
+
+def in_functorch() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running (ask while not compiling:
+    Dynamo's tracing answers yes too)."""
+    return _peek_interpreter_stack() is not None
 
 
 class _EagerLinear(torch.autograd.Function):
@@ -282,7 +288,7 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
             grad_through_old_route, need_t, backend)
     if torch.compiler.is_compiling():
         y = linear_fwd(*args)[0]
-    elif _is_tracing() or (_peek_interpreter_stack is not None and _peek_interpreter_stack() is not None) \
+    elif _is_tracing() or in_functorch() \
             or _forward_ad._current_level >= 0:
         # torch.func (grad, vmap, jacrev, ...: its tensors are wrapped, and an autograd.Function without
         # setup_context cannot run under it), the TorchScript tracer (torch.jit.trace, the legacy
