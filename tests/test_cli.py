@@ -239,3 +239,30 @@ def test_demo_runs_and_reports_both_tasks(capsys):
     assert demo_main(["--steps", "2", "--rank", "4"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"task 0: loss [\d.]+ -> [\d.]+", out) and re.search(r"task 1: loss [\d.]+ -> [\d.]+", out)
+
+
+@pytest.mark.parametrize("m", [3, 40], ids=["unmerged", "merged-plan"])
+def test_merge_floor_training_ops_are_the_layers_step(m):
+    """benchmarks/merge_floor.py --training times the layer's forward and backward code without
+    autograd (a stand-in ctx): it must compute what clora_linear's autograd step does, on both of
+    auto's CPU plans (M=40 > 4K merges), or its column times something else."""
+    import importlib.util
+    import pathlib
+    from clora_kernels import clora_linear
+    from clora_kernels.backends.auto import merge_pays
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "merge_floor.py"
+    spec = importlib.util.spec_from_file_location("merge_floor", path)
+    mf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mf)
+    k, n, r = 6, 7, 3
+    assert merge_pays(m, k, n, r, True) == (m == 40) and merge_pays(m, n, k, r, True) == (m == 40)
+    g64 = dict(dtype=torch.float64)
+    x, w, b, g = torch.randn(m, k, **g64), torch.randn(n, k, **g64), torch.randn(n, **g64), torch.randn(m, n, **g64)
+    la, lb, ro, rd = torch.randn(r, k, **g64), torch.randn(n, r, **g64), torch.randn(r, r, **g64), torch.randn(r, r, **g64)
+    got = mf.layer_ops(x, w, b, la, lb, ro, rd, g)
+    leaves = [t.clone().requires_grad_() for t in (x, la, lb, rd)]
+    y = clora_linear(leaves[0], w, b, leaves[1], leaves[2], ro, leaves[3], None, 2.0, backend="auto")
+    y.backward(g)
+    want = (y.detach(),) + tuple(t.grad for t in leaves)
+    for name, a, e in zip(("y", "dx", "lora_A", "lora_B", "routing_delta"), got, want):
+        assert torch.allclose(a, e, rtol=1e-12, atol=1e-12), name
