@@ -80,7 +80,7 @@ def main():
     xg = x.clone().requires_grad_(True)
     g = torch.randn(m, n)
     modes = {"inference": lambda f: lambda: f(x), "fwd with grad": lambda f: lambda: f(xg),
-             "fwd+bwd": lambda f: lambda: f(xg).backward(g)}
+             "fwd+bwd": lambda f: probe.train_step(f, xg, g)}
 
     def per_call(fn, calls):
         fn()
