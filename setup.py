@@ -39,9 +39,9 @@ def _cuda_extensions():
     build, io = _package_file("_cuda_build"), _package_file("_io")   # the JIT build's own settings
     import torch.utils.cpp_extension as ce
     ce.CUDA_HOME = os.environ["CUDA_HOME"] = build.cuda_home()
-    nvcc_flags = ["-O3", "--use_fast_math"] + build.gencode_flags(build.cuda_archs())
+    nvcc_flags = build.NVCC_FLAGS + build.gencode_flags(build.cuda_archs())
     ext = CUDAExtension("clora_kernels._C", sources, include_dirs=build.extra_include_dirs(io.cache_dir()),
-                        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags})
+                        extra_compile_args={"cxx": build.NVCC_FLAGS, "nvcc": nvcc_flags})
     return [ext], {"build_ext": BuildExtension}
 
 

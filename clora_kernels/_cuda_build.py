@@ -7,25 +7,58 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
 
-DEFAULT_ARCHS = "80;90"
+DEFAULT_ARCHS = "80;90+PTX"
+NVCC_FLAGS = ["-O3"]      # both builds (no --use_fast_math: the binary the tests run is the one users get)
+_ARCH = re.compile(r"^(\d{1,2})\.(\d)([a-z]?)(\+PTX)?$|^(\d{1,2})(\d)([a-z]?)(\+PTX)?$")
 
 
-def cuda_archs() -> list:
-    """Target compute capabilities from env CLORA_CUDA_ARCH (';' or ',' separated, default
-    "80;90"), e.g. ["80", "90"]."""
-    return [a for a in os.environ.get("CLORA_CUDA_ARCH", DEFAULT_ARCHS).replace(",", ";").split(";") if a]
+def cuda_archs(spec=None) -> list:
+    """Target compute capabilities, from `spec` or else env CLORA_CUDA_ARCH (';' or ',' separated,
+    default "80;90+PTX": sm_80 and sm_90 code, and sm_90's PTX for the driver to compile on newer GPUs),
+    as canonical names: "80", "90a", "100", "90+PTX" ("8.6" and "9.0a" are read as torch writes them).
+    Raises ValueError naming the entry that is not one."""
+    raw = os.environ.get("CLORA_CUDA_ARCH", DEFAULT_ARCHS) if spec is None else spec
+    out = []
+    for entry in (a.strip() for a in raw.replace(",", ";").split(";")):
+        if not entry:
+            continue
+        m = _ARCH.match(entry)
+        if m is None:
+            raise ValueError(f"CLORA_CUDA_ARCH entry {entry!r} is not a compute capability such as 80, 86, 90a, "
+                             f"100, 8.6 or 90+PTX (got {raw!r})")
+        major, minor, suffix, ptx = m.groups()[:4] if m.group(1) else m.groups()[4:]
+        out.append(f"{major}{minor}{suffix}{ptx or ''}")
+    return out
+
+
+def _split(arch: str):
+    """("90", "a", True) for "90a+PTX": the number, the suffix letter, whether PTX is asked for."""
+    name, ptx = (arch[:-4], True) if arch.endswith("+PTX") else (arch, False)
+    suffix = name[-1] if name[-1].isalpha() else ""
+    return name[:len(name) - len(suffix)], suffix, ptx
 
 
 def gencode_flags(archs) -> list:
-    """nvcc's -gencode flags for setup.py, one per architecture."""
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    """nvcc's -gencode flags for setup.py: sm_ code per architecture, and compute_ (PTX) where asked."""
+    flags = []
+    for arch in archs:
+        num, suffix, ptx = _split(arch)
+        flags.append(f"-gencode=arch=compute_{num}{suffix},code=sm_{num}{suffix}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num}{suffix},code=compute_{num}{suffix}")
+    return flags
 
 
 def torch_arch_list(archs) -> str:
-    """The same architectures as torch's TORCH_CUDA_ARCH_LIST ("8.0;9.0"), for the JIT build."""
-    return ";".join(f"{a[:-1]}.{a[-1]}" for a in archs)
+    """The same architectures as torch's TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX"), for the JIT build."""
+    out = []
+    for arch in archs:
+        num, suffix, ptx = _split(arch)
+        out.append(f"{num[:-1]}.{num[-1]}{suffix}" + ("+PTX" if ptx else ""))
+    return ";".join(out)
 
 
 def cuda_home():

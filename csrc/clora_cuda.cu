@@ -182,7 +182,13 @@ void shrink_typed(const at::Tensor& x, const at::Tensor& at_, bool fused, const 
   const size_t shmem = sizeof(float) * (static_cast<size_t>(R) * R + kWarps * R);
   auto kernel = shrink_finish_kernel<T>;
   if (shmem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shmem));
+    // the opt-in is a per-device setting of the kernel, not of this launch: always the most any rank needs
+    // (capped by the device), so that two host threads at different ranks never lower it under each other
+    const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+    TORCH_CHECK(shmem <= static_cast<size_t>(optin), "clora cuda shrink: rank ", R, " needs ", shmem,
+                " bytes of shared memory, this device allows ", optin);
+    const int most = static_cast<int>(sizeof(float) * (128 * 128 + kWarps * 128));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, std::min(most, optin)));
   }
   kernel<<<blocks, kThreads, shmem, at::cuda::getCurrentCUDAStream()>>>(
       fused ? part.data_ptr<float>() : nullptr, splits,
@@ -240,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor> shrink(const at::Tensor& x_in, const at::Tens
   const int64_t M = x_in.size(0), R = at_in.size(0);
   const auto dtype = x_in.scalar_type();
   c10::cuda::CUDAGuard guard(x_in.device());
-  const bool fused = M * R <= fused_max_mr;
+  // fused only where its K splits fit the grid's y dimension (65535 splits of kThreads elements at least)
+  const bool fused = M * R <= fused_max_mr && x_in.size(1) <= static_cast<int64_t>(kThreads) * 65535;
   auto u = at::empty({M, R}, x_in.options());
   at::Tensor t, x, at_;
   if (fused) {

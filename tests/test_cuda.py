@@ -1,6 +1,7 @@
 """The cuda backend (csrc/). CI compiles the sources whenever nvcc and a CUDA build of torch are
 present (the extension even loads on a CPU-only machine, so its schemas, Meta kernels and the ops'
 own validation are checked too); the correctness tests against the float64 oracle need a GPU (marker `gpu`)."""
+import re
 import shutil
 
 import pytest
@@ -18,7 +19,8 @@ HAVE_TOOLCHAIN = shutil.which("nvcc") is not None and torch.version.cuda is not 
 @pytest.mark.skipif(not HAVE_TOOLCHAIN, reason="needs nvcc and a CUDA build of torch to compile csrc/")
 def test_csrc_compiles_and_registers():
     # the cached build (keyed on sources, flags and torch): compiled once per machine, not per run
-    cuda_backend.build()                                   # raises with the compiler's first error line
+    if not cuda_backend.registered():       # (a second build in one process is refused: see the next test)
+        cuda_backend.build()                               # raises with the compiler's first error line
     assert hasattr(torch.ops.clora, "cuda_linear_fwd") and hasattr(torch.ops.clora, "cuda_linear_dx")
 
     def m(*shape):
@@ -29,6 +31,53 @@ def test_csrc_compiles_and_registers():
                                            0)
     assert (y.shape, t.shape, dx.shape, v.shape) == ((7, 40), (7, 5), (7, 24), (7, 5))
     check_op_errors()
+
+
+def test_build_refuses_a_second_library(monkeypatch):
+    """A second build in a process whose ops are registered (clora_kernels._C imported, or a JIT build
+    of other sources) would abort the process when its library registers them again: refused first."""
+    monkeypatch.setattr(cuda_backend, "registered", lambda: True)
+    monkeypatch.setattr(cuda_backend, "sources", lambda: pytest.fail("build went on"))
+    with pytest.raises(RuntimeError, match="registered in this process already"):
+        cuda_backend.build()
+
+
+@pytest.mark.parametrize("spec, archs, gencode, torch_list", [
+    ("80;90+PTX", ["80", "90+PTX"], ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                                     "-gencode=arch=compute_90,code=compute_90"], "8.0;9.0+PTX"),
+    ("8.6, 90a", ["86", "90a"], ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_90a,code=sm_90a"],
+     "8.6;9.0a"),
+    ("100a;12.0", ["100a", "120"], ["-gencode=arch=compute_100a,code=sm_100a", "-gencode=arch=compute_120,code=sm_120"],
+     "10.0a;12.0"),
+    ("8.9+PTX", ["89+PTX"], ["-gencode=arch=compute_89,code=sm_89", "-gencode=arch=compute_89,code=compute_89"],
+     "8.9+PTX"),
+])
+def test_cuda_arch_names(spec, archs, gencode, torch_list):
+    """CLORA_CUDA_ARCH in nvcc's and torch's spellings gives the same targets to both builds (90a,
+    100a, 8.6 and +PTX were mangled into 90.a, 10.0.a, 8..6 and 8.9+PT.X)."""
+    from clora_kernels._cuda_build import cuda_archs, gencode_flags, torch_arch_list
+    got = cuda_archs(spec)
+    assert got == archs and gencode_flags(got) == gencode and torch_arch_list(got) == torch_list
+
+
+@pytest.mark.parametrize("spec", ["sm_80", "9", "1000", "8.6.1", "90+ptx"])
+def test_cuda_arch_names_refused(spec, monkeypatch):
+    from clora_kernels._cuda_build import cuda_archs
+    monkeypatch.setenv("CLORA_CUDA_ARCH", spec)
+    with pytest.raises(ValueError, match=re.escape(f"CLORA_CUDA_ARCH entry '{spec}' is not a compute capability")):
+        cuda_archs()
+
+
+def test_jit_build_targets_the_visible_gpus(monkeypatch):
+    """Without CLORA_CUDA_ARCH the JIT build targets the GPUs it runs on (it built sm_80 and sm_90 only,
+    so on any other GPU every launch failed after the backend said it was usable); with it, what it says."""
+    monkeypatch.delenv("CLORA_CUDA_ARCH", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(7, 5), (12, 0)][i])
+    assert cuda_backend.jit_archs() == ["75", "120"]
+    monkeypatch.setenv("CLORA_CUDA_ARCH", "86")
+    assert cuda_backend.jit_archs() == ["86"]
 
 
 def check_op_errors():

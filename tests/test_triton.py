@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 from clora_kernels.backends.triton import launch, tune  # noqa: E402
 from clora_kernels.backends.torch_ref import lora_gemm, routing_eff  # noqa: E402
 from clora_kernels.backends.triton.launch import GemmConfig, Plan, ShrinkConfig  # noqa: E402
-from helpers import (TOL, call, cast_inputs, check_backend, check_cuda_graph_capture, make_inputs, oracle,  # noqa: E402
+from helpers import (TOL, call, cast_inputs, grads_of, check_backend, check_cuda_graph_capture, make_inputs, oracle,  # noqa: E402
                      rel_err)
 
 GPU = torch.cuda.is_available()
@@ -126,6 +126,24 @@ def test_empty_batch(force_plan):
     assert y.shape == (0, 40)
     y.sum().backward()
     assert inp["x"].grad.shape == (0, 24)
+
+
+@pytest.mark.parametrize("strategy", sorted(PLANS))
+@pytest.mark.parametrize("k, n", [(0, 5), (6, 0)], ids=["K=0", "N=0"])
+def test_empty_reduction_or_outputs_every_plan(force_plan, strategy, k, n):
+    """K = 0 (the forward's reduction is empty) and N = 0 (so its dx has K = 0) on every plan, forward
+    and backward, against the oracle: the split plan's empty-tile path multiplied u by bᵀ (r=1: a
+    shape error; r = N: a wrong result)."""
+    force_plan(PLANS[strategy])
+    inp = cast_inputs(make_inputs(3, k, n, 2), torch.float32, DEV)
+    y = call(ck.clora_linear, inp, backend="triton")
+    y_ref, ref = oracle(inp)
+    g = torch.randn(3, n, dtype=torch.float64)
+    y_ref.backward(g)
+    y.backward(g.to(y))
+    assert y.shape == (3, n) and torch.allclose(y.double().cpu(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+    for name, got in grads_of(inp).items():
+        assert torch.allclose(got.double().cpu(), ref[name].grad, rtol=1e-5, atol=1e-5), name
 
 
 def test_chosen_strategies_reads_the_plan_cache(monkeypatch):

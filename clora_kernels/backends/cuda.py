@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .._cuda_build import cuda_archs, cuda_home, extra_include_dirs, torch_arch_list
+from .._cuda_build import NVCC_FLAGS, cuda_archs, cuda_home, extra_include_dirs, torch_arch_list
 from .._io import cache_dir
 from . import KernelBackend, register
 
@@ -38,36 +38,65 @@ def _first_error_line(text: str) -> str:
     return lines[0] if lines else "unknown build error"
 
 
+def registered() -> bool:
+    """Whether this process has the extension's ops (from clora_kernels._C or a JIT build)."""
+    return hasattr(torch.ops.clora, "cuda_linear_fwd")
+
+
+def jit_archs() -> list:
+    """What the JIT build targets: CLORA_CUDA_ARCH where set, else the visible GPUs' own compute
+    capabilities (so that the build always runs where it is made), else the default of `cuda_archs`."""
+    if "CLORA_CUDA_ARCH" not in os.environ and torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return cuda_archs(";".join(f"{major}{minor}" for major, minor in caps))
+    return cuda_archs()
+
+
 def build(build_dir=None, verbose: bool = False) -> str:
     """JIT-build csrc/ and load it into this process (registers torch.ops.clora.cuda_*).
-    Returns the build directory. Raises RuntimeError with the compiler's first error line."""
+    Returns the build directory. Raises RuntimeError with the compiler's first error line, and
+    before building where the ops are registered already: a second library registering them
+    would abort the process. TORCH_CUDA_ARCH_LIST, where set, is what torch builds for; else
+    `jit_archs`, for this build only (the environment is restored after it)."""
+    if registered():
+        raise RuntimeError("the clora CUDA ops are registered in this process already (clora_kernels._C or an "
+                           "earlier build); loading a second build would abort the process")
     srcs = sources()
     if not srcs:
         raise RuntimeError(f"no CUDA sources in {csrc_dir()} (install from a source checkout)")
     home = cuda_home()
     if home is None:
         raise RuntimeError("nvcc was not found and CUDA_HOME is not set")
-    os.environ.setdefault("CUDA_HOME", home)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", torch_arch_list(cuda_archs()))
+    try:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or torch_arch_list(jit_archs())
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from exc
     import torch.utils.cpp_extension as ce
     ce.CUDA_HOME = home
-    flags, includes = ["-O3"], extra_include_dirs(cache_dir())
+    flags, includes = list(NVCC_FLAGS), extra_include_dirs(cache_dir())
     # the cache key: sources, flags, include dirs, arch list, torch and the CUDA home (a second test run on a
     # machine reuses the build; any change rebuilds)
-    digest = hashlib.sha256(repr((torch.__version__, os.environ["TORCH_CUDA_ARCH_LIST"], flags, includes,
-                                  home)).encode())
+    digest = hashlib.sha256(repr((torch.__version__, arch_list, flags, includes, home)).encode())
     for s in srcs:
         with open(s, "rb") as f:
             digest.update(f.read())
     if build_dir is None:
         build_dir = cache_dir("cuda_ext", digest.hexdigest()[:16])
     os.makedirs(build_dir, exist_ok=True)
+    saved = {name: os.environ.get(name) for name in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
+    os.environ["CUDA_HOME"], os.environ["TORCH_CUDA_ARCH_LIST"] = saved["CUDA_HOME"] or home, arch_list
     try:
         ce.load(name="clora_cuda_ext", sources=srcs, build_directory=build_dir, extra_cuda_cflags=flags,
                 extra_cflags=flags, extra_include_paths=includes, is_python_module=False,
                 verbose=verbose)
     except Exception as exc:   # ninja/nvcc output is in the message
         raise RuntimeError(f"building the CUDA extension failed: {_first_error_line(str(exc))}") from exc
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return build_dir
 
 
@@ -99,7 +128,7 @@ class CudaBackend(KernelBackend):
             return False, "torch is a CPU-only build"
         if not torch.cuda.is_available():
             return False, "no CUDA GPU is available"
-        if hasattr(torch.ops.clora, "cuda_linear_fwd"):
+        if registered():
             return True, "CUDA extension loaded"
         try:
             import clora_kernels._C  # noqa: F401  (built by setup.py; registers the ops)

@@ -217,7 +217,7 @@ def _empty_tiles(x, a, y, t, u, b, bias, scale):
         t.copy_(x @ a)
     y.zero_()
     if u is not None and y.numel():
-        y.add_((scale * (u.float() @ b.t().float())).to(y.dtype))
+        y.add_((scale * (u.float() @ b.float())).to(y.dtype))
     if bias is not None:
         y.add_(bias)
     return y, t
