@@ -37,6 +37,13 @@ def finite_number(value) -> bool:
         return False
 
 
+def check_flag(name: str, value) -> bool:
+    """`value` where it is a bool (numpy's too), else a TypeError naming `name`: bool("False") is True."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
@@ -154,6 +161,8 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection = _autocast_inputs(
         x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)
     check_inputs(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling, backend)
+    if type(grad_through_old_route) is not bool:
+        grad_through_old_route = check_flag("grad_through_old_route", grad_through_old_route)
     return _ops.linear(x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
                        grad_through_old_route, backend)
 

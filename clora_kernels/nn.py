@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
-from .functional import finite_number, module_linear
+from .functional import check_flag, finite_number, module_linear
 from .protection import Project, Protection, make_protection
 
 try:
@@ -85,7 +85,7 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank > min(in_features, out_features):
         raise ValueError(f"rank must be an int in [1, min(in_features, out_features)] = [1, "
                          f"{min(in_features, out_features)}] for a {in_features}->{out_features} layer, got {rank!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not finite_number(alpha)):
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not finite_number(alpha)):
         raise ValueError(f"alpha must be a finite number or None (None means alpha = rank), got {alpha!r}")
     if mode not in _MODES:
         raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
@@ -114,7 +114,7 @@ class CLoRALinear(nn.Linear):
         self.alpha = float(rank if alpha is None else alpha)        # and scaling = alpha / rank (__setattr__)
         self.mode = mode
         self.protect_energy = float(protect_energy)
-        self.grad_through_old_route = bool(grad_through_old_route)
+        self.grad_through_old_route = check_flag("grad_through_old_route", grad_through_old_route)
         self.backend = backend
         self.task_index = 0
         self.merged = False
@@ -192,7 +192,10 @@ class CLoRALinear(nn.Linear):
             return
         # alpha and scaling = alpha / rank are one setting: writing either sets the other (as floats), so
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
-        if name in ("alpha", "scaling") and "rank" in self.__dict__ and isinstance(value, numbers.Real):
+        if name in ("alpha", "scaling") and "rank" in self.__dict__:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite_number(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r} (alpha and scaling = alpha / rank "
+                                 f"are one setting)")
             self._remember_merged()
             value, rank = float(value), self.__dict__["rank"]
             other = ("scaling", value / rank) if name == "alpha" else ("alpha", value * rank)
@@ -267,12 +270,12 @@ class CLoRALinear(nn.Linear):
     def forward(self, input: Tensor) -> Tensor:     # nn.Linear's argument name: layer(input=x) works
         x = input
         if self.merged or not self.adapter_enabled:
-            y = F.linear(x, self.base_weight(), self.bias)
             if self.merged and self.training and torch.is_grad_enabled() and self.routing_delta.requires_grad:
                 if torch.compiler.is_compiling():   # the compiler cannot carry the guard's raise to the backward
                     raise RuntimeError(_MERGED_TRAINING)    # (without fullgraph: a graph break, then the guard)
-                y = _MergedGuard.apply(y, self.routing_delta)    # inference works; a backward says why not
-            return y
+                # inference works; a backward says why not
+                return _MergedGuard.apply(x, self.base_weight(), self.bias, self.routing_delta)
+            return F.linear(x, self.base_weight(), self.bias)
         params, buffers = self._parameters, self._buffers
         try:    # read where they live, not through nn.Module.__getattr__ (host cost per call)
             weight, bias, lora_A, lora_B = params["weight"], params["bias"], params["lora_A"], params["lora_B"]
@@ -316,7 +319,12 @@ class CLoRALinear(nn.Linear):
     def end_task(self) -> None:
         """Fold the task's routing into the frozen route: R_old <- R_old + P R_delta; in hard
         mode recompute P from R_old's singular vectors; R_delta <- 0. The output is unchanged.
-        Refuses (ValueError, nothing changed) when the adapter holds NaN or Inf."""
+        Refuses (ValueError, nothing changed) when the adapter holds NaN or Inf. Under
+        torch.inference_mode (a validation loop's hook) it runs outside it: what it builds is state
+        kept across tasks, and inference tensors could never be loaded into again."""
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self.end_task()
         bad = self._nonfinite_adapter()
         if bad:
             raise ValueError(f"end_task: {bad} holds non-finite values (NaN/Inf; did training diverge?); "
@@ -596,14 +604,15 @@ def _requires_grad_kept(layer):
 
 
 class _MergedGuard(torch.autograd.Function):
-    """Identity on the output of a merged layer in training mode; its backward refuses with the
+    """F.linear(x, weight, bias) of a merged layer in training mode; its backward refuses with the
     reason: the merged weight is frozen, so training there would leave the adapter unchanged (or
     fail with torch's "does not require grad"). In eval mode (inference, input gradients) there is
-    none: the adapter then gets no gradient, as a merged PEFT layer's."""
+    none: the adapter then gets no gradient, as a merged PEFT layer's. The output is its own tensor,
+    not a view (an in-place op after the layer, e.g. ReLU(inplace=True), failed on the view)."""
 
     @staticmethod
-    def forward(ctx, y, routing_delta):
-        return y.view_as(y)
+    def forward(ctx, x, weight, bias, routing_delta):
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -1105,6 +1114,9 @@ def load_adapter(model: nn.Module, path) -> None:
     for name, m in layers:
         if m.merged:
             raise ValueError(f"layer {name!r} is merged; unmerge the model before load_adapter")
+        if m.weight.is_meta or m.lora_A.is_meta:
+            raise ValueError(f"{path}: the model's tensors are on the meta device, where a load writes nothing: "
+                             f"load after to_empty() and the base weights (layer {name!r})")
     entries = [(m, _adapter_entry(path, name, m, info[name], tensors)) for name, m in layers]
     for (name, _), (m, e) in zip(layers, entries):      # (a later task's project state: no sharded layer holds it)
         why = e["policy"].sharded(m) if e["task_index"] and isinstance(e["policy"], Project) else ""

@@ -85,7 +85,9 @@ def test_operands_revalidated_after_every_change(seed):
         layer(torch.randn(2, 16))
     assert layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
     layer = fresh()
-    layer.scaling = float("nan")
+    with pytest.raises(ValueError, match="scaling must be a finite number"):    # refused when set
+        layer.scaling = float("nan")
+    layer.__dict__["scaling"] = float("nan")                                  # and if it got there anyway
     with pytest.raises(ValueError, match="scaling must be a finite real number"):
         layer(torch.randn(2, 16))
     layer = fresh()
@@ -113,9 +115,8 @@ def test_operands_revalidated_after_every_change(seed):
     with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \(8,\), got \(1,\)"):
         torch.func.functional_call(layer, {"bias": torch.full((1,), 100.0)}, (torch.randn(2, 16),))
     layer = fresh()
-    layer.scaling = nn.Parameter(torch.tensor(layer.scaling))
-    with pytest.raises(ValueError, match="scaling must be a finite real number"):
-        layer(torch.randn(2, 16))
+    with pytest.raises(ValueError, match="scaling must be a finite number"):    # a tensor: refused when set
+        layer.scaling = nn.Parameter(torch.tensor(layer.scaling))
 
 
 def test_pruned_and_parametrized_layers_run(seed):
@@ -681,3 +682,91 @@ def test_a_switch_to_hard_keeps_unmerge_of_a_layer_merged_elsewhere(seed):
             setattr(other, k, v)
         other.unmerge()
         assert rel_err(other.weight, base) < 1e-6, change
+
+
+@pytest.mark.parametrize("name", ["alpha", "scaling"])
+@pytest.mark.parametrize("value", [torch.tensor(8.0), "2", None, float("nan"), True])
+def test_alpha_and_scaling_assignment_refuses_what_is_not_a_number(name, value):
+    """`layer.alpha = <tensor>` was taken while scaling kept its old value (the forward computed with
+    one, a save wrote the other; None made state_dict() raise): refused, nothing changed."""
+    layer = CLoRALinear(16, 8, rank=4, alpha=8)
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        setattr(layer, name, value)
+    assert layer.alpha == 8.0 and layer.scaling == 2.0
+
+
+def test_alpha_takes_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    layer = CLoRALinear(16, 8, rank=4, alpha=np.float32(8))
+    assert layer.scaling == 2.0
+    layer.alpha = np.float64(12)
+    assert layer.scaling == 3.0 and type(layer.alpha) is float
+
+
+def test_grad_through_old_route_must_be_a_bool():
+    """bool("False") is True: a string turned the plain gradients on silently."""
+    with pytest.raises(TypeError, match="grad_through_old_route must be a bool, got 'False'"):
+        CLoRALinear(16, 8, rank=4, grad_through_old_route="False")
+    a = [torch.randn(3, 16), torch.randn(8, 16), None, torch.randn(4, 16), torch.randn(8, 4), torch.randn(4, 4),
+         torch.randn(4, 4), None, 1.0]
+    with pytest.raises(TypeError, match="grad_through_old_route must be a bool, got 0"):
+        ck.clora_linear(*a, grad_through_old_route=0)
+
+
+def test_layer_grad_through_old_route_gradients(seed):
+    """The layer's flag reaches the op: with it, lora_A / lora_B get the plain formula's gradients
+    through the old route too (the oracle's), without it the stop-gradient ones; a save keeps it."""
+    from clora_kernels.reference import reference_formula
+    for plain in (False, True):
+        layer = _trained(CLoRALinear(12, 10, rank=3, alpha=6, grad_through_old_route=plain, protection="paper",
+                                     dtype=torch.float64))
+        ck.end_task(layer)
+        _trained(layer)
+        x = torch.randn(5, 12, dtype=torch.float64)
+        layer(x).square().sum().backward()
+        a, b, rd = (t.detach().clone().requires_grad_() for t in (layer.lora_A, layer.lora_B, layer.routing_delta))
+        reference_formula(x, layer.weight, layer.bias, a, b, layer.routing_old, rd, None, layer.scaling,
+                          plain).square().sum().backward()
+        for got, want in ((layer.lora_A.grad, a.grad), (layer.lora_B.grad, b.grad), (layer.routing_delta.grad, rd.grad)):
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), plain
+
+
+def test_merged_layer_in_training_mode_allows_inplace_after_it(seed):
+    """A merged model in training mode: the forward works (a ReLU(inplace=True) after the layer
+    failed on the guard's view of the output), and a backward says why it cannot train."""
+    net = nn.Sequential(_trained(CLoRALinear(12, 10, rank=3)), nn.ReLU(inplace=True))
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        want = net(x).clone()
+    ck.merge(net)
+    net.train()
+    y = net(x)
+    assert torch.allclose(y, want, atol=1e-5)
+    with pytest.raises(RuntimeError, match="merged CLoRALinear in training mode"):
+        y.sum().backward()
+
+
+def test_end_task_under_inference_mode_keeps_loadable_state(seed):
+    """end_task called inside torch.inference_mode (a validation hook) made the project policy's
+    bases inference tensors, so every later load_state_dict / load_adapter failed half-way."""
+    layer = _trained(CLoRALinear(12, 10, rank=3, protection="project"))
+    with ck.observe_task(layer):
+        layer(torch.randn(20, 12))
+    ckpt = copy.deepcopy(layer.state_dict())
+    with torch.inference_mode():
+        ck.end_task(layer)
+    assert not any(t.is_inference() for t in layer.state_dict().values())
+    layer.load_state_dict(ckpt)
+    assert layer.task_index == 0
+
+
+def test_load_adapter_refuses_a_meta_model(tmp_path):
+    """A load into meta tensors writes nothing: refused, as load_peft_adapter does (it set the task
+    index and left the adapter uninitialised)."""
+    path = tmp_path / "a.safetensors"
+    ck.save_adapter(ck.inject_clora(nn.Sequential(nn.Linear(12, 10)), target_modules=["0"], rank=3), path)
+    with torch.device("meta"):
+        net = ck.inject_clora(nn.Sequential(nn.Linear(12, 10)), target_modules=["0"], rank=3)
+    with pytest.raises(ValueError, match="meta device"):
+        ck.load_adapter(net, path)
+    assert net[0].task_index == 0
