@@ -200,7 +200,7 @@ def test_orthogonality_loss(seed):
 
 
 def test_merge_unmerge(seed):
-    layer = _trained(CLoRALinear(24, 40, rank=6))
+    layer = _trained(CLoRALinear(24, 40, rank=6, alpha=15))     # scaling 2.5: a merge that drops it shows
     x = torch.randn(5, 24)
     w0, out = layer.weight.clone(), layer(x)
     layer.merge()
@@ -269,7 +269,9 @@ def test_inject_and_model_helpers(seed, tmp_path):
         with torch.no_grad():
             m.routing_delta.normal_()
     loss = ck.orthogonality_loss(net)
-    assert loss.ndim == 0 and float(loss.detach()) > 0
+    per_layer = [m.orthogonality_loss() for _, m in ck.nn.clora_layers(net)]
+    assert len(per_layer) > 1 and loss.ndim == 0 and float(loss.detach()) > 0
+    assert torch.allclose(loss, sum(per_layer))          # the model's penalty is the layers' sum
     y2 = net(x)
     ck.merge(net)
     assert rel_err(net(x), y2) < 1e-5

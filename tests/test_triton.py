@@ -146,6 +146,24 @@ def test_empty_reduction_or_outputs_every_plan(force_plan, strategy, k, n):
         assert torch.allclose(got.double().cpu(), ref[name].grad, rtol=1e-5, atol=1e-5), name
 
 
+@pytest.mark.parametrize("strategy", sorted(PLANS) + ["cublas"])
+def test_tile_multiple_k_and_the_cublas_plan(seed, force_plan, strategy):
+    """K a multiple of BLOCK_K (the kernels' EVEN_K branch, which every real width such as 768 takes,
+    and no other CPU test shape did) on every plan, and the cublas plan, which runs under the
+    interpreter too, against the float64 oracle, forward and backward, with a scaling that shows."""
+    force_plan(GPU_PLANS[strategy])
+    inp = cast_inputs(make_inputs(5, 2 * SMALL.block_k, 40, 4), torch.float32, DEV)
+    inp["scaling"] = 2.5
+    y = call(ck.clora_linear, inp, backend="triton")
+    y_ref, ref = oracle(inp)
+    g = torch.randn(*y.shape, dtype=torch.float64)
+    y_ref.backward(g)
+    y.backward(g.to(y))
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    for name, got in grads_of(inp).items():
+        assert rel_err(got, ref[name].grad) < TOL[torch.float32], name
+
+
 def test_chosen_strategies_reads_the_plan_cache(monkeypatch):
     """What clora-bench reports beside a shape's timings: each kind's settled plan (dx is keyed
     on weightᵀ), for auto and for triton separately."""
