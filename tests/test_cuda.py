@@ -209,6 +209,7 @@ def test_broken_source_fails_with_the_compiler_line(tmp_path, monkeypatch):
     bad = tmp_path / "broken.cu"
     bad.write_text("int broken = undefined_symbol;\n")
     monkeypatch.setattr(cuda_backend, "sources", lambda: [str(bad)])
+    monkeypatch.setattr(cuda_backend, "registered", lambda: False)     # it fails compiling, before any load
     with pytest.raises(RuntimeError, match=r"building the CUDA extension failed: .*broken\.cu.*error"):
         cuda_backend.build(str(tmp_path / "build"))
 
