@@ -881,9 +881,14 @@ def _observe_hook(layer, args, kwargs):
 
 
 def orthogonality_loss(model: nn.Module) -> Tensor:
-    """Σ over C-LoRA layers of || Oᵀ (P R_delta) ||_F² (paper Eq. 26)."""
-    layers = _require_layers(model, "orthogonality_loss", reshard=False)
-    return torch.stack([m.orthogonality_loss().float() for _, m in layers]).sum()
+    """Σ over C-LoRA layers of || Oᵀ (P R_delta) ||_F² (paper Eq. 26), on the first layer's device
+    (a model split over devices, e.g. transformers' device_map) in float32 or the layers' wider dtype."""
+    losses = [m.orthogonality_loss() for _, m in _require_layers(model, "orthogonality_loss", reshard=False)]
+    dtype = torch.float32
+    for loss in losses:
+        dtype = torch.promote_types(dtype, loss.dtype)
+    device = losses[0].device
+    return torch.stack([loss.to(device, dtype) for loss in losses]).sum()
 
 
 def merge(model: nn.Module, keep_original=None) -> None:

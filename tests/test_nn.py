@@ -772,3 +772,16 @@ def test_load_adapter_refuses_a_meta_model(tmp_path):
     with pytest.raises(ValueError, match="meta device"):
         ck.load_adapter(net, path)
     assert net[0].task_index == 0
+
+
+def test_model_orthogonality_loss_keeps_a_wider_dtype(seed):
+    """The model's penalty summed in float32 always: a float64 model got a float32 penalty."""
+    net = nn.Sequential(CLoRALinear(12, 10, rank=3, dtype=torch.float64), CLoRALinear(10, 8, rank=3,
+                                                                                       dtype=torch.float64))
+    for m in net:
+        _trained(m)
+        m.end_task()
+        _trained(m)
+    loss = ck.orthogonality_loss(net)
+    assert loss.dtype == torch.float64 and torch.equal(loss, net[0].orthogonality_loss() + net[1].orthogonality_loss())
+
