@@ -59,7 +59,7 @@ def force_plan():
 def test_matches_oracle(seed, force_plan, strategy, dtype, m, k, n, r, bias, hard):
     force_plan(PLANS[strategy])
     check_backend("triton", dtype, m=m, k=k, n=n, r=r, bias=bias, hard=hard, device=DEV,
-                  through_old=(m % 2 == 0))
+                  through_old=(k % 3 == 0))     # (k, not m: every m here is odd)
 
 
 @pytest.mark.parametrize("strategy", ["fused", "fused_tma", "fused_splitk", "split"])
