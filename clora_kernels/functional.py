@@ -39,7 +39,7 @@ def finite_number(value) -> bool:
 
 def check_flag(name: str, value) -> bool:
     """`value` where it is a bool (numpy's too), else a TypeError naming `name`: bool("False") is True."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {value!r}")
 

@@ -114,7 +114,7 @@ class CLoRALinear(nn.Linear):
         self.alpha = float(rank if alpha is None else alpha)        # and scaling = alpha / rank (__setattr__)
         self.mode = mode
         self.protect_energy = float(protect_energy)
-        self.grad_through_old_route = check_flag("grad_through_old_route", grad_through_old_route)
+        self.grad_through_old_route = grad_through_old_route        # (a bool: __setattr__ checks it)
         self.backend = backend
         self.task_index = 0
         self.merged = False
@@ -192,6 +192,8 @@ class CLoRALinear(nn.Linear):
             return
         # alpha and scaling = alpha / rank are one setting: writing either sets the other (as floats), so
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
+        if name == "grad_through_old_route":
+            value = check_flag(name, value)
         if name in ("alpha", "scaling") and "rank" in self.__dict__:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r} (alpha and scaling = alpha / rank "
@@ -322,8 +324,8 @@ class CLoRALinear(nn.Linear):
         Refuses (ValueError, nothing changed) when the adapter holds NaN or Inf. Under
         torch.inference_mode (a validation loop's hook) it runs outside it: what it builds is state
         kept across tasks, and inference tensors could never be loaded into again."""
-        if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):
+        if torch.is_inference_mode_enabled() and not self.routing_old.is_inference():
+            with torch.inference_mode(False):     # (a layer made under inference_mode stays in it)
                 return self.end_task()
         bad = self._nonfinite_adapter()
         if bad:

@@ -709,6 +709,14 @@ def test_grad_through_old_route_must_be_a_bool():
     """bool("False") is True: a string turned the plain gradients on silently."""
     with pytest.raises(TypeError, match="grad_through_old_route must be a bool, got 'False'"):
         CLoRALinear(16, 8, rank=4, grad_through_old_route="False")
+    layer = CLoRALinear(16, 8, rank=4)
+    layer(torch.randn(2, 16))            # (the validation memo: an assignment after a call is checked too)
+    with pytest.raises(TypeError, match="grad_through_old_route must be a bool, got 'False'"):
+        layer.grad_through_old_route = "False"
+    assert layer.grad_through_old_route is False
+    np = pytest.importorskip("numpy")
+    layer.grad_through_old_route = np.bool_(True)       # numpy's bool (NumPy 1 and 2 name it differently)
+    assert layer.grad_through_old_route is True
     a = [torch.randn(3, 16), torch.randn(8, 16), None, torch.randn(4, 16), torch.randn(8, 4), torch.randn(4, 4),
          torch.randn(4, 4), None, 1.0]
     with pytest.raises(TypeError, match="grad_through_old_route must be a bool, got 0"):
@@ -760,6 +768,10 @@ def test_end_task_under_inference_mode_keeps_loadable_state(seed):
     assert not any(t.is_inference() for t in layer.state_dict().values())
     layer.load_state_dict(ckpt)
     assert layer.task_index == 0
+    with torch.inference_mode():         # a layer made under inference_mode: its end_task stays in it
+        made = _trained(CLoRALinear(12, 10, rank=3))
+        made.end_task()
+    assert made.task_index == 1
 
 
 def test_load_adapter_refuses_a_meta_model(tmp_path):
