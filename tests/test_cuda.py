@@ -1,6 +1,7 @@
 """The cuda backend (csrc/). CI compiles the sources whenever nvcc and a CUDA build of torch are
 present (the extension even loads on a CPU-only machine, so its schemas, Meta kernels and the ops'
 own validation are checked too); the correctness tests against the float64 oracle need a GPU (marker `gpu`)."""
+import os
 import re
 import shutil
 
@@ -78,6 +79,28 @@ def test_jit_build_targets_the_visible_gpus(monkeypatch):
     assert cuda_backend.jit_archs() == ["75", "120"]
     monkeypatch.setenv("CLORA_CUDA_ARCH", "86")
     assert cuda_backend.jit_archs() == ["86"]
+
+
+def test_jit_build_arch_precedence(monkeypatch, tmp_path):
+    """CLORA_CUDA_ARCH first (an invalid one is an error even where TORCH_CUDA_ARCH_LIST is set), then
+    TORCH_CUDA_ARCH_LIST, then the visible GPUs; the build leaves the environment as it found it."""
+    import torch.utils.cpp_extension as ce
+    seen = []
+    monkeypatch.setattr(cuda_backend, "registered", lambda: False)
+    monkeypatch.setattr(cuda_backend, "sources", lambda: [str(tmp_path / "a.cu")])
+    monkeypatch.setattr(cuda_backend, "cuda_home", lambda: str(tmp_path))
+    monkeypatch.setattr(cuda_backend, "extra_include_dirs", lambda root: [])
+    monkeypatch.setattr(ce, "load", lambda **kw: seen.append(os.environ["TORCH_CUDA_ARCH_LIST"]))
+    (tmp_path / "a.cu").write_text("")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    monkeypatch.setenv("CLORA_CUDA_ARCH", "90a")
+    cuda_backend.build(str(tmp_path / "b"))
+    monkeypatch.delenv("CLORA_CUDA_ARCH")
+    cuda_backend.build(str(tmp_path / "b"))
+    assert seen == ["9.0a", "7.5"] and os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5"
+    monkeypatch.setenv("CLORA_CUDA_ARCH", "sm_90")
+    with pytest.raises(RuntimeError, match="CLORA_CUDA_ARCH entry 'sm_90'"):
+        cuda_backend.build(str(tmp_path / "b"))
 
 
 def check_op_errors():

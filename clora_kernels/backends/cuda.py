@@ -56,8 +56,9 @@ def build(build_dir=None, verbose: bool = False) -> str:
     """JIT-build csrc/ and load it into this process (registers torch.ops.clora.cuda_*).
     Returns the build directory. Raises RuntimeError with the compiler's first error line, and
     before building where the ops are registered already: a second library registering them
-    would abort the process. TORCH_CUDA_ARCH_LIST, where set, is what torch builds for; else
-    `jit_archs`, for this build only (the environment is restored after it)."""
+    would abort the process. Targets: `jit_archs` (CLORA_CUDA_ARCH, else the visible GPUs), or
+    TORCH_CUDA_ARCH_LIST where it is set and CLORA_CUDA_ARCH is not, for this build only (the
+    environment is restored after it)."""
     if registered():
         raise RuntimeError("the clora CUDA ops are registered in this process already (clora_kernels._C or an "
                            "earlier build); loading a second build would abort the process")
@@ -67,8 +68,9 @@ def build(build_dir=None, verbose: bool = False) -> str:
     home = cuda_home()
     if home is None:
         raise RuntimeError("nvcc was not found and CUDA_HOME is not set")
-    try:
-        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or torch_arch_list(jit_archs())
+    try:        # CLORA_CUDA_ARCH, then TORCH_CUDA_ARCH_LIST, then the visible GPUs (setup.py reads the first alone)
+        own = "CLORA_CUDA_ARCH" in os.environ or not os.environ.get("TORCH_CUDA_ARCH_LIST")
+        arch_list = torch_arch_list(jit_archs()) if own else os.environ["TORCH_CUDA_ARCH_LIST"]
     except ValueError as exc:
         raise RuntimeError(str(exc)) from exc
     import torch.utils.cpp_extension as ce
