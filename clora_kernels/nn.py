@@ -8,6 +8,7 @@ routing_delta the trainable r×r routing. The layer computes
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import numbers
@@ -97,6 +98,21 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
     make_protection(protection)
 
 
+def _outside_inference_mode(method):
+    """A lifecycle method that builds state kept across tasks (the policy's buffers, the folded
+    routing) runs outside torch.inference_mode (a validation loop's hook calling it) where the
+    layer's tensors are normal: inference tensors made there could never be loaded into or
+    updated again (every later load_state_dict / load_adapter failed half-way). A layer made
+    under inference_mode stays in it."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if torch.is_inference_mode_enabled() and not self.routing_old.is_inference():
+            with torch.inference_mode(False), torch.no_grad():    # (inference_mode(False) turns grad mode on)
+                return method(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+    return run
+
+
 class CLoRALinear(nn.Linear):
     """Drop-in `nn.Linear` with one C-LoRA adapter. `weight` and `bias` are the frozen base."""
     _checked = None      # the last call whose operands passed validation (functional.module_linear)
@@ -144,6 +160,7 @@ class CLoRALinear(nn.Linear):
         if "routing_delta" in self._parameters:      # nn.Linear.__init__ calls this before the adapter exists
             self.reset_adapter()
 
+    @_outside_inference_mode
     def reset_adapter(self) -> None:
         """First-task state: routing_delta = I, routing_old = 0, P = I, lora_B = 0,
         lora_A Kaiming-uniform (PEFT's init); the protection policy's state is fresh and every
@@ -161,6 +178,7 @@ class CLoRALinear(nn.Linear):
         self.task_index = 0
         self._set_protection(self.protection)
 
+    @_outside_inference_mode
     def _set_protection(self, spec) -> None:
         """Give the layer a policy with fresh state (the old policy's buffers are removed)."""
         policy = make_protection(spec)
@@ -318,15 +336,11 @@ class CLoRALinear(nn.Linear):
         return out
 
     @torch.no_grad()
+    @_outside_inference_mode
     def end_task(self) -> None:
         """Fold the task's routing into the frozen route: R_old <- R_old + P R_delta; in hard
         mode recompute P from R_old's singular vectors; R_delta <- 0. The output is unchanged.
-        Refuses (ValueError, nothing changed) when the adapter holds NaN or Inf. Under
-        torch.inference_mode (a validation loop's hook) it runs outside it: what it builds is state
-        kept across tasks, and inference tensors could never be loaded into again."""
-        if torch.is_inference_mode_enabled() and not self.routing_old.is_inference():
-            with torch.inference_mode(False):     # (a layer made under inference_mode stays in it)
-                return self.end_task()
+        Refuses (ValueError, nothing changed) when the adapter holds NaN or Inf."""
         bad = self._nonfinite_adapter()
         if bad:
             raise ValueError(f"end_task: {bad} holds non-finite values (NaN/Inf; did training diverge?); "

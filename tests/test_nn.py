@@ -768,6 +768,12 @@ def test_end_task_under_inference_mode_keeps_loadable_state(seed):
     assert not any(t.is_inference() for t in layer.state_dict().values())
     layer.load_state_dict(ckpt)
     assert layer.task_index == 0
+    with torch.inference_mode():          # the other lifecycle steps that build the policy's state
+        layer.protection = "freeze"
+        layer.protection = "project"
+        layer.reset_adapter()
+    assert not any(t.is_inference() for t in layer.state_dict().values())
+    layer.load_state_dict(ckpt)
     with torch.inference_mode():         # a layer made under inference_mode: its end_task stays in it
         made = _trained(CLoRALinear(12, 10, rank=3))
         made.end_task()
