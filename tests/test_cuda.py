@@ -189,6 +189,8 @@ def test_gpu_poisoned_outputs_fully_written(seed, fused_max_mr, dtype):
     la, lb = torch.randn(r, k, device="cuda", dtype=dtype), torch.randn(n, r, device="cuda", dtype=dtype)
     ro, rd, p = (torch.randn(r, r, device="cuda", dtype=dtype) for _ in range(3))
     reff = routing_eff(ro, rd, p)
+    ok, why = ck.available_backends()["cuda"]     # loads the extension (this may be a shard's first test)
+    assert ok, why
     _poison_cuda_allocator()
     y, t = torch.ops.clora.cuda_linear_fwd(x, w, b, la, lb, ro, rd, p, 0.5, fused_max_mr)
     _poison_cuda_allocator()
