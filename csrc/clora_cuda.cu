@@ -325,10 +325,23 @@ std::tuple<at::Tensor, at::Tensor> linear_dx_meta(const at::Tensor& g, const at:
   return {at::empty({g.size(0), weight.size(1)}, g.options()), at::empty({g.size(0), lora_a.size(0)}, g.options())};
 }
 
+// "" where this binary holds code that GPU `device` runs, else CUDA's reason (a build for other
+// architectures: every launch would fail with "no kernel image is available"). The backend asks it
+// once, before it calls itself usable.
+std::string runs_here(int64_t device) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, shrink_finish_kernel<float>);
+  if (err == cudaSuccess) return "";
+  (void)cudaGetLastError();
+  return cudaGetErrorString(err);
+}
+
 }  // namespace
 
 // FRAGMENT: the Python side registers clora::linear_fwd / linear_dx in the same namespace.
 TORCH_LIBRARY_FRAGMENT(clora, m) {
+  m.def("cuda_runs_here(int device) -> str", &runs_here);
   m.def("cuda_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor routing_old, "
         "Tensor routing_delta, Tensor? projection, float scaling, int fused_max_mr) -> (Tensor, Tensor)");
   m.def("cuda_linear_dx(Tensor g, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor routing_old, "

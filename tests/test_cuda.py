@@ -23,6 +23,7 @@ def test_csrc_compiles_and_registers():
     if not cuda_backend.registered():       # (a second build in one process is refused: see the next test)
         cuda_backend.build()                               # raises with the compiler's first error line
     assert hasattr(torch.ops.clora, "cuda_linear_fwd") and hasattr(torch.ops.clora, "cuda_linear_dx")
+    assert str(torch.ops.clora.cuda_runs_here.default._schema) == "clora::cuda_runs_here(int device) -> str"
 
     def m(*shape):
         return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
@@ -32,6 +33,19 @@ def test_csrc_compiles_and_registers():
                                            0)
     assert (y.shape, t.shape, dx.shape, v.shape) == ((7, 40), (7, 5), (7, 24), (7, 5))
     check_op_errors()
+
+
+def test_an_extension_without_code_for_this_gpu_is_unusable(monkeypatch):
+    """A build for other architectures loads, then every launch fails ("no kernel image is
+    available"): the backend asks the extension first and says why it cannot run."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.ops.clora, "cuda_runs_here",
+                        lambda device: "no kernel image is available for execution on the device", raising=False)
+    ok, why = cuda_backend._runs_here("CUDA extension loaded")
+    assert not ok and "no code for this GPU (sm_75): no kernel image" in why and "CLORA_CUDA_ARCH=75" in why
+    monkeypatch.setattr(torch.ops.clora, "cuda_runs_here", lambda device: "", raising=False)
+    assert cuda_backend._runs_here("CUDA extension loaded") == (True, "CUDA extension loaded")
 
 
 def test_build_refuses_a_second_library(monkeypatch):

@@ -121,6 +121,20 @@ def fused_max_mr() -> int:
     return value
 
 
+def _runs_here(found: str):
+    """(usable, why) for the extension `found` describes: unusable where it holds no code for the
+    current GPU (built for other architectures: setup.py's CLORA_CUDA_ARCH, or another machine's
+    JIT build), which the extension's own cuda_runs_here answers (an extension from before it had
+    that op is taken as it is)."""
+    runs_here = getattr(torch.ops.clora, "cuda_runs_here", None)
+    why = runs_here(torch.cuda.current_device()) if runs_here is not None else ""
+    if not why:
+        return True, found
+    major, minor = torch.cuda.get_device_capability()
+    return False, (f"{found}, but it has no code for this GPU (sm_{major}{minor}): {why}; build it for this GPU "
+                   f"(CLORA_CUDA_ARCH={major}{minor}, or unset for the JIT build)")
+
+
 class CudaBackend(KernelBackend):
     name = "cuda"
 
@@ -131,17 +145,17 @@ class CudaBackend(KernelBackend):
         if not torch.cuda.is_available():
             return False, "no CUDA GPU is available"
         if registered():
-            return True, "CUDA extension loaded"
+            return _runs_here("CUDA extension loaded")
         try:
             import clora_kernels._C  # noqa: F401  (built by setup.py; registers the ops)
-            return True, "CUDA extension clora_kernels._C (built by setup.py)"
+            return _runs_here("CUDA extension clora_kernels._C (built by setup.py)")
         except ImportError:
             pass
         try:
             path = build()
         except RuntimeError as exc:
             return False, str(exc)
-        return True, f"CUDA extension JIT-built in {path}"
+        return _runs_here(f"CUDA extension JIT-built in {path}")
 
     def device_reasons(self, x, weight, auto):
         return [] if x.device.type == "cuda" else [f"tensors are on {x.device}, the cuda backend needs a CUDA device"]
