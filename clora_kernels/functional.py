@@ -8,6 +8,7 @@ autograd formula (docs/design.md section 2) for all backends (`backends/ops.py`)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
@@ -134,6 +135,14 @@ def _autocasting(x: Tensor) -> bool:
     return dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
 
 
+def exact_math(t: Tensor):
+    """A context in which t's device computes without torch.autocast: the lifecycle's math (merge,
+    end_task's fold, the project policy's projection) writes state kept across steps, which a
+    caller's autocast would round to 16 bits (a merge then unmerge moved an fp32 base weight by
+    1.5e-2; a hard-mode end_task changed the output)."""
+    return torch.autocast(device_type(t), enabled=False) if _autocasting(t) else contextlib.nullcontext()
+
+
 def _autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
     """Under torch.autocast, compute in the autocast dtype the way nn.Linear (F.linear) does: every
     floating-point tensor but float64 is cast (autocast leaves float64 alone). The casts are
@@ -173,8 +182,9 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     unless this call matches the last one that passed: x's dtype, device and width, the scaling (a
     float), backend and mode, every operand's dtype, and the operands themselves (the same tensor
     objects: a swapped one, as torch.func.functional_call or a re-registered buffer gives, is
-    checked again). `owner._checked` holds that memo; `owner` clears it when it is moved. A `.data`
-    swap to another shape on the same tensor is the one change not seen. Under autocast every call
+    checked again), and the weight's shape (a `.data` swap of a tied weight, as transformers'
+    resize_token_embeddings does). `owner._checked` holds that memo; `owner` clears it when it is
+    moved. Under autocast every call
     validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
     the op transposed (transformers' Conv1D). factors: where lora_A and lora_B are fresh views each
     call (the freeze policy's detached factors: the same dtype, device and shape), the parameters
@@ -186,7 +196,7 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     # which cost every compiled model a second compile)
     if isinstance(x, Tensor) and x.dim() and type(scaling) is float and type(k := x.shape[-1]) is int \
             and not _autocasting(x) and not _compiling():
-        key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.dtype, lora_A.dtype,
+        key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.shape, weight.dtype, lora_A.dtype,
                lora_B.dtype, routing_old.dtype, routing_delta.dtype, None if bias is None else bias.dtype,
                None if projection is None else projection.dtype)
         operands = (weight, bias, *(factors or (lora_A, lora_B)), routing_old, routing_delta, projection)

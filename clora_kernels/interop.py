@@ -22,7 +22,7 @@ import re
 import torch
 from torch import nn
 
-from .functional import finite_number
+from .functional import exact_math, finite_number
 from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, placed_originals,
                  set_tensors, tensor_at, unwrapped)
 from .reference import folded_lora_B
@@ -304,7 +304,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
                          f"(requires_grad_(False)) if the PEFT model should not have them")
     tensors = {}
     for name, m in layers:
-        with torch.no_grad():
+        with torch.no_grad(), exact_math(m.lora_B):
             m.protection.enforce(m)         # (as save_adapter: a save changes nothing of the run)
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A).detach().to("cpu").contiguous()
             folded = folded_lora_B(_full(m.lora_B), m.routing())

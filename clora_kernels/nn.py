@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
-from .functional import check_flag, finite_number, module_linear
+from .functional import check_flag, exact_math, finite_number, module_linear
 from .protection import Project, Protection, make_protection
 
 try:
@@ -98,18 +98,20 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
     make_protection(protection)
 
 
-def _outside_inference_mode(method):
-    """A lifecycle method that builds state kept across tasks (the policy's buffers, the folded
-    routing) runs outside torch.inference_mode (a validation loop's hook calling it) where the
-    layer's tensors are normal: inference tensors made there could never be loaded into or
-    updated again (every later load_state_dict / load_adapter failed half-way). A layer made
+def _lifecycle_step(method):
+    """A lifecycle method that computes or builds state kept across steps and tasks (the policy's
+    buffers, the folded routing, a merged weight) runs without the caller's torch.autocast
+    (`functional.exact_math`), and outside torch.inference_mode (a validation loop's hook calling
+    it) where the layer's tensors are normal: inference tensors made there could never be loaded
+    into or updated again (every later load_state_dict / load_adapter failed half-way). A layer made
     under inference_mode stays in it."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        if torch.is_inference_mode_enabled() and not self.routing_old.is_inference():
-            with torch.inference_mode(False), torch.no_grad():    # (inference_mode(False) turns grad mode on)
-                return method(self, *args, **kwargs)
-        return method(self, *args, **kwargs)
+        with exact_math(self.routing_old):
+            if torch.is_inference_mode_enabled() and not self.routing_old.is_inference():
+                with torch.inference_mode(False), torch.no_grad():    # (inference_mode(False) turns grad mode on)
+                    return method(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
     return run
 
 
@@ -160,7 +162,7 @@ class CLoRALinear(nn.Linear):
         if "routing_delta" in self._parameters:      # nn.Linear.__init__ calls this before the adapter exists
             self.reset_adapter()
 
-    @_outside_inference_mode
+    @_lifecycle_step
     def reset_adapter(self) -> None:
         """First-task state: routing_delta = I, routing_old = 0, P = I, lora_B = 0,
         lora_A Kaiming-uniform (PEFT's init); the protection policy's state is fresh and every
@@ -178,7 +180,7 @@ class CLoRALinear(nn.Linear):
         self.task_index = 0
         self._set_protection(self.protection)
 
-    @_outside_inference_mode
+    @_lifecycle_step
     def _set_protection(self, spec) -> None:
         """Give the layer a policy with fresh state (the old policy's buffers are removed)."""
         policy = make_protection(spec)
@@ -260,10 +262,12 @@ class CLoRALinear(nn.Linear):
     def _projection_arg(self) -> Optional[Tensor]:
         return self.projection if self.mode == "hard" else None
 
+    @_lifecycle_step
     def routing(self) -> Tensor:
         """R_eff = routing_old + projection · routing_delta."""
         return routing_eff(self.routing_old, _full(self.routing_delta), self._projection_arg())
 
+    @_lifecycle_step
     def delta_weight(self) -> Tensor:
         """scaling · lora_B R_effᵀ lora_A, shape (out_features, in_features)."""
         self.protection.enforce(self)
@@ -336,7 +340,7 @@ class CLoRALinear(nn.Linear):
         return out
 
     @torch.no_grad()
-    @_outside_inference_mode
+    @_lifecycle_step
     def end_task(self) -> None:
         """Fold the task's routing into the frozen route: R_old <- R_old + P R_delta; in hard
         mode recompute P from R_old's singular vectors; R_delta <- 0. The output is unchanged.
@@ -377,6 +381,7 @@ class CLoRALinear(nn.Linear):
         return tuple(t.detach().clone() for t in self._adapter()) + (self.scaling, self.mode)
 
     @torch.no_grad()
+    @_lifecycle_step
     def merge(self, keep_original=None) -> None:
         """W <- W + delta_weight(); the forward is then a plain F.linear. The adapter as merged is
         remembered (its small tensors, not the N×K delta), so unmerge takes out exactly what went
@@ -401,6 +406,7 @@ class CLoRALinear(nn.Linear):
         self.merged = True
 
     @torch.no_grad()
+    @_lifecycle_step
     def unmerge(self) -> None:
         """W <- W - the delta that merge added; the forward is the C-LoRA op again, with the
         adapter as it is now."""

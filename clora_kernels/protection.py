@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import _autocasting
+from .functional import _autocasting, exact_math
 
 _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)    # what autocast casts (float64 it leaves)
 
@@ -280,9 +280,10 @@ class Project(Protection):
                              f"(torch.nn.utils.parametrize or prune), so the projection would be lost and earlier "
                              f"tasks unprotected: remove the parametrization, or use protection='freeze'")
         tensors = (layer.lora_A, layer.routing_delta, layer.lora_B)
-        for t, projected in zip(tensors, self.projected(layer, *tensors)):
-            if projected is not t:
-                t.copy_(projected)
+        with exact_math(layer.lora_A):          # (not in the caller's autocast: kept across steps)
+            for t, projected in zip(tensors, self.projected(layer, *tensors)):
+                if projected is not t:
+                    t.copy_(projected)
         layer._enforced_versions = self._versions(layer)
 
     @staticmethod
@@ -305,9 +306,10 @@ class Project(Protection):
                 x.dtype == layer.lora_A.dtype or (x.dtype in _AUTOCAST_CASTS and _autocasting(x))):
             return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)
         x = x.detach().reshape(-1, x.shape[-1])
-        if layer._observed is None:     # fp32 at least, fp64 layers in fp64
-            layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device,
-                                          dtype=torch.promote_types(x.dtype, torch.float32))
+        if layer._observed is None:     # fp32 at least, fp64 layers in fp64; a normal tensor (not an inference
+            with torch.inference_mode(False):   # one), so that passes in and out of inference_mode all add to it
+                layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device,
+                                              dtype=torch.promote_types(x.dtype, torch.float32))
         x = x.to(layer._observed.dtype)
         layer._observed.addmm_(x.t(), x)
         layer._observed_rows += x.shape[0]

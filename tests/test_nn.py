@@ -803,3 +803,57 @@ def test_model_orthogonality_loss_keeps_a_wider_dtype(seed):
     loss = ck.orthogonality_loss(net)
     assert loss.dtype == torch.float64 and torch.equal(loss, net[0].orthogonality_loss() + net[1].orthogonality_loss())
 
+
+
+def test_lifecycle_math_ignores_the_callers_autocast(seed):
+    """merge / unmerge, end_task's fold and the project policy's projection inside a caller's
+    torch.autocast (a training loop wrapped whole) computed in bf16: a merge then unmerge moved the
+    fp32 base by 1.5e-2, a hard-mode end_task changed the output, the projection drifted."""
+    layer = _trained(CLoRALinear(24, 16, rank=4, alpha=8, mode="hard"))
+    x = torch.randn(5, 24)
+    w0, y0 = layer.weight.clone(), layer(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.merge()
+    assert rel_err(layer(x), y0) < 1e-6
+    layer.unmerge()
+    assert rel_err(layer.weight, w0) < 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ck.end_task(layer)
+        delta = layer.delta_weight()
+    assert rel_err(layer(x), y0) < 1e-6 and delta.dtype == torch.float32
+    proj = _trained(CLoRALinear(24, 16, rank=4, protection="project"))
+    with ck.observe_task(proj):
+        proj(torch.randn(40, 24))
+    ck.end_task(proj)
+    with torch.no_grad():
+        proj.lora_A.add_(torch.randn_like(proj.lora_A))     # a step that leaves the allowed set
+        proj.lora_B.add_(torch.randn_like(proj.lora_B))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        proj.protection.enforce(proj, force=True)
+    assert torch.allclose(proj.lora_A @ proj.protect_input_basis, proj.protect_input_anchor, atol=1e-5)
+    assert torch.allclose(proj.lora_B @ proj.protect_output_basis, proj.protect_output_anchor, atol=1e-5)
+
+
+def test_observe_passes_in_and_out_of_inference_mode_add_up(seed):
+    """An observe pass under torch.inference_mode, then one under no_grad: the Gram was an inference
+    tensor, the second pass failed and both were dropped."""
+    layer = _trained(CLoRALinear(12, 10, rank=3, protection="project"))
+    xs = torch.randn(30, 12), torch.randn(20, 12)
+    with ck.observe_task(layer):
+        with torch.inference_mode():
+            layer(xs[0])
+        with torch.no_grad():
+            layer(xs[1])
+    assert layer._observed_rows == 50
+    assert torch.allclose(layer._observed, xs[0].t() @ xs[0] + xs[1].t() @ xs[1], atol=1e-4)
+    ck.end_task(layer)
+
+
+def test_weight_data_swap_to_another_shape_is_validated(seed):
+    """transformers' resize_token_embeddings swaps a tied lm_head's weight .data to another shape:
+    after a first call the validation memo let it through to torch's raw in-place error."""
+    layer = CLoRALinear(8, 6, rank=2)
+    layer(torch.randn(3, 8))
+    layer.weight.data = torch.randn(7, 8)
+    with pytest.raises(ValueError, match="lora_B"):
+        layer(torch.randn(3, 8))
