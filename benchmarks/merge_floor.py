@@ -27,7 +27,7 @@ and dx; clora-bench's fwd+bwd), as ratios to merged's step (F.linear's forward a
     auto        clora_linear(..., backend="auto") with autograd: the whole step
 and each row's floor (`bench.core.floor_ratio`), which #17 asks auto to stay within 1.15 of.
 
-Usage: python benchmarks/merge_floor.py [--training] [--rounds N] [--min-time S]
+Usage: python benchmarks/merge_floor.py [--training [--min-m M]] [--rounds N] [--min-time S]
 """
 import argparse
 import math
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds per variant and round")
     ap.add_argument("--training", action="store_true", help="time the training step (see above)")
+    ap.add_argument("--min-m", type=int, default=512, help="with --training: the rows from this M (24: all)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     if args.training:
@@ -127,7 +128,7 @@ def _best_of(fns, rounds, min_time):
 
 
 def _training(args) -> int:
-    shapes = [s for s in suite_shapes("vit", [16], 8) if s.m >= 512]
+    shapes = [s for s in suite_shapes("vit", [16], 8) if s.m >= args.min_m]
     names = ("merged", "merged ops", "ops", "auto")
     ratios = {n: [] for n in names[1:] + ("auto/floor",)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; training step time / merged's, best "
