@@ -138,7 +138,7 @@ class CLoRALinear(nn.Linear):
         self.merged = False
         self.fan_in_fan_out = False      # True: `weight` is stored (in, out), transformers' Conv1D layout
         self.adapter_enabled = True      # False inside disable_adapter(): the base layer alone
-        self.tied_to = []                # other parameters sharing `weight` (inject_clora finds them)
+        self._tie_owners = []            # (module, name, label) of other parameters sharing `weight` (inject_clora)
         fk = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **fk))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **fk))
@@ -254,6 +254,14 @@ class CLoRALinear(nn.Linear):
         return layer
 
     # ---- the math -------------------------------------------------------------------------
+    @property
+    def tied_to(self) -> list:
+        """The other parameters that share `weight` (found by inject_clora, e.g. GPT-2's
+        transformer.wte.weight for lm_head), as long as they still share it: after an untie none."""
+        weight = self._parameters.get("weight")
+        return [label for module, name, label in self.__dict__.get("_tie_owners", ())
+                if weight is not None and module._parameters.get(name) is weight]
+
     def base_weight(self) -> Tensor:
         """The base weight as (out_features, in_features): `weight`, or a view of it for the
         Conv1D layout."""
@@ -810,7 +818,7 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
     users = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for p_name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            users.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+            users.setdefault(id(p), []).append((mod, p_name, f"{mod_name}.{p_name}" if mod_name else p_name))
     new, flags = [], [(p, p.requires_grad) for p in model.parameters()]
     for name in names:
         try:
@@ -819,7 +827,7 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
             for p, flag in flags:           # from_linear froze the weights it shared
                 p.requires_grad_(flag)
             raise ValueError(f"inject_clora: layer {name!r}: {exc}; the model was not changed") from None
-        layer.tied_to = [u for u in users.get(id(layer.weight), []) if u != f"{name}.weight"]
+        layer._tie_owners = [u for u in users.get(id(layer.weight), []) if u[2] != f"{name}.weight"]
         new.append((name, layer))
     keep = {id(p) for _, m in clora_layers(model) for p in (m.lora_A, m.lora_B, m.routing_delta)}
     for p in model.parameters():

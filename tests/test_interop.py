@@ -3,6 +3,7 @@ out (checked with PEFT itself), and PEFT's conveniences. Tiny models built from 
 is downloaded."""
 import copy
 import json
+import pickle
 import re
 
 import numpy as np
@@ -469,6 +470,16 @@ def test_tied_output_embeddings(seed):
                                                            for _, m in clora_layers(gpt2))   # wte counted once
     with pytest.raises(ValueError, match=r"tied to \['transformer.wte.weight'\].*would change those too"):
         layer.merge()
+    # "untie the weights first", as the message says: then the merge goes ahead (the tie was remembered)
+    wte = gpt2.transformer.wte
+    wte.weight = nn.Parameter(wte.weight.detach().clone(), requires_grad=False)
+    assert layer.tied_to == []
+    ids = torch.randint(0, 61, (1, 5))
+    with torch.no_grad():
+        want = gpt2(input_ids=ids).logits
+        layer.merge()
+        assert torch.allclose(gpt2(input_ids=ids).logits, want, atol=1e-4)
+    assert pickle.loads(pickle.dumps(layer)).merged
 
 
 def test_merge_inside_disable_adapter_and_a_lone_layer(tmp_path, seed):
