@@ -107,8 +107,11 @@ def _lifecycle_step(method):
     under inference_mode stays in it."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
+        if torch.compiler.is_compiling():       # (the compiler traces neither test)
+            return method(self, *args, **kwargs)
         with exact_math(self.routing_old):
-            if torch.is_inference_mode_enabled() and not self.routing_old.is_inference():
+            if torch.is_inference_mode_enabled() and not (self.routing_old.is_inference()
+                                                          or self.weight.is_inference()):
                 with torch.inference_mode(False), torch.no_grad():    # (inference_mode(False) turns grad mode on)
                     return method(self, *args, **kwargs)
             return method(self, *args, **kwargs)
@@ -138,7 +141,7 @@ class CLoRALinear(nn.Linear):
         self.merged = False
         self.fan_in_fan_out = False      # True: `weight` is stored (in, out), transformers' Conv1D layout
         self.adapter_enabled = True      # False inside disable_adapter(): the base layer alone
-        self._tie_owners = []            # (module, name, label) of other parameters sharing `weight` (inject_clora)
+        self.tied_to = []                # other parameters sharing `weight` (inject_clora, ck.merge(model) find them)
         fk = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **fk))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **fk))
@@ -254,14 +257,6 @@ class CLoRALinear(nn.Linear):
         return layer
 
     # ---- the math -------------------------------------------------------------------------
-    @property
-    def tied_to(self) -> list:
-        """The other parameters that share `weight` (found by inject_clora, e.g. GPT-2's
-        transformer.wte.weight for lm_head), as long as they still share it: after an untie none."""
-        weight = self._parameters.get("weight")
-        return [label for module, name, label in self.__dict__.get("_tie_owners", ())
-                if weight is not None and module._parameters.get(name) is weight]
-
     def base_weight(self) -> Tensor:
         """The base weight as (out_features, in_features): `weight`, or a view of it for the
         Conv1D layout."""
@@ -270,12 +265,10 @@ class CLoRALinear(nn.Linear):
     def _projection_arg(self) -> Optional[Tensor]:
         return self.projection if self.mode == "hard" else None
 
-    @_lifecycle_step
     def routing(self) -> Tensor:
         """R_eff = routing_old + projection · routing_delta."""
         return routing_eff(self.routing_old, _full(self.routing_delta), self._projection_arg())
 
-    @_lifecycle_step
     def delta_weight(self) -> Tensor:
         """scaling · lora_B R_effᵀ lora_A, shape (out_features, in_features)."""
         self.protection.enforce(self)
@@ -450,7 +443,8 @@ class CLoRALinear(nn.Linear):
                     "first")
         if what == "merge" and self.tied_to:
             return (f"merge: this layer's weight is tied to {self.tied_to} (shared embeddings?); merging would "
-                    f"change those too. Keep the adapter unmerged, or untie the weights first")
+                    f"change those too. Keep the adapter unmerged, or untie the weights first (then "
+                    f"clora_kernels.merge(model), which finds the ties again)")
         if "weight" not in self._parameters:
             return (f"{what}: this layer's weight is computed by torch.nn.utils.prune or parametrize, so {what} "
                     f"could not change it in place; remove the pruning / parametrization first (prune.remove, "
@@ -815,10 +809,7 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
                          + ("" if exclude_modules is None else f" without exclude_modules={exclude_modules!r}")
                          + f"{hint}; the model's layers by type: {_candidates(model)} (subclasses of nn.Linear "
                          f"are not adapted: their forward may not be nn.Linear's)")
-    users = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for p_name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            users.setdefault(id(p), []).append((mod, p_name, f"{mod_name}.{p_name}" if mod_name else p_name))
+    users = _parameter_users(model)
     new, flags = [], [(p, p.requires_grad) for p in model.parameters()]
     for name in names:
         try:
@@ -827,7 +818,7 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
             for p, flag in flags:           # from_linear froze the weights it shared
                 p.requires_grad_(flag)
             raise ValueError(f"inject_clora: layer {name!r}: {exc}; the model was not changed") from None
-        layer._tie_owners = [u for u in users.get(id(layer.weight), []) if u[2] != f"{name}.weight"]
+        layer.tied_to = [u for u in users.get(id(layer.weight), []) if u != f"{name}.weight"]
         new.append((name, layer))
     keep = {id(p) for _, m in clora_layers(model) for p in (m.lora_A, m.lora_B, m.routing_delta)}
     for p in model.parameters():
@@ -933,11 +924,26 @@ def unmerge(model: nn.Module) -> None:
         m.unmerge()
 
 
+def _parameter_users(model: nn.Module) -> dict:
+    """id(parameter) -> the names under which the model's modules hold it (a tied one: several)."""
+    users = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            users.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return users
+
+
 def _layers_that_can(model: nn.Module, what: str, caller: str = "") -> list:
     """The model's C-LoRA layers (`_require_layers`, for `caller`, default `what`), after asking each
     one that `what` ("merge", "unmerge") would change whether it can (`CLoRALinear._refusal`): a
-    refusal raises before any layer changes, so the model is never left half merged."""
+    refusal raises before any layer changes, so the model is never left half merged. Before a merge
+    each layer's `tied_to` is found again in the model as it is now (an untie since inject_clora
+    lifts the refusal; a tie made since adds it)."""
     layers = _require_layers(model, caller or what)
+    if what == "merge":
+        users = _parameter_users(model)
+        for name, m in layers:
+            m.tied_to = [u for u in users.get(id(m.weight), []) if u != (f"{name}.weight" if name else "weight")]
     for name, m in layers:
         why = m._refusal(what) if m.merged == (what == "unmerge") else ""
         if why:

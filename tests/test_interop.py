@@ -3,7 +3,6 @@ out (checked with PEFT itself), and PEFT's conveniences. Tiny models built from 
 is downloaded."""
 import copy
 import json
-import pickle
 import re
 
 import numpy as np
@@ -470,16 +469,20 @@ def test_tied_output_embeddings(seed):
                                                            for _, m in clora_layers(gpt2))   # wte counted once
     with pytest.raises(ValueError, match=r"tied to \['transformer.wte.weight'\].*would change those too"):
         layer.merge()
-    # "untie the weights first", as the message says: then the merge goes ahead (the tie was remembered)
+    # "untie the weights first", as the message says: then ck.merge(model) finds no tie and merges (the
+    # names found at injection were kept, and the refusal stayed)
     wte = gpt2.transformer.wte
     wte.weight = nn.Parameter(wte.weight.detach().clone(), requires_grad=False)
-    assert layer.tied_to == []
     ids = torch.randint(0, 61, (1, 5))
     with torch.no_grad():
         want = gpt2(input_ids=ids).logits
-        layer.merge()
-        assert torch.allclose(gpt2(input_ids=ids).logits, want, atol=1e-4)
-    assert pickle.loads(pickle.dumps(layer)).merged
+        ck.merge(gpt2)
+        assert layer.merged and layer.tied_to == [] and torch.allclose(gpt2(input_ids=ids).logits, want, atol=1e-4)
+    ck.unmerge(gpt2)
+    gpt2.transformer.wte = nn.Embedding(61, 16)         # a tie made after injection is found too
+    gpt2.transformer.wte.weight = layer.weight
+    with pytest.raises(ValueError, match=r"tied to \['transformer.wte.weight'\]"):
+        ck.merge(gpt2)
 
 
 def test_merge_inside_disable_adapter_and_a_lone_layer(tmp_path, seed):
