@@ -183,8 +183,8 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     float), backend and mode, every operand's dtype, and the operands themselves (the same tensor
     objects: a swapped one, as torch.func.functional_call or a re-registered buffer gives, is
     checked again), and the weight's shape (a `.data` swap of a tied weight, as transformers'
-    resize_token_embeddings does). `owner._checked` holds that memo; `owner` clears it when it is
-    moved. Under autocast every call
+    resize_token_embeddings does; a `.data` swap of another operand to another shape is not seen).
+    `owner._checked` holds that memo; `owner` clears it when it is moved. Under autocast every call
     validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
     the op transposed (transformers' Conv1D). factors: where lora_A and lora_B are fresh views each
     call (the freeze policy's detached factors: the same dtype, device and shape), the parameters

@@ -47,6 +47,11 @@ def test_an_extension_without_code_for_this_gpu_is_unusable(monkeypatch):
     monkeypatch.setattr(torch.ops.clora, "cuda_runs_here", lambda device: "", raising=False)
     assert cuda_backend._runs_here("CUDA extension loaded") == (True, "CUDA extension loaded")
 
+    def fails(device):
+        raise RuntimeError("CUDA error: initialization error\nmore")
+    monkeypatch.setattr(torch.ops.clora, "cuda_runs_here", fails, raising=False)
+    assert cuda_backend._runs_here("x") == (False, "x, but CUDA failed asking it: CUDA error: initialization error")
+
 
 def test_build_refuses_a_second_library(monkeypatch):
     """A second build in a process whose ops are registered (clora_kernels._C imported, or a JIT build

@@ -127,7 +127,10 @@ def _runs_here(found: str):
     JIT build), which the extension's own cuda_runs_here answers (an extension from before it had
     that op is taken as it is)."""
     runs_here = getattr(torch.ops.clora, "cuda_runs_here", None)
-    why = runs_here(torch.cuda.current_device()) if runs_here is not None else ""
+    try:
+        why = runs_here(torch.cuda.current_device()) if runs_here is not None else ""
+    except RuntimeError as exc:         # (the CUDA runtime itself failing: the backend cannot run either)
+        return False, f"{found}, but CUDA failed asking it: {str(exc).splitlines()[0]}"
     if not why:
         return True, found
     major, minor = torch.cuda.get_device_capability()
