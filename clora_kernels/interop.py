@@ -22,9 +22,10 @@ import re
 import torch
 from torch import nn
 
+from ._io import read_safetensors
 from .functional import exact_math, finite_number
-from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, placed_originals,
-                 set_tensors, tensor_at, unwrapped)
+from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, nonfinite, placed_originals,
+                 refuse_meta, set_tensors, tensor_at, unwrapped)
 from .reference import folded_lora_B
 
 _PREFIX = "base_model.model."
@@ -83,14 +84,13 @@ def _read_config(directory) -> dict:
 
 def _read_tensors(directory) -> dict:
     weights, legacy = os.path.join(directory, _WEIGHTS), os.path.join(directory, _LEGACY_WEIGHTS)
-    try:
-        if os.path.isfile(weights):
-            from safetensors.torch import load_file
-            return load_file(weights)
-        if os.path.isfile(legacy):
+    if os.path.isfile(weights):
+        return read_safetensors(weights)[0]
+    if os.path.isfile(legacy):
+        try:
             return torch.load(legacy, map_location="cpu", weights_only=True)
-    except Exception as exc:       # a truncated or foreign file
-        raise ValueError(f"{directory}: the adapter weights cannot be read ({type(exc).__name__}: {exc})") from None
+        except Exception as exc:       # a truncated or foreign file
+            raise ValueError(f"{legacy}: the adapter weights cannot be read ({type(exc).__name__}: {exc})") from None
     raise ValueError(f"{directory}: no {_WEIGHTS} (nor {_LEGACY_WEIGHTS})")
 
 
@@ -173,6 +173,10 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             if tuple(found[name][t].shape) != want:
                 raise ValueError(f"{where}: {t} has shape {tuple(found[name][t].shape)}, the layer needs {want} "
                                  f"(a per-module rank, or another base model?)")
+        bad = nonfinite(found[name].items())
+        if bad:
+            raise ValueError(f"{where}: {bad} in the adapter holds non-finite values (NaN/Inf; was it saved from a "
+                             f"diverged run?)")
     for param, (layer, base, value) in skipped.items():     # (after the merged check: a merged base differs)
         mine = getattr(model.get_submodule(layer), base)
         if mine is None or mine.is_meta or tuple(mine.shape) != tuple(value.shape) \
@@ -195,9 +199,10 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         fresh = {}
         for param, value in whole.items():
             mine = tensor_at(model, param)
-            value = value.to(device=mine.device, dtype=mine.dtype).clone()
-            fresh[param] = nn.Parameter(value, requires_grad=mine.requires_grad) if isinstance(mine, nn.Parameter) \
-                else value
+            with torch.inference_mode(mine.is_inference()):     # (normal tensors, as the model's, under it)
+                value = value.to(device=mine.device, dtype=mine.dtype).clone()
+                fresh[param] = nn.Parameter(value, requires_grad=mine.requires_grad) \
+                    if isinstance(mine, nn.Parameter) else value
         if fresh:
             model._clora_originals = set_tensors(model, fresh)
     # what save_peft_adapter stores again by default, as PEFT's own config keeps modules_to_save
@@ -264,6 +269,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     from safetensors.torch import save_file
     model = unwrapped(model)
     layers = _require_layers(model, "save_peft_adapter")
+    refuse_meta(layers, "save_peft_adapter")
     if any(name == "" for name, _ in layers):
         raise ValueError("save_peft_adapter: the model is a single CLoRALinear; PEFT adapts submodules, so wrap it "
                          "(e.g. nn.Sequential(layer)) and save that")
@@ -302,6 +308,11 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
         raise ValueError(f"save_peft_adapter: the model trains parameters outside its adapters in {left_out[:8]}; "
                          f"pass modules_to_save={left_out[:8]!r} to store them with the adapter, or freeze them "
                          f"(requires_grad_(False)) if the PEFT model should not have them")
+    on_meta = [s for s in saved if any(t.is_meta for t in modules[s].state_dict(keep_vars=True).values()
+                                       if isinstance(t, torch.Tensor))]
+    if on_meta:
+        raise ValueError(f"save_peft_adapter: modules_to_save {on_meta} are on the meta device and hold no values: "
+                         f"materialise the model first")
     tensors = {}
     for name, m in layers:
         with torch.no_grad(), exact_math(m.lora_B):

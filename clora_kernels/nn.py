@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import numbers
+import os
 import re
 import sys
 import warnings
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._io import parent_made, read_safetensors
 from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
@@ -42,6 +44,19 @@ def _full(t: Tensor) -> Tensor:
     (a DTensor: an all-gather, so under FSDP2 every rank runs the lifecycle methods together), else
     `t` itself. Differentiable: a loss on it (orthogonality_loss) sends each rank's shard its part."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def nonfinite(named) -> str:
+    """The names of the (name, tensor) pairs whose tensor holds NaN or Inf, joined ('' when none)."""
+    return ", ".join(n for n, t in named if not bool(torch.isfinite(t).all()))
+
+
+def _resized(buffer: Tensor, shape) -> Tensor:
+    """A new empty tensor of `shape` to replace `buffer` in a load: an inference tensor only where
+    `buffer` is one (a load run under torch.inference_mode made inference tensors of normal buffers,
+    and every later load or training step failed on them)."""
+    with torch.inference_mode(buffer.is_inference()):
+        return buffer.new_empty(shape)
 
 
 def _like(ref: Tensor, value: Tensor) -> Tensor:
@@ -81,6 +96,12 @@ def _write_once(model: nn.Module, write) -> None:
 DEFAULT_PROTECTION = "freeze"   # docs/design.md section 2: what won on held-out seeds (README "Continual learning")
 
 
+def _check_energy(protect_energy) -> None:
+    if isinstance(protect_energy, bool) or not isinstance(protect_energy, numbers.Real) \
+            or not (0.0 < protect_energy <= 1.0):
+        raise ValueError(f"protect_energy must be in (0, 1], got {protect_energy!r}")
+
+
 def _check_config(in_features: int, out_features: int, rank, alpha, mode, protect_energy, backend,
                   protection=DEFAULT_PROTECTION) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank > min(in_features, out_features):
@@ -90,9 +111,7 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
         raise ValueError(f"alpha must be a finite number or None (None means alpha = rank), got {alpha!r}")
     if mode not in _MODES:
         raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
-    if isinstance(protect_energy, bool) or not isinstance(protect_energy, (int, float)) \
-            or not (0.0 < protect_energy <= 1.0):
-        raise ValueError(f"protect_energy must be in (0, 1], got {protect_energy!r}")
+    _check_energy(protect_energy)
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
     make_protection(protection)
@@ -217,6 +236,9 @@ class CLoRALinear(nn.Linear):
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
         if name == "grad_through_old_route":
             value = check_flag(name, value)
+        if name == "protect_energy":
+            _check_energy(value)
+            value = float(value)
         if name in ("alpha", "scaling") and "rank" in self.__dict__:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r} (alpha and scaling = alpha / rank "
@@ -365,9 +387,7 @@ class CLoRALinear(nn.Linear):
         """Names of the adapter tensors holding NaN or Inf ('' when all are finite): a task ended on
         them would fold them into the frozen route, freeze them ("freeze") or fail half-way through
         the policy's bases ("project")."""
-        named = (("lora_A", _full(self.lora_A)), ("lora_B", _full(self.lora_B)), ("routing_old", self.routing_old),
-                 ("routing_delta", _full(self.routing_delta)), ("projection", self.projection))
-        return ", ".join(n for n, t in named if not bool(torch.isfinite(t).all()))
+        return nonfinite((n, _full(getattr(self, n))) for n in _ADAPTER_TENSORS)
 
     def _remember_merged(self) -> None:
         """Before the mode or the scaling changes: a layer merged elsewhere (loaded merged) has no memory
@@ -458,7 +478,9 @@ class CLoRALinear(nn.Linear):
         here failed them all)."""
         return _encode_task_state({"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
                                    "protection": self.protection.config(),
-                                   "enforced": self.protection.enforced_fingerprint(self), "alpha": float(self.alpha)})
+                                   "enforced": self.protection.enforced_fingerprint(self), "alpha": float(self.alpha),
+                                   "protect_energy": float(self.protect_energy),
+                                   "grad_through_old_route": bool(self.grad_through_old_route)})
 
     def set_extra_state(self, state) -> None:
         """The task state, from a state_dict load (which calls this after copying the tensors) or a caller:
@@ -470,13 +492,20 @@ class CLoRALinear(nn.Linear):
         loaded = (lambda name: True) if loading is None else (lambda name: prefix + name in loading)
         self.task_index = int(state["task_index"])
         self.mode = state.get("mode", self.mode)
-        if "alpha" in state:        # (a state from before it was kept: the layer's own)
-            self.alpha = float(state["alpha"])      # and so scaling = alpha / rank
+        # (a state from before these were kept: the layer's own; each assignment checks its value)
+        for name in ("alpha", "protect_energy", "grad_through_old_route"):
+            if name in state:
+                setattr(self, name, state[name])      # (alpha: and so scaling = alpha / rank)
         if loaded("weight"):
-            # the loaded weight replaces what an earlier merge of this layer remembered: a merged state's
-            # unmerge takes out the loaded adapter's delta (as in a process that never merged). A state
-            # without the weight (adapter only, strict=False) leaves the weight's merged state as it is
+            # the loaded weight replaces what an earlier merge of this layer remembered. A merged state
+            # remembers the loaded adapter as what is in the weight (as merge does), so that unmerge takes
+            # out that delta even after the adapter changes (a reset, a later load); where a tensor of it
+            # was not in the state, or FSDP2 shards it (no collective inside a load), unmerge takes out
+            # the adapter's delta as it is then. A state without the weight: see _load_from_state_dict
             self._set_merged(bool(state.get("merged", False)))
+            if self.merged and loading is not None and all(map(loaded, _ADAPTER_TENSORS)) \
+                    and not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
+                self._merged_adapter = self._merge_memo()
         self.protection.loaded(self)
         if loading is not None and all(map(loaded, _ADAPTER_TENSORS + self.protection.buffers)):
             self.protection.loaded_enforced(self, state.get("enforced"))   # (a whole adapter, as load_adapter)
@@ -491,6 +520,21 @@ class CLoRALinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # an adapter alone (strict=False: no weight) into a merged layer: the weight then takes the loaded
+        # adapter in place of the merged one (it went on computing the old one, silently), and unmerge
+        # takes out the loaded one
+        remerge = self.merged and prefix + "weight" not in state_dict \
+            and any(prefix + n in state_dict for n in _ADAPTER_TENSORS)
+        if remerge:
+            self._remember_merged()         # what is in the weight, before the load replaces the adapter
+        errors = len(error_msgs)
+        self._load_layer(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if remerge and self.merged and len(error_msgs) == errors:
+            keep = self._original_weight is not None
+            self.unmerge()
+            self.merge(keep_original=keep)
+
+    def _load_layer(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         own = dict(self._parameters, **self._buffers)
         if any(isinstance(state_dict.get(prefix + n), Tensor) and isinstance(own.get(n), Tensor)
                and state_dict[prefix + n].shape != own[n].shape for n in ("weight", "bias") + _ADAPTER_TENSORS):
@@ -523,7 +567,10 @@ class CLoRALinear(nn.Linear):
         # the saved policy is adopted before the buffers load, and its variable-size buffers (the
         # projection policy's bases) take the saved shapes
         extra = state_dict.get(prefix + "_extra_state")
-        extra = None if extra is None else task_state(extra)
+        try:
+            extra = None if extra is None else task_state(extra)
+        except ValueError as exc:
+            raise ValueError(f"{prefix}_extra_state: {exc}") from None
         saved_a = state_dict.get(prefix + "lora_A")
         if extra is not None and (saved_a is None or saved_a.shape == self.lora_A.shape):
             # a state saved before the policies existed was trained with the paper's semantics
@@ -536,7 +583,7 @@ class CLoRALinear(nn.Linear):
         for name in self.protection.buffers:
             value = state_dict.get(prefix + name)
             if value is not None and value.dim() == 2 and value.shape != self._buffers[name].shape:
-                self._buffers[name] = self._buffers[name].new_empty(value.shape)
+                self._buffers[name] = _resized(self._buffers[name], value.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -680,10 +727,25 @@ def _resharded(model: nn.Module) -> None:
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The module that torch.compile wrapped (its OptimizedModule names every submodule `_orig_mod.<name>`,
-    which adapter files would then carry: a PEFT model would not find them), else `model`."""
+    """The module inside torch.compile's, DistributedDataParallel's or DataParallel's wrapper (any
+    nesting of them), else `model`: a wrapper names every submodule `_orig_mod.<name>` or
+    `module.<name>`, which adapter files would then carry (a PEFT model would not find them)."""
     dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    return model._orig_mod if dynamo is not None and isinstance(model, dynamo.OptimizedModule) else model
+    while True:
+        if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def refuse_meta(layers, what: str) -> None:
+    """A ValueError for `what` (a save) where a layer's adapter is on the meta device: it holds no values."""
+    on_meta = [n for n, m in layers if any(getattr(m, t).is_meta for t in _ADAPTER_TENSORS)]
+    if on_meta:
+        raise ValueError(f"{what}: the adapter of layer(s) {on_meta[:8]} is on the meta device and holds no values: "
+                         f"materialise the model first (to_empty, then its weights or an adapter load)")
 
 
 def _require_layers(model: nn.Module, what: str, reshard: bool = True) -> list:
@@ -1060,7 +1122,8 @@ _FORMAT = "clora_kernels.adapter/1"
 
 def save_adapter(model: nn.Module, path) -> None:
     """Write only the adapter tensors, the protection policy's state and the task state of every
-    CLoRALinear (safetensors; the configuration in the file's metadata).
+    CLoRALinear (safetensors; the configuration in the file's metadata) to the file `path`, its
+    folder made where missing.
 
     A model sharded by FSDP2 (`fully_shard`): every rank calls it (it gathers the shards), rank 0
     writes the file, and it returns on every rank once the file is there. Unsharded models (one
@@ -1068,6 +1131,10 @@ def save_adapter(model: nn.Module, path) -> None:
     from safetensors.torch import save_file
     model = unwrapped(model)
     layers = _require_layers(model, "save_adapter")
+    refuse_meta(layers, "save_adapter")
+    if os.path.isdir(path):
+        raise ValueError(f"save_adapter: {path} is a folder; save_adapter writes one file (e.g. "
+                         f"{os.path.join(path, 'adapter.safetensors')})")
     tensors, meta = {}, {}
     for name, m in layers:
         # enforced where a tensor may have changed since the policy last ran, as before a forward, so a
@@ -1081,7 +1148,7 @@ def save_adapter(model: nn.Module, path) -> None:
                       "task_index": m.task_index, "in_features": m.in_features, "out_features": m.out_features,
                       "enforced": m.protection.enforced_fingerprint(m)}
     metadata = {"format": _FORMAT, "layers": json.dumps(meta)}
-    _write_once(model, lambda: save_file(tensors, str(path), metadata=metadata))
+    _write_once(model, lambda: save_file(tensors, parent_made(str(path)), metadata=metadata))
 
 
 def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict) -> dict:
@@ -1109,11 +1176,17 @@ def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict)
         key = f"{name}.{t}"
         if key not in tensors:
             raise ValueError(f"{where}: the file has no tensor {key!r}")
+        if not tensors[key].is_floating_point():
+            raise ValueError(f"{where}: {t} in the adapter is {tensors[key].dtype}, not a floating-point tensor")
         have = tuple(tensors[key].shape)
         if len(have) != 2 or have[0] != rows or (cols is not None and have[1] != cols):
             raise ValueError(f"{where}: {t} in the adapter has shape {have}, the model needs "
                              f"({rows}, {'any' if cols is None else cols}) "
                              f"(adapter rank {info.get('rank')}, model rank {m.rank})")
+    bad = nonfinite((t, tensors[f"{name}.{t}"]) for t in want)
+    if bad:
+        raise ValueError(f"{where}: {bad} in the adapter holds non-finite values (NaN/Inf; was it saved from a "
+                         f"diverged run?)")
     bad = policy.check_loaded({t: tensors[f"{name}.{t}"] for t in policy.buffers})
     if bad:
         raise ValueError(f"{where}: {bad}")
@@ -1132,18 +1205,17 @@ def load_adapter(model: nn.Module, path) -> None:
     model must be in the file with the same shapes, and every layer of the file in the model;
     everything is checked first, so on any error nothing is changed and a ValueError names the
     layer and the sizes."""
-    from safetensors import safe_open
     model = unwrapped(model)
     layers = _require_layers(model, "load_adapter")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+
+    def check(meta):
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a clora_kernels adapter file (format {meta.get('format')!r})")
-        try:
-            info = json.loads(meta["layers"])
-        except (KeyError, ValueError):
-            raise ValueError(f"{path}: the file's metadata has no readable 'layers' entry") from None
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_safetensors(path, check)
+    try:
+        info = json.loads(meta["layers"])
+    except (KeyError, ValueError):
+        raise ValueError(f"{path}: the file's metadata has no readable 'layers' entry") from None
     if not isinstance(info, dict):
         raise ValueError(f"{path}: the file's 'layers' metadata is not a mapping of layer names")
     names = {n for n, _ in layers}
@@ -1174,7 +1246,7 @@ def load_adapter(model: nn.Module, path) -> None:
                 for t, value in e["tensors"].items():
                     mine = getattr(m, t)
                     if mine.shape != value.shape:
-                        mine = m._buffers[t] = mine.new_empty(value.shape)
+                        mine = m._buffers[t] = _resized(mine, value.shape)
                     mine.copy_(_like(mine, value))
                 m.task_index = e["task_index"]
                 m.protection.loaded(m)

@@ -113,8 +113,9 @@ def prepare(args, progress: bool = True, log=print) -> dict:
         raise DataError("--dataset wiki-topics needs transformers: pip install transformers") from None
     split, topics = load_wiki_topics(args.language, args.per_class_train, args.per_class_test, seed=args.data_seed)
     tasks_n = args.tasks
-    if tasks_n > len(topics):
-        raise DataError(f"--tasks {tasks_n}: the {len(topics)} topics cannot fill {tasks_n} tasks")
+    if min(_task_sizes(len(topics), tasks_n)) < 2:     # (a task of one class has nothing to learn in task-IL)
+        raise DataError(f"--tasks {tasks_n}: the {len(topics)} topics fill at most {len(topics) // 2} tasks of two "
+                        f"classes or more")
     path = model_path(args.model)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)

