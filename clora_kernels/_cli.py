@@ -65,10 +65,16 @@ def non_negative_int(text):
     return v
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def positive_float(text):
+    """A positive number that float32 holds (the learning rates: optimizers compute them in float32
+    tensors, where 1e39 raised an overflow from inside the first step)."""
     v = float(text)
-    if not 0 < v < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    if not 0 < v <= _FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be a positive number at most {_FLOAT32_MAX:.4g} (float32's "
+                                         f"largest), got {text}")
     return v
 
 
@@ -109,6 +115,17 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
         ap.error(f"argument {flag}: cannot create the folder {folder!r} ({existing!r} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
         ap.error(f"argument {flag}: the folder {existing!r} is not writable")
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    # every name still to be made, the file's through its temporary (.tmp) one (_io.write_json_atomic)
+    names = os.path.relpath(os.path.abspath(path), existing).split(os.sep)
+    if not folder_ok:
+        names[-1] += ".tmp"
+    long = [n for n in names if len(os.fsencode(n)) > name_max]
+    if long:
+        ap.error(f"argument {flag}: the name {long[0][:40]!r}... is longer than this file system's {name_max} bytes")
 
 
 def check_plot(ap: argparse.ArgumentParser, flag: str, path) -> None:

@@ -456,7 +456,8 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(f"training diverged on task {i} {tuple(task.classes)}: the loss is "
                                              f"{float(loss.detach())} (lower the learning rate, now {lr:g} with "
-                                             f"{optimizer})")
+                                             f"{optimizer}" + (f", or the orthogonality weight, now {lambda_orth:g}"
+                                                               if clora and lambda_orth else "") + ")")
             model.eval()                 # the task's pass: the policies' inputs and the prototypes
             with torch.no_grad(), (observe_task(model) if clora else contextlib.nullcontext()), \
                     (observe(model) if observe else contextlib.nullcontext()):
@@ -769,7 +770,8 @@ def build_parser():
     ap.add_argument("--data-dir", default=None, help="where cifar100 / imagenet-r / folder data are")
     ap.add_argument("--download", action="store_true", help="fetch cifar100 into --data-dir (needs internet)")
     ap.add_argument("--tasks", type=_cli.positive_int, default=None,
-                    help="number of tasks (default: 5 for digits and mnist5k, 10 for cifar100 and imagenet-r)")
+                    help="number of tasks (default: 5 for digits, mnist5k and wiki-topics, 10 for cifar100 and "
+                         "imagenet-r; required for folder)")
     ap.add_argument("--model", default=None, help=f"timm model of the image datasets (default {DEFAULT_MODEL})")
     ap.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                     help="timm's pretrained weights (default: on)")

@@ -15,7 +15,7 @@ WIDTH = 192        # vit_tiny_patch16_224's embedding width: the smallest layer'
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="clora-demo", description=__doc__,
                                  formatter_class=_cli.Help)
-    ap.add_argument("--steps", type=_cli.positive_int, default=30, help="Adam steps per task")
+    ap.add_argument("--steps", type=_cli.positive_int, default=30, help="AdamW steps per task")
     ap.add_argument("--rank", type=_cli.positive_int, default=8, help=f"at most {WIDTH} (the ViT's width)")
     ap.add_argument("--lambda-orth", type=_cli.non_negative, default=0.1,
                     help="weight of the orthogonality loss")

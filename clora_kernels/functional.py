@@ -180,11 +180,11 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
                   scaling, grad_through_old_route, backend, mode, factors=None):
     """clora_linear for a module whose operands other than x change rarely. The full validation runs
     unless this call matches the last one that passed: x's dtype, device and width, the scaling (a
-    float), backend and mode, every operand's dtype, and the operands themselves (the same tensor
-    objects: a swapped one, as torch.func.functional_call or a re-registered buffer gives, is
-    checked again), and the weight's shape (a `.data` swap of a tied weight, as transformers'
-    resize_token_embeddings does; a `.data` swap of another operand to another shape is not seen).
-    `owner._checked` holds that memo; `owner` clears it when it is moved. Under autocast every call
+    float), backend and mode, every operand's dtype and shape (a `.data` swap keeps the tensor object:
+    transformers' resize_token_embeddings does it to a tied weight), and the operands themselves (the
+    same tensor objects: a swapped one, as torch.func.functional_call or a re-registered buffer gives,
+    is checked again). `owner._checked` holds that memo; `owner` clears it when it is moved; owner
+    None: no memo (operands computed anew each call, as a parametrization's). Under autocast every call
     validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
     the op transposed (transformers' Conv1D). factors: where lora_A and lora_B are fresh views each
     call (the freeze policy's detached factors: the same dtype, device and shape), the parameters
@@ -194,11 +194,18 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     # and no memo under torch.compile, which traces the validation once and guards it: the memo's write
     # is a mutation of the module inside the graph, which compiled activation checkpointing refuses and
     # which cost every compiled model a second compile)
-    if isinstance(x, Tensor) and x.dim() and type(scaling) is float and type(k := x.shape[-1]) is int \
-            and not _autocasting(x) and not _compiling():
-        key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.shape, weight.dtype, lora_A.dtype,
-               lora_B.dtype, routing_old.dtype, routing_delta.dtype, None if bias is None else bias.dtype,
-               None if projection is None else projection.dtype)
+    if owner is not None and isinstance(x, Tensor) and x.dim() and type(scaling) is float \
+            and type(k := x.shape[-1]) is int and not _autocasting(x) and not _compiling():
+        try:
+            key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.shape, weight.dtype,
+                   lora_A.shape, lora_A.dtype, lora_B.shape, lora_B.dtype, routing_old.shape, routing_old.dtype,
+                   routing_delta.shape, routing_delta.dtype, None if bias is None else (bias.shape, bias.dtype),
+                   None if projection is None else (projection.shape, projection.dtype))
+        except AttributeError:      # an operand that is no tensor (`layer.lora_A = None`): the checks name it
+            key = None
+        if key is None:
+            return clora_linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                                grad_through_old_route=grad_through_old_route, backend=backend)
         operands = (weight, bias, *(factors or (lora_A, lora_B)), routing_old, routing_delta, projection)
         memo = owner._checked
         if memo is not None and memo[0] == key and all(map(operator.is_, memo[1], operands)):

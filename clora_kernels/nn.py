@@ -104,6 +104,9 @@ def _check_energy(protect_energy) -> None:
 
 def _check_config(in_features: int, out_features: int, rank, alpha, mode, protect_energy, backend,
                   protection=DEFAULT_PROTECTION) -> None:
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank > min(in_features, out_features):
         raise ValueError(f"rank must be an int in [1, min(in_features, out_features)] = [1, "
                          f"{min(in_features, out_features)}] for a {in_features}->{out_features} layer, got {rank!r}")
@@ -239,6 +242,10 @@ class CLoRALinear(nn.Linear):
         if name == "protect_energy":
             _check_energy(value)
             value = float(value)
+        if name == "task_index":    # (a bad one was saved, then refused by load_adapter, or broke state_dict())
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"task_index must be an int >= 0, got {value!r}")
+            value = int(value)
         if name in ("alpha", "scaling") and "rank" in self.__dict__:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r} (alpha and scaling = alpha / rank "
@@ -324,13 +331,16 @@ class CLoRALinear(nn.Linear):
                 return _MergedGuard.apply(x, self.base_weight(), self.bias, self.routing_delta)
             return F.linear(x, self.base_weight(), self.bias)
         params, buffers = self._parameters, self._buffers
+        memo = self     # (module_linear's validation memo; None where the operands are new each call)
         try:    # read where they live, not through nn.Module.__getattr__ (host cost per call)
             weight, bias, lora_A, lora_B = params["weight"], params["bias"], params["lora_A"], params["lora_B"]
             routing_delta = params["routing_delta"]
             routing_old, projection = buffers["routing_old"], buffers["projection"]
-        except KeyError:    # torch.nn.utils.prune / parametrize moved one: the attribute computes it
+        except KeyError:    # torch.nn.utils.prune / parametrize moved one: the attribute computes it, with a
+            # graph that the memo would keep alive (and that deepcopy of the layer refuses)
             weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
             routing_delta, routing_old, projection = self.routing_delta, self.routing_old, self.projection
+            memo = None
         plain, mode, policy = self.grad_through_old_route, self.mode, self.protection
         factors = None
         if policy.acts(self):
@@ -339,7 +349,7 @@ class CLoRALinear(nn.Linear):
                 compiling = _is_compiling()
                 if not compiling and in_functorch():   # torch.func: no in-place write; project the operands
                     lora_A, routing_delta, lora_B = policy.projected(self, lora_A, routing_delta, lora_B)
-                    factors = (lora_A, lora_B)
+                    factors, memo = (lora_A, lora_B), None
                 elif not compiling:
                     if _is_tracing():   # torch.jit.trace / the TorchScript ONNX exporter: not recorded
                         _untraced(policy.enforce, self)
@@ -348,7 +358,7 @@ class CLoRALinear(nn.Linear):
                 elif not _is_exporting():       # compiled: the in-place projection runs outside the graph
                     _enforce_eagerly(self)      # (exported: inference on the weights as they are; see README)
             lora_A, lora_B, plain = policy.operands(self, lora_A, lora_B, plain)
-        return module_linear(self, x, weight, self.fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta,
+        return module_linear(memo, x, weight, self.fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta,
                              projection if mode == "hard" else None, self.scaling, plain, self.backend, mode, factors)
 
     def _apply(self, fn, recurse=True):     # .to() / .half() / to_empty: the operands' validation is redone

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import os
 import statistics
 import sys
 import time
@@ -170,6 +171,8 @@ def profile_breakdown(fn, x, device, top: int, trace_path=None) -> str:
         _sync(device)
     if trace_path:
         prof.export_chrome_trace(parent_made(trace_path))
+        if not os.path.isfile(trace_path):      # (torch logs a failed write and returns)
+            raise OSError(f"torch.profiler wrote no file at {trace_path}")
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=top)
 
@@ -191,7 +194,7 @@ def build_parser():
     ap.add_argument("--full", action="store_true", help=f"on CPU too: batches {FULL['batch']}, {FULL['iters']} iters")
     ap.add_argument("--mode", nargs="+", choices=MODES, default=["eager"],
                     help="how each variant runs: eager, compile (torch.compile), cuda-graphs (CUDA only)")
-    ap.add_argument("--backends", nargs="+", default=None, help="engine backends for the unmerged variants")
+    ap.add_argument("--backends", nargs="+", default=None, help="engine backends for the unmerged variants (default: torch on CPU; triton cuda torch on CUDA, each where usable)")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                     help="auto: CUDA when torch sees a GPU, else CPU")
     ap.add_argument("--dtype", choices=list(_cli.DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")

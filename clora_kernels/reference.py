@@ -51,6 +51,23 @@ def reference_formula(x, weight, bias, lora_A, lora_B, routing_old, routing_delt
 #          (t is then v). The Triton kernels' views (and their library plans) pass dx's w as weightᵀ
 #          with dx=False: the same product, one Python transpose and F.linear's own dearer.
 
+def scaled_addmm(input, m1, m2, scale, beta=1):
+    """torch.addmm(input, m1, m2, beta=beta, alpha=scale), save at a scale of 0 (a Python float): BLAS
+    skips the product there, so NaN and Inf in m1 or m2 vanished, where IEEE arithmetic (the float64
+    oracle, the Triton kernels, PEFT) keeps them; there the product is computed and times 0."""
+    if type(scale) is float and scale == 0:
+        product = torch.mm(m1, m2).mul_(scale)
+        return product if beta == 0 else product.add_(input, alpha=beta)
+    return torch.addmm(input, m1, m2, beta=beta, alpha=scale)
+
+
+def expand_(y, u, b, scale):
+    """y += scale·u·b, in place (y.addmm_), the product kept at a scale of 0 (see scaled_addmm)."""
+    if type(scale) is not float or scale != 0:
+        return y.addmm_(u, b, alpha=scale)
+    return y.add_(torch.mm(u, b).mul_(scale))
+
+
 def lora_gemm(x, w, a, b, r, bias, scale, need_t=True, dx=False):
     """The unmerged plan ("eager"): y = x·wᵀ (x·w with dx) + bias + scale·(x·a)·r·b and t = x·a,
     four ops (t is computed either way; need_t only mirrors merged_gemm's signature). The reference
@@ -60,8 +77,7 @@ def lora_gemm(x, w, a, b, r, bias, scale, need_t=True, dx=False):
     Python .t() (CPU machine, M=1, K=N=64)."""
     t = torch.mm(x, a)
     y = F.linear(x, w, bias) if not dx else torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
-    y.addmm_(torch.mm(t, r), b, alpha=scale)
-    return y, t
+    return expand_(y, torch.mm(t, r), b, scale), t
 
 
 def merged_weight(w, a, b, r, scale, dx=False):
@@ -78,8 +94,8 @@ def merged_weight(w, a, b, r, scale, dx=False):
     if not w.is_contiguous():
         wt = w.t()
         if wt.is_contiguous():
-            return torch.addmm(wt, right.t(), left.t(), alpha=scale).t()
-    return torch.addmm(w, left, right, alpha=scale)
+            return scaled_addmm(wt, right.t(), left.t(), scale).t()
+    return scaled_addmm(w, left, right, scale)
 
 
 def merged_gemm(x, w, a, b, r, bias, scale, need_t=True, dx=False):

@@ -238,6 +238,8 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys):
                        (["--out", "run"], "--out: only for --dataset mnist5k / cifar100 / imagenet-r / folder / "
                                           "wiki-topics"),
                        (["--seeds", "0", "0", "1"], "--seeds: seed(s) [0] given more than once"),
+                       (["--lr", "1e39"], "--lr: must be a positive number at most"),   # (overflowed in Adam's step)
+                       (["--json", "a" * 260 + ".json"], "--json: the name 'aaa"),        # (a traceback after the run)
                        (["--dataset", "mnist5k", "--pretrain-epochs", "15"], "--pretrain-epochs: only for"),  # (its default)
                        ):
         with pytest.raises(SystemExit) as info:

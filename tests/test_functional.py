@@ -9,7 +9,7 @@ import torch
 import clora_kernels
 from clora_kernels import clora_linear
 from clora_kernels.backends import BackendUnavailableError
-from helpers import GRAD_NAMES, TOL, call, cast_inputs, check_backend, make_inputs, oracle, rel_err
+from helpers import GRAD_NAMES, TOL, call, cast_inputs, check_backend, grads_of, make_inputs, oracle, rel_err
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -718,3 +718,25 @@ def test_frozen_operands_get_no_gradient_on_any_path(seed):
     gx, = torch.autograd.grad(y.square().sum(), inp["x"], create_graph=True)
     gx.square().sum().backward()
     assert all(inp[n].grad is None for n in frozen) and float(inp["lora_A"].grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize("m", [9, 700])     # 700: the CPU plan merges (merged_weight)
+@pytest.mark.parametrize("hard", [False, True])
+def test_scaling_zero_keeps_non_finite_values_as_the_oracle_does(seed, m, hard):
+    """At scaling 0 BLAS skips addmm's product (alpha = 0), so a NaN / Inf in the adapter vanished from
+    the torch backend's output and gradients, while the float64 oracle, the Triton kernels and PEFT
+    keep it (0 · NaN = NaN): the same NaN pattern as the oracle's, on every CPU plan."""
+    inp = make_inputs(m, 24, 40, 5, hard=hard, scaling=0.0)
+    inp["lora_B"][3, 1] = float("nan")
+    inp["lora_A"][0, 2] = float("inf")
+    y_ref, d = oracle(inp)
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    for backend in ("torch", "auto"):
+        for dtype in (torch.float32, torch.float64):
+            got = cast_inputs(inp, dtype)
+            y = call(clora_linear, got, backend=backend)
+            y.backward(g.to(dtype))
+            assert torch.equal(y.isnan(), y_ref.isnan()) and bool(y_ref.isnan().any()), (backend, dtype)
+            for name, ref in grads_of(d).items():
+                assert torch.equal(got[name].grad.isfinite(), ref.isfinite()), (backend, dtype, name)

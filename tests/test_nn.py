@@ -2,6 +2,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -57,6 +58,27 @@ def test_bad_config_clear_error(kw, words):
         CLoRALinear(16, 8, **args)
     for w in words:
         assert w in str(info.value)
+
+
+def test_bad_features_task_index_and_missing_operands_are_clear_errors():
+    """A str feature count reached torch's '<' TypeError; `layer.task_index = -1` was kept, saved, and then
+    refused by load_adapter ('two' broke state_dict()); an operand set to None failed the forward with
+    AttributeError on NoneType."""
+    for args in (("4", 4, 2), (4, True, 2), (0, 4, 1)):
+        with pytest.raises(ValueError, match="_features must be an int >= 1"):
+            CLoRALinear(*args)
+    layer = CLoRALinear(6, 5, rank=2)
+    for value in (-1, "2", 2.7, True):
+        with pytest.raises(ValueError, match="task_index must be an int >= 0"):
+            layer.task_index = value
+    layer.task_index = np.int64(3)
+    assert type(layer.task_index) is int and layer.task_index == 3
+    for name in ("lora_A", "routing_delta", "weight"):
+        layer = CLoRALinear(6, 5, rank=2)
+        layer(torch.randn(2, 6))
+        setattr(layer, name, None)
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got NoneType"):
+            layer(torch.randn(2, 6))
 
 
 def test_wrong_in_features_names_both_sizes():
@@ -864,6 +886,26 @@ def test_weight_data_swap_to_another_shape_is_validated(seed):
     layer.weight.data = torch.randn(7, 8)
     with pytest.raises(ValueError, match="lora_B"):
         layer(torch.randn(3, 8))
+    for name, shape, words in (("routing_delta", (1, 1), "routing_delta"), ("routing_old", (2, 1), "routing_old"),
+                               ("bias", (1,), "bias"), ("lora_A", (2, 9), "lora_A")):
+        # every operand's shape keys the memo: these broadcast silently after a first call
+        layer = CLoRALinear(8, 6, rank=2)
+        layer(torch.randn(3, 8))
+        getattr(layer, name).data = torch.randn(shape)
+        with pytest.raises(ValueError, match=words):
+            layer(torch.randn(3, 8))
+
+
+def test_a_parametrized_layer_deep_copies_after_a_forward(seed):
+    """The validation memo kept a parametrization's computed operand (with its graph) after a forward
+    with grad, so copy.deepcopy of the layer failed (only graph leaves support deepcopy)."""
+    import torch.nn.utils.parametrize
+    layer = CLoRALinear(8, 4, rank=2)
+    torch.nn.utils.parametrize.register_parametrization(layer, "lora_A", _Double())
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()
+    twin = copy.deepcopy(layer)
+    assert torch.equal(twin(x), layer(x))
 
 
 def test_lifecycle_steps_compile_and_keep_an_inference_weight(seed):

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import reference_formula, routing_eff
+from ..reference import reference_formula, routing_eff, scaled_addmm
 from .auto import plain, run, run_kernels
 
 
@@ -176,7 +176,8 @@ def _backward(ctx, grad_y, grad_t=None):
     elif need_a or need_rd:
         v = torch.mm(g, lora_b)                            # v = g Bᵀ          (M, r)
     # the weight gradients: torch.addmm(like, a, b, beta=0, alpha=s) is s·(a @ b) in one GEMM (it ignores
-    # `like`, NaN included, but its shape; s applies to the accumulator, not as a second rounding). With
+    # `like`, NaN included, but its shape; s applies to the accumulator, not as a second rounding;
+    # scaled_addmm keeps NaN / Inf of the product at s = 0, where BLAS skips it). With
     # s = 1 (the default scaling, alpha = rank) torch.mm, the same product: on the CPU machine addmm
     # costs 0.5 µs more per call and the `like` view 0.6 (M=1, r=4), 10 % of a small layer's backward.
     # Not while compiling: a symbolic s would be specialized on
@@ -188,24 +189,24 @@ def _backward(ctx, grad_y, grad_t=None):
             r_train = routing_eff(r_old, r_delta, proj) if r_eff is None else r_eff
         if need_a:
             vx = torch.mm(v.t(), x)                                                     # s R_train vᵀ x  (r, K)
-            d_a = torch.mm(r_train, vx) if unit else torch.addmm(lora_a, r_train, vx, beta=0, alpha=s)
+            d_a = torch.mm(r_train, vx) if unit else scaled_addmm(lora_a, r_train, vx, s, beta=0)
         if need_lb:
             # s gᵀ (t R_train): the plain formula's rounding (t R_train rounded, then the sum over M). Not
             # (tᵀ g)ᵀ R_train: it rounds before the sum over r, which can cancel (bf16: up to 5x the plain
             # formula's error on random draws). Two layouts of the same product (`_lb_direct`)
             tr = torch.mm(t, r_train)
             if _lb_direct(g, compiling):
-                d_lb = torch.mm(g.t(), tr) if unit else torch.addmm(lora_b, g.t(), tr, beta=0, alpha=s)
+                d_lb = torch.mm(g.t(), tr) if unit else scaled_addmm(lora_b, g.t(), tr, s, beta=0)
             else:
                 tr = tr.t()
-                d_lb = (torch.mm(tr, g) if unit else torch.addmm(lora_b.t(), tr, g, beta=0, alpha=s)).t()
+                d_lb = (torch.mm(tr, g) if unit else scaled_addmm(lora_b.t(), tr, g, s, beta=0)).t()
     if need_rd:   # s Pᵀ tᵀ v (P is symmetric in hard mode; Pᵀ keeps a direct caller's non-symmetric one right)
         # Not through tᵀ g: that rounds before the sum over N, which cancels (bf16 error 2x the bound, M=r=1)
         if proj is None:
-            d_rd = torch.mm(t.t(), v) if unit else torch.addmm(r_delta, t.t(), v, beta=0, alpha=s)
+            d_rd = torch.mm(t.t(), v) if unit else scaled_addmm(r_delta, t.t(), v, s, beta=0)
         else:
             tv = torch.mm(t.t(), v)
-            d_rd = torch.mm(proj.t(), tv) if unit else torch.addmm(r_delta, proj.t(), tv, beta=0, alpha=s)
+            d_rd = torch.mm(proj.t(), tv) if unit else scaled_addmm(r_delta, proj.t(), tv, s, beta=0)
     if need_b:
         d_bias = g.sum(0)
     return dx, None, d_bias, d_a, d_lb, None, d_rd, None, None, None, None, None
