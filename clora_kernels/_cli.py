@@ -65,16 +65,10 @@ def non_negative_int(text):
     return v
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
 def positive_float(text):
-    """A positive number that float32 holds (the learning rates: optimizers compute them in float32
-    tensors, where 1e39 raised an overflow from inside the first step)."""
     v = float(text)
-    if not 0 < v <= _FLOAT32_MAX:
-        raise argparse.ArgumentTypeError(f"must be a positive number at most {_FLOAT32_MAX:.4g} (float32's "
-                                         f"largest), got {text}")
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return v
 
 
@@ -99,10 +93,12 @@ def seed(text):
     return v
 
 
-def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool = False) -> None:
+def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool = False, atomic: bool = False) -> None:
     """Before the work starts: an output file's folder exists and is writable, or can be made (its
     nearest existing folder is writable; the writer makes it, `_io.parent_made`, so that a refused
-    run leaves no folder behind); with folder_ok, `path` is that folder."""
+    run leaves no folder behind), and no name on the way is longer than the file system takes (with
+    atomic, the file's temporary name too: `_io.write_json_atomic`); with folder_ok, `path` is that
+    folder."""
     if not path:
         return
     if os.path.isdir(path) and not folder_ok:
@@ -119,13 +115,13 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
         name_max = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    # every name still to be made, the file's through its temporary (.tmp) one (_io.write_json_atomic)
-    names = os.path.relpath(os.path.abspath(path), existing).split(os.sep)
-    if not folder_ok:
+    names = os.path.relpath(os.path.abspath(path), existing).split(os.sep)     # every name still to be made
+    if atomic:
         names[-1] += ".tmp"
     long = [n for n in names if len(os.fsencode(n)) > name_max]
     if long:
-        ap.error(f"argument {flag}: the name {long[0][:40]!r}... is longer than this file system's {name_max} bytes")
+        ap.error(f"argument {flag}: the name {long[0][:40]!r}... is longer than this file system's {name_max} bytes"
+                 + (" (with the .tmp the file is written through)" if atomic else ""))
 
 
 def check_plot(ap: argparse.ArgumentParser, flag: str, path) -> None:

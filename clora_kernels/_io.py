@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -63,11 +65,17 @@ def provenance(prog: str, argv=None, distributions=()) -> dict:
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([prog] + argv), "clora_kernels": __version__, "commit": _commit(),
            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    for name in ("triton", "peft", "timm", "torchvision", "transformers", "numpy") + tuple(distributions):
+    modules = ("triton", "peft", "timm", "torchvision", "transformers", "numpy")
+    for name in modules + tuple(distributions):
         try:        # (the installed distribution's version: nothing is imported for it)
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+            if name in modules and importlib.util.find_spec(name) is not None:
+                try:    # a module another distribution installs (nightly and ROCm torch: pytorch-triton)
+                    out[name] = getattr(importlib.import_module(name), "__version__", None)
+                except Exception:
+                    pass
     return out
 
 

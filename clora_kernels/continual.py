@@ -449,7 +449,15 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                             loss = loss + lambda_orth * orthogonality_loss(model)
                     opt.zero_grad()
                     loss.backward()
-                    opt.step()
+                    try:
+                        opt.step()
+                    except RuntimeError as exc:     # a learning rate whose step size float32 cannot hold
+                        if "overflow" not in str(exc):
+                            raise
+                        raise FloatingPointError(f"training diverged on task {i} {tuple(task.classes)}: the optimizer "
+                                                 f"step overflowed ({exc}; lower the learning rate, now {lr:g}"
+                                                 + ("" if head_lr is None else f", head {head_lr:g}")
+                                                 + f" with {optimizer})") from None
                     if step % 10 == 0 and not bar.disable:
                         bar.set_postfix(loss=f"{float(loss):.3f}",
                                         img_s=f"{(step + 1) * batch_size / (time.perf_counter() - began):.0f}")
@@ -959,7 +967,7 @@ def main(argv=None) -> int:
             ap.error(f"argument --workers: must be >= 0, got {args.workers}")
     if args.features == "concat" and args.classifier != "prototype":
         ap.error("argument --features: 'concat' feeds the prototype head; --classifier is linear")
-    _cli.check_output(ap, "--json", args.json)
+    _cli.check_output(ap, "--json", args.json, atomic=True)
     _cli.check_plot(ap, "--plot", args.plot)
     if images and args.out:
         _cli.check_output(ap, "--out", args.out, folder_ok=True)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .backends import BACKEND_NAMES, device_type
 from .backends import ops as _ops  # registers torch.ops.clora.*
+from .backends.ops import in_functorch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # the largest scaling per x dtype: the GEMMs take it as their alpha, in float64 for float64 x and in
@@ -189,7 +190,7 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     the op transposed (transformers' Conv1D). factors: where lora_A and lora_B are fresh views each
     call (the freeze policy's detached factors: the same dtype, device and shape), the parameters
     they view, whose identity keys the memo instead (else every such call would validate)."""
-    w = weight.t() if fan_in_fan_out else weight
+    w = weight.t() if fan_in_fan_out and isinstance(weight, Tensor) else weight
     # (a traced width, a tensor under the TorchScript tracer, is no key: the memo would outlive the trace;
     # and no memo under torch.compile, which traces the validation once and guards it: the memo's write
     # is a mutation of the module inside the graph, which compiled activation checkpointing refuses and
@@ -213,7 +214,10 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
                                grad_through_old_route, backend)
         y = clora_linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
                          grad_through_old_route=grad_through_old_route, backend=backend)
-        owner._checked = (key, operands)
+        # (operands computed in the call, as torch.func.functional_call's or a transform's: new each call,
+        # so never a hit, and kept they would hold their graph, which deepcopy of the module refuses)
+        if not in_functorch() and not any(t is not None and t.grad_fn is not None for t in operands):
+            owner._checked = (key, operands)
         return y
     return clora_linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
                         grad_through_old_route=grad_through_old_route, backend=backend)

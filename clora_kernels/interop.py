@@ -25,7 +25,7 @@ from torch import nn
 from ._io import read_safetensors
 from .functional import exact_math, finite_number
 from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, nonfinite, placed_originals,
-                 refuse_meta, set_tensors, tensor_at, unwrapped)
+                 refuse_meta, set_tensors, tensor_at, unwrapped, wrapper_prefix)
 from .reference import folded_lora_B
 
 _PREFIX = "base_model.model."
@@ -121,6 +121,11 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     own.update(model.named_buffers(remove_duplicate=False))
     found, whole, skipped = {}, {}, {}
     layer_names = {n for n, _ in layers}
+    strip = wrapper_prefix({k.removeprefix(_PREFIX).rpartition(".lora_")[0] for k in tensors
+                            if k.startswith(_PREFIX) and ".lora_" in k}, layer_names)
+    if strip:       # (an adapter saved from a DDP / DataParallel wrapper before the helpers unwrapped it)
+        tensors = {(_PREFIX + k[len(_PREFIX + strip):] if k.startswith(_PREFIX + strip) else k): v
+                   for k, v in tensors.items()}
     for key, value in tensors.items():
         name, _, kind = key.removeprefix(_PREFIX).rpartition(".lora_")
         if key.startswith(_PREFIX) and kind in ("A.weight", "B.weight"):
@@ -170,6 +175,8 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         for t, want in (("lora_A", (r, m.in_features)), ("lora_B", (m.out_features, r))):
             if t not in found[name]:
                 raise ValueError(f"{where}: the adapter has no {t}")
+            if not found[name][t].is_floating_point():
+                raise ValueError(f"{where}: {t} in the adapter is {found[name][t].dtype}, not a floating-point tensor")
             if tuple(found[name][t].shape) != want:
                 raise ValueError(f"{where}: {t} has shape {tuple(found[name][t].shape)}, the layer needs {want} "
                                  f"(a per-module rank, or another base model?)")

@@ -51,6 +51,12 @@ def nonfinite(named) -> str:
     return ", ".join(n for n, t in named if not bool(torch.isfinite(t).all()))
 
 
+def _same_memo(a, b) -> bool:
+    """Whether two of merge's memories (`CLoRALinear._merge_memo`: tensors, then scaling and mode) are equal."""
+    return a is not None and len(a) == len(b) and all(
+        torch.equal(x, y) if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
+
+
 def _resized(buffer: Tensor, shape) -> Tensor:
     """A new empty tensor of `shape` to replace `buffer` in a load: an inference tensor only where
     `buffer` is one (a load run under torch.inference_mode made inference tensors of normal buffers,
@@ -100,6 +106,26 @@ def _check_energy(protect_energy) -> None:
     if isinstance(protect_energy, bool) or not isinstance(protect_energy, numbers.Real) \
             or not (0.0 < protect_energy <= 1.0):
         raise ValueError(f"protect_energy must be in (0, 1], got {protect_energy!r}")
+
+
+def _check_task_index(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"task_index must be an int >= 0, got {value!r}")
+
+
+def _check_task_state(state: dict) -> None:
+    """The values of a task state (get_extra_state's dict) that a load would set, checked as the
+    layer's assignments check them, before anything is set."""
+    if "task_index" not in state:
+        raise ValueError(f"the task state has no task_index: {state!r}")
+    _check_task_index(state["task_index"])
+    if state.get("mode", "soft") not in _MODES:
+        raise ValueError(f"mode must be 'soft' or 'hard', got {state['mode']!r}")
+    alpha = state.get("alpha", 1.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not finite_number(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    _check_energy(state.get("protect_energy", 0.9))
+    check_flag("grad_through_old_route", state.get("grad_through_old_route", False))
 
 
 def _check_config(in_features: int, out_features: int, rank, alpha, mode, protect_energy, backend,
@@ -222,18 +248,25 @@ class CLoRALinear(nn.Linear):
             current = self.__dict__["protection"]
             if value is not current and make_protection(value).config() != current.config():
                 self._set_protection(value)     # (the same policy, or an equal one, keeps its state)
+                if self.task_index > 0:
+                    warnings.warn(f"protection switched to {self.protection!r} after task {self.task_index}, with "
+                                  f"fresh state: what {current!r} kept of the earlier tasks is no longer kept (a "
+                                  f"project policy protects the inputs it observes from here on)", UserWarning,
+                                  stacklevel=2)
             return
         if name == "mode" and "mode" in self.__dict__:
             # checked as at construction (a 'Hard' ran as soft); a switch to hard after a task makes P from
             # R_old as end_task would have (with P = I the new route would not be kept off the old one)
             if value not in _MODES:
                 raise ValueError(f"mode must be 'soft' or 'hard', got {value!r}")
-            switch = value == "hard" and self.mode == "soft" and self.task_index > 0 and "_loading" not in self.__dict__
+            changed = value != self.mode and self.task_index > 0 and "_loading" not in self.__dict__
             self._remember_merged()
             super().__setattr__(name, value)
-            if switch:
-                with torch.no_grad():
-                    self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
+            if changed:
+                if value == "hard":
+                    with torch.no_grad():
+                        self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
+                self.protection.mode_changed(self)      # (the policy's state that depends on P)
             return
         # alpha and scaling = alpha / rank are one setting: writing either sets the other (as floats), so
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
@@ -243,8 +276,7 @@ class CLoRALinear(nn.Linear):
             _check_energy(value)
             value = float(value)
         if name == "task_index":    # (a bad one was saved, then refused by load_adapter, or broke state_dict())
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"task_index must be an int >= 0, got {value!r}")
+            _check_task_index(value)
             value = int(value)
         if name in ("alpha", "scaling") and "rank" in self.__dict__:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite_number(value):
@@ -498,14 +530,16 @@ class CLoRALinear(nn.Linear):
         if self.__dict__.get("_loading") is _REFUSED:
             return
         state = task_state(state)
+        _check_task_state(state)        # (a load checked it before copying any tensor: _load_state)
         loading, prefix = self.__dict__.get("_loading", (None, ""))
         loaded = (lambda name: True) if loading is None else (lambda name: prefix + name in loading)
-        self.task_index = int(state["task_index"])
-        self.mode = state.get("mode", self.mode)
-        # (a state from before these were kept: the layer's own; each assignment checks its value)
+        # (a state from before these were kept: the layer's own) before the mode: a switch to hard
+        # made outside a load builds P with the state's protect_energy
         for name in ("alpha", "protect_energy", "grad_through_old_route"):
             if name in state:
                 setattr(self, name, state[name])      # (alpha: and so scaling = alpha / rank)
+        self.task_index = int(state["task_index"])
+        self.mode = state.get("mode", self.mode)
         if loaded("weight"):
             # the loaded weight replaces what an earlier merge of this layer remembered. A merged state
             # remembers the loaded adapter as what is in the weight (as merge does), so that unmerge takes
@@ -530,16 +564,18 @@ class CLoRALinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # an adapter alone (strict=False: no weight) into a merged layer: the weight then takes the loaded
-        # adapter in place of the merged one (it went on computing the old one, silently), and unmerge
-        # takes out the loaded one
+        # an adapter or a task state without the weight (strict=False) into a merged layer: the weight then
+        # takes the loaded adapter, scaling and mode in place of the merged ones (it went on computing the
+        # old ones, silently), and unmerge takes out the loaded one; a state that changes none of them
+        # leaves the weight as it is (an unmerge and merge would round it)
         remerge = self.merged and prefix + "weight" not in state_dict \
-            and any(prefix + n in state_dict for n in _ADAPTER_TENSORS)
+            and any(prefix + n in state_dict for n in _ADAPTER_TENSORS + ("_extra_state",))
         if remerge:
             self._remember_merged()         # what is in the weight, before the load replaces the adapter
         errors = len(error_msgs)
         self._load_layer(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if remerge and self.merged and len(error_msgs) == errors:
+        if remerge and self.merged and len(error_msgs) == errors and not _same_memo(self._merged_adapter,
+                                                                                   self._merge_memo()):
             keep = self._original_weight is not None
             self.unmerge()
             self.merge(keep_original=keep)
@@ -577,10 +613,12 @@ class CLoRALinear(nn.Linear):
         # the saved policy is adopted before the buffers load, and its variable-size buffers (the
         # projection policy's bases) take the saved shapes
         extra = state_dict.get(prefix + "_extra_state")
-        try:
+        try:        # (checked whole before any tensor is copied: a refused value leaves the layer as it was)
             extra = None if extra is None else task_state(extra)
-        except ValueError as exc:
-            raise ValueError(f"{prefix}_extra_state: {exc}") from None
+            if extra is not None:
+                _check_task_state(extra)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{prefix}_extra_state: {exc}") from None
         saved_a = state_dict.get(prefix + "lora_A")
         if extra is not None and (saved_a is None or saved_a.shape == self.lora_A.shape):
             # a state saved before the policies existed was trained with the paper's semantics
@@ -748,6 +786,19 @@ def unwrapped(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def wrapper_prefix(saved, names) -> str:
+    """The wrapper prefix ('module.', '_orig_mod.', or a nesting of them) that every one of `saved` (an
+    adapter file's layer names) carries and without which they are `names` (the model's): a file saved
+    from a DDP / DataParallel wrapper before the helpers unwrapped it (`unwrapped`). '' when none."""
+    saved, names, prefix = set(saved), set(names), ""
+    while saved and saved != names:
+        head = next((p for p in ("module.", "_orig_mod.") if all(n.startswith(p) for n in saved)), None)
+        if head is None:
+            return ""
+        saved, prefix = {n[len(head):] for n in saved}, prefix + head
+    return prefix if saved == names else ""
 
 
 def refuse_meta(layers, what: str) -> None:
@@ -962,6 +1013,10 @@ def observe_task(model: nn.Module):
     else:
         for m in layers:
             m.protection.observed(m)
+        if any(m._observed_rows for m in layers):
+            for m in layers:        # a pass that fed other layers but never reached these (a branch the
+                if not m._observed_rows:    # task does not use): they have no new inputs to protect
+                    m._observed_empty = True
     finally:
         for h in handles:
             h.remove()
@@ -1169,8 +1224,10 @@ def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict)
         raise ValueError(f"{where}: malformed metadata {info!r}")
     task_index, alpha = info.get("task_index"), info.get("alpha", m.alpha)
     alpha = m.rank if alpha is None else alpha
-    if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
-        raise ValueError(f"{where}: task_index must be an int >= 0, got {task_index!r}")
+    try:
+        _check_task_index(task_index)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     if not isinstance(info.get("grad_through_old_route", False), bool):
         raise ValueError(f"{where}: grad_through_old_route must be true or false, got "
                          f"{info['grad_through_old_route']!r}")
@@ -1229,6 +1286,10 @@ def load_adapter(model: nn.Module, path) -> None:
     if not isinstance(info, dict):
         raise ValueError(f"{path}: the file's 'layers' metadata is not a mapping of layer names")
     names = {n for n, _ in layers}
+    strip = wrapper_prefix(info, names)
+    if strip:
+        info = {k[len(strip):]: v for k, v in info.items()}
+        tensors = {k[len(strip):]: v for k, v in tensors.items() if k.startswith(strip)}
     missing, extra = sorted(names - set(info)), sorted(set(info) - names)
     if missing:
         raise ValueError(f"{path}: the adapter has no entry for the model's C-LoRA layer(s) {missing}")

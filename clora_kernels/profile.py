@@ -233,7 +233,7 @@ def _main(argv) -> int:
     defaults = CPU_QUICK if quick else FULL
     args.batch = args.batch or defaults["batch"]
     args.iters = args.iters if args.iters is not None else defaults["iters"]
-    _cli.check_output(ap, "--json", args.json)
+    _cli.check_output(ap, "--json", args.json, atomic=True)
     _cli.check_output(ap, "--trace", args.trace)
     args.targets = _cli.target_modules(args.targets)
     if args.targets is None:

@@ -46,6 +46,8 @@ Policies beyond "paper" are this project's variants, not the paper's method:
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -121,6 +123,10 @@ class Protection:
 
     def end_task(self, layer) -> None:
         pass
+
+    def mode_changed(self, layer) -> None:
+        """After the layer's mode changed past its first task (an assignment, not a load; a switch to
+        hard has made P)."""
 
     def loaded(self, layer) -> None:
         """After state_dict / adapter loading set the layer's task state."""
@@ -233,10 +239,27 @@ class Project(Protection):
         return lora_A, lora_B, True
 
     def loaded(self, layer) -> None:
-        # no observed inputs ((K, K) Gram and a row count), nothing enforced yet
+        # no observed inputs ((K, K) Gram, a row count, whether a pass that fed other layers fed this
+        # one nothing), nothing enforced yet
         _watch_optimizer_steps()
-        layer._observed, layer._observed_rows = None, 0
+        layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
         layer._enforced_versions = None
+
+    @torch.no_grad()
+    def mode_changed(self, layer) -> None:
+        # routing_delta's allowed set is the complement of the earlier tasks' t·P: made with the old
+        # mode's P it left a switched layer's old outputs free to move (0.08 soft to hard, 0.2 hard to soft)
+        if layer.task_index > 0:
+            layer.protect_routing_basis = self._routing_basis(layer, layer.protect_gram_t.double()).to(
+                layer.lora_A.dtype).contiguous()
+            layer._enforced_versions = None
+
+    @staticmethod
+    def _routing_basis(layer, gram_t: Tensor) -> Tensor:
+        """Every r-space direction the earlier tasks' t·P uses (P = I in soft mode), from their t Gram."""
+        p = layer.projection.double() if layer.mode == "hard" else torch.eye(layer.rank, dtype=torch.float64,
+                                                                            device=gram_t.device)
+        return _range_basis(p @ gram_t @ p)
 
     def enforced_fingerprint(self, layer):
         if layer.task_index == 0 or layer._enforced_versions != self._versions(layer):
@@ -341,13 +364,16 @@ class Project(Protection):
         why = self.sharded(layer)
         if why:
             return why
-        if layer._observed_rows == 0:
+        if layer._observed_rows == 0 and not getattr(layer, "_observed_empty", False):
             return ("protection='project' needs the task's inputs: run a pass over the task's data inside "
                     "`with clora_kernels.observe_task(model):` before end_task")
-        if not bool(torch.isfinite(layer._observed).all()):
+        if layer._observed is not None and not bool(torch.isfinite(layer._observed).all()):
+            dtype = layer._observed.dtype
             layer._observed, layer._observed_rows = None, 0     # dropped, so that a new pass can replace it
-            return ("the inputs observed for protection='project' held NaN/Inf (they were dropped); observe the "
-                    "task again inside `with clora_kernels.observe_task(model):`")
+            return (f"the inputs observed for protection='project' held NaN/Inf, or values too large for their "
+                    f"{dtype} sums of squares "
+                    f"(they were dropped); observe the task again inside `with clora_kernels.observe_task(model):` "
+                    f"with finite inputs of a size the layer's dtype can square")
         return ""
 
     def check_loaded(self, tensors: dict) -> str:
@@ -366,17 +392,17 @@ class Project(Protection):
         new directions of the residual until U holds `energy` of the task's input energy), add
         the task's t and u Grams, and re-derive the r-space bases (every direction the earlier
         tasks' t and u use) and the anchors."""
-        gram = layer._observed.double()
         dt = layer.lora_A.dtype
+        k = layer.in_features     # (a layer the task's pass never reached: no new inputs to protect)
+        gram = layer._observed.double() if layer._observed is not None else torch.zeros(
+            k, k, dtype=torch.float64, device=layer.lora_A.device)
         u = grow_input_basis(layer.protect_input_basis.double(), gram, self.energy)
         a = layer.lora_A.double()
         gram_t = a @ gram @ a.t()
         r_eff = layer.routing().double()
         g_t = layer.protect_gram_t.double() + gram_t
         g_u = layer.protect_gram_u.double() + r_eff.t() @ gram_t @ r_eff
-        p = layer.projection.double() if layer.mode == "hard" else torch.eye(layer.rank, dtype=torch.float64,
-                                                                            device=a.device)
-        w = _range_basis(p @ g_t @ p)
+        w = self._routing_basis(layer, g_t)
         v = _range_basis(g_u)
         b = layer.lora_B.double()
         # contiguous, as a loaded copy is: the layout changes matmul rounding, and a resumed run
@@ -388,8 +414,12 @@ class Project(Protection):
         layer.protect_output_anchor = (b @ v).to(dt).contiguous()
         layer.protect_gram_t = g_t.to(dt).contiguous()
         layer.protect_gram_u = g_u.to(dt).contiguous()
-        layer._observed, layer._observed_rows = None, 0
+        layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
         layer._enforced_versions = None
+        if u.shape[1] == u.shape[0] and w.shape[1] == layer.rank and v.shape[1] == layer.rank:
+            warnings.warn("protection='project': a layer's earlier tasks now use every direction of its inputs, "
+                          "routing and outputs, so no later task can change it (a larger rank, or a lower "
+                          "Project(energy=...), leaves room)", RuntimeWarning, stacklevel=2)
 
 
 def grow_input_basis(u: Tensor, gram: Tensor, energy: float) -> Tensor:

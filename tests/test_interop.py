@@ -579,6 +579,31 @@ def test_peft_load_under_inference_mode_nan_factors_and_a_wrapped_save(tmp_path,
         ck.load_peft_adapter(fresh, tmp_path / "ours")
 
 
+def test_peft_files_from_a_wrapper_load_and_non_float_factors_are_refused(tmp_path, seed):
+    """An adapter saved from a DDP / DataParallel wrapper before the helpers unwrapped it names its
+    tensors `base_model.model.module.<name>`: it loads (head included); a complex or integer factor
+    lost its imaginary part with a warning, or loaded silently."""
+    from safetensors.torch import load_file, save_file
+    base = _headed()
+    pm = _peft_headed(base, tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k.replace("base_model.model.", "base_model.model.module.", 1): v for k, v in tensors.items()},
+              str(weights), metadata={"format": "pt"})
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=3, backend="torch")
+    ck.load_peft_adapter(model, tmp_path / "peft")
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert rel_err(model(x), pm(x)) < 1e-6
+    for dtype in (torch.complex64, torch.int64):
+        bad = dict(tensors)
+        bad["base_model.model.body.lora_A.weight"] = bad["base_model.model.body.lora_A.weight"].to(dtype)
+        save_file(bad, str(weights), metadata={"format": "pt"})
+        fresh = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=3, backend="torch")
+        with pytest.raises(ValueError, match=f"lora_A in the adapter is {dtype}, not a floating-point tensor"):
+            ck.load_peft_adapter(fresh, tmp_path / "peft")
+
+
 def test_loaded_modules_to_save_keep_the_base_for_disable_adapter_and_the_next_load(tmp_path, seed):
     """PEFT keeps the original module beside its trained copy: disable_adapter computes the base model,
     and a second adapter without modules_to_save runs on the base's head, not the first adapter's."""

@@ -1,5 +1,6 @@
 """CLoRALinear, the task lifecycle, merge, persistence and the model helpers."""
 import copy
+import json
 import math
 
 import numpy as np
@@ -1048,3 +1049,109 @@ def test_wrapped_models_are_unwrapped_for_adapter_files(tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
         assert sorted(f.keys())[0].startswith("0.")
+
+
+# ---- cases a review of the tenth session's own changes found ---------------------------------------
+def test_adapter_files_saved_from_a_wrapper_still_load(seed, tmp_path):
+    """Files written from a DataParallel / DDP wrapper before the helpers unwrapped it name the layers
+    `module.<name>`: they load into the bare model and the wrapper alike."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    net = ck.inject_clora(nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4)), target_modules=["0", "2"],
+                          rank=3)
+    for i in (0, 2):
+        _trained(net[i])
+    ck.save_adapter(net, tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {"module." + k: f.get_tensor(k) for k in f.keys()}
+    layers = json.loads(meta["layers"])
+    meta["layers"] = json.dumps({"module." + k: v for k, v in layers.items()})
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    x = torch.randn(5, 12)
+    for target in (lambda m: m, nn.DataParallel):
+        fresh = ck.inject_clora(nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4)),
+                                target_modules=["0", "2"], rank=3)
+        fresh.load_state_dict({k: v for k, v in net.state_dict().items() if k.endswith(("weight", "bias"))},
+                              strict=False)
+        ck.load_adapter(target(fresh), tmp_path / "old.safetensors")
+        with torch.no_grad():
+            assert torch.equal(fresh(x), net(x))
+
+
+def test_a_bad_task_state_is_refused_before_any_tensor_loads(seed):
+    """A state whose task_index is -1 (the code before allowed the assignment and saved it) loaded the
+    merged weight, then raised, leaving the layer unmerged on a merged weight (output 100 % off)."""
+    src = _trained(CLoRALinear(10, 8, rank=3))
+    src.merge()
+    state = copy.deepcopy(src.state_dict())
+    ts = ck.nn.task_state(state["_extra_state"])
+    ts["task_index"] = -1
+    state["_extra_state"] = ts
+    dst = CLoRALinear(10, 8, rank=3)
+    before = copy.deepcopy(dst.state_dict())
+    with pytest.raises(ValueError, match=r"_extra_state: task_index must be an int >= 0, got -1"):
+        dst.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items()) and not dst.merged
+
+
+def test_a_task_state_alone_into_a_merged_layer_remerges_what_changed(seed):
+    """strict=False with the task state alone (no weight, no adapter) into a merged layer: a new alpha
+    is merged in (the forward kept the old scaling), and a state that changes nothing leaves the
+    weight bit for bit (an unmerge and merge would round it)."""
+    layer = _trained(CLoRALinear(10, 8, rank=3))
+    layer.merge()
+    w = layer.weight.detach().clone()
+    layer.load_state_dict({"_extra_state": layer.state_dict()["_extra_state"]}, strict=False)
+    assert torch.equal(layer.weight, w)
+    other = copy.deepcopy(layer)
+    other.unmerge()
+    other.alpha = 7.0
+    layer.load_state_dict({"_extra_state": other.state_dict()["_extra_state"]}, strict=False)
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        assert layer.merged and layer.alpha == 7.0 and rel_err(layer(x), other(x)) < 1e-5
+    layer.unmerge()
+    assert rel_err(layer.weight, other.weight) < 1e-6
+
+
+def test_set_extra_state_takes_the_energy_before_the_mode(seed):
+    """A direct set_extra_state switching a later-task layer to hard built P with the layer's old
+    protect_energy, not the state's."""
+    src = _trained(CLoRALinear(10, 8, rank=4, mode="hard", protect_energy=0.3, protection="paper"))
+    with torch.no_grad():
+        src.routing_old.normal_()
+    src.end_task()
+    dst = CLoRALinear(10, 8, rank=4, protection="paper")
+    dst.task_index = 1
+    with torch.no_grad():
+        dst.routing_old.copy_(src.routing_old)
+    dst.set_extra_state(src.get_extra_state())
+    assert dst.mode == "hard" and dst.protect_energy == 0.3
+    assert torch.allclose(dst.projection, src.projection, atol=1e-6)
+
+
+def test_module_calls_with_computed_operands_keep_no_memo(seed):
+    """torch.func.functional_call with computed (non-leaf) tensors, or a transform: the memo kept
+    them, so copy.deepcopy of the layer failed afterwards."""
+    layer = _trained(CLoRALinear(8, 6, rank=2))
+    x = torch.randn(3, 8)
+    params = {k: v * 1.0 for k, v in layer.named_parameters()}      # computed: they have a grad_fn
+    torch.func.functional_call(layer, params, (x,)).sum()
+    copy.deepcopy(layer)
+    torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(dict(layer.named_parameters()))
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        assert torch.equal(twin(x), layer(x))
+
+
+def test_output_names_are_checked_as_they_are_written(tmp_path):
+    """A 255-byte name is legal for a file written directly (a plot, a trace), not for one written
+    through NAME.tmp (the JSON); the check refused both."""
+    import argparse
+    from clora_kernels import _cli
+    ap = argparse.ArgumentParser(prog="p")
+    path = str(tmp_path / ("a" * 251 + ".png"))
+    _cli.check_output(ap, "--plot", path)
+    with pytest.raises(SystemExit):
+        _cli.check_output(ap, "--json", path, atomic=True)

@@ -2,6 +2,7 @@
 earlier tasks under Adam, that the policy is the layer's (not the caller's optimizer's), and that
 it survives state_dict and adapter-file round trips."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -246,7 +247,7 @@ def test_observe_task_counts_once_drops_bad_passes_and_takes_keyword_input():
     bad[0, 0] = float("nan")
     with torch.no_grad(), ck.observe_task(layer):
         layer(bad)
-    with pytest.raises(ValueError, match=r"NaN/Inf \(they were dropped\).*nothing was changed"):
+    with pytest.raises(ValueError, match=r"held NaN/Inf, or values too large.*\(they were dropped\).*nothing was changed"):
         layer.end_task()
     assert layer.task_index == 0
     with torch.no_grad(), ck.observe_task(layer):
@@ -330,9 +331,11 @@ def test_switching_the_policy_by_assignment(seed):
     layer.protection = "paper"
     ck.end_task(nn.Sequential(layer))
     assert layer.lora_A.requires_grad                       # "paper" trains the factors in every task
-    layer.protection = "freeze"
+    with pytest.warns(UserWarning, match=r"switched to Freeze\(\) after task 1, with fresh state"):
+        layer.protection = "freeze"         # (past the first task: what the old policy kept is lost)
     assert layer.protection.name == "freeze" and not layer.lora_A.requires_grad and not layer.lora_B.requires_grad
-    layer.protection = ck.Project(energy=0.9)
+    with pytest.warns(UserWarning, match="fresh state"):
+        layer.protection = ck.Project(energy=0.9)
     assert layer.lora_A.requires_grad and "protect_input_basis" in dict(layer.named_buffers())
     x = torch.randn(16, K)
     layer(x).sum().backward()
@@ -341,8 +344,10 @@ def test_switching_the_policy_by_assignment(seed):
     layer.end_task()
     assert layer.task_index == 2 and layer.protect_input_basis.shape[1] > 0
     basis = layer.protect_input_basis
-    layer.protection = layer.protection                     # the policy it has: its state stays
-    layer.protection = ck.Project(energy=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # (no switch: no warning)
+        layer.protection = layer.protection                 # the policy it has: its state stays
+        layer.protection = ck.Project(energy=0.9)
     assert layer.protect_input_basis is basis
     with pytest.raises(ValueError, match="protection must be one of"):
         layer.protection = "gpm"
@@ -560,3 +565,61 @@ def test_observe_skips_an_input_the_layer_refuses_and_keeps_its_gram(seed):
         with pytest.raises(TypeError, match="dtype mismatch"):
             layer(x.double())             # autocast leaves float64 alone: the forward refuses it
     assert layer._observed_rows == 40         # (it was counted)
+
+
+# ---- cases a review of the policies found (tenth session) -----------------------------------------
+def _subspace_inputs(g, rows, dim):
+    """Inputs in a `dim`-dimensional subspace of R^K (so the project policy protects them exactly)."""
+    return torch.randn(rows, dim, generator=g, dtype=torch.float64) @ torch.randn(dim, K, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+@pytest.mark.parametrize("first,then", [("soft", "hard"), ("hard", "soft")])
+def test_a_mode_switch_keeps_the_project_policys_protection(seed, first, then):
+    """routing_delta's allowed set is built from the earlier tasks' t·P: a mode switch after a task
+    changes P, and the basis built with the old P let task 0's outputs move (7.5e-2 soft to hard,
+    2.1e-1 hard to soft); it is rebuilt at the switch, so they stay to rounding."""
+    g = torch.Generator().manual_seed(seed)
+    layer = CLoRALinear(K, N, rank=R, mode=first, protection=ck.Project(energy=1.0), protect_energy=0.5,
+                        backend="torch", dtype=torch.float64)
+    x0 = _subspace_inputs(g, 40, 2)
+    _fit(layer, x0, torch.randn(40, N, generator=g, dtype=torch.float64))
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(x0)
+    layer.end_task()
+    with torch.no_grad():
+        before = layer(x0)
+    layer.mode = then
+    x1 = torch.randn(40, K, generator=g, dtype=torch.float64)
+    _fit(layer, x1, torch.randn(40, N, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        assert rel_err(layer(x0), before) < 1e-12
+
+
+def test_a_layer_the_tasks_pass_never_reaches_ends_the_task(seed):
+    """A model with a branch the task does not use: its layer sees no rows inside observe_task, and
+    end_task was refused for the whole model ('needs the task's inputs'); it has nothing new to
+    protect. A pass that fed no layer at all is still refused."""
+    model = nn.ModuleDict({"a": CLoRALinear(K, N, rank=R, protection="project"),
+                           "b": CLoRALinear(K, N, rank=R, protection="project")})
+    with torch.no_grad(), ck.observe_task(model):
+        pass
+    with pytest.raises(ValueError, match="needs the task's inputs"):
+        ck.end_task(model)
+    with torch.no_grad(), ck.observe_task(model):
+        model["a"](torch.randn(8, K))
+    ck.end_task(model)
+    assert model["a"].task_index == model["b"].task_index == 1
+    assert model["a"].protect_input_basis.shape[1] > 0 and model["b"].protect_input_basis.shape[1] == 0
+
+
+def test_a_project_layer_with_no_room_left_warns(seed):
+    """Once the earlier tasks use every input, routing and output direction, no later task can change
+    the layer (the loss stopped moving, silently): end_task says so."""
+    layer = CLoRALinear(8, 10, rank=4, protection=ck.Project(energy=1.0), backend="torch")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(torch.randn(64, 8))
+    with pytest.warns(RuntimeWarning, match="no later task can change it"):
+        layer.end_task()

@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     args.argv = argv
     if args.rank is None:
         args.rank = [16] if args.suite == "quick" else list(RANKS)
-    _cli.check_output(ap, "--json", args.json)
+    _cli.check_output(ap, "--json", args.json, atomic=True)
     _cli.check_plot(ap, "--plot", args.plot)
     try:
         data = run(args)
