@@ -118,6 +118,16 @@ def test_second_injection_keeps_the_first_adapter_trainable():
 
 
 # ---- transformers' Conv1D ------------------------------------------------------------------
+def test_conv1d_layer_with_a_missing_weight_is_a_clear_error():
+    """A Conv1D layer transposed its weight before validating it: `layer.weight = None` was an
+    AttributeError on NoneType."""
+    layer = ck.CLoRALinear.from_linear(Conv1D(7, 5), rank=3)
+    layer(torch.randn(2, 5))
+    layer.weight = None
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got NoneType"):
+        layer(torch.randn(2, 5))
+
+
 def test_conv1d_shares_its_weight_and_matches_the_oracle(seed):
     conv = Conv1D(7, 5)                                     # nf=7 outputs, nx=5 inputs: weight (5, 7)
     nn.init.normal_(conv.bias)
