@@ -941,7 +941,7 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
             for p, flag in flags:           # from_linear froze the weights it shared
                 p.requires_grad_(flag)
             raise ValueError(f"inject_clora: layer {name!r}: {exc}; the model was not changed") from None
-        layer.tied_to = [u for u in users.get(id(layer.weight), []) if u != f"{name}.weight"]
+        layer.tied_to = _tied(users, layer.weight, model.get_submodule(name))
         new.append((name, layer))
     keep = {id(p) for _, m in clora_layers(model) for p in (m.lora_A, m.lora_B, m.routing_delta)}
     for p in model.parameters():
@@ -1052,12 +1052,19 @@ def unmerge(model: nn.Module) -> None:
 
 
 def _parameter_users(model: nn.Module) -> dict:
-    """id(parameter) -> the names under which the model's modules hold it (a tied one: several)."""
+    """id(parameter) -> (name, holding module) for every name under which the model's modules hold it:
+    a tied one has several holders; one module reachable under several names (timm's CoaT:
+    `self.mlp2 = self.mlp3 = self.mlp4 = Mlp(...)`) is one holder, not a tie."""
     users = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for p_name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            users.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+            users.setdefault(id(p), []).append((f"{mod_name}.{p_name}" if mod_name else p_name, mod))
     return users
+
+
+def _tied(users: dict, weight: Tensor, holder: nn.Module) -> list:
+    """The names of `weight` (`_parameter_users`) held by modules other than `holder`."""
+    return [name for name, mod in users.get(id(weight), []) if mod is not holder]
 
 
 def _layers_that_can(model: nn.Module, what: str, caller: str = "") -> list:
@@ -1070,7 +1077,7 @@ def _layers_that_can(model: nn.Module, what: str, caller: str = "") -> list:
     if what == "merge":
         users = _parameter_users(model)
         for name, m in layers:
-            m.tied_to = [u for u in users.get(id(m.weight), []) if u != (f"{name}.weight" if name else "weight")]
+            m.tied_to = _tied(users, m.weight, m)
     for name, m in layers:
         why = m._refusal(what) if m.merged == (what == "unmerge") else ""
         if why:

@@ -1155,3 +1155,32 @@ def test_output_names_are_checked_as_they_are_written(tmp_path):
     _cli.check_output(ap, "--plot", path)
     with pytest.raises(SystemExit):
         _cli.check_output(ap, "--json", path, atomic=True)
+
+
+def test_one_module_under_several_names_is_no_tie(seed):
+    """timm's CoaT reaches one Mlp as mlp2, mlp3 and mlp4: the adapted layer counted as tied to itself
+    and merge / merge_and_unload refused it; a weight shared by two modules is still a tie."""
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(6, 6))
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(self.a(x))
+    model = ck.inject_clora(Aliased(), target_modules=["0"], rank=2)
+    assert model.a[0] is model.b[0] and model.a[0].tied_to == []
+    _trained(model.a[0])
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        want = model(x)
+        ck.merge(model)
+        assert rel_err(model(x), want) < 1e-6
+        ck.unmerge(model)
+        plain = ck.merge_and_unload(model)
+        assert not ck.nn.clora_layers(plain) and rel_err(plain(x), want) < 1e-6
+    tied = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    tied[1].weight = tied[0].weight
+    tied = ck.inject_clora(tied, target_modules=["0"], rank=2)
+    with pytest.raises(ValueError, match=r"tied to \['1.weight'\]"):
+        ck.merge(tied)
