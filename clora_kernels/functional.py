@@ -181,10 +181,12 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
                   scaling, grad_through_old_route, backend, mode, factors=None):
     """clora_linear for a module whose operands other than x change rarely. The full validation runs
     unless this call matches the last one that passed: x's dtype, device and width, the scaling (a
-    float), backend and mode, every operand's dtype and shape (a `.data` swap keeps the tensor object:
-    transformers' resize_token_embeddings does it to a tied weight), and the operands themselves (the
-    same tensor objects: a swapped one, as torch.func.functional_call or a re-registered buffer gives,
-    is checked again). `owner._checked` holds that memo; `owner` clears it when it is moved; owner
+    float), backend and mode, every operand's dtype, the shapes of the weight and of the operands that
+    a wrong shape would broadcast silently (routing_old, routing_delta, bias: a `.data` swap keeps the
+    tensor object; transformers' resize_token_embeddings does it to a tied weight; a swap of lora_A,
+    lora_B or the projection to another shape meets torch's own shape error, and keying them cost 0.25
+    µs a call more), and the operands themselves (the same tensor objects: a swapped one, as
+    torch.func.functional_call or a re-registered buffer gives, is checked again). `owner._checked` holds that memo; `owner` clears it when it is moved; owner
     None: no memo (operands computed anew each call, as a parametrization's). Under autocast every call
     validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
     the op transposed (transformers' Conv1D). factors: where lora_A and lora_B are fresh views each
@@ -199,9 +201,9 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
             and type(k := x.shape[-1]) is int and not _autocasting(x) and not _compiling():
         try:
             key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.shape, weight.dtype,
-                   lora_A.shape, lora_A.dtype, lora_B.shape, lora_B.dtype, routing_old.shape, routing_old.dtype,
-                   routing_delta.shape, routing_delta.dtype, None if bias is None else (bias.shape, bias.dtype),
-                   None if projection is None else (projection.shape, projection.dtype))
+                   lora_A.dtype, lora_B.dtype, routing_old.dtype, routing_delta.dtype,
+                   None if bias is None else bias.dtype, None if projection is None else projection.dtype,
+                   routing_old.shape, routing_delta.shape, None if bias is None else bias.shape)
         except AttributeError:      # an operand that is no tensor (`layer.lora_A = None`): the checks name it
             key = None
         if key is None:
