@@ -189,7 +189,8 @@ def _fsdp_worker(rank, world, out_dir):
         ck.unmerge(root)
         res["root_only_unmerged_out"] = root(x)
     try:
-        ck.save_adapter(model, os.path.join(out_dir, "no_such_dir", "a.safetensors"))
+        # (a folder under a file: save_adapter makes a missing folder, and rank 0 fails to make this one)
+        ck.save_adapter(model, os.path.join(os.path.abspath(__file__), "a.safetensors"))
         res["bad_path_error"] = None
     except Exception as exc:
         res["bad_path_error"] = f"{type(exc).__name__}: {exc}"
