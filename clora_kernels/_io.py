@@ -71,11 +71,11 @@ def provenance(prog: str, argv=None, distributions=()) -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-            if name in modules and importlib.util.find_spec(name) is not None:
-                try:    # a module another distribution installs (nightly and ROCm torch: pytorch-triton)
+            try:        # a module another distribution installs (nightly and ROCm torch: pytorch-triton)
+                if name in modules and importlib.util.find_spec(name) is not None:
                     out[name] = getattr(importlib.import_module(name), "__version__", None)
-                except Exception:
-                    pass
+            except Exception:
+                pass
     return out
 
 

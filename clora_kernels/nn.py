@@ -232,6 +232,13 @@ class CLoRALinear(nn.Linear):
         self._set_protection(self.protection)
 
     @_lifecycle_step
+    @torch.no_grad()
+    @_lifecycle_step
+    def _mode_changed(self) -> None:
+        """The policy's state that depends on P, after a mode switch (outside inference_mode, as every
+        lifecycle step: a basis made there broke every later load)."""
+        self.protection.mode_changed(self)
+
     def _set_protection(self, spec) -> None:
         """Give the layer a policy with fresh state (the old policy's buffers are removed)."""
         policy = make_protection(spec)
@@ -248,7 +255,7 @@ class CLoRALinear(nn.Linear):
             current = self.__dict__["protection"]
             if value is not current and make_protection(value).config() != current.config():
                 self._set_protection(value)     # (the same policy, or an equal one, keeps its state)
-                if self.task_index > 0:
+                if self.task_index > 0 and current.name != "paper":     # (paper keeps nothing of its own)
                     warnings.warn(f"protection switched to {self.protection!r} after task {self.task_index}, with "
                                   f"fresh state: what {current!r} kept of the earlier tasks is no longer kept (a "
                                   f"project policy protects the inputs it observes from here on)", UserWarning,
@@ -266,7 +273,7 @@ class CLoRALinear(nn.Linear):
                 if value == "hard":
                     with torch.no_grad():
                         self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
-                self.protection.mode_changed(self)      # (the policy's state that depends on P)
+                self._mode_changed()
             return
         # alpha and scaling = alpha / rank are one setting: writing either sets the other (as floats), so
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
@@ -941,7 +948,6 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
             for p, flag in flags:           # from_linear froze the weights it shared
                 p.requires_grad_(flag)
             raise ValueError(f"inject_clora: layer {name!r}: {exc}; the model was not changed") from None
-        layer.tied_to = _tied(users, layer.weight, model.get_submodule(name))
         new.append((name, layer))
     keep = {id(p) for _, m in clora_layers(model) for p in (m.lora_A, m.lora_B, m.routing_delta)}
     for p in model.parameters():
@@ -949,6 +955,9 @@ def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"),
             p.requires_grad_(False)
     for name, layer in new:
         _replace(model, name, layer)
+    users = _parameter_users(model)     # (after the replacement: an alias of a replaced Linear, `self.fc2 =
+    for _, layer in new:                # self.fc1`, keeps the plain Linear and shares the weight: a tie)
+        layer.tied_to = _tied(users, layer.weight, layer)
     return model
 
 
@@ -983,6 +992,12 @@ def end_task(model: nn.Module) -> None:
         raise ValueError(f"end_task: {waiting[0][1]} (layers {[n for n, _ in waiting]}); no layer was changed")
     for _, m in layers:
         m.end_task()
+    full = [name or "<the model>" for name, m in layers
+            if isinstance(m.protection, Project) and getattr(m, "_no_room", False)]
+    if full:
+        warnings.warn(f"end_task: under protection='project' the earlier tasks of layer(s) {full[:8]} now use every "
+                      f"direction of their inputs, routing and outputs, so no later task can change them (a "
+                      f"larger rank, or a lower Project(energy=...), leaves room)", RuntimeWarning, stacklevel=2)
 
 
 @contextlib.contextmanager

@@ -46,8 +46,6 @@ Policies beyond "paper" are this project's variants, not the paper's method:
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
@@ -244,6 +242,7 @@ class Project(Protection):
         _watch_optimizer_steps()
         layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
         layer._enforced_versions = None
+        layer._no_room = False
 
     @torch.no_grad()
     def mode_changed(self, layer) -> None:
@@ -336,6 +335,7 @@ class Project(Protection):
         x = x.to(layer._observed.dtype)
         layer._observed.addmm_(x.t(), x)
         layer._observed_rows += x.shape[0]
+        layer._observed_empty = False
 
     def observed(self, layer) -> None:
         """Several processes (DDP): each observed its share of the task's data; sum the Grams, so
@@ -369,7 +369,8 @@ class Project(Protection):
                     "`with clora_kernels.observe_task(model):` before end_task")
         if layer._observed is not None and not bool(torch.isfinite(layer._observed).all()):
             dtype = layer._observed.dtype
-            layer._observed, layer._observed_rows = None, 0     # dropped, so that a new pass can replace it
+            # dropped, so that a new pass can replace it (and no earlier empty pass stands in for it)
+            layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
             return (f"the inputs observed for protection='project' held NaN/Inf, or values too large for their "
                     f"{dtype} sums of squares "
                     f"(they were dropped); observe the task again inside `with clora_kernels.observe_task(model):` "
@@ -416,10 +417,8 @@ class Project(Protection):
         layer.protect_gram_u = g_u.to(dt).contiguous()
         layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
         layer._enforced_versions = None
-        if u.shape[1] == u.shape[0] and w.shape[1] == layer.rank and v.shape[1] == layer.rank:
-            warnings.warn("protection='project': a layer's earlier tasks now use every direction of its inputs, "
-                          "routing and outputs, so no later task can change it (a larger rank, or a lower "
-                          "Project(energy=...), leaves room)", RuntimeWarning, stacklevel=2)
+        # (clora_kernels.end_task(model) warns, naming the layers)
+        layer._no_room = u.shape[1] == u.shape[0] and w.shape[1] == layer.rank and v.shape[1] == layer.rank
 
 
 def grow_input_basis(u: Tensor, gram: Tensor, energy: float) -> Tensor:

@@ -1184,3 +1184,13 @@ def test_one_module_under_several_names_is_no_tie(seed):
     tied = ck.inject_clora(tied, target_modules=["0"], rank=2)
     with pytest.raises(ValueError, match=r"tied to \['1.weight'\]"):
         ck.merge(tied)
+
+    class Alias(nn.Module):          # one Linear under two names, one of them replaced: the other is a tie
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(6, 6)
+            self.fc2 = self.fc1
+    alias = ck.inject_clora(Alias(), target_modules=["fc1"], rank=2)
+    assert type(alias.fc2) is nn.Linear and alias.fc1.tied_to == ["fc2.weight"]
+    with pytest.raises(ValueError, match=r"tied to \['fc2.weight'\]"):
+        alias.fc1.merge()

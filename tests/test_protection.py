@@ -331,11 +331,12 @@ def test_switching_the_policy_by_assignment(seed):
     layer.protection = "paper"
     ck.end_task(nn.Sequential(layer))
     assert layer.lora_A.requires_grad                       # "paper" trains the factors in every task
-    with pytest.warns(UserWarning, match=r"switched to Freeze\(\) after task 1, with fresh state"):
-        layer.protection = "freeze"         # (past the first task: what the old policy kept is lost)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # (leaving "paper", which keeps nothing of its own: no warning)
+        layer.protection = "freeze"
     assert layer.protection.name == "freeze" and not layer.lora_A.requires_grad and not layer.lora_B.requires_grad
-    with pytest.warns(UserWarning, match="fresh state"):
-        layer.protection = ck.Project(energy=0.9)
+    with pytest.warns(UserWarning, match=r"switched to Project\(energy=0.9\) after task 1, with fresh state"):
+        layer.protection = ck.Project(energy=0.9)   # (past the first task: what freeze kept is lost)
     assert layer.lora_A.requires_grad and "protect_input_basis" in dict(layer.named_buffers())
     x = torch.randn(16, K)
     layer(x).sum().backward()
@@ -621,5 +622,32 @@ def test_a_project_layer_with_no_room_left_warns(seed):
         layer.lora_B.normal_()
     with torch.no_grad(), ck.observe_task(layer):
         layer(torch.randn(64, 8))
-    with pytest.warns(RuntimeWarning, match="no later task can change it"):
-        layer.end_task()
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['<the model>'\] now use every direction"):
+        ck.end_task(layer)
+
+
+def test_a_mode_switch_under_inference_mode_and_a_dropped_pass(seed):
+    """A mode switch inside torch.inference_mode rebuilt the routing basis as an inference tensor
+    (every later load failed); a layer marked unreached by one pass, then fed NaN by the next, ended
+    its task unprotected after the refusal (the mark outlived the drop)."""
+    layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(torch.randn(16, K))
+    layer.end_task()
+    state = copy.deepcopy(layer.state_dict())
+    with torch.inference_mode():
+        layer.mode = "hard"
+    assert not layer.protect_routing_basis.is_inference()
+    layer.load_state_dict(state)
+    model = nn.ModuleDict({"a": CLoRALinear(K, N, rank=R, protection="project"),
+                           "b": CLoRALinear(K, N, rank=R, protection="project")})
+    with torch.no_grad(), ck.observe_task(model):
+        model["a"](torch.randn(8, K))                   # b unreached: marked
+    bad = torch.randn(8, K)
+    bad[0, 0] = float("nan")
+    with torch.no_grad(), ck.observe_task(model):
+        model["b"](bad)
+    with pytest.raises(ValueError, match="held NaN/Inf"):
+        ck.end_task(model)
+    with pytest.raises(ValueError, match="needs the task's inputs"):
+        ck.end_task(model)
