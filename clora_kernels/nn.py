@@ -231,7 +231,6 @@ class CLoRALinear(nn.Linear):
         self.task_index = 0
         self._set_protection(self.protection)
 
-    @_lifecycle_step
     @torch.no_grad()
     @_lifecycle_step
     def _mode_changed(self) -> None:
@@ -239,6 +238,7 @@ class CLoRALinear(nn.Linear):
         lifecycle step: a basis made there broke every later load)."""
         self.protection.mode_changed(self)
 
+    @_lifecycle_step
     def _set_protection(self, spec) -> None:
         """Give the layer a policy with fresh state (the old policy's buffers are removed)."""
         policy = make_protection(spec)

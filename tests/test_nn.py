@@ -802,6 +802,8 @@ def test_end_task_under_inference_mode_keeps_loadable_state(seed):
     with torch.inference_mode():          # the other lifecycle steps that build the policy's state
         layer.protection = "freeze"
         layer.protection = "project"
+    assert not any(t.is_inference() for t in layer.state_dict().values())      # (before a reset re-makes them)
+    with torch.inference_mode():
         layer.reset_adapter()
     assert not any(t.is_inference() for t in layer.state_dict().values())
     layer.load_state_dict(ckpt)
