@@ -186,8 +186,9 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     tensor object; transformers' resize_token_embeddings does it to a tied weight; a swap of lora_A,
     lora_B or the projection to another shape meets torch's own shape error, and keying them cost 0.25
     µs a call more), and the operands themselves (the same tensor objects: a swapped one, as
-    torch.func.functional_call or a re-registered buffer gives, is checked again). `owner._checked` holds that memo; `owner` clears it when it is moved; owner
-    None: no memo (operands computed anew each call, as a parametrization's). Under autocast every call
+    torch.func.functional_call or a re-registered buffer gives, is checked again). `owner._checked`
+    holds that memo; `owner` clears it when it is moved; owner None: no memo (operands computed anew
+    each call, as a parametrization's). Under autocast every call
     validates (its casts make new operands). fan_in_fan_out: `weight` is stored (in, out) and enters
     the op transposed (transformers' Conv1D). factors: where lora_A and lora_B are fresh views each
     call (the freeze policy's detached factors: the same dtype, device and shape), the parameters

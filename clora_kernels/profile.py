@@ -194,7 +194,9 @@ def build_parser():
     ap.add_argument("--full", action="store_true", help=f"on CPU too: batches {FULL['batch']}, {FULL['iters']} iters")
     ap.add_argument("--mode", nargs="+", choices=MODES, default=["eager"],
                     help="how each variant runs: eager, compile (torch.compile), cuda-graphs (CUDA only)")
-    ap.add_argument("--backends", nargs="+", default=None, help="engine backends for the unmerged variants (default: torch on CPU; triton cuda torch on CUDA, each where usable)")
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="engine backends for the unmerged variants (default: torch on CPU; triton cuda torch "
+                         "on CUDA, each where usable)")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                     help="auto: CUDA when torch sees a GPU, else CPU")
     ap.add_argument("--dtype", choices=list(_cli.DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
