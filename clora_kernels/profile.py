@@ -22,8 +22,9 @@ import torch
 
 from . import _cli, available_backends, inject_clora, merge
 from ._io import parent_made, provenance, write_json_atomic
-from .bench.core import usable_for_timing
+from .bench.core import peft_dtype_kwargs, usable_for_timing
 from .nn import clora_layers
+from .reference import folded_lora_B
 
 MODES = ("eager", "cuda-graphs", "compile")
 
@@ -73,21 +74,27 @@ def build_model(name: str, img_size, device, dtype):
 def make_variants(base, args, device):
     """name -> model: the plain model, C-LoRA merged (W + delta: a plain Linear at inference),
     C-LoRA unmerged on each usable backend, and PEFT's LoRA on the same layers (when peft is
-    installed). lora_B gets small random values so the adapter paths do real work."""
+    installed), all holding one adapter (copies of one adapted model; PEFT's lora_B is C-LoRA's with
+    the routing folded in), so that their outputs can be compared (`same_outputs`). lora_B gets small
+    random values so the adapter paths do real work."""
     variants = {"plain": base}
     gen = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        adapted = inject_clora(copy.deepcopy(base), target_modules=args.targets, rank=args.rank, backend="torch")
+    except ValueError as exc:
+        raise ProfileError(f"--targets / --rank: {exc}") from None
+    with torch.no_grad():
+        for _, layer in clora_layers(adapted):
+            layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
+    adapted.eval()
 
-    def adapted(backend):
-        try:
-            m = inject_clora(copy.deepcopy(base), target_modules=args.targets, rank=args.rank, backend=backend)
-        except ValueError as exc:
-            raise ProfileError(f"--targets / --rank: {exc}") from None
-        with torch.no_grad():
-            for _, layer in clora_layers(m):
-                layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
-        return m.eval()
+    def on(backend):
+        m = copy.deepcopy(adapted)
+        for _, layer in clora_layers(m):
+            layer.backend = backend
+        return m
 
-    merged = adapted("torch")
+    merged = on("torch")
     merge(merged)
     variants["clora-merged"] = merged
     usable = available_backends()
@@ -96,7 +103,7 @@ def make_variants(base, args, device):
         if not ok:
             print(f"clora-profile: skipping backend {b!r}: {why}", file=sys.stderr)
             continue
-        variants[f"clora-{b}"] = adapted(b)
+        variants[f"clora-{b}"] = on(b)
     if not any(k.startswith("clora-") and k != "clora-merged" for k in variants):
         if args.backends_given:
             raise ProfileError("--backends: none of the requested backends can run here")
@@ -104,15 +111,28 @@ def make_variants(base, args, device):
         import peft
     except ImportError:
         return variants
-    names = [n for n, _ in clora_layers(merged)]
+    layers = clora_layers(adapted)
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=args.rank, lora_alpha=args.rank,
-                                                                   target_modules=names))
+                                                                   target_modules=[n for n, _ in layers]),
+                             **peft_dtype_kwargs())
     with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.01 * torch.randn(p.shape, generator=gen))
+        for name, layer in layers:
+            lora = pm.base_model.model.get_submodule(name)
+            lora.scaling["default"] = layer.scaling
+            lora.lora_A["default"].weight.copy_(layer.lora_A)
+            lora.lora_B["default"].weight.copy_(folded_lora_B(layer.lora_B, layer.routing()))
     variants["peft"] = pm.eval()
     return variants
+
+
+def same_outputs(variants, x) -> dict:
+    """name -> the largest difference of the variant's output from clora-merged's, relative to its
+    largest magnitude (every adapted variant holds one adapter: `make_variants`)."""
+    with torch.inference_mode():
+        want = variants["clora-merged"](x).float()
+        scale = float(want.abs().max()) or 1.0
+        return {name: float((m(x).float() - want).abs().max()) / scale
+                for name, m in variants.items() if name != "plain"}
 
 
 def _sync(device):
@@ -266,6 +286,13 @@ def _main(argv) -> int:
     meta = {"model": args.model, "rank": args.rank, "targets": args.targets, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "dtype": str(dtype)[6:],
             "iters": args.iters, "warmup": args.warmup, **provenance("clora-profile", args.argv)}
+    # every adapted variant holds one adapter: their outputs agree, or a row times something else
+    meta["max_rel_diff_to_merged"] = diffs = same_outputs(variants, make_input(args.batch[0]))
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+    off = {name: d for name, d in diffs.items() if not d <= tol}
+    if off:
+        print(f"clora-profile: warning: these variants' outputs differ from clora-merged's by more than {tol:g} "
+              f"(relative to its largest): {off}", file=sys.stderr)
     rows, failed = [], 0
     from tqdm import tqdm
     jobs = [(batch, mode, name) for batch in args.batch for mode in modes for name in variants]

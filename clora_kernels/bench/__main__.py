@@ -157,13 +157,14 @@ def run(args) -> dict:
                     built.pop(name)
         rows = {}
         for name, (step, reset, us) in built.items():
-            with ctx():
-                mem = peak_mem(step, device, reset) if training else None
+            with ctx():     # (measured on CUDA only: None elsewhere, not 0 bytes)
+                mem = peak_mem(step, device, reset) if training and device.type == "cuda" else None
             plans = _chosen_strategies(name, shape, dtype, device, training)
             rows[name] = {"suite": shape.suite, "layer": shape.layer, "M": shape.m, "K": shape.k, "N": shape.n,
                           "r": shape.r, "dtype": args.dtype, "pass": pas, "backend": name, "median_us": us,
                           "floor": floor_ratio(shape, training),
-                          "timing": "cuda-graph" if graph_cases else "events",
+                          "timing": "cuda-graph" if graph_cases else "events" if device.type == "cuda"
+                          else "wall-clock",
                           "tflops": fl / us / 1e6, "gbps": by / us / 1e3,
                           "pct_peak": (100 * floor_s / (us * 1e-6)) if floor_s else None}
             if training:
@@ -201,7 +202,8 @@ def summarize(data) -> list:
         rows.setdefault(key(r), {})[r["backend"]] = r
     for heading, value in (("geomean time ratio to merged (lower is better):", lambda r: r["ratio_to_merged"]),
                            ("geomean of (ratio to merged) / floor, floor = the FLOP ratio the math allows:",
-                            lambda r: r["ratio_to_merged"] / r["floor"] if r.get("floor") else None)):
+                            lambda r: r["ratio_to_merged"] / r["floor"]
+                            if r.get("floor") and r.get("ratio_to_merged") is not None else None)):
         lines.append(heading)
         lines.append(f"  {'group':16s}{'floor':>10s}" + "".join(f"{b:>10s}" for b in backends))
         for title, sel in groups:
@@ -329,6 +331,7 @@ def main(argv=None) -> int:
     args.argv = argv
     if args.rank is None:
         args.rank = [16] if args.suite == "quick" else list(RANKS)
+    args.rank = list(dict.fromkeys(args.rank))      # (a rank given twice timed every shape twice)
     _cli.check_output(ap, "--json", args.json, atomic=True)
     _cli.check_plot(ap, "--plot", args.plot)
     try:

@@ -108,20 +108,25 @@ def build_variant(name: str, case: Case, training: bool, compiled_cache: dict):
                                                c.routing_delta, None, c.scaling, backend=backend), training)
 
 
+def peft_dtype_kwargs() -> dict:
+    """get_peft_model's autocast_adapter_dtype=False: the adapter in the base's dtype, as every other
+    variant computes (PEFT's default keeps a bf16 model's adapter in fp32, with casts around it; peft
+    < 0.12 has no such option and kept the base's dtype). For clora-bench and clora-profile."""
+    import inspect
+
+    from peft import get_peft_model
+    return {"autocast_adapter_dtype": False} if "autocast_adapter_dtype" in inspect.signature(
+        get_peft_model).parameters else {}
+
+
 def _peft_layer(c: Case):
     from peft import LoraConfig, get_peft_model
     n, k = c.weight.shape
     r = c.lora_A.shape[0]
     base = torch.nn.Sequential()
     base.add_module("lin", torch.nn.Linear(k, n, device=c.weight.device, dtype=c.weight.dtype))
-    # autocast_adapter_dtype=False: the adapter in the base's dtype, as every other row computes (PEFT's
-    # default keeps a bf16 model's adapter in fp32, with casts around it; peft < 0.12 has no such option
-    # and kept the base's dtype)
-    import inspect
-    kw = {"autocast_adapter_dtype": False} if "autocast_adapter_dtype" in inspect.signature(get_peft_model).parameters \
-        else {}
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=c.scaling * r, target_modules=["lin"], lora_dropout=0.0),
-                           **kw)
+                           **peft_dtype_kwargs())
     lin = model.base_model.model.lin
     with torch.no_grad():
         lin.base_layer.weight.copy_(c.weight)
