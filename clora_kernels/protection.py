@@ -293,7 +293,7 @@ class Project(Protection):
         Runs when one of the three tensors may have changed since it last ran: a new version or
         storage, or an optimizer step anywhere in the process. Writes that are none of these (an
         in-place edit through `.data` outside an optimizer) are not seen: pass force=True after
-        them (end_task and merge force it; the saves do not, so that saving changes nothing of a run)."""
+        them (end_task forces it; merge and the saves do not, so that neither changes a run)."""
         if layer.task_index == 0 or (not force and self._versions(layer) == layer._enforced_versions):
             return
         computed = [n for n in ("lora_A", "routing_delta", "lora_B") if n not in layer._parameters]
