@@ -406,7 +406,10 @@ class CLoRALinear(nn.Linear):
         # again (not bit-exact: a run resumed from a pickled model ended 1.5e-6 away); the fingerprint
         # carries it, as a state_dict does (`enforced_fingerprint`)
         state = super().__getstate__()
-        state["_enforced_fingerprint"] = self.protection.enforced_fingerprint(self)
+        try:
+            state["_enforced_fingerprint"] = self.protection.enforced_fingerprint(self)
+        except Exception:       # (meta tensors have no sums: the copy projects again, as before)
+            state["_enforced_fingerprint"] = None
         return state
 
     def __setstate__(self, state):
