@@ -102,6 +102,16 @@ def _write_once(model: nn.Module, write) -> None:
 DEFAULT_PROTECTION = "freeze"   # docs/design.md section 2: what won on held-out seeds (README "Continual learning")
 
 
+def _finite_real(value) -> bool:
+    """A finite real number, not a bool: what alpha and scaling take."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and finite_number(value)
+
+
+def _check_mode(mode) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+
+
 def _check_energy(protect_energy) -> None:
     if isinstance(protect_energy, bool) or not isinstance(protect_energy, numbers.Real) \
             or not (0.0 < protect_energy <= 1.0):
@@ -119,11 +129,9 @@ def _check_task_state(state: dict) -> None:
     if "task_index" not in state:
         raise ValueError(f"the task state has no task_index: {state!r}")
     _check_task_index(state["task_index"])
-    if state.get("mode", "soft") not in _MODES:
-        raise ValueError(f"mode must be 'soft' or 'hard', got {state['mode']!r}")
-    alpha = state.get("alpha", 1.0)
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not finite_number(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    _check_mode(state.get("mode", "soft"))
+    if not _finite_real(state.get("alpha", 1.0)):
+        raise ValueError(f"alpha must be a finite number, got {state['alpha']!r}")
     _check_energy(state.get("protect_energy", 0.9))
     check_flag("grad_through_old_route", state.get("grad_through_old_route", False))
 
@@ -136,10 +144,9 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank > min(in_features, out_features):
         raise ValueError(f"rank must be an int in [1, min(in_features, out_features)] = [1, "
                          f"{min(in_features, out_features)}] for a {in_features}->{out_features} layer, got {rank!r}")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not finite_number(alpha)):
+    if alpha is not None and not _finite_real(alpha):
         raise ValueError(f"alpha must be a finite number or None (None means alpha = rank), got {alpha!r}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+    _check_mode(mode)
     _check_energy(protect_energy)
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
@@ -264,8 +271,7 @@ class CLoRALinear(nn.Linear):
         if name == "mode" and "mode" in self.__dict__:
             # checked as at construction (a 'Hard' ran as soft); a switch to hard after a task makes P from
             # R_old as end_task would have (with P = I the new route would not be kept off the old one)
-            if value not in _MODES:
-                raise ValueError(f"mode must be 'soft' or 'hard', got {value!r}")
+            _check_mode(value)
             changed = value != self.mode and self.task_index > 0 and "_loading" not in self.__dict__
             self._remember_merged()
             super().__setattr__(name, value)
@@ -286,7 +292,7 @@ class CLoRALinear(nn.Linear):
             _check_task_index(value)
             value = int(value)
         if name in ("alpha", "scaling") and "rank" in self.__dict__:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not finite_number(value):
+            if not _finite_real(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r} (alpha and scaling = alpha / rank "
                                  f"are one setting)")
             self._remember_merged()
