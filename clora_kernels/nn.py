@@ -422,7 +422,10 @@ class CLoRALinear(nn.Linear):
         fingerprint = state.pop("_enforced_fingerprint", None)
         super().__setstate__(state)
         if fingerprint is not None:
-            self.protection.loaded_enforced(self, fingerprint)
+            try:
+                self.protection.loaded_enforced(self, fingerprint)
+            except Exception:       # (loaded to meta, map_location="meta": no sums; it projects again, as before)
+                pass
 
     def _apply(self, fn, recurse=True):     # .to() / .half() / to_empty: the operands' validation is redone
         self.__dict__["_checked"] = None

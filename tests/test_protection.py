@@ -680,3 +680,5 @@ def test_merge_for_evaluation_and_copies_change_nothing_of_a_project_run(seed):
         with torch.no_grad():
             assert torch.equal(twin(x), layer(x))
         assert all(torch.equal(v, before[k]) for k, v in twin.state_dict().items())
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False, map_location="meta").lora_A.is_meta     # (no sums there: it loads)
