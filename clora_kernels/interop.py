@@ -327,6 +327,10 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A).detach().to("cpu").contiguous()
             folded = folded_lora_B(_full(m.lora_B), m.routing())
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = folded.detach().to("cpu").contiguous()
+        bad = nonfinite((t, tensors[f"{_PREFIX}{name}.{t}.weight"]) for t in ("lora_A", "lora_B"))
+        if bad:     # (load_peft_adapter refuses such a file; PEFT would serve NaN)
+            raise ValueError(f"save_peft_adapter: the adapter's {bad} of layer {name!r} holds non-finite values "
+                             f"(NaN/Inf; did training diverge?); nothing was written")
     for s in saved:     # the module's whole state (buffers too), as PEFT saves it; tied tensors stored apart
         for p_name, p in modules[s].state_dict(keep_vars=True).items():
             if isinstance(p, torch.Tensor):

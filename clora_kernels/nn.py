@@ -27,7 +27,7 @@ from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
 from .functional import check_flag, exact_math, finite_number, module_linear
-from .protection import Project, Protection, make_protection
+from .protection import Project, Protection, make_protection, sum_dtype
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -36,6 +36,7 @@ except ImportError:             # a torch built without torch.distributed: no pa
 
 _MODES = ("soft", "hard")
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "routing_old", "routing_delta", "projection")
+_HALF = (torch.float16, torch.bfloat16)     # 16-bit weights: merge keeps the original (`merge`)
 _REFUSED = object()     # CLoRALinear._loading while a load of another shape runs: set_extra_state takes nothing
 
 
@@ -176,6 +177,7 @@ def _lifecycle_step(method):
 class CLoRALinear(nn.Linear):
     """Drop-in `nn.Linear` with one C-LoRA adapter. `weight` and `bias` are the frozen base."""
     _checked = None      # the last call whose operands passed validation (functional.module_linear)
+    _observing = False   # inside observe_task: the forward gives its input to the protection policy
 
     def __init__(self, in_features: int, out_features: int, rank: int = 16, alpha: Optional[float] = None,
                  bias: bool = True, *, mode: str = "soft", protect_energy: float = 0.9,
@@ -209,6 +211,9 @@ class CLoRALinear(nn.Linear):
     def reset_parameters(self) -> None:
         """nn.Linear's init of weight and bias, and the adapter's first-task state (so the FSDP
         idiom, meta-device build, `to_empty`, `reset_parameters()`, gives a layer equal to its base)."""
+        why = self._refusal("reset_parameters") if "protection" in self.__dict__ else ""
+        if why:     # (before the weight is drawn: a refusal changes nothing)
+            raise ValueError(f"reset_parameters: {why}")
         if getattr(self, "fan_in_fan_out", False):
             with torch.no_grad():    # nn.Linear's init, on the (out, in) view of a Conv1D-layout weight
                 nn.init.kaiming_uniform_(self.weight.t(), a=math.sqrt(5))
@@ -217,7 +222,7 @@ class CLoRALinear(nn.Linear):
         else:
             super().reset_parameters()
         self._set_merged(False)     # the weight is new: nothing of an earlier merge is in it, or to take out
-        if "routing_delta" in self._parameters:      # nn.Linear.__init__ calls this before the adapter exists
+        if "protection" in self.__dict__:      # nn.Linear.__init__ calls this before the adapter exists
             self.reset_adapter()
 
     @_lifecycle_step
@@ -225,6 +230,9 @@ class CLoRALinear(nn.Linear):
         """First-task state: routing_delta = I, routing_old = 0, P = I, lora_B = 0,
         lora_A Kaiming-uniform (PEFT's init); the protection policy's state is fresh and every
         adapter tensor trains."""
+        why = self._refusal("reset_adapter")
+        if why:
+            raise ValueError(f"reset_adapter: {why}")
         with torch.no_grad():
             a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device=self.lora_A.device)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))       # drawn whole, so an FSDP2 shard gets its part
@@ -368,6 +376,8 @@ class CLoRALinear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:     # nn.Linear's argument name: layer(input=x) works
         x = input
+        if self._observing:     # (read in the forward, not a hook: a module compiled before observe_task
+            _observe(self, x)   # runs no hook added later, and its layers protected nothing, silently)
         if self.merged or not self.adapter_enabled:
             if self.merged and self.training and torch.is_grad_enabled() and self.routing_delta.requires_grad:
                 if torch.compiler.is_compiling():   # the compiler cannot carry the guard's raise to the backward
@@ -392,7 +402,12 @@ class CLoRALinear(nn.Linear):
             factors = (lora_A, lora_B)     # (the memo's key: operands() may return fresh views of them)
             if policy.enforces:     # ("freeze" and "paper" enforce nothing: no call, one graph when compiled)
                 compiling = _is_compiling()
-                if not compiling and in_functorch():   # torch.func: no in-place write; project the operands
+                # torch.func, or functional_call given tensors of the caller (MAML's fast weights; it wrote
+                # into them): no in-place write; the operands are projected, differentiably (a parametrized
+                # one, memo None, is enforce's error)
+                if not compiling and (in_functorch() or memo is not None and not (isinstance(
+                        lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
+                        and isinstance(routing_delta, nn.Parameter))):
                     lora_A, routing_delta, lora_B = policy.projected(self, lora_A, routing_delta, lora_B)
                     factors, memo = (lora_A, lora_B), None
                 elif not compiling:
@@ -429,13 +444,27 @@ class CLoRALinear(nn.Linear):
 
     def _apply(self, fn, recurse=True):     # .to() / .half() / to_empty: the operands' validation is redone
         self.__dict__["_checked"] = None
+        policy = self.__dict__.get("protection")
+        sums = {n: self._buffers[n] for n in getattr(policy, "sums", ()) if self._buffers.get(n) is not None}
+        original = None     # a layer merged in fp32/fp64 cast to 16 bits: keep the weight as it was before the
+        if self.__dict__.get("merged") and getattr(self, "_original_weight", None) is None \
+                and self.weight.dtype not in _HALF and fn(self.weight.new_empty(0)).dtype in _HALF:
+            with torch.no_grad():   # merge, as a 16-bit merge does (unmerge's subtraction in 16 bits moved 64 %
+                original = self.weight.detach().clone()     # of the elements by up to 2e-2 of max |W|)
+                self._take_out_merged(original)
         out = super()._apply(fn, recurse)
+        for name, before in sums.items():   # the policy's sums stay float32 at least (`Protection.sums`)
+            moved = self._buffers[name]
+            if moved.is_floating_point() and moved.dtype != sum_dtype(moved.dtype):
+                self._buffers[name] = before.to(device=moved.device, dtype=sum_dtype(moved.dtype))
         # what merge remembered moves with the layer, so that unmerge takes it out where the weight is now
         memo = getattr(self, "_merged_adapter", None)
         if memo is not None:
             self._merged_adapter = tuple(fn(t) if isinstance(t, Tensor) else t for t in memo)
         if getattr(self, "_original_weight", None) is not None:
             self._original_weight = fn(self._original_weight)
+        if original is not None:
+            self._original_weight = fn(original)
         return out
 
     @torch.no_grad()
@@ -448,16 +477,23 @@ class CLoRALinear(nn.Linear):
         if bad:
             raise ValueError(f"end_task: {bad} holds non-finite values (NaN/Inf; did training diverge?); "
                              f"the layer was left unchanged")
-        why = self.protection.not_ready(self)
+        why = self._refusal("end_task") or self.protection.not_ready(self)
         if why:
             raise ValueError(f"end_task: {why}; nothing was changed")
         self.protection.enforce(self, force=True)
-        self.routing_old.copy_(self.routing())
-        self.routing_delta.zero_()
-        if self.mode == "hard":
-            self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
-        self.task_index += 1
-        self.protection.end_task(self)
+        index, before = self.task_index, [t.clone() for t in (self.routing_old, self.routing_delta, self.projection)]
+        try:
+            self.routing_old.copy_(self.routing())
+            self.routing_delta.zero_()
+            if self.mode == "hard":
+                self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
+            self.task_index += 1
+            self.protection.end_task(self)
+        except BaseException:   # (the policy's new state failed, e.g. an eigh: the layer stays in its task)
+            for t, b in zip((self.routing_old, self.routing_delta, self.projection), before):
+                t.copy_(b)
+            self.task_index = index
+            raise
 
     def _nonfinite_adapter(self) -> str:
         """Names of the adapter tensors holding NaN or Inf ('' when all are finite): a task ended on
@@ -499,7 +535,7 @@ class CLoRALinear(nn.Linear):
         self.protection.enforce(self)
         self._merged_adapter = self._merge_memo()
         if keep_original is None:
-            keep_original = self.weight.dtype in (torch.float16, torch.bfloat16)
+            keep_original = self.weight.dtype in _HALF
         self._original_weight = self.weight.detach().clone() if keep_original else None
         w = self.base_weight()
         w.add_(_like(w, self.delta_weight().to(w.dtype)))
@@ -519,12 +555,16 @@ class CLoRALinear(nn.Linear):
         if original is not None:
             self.weight.copy_(original)
         else:
-            kept = getattr(self, "_merged_adapter", None)
-            # merged in another process (state_dict): the adapter as loaded is all there is
-            delta = self.delta_weight() if kept is None else self._delta(*kept)
-            w = self.base_weight()
-            w.sub_(_like(w, delta.to(w.dtype)))
+            self._take_out_merged(self.weight)
         self._set_merged(False)
+
+    def _take_out_merged(self, weight: Tensor) -> None:
+        """weight (the layer's, or a copy of it) -= the delta that merge added."""
+        kept = getattr(self, "_merged_adapter", None)
+        # merged in another process (state_dict): the adapter as loaded is all there is
+        delta = self.delta_weight() if kept is None else self._delta(*kept)
+        w = weight.t() if self.fan_in_fan_out else weight
+        w.sub_(_like(w, delta.to(w.dtype)))
 
     def _set_merged(self, merged: bool) -> None:
         """The weight's merged state where it was replaced (a load, a reset, an unmerge), and nothing of
@@ -533,10 +573,11 @@ class CLoRALinear(nn.Linear):
         self._merged_adapter = self._original_weight = None
 
     def _refusal(self, what: str) -> str:
-        """Why this layer cannot `what` ("merge" or "unmerge"; '' when it can): merging inside
-        disable_adapter(), or into a weight tied to another module; either, where the weight is
-        computed on every access (torch.nn.utils.prune's weight_orig · weight_mask, or a
-        parametrization), so that an in-place change of it would be lost."""
+        """Why this layer cannot `what` ("merge", "unmerge", or a step writing the adapter in place:
+        "end_task", "reset_adapter", "load_adapter"; '' when it can): merging inside disable_adapter(),
+        or into a weight tied to another module; either, where the weight is computed on every access
+        (torch.nn.utils.prune's weight_orig · weight_mask, or a parametrization), so that an in-place
+        change of it would be lost; the others, where an adapter tensor is computed so."""
         if what == "merge" and not self.adapter_enabled:
             return ("merge inside disable_adapter(): the merged layer would compute the adapter; leave the block "
                     "first")
@@ -544,10 +585,17 @@ class CLoRALinear(nn.Linear):
             return (f"merge: this layer's weight is tied to {self.tied_to} (shared embeddings?); merging would "
                     f"change those too. Keep the adapter unmerged, or untie the weights first (then "
                     f"clora_kernels.merge(model), which finds the ties again)")
-        if "weight" not in self._parameters:
+        if what in ("merge", "unmerge") and "weight" not in self._parameters:
             return (f"{what}: this layer's weight is computed by torch.nn.utils.prune or parametrize, so {what} "
                     f"could not change it in place; remove the pruning / parametrization first (prune.remove, "
                     f"parametrize.remove_parametrizations), or keep the adapter unmerged")
+        computed = [n for n in _ADAPTER_TENSORS if n not in self._parameters and n not in self._buffers]
+        if what not in ("merge", "unmerge") and computed:
+            # (their in-place writes went into the tensor the parametrization computed, and were lost: an
+            # end_task with a parametrized routing_delta doubled the routing and moved the output by 1.05)
+            return (f"this layer computes {computed} by torch.nn.utils.prune or parametrize, so {what} "
+                    f"could not write them in place; remove the pruning / parametrization first (prune.remove, "
+                    f"parametrize.remove_parametrizations)")
         return ""
 
     # ---- persistence ----------------------------------------------------------------------
@@ -1017,7 +1065,8 @@ def end_task(model: nn.Module) -> None:
     if bad:
         raise ValueError(f"end_task: non-finite adapter (NaN/Inf; did training diverge?) in {'; '.join(bad)}; "
                          f"no layer was changed")
-    waiting = [(name, why) for name, m in layers for why in [m.protection.not_ready(m)] if why]
+    waiting = [(name, why) for name, m in layers for why in [m._refusal("end_task") or m.protection.not_ready(m)]
+               if why]
     if waiting:
         raise ValueError(f"end_task: {waiting[0][1]} (layers {[n for n, _ in waiting]}); no layer was changed")
     for _, m in layers:
@@ -1028,6 +1077,18 @@ def end_task(model: nn.Module) -> None:
         warnings.warn(f"end_task: under protection='project' the earlier tasks of layer(s) {full[:8]} now use every "
                       f"direction of their inputs, routing and outputs, so no later task can change them (a "
                       f"larger rank, or a lower Project(energy=...), leaves room)", RuntimeWarning, stacklevel=2)
+    # hard mode's P = 0 (R_old holds less than protect_energy in fewer than r directions): routing_delta then
+    # changes nothing, and the factors learn only where the policy gives them a gradient besides the new route's
+    stuck = [name or "<the model>" for name, m in layers if m.mode == "hard" and not isinstance(m.protection, Project)
+             and not (m.grad_through_old_route and m.protection.factors_train(m))
+             and float(torch.trace(_full(m.projection).double())) < 0.5]
+    if stuck:
+        warnings.warn(f"end_task: in hard mode the projection P of layer(s) {stuck[:8]} is now 0 (the earlier tasks' "
+                      f"routing_old needs every direction to hold protect_energy of its energy), so routing_delta "
+                      f"changes nothing there and, under protection 'freeze' (or 'paper' without "
+                      f"grad_through_old_route), neither do lora_A and lora_B: these layers learn nothing in the "
+                      f"next task (a lower protect_energy, soft mode or protection='project' leaves room)",
+                      RuntimeWarning, stacklevel=2)
 
 
 @contextlib.contextmanager
@@ -1045,8 +1106,7 @@ def observe_task(model: nn.Module):
     task's data; at its end the Grams are summed over the processes (an all-reduce), so each
     protects the whole task's inputs."""
     layers = [m for _, m in _require_layers(model, "observe_task", reshard=False)
-              if m.protection.needs_inputs and not getattr(m, "_observing", False)]   # nested: counted once
-    handles = [m.register_forward_pre_hook(_observe_hook, with_kwargs=True) for m in layers]
+              if m.protection.needs_inputs and not m._observing]   # nested: counted once
     for m in layers:
         m._observing = True
     try:
@@ -1063,14 +1123,15 @@ def observe_task(model: nn.Module):
                 if not m._observed_rows:    # task does not use): they have no new inputs to protect
                     m._observed_empty = True
     finally:
-        for h in handles:
-            h.remove()
         for m in layers:
             m._observing = False
 
 
-def _observe_hook(layer, args, kwargs):
-    layer.protection.observe(layer, args[0] if args else kwargs["input"])
+@torch.compiler.disable
+def _observe(layer, x) -> None:
+    """The forward's input to the policy, inside observe_task (compiled: a graph break, and the flag's
+    guard recompiles the forward when observe_task sets it)."""
+    layer.protection.observe(layer, x)
 
 
 def orthogonality_loss(model: nn.Module) -> Tensor:
@@ -1260,6 +1321,10 @@ def save_adapter(model: nn.Module, path) -> None:
         m.protection.enforce(m)
         for t in _ADAPTER_TENSORS + m.protection.buffers:
             tensors[f"{name}.{t}"] = _full(getattr(m, t)).detach().to("cpu").contiguous()
+        bad = nonfinite((t, tensors[f"{name}.{t}"]) for t in _ADAPTER_TENSORS + m.protection.buffers)
+        if bad:     # (load_adapter refuses such a file: it is refused before it is written)
+            raise ValueError(f"save_adapter: {bad} of layer {name!r} holds non-finite values (NaN/Inf; did training "
+                             f"diverge?); nothing was written")
         meta[name] = {"rank": m.rank, "alpha": m.alpha, "mode": m.mode, "protect_energy": m.protect_energy,
                       "grad_through_old_route": m.grad_through_old_route, "protection": m.protection.config(),
                       "task_index": m.task_index, "in_features": m.in_features, "out_features": m.out_features,
@@ -1353,6 +1418,9 @@ def load_adapter(model: nn.Module, path) -> None:
         if m.weight.is_meta or m.lora_A.is_meta:
             raise ValueError(f"{path}: the model's tensors are on the meta device, where a load writes nothing: "
                              f"load after to_empty() and the base weights (layer {name!r})")
+        why = m._refusal("load_adapter")
+        if why:
+            raise ValueError(f"{path}: layer {name!r}: {why}")
     entries = [(m, _adapter_entry(path, name, m, info[name], tensors)) for name, m in layers]
     for (name, _), (m, e) in zip(layers, entries):      # (a later task's project state: no sharded layer holds it)
         why = e["policy"].sharded(m) if e["task_index"] and isinstance(e["policy"], Project) else ""

@@ -73,6 +73,11 @@ def _watch_optimizer_steps() -> None:
 _POLICIES = ("paper", "freeze", "project")
 
 
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a policy's sums over observed rows (`Protection.sums`) in a layer of `dtype`."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class Protection:
     """The paper's semantics: nothing is protected beyond the stop-gradient on the old route."""
 
@@ -80,12 +85,16 @@ class Protection:
     needs_inputs = False
     enforces = False            # whether `enforce` does anything (the forward calls it only then)
     buffers = ()                # names of the layer buffers the policy persists
+    sums = ()                   # those of them that sum over every observed row: float32 at least
+                                # (`sum_dtype`; in an fp16 layer they overflowed 65504 after one task
+                                # of 200k N(0,1) rows, and every later end_task failed)
 
     def attach(self, layer) -> None:
         """Give the layer the policy's state for a fresh first task (buffers, flags)."""
-        fk = {"device": layer.lora_A.device, "dtype": layer.lora_A.dtype}
+        dt = layer.lora_A.dtype
         for name, (rows, cols) in self.buffer_shapes(layer).items():
-            layer.register_buffer(name, torch.zeros(rows, cols or 0, **fk))
+            layer.register_buffer(name, torch.zeros(rows, cols or 0, device=layer.lora_A.device,
+                                                    dtype=sum_dtype(dt) if name in self.sums else dt))
         self.loaded(layer)
 
     def buffer_shapes(self, layer) -> dict:
@@ -210,6 +219,7 @@ class Project(Protection):
     enforces = True
     buffers = ("protect_input_basis", "protect_input_anchor", "protect_routing_basis", "protect_output_basis",
                "protect_output_anchor", "protect_gram_t", "protect_gram_u")
+    sums = ("protect_gram_t", "protect_gram_u")
 
     def __init__(self, energy: float = 0.99):
         if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not (0.0 < energy <= 1.0):
@@ -331,7 +341,7 @@ class Project(Protection):
         if layer._observed is None:     # fp32 at least, fp64 layers in fp64; a normal tensor (not an inference
             with torch.inference_mode(False):   # one), so that passes in and out of inference_mode all add to it
                 layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device,
-                                              dtype=torch.promote_types(x.dtype, torch.float32))
+                                              dtype=sum_dtype(x.dtype))
         x = x.to(layer._observed.dtype)
         layer._observed.addmm_(x.t(), x)
         layer._observed_rows += x.shape[0]
@@ -345,7 +355,7 @@ class Project(Protection):
             return
         k = layer.in_features
         gram = layer._observed if layer._observed is not None else torch.zeros(
-            k, k, device=layer.lora_A.device, dtype=torch.promote_types(layer.lora_A.dtype, torch.float32))
+            k, k, device=layer.lora_A.device, dtype=sum_dtype(layer.lora_A.dtype))
         rows = torch.tensor([layer._observed_rows], dtype=torch.float64, device=gram.device)
         torch.distributed.all_reduce(gram)
         torch.distributed.all_reduce(rows)
@@ -413,8 +423,8 @@ class Project(Protection):
         layer.protect_routing_basis = w.to(dt).contiguous()
         layer.protect_output_basis = v.to(dt).contiguous()
         layer.protect_output_anchor = (b @ v).to(dt).contiguous()
-        layer.protect_gram_t = g_t.to(dt).contiguous()
-        layer.protect_gram_u = g_u.to(dt).contiguous()
+        layer.protect_gram_t = g_t.to(sum_dtype(dt)).contiguous()
+        layer.protect_gram_u = g_u.to(sum_dtype(dt)).contiguous()
         layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
         layer._enforced_versions = None
         # (clora_kernels.end_task(model) warns, naming the layers)

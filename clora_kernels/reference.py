@@ -61,6 +61,9 @@ def scaled_addmm(input, m1, m2, scale, beta=1):
     return torch.addmm(input, m1, m2, beta=beta, alpha=scale)
 
 
+_dispatch_stack = torch._C._len_torch_dispatch_stack      # how many TorchDispatchModes are active
+
+
 def expand_(y, u, b, scale):
     """y += scale·u·b, in place (y.addmm_), the product kept at a scale of 0 (see scaled_addmm)."""
     if type(scale) is not float or scale != 0:
@@ -77,6 +80,8 @@ def lora_gemm(x, w, a, b, r, bias, scale, need_t=True, dx=False):
     Python .t() (CPU machine, M=1, K=N=64)."""
     t = torch.mm(x, a)
     y = F.linear(x, w, bias) if not dx else torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+    if _dispatch_stack():   # a dispatch mode may keep y: selective activation checkpointing caches the GEMM's
+        return scaled_addmm(y, torch.mm(t, r), b, scale), t     # output and refused it written in place
     if type(scale) is not float or scale != 0:      # (expand_ inline: its frame cost 0.1-0.3 µs a call)
         return y.addmm_(torch.mm(t, r), b, alpha=scale), t
     return expand_(y, torch.mm(t, r), b, scale), t

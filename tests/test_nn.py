@@ -1196,3 +1196,91 @@ def test_one_module_under_several_names_is_no_tie(seed):
     assert type(alias.fc2) is nn.Linear and alias.fc1.tied_to == ["fc2.weight"]
     with pytest.raises(ValueError, match=r"tied to \['fc2.weight'\]"):
         alias.fc1.merge()
+
+
+class _Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("name", ["routing_delta", "lora_A"])
+def test_steps_that_write_a_parametrized_adapter_refuse(name, seed, tmp_path):
+    """end_task, reset_adapter and load_adapter write the adapter in place; where a parametrization
+    computes one of its tensors the write went into the computed copy and was lost: end_task then
+    doubled the routing (the output jumped by 1.05), load_adapter loaded nothing. Each refuses,
+    naming the tensor, and changes nothing."""
+    model = nn.Sequential(_trained(CLoRALinear(12, 10, rank=4)))
+    ck.save_adapter(model, tmp_path / "a.safetensors")
+    torch.nn.utils.parametrize.register_parametrization(model[0], name, _Identity())
+    x = torch.randn(3, 12)
+    y = model(x).detach()
+    for step in (model[0].end_task, lambda: ck.end_task(model), model[0].reset_adapter, model[0].reset_parameters,
+                 lambda: ck.load_adapter(model, tmp_path / "a.safetensors")):
+        with pytest.raises(ValueError, match=rf"computes \['{name}'\] by torch.nn.utils.prune or parametrize"):
+            step()
+    assert torch.equal(model(x), y) and model[0].task_index == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_a_layer_merged_wide_then_cast_to_16_bits_unmerges_to_its_base(dtype, conv1d, seed):
+    """merge keeps the original weight only for 16-bit weights; a layer merged in fp32, then cast to
+    16 bits for serving, subtracted the delta in 16 bits at unmerge (64 % of the elements moved, by
+    up to 2e-2 of max |W|). The cast keeps the weight as it was before the merge."""
+    layer = _trained(CLoRALinear(96, 80, rank=4))
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+        model = nn.Sequential(Conv1D(80, 96))
+        ck.inject_clora(model, ["0"], rank=4)
+        layer = _trained(model[0])
+    base = layer.weight.detach().clone()
+    layer.merge()
+    layer.to(dtype)
+    x = torch.randn(5, 96, dtype=dtype)
+    assert torch.equal(layer.eval()(x), torch.nn.functional.linear(x, layer.base_weight(), layer.bias))
+    layer.unmerge()
+    differ = (layer.weight != base.to(dtype)).float().mean().item()
+    # (an element whose fp32 subtraction, rounded at |W + delta|, crosses a 16-bit rounding boundary: 0.1 %
+    # here, where the delta is several times W; all bf16 elements and 99.99 % of fp16 at delta ~ W)
+    assert differ < 1e-2, differ
+    layer.merge()           # (16 bits: the original kept, and cast with the layer)
+    layer.float()
+    layer.unmerge()
+    assert (layer.weight != base.to(dtype).float()).float().mean().item() < 1e-2
+
+
+def test_saves_refuse_a_diverged_adapter(seed, tmp_path):
+    """save_adapter and save_peft_adapter wrote NaN adapters that load_adapter / load_peft_adapter
+    then refused (or PEFT served NaN); they refuse before writing, naming the tensor and layer."""
+    model = nn.Sequential(_trained(CLoRALinear(12, 10, rank=4)))
+    with torch.no_grad():
+        model[0].routing_delta[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"save_adapter: routing_delta of layer '0' holds non-finite"):
+        ck.save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"save_peft_adapter: the adapter's lora_B of layer '0' holds non-finite"):
+        ck.save_peft_adapter(model, tmp_path / "peft")
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "peft").exists()
+
+
+def test_selective_activation_checkpointing_of_the_matmuls(seed):
+    """torch.utils.checkpoint with a selective policy that saves the matmuls caches the base GEMM's
+    output, which the unmerged plan then wrote in place (y.addmm_): 'Tensor cached during selective
+    activation checkpoint has been mutated'. Gradients match the run without checkpointing."""
+    import functools
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    ops = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default]
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+    for bias in (True, False):
+        layer = _trained(CLoRALinear(12, 10, rank=4, bias=bias, backend="torch"))
+        x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+        layer.double()
+        grads = []
+        for sac in (False, True):
+            y = checkpoint(layer, x, use_reentrant=False,
+                           context_fn=functools.partial(create_selective_checkpoint_contexts, policy)) if sac \
+                else layer(x)
+            grads.append(torch.autograd.grad(y.square().sum(), [x, layer.lora_A, layer.lora_B, layer.routing_delta]))
+        for a, b in zip(*grads):
+            assert rel_err(a, b) < 1e-12

@@ -682,3 +682,99 @@ def test_merge_for_evaluation_and_copies_change_nothing_of_a_project_run(seed):
         assert all(torch.equal(v, before[k]) for k, v in twin.state_dict().items())
     buf.seek(0)
     assert torch.load(buf, weights_only=False, map_location="meta").lora_A.is_meta     # (no sums there: it loads)
+
+
+def test_a_16_bit_project_layer_keeps_its_sums_in_float32(seed):
+    """The project policy's t and u Grams sum over every observed row: stored in an fp16 layer's
+    dtype they overflowed 65504 after one task of 200k N(0,1) rows, the saved file was refused by
+    load_adapter, and every later end_task failed half-way (the routing folded, the task counted,
+    the bases not made). They stay float32 through .half() / .bfloat16() and back."""
+    layer = CLoRALinear(16, 16, rank=4, protection="project", backend="torch").half()
+    assert layer.protect_gram_t.dtype == layer.protect_gram_u.dtype == torch.float32
+    for task in range(2):
+        with torch.no_grad(), ck.observe_task(layer):
+            for _ in range(4):
+                layer(torch.randn(50_000, 16, dtype=torch.float16))
+        layer.end_task()
+        assert bool(torch.isfinite(layer.protect_gram_t).all()) and float(layer.protect_gram_t.max()) > 65504
+    assert layer.task_index == 2
+    assert layer.bfloat16().protect_gram_t.dtype == torch.float32 and layer.lora_A.dtype == torch.bfloat16
+    gram = layer.protect_gram_u.clone()
+    assert layer.double().protect_gram_u.dtype == torch.float64 and torch.equal(layer.protect_gram_u, gram.double())
+    assert layer.half().protect_gram_u.dtype == torch.float32 and torch.equal(layer.protect_gram_u, gram)
+
+
+def test_a_failing_end_task_leaves_the_layer_in_its_task(seed, monkeypatch):
+    """The policy's new state is made after the routing fold; when it failed (an eigh on overflowed
+    sums) the layer was left folded, its task counted and its bases old, and every retry failed."""
+    layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.routing_delta.normal_()
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(torch.randn(16, K))
+    before = copy.deepcopy(layer.state_dict())
+
+    def fail(self, layer):
+        raise torch.linalg.LinAlgError("eigh failed to converge")
+    monkeypatch.setattr(ck.protection.Project, "end_task", fail)
+    with pytest.raises(torch.linalg.LinAlgError):
+        layer.end_task()
+    assert layer.task_index == 0
+    for name, value in before.items():
+        assert torch.equal(layer.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("protection", ["paper", "freeze"])
+def test_hard_mode_warns_when_P_leaves_nothing_to_learn(protection, seed):
+    """After the first task R_old is about full rank, and at protect_energy 0.9 hard mode's P is 0
+    at rank 4: routing_delta changes nothing, the factors get no gradient (freeze, or paper's
+    stop-gradient), and the next task learned nothing, silently. A layer that can still learn
+    (paper with grad_through_old_route) does not warn."""
+    model = nn.Sequential(CLoRALinear(K, N, rank=4, mode="hard", protection=protection),
+                          CLoRALinear(N, N, rank=4, mode="hard", protection=protection, grad_through_old_route=True))
+    with torch.no_grad():
+        for m in model:
+            m.routing_delta.copy_(torch.eye(4) + 0.01 * torch.randn(4, 4))
+    with pytest.warns(RuntimeWarning, match=r"projection P of layer\(s\) \['0'.*is now 0") as record:
+        ck.end_task(model)
+    assert float(model[0].projection.abs().max()) < 1e-6
+    assert ("'1'" in str(record[0].message)) == (protection == "freeze")   # (freeze: its factors stop anyway)
+
+
+def test_observe_task_reaches_a_model_compiled_before_it(seed):
+    """observe_task recorded the inputs by forward pre-hooks, which a module compiled before the
+    hooks were added never runs (torch.compile skips the hook guards): a whole compiled model
+    observed nothing, and a model with a compiled block ended its task with those layers
+    protecting nothing (their task-1 outputs then moved 78 % in task 2)."""
+    torch._dynamo.reset()
+    model = nn.Sequential(CLoRALinear(K, N, rank=R, protection="project"), nn.ReLU(),
+                          CLoRALinear(N, N, rank=R, protection="project"))
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(16, K)
+    with torch.no_grad():
+        compiled(x)
+        with ck.observe_task(model):
+            compiled(x)
+    assert [model[0]._observed_rows, model[2]._observed_rows] == [16, 16]
+    assert rel_err(model[0]._observed, x.t() @ x) < 1e-6
+    ck.end_task(model)
+    assert model[0].protect_input_basis.shape[1] > 0 and model[2].protect_input_basis.shape[1] > 0
+    torch._dynamo.reset()
+
+
+def test_functional_call_leaves_the_callers_tensors_alone(seed):
+    """torch.func.functional_call given tensors of the caller (MAML's fast weights) on a project
+    layer after its first task: the forward projected them in place, into the caller's tensors
+    (by 0.5), invisibly to autograd. It projects them out of place, differentiably, as under the
+    torch.func transforms."""
+    layer, _ = _first_task("project", 0)
+    x = torch.randn(5, K)
+    mine = {n: p.detach().clone() + 0.5 for n, p in layer.named_parameters() if p.requires_grad}
+    copies = {n: t.clone() for n, t in mine.items()}
+    y = torch.func.functional_call(layer, mine, (x,))
+    assert all(torch.equal(mine[n], copies[n]) for n in mine)
+    projected = dict(zip(("lora_A", "routing_delta", "lora_B"), layer.protection.projected(
+        layer, mine["lora_A"], mine["routing_delta"], mine["lora_B"])))
+    want = torch.func.functional_call(layer, {**mine, **projected}, (x,))
+    assert rel_err(y, want) < 1e-6
