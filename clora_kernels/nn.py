@@ -58,6 +58,37 @@ def _same_memo(a, b) -> bool:
         torch.equal(x, y) if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
 
 
+def _weight_sums(weight: Tensor):
+    """Two float64 sums of a weight (absolute, squared), or None where it has no local values (meta,
+    FSDP2's DTensor): a merged layer's task state carries them, so that a sharded checkpoint's weight,
+    loaded by another load_state_dict call than the task state, is known for the merged one."""
+    if weight.is_meta or isinstance(weight, DTensor):
+        return None
+    with torch.no_grad():
+        return [float(torch.linalg.vector_norm(weight, 1, dtype=torch.float64)),
+                float(torch.linalg.vector_norm(weight, 2, dtype=torch.float64)) ** 2]
+
+
+def _same_sums(a, b) -> bool:
+    """Whether two `_weight_sums` are of the same weight (to 1e-9: the sums' rounding depends on the
+    device and the threads; a merged delta moves them far more)."""
+    return a is not None and b is not None and len(a) == len(b) == 2 and all(
+        abs(x - y) <= 1e-9 * max(abs(x), abs(y)) for x, y in zip(a, b))
+
+
+def _task_state_entry(state_dict, prefix: str):
+    """The layer's task state in a state_dict, or None: absent, or torch.distributed.checkpoint's
+    placeholder (set_model_state_dict, accelerate's sharded loader, passes one for every module whose
+    task state is in another shard)."""
+    value = state_dict.get(prefix + "_extra_state")
+    return None if _placeholder(value) else value
+
+
+def _placeholder(value) -> bool:
+    dcp = sys.modules.get("torch.distributed.checkpoint.state_dict")
+    return value is not None and dcp is not None and isinstance(value, getattr(dcp, "_EXTRA_STATE", ()))
+
+
 def _resized(buffer: Tensor, shape) -> Tensor:
     """A new empty tensor of `shape` to replace `buffer` in a load: an inference tensor only where
     `buffer` is one (a load run under torch.inference_mode made inference tensors of normal buffers,
@@ -382,8 +413,9 @@ class CLoRALinear(nn.Linear):
             if self.merged and self.training and torch.is_grad_enabled() and self.routing_delta.requires_grad:
                 if torch.compiler.is_compiling():   # the compiler cannot carry the guard's raise to the backward
                     raise RuntimeError(_MERGED_TRAINING)    # (without fullgraph: a graph break, then the guard)
-                # inference works; a backward says why not
-                return _MergedGuard.apply(x, self.base_weight(), self.bias, self.routing_delta)
+                if not _is_tracing():   # (a TorchScript trace is inference: it records F.linear, as nn.Linear's)
+                    # inference works; a backward says why not
+                    return _MergedGuard.apply(x, self.base_weight(), self.bias, self.routing_delta)
             return F.linear(x, self.base_weight(), self.bias)
         params, buffers = self._parameters, self._buffers
         memo = self     # (module_linear's validation memo; None where the operands are new each call)
@@ -607,12 +639,13 @@ class CLoRALinear(nn.Linear):
                                    "protection": self.protection.config(),
                                    "enforced": self.protection.enforced_fingerprint(self), "alpha": float(self.alpha),
                                    "protect_energy": float(self.protect_energy),
-                                   "grad_through_old_route": bool(self.grad_through_old_route)})
+                                   "grad_through_old_route": bool(self.grad_through_old_route),
+                                   "weight_sums": _weight_sums(self.weight) if self.merged else None})
 
     def set_extra_state(self, state) -> None:
         """The task state, from a state_dict load (which calls this after copying the tensors) or a caller:
         get_extra_state's tensor, or the dict that states saved before 2026-12-06 hold."""
-        if self.__dict__.get("_loading") is _REFUSED:
+        if self.__dict__.get("_loading") is _REFUSED or _placeholder(state):
             return
         state = task_state(state)
         _check_task_state(state)        # (a load checked it before copying any tensor: _load_state)
@@ -635,9 +668,20 @@ class CLoRALinear(nn.Linear):
             if self.merged and loading is not None and all(map(loaded, _ADAPTER_TENSORS)) \
                     and not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
                 self._merged_adapter = self._merge_memo()
+        elif loading is not None and state.get("merged") and not self.merged:
+            # a sharded checkpoint's part: the merged weight comes in another load_state_dict call, before
+            # this one (it is the layer's weight now) or after it (`_load_layer` takes it for the merged one);
+            # unmerge then takes out the adapter as it is (no memo). Before, the layer took the merged weight
+            # for its base and added the adapter a second time (a 14-layer Llama's logits moved 0.5-0.7)
+            if _same_sums(_weight_sums(self.weight), state.get("weight_sums")):
+                self._merged_from_parts()
+            else:
+                self._load_parts()["weight_sums"] = state.get("weight_sums")
         self.protection.loaded(self)
         if loading is not None and all(map(loaded, _ADAPTER_TENSORS + self.protection.buffers)):
             self.protection.loaded_enforced(self, state.get("enforced"))   # (a whole adapter, as load_adapter)
+        elif loading is not None and state.get("enforced") is not None:
+            self._load_parts()["enforced"] = state["enforced"]      # (when the other parts are in: _load_layer)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -654,7 +698,9 @@ class CLoRALinear(nn.Linear):
         # old ones, silently), and unmerge takes out the loaded one; a state that changes none of them
         # leaves the weight as it is (an unmerge and merge would round it)
         remerge = self.merged and prefix + "weight" not in state_dict \
-            and any(prefix + n in state_dict for n in _ADAPTER_TENSORS + ("_extra_state",))
+            and not self.__dict__.get("_parts", {}).get("merged") \
+            and (any(prefix + n in state_dict for n in _ADAPTER_TENSORS)
+                 or _task_state_entry(state_dict, prefix) is not None)
         if remerge:
             self._remember_merged()         # what is in the weight, before the load replaces the adapter
         errors = len(error_msgs)
@@ -685,19 +731,64 @@ class CLoRALinear(nn.Linear):
                 errors = len(error_msgs)
                 self._load_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                  error_msgs)
-                # a plain layer's weight (nn.Linear's checkpoint: no adapter, no task state) holds no adapter;
+                state_dict = self.__dict__["_loading"][0]       # (with an earlier part's buffers: _load_state)
+                # a plain layer's weight (nn.Linear's checkpoint: no adapter, no task state) holds no adapter,
+                # but where an earlier part of a sharded checkpoint said its weight is merged, it is that one;
                 # a state with the adapter but no task state (strict=False without it) says nothing of merging
-                plain = prefix + "weight" in state_dict and not any(
-                    prefix + name in state_dict for name in ("_extra_state", "lora_A", "lora_B", "routing_delta"))
-                if plain and len(error_msgs) == errors:     # (a weight the load refused is still the old one)
-                    self._set_merged(False)
+                extra = _task_state_entry(state_dict, prefix)
+                if len(error_msgs) == errors and prefix + "weight" in state_dict and extra is None:
+                    # (a weight the load refused is still the old one)
+                    parts = self.__dict__.get("_parts")
+                    if parts is not None and _same_sums(_weight_sums(self.weight), parts.pop("weight_sums", None)):
+                        self._merged_from_parts()
+                    elif not any(prefix + name in state_dict for name in ("lora_A", "lora_B", "routing_delta")):
+                        self._set_merged(False)
+                if len(error_msgs) == errors:
+                    self._part_loaded(state_dict, prefix, whole=extra is not None and all(
+                        prefix + n in state_dict for n in _ADAPTER_TENSORS + self.protection.buffers))
             finally:
                 self.__dict__.pop("_loading", None)
+
+    def _load_parts(self) -> dict:
+        """What one part of a sharded checkpoint (one of several load_state_dict calls, each holding some of
+        this layer's entries) left for the others: the merged weight's sums, the enforced fingerprint,
+        another policy's buffers, and which entries came in."""
+        return self.__dict__.setdefault("_parts", {"seen": set()})
+
+    def _part_loaded(self, state_dict, prefix: str, whole: bool) -> None:
+        """After a load: a whole state ends what earlier parts left; a part adds its entries, and once every
+        adapter tensor and buffer is in, the fingerprint its task state carried is taken (as a whole load
+        takes it: a first forward then does not project the adapter again)."""
+        names = [n for n in ("weight",) + _ADAPTER_TENSORS + self.protection.buffers if prefix + n in state_dict]
+        parts = self.__dict__.get("_parts")
+        if parts is None and (whole or not names):      # (nothing left by an earlier part, nothing left here)
+            return
+        parts = self._load_parts()
+        if whole:       # a whole adapter and its task state: what earlier parts brought is replaced
+            parts["seen"] = set(names)
+        seen = parts["seen"]
+        seen.update(names)
+        if parts.get("merged") and seen.issuperset(_ADAPTER_TENSORS):
+            del parts["merged"]         # the checkpoint's adapter is in: what the merged weight holds
+            if not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
+                self._merged_adapter = self._merge_memo()
+        if parts.get("enforced") is not None and seen.issuperset(_ADAPTER_TENSORS + self.protection.buffers):
+            self.protection.loaded_enforced(self, parts.pop("enforced"))
+        if not (set(parts) - {"seen"}) and (whole or seen.issuperset(("weight",) + _ADAPTER_TENSORS
+                                                                      + self.protection.buffers)):
+            del self.__dict__["_parts"]
+
+    def _merged_from_parts(self) -> None:
+        """A sharded checkpoint's merged weight and its task state met: the layer is merged, and until the
+        checkpoint's adapter is all in, a part of it is not an adapter to merge in place of the weight's
+        (`_load_from_state_dict`)."""
+        self._set_merged(True)
+        self._load_parts()["merged"] = True
 
     def _load_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # the saved policy is adopted before the buffers load, and its variable-size buffers (the
         # projection policy's bases) take the saved shapes
-        extra = state_dict.get(prefix + "_extra_state")
+        extra = _task_state_entry(state_dict, prefix)
         try:        # (checked whole before any tensor is copied: a refused value leaves the layer as it was)
             extra = None if extra is None else task_state(extra)
             if extra is not None:
@@ -713,12 +804,25 @@ class CLoRALinear(nn.Linear):
                 raise ValueError(f"a state saved at task {extra['task_index']} with {why} (layer {prefix[:-1]!r})")
             if policy.config() != self.protection.config():
                 self._set_protection(policy)
+            kept = self.__dict__.get("_parts", {}).pop("buffers", None)
+            if kept:    # an earlier part's buffers of the policy this part's task state brings (see below)
+                state_dict = {**state_dict, **{prefix + n: v for n, v in kept.items()
+                                               if n in self.protection.buffers and prefix + n not in state_dict}}
+                self.__dict__["_loading"] = (state_dict, prefix)
         for name in self.protection.buffers:
             value = state_dict.get(prefix + name)
             if value is not None and value.dim() == 2 and value.shape != self._buffers[name].shape:
                 self._buffers[name] = _resized(self._buffers[name], value.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # a sharded checkpoint's part holding the buffers of a policy whose task state is in a later part: kept
+        # for it (they were unexpected keys, dropped, and the layer adopted the policy with empty bases; a
+        # strict load of such a part still fails, on its missing task state)
+        other = [n for n in Project.buffers if n not in self.protection.buffers and prefix + n in state_dict]
+        if other and extra is None:
+            self._load_parts().setdefault("buffers", {}).update(
+                {n: state_dict[prefix + n].detach().clone() for n in other})
+            unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + n for n in other}]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -814,9 +918,15 @@ class _MergedGuard(torch.autograd.Function):
     none: the adapter then gets no gradient, as a merged PEFT layer's. The output is its own tensor,
     not a view (an in-place op after the layer, e.g. ReLU(inplace=True), failed on the view)."""
 
+    generate_vmap_rule = True      # (torch.func: vmap of the forward runs; grad meets the refusal below)
+
     @staticmethod
-    def forward(ctx, x, weight, bias, routing_delta):
+    def forward(x, weight, bias, routing_delta):
         return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):

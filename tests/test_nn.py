@@ -787,6 +787,21 @@ def test_merged_layer_in_training_mode_allows_inplace_after_it(seed):
         y.sum().backward()
 
 
+def test_merged_layer_in_training_mode_traces_and_vmaps(seed, tmp_path):
+    """The guard of a merged layer in training mode is a backward's refusal, not a forward's: a
+    TorchScript trace (inference, as nn.Linear's) failed its check and could not be saved, and
+    torch.func.vmap of the forward failed on the guard's autograd.Function; grad meets the refusal."""
+    layer = _trained(CLoRALinear(12, 10, rank=3))
+    x = torch.randn(4, 12)
+    layer.merge()
+    traced = torch.jit.trace(layer, (x,))
+    torch.jit.save(traced, tmp_path / "t.pt")
+    assert torch.equal(torch.jit.load(tmp_path / "t.pt")(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert torch.equal(torch.func.vmap(layer)(x[:, None]).squeeze(1), layer(x))
+    with pytest.raises(RuntimeError, match="backward through a merged CLoRALinear in training mode"):
+        torch.func.grad(lambda x: layer(x).sum())(x)
+
+
 def test_end_task_under_inference_mode_keeps_loadable_state(seed):
     """end_task called inside torch.inference_mode (a validation hook) made the project policy's
     bases inference tensors, so every later load_state_dict / load_adapter failed half-way."""
@@ -1284,3 +1299,95 @@ def test_selective_activation_checkpointing_of_the_matmuls(seed):
             grads.append(torch.autograd.grad(y.square().sum(), [x, layer.lora_A, layer.lora_B, layer.routing_delta]))
         for a, b in zip(*grads):
             assert rel_err(a, b) < 1e-12
+
+
+def _split(state: dict, *parts) -> list:
+    """The state in load_state_dict parts, as a sharded checkpoint's files hold it: each part lists its
+    keys; the last takes the rest."""
+    out = [{k: state[k] for k in keys} for keys in parts]
+    taken = {k for p in out for k in p}
+    return out + [{k: v for k, v in state.items() if k not in taken}]
+
+
+@pytest.mark.parametrize("parts", [(["weight"],), (["_extra_state"],), (["weight"], ["_extra_state"]),
+                                   (["lora_A", "_extra_state"], ["weight", "bias"])],
+                         ids=["weight|rest", "extra|rest", "weight|extra|rest", "A+extra|weight|rest"])
+def test_a_merged_state_loaded_in_parts(parts, seed):
+    """A merged layer's state in several load_state_dict calls (transformers' load_sharded_checkpoint,
+    a Trainer resuming a sharded checkpoint): the layer took the merged weight, met without its task
+    state, for a plain base and added the adapter again (a Llama's logits moved 0.5-0.7). The task
+    state carries the merged weight's sums, so either order finds it; unmerge restores the base."""
+    src = _trained(CLoRALinear(16, 24, rank=4))
+    base = src.weight.detach().clone()
+    x = torch.randn(5, 16)
+    src.end_task()
+    src.merge()
+    want = src(x).detach()
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    layer = CLoRALinear(16, 24, rank=4)
+    for part in _split(state, *parts):
+        layer.load_state_dict(part, strict=False)
+    assert layer.merged and torch.equal(layer(x), want)
+    layer.unmerge()
+    assert rel_err(layer.weight, base) < 1e-6 and rel_err(layer(x), want) < 1e-6
+
+
+def test_a_base_weight_then_a_merged_models_adapter_stays_unmerged(seed):
+    """The merged weight is recognised by its sums: a plain base weight, loaded before the adapter and
+    task state of a merged model (its weight left out), is no merged weight, and the adapter computes."""
+    src = _trained(CLoRALinear(16, 24, rank=4))
+    base = {"weight": src.weight.detach().clone(), "bias": src.bias.detach().clone()}
+    x = torch.randn(5, 16)
+    want = src(x).detach()
+    src.merge()
+    layer = CLoRALinear(16, 24, rank=4)
+    layer.load_state_dict(base, strict=False)
+    layer.load_state_dict({k: v for k, v in src.state_dict().items() if k not in ("weight", "bias")}, strict=False)
+    assert not layer.merged and rel_err(layer(x), want) < 1e-6
+
+
+@pytest.mark.parametrize("first", [["_extra_state"], None], ids=["extra|rest", "rest|extra"])
+def test_a_project_state_loaded_in_parts_into_another_policy(first, seed):
+    """A project layer's state in parts into a layer of the default policy (load adopts the saved one):
+    a part with the bases before the task state lost them (unexpected keys, dropped), and the layer
+    protected nothing; and split loads re-projected the adapter at the first forward (a resumed run
+    was no longer bit-identical). Both parts' results equal one load's."""
+    src = CLoRALinear(16, 24, rank=4, protection="project")
+    x = torch.randn(64, 16)
+    with torch.no_grad(), ck.observe_task(src):
+        src(x)
+    src.end_task()
+    opt = torch.optim.Adam([p for p in src.parameters() if p.requires_grad], lr=1e-2)
+    src(x).square().sum().backward()
+    opt.step()
+    src(x)      # (enforced: the state carries its fingerprint)
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    assert ck.nn.task_state(state["_extra_state"])["enforced"] is not None
+    parts = _split(state, first) if first else _split(state, [k for k in state if k != "_extra_state"])
+    layer = CLoRALinear(16, 24, rank=4)
+    for part in parts:
+        result = layer.load_state_dict(part, strict=False)
+        assert not result.unexpected_keys
+    assert layer.protection.config() == src.protection.config()
+    for name, value in state.items():
+        if name != "_extra_state":
+            assert torch.equal(layer.state_dict()[name], value), name
+    adapter = [t.clone() for t in (layer.lora_A, layer.lora_B, layer.routing_delta)]
+    layer(x)
+    assert all(torch.equal(a, b) for a, b in zip(adapter, (layer.lora_A, layer.lora_B, layer.routing_delta)))
+
+
+def test_torch_distributed_checkpoint_partial_loads(seed):
+    """set_model_state_dict of one shard at a time (accelerate's sharded loader) hands every layer whose
+    task state is in another shard torch's placeholder; it was refused ('must be the uint8 tensor')."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    src = nn.Sequential(_trained(CLoRALinear(8, 8, rank=2)), _trained(CLoRALinear(8, 8, rank=2)))
+    for m in src:
+        m.end_task()
+    state = src.state_dict()
+    dst = nn.Sequential(CLoRALinear(8, 8, rank=2), CLoRALinear(8, 8, rank=2))
+    for i in "01":
+        set_model_state_dict(dst, {k: v for k, v in state.items() if k.startswith(i + ".")},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    x = torch.randn(3, 8)
+    assert [m.task_index for m in dst] == [1, 1] and torch.equal(dst(x), src(x))

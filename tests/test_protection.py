@@ -694,7 +694,7 @@ def test_a_16_bit_project_layer_keeps_its_sums_in_float32(seed):
     for task in range(2):
         with torch.no_grad(), ck.observe_task(layer):
             for _ in range(4):
-                layer(torch.randn(50_000, 16, dtype=torch.float16))
+                layer(2 * torch.randn(50_000, 16, dtype=torch.float16))
         layer.end_task()
         assert bool(torch.isfinite(layer.protect_gram_t).all()) and float(layer.protect_gram_t.max()) > 65504
     assert layer.task_index == 2
