@@ -1346,7 +1346,9 @@ def disable_adapter(model: nn.Module):
     merged layers are unmerged for the block and merged again after it. The modules that
     load_peft_adapter loaded as modules_to_save compute with the base model's tensors in the block
     (PEFT's original modules): the tensor objects are swapped, never written, so a graph built
-    before the block still backpropagates after it."""
+    before the block still backpropagates after it. A merged layer's weight is written in place
+    (unmerge, then merge), as PEFT's is: a graph through a merged layer that spans the block's
+    entry or exit does not backpropagate (torch's "modified by an inplace operation")."""
     layers = [m for _, m in _layers_that_can(model, "unmerge", "disable_adapter")]
     merged = [m for m in layers if m.merged]
     was = [m.adapter_enabled for m in layers]
