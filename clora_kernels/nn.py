@@ -668,15 +668,16 @@ class CLoRALinear(nn.Linear):
             if self.merged and loading is not None and all(map(loaded, _ADAPTER_TENSORS)) \
                     and not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
                 self._merged_adapter = self._merge_memo()
-        elif loading is not None and state.get("merged") and not self.merged:
+        elif loading is not None and state.get("merged"):
             # a sharded checkpoint's part: the merged weight comes in another load_state_dict call, before
-            # this one (it is the layer's weight now) or after it (`_load_layer` takes it for the merged one);
-            # unmerge then takes out the adapter as it is (no memo). Before, the layer took the merged weight
-            # for its base and added the adapter a second time (a 14-layer Llama's logits moved 0.5-0.7)
-            if _same_sums(_weight_sums(self.weight), state.get("weight_sums")):
+            # this one (it is the layer's weight now) or after it (`_load_layer` takes it for the merged one,
+            # also where the layer was merged before the load). Before, the layer took the merged weight for
+            # its base and added the adapter a second time (a 14-layer Llama's logits moved 0.5-0.7)
+            sums = state.get("weight_sums")
+            if not self.merged and _same_sums(_weight_sums(self.weight), sums):
                 self._merged_from_parts()
-            else:
-                self._load_parts()["weight_sums"] = state.get("weight_sums")
+            elif sums is not None:
+                self._load_parts()["weight_sums"] = sums
         self.protection.loaded(self)
         if loading is not None and all(map(loaded, _ADAPTER_TENSORS + self.protection.buffers)):
             self.protection.loaded_enforced(self, state.get("enforced"))   # (a whole adapter, as load_adapter)

@@ -1324,12 +1324,15 @@ def test_a_merged_state_loaded_in_parts(parts, seed):
     src.merge()
     want = src(x).detach()
     state = {k: v.clone() for k, v in src.state_dict().items()}
-    layer = CLoRALinear(16, 24, rank=4)
-    for part in _split(state, *parts):
-        layer.load_state_dict(part, strict=False)
-    assert layer.merged and torch.equal(layer(x), want)
-    layer.unmerge()
-    assert rel_err(layer.weight, base) < 1e-6 and rel_err(layer(x), want) < 1e-6
+    for merged_before in (False, True):     # (into a fresh layer, and into one merged with another adapter)
+        layer = _trained(CLoRALinear(16, 24, rank=4))
+        if merged_before:
+            layer.merge()
+        for part in _split(state, *parts):
+            layer.load_state_dict(part, strict=False)
+        assert layer.merged and torch.equal(layer(x), want)
+        layer.unmerge()
+        assert rel_err(layer.weight, base) < 1e-6 and rel_err(layer(x), want) < 1e-6
 
 
 def test_a_base_weight_then_a_merged_models_adapter_stays_unmerged(seed):
