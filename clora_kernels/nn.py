@@ -437,9 +437,9 @@ class CLoRALinear(nn.Linear):
                 # torch.func, or functional_call given tensors of the caller (MAML's fast weights; it wrote
                 # into them): no in-place write; the operands are projected, differentiably (a parametrized
                 # one, memo None, is enforce's error)
-                if not compiling and (in_functorch() or memo is not None and not (isinstance(
+                if in_functorch() or not compiling and memo is not None and not (isinstance(
                         lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
-                        and isinstance(routing_delta, nn.Parameter))):
+                        and isinstance(routing_delta, nn.Parameter)):
                     lora_A, routing_delta, lora_B = policy.projected(self, lora_A, routing_delta, lora_B)
                     factors, memo = (lora_A, lora_B), None
                 elif not compiling:

@@ -206,3 +206,36 @@ def test_a_torchscript_trace_runs_at_any_rank_and_records_no_projection(seed):
         z = torch.randn(shape)
         with torch.no_grad():
             assert traced(z).shape == layer(z).shape and rel_err(traced(z), layer(z)) < 1e-6, shape
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("protection", ["freeze", "project"])
+def test_compile_over_torch_func(backend, protection, seed):
+    """torch.compile(vmap(grad(loss))) (per-sample gradients, compiled) traced the registered op, which
+    has no functorch rules ('autograd.Function with functorch transforms must override setup_context'),
+    and a project layer after its first task broke the graph for its in-place projection; under a
+    transform the compiled layer runs the formula on projected operands, as eager torch.func does,
+    equal to it, and a plain compile keeps the op."""
+    from torch.func import functional_call, grad, vmap
+    layer = ck.CLoRALinear(12, 10, rank=4, backend="torch", protection=protection)
+    if protection == "project":
+        with torch.no_grad(), ck.observe_task(layer):
+            layer(torch.randn(30, 12))
+        layer.end_task()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    params = {n: p.detach() + 0.1 for n, p in layer.named_parameters() if p.requires_grad}
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,)).square().sum()
+    x = torch.randn(6, 1, 12)
+    torch._dynamo.reset()
+    eager = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    out = torch.compile(vmap(grad(loss), in_dims=(None, 0)), backend=backend, fullgraph=True)(params, x)
+    assert all(rel_err(out[n], eager[n]) < 1e-6 for n in eager)
+    graphs = []
+    torch._dynamo.reset()
+    if protection == "freeze":      # (project's in-place projection is a graph break in a plain compile)
+        torch.compile(layer, backend=lambda gm, _: graphs.append(str(gm.graph)) or gm.forward, fullgraph=True)(x)
+        assert graphs and "clora.linear_fwd" in graphs[0]
+    torch._dynamo.reset()

@@ -231,14 +231,16 @@ linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 _peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+_CInterpreter = getattr(torch._C._functorch, "CInterpreter", ())
 _forward_ad = torch.autograd.forward_ad      # _current_level >= 0 inside dual_level(): forward-mode AD
 _is_tracing = torch._C._is_tracing     # torch.jit.is_tracing() less its is_scripting test (this code is never scripted)
 
 
 def in_functorch() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running (ask while not compiling:
-    Dynamo's tracing answers yes too)."""
-    return _peek_interpreter_stack() is not None
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running, also while torch.compile
+    traces one. isinstance, not `is not None`: Dynamo wraps the stack's top as an object, None too,
+    so `is not None` was true under every trace (checked on torch 2.11 and 2.14)."""
+    return isinstance(_peek_interpreter_stack(), _CInterpreter)
 
 
 class _EagerLinear(torch.autograd.Function):
@@ -271,7 +273,8 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
            grad_through_old_route, backend):
     """y = clora::linear_fwd's y with autograd, for x of shape (*, K) (validated: `functional`), the one
     dispatch of every call: the registered op while torch.compile / export traces; the formula in
-    plain torch ops under torch.func and the TorchScript tracer; with grad mode off, or no operand
+    plain torch ops under torch.func (compiled too: the op has no functorch rules, and
+    torch.compile(vmap(grad(f))) failed on it) and the TorchScript tracer; with grad mode off, or no operand
     requiring a gradient, where autograd would record nothing, the implementation itself; else `_EagerLinear` (same implementation and
     formula as the op, a fraction of the host cost). Decides need_t: t = x·lora_Aᵀ is read only by
     the gradients of lora_B and routing_delta, so without them (inference, or a frozen adapter) a
@@ -287,9 +290,9 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     scaling, grad_through_old_route = float(scaling), bool(grad_through_old_route)
     args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
             grad_through_old_route, need_t, backend)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not in_functorch():
         y = linear_fwd(*args)[0]
-    elif _is_tracing() or in_functorch() \
+    elif in_functorch() or _is_tracing() \
             or _forward_ad._current_level >= 0:
         # torch.func (grad, vmap, jacrev, ...: its tensors are wrapped, and an autograd.Function without
         # setup_context cannot run under it), the TorchScript tracer (torch.jit.trace, the legacy
