@@ -434,14 +434,22 @@ class CLoRALinear(nn.Linear):
             factors = (lora_A, lora_B)     # (the memo's key: operands() may return fresh views of them)
             if policy.enforces:     # ("freeze" and "paper" enforce nothing: no call, one graph when compiled)
                 compiling = _is_compiling()
-                # torch.func, or functional_call given tensors of the caller (MAML's fast weights; it wrote
-                # into them): no in-place write; the operands are projected, differentiably (a parametrized
-                # one, memo None, is enforce's error)
-                if in_functorch() or not compiling and memo is not None and not (isinstance(
-                        lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
-                        and isinstance(routing_delta, nn.Parameter)):
+                # torch.func, or functional_call given tensors of the caller (MAML's fast weights, another
+                # model's parameters; it wrote into them): no in-place write; the operands are projected,
+                # differentiably (a parametrized one, memo None, is enforce's error)
+                if in_functorch() or not compiling and memo is not None \
+                        and not (isinstance(lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
+                                 and isinstance(routing_delta, nn.Parameter)
+                                 and not policy.foreign(self, lora_A, lora_B, routing_delta)):
                     lora_A, routing_delta, lora_B = policy.projected(self, lora_A, routing_delta, lora_B)
                     factors, memo = (lora_A, lora_B), None
+                elif getattr(self, "_is_replica", False):
+                    # DataParallel's replica: its tensors are the original's, broadcast (none to write into; it
+                    # refused as 'computed'): the projected values, with the plain gradient, as the original's
+                    # in-place projection gives (the original's own end_task and saves still enforce)
+                    lora_A, routing_delta, lora_B = (t + (p - t).detach() for t, p in zip(
+                        (lora_A, routing_delta, lora_B), policy.projected(self, lora_A, routing_delta, lora_B)))
+                    factors = (lora_A, lora_B)
                 elif not compiling:
                     if _is_tracing():   # torch.jit.trace / the TorchScript ONNX exporter: not recorded
                         _untraced(policy.enforce, self)
@@ -477,6 +485,10 @@ class CLoRALinear(nn.Linear):
     def _apply(self, fn, recurse=True):     # .to() / .half() / to_empty: the operands' validation is redone
         self.__dict__["_checked"] = None
         policy = self.__dict__.get("protection")
+        try:        # (what was enforced stays so where the values do: share_memory() moved the storage, and
+            fingerprint = policy.enforced_fingerprint(self)     # read-only workers projected it again)
+        except Exception:   # (meta tensors have no sums)
+            fingerprint = None
         sums = {n: self._buffers[n] for n in getattr(policy, "sums", ()) if self._buffers.get(n) is not None}
         original = None     # a layer merged in fp32/fp64 cast to 16 bits: keep the weight as it was before the
         if self.__dict__.get("merged") and getattr(self, "_original_weight", None) is None \
@@ -497,6 +509,11 @@ class CLoRALinear(nn.Linear):
             self._original_weight = fn(self._original_weight)
         if original is not None:
             self._original_weight = fn(original)
+        if fingerprint is not None:
+            try:
+                policy.loaded_enforced(self, fingerprint)
+            except Exception:   # (to_empty / meta: projected again, as before)
+                pass
         return out
 
     @torch.no_grad()
@@ -1213,7 +1230,9 @@ def observe_task(model: nn.Module):
         clora_kernels.end_task(model)
 
     Layers of the other policies ignore the pass. What is recorded is a K×K Gram per layer, freed
-    by end_task. In a multi-process job (DDP) every process runs the block on its share of the
+    by end_task. Every forward of the layers while the block is open counts, from any thread (a
+    pass split over threads sums whole; a request served by the same model meanwhile is recorded
+    too: serve from a copy). In a multi-process job (DDP) every process runs the block on its share of the
     task's data; at its end the Grams are summed over the processes (an all-reduce), so each
     protects the whole task's inputs."""
     layers = [m for _, m in _require_layers(model, "observe_task", reshard=False)

@@ -46,8 +46,12 @@ Policies beyond "paper" are this project's variants, not the paper's method:
 """
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .functional import _autocasting, exact_math
 
@@ -55,6 +59,12 @@ _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)    # what autoc
 
 _STEPS = [0]          # optimizer steps taken in this process (a global step hook counts them)
 _HOOK = []
+# enforce's check-and-write and observe's sums, one thread at a time: two threads' forwards projecting
+# one layer at once subtracted the step's part twice (each reads a factor twice, the other's write
+# between), and recorded the result as enforced (old outputs moved 0.6-0.9 for good); concurrent
+# observe passes lost rows of the Gram
+_LOCK = threading.Lock()
+_OWNERS = WeakIdKeyDictionary()     # a tensor the project policy wrote in place -> its layer (a weakref)
 
 
 def _count_step(optimizer, args, kwargs) -> None:
@@ -311,12 +321,29 @@ class Project(Protection):
             raise ValueError(f"protection='project' writes {computed} in place, but this layer computes them "
                              f"(torch.nn.utils.parametrize or prune), so the projection would be lost and earlier "
                              f"tasks unprotected: remove the parametrization, or use protection='freeze'")
-        tensors = (layer.lora_A, layer.routing_delta, layer.lora_B)
-        with exact_math(layer.lora_A):          # (not in the caller's autocast: kept across steps)
-            for t, projected in zip(tensors, self.projected(layer, *tensors)):
-                if projected is not t:
-                    t.copy_(projected)
-        layer._enforced_versions = self._versions(layer)
+        with _LOCK:
+            if not force and self._versions(layer) == layer._enforced_versions:
+                return      # (another thread's forward enforced it meanwhile)
+            tensors = (layer.lora_A, layer.routing_delta, layer.lora_B)
+            with exact_math(layer.lora_A):          # (not in the caller's autocast: kept across steps)
+                for t, projected in zip(tensors, self.projected(layer, *tensors)):
+                    if projected is not t:
+                        t.copy_(projected)
+            owner = weakref.ref(layer)
+            for t in tensors:
+                _OWNERS[t] = owner
+            layer._enforced_versions = self._versions(layer)
+
+    @staticmethod
+    def foreign(layer, *tensors) -> bool:
+        """Whether one of `tensors` is another live layer's, as this policy last wrote it
+        (torch.func.functional_call given another model's parameters: projected in place with this
+        layer's bases, that model's own outputs moved 0.35)."""
+        for t in tensors:
+            owner = _OWNERS.get(t)
+            if owner is not None and owner() not in (None, layer):
+                return True
+        return False
 
     @staticmethod
     def projected(layer, lora_A: Tensor, routing_delta: Tensor, lora_B: Tensor) -> tuple:
@@ -338,14 +365,15 @@ class Project(Protection):
                 x.dtype == layer.lora_A.dtype or (x.dtype in _AUTOCAST_CASTS and _autocasting(x))):
             return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)
         x = x.detach().reshape(-1, x.shape[-1])
-        if layer._observed is None:     # fp32 at least, fp64 layers in fp64; a normal tensor (not an inference
-            with torch.inference_mode(False):   # one), so that passes in and out of inference_mode all add to it
-                layer._observed = torch.zeros(x.shape[1], x.shape[1], device=x.device,
-                                              dtype=sum_dtype(x.dtype))
-        x = x.to(layer._observed.dtype)
-        layer._observed.addmm_(x.t(), x)
-        layer._observed_rows += x.shape[0]
-        layer._observed_empty = False
+        with _LOCK:
+            if layer._observed is None:     # fp32 at least, fp64 layers in fp64; a normal tensor (not an
+                with torch.inference_mode(False):   # inference one), so that passes in and out of
+                    layer._observed = torch.zeros(      # inference_mode all add to it
+                        x.shape[1], x.shape[1], device=x.device, dtype=sum_dtype(x.dtype))
+            x = x.to(layer._observed.dtype)
+            layer._observed.addmm_(x.t(), x)
+            layer._observed_rows += x.shape[0]
+            layer._observed_empty = False
 
     def observed(self, layer) -> None:
         """Several processes (DDP): each observed its share of the task's data; sum the Grams, so

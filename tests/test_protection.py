@@ -778,3 +778,113 @@ def test_functional_call_leaves_the_callers_tensors_alone(seed):
         layer, mine["lora_A"], mine["routing_delta"], mine["lora_B"])))
     want = torch.func.functional_call(layer, {**mine, **projected}, (x,))
     assert rel_err(y, want) < 1e-6
+
+
+def test_two_threads_enforcing_one_layer_project_it_once(seed, monkeypatch):
+    """Two threads' first forwards after an optimizer step both projected the layer: each reads a factor
+    twice, and the other's write between the reads subtracted the step's part twice, recorded as
+    enforced (old outputs moved 0.6-0.9 for good, in 7-10 of 200 rounds). Forced here: `projected`
+    waits between its reads for the other thread (a barrier, 1 s at most)."""
+    import threading
+    from clora_kernels.protection import Project
+    layer, x_old = _first_task("project", 0)
+    with torch.no_grad():
+        y_old = layer(x_old)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.05)
+    for p in layer.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    barrier, real = threading.Barrier(2), Project.projected
+
+    def slow(layer, lora_A, routing_delta, lora_B):
+        first = lora_A @ layer.protect_input_basis          # (the first read)
+        try:
+            barrier.wait(timeout=1)
+        except threading.BrokenBarrierError:
+            pass
+        a, r, b = real(layer, lora_A, routing_delta, lora_B)
+        return a - (first - lora_A @ layer.protect_input_basis) @ layer.protect_input_basis.t(), r, b
+    monkeypatch.setattr(Project, "projected", staticmethod(slow))
+
+    def serve():
+        with torch.no_grad():
+            layer(torch.randn(4, K))
+    threads = [threading.Thread(target=serve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(Project, "projected", staticmethod(real))
+    with torch.no_grad():
+        assert rel_err(layer.lora_A @ layer.protect_input_basis, layer.protect_input_anchor) < 1e-5
+        assert rel_err(layer(x_old), y_old) < 1e-5
+
+
+def test_concurrent_observe_passes_lose_no_rows(seed):
+    """An observe pass split over threads: the Gram's in-place sums raced (0.1-0.5 % of it lost, while
+    the row count said every row was in)."""
+    import threading
+    layer = CLoRALinear(256, N, rank=R, protection="project", backend="torch")
+    xs = [torch.randn(1000, 256, dtype=torch.float64) for _ in range(32)]
+    layer.double()
+    with torch.no_grad(), ck.observe_task(layer):
+        threads = [threading.Thread(target=lambda i=i: [layer(x) for x in xs[i::4]]) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    x = torch.cat(xs)
+    assert layer._observed_rows == 32000 and rel_err(layer._observed, x.t() @ x) < 1e-10
+
+
+def test_dataparallel_replicas_of_a_project_layer(seed):
+    """torch.nn.parallel.replicate (DataParallel's replicas hold the original's parameters, broadcast,
+    as attributes): a project layer after its first task refused ('this layer computes them'). A
+    replica computes with the projected values and gives the original's gradients. (The broadcast is
+    CUDA's; here it is a differentiable copy.)"""
+    import importlib
+    rep = importlib.import_module("torch.nn.parallel.replicate")
+    layer, x_old = _first_task("project", 0)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.05)
+    layer(x_old).square().sum().backward()
+    opt.step()                  # (the next forward projects: pending)
+    x = torch.randn(8, K)
+    broadcast = rep._broadcast_coalesced_reshape
+    rep._broadcast_coalesced_reshape = lambda tensors, devices, detach=False: [
+        [t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices]
+    try:
+        replica = rep.replicate(layer, [0])[0]
+    finally:
+        rep._broadcast_coalesced_reshape = broadcast
+    params = [layer.lora_A, layer.lora_B, layer.routing_delta]
+    got = torch.autograd.grad(replica(x).square().sum(), params)
+    want = torch.autograd.grad(layer(x).square().sum(), params)       # (projects the original in place)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got, want))
+
+
+def test_functional_call_with_another_models_parameters(seed):
+    """functional_call(a, dict(b.named_parameters())) on two project models: b's parameters were
+    projected in place with a's bases (b's own outputs moved 0.35)."""
+    a, _ = _first_task("project", 0)
+    b, xb = _first_task("project", 1)
+    with torch.no_grad():
+        yb = b(xb)
+    before = {n: p.detach().clone() for n, p in b.named_parameters()}
+    torch.func.functional_call(a, dict(b.named_parameters()), (xb,))
+    assert all(torch.equal(p, before[n]) for n, p in b.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(b(xb), yb)
+
+
+def test_share_memory_keeps_what_was_enforced(seed):
+    """share_memory() (any .to() keeping the values) moved the storage, which the record of what was
+    enforced keys: the next forward projected the unchanged factors again, writing into memory that
+    read-only worker processes share (by 1e-7)."""
+    layer, x = _first_task("project", 0)
+    layer(x)
+    adapter = [t.clone() for t in (layer.lora_A, layer.lora_B, layer.routing_delta)]
+    layer.share_memory()
+    layer.to(torch.float32)
+    layer(x)
+    assert all(torch.equal(a, b) for a, b in zip(adapter, (layer.lora_A, layer.lora_B, layer.routing_delta)))
