@@ -264,6 +264,7 @@ class CLoRALinear(nn.Linear):
         why = self._refusal("reset_adapter")
         if why:
             raise ValueError(f"reset_adapter: {why}")
+        self.__dict__.pop("_parts", None)
         with torch.no_grad():
             a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device=self.lora_A.device)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))       # drawn whole, so an FSDP2 shard gets its part
@@ -530,7 +531,8 @@ class CLoRALinear(nn.Linear):
         if why:
             raise ValueError(f"end_task: {why}; nothing was changed")
         self.protection.enforce(self, force=True)
-        index, before = self.task_index, [t.clone() for t in (self.routing_old, self.routing_delta, self.projection)]
+        self.__dict__.pop("_parts", None)       # (a load's parts are over)
+        before = self._task_snapshot()
         try:
             self.routing_old.copy_(self.routing())
             self.routing_delta.zero_()
@@ -539,10 +541,28 @@ class CLoRALinear(nn.Linear):
             self.task_index += 1
             self.protection.end_task(self)
         except BaseException:   # (the policy's new state failed, e.g. an eigh: the layer stays in its task)
-            for t, b in zip((self.routing_old, self.routing_delta, self.projection), before):
-                t.copy_(b)
-            self.task_index = index
+            self._task_restore(before)
             raise
+
+    def _task_snapshot(self) -> tuple:
+        """What end_task changes, to put back where a task's end fails part-way (this layer's, or a later
+        layer's under end_task(model)): the routing and P (written in place), the task index, the policy's
+        buffers (replaced, not written) and attributes, the factors' requires_grad and gradients."""
+        routing = tuple(t.clone() for t in (self.routing_old, self.routing_delta, self.projection))
+        names = ("task_index",) + tuple(k for k in self.__dict__ if k.startswith(("_observed", "_enforced", "_no_room")))
+        factors = tuple((p.requires_grad, p.grad) for p in (self.lora_A, self.lora_B))
+        return routing, {k: self.__dict__[k] for k in names}, dict(self._buffers), factors
+
+    @torch.no_grad()
+    def _task_restore(self, snapshot: tuple) -> None:
+        routing, attributes, buffers, factors = snapshot
+        for t, saved in zip((self.routing_old, self.routing_delta, self.projection), routing):
+            t.copy_(saved)
+        self.__dict__.update(attributes)
+        self._buffers.update({k: v for k, v in buffers.items() if k in self._buffers})
+        for p, (requires_grad, grad) in zip((self.lora_A, self.lora_B), factors):
+            p.requires_grad_(requires_grad)
+            p.grad = grad
 
     def _nonfinite_adapter(self) -> str:
         """Names of the adapter tensors holding NaN or Inf ('' when all are finite): a task ended on
@@ -685,6 +705,8 @@ class CLoRALinear(nn.Linear):
             if self.merged and loading is not None and all(map(loaded, _ADAPTER_TENSORS)) \
                     and not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
                 self._merged_adapter = self._merge_memo()
+            elif self.merged and loading is not None:   # the adapter comes in a later part (a sharded checkpoint):
+                self._load_parts()["merged"] = True     # none of it is one to merge in place of the weight's
         elif loading is not None and state.get("merged"):
             # a sharded checkpoint's part: the merged weight comes in another load_state_dict call, before
             # this one (it is the layer's weight now) or after it (`_load_layer` takes it for the merged one,
@@ -777,7 +799,9 @@ class CLoRALinear(nn.Linear):
         """After a load: a whole state ends what earlier parts left; a part adds its entries, and once every
         adapter tensor and buffer is in, the fingerprint its task state carried is taken (as a whole load
         takes it: a first forward then does not project the adapter again)."""
-        names = [n for n in ("weight",) + _ADAPTER_TENSORS + self.protection.buffers if prefix + n in state_dict]
+        names = [n for n in _ADAPTER_TENSORS + self.protection.buffers if prefix + n in state_dict]
+        if _task_state_entry(state_dict, prefix) is not None:   # (a part closes once the task state is in too:
+            names.append("_extra_state")                         # it is the state_dict's last entry)
         parts = self.__dict__.get("_parts")
         if parts is None and (whole or not names):      # (nothing left by an earlier part, nothing left here)
             return
@@ -792,9 +816,9 @@ class CLoRALinear(nn.Linear):
                 self._merged_adapter = self._merge_memo()
         if parts.get("enforced") is not None and seen.issuperset(_ADAPTER_TENSORS + self.protection.buffers):
             self.protection.loaded_enforced(self, parts.pop("enforced"))
-        if not (set(parts) - {"seen"}) and (whole or seen.issuperset(("weight",) + _ADAPTER_TENSORS
+        if not (set(parts) - {"seen"}) and (whole or seen.issuperset(("_extra_state",) + _ADAPTER_TENSORS
                                                                       + self.protection.buffers)):
-            del self.__dict__["_parts"]
+            del self.__dict__["_parts"]     # (the weight is no part of it: a merged one is found by its sums)
 
     def _merged_from_parts(self) -> None:
         """A sharded checkpoint's merged weight and its task state met: the layer is merged, and until the
@@ -1197,8 +1221,16 @@ def end_task(model: nn.Module) -> None:
                if why]
     if waiting:
         raise ValueError(f"end_task: {waiting[0][1]} (layers {[n for n, _ in waiting]}); no layer was changed")
-    for _, m in layers:
-        m.end_task()
+    done = []
+    try:
+        for _, m in layers:
+            snapshot = m._task_snapshot()
+            m.end_task()
+            done.append((m, snapshot))
+    except BaseException:       # (a layer's policy step failed: the layers ended before it are put back too)
+        for m, snapshot in reversed(done):
+            m._task_restore(snapshot)
+        raise
     full = [name or "<the model>" for name, m in layers
             if isinstance(m.protection, Project) and getattr(m, "_no_room", False)]
     if full:

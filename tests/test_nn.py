@@ -1310,8 +1310,9 @@ def _split(state: dict, *parts) -> list:
 
 
 @pytest.mark.parametrize("parts", [(["weight"],), (["_extra_state"],), (["weight"], ["_extra_state"]),
-                                   (["lora_A", "_extra_state"], ["weight", "bias"])],
-                         ids=["weight|rest", "extra|rest", "weight|extra|rest", "A+extra|weight|rest"])
+                                   (["lora_A", "_extra_state"], ["weight", "bias"]), (["weight", "_extra_state"],)],
+                         ids=["weight|rest", "extra|rest", "weight|extra|rest", "A+extra|weight|rest",
+                              "weight+extra|rest"])
 def test_a_merged_state_loaded_in_parts(parts, seed):
     """A merged layer's state in several load_state_dict calls (transformers' load_sharded_checkpoint,
     a Trainer resuming a sharded checkpoint): the layer took the merged weight, met without its task
@@ -1349,8 +1350,9 @@ def test_a_base_weight_then_a_merged_models_adapter_stays_unmerged(seed):
     assert not layer.merged and rel_err(layer(x), want) < 1e-6
 
 
+@pytest.mark.parametrize("into", ["freeze", "project"])
 @pytest.mark.parametrize("first", [["_extra_state"], None], ids=["extra|rest", "rest|extra"])
-def test_a_project_state_loaded_in_parts_into_another_policy(first, seed):
+def test_a_project_state_loaded_in_parts_into_another_policy(first, into, seed):
     """A project layer's state in parts into a layer of the default policy (load adopts the saved one):
     a part with the bases before the task state lost them (unexpected keys, dropped), and the layer
     protected nothing; and split loads re-projected the adapter at the first forward (a resumed run
@@ -1367,7 +1369,7 @@ def test_a_project_state_loaded_in_parts_into_another_policy(first, seed):
     state = {k: v.clone() for k, v in src.state_dict().items()}
     assert ck.nn.task_state(state["_extra_state"])["enforced"] is not None
     parts = _split(state, first) if first else _split(state, [k for k in state if k != "_extra_state"])
-    layer = CLoRALinear(16, 24, rank=4)
+    layer = CLoRALinear(16, 24, rank=4, protection=into)
     for part in parts:
         result = layer.load_state_dict(part, strict=False)
         assert not result.unexpected_keys

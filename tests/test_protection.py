@@ -725,6 +725,34 @@ def test_a_failing_end_task_leaves_the_layer_in_its_task(seed, monkeypatch):
         assert torch.equal(layer.state_dict()[name], value), name
 
 
+def test_a_failing_end_task_of_a_model_leaves_every_layer_in_its_task(seed, monkeypatch):
+    """end_task(model) with the second layer's policy step failing: the first layer had ended its task
+    (and dropped its observed inputs), so a retry was refused, and under freeze would end it twice."""
+    model = nn.Sequential(CLoRALinear(K, K, rank=R, protection="project"), CLoRALinear(K, N, rank=R,
+                                                                                   protection="project"))
+    with torch.no_grad():
+        for m in model:
+            m.lora_B.normal_()
+    with torch.no_grad(), ck.observe_task(model):
+        model(torch.randn(16, K))
+    before = copy.deepcopy(model.state_dict())
+    real = ck.protection.Project.end_task
+
+    def fail_second(self, layer):
+        if layer is model[1]:
+            raise torch.linalg.LinAlgError("eigh failed to converge")
+        real(self, layer)
+    monkeypatch.setattr(ck.protection.Project, "end_task", fail_second)
+    with pytest.raises(torch.linalg.LinAlgError):
+        ck.end_task(model)
+    assert [m.task_index for m in model] == [0, 0]
+    for name, value in before.items():
+        assert torch.equal(model.state_dict()[name], value), name
+    monkeypatch.setattr(ck.protection.Project, "end_task", real)
+    ck.end_task(model)          # (the retry: each layer still holds its observed inputs)
+    assert [m.task_index for m in model] == [1, 1] and all(m.protect_input_basis.shape[1] for m in model)
+
+
 @pytest.mark.parametrize("protection", ["paper", "freeze"])
 def test_hard_mode_warns_when_P_leaves_nothing_to_learn(protection, seed):
     """After the first task R_old is about full rank, and at protect_energy 0.9 hard mode's P is 0
