@@ -65,7 +65,10 @@ _dispatch_stack = torch._C._len_torch_dispatch_stack      # how many TorchDispat
 
 
 def expand_(y, u, b, scale):
-    """y += scale·u·b, in place (y.addmm_), the product kept at a scale of 0 (see scaled_addmm)."""
+    """y += scale·u·b, in place (y.addmm_), the product kept at a scale of 0 (see scaled_addmm); out of
+    place under a dispatch mode (selective activation checkpointing keeps y): use the result."""
+    if _dispatch_stack():
+        return scaled_addmm(y, u, b, scale)
     if type(scale) is not float or scale != 0:
         return y.addmm_(u, b, alpha=scale)
     return y.add_(torch.mm(u, b).mul_(scale))

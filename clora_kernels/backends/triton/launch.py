@@ -308,7 +308,7 @@ def run(plan: Plan, x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, *, y
         if plan.strategy == "split":
             return gemm(x, w, a, b, r_old, r_delta, proj, bias, scale, trans_r, plan.gemm, u=u, y=y)[0], t_out
         out = torch.nn.functional.linear(x, w, bias)          # cublas: cuBLAS GEMM, expand with beta = 1
-        expand_(out, u.to(x.dtype), b, scale)
+        out = expand_(out, u.to(x.dtype), b, scale)
     if y is not None:
         y.copy_(out)
         out = y
