@@ -435,13 +435,13 @@ class CLoRALinear(nn.Linear):
             factors = (lora_A, lora_B)     # (the memo's key: operands() may return fresh views of them)
             if policy.enforces:     # ("freeze" and "paper" enforce nothing: no call, one graph when compiled)
                 compiling = _is_compiling()
-                # torch.func, or functional_call given tensors of the caller (MAML's fast weights, another
-                # model's parameters; it wrote into them): no in-place write; the operands are projected,
-                # differentiably (a parametrized one, memo None, is enforce's error)
+                # torch.func, or functional_call given tensors of the caller that are no Parameters
+                # (MAML's fast weights; it wrote into them): no in-place write; the operands are projected,
+                # differentiably (a parametrized one, memo None, is enforce's error). Another model's
+                # Parameters given so are written (README, "protection")
                 if in_functorch() or not compiling and memo is not None \
                         and not (isinstance(lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
-                                 and isinstance(routing_delta, nn.Parameter)
-                                 and not policy.foreign(self, lora_A, lora_B, routing_delta)):
+                                 and isinstance(routing_delta, nn.Parameter)):
                     lora_A, routing_delta, lora_B = policy.projected(self, lora_A, routing_delta, lora_B)
                     factors, memo = (lora_A, lora_B), None
                 elif getattr(self, "_is_replica", False):
@@ -530,10 +530,10 @@ class CLoRALinear(nn.Linear):
         why = self._refusal("end_task") or self.protection.not_ready(self)
         if why:
             raise ValueError(f"end_task: {why}; nothing was changed")
-        self.protection.enforce(self, force=True)
-        self.__dict__.pop("_parts", None)       # (a load's parts are over)
         before = self._task_snapshot()
+        self.__dict__.pop("_parts", None)       # (a load's parts are over)
         try:
+            self.protection.enforce(self, force=True)
             self.routing_old.copy_(self.routing())
             self.routing_delta.zero_()
             if self.mode == "hard":
@@ -544,25 +544,31 @@ class CLoRALinear(nn.Linear):
             self._task_restore(before)
             raise
 
+    _WRITTEN = ("routing_old", "routing_delta", "projection", "lora_A", "lora_B")   # end_task's in-place writes
+
     def _task_snapshot(self) -> tuple:
         """What end_task changes, to put back where a task's end fails part-way (this layer's, or a later
-        layer's under end_task(model)): the routing and P (written in place), the task index, the policy's
-        buffers (replaced, not written) and attributes, the factors' requires_grad and gradients."""
-        routing = tuple(t.clone() for t in (self.routing_old, self.routing_delta, self.projection))
+        layer's under end_task(model)): the tensors it writes in place (the routing, P, and the factors
+        the project policy projects), the task index, the policy's buffers (replaced, not written) and
+        attributes, the factors' requires_grad and gradients, and whether the adapter was enforced."""
+        written = tuple(getattr(self, n).detach().clone() for n in self._WRITTEN)
         names = ("task_index",) + tuple(k for k in self.__dict__ if k.startswith(("_observed", "_enforced", "_no_room")))
         factors = tuple((p.requires_grad, p.grad) for p in (self.lora_A, self.lora_B))
-        return routing, {k: self.__dict__[k] for k in names}, dict(self._buffers), factors
+        return (written, {k: self.__dict__[k] for k in names}, dict(self._buffers), factors,
+                self.protection.enforced_fingerprint(self))
 
     @torch.no_grad()
     def _task_restore(self, snapshot: tuple) -> None:
-        routing, attributes, buffers, factors = snapshot
-        for t, saved in zip((self.routing_old, self.routing_delta, self.projection), routing):
-            t.copy_(saved)
+        written, attributes, buffers, factors, fingerprint = snapshot
+        for name, saved in zip(self._WRITTEN, written):
+            getattr(self, name).copy_(saved)
         self.__dict__.update(attributes)
         self._buffers.update({k: v for k, v in buffers.items() if k in self._buffers})
         for p, (requires_grad, grad) in zip((self.lora_A, self.lora_B), factors):
             p.requires_grad_(requires_grad)
             p.grad = grad
+        if fingerprint is not None:     # (the copies moved the version counters: enforced as it was)
+            self.protection.loaded_enforced(self, fingerprint)
 
     def _nonfinite_adapter(self) -> str:
         """Names of the adapter tensors holding NaN or Inf ('' when all are finite): a task ended on

@@ -46,12 +46,11 @@ Policies beyond "paper" are this project's variants, not the paper's method:
 """
 from __future__ import annotations
 
+import os
 import threading
-import weakref
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .functional import _autocasting, exact_math
 
@@ -64,7 +63,15 @@ _HOOK = []
 # between), and recorded the result as enforced (old outputs moved 0.6-0.9 for good); concurrent
 # observe passes lost rows of the Gram
 _LOCK = threading.Lock()
-_OWNERS = WeakIdKeyDictionary()     # a tensor the project policy wrote in place -> its layer (a weakref)
+
+
+def _new_lock() -> None:        # a child forked while another thread held the lock would wait forever
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock)
 
 
 def _count_step(optimizer, args, kwargs) -> None:
@@ -329,21 +336,7 @@ class Project(Protection):
                 for t, projected in zip(tensors, self.projected(layer, *tensors)):
                     if projected is not t:
                         t.copy_(projected)
-            owner = weakref.ref(layer)
-            for t in tensors:
-                _OWNERS[t] = owner
             layer._enforced_versions = self._versions(layer)
-
-    @staticmethod
-    def foreign(layer, *tensors) -> bool:
-        """Whether one of `tensors` is another live layer's, as this policy last wrote it
-        (torch.func.functional_call given another model's parameters: projected in place with this
-        layer's bases, that model's own outputs moved 0.35)."""
-        for t in tensors:
-            owner = _OWNERS.get(t)
-            if owner is not None and owner() not in (None, layer):
-                return True
-        return False
 
     @staticmethod
     def projected(layer, lora_A: Tensor, routing_delta: Tensor, lora_B: Tensor) -> tuple:
