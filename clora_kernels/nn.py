@@ -530,45 +530,48 @@ class CLoRALinear(nn.Linear):
         why = self._refusal("end_task") or self.protection.not_ready(self)
         if why:
             raise ValueError(f"end_task: {why}; nothing was changed")
-        before = self._task_snapshot()
-        self.__dict__.pop("_parts", None)       # (a load's parts are over)
-        try:
-            self.protection.enforce(self, force=True)
-            self.routing_old.copy_(self.routing())
-            self.routing_delta.zero_()
-            if self.mode == "hard":
-                self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
-            self.task_index += 1
-            self.protection.end_task(self)
-        except BaseException:   # (the policy's new state failed, e.g. an eigh: the layer stays in its task)
-            self._task_restore(before)
-            raise
-
-    _WRITTEN = ("routing_old", "routing_delta", "projection", "lora_A", "lora_B")   # end_task's in-place writes
-
-    def _task_snapshot(self) -> tuple:
-        """What end_task changes, to put back where a task's end fails part-way (this layer's, or a later
-        layer's under end_task(model)): the tensors it writes in place (the routing, P, and the factors
-        the project policy projects), the task index, the policy's buffers (replaced, not written) and
-        attributes, the factors' requires_grad and gradients, and whether the adapter was enforced."""
-        written = tuple(getattr(self, n).detach().clone() for n in self._WRITTEN)
-        names = ("task_index",) + tuple(k for k in self.__dict__ if k.startswith(("_observed", "_enforced", "_no_room")))
-        factors = tuple((p.requires_grad, p.grad) for p in (self.lora_A, self.lora_B))
-        return (written, {k: self.__dict__[k] for k in names}, dict(self._buffers), factors,
-                self.protection.enforced_fingerprint(self))
+        self._end_task_commit(self._end_task_plan())
 
     @torch.no_grad()
-    def _task_restore(self, snapshot: tuple) -> None:
-        written, attributes, buffers, factors, fingerprint = snapshot
-        for name, saved in zip(self._WRITTEN, written):
-            getattr(self, name).copy_(saved)
-        self.__dict__.update(attributes)
-        self._buffers.update({k: v for k, v in buffers.items() if k in self._buffers})
-        for p, (requires_grad, grad) in zip((self.lora_A, self.lora_B), factors):
-            p.requires_grad_(requires_grad)
-            p.grad = grad
+    @_lifecycle_step
+    def _end_task_plan(self) -> tuple:
+        """Everything end_task sets, computed before anything is set: so a failure (an eigh, an interrupt),
+        here or in a later layer of end_task(model), leaves every layer in its task. The policy's projection
+        of the factors runs first (the plan is made from the projected factors); where the plan fails it is
+        undone bit for bit (`_end_task_undo`)."""
+        undo = (tuple(t.detach().clone() for t in (self.lora_A, self.routing_delta, self.lora_B)),
+                self.protection.enforced_fingerprint(self))
+        try:
+            self.protection.enforce(self, force=True)
+            routing = self.routing()
+            projection = _hard_projection(routing, self.protect_energy) if self.mode == "hard" else None
+            prepared = self.protection.prepare_end_task(self, routing,
+                                                        self.projection if projection is None else projection)
+        except BaseException:
+            self._end_task_undo(undo)
+            raise
+        return routing, projection, prepared, undo
+
+    @torch.no_grad()
+    @_lifecycle_step
+    def _end_task_undo(self, undo: tuple) -> None:
+        factors, fingerprint = undo
+        for t, saved in zip((self.lora_A, self.routing_delta, self.lora_B), factors):
+            t.copy_(saved)
         if fingerprint is not None:     # (the copies moved the version counters: enforced as it was)
             self.protection.loaded_enforced(self, fingerprint)
+
+    @torch.no_grad()
+    @_lifecycle_step
+    def _end_task_commit(self, plan: tuple) -> None:
+        routing, projection, prepared, _ = plan
+        self.routing_old.copy_(routing)
+        self.routing_delta.zero_()
+        if projection is not None:
+            self.projection.copy_(projection)
+        self.task_index += 1
+        self.protection.end_task(self, prepared)
+        self.__dict__.pop("_parts", None)       # (a load's parts are over)
 
     def _nonfinite_adapter(self) -> str:
         """Names of the adapter tensors holding NaN or Inf ('' when all are finite): a task ended on
@@ -1227,16 +1230,18 @@ def end_task(model: nn.Module) -> None:
                if why]
     if waiting:
         raise ValueError(f"end_task: {waiting[0][1]} (layers {[n for n, _ in waiting]}); no layer was changed")
-    done = []
+    plans = []      # (every layer's new state first: a failure in any leaves every layer in its task)
     try:
         for _, m in layers:
-            snapshot = m._task_snapshot()
-            m.end_task()
-            done.append((m, snapshot))
-    except BaseException:       # (a layer's policy step failed: the layers ended before it are put back too)
-        for m, snapshot in reversed(done):
-            m._task_restore(snapshot)
+            plans.append((m, None))
+            plans[-1] = (m, m._end_task_plan())
+    except BaseException:
+        for m, plan in reversed(plans):
+            if plan is not None:
+                m._end_task_undo(plan[3])
         raise
+    for m, plan in plans:
+        m._end_task_commit(plan)
     full = [name or "<the model>" for name, m in layers
             if isinstance(m.protection, Project) and getattr(m, "_no_room", False)]
     if full:

@@ -145,8 +145,14 @@ class Protection:
     def not_ready(self, layer) -> str:
         return ""
 
-    def end_task(self, layer) -> None:
-        pass
+    def prepare_end_task(self, layer, routing: Tensor, projection: Tensor):
+        """The policy's state after the task's end, computed before anything changes (so that a failure,
+        in any layer of a model, leaves every layer in its task): `routing` and `projection` are what
+        routing_old and P become. Passed to end_task."""
+        return None
+
+    def end_task(self, layer, prepared=None) -> None:
+        """After the fold (routing_delta = 0): take the state prepare_end_task made."""
 
     def mode_changed(self, layer) -> None:
         """After the layer's mode changed past its first task (an assignment, not a load; a switch to
@@ -200,7 +206,7 @@ class Freeze(Protection):
     def operands(self, layer, lora_A, lora_B, grad_through_old_route):
         return lora_A.detach(), lora_B.detach(), grad_through_old_route
 
-    def end_task(self, layer) -> None:
+    def end_task(self, layer, prepared=None) -> None:
         self.apply_requires_grad(layer)
 
     def factors_train(self, layer) -> bool:
@@ -281,10 +287,12 @@ class Project(Protection):
             layer._enforced_versions = None
 
     @staticmethod
-    def _routing_basis(layer, gram_t: Tensor) -> Tensor:
-        """Every r-space direction the earlier tasks' t·P uses (P = I in soft mode), from their t Gram."""
-        p = layer.projection.double() if layer.mode == "hard" else torch.eye(layer.rank, dtype=torch.float64,
-                                                                            device=gram_t.device)
+    def _routing_basis(layer, gram_t: Tensor, projection=None) -> Tensor:
+        """Every r-space direction the earlier tasks' t·P uses (P = I in soft mode; `projection`, or the
+        layer's), from their t Gram."""
+        projection = layer.projection if projection is None else projection
+        p = projection.double() if layer.mode == "hard" else torch.eye(layer.rank, dtype=torch.float64,
+                                                                      device=gram_t.device)
         return _range_basis(p @ gram_t @ p)
 
     def enforced_fingerprint(self, layer):
@@ -419,11 +427,10 @@ class Project(Protection):
 
     # ---- the task boundary ----------------------------------------------------------------
     @torch.no_grad()
-    def end_task(self, layer) -> None:
-        """After the fold (routing_delta = 0): add the task's input directions to U (GPM's rule:
-        new directions of the residual until U holds `energy` of the task's input energy), add
-        the task's t and u Grams, and re-derive the r-space bases (every direction the earlier
-        tasks' t and u use) and the anchors."""
+    def prepare_end_task(self, layer, routing: Tensor, projection: Tensor) -> dict:
+        """Add the task's input directions to U (GPM's rule: new directions of the residual until U
+        holds `energy` of the task's input energy), add the task's t and u Grams, and re-derive the
+        r-space bases (every direction the earlier tasks' t and u use) and the anchors."""
         dt = layer.lora_A.dtype
         k = layer.in_features     # (a layer the task's pass never reached: no new inputs to protect)
         gram = layer._observed.double() if layer._observed is not None else torch.zeros(
@@ -431,25 +438,29 @@ class Project(Protection):
         u = grow_input_basis(layer.protect_input_basis.double(), gram, self.energy)
         a = layer.lora_A.double()
         gram_t = a @ gram @ a.t()
-        r_eff = layer.routing().double()
+        del gram
+        r_eff = routing.double()
         g_t = layer.protect_gram_t.double() + gram_t
         g_u = layer.protect_gram_u.double() + r_eff.t() @ gram_t @ r_eff
-        w = self._routing_basis(layer, g_t)
+        w = self._routing_basis(layer, g_t, projection)
         v = _range_basis(g_u)
         b = layer.lora_B.double()
         # contiguous, as a loaded copy is: the layout changes matmul rounding, and a resumed run
         # must compute what the uninterrupted one does
-        layer.protect_input_basis = u.to(dt).contiguous()
-        layer.protect_input_anchor = (a @ u).to(dt).contiguous()
-        layer.protect_routing_basis = w.to(dt).contiguous()
-        layer.protect_output_basis = v.to(dt).contiguous()
-        layer.protect_output_anchor = (b @ v).to(dt).contiguous()
-        layer.protect_gram_t = g_t.to(sum_dtype(dt)).contiguous()
-        layer.protect_gram_u = g_u.to(sum_dtype(dt)).contiguous()
+        return {"protect_input_basis": u.to(dt).contiguous(), "protect_input_anchor": (a @ u).to(dt).contiguous(),
+                "protect_routing_basis": w.to(dt).contiguous(), "protect_output_basis": v.to(dt).contiguous(),
+                "protect_output_anchor": (b @ v).to(dt).contiguous(),
+                "protect_gram_t": g_t.to(sum_dtype(dt)).contiguous(), "protect_gram_u": g_u.to(sum_dtype(dt)).contiguous(),
+                # (clora_kernels.end_task(model) warns, naming the layers)
+                "no_room": u.shape[1] == u.shape[0] and w.shape[1] == layer.rank and v.shape[1] == layer.rank}
+
+    def end_task(self, layer, prepared=None) -> None:
+        for name, value in prepared.items():
+            if name != "no_room":
+                setattr(layer, name, value)
         layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
         layer._enforced_versions = None
-        # (clora_kernels.end_task(model) warns, naming the layers)
-        layer._no_room = u.shape[1] == u.shape[0] and w.shape[1] == layer.rank and v.shape[1] == layer.rank
+        layer._no_room = prepared["no_room"]
 
 
 def grow_input_basis(u: Tensor, gram: Tensor, energy: float) -> Tensor:

@@ -705,8 +705,9 @@ def test_a_16_bit_project_layer_keeps_its_sums_in_float32(seed):
 
 
 def test_a_failing_end_task_leaves_the_layer_in_its_task(seed, monkeypatch):
-    """The policy's new state is made after the routing fold; when it failed (an eigh on overflowed
-    sums) the layer was left folded, its task counted and its bases old, and every retry failed."""
+    """The policy's new state was made after the routing fold; when it failed (an eigh on overflowed
+    sums) the layer was left folded, its task counted and its bases old, and every retry failed. It is
+    made before anything is set now."""
     layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -715,9 +716,9 @@ def test_a_failing_end_task_leaves_the_layer_in_its_task(seed, monkeypatch):
         layer(torch.randn(16, K))
     before = copy.deepcopy(layer.state_dict())
 
-    def fail(self, layer):
+    def fail(self, layer, routing, projection):
         raise torch.linalg.LinAlgError("eigh failed to converge")
-    monkeypatch.setattr(ck.protection.Project, "end_task", fail)
+    monkeypatch.setattr(ck.protection.Project, "prepare_end_task", fail)
     with pytest.raises(torch.linalg.LinAlgError):
         layer.end_task()
     assert layer.task_index == 0
@@ -727,7 +728,8 @@ def test_a_failing_end_task_leaves_the_layer_in_its_task(seed, monkeypatch):
 
 def test_a_failing_end_task_of_a_model_leaves_every_layer_in_its_task(seed, monkeypatch):
     """end_task(model) with the second layer's policy step failing: the first layer had ended its task
-    (and dropped its observed inputs), so a retry was refused, and under freeze would end it twice."""
+    (and dropped its observed inputs), so a retry was refused, and under freeze would end it twice.
+    Every layer's new state is made first, then set; the projection made on the way is undone."""
     model = nn.Sequential(CLoRALinear(K, K, rank=R, protection="project"), CLoRALinear(K, N, rank=R,
                                                                                    protection="project"))
     x = torch.randn(16, K)
@@ -744,19 +746,19 @@ def test_a_failing_end_task_of_a_model_leaves_every_layer_in_its_task(seed, monk
             opt.step()
             model(x)
     before = copy.deepcopy(model.state_dict())
-    real = ck.protection.Project.end_task
+    real = ck.protection.Project.prepare_end_task
 
-    def fail_second(self, layer):
+    def fail_second(self, layer, routing, projection):
         if layer is model[1]:
             raise torch.linalg.LinAlgError("eigh failed to converge")
-        real(self, layer)
-    monkeypatch.setattr(ck.protection.Project, "end_task", fail_second)
+        return real(self, layer, routing, projection)
+    monkeypatch.setattr(ck.protection.Project, "prepare_end_task", fail_second)
     with pytest.raises(torch.linalg.LinAlgError):
         ck.end_task(model)
     assert [m.task_index for m in model] == [1, 1]
     for name, value in before.items():      # (the task states too: still enforced)
         assert torch.equal(model.state_dict()[name], value), name
-    monkeypatch.setattr(ck.protection.Project, "end_task", real)
+    monkeypatch.setattr(ck.protection.Project, "prepare_end_task", real)
     ck.end_task(model)          # (the retry: each layer still holds its observed inputs)
     assert [m.task_index for m in model] == [2, 2] and all(m.protect_input_basis.shape[1] for m in model)
 
