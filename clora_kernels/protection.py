@@ -13,7 +13,8 @@ init / merge / forward):
     observe(layer, x)       accumulate the inputs of a pass over the task's data (project)
     observed(layer)         after that pass (project: sums the inputs over the processes of a DDP job)
     not_ready(layer)        why end_task cannot run yet ('' when it can), checked before anything changes
-    end_task(layer)         after the routing fold (routing_delta is 0 then)
+    prepare_end_task(layer, routing, P)  the policy's state after the task, made before anything changes
+    end_task(layer, prepared)  after the routing fold (routing_delta is 0 then): takes that state
     config()                what travels in state_dict and adapter files
 
 Policies beyond "paper" are this project's variants, not the paper's method:
