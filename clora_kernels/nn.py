@@ -530,17 +530,17 @@ class CLoRALinear(nn.Linear):
         why = self._refusal("end_task") or self.protection.not_ready(self)
         if why:
             raise ValueError(f"end_task: {why}; nothing was changed")
-        self._end_task_commit(self._end_task_plan())
+        _end_tasks([self])
 
     @torch.no_grad()
     @_lifecycle_step
     def _end_task_plan(self) -> tuple:
-        """Everything end_task sets, computed before anything is set: so a failure (an eigh, an interrupt),
-        here or in a later layer of end_task(model), leaves every layer in its task. The policy's projection
-        of the factors runs first (the plan is made from the projected factors); where the plan fails it is
-        undone bit for bit (`_end_task_undo`)."""
-        undo = (tuple(t.detach().clone() for t in (self.lora_A, self.routing_delta, self.lora_B)),
-                self.protection.enforced_fingerprint(self))
+        """Everything end_task sets, computed before anything is set (`_end_tasks`). The policy's
+        projection of the factors runs first (the plan is made from the projected factors); where the
+        plan fails it is undone bit for bit (`_end_task_undo`)."""
+        undo = None if self.task_index == 0 or not self.protection.enforces else (   # (nothing to project)
+            tuple(t.detach().clone() for t in (self.lora_A, self.routing_delta, self.lora_B)),
+            self.protection.enforced_fingerprint(self))
         try:
             self.protection.enforce(self, force=True)
             routing = self.routing()
@@ -550,11 +550,13 @@ class CLoRALinear(nn.Linear):
         except BaseException:
             self._end_task_undo(undo)
             raise
-        return routing, projection, prepared, undo
+        return self.task_index, routing, projection, prepared, undo
 
     @torch.no_grad()
     @_lifecycle_step
-    def _end_task_undo(self, undo: tuple) -> None:
+    def _end_task_undo(self, undo) -> None:
+        if undo is None:
+            return
         factors, fingerprint = undo
         for t, saved in zip((self.lora_A, self.routing_delta, self.lora_B), factors):
             t.copy_(saved)
@@ -564,12 +566,13 @@ class CLoRALinear(nn.Linear):
     @torch.no_grad()
     @_lifecycle_step
     def _end_task_commit(self, plan: tuple) -> None:
-        routing, projection, prepared, _ = plan
+        """Set what the plan made; run again, it sets the same (`_end_tasks` finishes an interrupted one)."""
+        index, routing, projection, prepared, _ = plan
         self.routing_old.copy_(routing)
         self.routing_delta.zero_()
         if projection is not None:
             self.projection.copy_(projection)
-        self.task_index += 1
+        self.task_index = index + 1     # (before the policy's step: freeze reads it)
         self.protection.end_task(self, prepared)
         self.__dict__.pop("_parts", None)       # (a load's parts are over)
 
@@ -1230,18 +1233,7 @@ def end_task(model: nn.Module) -> None:
                if why]
     if waiting:
         raise ValueError(f"end_task: {waiting[0][1]} (layers {[n for n, _ in waiting]}); no layer was changed")
-    plans = []      # (every layer's new state first: a failure in any leaves every layer in its task)
-    try:
-        for _, m in layers:
-            plans.append((m, None))
-            plans[-1] = (m, m._end_task_plan())
-    except BaseException:
-        for m, plan in reversed(plans):
-            if plan is not None:
-                m._end_task_undo(plan[3])
-        raise
-    for m, plan in plans:
-        m._end_task_commit(plan)
+    _end_tasks([m for _, m in layers])
     full = [name or "<the model>" for name, m in layers
             if isinstance(m.protection, Project) and getattr(m, "_no_room", False)]
     if full:
@@ -1260,6 +1252,35 @@ def end_task(model: nn.Module) -> None:
                       f"grad_through_old_route), neither do lora_A and lora_B: these layers learn nothing in the "
                       f"next task (a lower protect_energy, soft mode or protection='project' leaves room)",
                       RuntimeWarning, stacklevel=2)
+
+
+def _end_tasks(layers: list) -> None:
+    """end_task of `layers`, all or none: every layer's new state is made first (a failure there, an eigh
+    or an interrupt, undoes what was made and leaves every layer in its task; the memory peak is every
+    layer's Gram, old and new bases), then set; an interrupt while setting finishes setting every layer
+    (a layer's setting can be redone) and is raised after."""
+    plans = []
+    try:
+        for m in layers:
+            plans.append((m, None))
+            plans[-1] = (m, m._end_task_plan())
+    except BaseException:
+        for m, plan in reversed(plans):
+            if plan is not None:
+                m._end_task_undo(plan[-1])
+        raise
+    done = 0
+    try:
+        for m, plan in plans:
+            m._end_task_commit(plan)
+            done += 1
+    except BaseException:
+        for m, plan in plans[done:]:
+            try:
+                m._end_task_commit(plan)
+            except BaseException:       # (one that fails again stays as it is; the first error is raised)
+                pass
+        raise
 
 
 @contextlib.contextmanager

@@ -943,3 +943,23 @@ def test_swapped_conversions_of_an_enforced_project_layer(seed):
     finally:
         torch.__future__.set_swap_module_params_on_conversion(previous)
     assert layer.lora_A.dtype == torch.float64 and layer.task_index == 1
+
+
+def test_an_interrupt_while_end_task_sets_the_layers_finishes_setting_them(seed, monkeypatch):
+    """A Ctrl-C while end_task(model) sets the layers' new states (after every state was made) left the
+    layers before it ended and those after it not: a retry ended the first ones twice (freeze) or was
+    refused (project). Every layer is set, then the interrupt is raised."""
+    model = nn.Sequential(*[CLoRALinear(K, K, rank=R, protection="freeze") for _ in range(3)])
+    fired = []
+    real = ck.protection.Freeze.end_task
+
+    def interrupted(self, layer, prepared=None):
+        if layer is model[1] and not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+        return real(self, layer, prepared)
+    monkeypatch.setattr(ck.protection.Freeze, "end_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ck.end_task(model)
+    assert [m.task_index for m in model] == [1, 1, 1]
+    assert not any(m.lora_A.requires_grad for m in model)
