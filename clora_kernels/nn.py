@@ -714,9 +714,8 @@ class CLoRALinear(nn.Linear):
             # was not in the state, or FSDP2 shards it (no collective inside a load), unmerge takes out
             # the adapter's delta as it is then. A state without the weight: see _load_from_state_dict
             self._set_merged(bool(state.get("merged", False)))
-            if self.merged and loading is not None and all(map(loaded, _ADAPTER_TENSORS)) \
-                    and not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
-                self._merged_adapter = self._merge_memo()
+            if self.merged and loading is not None and all(map(loaded, _ADAPTER_TENSORS)):
+                self._remember_loaded_adapter()
             elif self.merged and loading is not None:   # the adapter comes in a later part (a sharded checkpoint):
                 self._load_parts()["merged"] = True     # none of it is one to merge in place of the weight's
         elif loading is not None and state.get("merged"):
@@ -796,8 +795,7 @@ class CLoRALinear(nn.Linear):
                     elif not any(prefix + name in state_dict for name in ("lora_A", "lora_B", "routing_delta")):
                         self._set_merged(False)
                 if len(error_msgs) == errors:
-                    self._part_loaded(state_dict, prefix, whole=extra is not None and all(
-                        prefix + n in state_dict for n in _ADAPTER_TENSORS + self.protection.buffers))
+                    self._part_loaded(state_dict, prefix, extra is not None)
             finally:
                 self.__dict__.pop("_loading", None)
 
@@ -807,13 +805,15 @@ class CLoRALinear(nn.Linear):
         another policy's buffers, and which entries came in."""
         return self.__dict__.setdefault("_parts", {"seen": set()})
 
-    def _part_loaded(self, state_dict, prefix: str, whole: bool) -> None:
-        """After a load: a whole state ends what earlier parts left; a part adds its entries, and once every
-        adapter tensor and buffer is in, the fingerprint its task state carried is taken (as a whole load
-        takes it: a first forward then does not project the adapter again)."""
+    def _part_loaded(self, state_dict, prefix: str, has_task_state: bool) -> None:
+        """After a load: the entries it brought (a whole adapter with its task state replaces what earlier
+        parts brought) and what earlier parts left pending: once the checkpoint's adapter is in, a merged
+        layer remembers it; once every adapter tensor and buffer is in, the fingerprint the task state
+        carried is taken (as a whole load takes it: a first forward then does not project again)."""
         names = [n for n in _ADAPTER_TENSORS + self.protection.buffers if prefix + n in state_dict]
-        if _task_state_entry(state_dict, prefix) is not None:   # (a part closes once the task state is in too:
-            names.append("_extra_state")                         # it is the state_dict's last entry)
+        whole = has_task_state and len(names) == len(_ADAPTER_TENSORS + self.protection.buffers)
+        if has_task_state:      # (a part closes once the task state is in too: it is the state_dict's last entry)
+            names.append("_extra_state")
         parts = self.__dict__.get("_parts")
         if parts is None and (whole or not names):      # (nothing left by an earlier part, nothing left here)
             return
@@ -824,13 +824,19 @@ class CLoRALinear(nn.Linear):
         seen.update(names)
         if parts.get("merged") and seen.issuperset(_ADAPTER_TENSORS):
             del parts["merged"]         # the checkpoint's adapter is in: what the merged weight holds
-            if not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
-                self._merged_adapter = self._merge_memo()
+            self._remember_loaded_adapter()
         if parts.get("enforced") is not None and seen.issuperset(_ADAPTER_TENSORS + self.protection.buffers):
             self.protection.loaded_enforced(self, parts.pop("enforced"))
         if not (set(parts) - {"seen"}) and (whole or seen.issuperset(("_extra_state",) + _ADAPTER_TENSORS
                                                                       + self.protection.buffers)):
             del self.__dict__["_parts"]     # (the weight is no part of it: a merged one is found by its sums)
+
+    def _remember_loaded_adapter(self) -> None:
+        """A merged state loaded whole: the adapter as loaded is what the weight holds (as merge remembers
+        it), so that unmerge takes out that delta even after the adapter changes; not where FSDP2 shards
+        it (no collective inside a load: unmerge then takes out the adapter as it is)."""
+        if not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
+            self._merged_adapter = self._merge_memo()
 
     def _merged_from_parts(self) -> None:
         """A sharded checkpoint's merged weight and its task state met: the layer is merged, and until the
