@@ -73,7 +73,12 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {_shape(weight)}")
     n, k = weight.shape
-    if x.shape[-1] != k:
+    try:
+        width = x.shape[-1]
+    except RuntimeError:    # a nested tensor of the strided layout has no sizes (torch.jagged's has)
+        raise TypeError("x is a nested tensor of layout torch.strided, which a C-LoRA layer does not take: make "
+                        "it with layout=torch.jagged, or pad it (x.to_padded_tensor(0.0))") from None
+    if width != k:
         raise ValueError(
             f"x has {x.shape[-1]} features in its last dimension (shape {_shape(x)}) but weight "
             f"expects in_features={k} (weight shape {_shape(weight)})")
@@ -198,8 +203,11 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     # and no memo under torch.compile, which traces the validation once and guards it: the memo's write
     # is a mutation of the module inside the graph, which compiled activation checkpointing refuses and
     # which cost every compiled model a second compile)
-    if owner is not None and isinstance(x, Tensor) and x.dim() and type(scaling) is float \
-            and type(k := x.shape[-1]) is int and not _autocasting(x) and not _compiling():
+    try:
+        k = x.shape[-1] if isinstance(x, Tensor) and x.dim() else None
+    except RuntimeError:    # a nested tensor of the strided layout has no sizes: check_inputs says so
+        k = None
+    if owner is not None and type(k) is int and type(scaling) is float and not _autocasting(x) and not _compiling():
         try:
             key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.shape, weight.dtype,
                    lora_A.dtype, lora_B.dtype, routing_old.dtype, routing_delta.dtype,

@@ -1219,12 +1219,51 @@ def _call_qkv(parent: nn.Module, child: str) -> None:
         parent.qkv_bias_separate = True
 
 
+def _runs_its_layers(module, args) -> None:
+    """The forward pre-hook that `_fused_paths` puts on an adapted nn.TransformerEncoderLayer: it does
+    nothing, but a layer with a hook in its modules does not take torch's fused inference path."""
+
+
+def _fused_paths(model: nn.Module, name: str) -> None:
+    """nn.TransformerEncoderLayer in eval mode, with no gradient to record (no_grad, or only frozen base
+    weights, as after inject_clora), runs one fused op on `linear1.weight` and `linear2.weight` and never
+    calls those modules, and nn.TransformerEncoder then turns a padded batch into a nested tensor first:
+    an adapter there was silently left out of every evaluation (PEFT's LoRA too, peft 0.21). Where the
+    module at `name` sits in such a layer, the layer gets `_runs_its_layers` (torch skips the fused path
+    for a layer with hooks) and the encoders around it `use_nested_tensor = False`, as long as a layer
+    there is not a plain nn.Linear; when merge_and_unload has put plain layers back, both are undone."""
+    parts = name.split(".")
+    ancestors = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))]
+    layer = ancestors[-1]
+    if isinstance(layer, nn.TransformerEncoderLayer):
+        adapted = type(layer.linear1) is not nn.Linear or type(layer.linear2) is not nn.Linear
+        hooks = layer._forward_pre_hooks
+        ours = [k for k, hook in hooks.items() if hook is _runs_its_layers]
+        if adapted and not ours:
+            layer.register_forward_pre_hook(_runs_its_layers)
+        elif not adapted:
+            for k in ours:
+                del hooks[k]
+    for encoder in ancestors:
+        if not isinstance(encoder, nn.TransformerEncoder) or not hasattr(encoder, "use_nested_tensor"):
+            continue
+        state = encoder.__dict__
+        adapted = any(_runs_its_layers in getattr(m, "_forward_pre_hooks", {}).values() for m in encoder.modules())
+        if adapted and "_clora_use_nested_tensor" not in state:
+            state["_clora_use_nested_tensor"] = encoder.use_nested_tensor
+            encoder.use_nested_tensor = False
+        elif not adapted and "_clora_use_nested_tensor" in state:
+            encoder.use_nested_tensor = state.pop("_clora_use_nested_tensor")
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` at `name` (every adapter's injection, and merge_and_unload's plain layers)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
     _call_qkv(parent, child)
+    if parent_name:
+        _fused_paths(model, name)
 
 
 def end_task(model: nn.Module) -> None:

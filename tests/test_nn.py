@@ -477,6 +477,73 @@ def test_inject_is_all_or_nothing_and_once():
         CLoRALinear.from_linear(net.blocks[0].qkv, rank=2)
 
 
+def _encoder(nested=True):
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 48, dropout=0.0, batch_first=True), 2,
+                                enable_nested_tensor=nested)
+    for layer in enc.layers:
+        layer.self_attn.dropout = 0.0       # (a float, not a Dropout module)
+    return enc
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("grad", [False, True])
+def test_an_adapted_transformer_encoder_evaluates_with_its_adapter(seed, grad):
+    """nn.TransformerEncoderLayer in eval mode runs a fused op on linear1 / linear2's weights without
+    calling them (no gradient to record: no_grad, or only frozen base weights), and nn.TransformerEncoder
+    turns a padded batch into a nested tensor first: the adapter was left out of every evaluation
+    (the output was the base model's, to 7e-7). Evaluated, the model now computes what training mode
+    does; unloaded, the fused paths come back (a copy and a pickle keep the guard)."""
+    enc = _encoder()
+    base = copy.deepcopy(enc)
+    ck.inject_clora(enc, target_modules=("linear1", "linear2"), rank=4)
+    for m in ck.nn.clora_layers(enc):
+        _trained(m[1])
+    x = torch.randn(3, 7, 32)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, 5:] = True
+    with torch.no_grad():
+        trained = [enc(x), enc(x, src_key_padding_mask=mask)]      # training mode: the modules run
+        plain = base.eval()(x)
+    enc.eval()
+    for model in (enc, copy.deepcopy(enc)):
+        with torch.set_grad_enabled(grad):
+            got = [model(x), model(x, src_key_padding_mask=mask)]
+        assert not got[1].is_nested
+        assert (got[0] - plain).abs().max() > 0.1
+        assert rel_err(got[0], trained[0]) < 1e-5
+        assert rel_err(got[1][~mask], trained[1][~mask]) < 1e-5
+    merged = ck.merge_and_unload(enc)
+    assert merged.use_nested_tensor and not any(layer._forward_pre_hooks for layer in merged.layers)
+    with torch.no_grad():
+        fused = merged(x, src_key_padding_mask=mask)      # the fused path, the merged weights
+    assert rel_err(fused[~mask], trained[1][~mask]) < 1e-5
+
+
+@pytest.mark.parametrize("protection", ["freeze", "project"])
+def test_nested_input(seed, protection):
+    """A nested tensor of layout torch.jagged, which nn.Linear takes, gives the rows' outputs and
+    gradients (and, observed, the rows' Gram); the strided layout, which has no sizes, is a TypeError
+    naming x. (Both were torch's errors from inside the layer.)"""
+    layer, dense_layer = (_trained(CLoRALinear(8, 6, rank=3, protection=protection)) for _ in range(2))
+    dense_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(7, 8)
+    nested = torch.nested.nested_tensor([x[:3], x[3:]], layout=torch.jagged)
+    with ck.observe_task(layer), ck.observe_task(dense_layer):
+        y = layer(nested)
+        assert y.is_nested and torch.equal(torch.cat(y.unbind()), dense_layer(x))
+    if protection == "project":
+        assert torch.allclose(layer._observed, dense_layer._observed)
+    y.values().square().sum().backward()
+    dense_layer(x).square().sum().backward()
+    for name in ("lora_A", "lora_B", "routing_delta"):
+        assert rel_err(getattr(layer, name).grad, getattr(dense_layer, name).grad) < 1e-5
+    strided = torch.nested.nested_tensor([x[:3], x[3:]])
+    args = (layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.routing_old, layer.routing_delta, None, 1.0)
+    for call in (lambda: layer(strided), lambda: ck.clora_linear(strided, *args)):
+        with pytest.raises(TypeError, match="x is a nested tensor of layout torch.strided.*torch.jagged"):
+            call()
+
+
 def test_training_a_merged_layer_is_a_clear_error(seed):
     layer = _trained(CLoRALinear(24, 40, rank=6))
     x = torch.randn(5, 24)

@@ -284,10 +284,18 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     grad = torch.is_grad_enabled()
     need_t = grad and (lora_b.requires_grad or routing_delta.requires_grad)
     dim = x.dim()
+    scaling, grad_through_old_route = float(scaling), bool(grad_through_old_route)
     # flatten, not reshape(lead.numel(), K): numel() fixes a symbolic batch size, so torch.export
     # and the ONNX exporters would lose their dynamic batch dimension
-    x2 = x if dim == 2 else x.unsqueeze(0) if dim == 1 else x.flatten(0, -2)
-    scaling, grad_through_old_route = float(scaling), bool(grad_through_old_route)
+    try:
+        x2 = x if dim == 2 else x.unsqueeze(0) if dim == 1 else x.flatten(0, -2)
+    except RuntimeError:
+        if not x.is_nested:
+            raise
+        # a nested tensor of layout torch.jagged (validated: the strided layout is refused), as nn.Linear
+        # takes one: the formula in plain torch ops, which take it (no flatten across its ragged dim)
+        return _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                               grad_through_old_route)
     args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
             grad_through_old_route, need_t, backend)
     if torch.compiler.is_compiling() and not in_functorch():
