@@ -1262,8 +1262,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
     _call_qkv(parent, child)
-    if parent_name:
-        _fused_paths(model, name)
+    _fused_paths(model, name)
 
 
 def end_task(model: nn.Module) -> None:

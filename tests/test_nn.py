@@ -517,6 +517,13 @@ def test_an_adapted_transformer_encoder_evaluates_with_its_adapter(seed, grad):
     with torch.no_grad():
         fused = merged(x, src_key_padding_mask=mask)      # the fused path, the merged weights
     assert rel_err(fused[~mask], trained[1][~mask]) < 1e-5
+    layer = _encoder().layers[0]            # the layer itself is the model
+    ck.inject_clora(layer, target_modules=("linear1",), rank=4)
+    _trained(layer.linear1)
+    with torch.no_grad():
+        trained = layer(x)
+    with torch.set_grad_enabled(grad):
+        assert rel_err(layer.eval()(x), trained) < 1e-5
 
 
 @pytest.mark.parametrize("protection", ["freeze", "project"])
