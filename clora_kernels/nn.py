@@ -1135,6 +1135,91 @@ def _candidates(model: nn.Module) -> str:
     return "; ".join(f"{t} ({len(ns)}): {ns[:6]}" for t, ns in by_type.items()) or "none"
 
 
+def _always(parent) -> bool:
+    return True
+
+
+def _bloom_tp(parent) -> bool:
+    return getattr(parent, "pretraining_tp", 1) > 1 and bool(getattr(parent, "slow_but_exact", False))
+
+
+# Modules that compute with a child linear layer's weight without calling the child, so that an adapter
+# there would never run: (the class's module, its name) -> (the children, when it does so, what it does
+# with a child's weight, {w}).
+# Found by a helper's audit of torch 2.14.1, torchvision 0.29.1, timm 1.0.31 and transformers 5.25.0,
+# each confirmed by a model whose output the adapter left unchanged (BEiT / EVA / SwinV2 `qkv`:
+# `_call_qkv` makes them call it; nn.TransformerEncoderLayer's eval path: `_fused_paths`)
+_WEIGHT_READERS = {
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"):
+        (("qkv", "proj"), _always, "passes {w} to shifted_window_attention"),
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"):
+        (("qkv", "proj"), _always, "passes {w} to shifted_window_attention"),
+    ("torchvision.models.video.swin_transformer", "ShiftedWindowAttention3d"):
+        (("qkv", "proj"), _always, "passes {w} to shifted_window_attention_3d"),
+    ("torch.nn.modules.loss", "LinearCrossEntropyLoss"): (("linear",), _always, "passes {w} to F.linear_cross_entropy"),
+    ("transformers.models.wavlm.modeling_wavlm", "WavLMAttention"):
+        (("q_proj", "k_proj", "v_proj", "out_proj"), _always, "passes {w} to F.multi_head_attention_forward"),
+    ("transformers.models.mobilebert.modeling_mobilebert", "MobileBertLMPredictionHead"):
+        (("dense", "decoder"), _always, "multiplies by {w} (concatenated with the other layer's)"),
+    ("transformers.models.mamba.modeling_mamba", "MambaMixer"): (("dt_proj",), _always, "multiplies by {w}"),
+    ("transformers.models.falcon_mamba.modeling_falcon_mamba", "FalconMambaMixer"):
+        (("dt_proj",), _always, "multiplies by {w}"),
+    ("transformers.models.jamba.modeling_jamba", "JambaMambaMixer"): (("dt_proj",), _always, "multiplies by {w}"),
+    ("transformers.models.longcat_flash.modeling_longcat_flash", "LongcatFlashTopkRouter"):
+        (("classifier",), _always, "applies {w} in float32"),
+    ("transformers.models.neomme.modeling_neomme", "NeoMMEForMaskedLM"):
+        (("unembedding_projection",), _always, "multiplies by {w}"),
+    ("transformers.models.detr.modeling_detr", "DetrMHAttentionMap"):
+        (("k_proj",), _always, "convolves with {w}"),
+    ("transformers.models.conditional_detr.modeling_conditional_detr", "ConditionalDetrMHAttentionMap"):
+        (("k_proj",), _always, "convolves with {w}"),
+    ("transformers.models.maskformer.modeling_maskformer", "MaskFormerDetrMHAttentionMap"):
+        (("k_proj",), _always, "convolves with {w}"),
+    ("timm.models.naflexvit", "NaFlexEmbeds"):
+        (("proj",), lambda p: bool(getattr(p, "enable_patch_interpolator", False)),
+         "passes {w} to its patch interpolator (enable_patch_interpolator, 5-D input)"),
+    ("transformers.models.bloom.modeling_bloom", "BloomAttention"):
+        (("dense",), _bloom_tp, "applies slices of {w} (pretraining_tp > 1 and slow_but_exact)"),
+    ("transformers.models.bloom.modeling_bloom", "BloomMLP"):
+        (("dense_4h_to_h",), _bloom_tp, "applies slices of {w} (pretraining_tp > 1 and slow_but_exact)"),
+    ("transformers.models.gemma3n.modeling_gemma3n", "Gemma3nTextAltUp"):
+        (("correction_coefs",), lambda p: getattr(getattr(p, "config", None), "altup_coef_clip", None) is not None,
+         "applies {w} clamped in training (altup_coef_clip)"),
+    ("transformers.models.reformer.modeling_reformer", "LSHSelfAttention"):
+        (("query_key", "value"), _always, "multiplies by {w} when decoding with a cache"),
+}
+
+
+def _weight_read(model: nn.Module, name: str) -> Optional[str]:
+    """Why an adapter at `name` would never run (its parent in _WEIGHT_READERS computes with the
+    layer's weight itself), or None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    cls = type(parent)
+    entry = _WEIGHT_READERS.get((cls.__module__, cls.__name__))
+    if entry is None or child not in entry[0] or not entry[1](parent):
+        return None
+    return f"{cls.__name__} {entry[2].format(w=f'the weight of {child!r}')} instead of calling it"
+
+
+def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
+    """(name, types) for each name of a target_modules list that matched no layer to adapt but a
+    subclass of nn.Linear, which is not adapted (nn.MultiheadAttention's `out_proj`: it computes with
+    the weight itself), and which a user asking for it by name would take for a linear layer."""
+    if isinstance(target_modules, str):
+        return []
+    out = []
+    for t in target_modules:
+        hit = lambda n: n == t or n.endswith("." + t)     # noqa: E731
+        if any(hit(n) for n in names):
+            continue
+        types = sorted({type(m).__name__ for n, m in model.named_modules()
+                        if n and hit(n) and isinstance(m, nn.Linear) and not _linear_like(m)})
+        if types:
+            out.append((t, types))
+    return out
+
+
 def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=None, warn: bool = True) -> list:
     """Names of the linear-like layers (nn.Linear, transformers Conv1D) that inject_clora
     would replace, in module order (see inject_clora for the forms). With `rank`, "all-linear"
@@ -1155,6 +1240,22 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
             warnings.warn(f"'all-linear' leaves out {len(small)} layer(s) narrower than rank={rank} "
                           f"(min(in, out) < rank): {small[:8]}", UserWarning, stacklevel=3)
         names = [n for n in names if n not in small]
+    read = {n: why for n in names if (why := _weight_read(model, n))}
+    if read and not all_linear:
+        first = next(iter(read))
+        raise ValueError(f"layer {first!r} cannot be adapted: {read[first]}, so an adapter there would never run "
+                         f"({len(read)} such layer(s): {list(read)[:8]}); leave them out (exclude_modules) or "
+                         f"target other layers")
+    if read and warn:
+        warnings.warn(f"'all-linear' leaves out {len(read)} layer(s) whose parent computes with their weight "
+                      f"without calling them (an adapter there would never run): "
+                      + "; ".join(f"{n}: {why}" for n, why in list(read.items())[:8]), UserWarning, stacklevel=3)
+    names = [n for n in names if n not in read]
+    if names and warn:
+        for t, types in _unadapted_names(model, target_modules, names):
+            warnings.warn(f"target_modules name {t!r} matches no layer that is adapted, only subclasses of nn.Linear "
+                          f"({', '.join(types)}), which are not (nn.MultiheadAttention computes with its out_proj's "
+                          f"weight itself)", UserWarning, stacklevel=3)
     return names
 
 

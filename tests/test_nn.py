@@ -526,6 +526,37 @@ def test_an_adapted_transformer_encoder_evaluates_with_its_adapter(seed, grad):
         assert rel_err(layer.eval()(x), trained) < 1e-5
 
 
+def test_layers_whose_parent_reads_their_weight_are_not_adapted(seed):
+    """torchvision's Swin attention passes qkv.weight and proj.weight to a function and never calls the
+    modules: the default targets adapted all 24 and the output stayed the base's exactly. Named, they
+    are an error naming the parent; under "all-linear" they are left out with a warning, and the layers
+    that are adapted run. A target name matching only nn.MultiheadAttention's out_proj (a subclass of
+    nn.Linear, never adapted) said nothing while another name matched."""
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.swin_t(weights=None, num_classes=5)
+    with pytest.raises(ValueError, match=r"'features.1.0.attn.qkv' cannot be adapted: ShiftedWindowAttention passes "
+                                         r"the weight of 'qkv' to shifted_window_attention.*24 such layer"):
+        ck.inject_clora(model, rank=4)
+    assert not ck.nn.clora_layers(model)
+    with pytest.warns(UserWarning, match="'all-linear' leaves out 24 layer"):
+        ck.inject_clora(model, "all-linear", rank=4)
+    layers = ck.nn.clora_layers(model)
+    assert layers and not any(n.endswith(("qkv", "attn.proj")) for n, _ in layers)
+    x = torch.randn(1, 3, 32, 32)
+    base = model(x)
+    for _, layer in layers:
+        _trained(layer)
+    assert (model(x) - base).abs().max() > 1e-3
+    if hasattr(nn, "LinearCrossEntropyLoss"):       # torch 2.14: F.linear_cross_entropy on linear.weight
+        holder = nn.Module()
+        holder.loss = nn.LinearCrossEntropyLoss(8, 5)
+        with pytest.raises(ValueError, match="LinearCrossEntropyLoss passes the weight of 'linear'"):
+            ck.inject_clora(holder, ["linear"], rank=2)
+    transformer = nn.Transformer(32, 4, 1, 1, 48, batch_first=True)
+    with pytest.warns(UserWarning, match=r"'out_proj' matches no layer that is adapted.*NonDynamicallyQuantizableLinear"):
+        ck.inject_clora(transformer, ["out_proj", "linear1"], rank=4)
+
+
 @pytest.mark.parametrize("protection", ["freeze", "project"])
 def test_nested_input(seed, protection):
     """A nested tensor of layout torch.jagged, which nn.Linear takes, gives the rows' outputs and
