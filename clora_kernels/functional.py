@@ -47,7 +47,10 @@ def check_flag(name: str, value) -> bool:
 
 
 def _shape(t: Tensor) -> str:
-    return str(tuple(t.shape))
+    try:
+        return str(tuple(t.shape))
+    except RuntimeError:    # a nested tensor of the strided layout has no shape
+        return "nested: " + ", ".join(str(tuple(c.shape)) for c in t.unbind())
 
 
 def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -67,6 +70,11 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
                         ("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection)):
             optional = name in ("bias", "projection")
             if not isinstance(t, T) and not (optional and t is None):
+                if isinstance(t, torch.fx.Proxy):      # torch.fx keeps only torch.nn's modules whole
+                    raise TypeError(f"{name} is a torch.fx Proxy: torch.fx.symbolic_trace traced into a C-LoRA "
+                                    f"layer; keep CLoRALinear whole (a leaf module: is_leaf_module of your "
+                                    f"Tracer, or tracer_kwargs={{'leaf_modules': [CLoRALinear]}} for "
+                                    f"create_feature_extractor), or trace after ck.merge_and_unload(model)")
                 raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(t).__name__}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (*, in_features), got a 0-d tensor")
@@ -75,12 +83,11 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     n, k = weight.shape
     try:
         width = x.shape[-1]
-    except RuntimeError:    # a nested tensor of the strided layout has no sizes (torch.jagged's has)
-        raise TypeError("x is a nested tensor of layout torch.strided, which a C-LoRA layer does not take: make "
-                        "it with layout=torch.jagged, or pad it (x.to_padded_tensor(0.0))") from None
+    except RuntimeError:    # a nested tensor of the strided layout has no shape (torch.jagged's has), a width
+        width = x.size(-1)
     if width != k:
         raise ValueError(
-            f"x has {x.shape[-1]} features in its last dimension (shape {_shape(x)}) but weight "
+            f"x has {width} features in its last dimension (shape {_shape(x)}) but weight "
             f"expects in_features={k} (weight shape {_shape(weight)})")
     if lora_A.dim() != 2 or lora_A.shape[1] != k or lora_A.shape[0] < 1:
         raise ValueError(f"lora_A must have shape (rank, in_features=({k})), got {_shape(lora_A)}")
@@ -107,7 +114,11 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         raise ValueError(f"backend must be one of {sorted(BACKEND_NAMES)}, got {backend!r}")
     dt = x.dtype
     if dt not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {dt}")
+        # (torch.ao.quantization converts exact module types only: it leaves a C-LoRA layer in float, and a
+        # quantized input reaches it)
+        hint = (": a C-LoRA layer computes in floating point and torch.ao.quantization leaves it so; "
+                "dequantize before it, or quantize after ck.merge_and_unload(model)") if x.is_quantized else ""
+        raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {dt}{hint}")
     if abs(value) > _SCALING_MAX[dt]:
         raise ValueError(f"scaling must be a finite real number with {_SCALING_RANGE[dt]}, got {scaling!r}")
     cpu = x.is_cpu      # both on the CPU: no device objects built (t.device costs 0.4 µs, seven per call)
@@ -205,7 +216,7 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     # which cost every compiled model a second compile)
     try:
         k = x.shape[-1] if isinstance(x, Tensor) and x.dim() else None
-    except RuntimeError:    # a nested tensor of the strided layout has no sizes: check_inputs says so
+    except RuntimeError:    # a nested tensor of the strided layout has no shape: validated every call
         k = None
     if owner is not None and type(k) is int and type(scaling) is float and not _autocasting(x) and not _compiling():
         try:

@@ -462,6 +462,11 @@ class CLoRALinear(nn.Linear):
         return module_linear(memo, x, weight, self.fan_in_fan_out, bias, lora_A, lora_B, routing_old, routing_delta,
                              projection if mode == "hard" else None, self.scaling, plain, self.backend, mode, factors)
 
+    def __prepare_scriptable__(self):
+        # (torch.jit.script asks every module before compiling it: the forward's try blocks failed there)
+        raise TypeError("torch.jit.script cannot compile a C-LoRA layer (its forward uses Python that TorchScript lacks): "
+                        "use torch.jit.trace or torch.export, or script after ck.merge_and_unload(model)")
+
     def __getstate__(self):
         # copy.deepcopy and pickle (torch.save(model)): the policy's record of what it enforced keys the
         # tensors' storage, which a copy does not share, so a copy's first forward projected its adapter
@@ -1145,7 +1150,8 @@ def _bloom_tp(parent) -> bool:
 
 # Modules that compute with a child linear layer's weight without calling the child, so that an adapter
 # there would never run: (the class's module, its name) -> (the children, when it does so, what it does
-# with a child's weight, {w}).
+# with a child's weight, {w}). `_PARTLY` lists those that do it on one path only (the module is called
+# on the others): the layer is adapted, with a warning.
 # Found by a helper's audit of torch 2.14.1, torchvision 0.29.1, timm 1.0.31 and transformers 5.25.0,
 # each confirmed by a model whose output the adapter left unchanged (BEiT / EVA / SwinV2 `qkv`:
 # `_call_qkv` makes them call it; nn.TransformerEncoderLayer's eval path: `_fused_paths`)
@@ -1177,7 +1183,7 @@ _WEIGHT_READERS = {
         (("k_proj",), _always, "convolves with {w}"),
     ("timm.models.naflexvit", "NaFlexEmbeds"):
         (("proj",), lambda p: bool(getattr(p, "enable_patch_interpolator", False)),
-         "passes {w} to its patch interpolator (enable_patch_interpolator, 5-D input)"),
+         "passes {w} to its patch interpolator for pre-patchified 5-D input (enable_patch_interpolator)"),
     ("transformers.models.bloom.modeling_bloom", "BloomAttention"):
         (("dense",), _bloom_tp, "applies slices of {w} (pretraining_tp > 1 and slow_but_exact)"),
     ("transformers.models.bloom.modeling_bloom", "BloomMLP"):
@@ -1190,16 +1196,21 @@ _WEIGHT_READERS = {
 }
 
 
+_PARTLY = {("timm.models.naflexvit", "NaFlexEmbeds"), ("transformers.models.reformer.modeling_reformer", "LSHSelfAttention")}
+
+
 def _weight_read(model: nn.Module, name: str) -> Optional[str]:
     """Why an adapter at `name` would never run (its parent in _WEIGHT_READERS computes with the
     layer's weight itself), or None."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     cls = type(parent)
-    entry = _WEIGHT_READERS.get((cls.__module__, cls.__name__))
+    key = (cls.__module__, cls.__name__)
+    entry = _WEIGHT_READERS.get(key)
     if entry is None or child not in entry[0] or not entry[1](parent):
         return None
-    return f"{cls.__name__} {entry[2].format(w=f'the weight of {child!r}')} instead of calling it"
+    why = f"{cls.__name__} {entry[2].format(w=f'the weight of {child!r}')} instead of calling it"
+    return ("partly: " + why) if key in _PARTLY else why
 
 
 def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
@@ -1213,8 +1224,9 @@ def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
         hit = lambda n: n == t or n.endswith("." + t)     # noqa: E731
         if any(hit(n) for n in names):
             continue
-        types = sorted({type(m).__name__ for n, m in model.named_modules()
-                        if n and hit(n) and isinstance(m, nn.Linear) and not _linear_like(m)})
+        types = sorted({type(m).__name__ for n, m in model.named_modules()     # (a layer adapted already: not
+                        if n and hit(n) and isinstance(m, nn.Linear) and not _linear_like(m)    # a second time)
+                        and not isinstance(m, CLoRALinear)})
         if types:
             out.append((t, types))
     return out
@@ -1241,6 +1253,12 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
                           f"(min(in, out) < rank): {small[:8]}", UserWarning, stacklevel=3)
         names = [n for n in names if n not in small]
     read = {n: why for n in names if (why := _weight_read(model, n))}
+    partly = {n: why[len("partly: "):] for n, why in read.items() if why.startswith("partly: ")}
+    if partly and warn:
+        warnings.warn(f"{len(partly)} layer(s) are adapted whose parent computes with their weight on one path without "
+                      f"calling them, where the adapter has no effect (ck.merge(model) before using that path): "
+                      + "; ".join(f"{n}: {why}" for n, why in list(partly.items())[:8]), UserWarning, stacklevel=3)
+    read = {n: why for n, why in read.items() if n not in partly}
     if read and not all_linear:
         first = next(iter(read))
         raise ValueError(f"layer {first!r} cannot be adapted: {read[first]}, so an adapter there would never run "

@@ -363,10 +363,11 @@ class Project(Protection):
         return lora_A, routing_delta, lora_B
 
     def observe(self, layer, x: Tensor) -> None:
-        if isinstance(x, Tensor) and x.is_nested:   # torch.jagged's rows, one per token; a strided nested x
-            if x.layout is not torch.jagged:        # has no sizes: its forward, next, says why
+        if isinstance(x, Tensor) and x.is_nested:   # a nested tensor's rows (the strided layout has no shape)
+            parts = [c.reshape(-1, c.shape[-1]) for c in x.unbind() if c.dim()]
+            if not parts:
                 return
-            x = x.values()
+            x = torch.cat(parts)
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != layer.in_features or not (
                 x.dtype == layer.lora_A.dtype or (x.dtype in _AUTOCAST_CASTS and _autocasting(x))):
             return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)

@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -517,7 +518,15 @@ def test_an_adapted_transformer_encoder_evaluates_with_its_adapter(seed, grad):
     with torch.no_grad():
         fused = merged(x, src_key_padding_mask=mask)      # the fused path, the merged weights
     assert rel_err(fused[~mask], trained[1][~mask]) < 1e-5
-    layer = _encoder().layers[0]            # the layer itself is the model
+    layer = _encoder().layers[0]            # the layer itself is the model, an encoder built of it after
+    ck.inject_clora(layer, target_modules=("linear1",), rank=4)     # (its clones keep the hook; the encoder
+    _trained(layer.linear1)                                         # makes nested batches, which the layer takes)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    with torch.no_grad():
+        trained = enc(x, src_key_padding_mask=mask)
+        got = enc.eval()(x, src_key_padding_mask=mask)
+    assert rel_err(got[~mask], trained[~mask]) < 1e-5
+    layer = _encoder().layers[0]
     ck.inject_clora(layer, target_modules=("linear1",), rank=4)
     _trained(layer.linear1)
     with torch.no_grad():
@@ -555,31 +564,69 @@ def test_layers_whose_parent_reads_their_weight_are_not_adapted(seed):
     transformer = nn.Transformer(32, 4, 1, 1, 48, batch_first=True)
     with pytest.warns(UserWarning, match=r"'out_proj' matches no layer that is adapted.*NonDynamicallyQuantizableLinear"):
         ck.inject_clora(transformer, ["out_proj", "linear1"], rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # a second injection names layers adapted already: nothing to say
+        ck.inject_clora(transformer, ["linear1", "linear2"], rank=4)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")    # (torch.jit's and torch.ao.quantization's deprecations)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_tools_that_cannot_take_a_layer_say_so(seed):
+    """torch.jit.script failed inside TorchScript's frontend ('try blocks aren't supported'),
+    torch.fx.symbolic_trace with 'x must be a torch.Tensor, got Proxy', a quantized input (what
+    torch.ao.quantization's convert, which swaps exact types only, hands the float layer) as a dtype error;
+    a base weight made trainable (timm's unfreeze) got no gradient while its bias trained. Each now says
+    what happened and the way round."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    ck.inject_clora(model, target_modules=["0"], rank=4)
+    with pytest.raises(TypeError, match="torch.jit.script cannot compile a C-LoRA layer.*merge_and_unload"):
+        torch.jit.script(model)
+    with pytest.raises(TypeError, match="x is a torch.fx Proxy.*leaf_modules"):
+        torch.fx.symbolic_trace(model)
+
+    class KeepWhole(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, CLoRALinear) or super().is_leaf_module(m, name)
+    _trained(model[0])
+    traced = torch.fx.GraphModule(model, KeepWhole().trace(model))
+    x = torch.randn(3, 8)
+    assert torch.equal(traced(x), model(x))
+    q = torch.quantize_per_tensor(x, 0.1, 0, torch.quint8)
+    with pytest.raises(TypeError, match="got torch.quint8: a C-LoRA layer computes in floating point"):
+        model[0](q)
+    model.requires_grad_(True)
+    with pytest.warns(UserWarning, match="gives its base weight no gradient"):
+        model(x).sum().backward()
+    assert model[0].weight.grad is None and model[0].bias.grad is not None and model[0].lora_B.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided])
 @pytest.mark.parametrize("protection", ["freeze", "project"])
-def test_nested_input(seed, protection):
-    """A nested tensor of layout torch.jagged, which nn.Linear takes, gives the rows' outputs and
-    gradients (and, observed, the rows' Gram); the strided layout, which has no sizes, is a TypeError
-    naming x. (Both were torch's errors from inside the layer.)"""
+def test_nested_input(seed, protection, layout):
+    """A nested tensor, which nn.Linear takes (either layout), gives the rows' outputs and gradients
+    and, observed, the rows' Gram. (Both layouts were torch's errors from inside the layer: the flatten
+    to 2-D, and the strided layout has no shape; nn.TransformerEncoder makes one from a padded batch.)"""
     layer, dense_layer = (_trained(CLoRALinear(8, 6, rank=3, protection=protection)) for _ in range(2))
     dense_layer.load_state_dict(layer.state_dict())
     x = torch.randn(7, 8)
-    nested = torch.nested.nested_tensor([x[:3], x[3:]], layout=torch.jagged)
+    nested = torch.nested.nested_tensor([x[:3], x[3:]], layout=layout)
     with ck.observe_task(layer), ck.observe_task(dense_layer):
         y = layer(nested)
-        assert y.is_nested and torch.equal(torch.cat(y.unbind()), dense_layer(x))
+        assert y.is_nested and rel_err(torch.cat(y.unbind()), dense_layer(x)) < 1e-6
     if protection == "project":
         assert torch.allclose(layer._observed, dense_layer._observed)
-    y.values().square().sum().backward()
+    torch.cat(y.unbind()).square().sum().backward()
     dense_layer(x).square().sum().backward()
     for name in ("lora_A", "lora_B", "routing_delta"):
         assert rel_err(getattr(layer, name).grad, getattr(dense_layer, name).grad) < 1e-5
-    strided = torch.nested.nested_tensor([x[:3], x[3:]])
+    assert layer.weight.grad is None
     args = (layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.routing_old, layer.routing_delta, None, 1.0)
-    for call in (lambda: layer(strided), lambda: ck.clora_linear(strided, *args)):
-        with pytest.raises(TypeError, match="x is a nested tensor of layout torch.strided.*torch.jagged"):
-            call()
+    assert rel_err(torch.cat(ck.clora_linear(nested, *args).unbind()), dense_layer(x)) < 1e-6
+    wide = torch.nested.nested_tensor([torch.randn(2, 9), torch.randn(1, 9)], layout=layout)
+    with pytest.raises(ValueError, match="x has 9 features in its last dimension"):
+        layer(wide)
 
 
 def test_training_a_merged_layer_is_a_clear_error(seed):

@@ -27,9 +27,11 @@ reference.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import reference_formula, routing_eff, scaled_addmm
@@ -142,6 +144,21 @@ def _double_backward(ctx, grad_y):
     return tuple(out)
 
 
+def _nested_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old):
+    """The formula of `_frozen_formula` for a nested tensor x (either layout, as nn.Linear takes it; the
+    flatten to 2-D cannot cross its ragged dimension), in the ops that both layouts support: F.linear of
+    x alone (matmul of a strided-layout nested tensor and a dense one fails), in plain torch ops whatever
+    the backend, with the same gradients."""
+    r_old = routing_old.detach()
+    new = routing_delta if projection is None else projection.detach() @ routing_delta
+    t = F.linear(x, lora_a)
+    if through_old:
+        lora = F.linear(t, lora_b @ (r_old + new).t())
+    else:
+        lora = F.linear(t, lora_b @ new.t()) + F.linear(F.linear(x, lora_a.detach()), lora_b.detach() @ r_old.t())
+    return F.linear(x, weight.detach(), bias) + scaling * lora
+
+
 def _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old):
     """reference_formula with the operands the first-order backward gives no gradient (weight,
     routing_old, projection: `_backward` returns None for them) detached, so that a second
@@ -151,10 +168,19 @@ def _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta,
                              None if projection is None else projection.detach(), scaling, through_old)
 
 
+# a base weight made trainable (timm's unfreeze, model.requires_grad_()) trained nothing, silently, while
+# its bias and every plain layer trained
+_WEIGHT_NO_GRAD = ("a C-LoRA layer gives its base weight no gradient (docs/design.md section 2), so its "
+                   "requires_grad=True trains nothing; to train the base too, train the layers that "
+                   "ck.merge_and_unload(model) gives back")
+
+
 def _backward(ctx, grad_y, grad_t=None):
     if grad_y is None:      # the registered op's y took no part in the loss (only its t did)
         return (None,) * 12
     compiling = torch.compiler.is_compiling()
+    if ctx.needs_input_grad[1] and not compiling:
+        warnings.warn(_WEIGHT_NO_GRAD, UserWarning)
     if torch.is_grad_enabled() and not compiling:   # create_graph=True
         return _double_backward(ctx, grad_y)
     x, t, weight, lora_a, lora_b, r_old, r_delta, proj, r_eff = ctx.saved_tensors     # r_eff: None but eager torch
@@ -292,9 +318,7 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     except RuntimeError:
         if not x.is_nested:
             raise
-        # a nested tensor of layout torch.jagged (validated: the strided layout is refused), as nn.Linear
-        # takes one: the formula in plain torch ops, which take it (no flatten across its ragged dim)
-        return _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+        return _nested_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                                grad_through_old_route)
     args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
             grad_through_old_route, need_t, backend)
