@@ -1199,9 +1199,9 @@ _WEIGHT_READERS = {
 _PARTLY = {("timm.models.naflexvit", "NaFlexEmbeds"), ("transformers.models.reformer.modeling_reformer", "LSHSelfAttention")}
 
 
-def _weight_read(model: nn.Module, name: str) -> Optional[str]:
-    """Why an adapter at `name` would never run (its parent in _WEIGHT_READERS computes with the
-    layer's weight itself), or None."""
+def _weight_read(model: nn.Module, name: str) -> Optional[tuple]:
+    """(why an adapter at `name` would not run: its parent in _WEIGHT_READERS computes with the layer's
+    weight itself, whether on one path only), or None."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     cls = type(parent)
@@ -1210,7 +1210,7 @@ def _weight_read(model: nn.Module, name: str) -> Optional[str]:
     if entry is None or child not in entry[0] or not entry[1](parent):
         return None
     why = f"{cls.__name__} {entry[2].format(w=f'the weight of {child!r}')} instead of calling it"
-    return ("partly: " + why) if key in _PARTLY else why
+    return why, key in _PARTLY
 
 
 def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
@@ -1252,13 +1252,13 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
             warnings.warn(f"'all-linear' leaves out {len(small)} layer(s) narrower than rank={rank} "
                           f"(min(in, out) < rank): {small[:8]}", UserWarning, stacklevel=3)
         names = [n for n in names if n not in small]
-    read = {n: why for n in names if (why := _weight_read(model, n))}
-    partly = {n: why[len("partly: "):] for n, why in read.items() if why.startswith("partly: ")}
+    read = {n: found for n in names if (found := _weight_read(model, n))}
+    partly = {n: why for n, (why, part) in read.items() if part}
     if partly and warn:
         warnings.warn(f"{len(partly)} layer(s) are adapted whose parent computes with their weight on one path without "
                       f"calling them, where the adapter has no effect (ck.merge(model) before using that path): "
                       + "; ".join(f"{n}: {why}" for n, why in list(partly.items())[:8]), UserWarning, stacklevel=3)
-    read = {n: why for n, why in read.items() if n not in partly}
+    read = {n: why for n, (why, part) in read.items() if not part}
     if read and not all_linear:
         first = next(iter(read))
         raise ValueError(f"layer {first!r} cannot be adapted: {read[first]}, so an adapter there would never run "
