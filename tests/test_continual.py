@@ -23,6 +23,7 @@ def test_metrics_on_hand_made_matrix():
     # task 0: best before the end 0.9, final 0.5 -> 0.4; task 1: best 0.8, final 0.7 -> 0.1
     assert math.isclose(cc.average_forgetting(A), (0.4 + 0.1) / 2)
     assert cc.average_forgetting([[0.7]]) == 0.0
+    assert math.isnan(cc.average_forgetting([[math.nan]]))     # (NaN wherever it is, one task too)
     rising = [[0.5], [0.6, 0.9], [0.8, 0.9, 0.9]]   # improvement counts as negative forgetting (backward transfer)
     assert math.isclose(cc.average_forgetting(rising), ((0.6 - 0.8) + 0.0) / 2)
 
@@ -162,6 +163,21 @@ def test_prototype_head_is_cosine_nearest_mean():
         torch.tensor([10.0, 0.5]), proto0, dim=0)), rel_tol=1e-6)
     with pytest.raises(ValueError, match=r"features must be \(n, 2\)"):
         head.add(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_prototype_scores_are_float32_under_autocast(seed):
+    """evaluate runs the head under bf16 autocast on CUDA (CPU autocast here, the same casts): the
+    cosines came out in bf16, which ties classes 0.004 apart (8 % of predictions moved on 100 close
+    classes, a helper's audit). They are computed in float32 whatever the autocast."""
+    head = cc.PrototypeHead(100, 64)
+    shared = torch.randn(64)
+    feats = shared + 0.05 * torch.randn(1000, 64)
+    head.add(feats, torch.arange(1000) % 100)
+    queries = shared + 0.05 * torch.randn(200, 64)
+    want = head(queries)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head(queries)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_quick_leaves_the_epochs_and_seeds_the_command_gives():
