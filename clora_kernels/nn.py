@@ -733,6 +733,15 @@ class CLoRALinear(nn.Linear):
                 self._merged_from_parts()
             elif sums is not None:
                 self._load_parts()["weight_sums"] = sums
+            elif "weight_sums" not in state and not self.merged:
+                # a merged state saved before the sums were kept (before 2026-12-06): loaded in parts, its
+                # weight was taken for the base and the adapter added a second time (a helper's attack on
+                # old checkpoints), and nothing here tells that weight from the base
+                warnings.warn(f"layer {prefix[:-1]!r}: a merged task state saved by an earlier version (without its "
+                              f"weight's sums) was loaded without the weight; if the merged weight is in another part "
+                              f"of this checkpoint, the layer takes it for its base and adds the adapter again: load "
+                              f"such a checkpoint whole (one load_state_dict), or load it whole once and save it again",
+                              UserWarning, stacklevel=2)
         self.protection.loaded(self)
         if loading is not None and all(map(loaded, _ADAPTER_TENSORS + self.protection.buffers)):
             self.protection.loaded_enforced(self, state.get("enforced"))   # (a whole adapter, as load_adapter)

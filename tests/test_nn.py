@@ -1488,6 +1488,29 @@ def test_a_merged_state_loaded_in_parts(parts, seed):
         assert rel_err(layer.weight, base) < 1e-6 and rel_err(layer(x), want) < 1e-6
 
 
+@pytest.mark.parametrize("first", ["weight", "_extra_state"])
+def test_an_old_merged_state_loaded_in_parts_warns(first, seed):
+    """A merged state saved before the task state carried its weight's sums (before 2026-12-06) has
+    nothing that tells its weight from the base: loaded in parts it added the adapter again, silently
+    (a helper's attack on checkpoints of six earlier revisions: 0.33 off). It warns, either order."""
+    src = _trained(CLoRALinear(16, 24, rank=4))
+    src.merge()
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    old = ck.nn.task_state(state["_extra_state"])
+    del old["weight_sums"]
+    state["_extra_state"] = ck.nn._encode_task_state(old)
+    layer = CLoRALinear(16, 24, rank=4)
+    with pytest.warns(UserWarning, match="saved by an earlier version.*load such a checkpoint whole"):
+        for part in _split(state, [first]):
+            layer.load_state_dict(part, strict=False)
+    whole = CLoRALinear(16, 24, rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # loaded whole, the old state is exact and says nothing
+        whole.load_state_dict(state)
+    x = torch.randn(5, 16)
+    assert whole.merged and torch.equal(whole(x), src(x))
+
+
 def test_a_base_weight_then_a_merged_models_adapter_stays_unmerged(seed):
     """The merged weight is recognised by its sums: a plain base weight, loaded before the adapter and
     task state of a merged model (its weight left out), is no merged weight, and the adapter computes."""
