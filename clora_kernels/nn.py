@@ -360,6 +360,8 @@ class CLoRALinear(nn.Linear):
         k, n = w.shape if conv1d else w.shape[::-1]
         layer = cls(k, n, rank, alpha, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)
         layer.fan_in_fan_out = conv1d
+        if type(linear) is not nn.Linear and not conv1d:    # (merge_and_unload puts back a _PLAIN_SUBCLASSES type)
+            layer.__dict__["_base_class"] = type(linear)
         layer.weight = linear.weight.requires_grad_(False)       # the same Parameter: ties stay ties
         if linear.bias is not None:
             layer.bias = linear.bias.requires_grad_(False)
@@ -1096,8 +1098,14 @@ def _is_conv1d(module: nn.Module) -> bool:
     return pu is not None and type(module) is getattr(pu, "Conv1D", None)
 
 
+# subclasses of nn.Linear whose forward is nn.Linear's (x·Wᵀ + b), adapted as nn.Linear is (any other
+# subclass is not: its forward may differ); merge_and_unload puts their own type back
+_PLAIN_SUBCLASSES = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}   # (every Falcon linear)
+
+
 def _linear_like(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or _is_conv1d(module)
+    cls = type(module)
+    return cls is nn.Linear or _is_conv1d(module) or (cls.__module__, cls.__name__) in _PLAIN_SUBCLASSES
 
 
 _HEAD_NAMES = ("lm_head", "classifier", "score", "head")
@@ -1222,6 +1230,13 @@ def _weight_read(model: nn.Module, name: str) -> Optional[tuple]:
     return why, key in _PARTLY
 
 
+def _fused_experts(module: nn.Module) -> bool:
+    """A mixture-of-experts block that keeps its experts' weights in fused 3-D parameters (transformers 5's
+    Mixtral, Qwen-MoE, DeepSeek-V3, ...): no linear layer to adapt (PEFT reaches them by target_parameters)."""
+    return "Expert" in type(module).__name__ and any(
+        p is not None and p.dim() >= 3 for p in module._parameters.values())
+
+
 def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
     """(name, types) for each name of a target_modules list that matched no layer to adapt but a
     subclass of nn.Linear, which is not adapted (nn.MultiheadAttention's `out_proj`: it computes with
@@ -1234,8 +1249,8 @@ def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
         if any(hit(n) for n in names):
             continue
         types = sorted({type(m).__name__ for n, m in model.named_modules()     # (a layer adapted already: not
-                        if n and hit(n) and isinstance(m, nn.Linear) and not _linear_like(m)    # a second time)
-                        and not isinstance(m, CLoRALinear)})
+                        if n and hit(n) and (isinstance(m, nn.Linear) and not _linear_like(m)   # a second time)
+                                             and not isinstance(m, CLoRALinear) or _fused_experts(m))})
         if types:
             out.append((t, types))
     return out
@@ -1280,9 +1295,15 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     names = [n for n in names if n not in read]
     if names and warn:
         for t, types in _unadapted_names(model, target_modules, names):
-            warnings.warn(f"target_modules name {t!r} matches no layer that is adapted, only subclasses of nn.Linear "
-                          f"({', '.join(types)}), which are not (nn.MultiheadAttention computes with its out_proj's "
-                          f"weight itself)", UserWarning, stacklevel=3)
+            warnings.warn(f"target_modules name {t!r} matches no layer that is adapted, only {', '.join(types)}: "
+                          f"subclasses of nn.Linear are not (nn.MultiheadAttention computes with its out_proj's weight "
+                          f"itself), nor MoE experts kept in fused 3-D parameters", UserWarning, stacklevel=3)
+    if all_linear and warn:
+        experts = [n for n, m in model.named_modules() if _fused_experts(m)]
+        if experts:
+            warnings.warn(f"'all-linear' adapts linear layers only: the experts of {len(experts)} mixture-of-experts "
+                          f"block(s) keep their weights in fused 3-D parameters and get no adapter (attention and "
+                          f"any shared expert do): {experts[:4]}", UserWarning, stacklevel=3)
     return names
 
 
@@ -1641,7 +1662,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             if m.fan_in_fan_out:
                 plain = sys.modules["transformers.pytorch_utils"].Conv1D(m.out_features, m.in_features)
             else:
-                plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+                cls = m.__dict__.get("_base_class", nn.Linear)
+                cls = cls if (cls.__module__, cls.__name__) in _PLAIN_SUBCLASSES else nn.Linear
+                plain = cls(m.in_features, m.out_features, bias=m.bias is not None)
         plain.weight = m.weight
         plain.bias = m.bias
         if not name:                    # the model is the layer itself

@@ -771,3 +771,41 @@ def test_load_peft_adapter_refuses_modules_to_save_holding_an_adapted_layer(tmp_
     model = ck.inject_clora(copy.deepcopy(base), target_modules=["body", "out"], rank=3)
     with pytest.raises(ValueError, match=r"modules_to_save module 'head' holds the C-LoRA layer\(s\) \['head.out'\]"):
         ck.load_peft_adapter(model, tmp_path)
+
+
+def test_falcon_linear_layers_are_adapted_and_put_back(tmp_path, seed):
+    """Every Falcon linear is transformers' FalconLinear, an nn.Linear subclass whose forward is
+    x·Wᵀ + b: "all-linear" found nothing ('no nn.Linear matches'; PEFT adapts all four). They are
+    adapted; merge_and_unload gives FalconLinear back; PEFT loads the saved adapter to the same logits."""
+    cfg = transformers.AutoConfig.for_model("falcon", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            vocab_size=100, new_decoder_architecture=False, multi_query=True)
+    base = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = ck.inject_clora(copy.deepcopy(base), "all-linear", rank=2)
+    assert len(clora_layers(model)) == 4
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
+        for _, layer in clora_layers(model):
+            nn.init.normal_(layer.lora_B, std=0.1)
+        want = model(ids).logits
+        assert (want - base(ids).logits).abs().max() > 1e-3
+    ck.save_peft_adapter(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    plain = ck.merge_and_unload(model)
+    linear = plain.transformer.h[0].self_attention.query_key_value
+    assert type(linear).__name__ == "FalconLinear"
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, want) < 1e-5 and rel_err(plain(ids).logits, want) < 1e-5
+
+
+def test_all_linear_says_a_moe_models_fused_experts_get_no_adapter(seed):
+    """transformers 5 keeps Mixtral's (Qwen-MoE's, DeepSeek-V3's) experts in fused 3-D parameters, no
+    linear layers: "all-linear" adapted attention alone, silently (PEFT reaches the experts)."""
+    cfg = transformers.AutoConfig.for_model("mixtral", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            num_key_value_heads=2, intermediate_size=48, vocab_size=100,
+                                            num_local_experts=4)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    if not any(ck.nn._fused_experts(m) for m in model.modules()):
+        pytest.skip("this transformers keeps Mixtral's experts as linear layers")
+    with pytest.warns(UserWarning, match=r"experts of 1 mixture-of-experts block.*fused 3-D.*layers.0.mlp.experts"):
+        ck.inject_clora(model, "all-linear", rank=2)
