@@ -1256,12 +1256,18 @@ def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
     return out
 
 
+# inject_clora's default targets (timm's ViT names); this object itself, not an equal list a caller gives,
+# leaves out narrow layers as "all-linear" does (select_targets)
+DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
 def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=None, warn: bool = True) -> list:
     """Names of the linear-like layers (nn.Linear, transformers Conv1D) that inject_clora
     would replace, in module order (see inject_clora for the forms). With `rank`, "all-linear"
-    leaves out the layers narrower than it (min(in, out) < rank: SwinV2's 2 -> 512 relative-position
-    MLP cannot hold a rank-r adapter here; PEFT adapts it with a rank above its size), and warns
-    naming them (with `warn`); a name or regex that asks for one keeps it, and the layer refuses."""
+    and the default targets leave out the layers narrower than it (min(in, out) < rank: SwinV2's
+    2 -> 512 relative-position MLP, named fc1, cannot hold a rank-r adapter here; PEFT adapts it with a
+    rank above its size), and warn naming them (with `warn`); a name or regex that the caller gives
+    keeps them, and the layer refuses."""
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     if all_linear:
         heads = _output_heads(model)
@@ -1270,11 +1276,12 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
         chosen = _name_selector(target_modules, "target_modules")
     excluded = (lambda name: False) if exclude_modules is None else _name_selector(exclude_modules, "exclude_modules")
     names = [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
-    if all_linear and isinstance(rank, int) and not isinstance(rank, bool):
+    if (all_linear or target_modules is DEFAULT_TARGETS) and isinstance(rank, int) and not isinstance(rank, bool):
         small = [n for n in names if min(model.get_submodule(n).weight.shape) < rank]
         if small and warn:
-            warnings.warn(f"'all-linear' leaves out {len(small)} layer(s) narrower than rank={rank} "
-                          f"(min(in, out) < rank): {small[:8]}", UserWarning, stacklevel=3)
+            which = "'all-linear' leaves" if all_linear else "the default targets leave"
+            warnings.warn(f"{which} out {len(small)} layer(s) narrower than rank={rank} (min(in, out) < rank): "
+                          f"{small[:8]}", UserWarning, stacklevel=3)
         names = [n for n in names if n not in small]
     read = {n: found for n in names if (found := _weight_read(model, n))}
     partly = {n: why for n, (why, part) in read.items() if part}
@@ -1307,7 +1314,7 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     return names
 
 
-def inject_clora(model: nn.Module, target_modules=("qkv", "proj", "fc1", "fc2"), rank: int = 16,
+def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 16,
                  alpha: Optional[float] = None, *, exclude_modules=None, **kwargs) -> nn.Module:
     """Replace the targeted linear layers (nn.Linear, and transformers' Conv1D, whose (in, out)
     weight is kept as it is) with CLoRALinear layers sharing their weights, freeze every other

@@ -469,7 +469,7 @@ def test_inject_is_all_or_nothing_and_once():
     net.blocks[1].proj = nn.Linear(16, 3)           # rank 4 fits every layer but this one
     before = {n: p.requires_grad for n, p in net.named_parameters()}
     with pytest.raises(ValueError, match=r"layer 'blocks.1.proj'.*rank.*the model was not changed"):
-        ck.inject_clora(net, rank=4)
+        ck.inject_clora(net, ["qkv", "proj"], rank=4)      # (a named list: the default targets leave it out)
     assert not ck.nn.clora_layers(net) and {n: p.requires_grad for n, p in net.named_parameters()} == before
     ck.inject_clora(net, target_modules=("qkv",), rank=4)
     with pytest.raises(ValueError, match=r"C-LoRA layers already \(\['blocks.0.qkv', 'blocks.1.qkv'\]\)"):

@@ -54,6 +54,17 @@ def test_all_linear_leaves_out_layers_narrower_than_the_rank_and_says_so():
     with pytest.raises(ValueError, match=r"layer 'layers.0.blocks.0.attn.cpb_mlp.0': rank must be"):
         ck.inject_clora(timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=64,
                                           depths=(1, 1, 1, 1)), ["cpb_mlp.0"], rank=4)
+    # the default targets match Swin-V2-CR's 2 -> 384 `meta_mlp.fc1` by its name: they refused the model (a
+    # helper's sweep of timm); they leave it out as "all-linear" does, and a caller's own list still refuses
+    def cr():
+        return timm.create_model("swinv2_cr_tiny_ns_224", pretrained=False, img_size=64, depths=(1, 1, 1, 1),
+                                 num_classes=5)
+    with pytest.warns(UserWarning, match=r"the default targets leave out \d+ layer\(s\) narrower .*meta_mlp\.fc1"):
+        model = ck.inject_clora(cr(), rank=4)
+    adapted = {n for n, _ in ck.nn.clora_layers(model)}
+    assert any(n.endswith("attn.qkv") for n in adapted) and not any("meta_mlp.fc1" in n for n in adapted)
+    with pytest.raises(ValueError, match=r"meta_mlp.fc1': rank must be"):
+        ck.inject_clora(cr(), ["qkv", "proj", "fc1", "fc2"], rank=4)
 
 
 def test_beit_qkv_adapter_runs(seed):
