@@ -360,8 +360,9 @@ class CLoRALinear(nn.Linear):
         k, n = w.shape if conv1d else w.shape[::-1]
         layer = cls(k, n, rank, alpha, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)
         layer.fan_in_fan_out = conv1d
-        if type(linear) is not nn.Linear and not conv1d:    # (merge_and_unload puts back a _PLAIN_SUBCLASSES type)
-            layer.__dict__["_base_class"] = type(linear)
+        cls = type(linear)
+        if (cls.__module__, cls.__name__) in _PLAIN_SUBCLASSES:     # (merge_and_unload puts that type back)
+            layer.__dict__["_base_class"] = cls
         layer.weight = linear.weight.requires_grad_(False)       # the same Parameter: ties stay ties
         if linear.bias is not None:
             layer.bias = linear.bias.requires_grad_(False)
@@ -1250,7 +1251,9 @@ def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
             continue
         types = sorted({type(m).__name__ for n, m in model.named_modules()     # (a layer adapted already: not
                         if n and hit(n) and (isinstance(m, nn.Linear) and not _linear_like(m)   # a second time)
-                                             and not isinstance(m, CLoRALinear) or _fused_experts(m))})
+                                             and not isinstance(m, CLoRALinear) or _fused_experts(m))}
+                       | {f"{type(m).__name__}.{t}" for m in model.modules()     # (Llama's names on a MoE model:
+                          if _fused_experts(m) and t in m._parameters})           # its experts' fused down_proj)
         if types:
             out.append((t, types))
     return out
@@ -1262,12 +1265,13 @@ DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
 def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=None, warn: bool = True) -> list:
-    """Names of the linear-like layers (nn.Linear, transformers Conv1D) that inject_clora
+    """Names of the linear-like layers (nn.Linear, transformers Conv1D, `_PLAIN_SUBCLASSES`) that inject_clora
     would replace, in module order (see inject_clora for the forms). With `rank`, "all-linear"
     and the default targets leave out the layers narrower than it (min(in, out) < rank: SwinV2's
     2 -> 512 relative-position MLP, named fc1, cannot hold a rank-r adapter here; PEFT adapts it with a
-    rank above its size), and warn naming them (with `warn`); a name or regex that the caller gives
-    keeps them, and the layer refuses."""
+    rank above its size), and warn naming them (with `warn`; where every layer is, none is left out:
+    the layers' refusal names the rank); a name or regex that the caller gives keeps them, and the
+    layer refuses."""
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     if all_linear:
         heads = _output_heads(model)
@@ -1278,6 +1282,8 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     names = [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
     if (all_linear or target_modules is DEFAULT_TARGETS) and isinstance(rank, int) and not isinstance(rank, bool):
         small = [n for n in names if min(model.get_submodule(n).weight.shape) < rank]
+        if len(small) == len(names):    # every one: the layers' refusal says the rank, not "nothing matched"
+            small = []
         if small and warn:
             which = "'all-linear' leaves" if all_linear else "the default targets leave"
             warnings.warn(f"{which} out {len(small)} layer(s) narrower than rank={rank} (min(in, out) < rank): "
@@ -1669,9 +1675,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             if m.fan_in_fan_out:
                 plain = sys.modules["transformers.pytorch_utils"].Conv1D(m.out_features, m.in_features)
             else:
-                cls = m.__dict__.get("_base_class", nn.Linear)
-                cls = cls if (cls.__module__, cls.__name__) in _PLAIN_SUBCLASSES else nn.Linear
-                plain = cls(m.in_features, m.out_features, bias=m.bias is not None)
+                plain = m.__dict__.get("_base_class", nn.Linear)(m.in_features, m.out_features, bias=m.bias is not None)
         plain.weight = m.weight
         plain.bias = m.bias
         if not name:                    # the model is the layer itself

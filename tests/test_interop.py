@@ -808,4 +808,6 @@ def test_all_linear_says_a_moe_models_fused_experts_get_no_adapter(seed):
     if not any(ck.nn._fused_experts(m) for m in model.modules()):
         pytest.skip("this transformers keeps Mixtral's experts as linear layers")
     with pytest.warns(UserWarning, match=r"experts of 1 mixture-of-experts block.*fused 3-D.*layers.0.mlp.experts"):
-        ck.inject_clora(model, "all-linear", rank=2)
+        ck.inject_clora(copy.deepcopy(model), "all-linear", rank=2)
+    with pytest.warns(UserWarning, match=r"'down_proj' matches no layer that is adapted, only MixtralExperts.down_proj"):
+        ck.inject_clora(model, LLAMA_TARGETS, rank=2)       # (PEFT's usual list: attention alone, silently)

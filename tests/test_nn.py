@@ -1,5 +1,6 @@
 """CLoRALinear, the task lifecycle, merge, persistence and the model helpers."""
 import copy
+import io
 import json
 import math
 import warnings
@@ -470,6 +471,8 @@ def test_inject_is_all_or_nothing_and_once():
     before = {n: p.requires_grad for n, p in net.named_parameters()}
     with pytest.raises(ValueError, match=r"layer 'blocks.1.proj'.*rank.*the model was not changed"):
         ck.inject_clora(net, ["qkv", "proj"], rank=4)      # (a named list: the default targets leave it out)
+    with pytest.raises(ValueError, match=r"layer 'blocks.0.qkv': rank must be"):
+        ck.inject_clora(net, rank=64)       # every default target too narrow: the rank's error, not "no match"
     assert not ck.nn.clora_layers(net) and {n: p.requires_grad for n, p in net.named_parameters()} == before
     ck.inject_clora(net, target_modules=("qkv",), rank=4)
     with pytest.raises(ValueError, match=r"C-LoRA layers already \(\['blocks.0.qkv', 'blocks.1.qkv'\]\)"):
@@ -627,6 +630,18 @@ def test_nested_input(seed, protection, layout):
     wide = torch.nested.nested_tensor([torch.randn(2, 9), torch.randn(1, 9)], layout=layout)
     with pytest.raises(ValueError, match="x has 9 features in its last dimension"):
         layer(wide)
+
+
+def test_a_layer_from_a_local_linear_subclass_pickles(seed):
+    """from_linear recorded the type of any nn.Linear subclass it wrapped (for merge_and_unload), and a
+    class defined in a function does not pickle (a review): only the types it puts back are recorded."""
+    class Local(nn.Linear):
+        pass
+    layer = CLoRALinear.from_linear(Local(8, 4), rank=2)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False).weight, layer.weight)
 
 
 def test_training_a_merged_layer_is_a_clear_error(seed):

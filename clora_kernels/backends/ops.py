@@ -170,8 +170,8 @@ def _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta,
 
 # a base weight made trainable (timm's unfreeze, model.requires_grad_()) trained nothing, silently, while
 # its bias and every plain layer trained
-_WEIGHT_NO_GRAD = ("a C-LoRA layer gives its base weight no gradient (docs/design.md section 2), so its "
-                   "requires_grad=True trains nothing; to train the base too, train the layers that "
+_WEIGHT_NO_GRAD = ("a C-LoRA layer gives its base weight no gradient (docs/design.md section 2): its "
+                   "requires_grad=True gets none from the layer; to train the base too, train the layers that "
                    "ck.merge_and_unload(model) gives back")
 
 
