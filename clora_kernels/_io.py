@@ -17,13 +17,27 @@ def parent_made(path: str) -> str:
     return path
 
 
+def write_atomic(path, write) -> None:
+    """`write(tmp)` into a temporary file beside `path` (its folder made where missing), then an atomic
+    rename: a reader, or a run interrupted mid-write (a killed torchrun rank, Ctrl-C), never sees a
+    half-written file; the previous complete file stays until replaced. The temporary name holds the
+    process id: two processes writing the same path do not share it."""
+    path = str(path)
+    tmp = f"{parent_made(path)}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json_atomic(path, data) -> None:
-    """Write JSON through a temporary file and an atomic rename: a reader, or a run interrupted
-    mid-write, never sees a half-written file; the previous complete file stays until replaced."""
-    tmp = f"{parent_made(path)}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    """Write JSON atomically (`write_atomic`)."""
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+    write_atomic(path, dump)
 
 
 def cache_dir(*parts: str) -> str:

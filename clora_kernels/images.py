@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ._io import cache_dir, provenance, write_json_atomic
+from ._io import cache_dir, provenance, write_atomic, write_json_atomic
 
 IMAGE_DATASETS = ("mnist5k", "cifar100", "imagenet-r", "folder")
 DEFAULT_MODEL = "vit_base_patch16_224.augreg_in21k"
@@ -238,10 +238,7 @@ def animal_mnist_backbone(progress: bool = True, log=print):
             "seconds": time.perf_counter() - start, "config": cfg,
             "architecture": "timm VisionTransformer img 28, patch 4, in_chans 1, width 64, depth 4, heads 4, mlp 2",
             **provenance("clora-continual")}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"         # two runs pre-training at once do not share a temp file
-    save_file(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(model.state_dict(), tmp))   # (two runs pre-training at once: one file)
     write_json_atomic(path + ".json", info)
     if log:
         log(f"pre-trained the ViT on Animal-MNIST in {info['seconds']:.0f} s: held-out accuracy {acc:.3f} "

@@ -22,7 +22,7 @@ import re
 import torch
 from torch import nn
 
-from ._io import read_safetensors
+from ._io import read_safetensors, write_atomic
 from .functional import exact_math, finite_number
 from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, nonfinite, placed_originals,
                  refuse_meta, set_tensors, tensor_at, unwrapped, wrapper_prefix)
@@ -251,12 +251,6 @@ def _trained_elsewhere(model: nn.Module) -> list:
     return out
 
 
-def _replace_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base_model_name_or_path=None,
                       task_type=None) -> None:
     """Write the model's C-LoRA adapter as a standard PEFT LoRA adapter directory, the routing
@@ -347,6 +341,6 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
 
     def write():
         os.makedirs(directory, exist_ok=True)
-        _replace_atomic(os.path.join(directory, _WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        _replace_atomic(os.path.join(directory, _CONFIG), write_config)
+        write_atomic(os.path.join(directory, _WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write_atomic(os.path.join(directory, _CONFIG), write_config)
     _write_once(model, write)      # FSDP2: every rank gathered the tensors, rank 0 writes

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._io import parent_made, read_safetensors
+from ._io import read_safetensors, write_atomic
 from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
@@ -1732,7 +1732,7 @@ def save_adapter(model: nn.Module, path) -> None:
                       "task_index": m.task_index, "in_features": m.in_features, "out_features": m.out_features,
                       "enforced": m.protection.enforced_fingerprint(m)}
     metadata = {"format": _FORMAT, "layers": json.dumps(meta)}
-    _write_once(model, lambda: save_file(tensors, parent_made(str(path)), metadata=metadata))
+    _write_once(model, lambda: write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata)))
 
 
 def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict) -> dict:

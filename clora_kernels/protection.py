@@ -1,8 +1,11 @@
 """Protection policies: what a C-LoRA layer does to keep earlier tasks' outputs (docs/design.md section
 2, "Protection policies").
 
-The op's math and gradients are the paper's whatever the policy; a policy decides, per layer,
-what trains after the first task and which changes of the trainable tensors are allowed. One
+The op's math is the paper's whatever the policy, and so are its gradients for the operands it is
+given; a policy decides, per layer, what trains after the first task, which changes of the trainable
+tensors are allowed, and (`operands`) the factors and the stop-gradient the op sees: "project" gives
+the factors the plain gradient from the second task on, whatever the layer's
+grad_through_old_route, since its projection, not the stop-gradient, keeps the old route. One
 small object per policy, with the hooks of the lifecycle (as PEFT gives each LoRA variant its
 init / merge / forward):
 

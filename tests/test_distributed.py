@@ -383,16 +383,21 @@ def test_readme_distributed_block_under_torchrun(tmp_path, monkeypatch):
     script = tmp_path / "train.py"
     script.write_text(_readme_block())
     (tmp_path / "two").mkdir()
+    written = tmp_path / "two" / "adapter.safetensors"
     for attempt in range(3):
+        written.unlink(missing_ok=True)
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               str(script)], cwd=tmp_path / "two", capture_output=True, text=True, timeout=120,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        # two retries for gloo's abort at interpreter exit, "terminate called without an active exception"
-        # (its worker threads at finalization: pytorch/pytorch PR 179291), 2 of 16 runs on the CPU
-        # machine (one retry was not enough: a CI run met it twice in a row); any other failure fails at once
-        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+        # gloo's abort at interpreter exit, "terminate called without an active exception" (its worker
+        # threads at finalization: pytorch/pytorch PR 179291): 2 of 16 runs on the CPU machine, and 3 in a
+        # row in 2 of 4 runs while another job loaded both cores. After the block's last line: where rank 0
+        # wrote the adapter (its save follows every collective), the run did what is tested; before it, a
+        # retry; any other failure fails at once
+        aborted = "terminate called without an active exception" in run.stderr
+        if run.returncode == 0 or not aborted or written.exists():
             break
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0 or (aborted and written.exists()), run.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import reference_formula, routing_eff, scaled_addmm
+from ..reference import routing_eff, scaled_addmm
 from .auto import plain, run, run_kernels
 
 
@@ -144,11 +144,14 @@ def _double_backward(ctx, grad_y):
     return tuple(out)
 
 
-def _nested_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old):
-    """The formula of `_frozen_formula` for a nested tensor x (either layout, as nn.Linear takes it; the
-    flatten to 2-D cannot cross its ragged dimension), in the ops that both layouts support: F.linear of
-    x alone (matmul of a strided-layout nested tensor and a dense one fails), in plain torch ops whatever
-    the backend, with the same gradients."""
+def _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old):
+    """The formula in plain torch ops, with the operands the first-order backward gives no gradient
+    (weight, routing_old, projection: `_backward` returns None for them) detached and the old route
+    written with detached factors (unless through_old), so that a second derivative, torch.func and
+    forward-mode AD agree with `_backward` (design.md section 2: W and R_old never get gradients).
+    In F.linear of x alone, which a nested tensor of either layout takes (nn.Linear does; matmul of a
+    strided-layout nested tensor fails) and which runs x at any rank. Not the tests' oracle
+    (`reference_formula`, written as the design states it)."""
     r_old = routing_old.detach()
     new = routing_delta if projection is None else projection.detach() @ routing_delta
     t = F.linear(x, lora_a)
@@ -157,15 +160,6 @@ def _nested_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta,
     else:
         lora = F.linear(t, lora_b @ new.t()) + F.linear(F.linear(x, lora_a.detach()), lora_b.detach() @ r_old.t())
     return F.linear(x, weight.detach(), bias) + scaling * lora
-
-
-def _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, through_old):
-    """reference_formula with the operands the first-order backward gives no gradient (weight,
-    routing_old, projection: `_backward` returns None for them) detached, so that a second
-    derivative, torch.func and forward-mode AD agree with it (design.md section 2: W and R_old never
-    get gradients). Not in reference_formula itself: that is also the tests' oracle."""
-    return reference_formula(x, weight.detach(), bias, lora_a, lora_b, routing_old.detach(), routing_delta,
-                             None if projection is None else projection.detach(), scaling, through_old)
 
 
 # a base weight made trainable (timm's unfreeze, model.requires_grad_()) trained nothing, silently, while
@@ -318,7 +312,7 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     except RuntimeError:
         if not x.is_nested:
             raise
-        return _nested_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+        return _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                                grad_through_old_route)
     args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
             grad_through_old_route, need_t, backend)
