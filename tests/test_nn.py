@@ -1586,3 +1586,24 @@ def test_torch_distributed_checkpoint_partial_loads(seed):
                              options=StateDictOptions(full_state_dict=True, strict=False))
     x = torch.randn(3, 8)
     assert [m.task_index for m in dst] == [1, 1] and torch.equal(dst(x), src(x))
+
+
+def test_an_interrupted_save_keeps_the_previous_file(seed, tmp_path, monkeypatch):
+    """save_adapter wrote the file in place: a process killed mid-save (a torchrun rank, Ctrl-C) left
+    a truncated file where the last good one was. It writes a temporary file and renames it."""
+    import safetensors.torch
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    ck.inject_clora(model, ["0"], rank=2)
+    path = tmp_path / "adapter.safetensors"
+    ck.save_adapter(model, path)
+    good = path.read_bytes()
+    _trained(model[0])
+
+    def dies(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_adapter(model, path)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
