@@ -7,7 +7,9 @@ import importlib.util
 import json
 import os
 import platform
+import stat
 import sys
+import threading
 
 
 def parent_made(path: str) -> str:
@@ -21,11 +23,14 @@ def write_atomic(path, write) -> None:
     """`write(tmp)` into a temporary file beside `path` (its folder made where missing), then an atomic
     rename: a reader, or a run interrupted mid-write (a killed torchrun rank, Ctrl-C), never sees a
     half-written file; the previous complete file stays until replaced. The temporary name holds the
-    process id: two processes writing the same path do not share it."""
-    path = str(path)
-    tmp = f"{parent_made(path)}.{os.getpid()}.tmp"
+    process and thread: two writers of the same path do not share it. A symlink is written through (its
+    target replaced), and a replaced file keeps its permissions, as a write in place kept them."""
+    path = os.path.realpath(path)
+    tmp = f"{parent_made(path)}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         write(tmp)
+        if os.path.exists(path):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1607,3 +1607,24 @@ def test_an_interrupted_save_keeps_the_previous_file(seed, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         ck.save_adapter(model, path)
     assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
+
+
+def test_a_save_writes_through_a_symlink_and_keeps_the_files_mode(seed, tmp_path):
+    """The atomic save (a temporary file renamed) replaced a symlinked adapter path with a regular file
+    and reset a 0600 file to the umask's mode, where writing in place had kept both (a review)."""
+    import os
+    import stat
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    ck.inject_clora(model, ["0"], rank=2)
+    target, link = tmp_path / "real.safetensors", tmp_path / "adapter.safetensors"
+    ck.save_adapter(model, target)
+    os.chmod(target, 0o600)
+    link.symlink_to(target)
+    _trained(model[0])
+    ck.save_adapter(model, link)
+    assert link.is_symlink() and stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    ck.inject_clora(fresh, ["0"], rank=2)
+    ck.load_adapter(fresh, target)
+    assert torch.equal(fresh[0].lora_B, model[0].lora_B)
