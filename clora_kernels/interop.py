@@ -162,8 +162,8 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     if extra:
         kinds = sorted({_module_kind(model, n) for n in extra})
         raise ValueError(f"{directory}: the adapter holds layer(s) {extra[:8]} that the model has no C-LoRA layer "
-                         f"for (they are {kinds} here; C-LoRA adapts nn.Linear, transformers' Conv1D and Falcon's FalconLinear only: "
-                         f"inject_clora on exactly the adapter's layers, target_modules "
+                         f"for (they are {kinds} here; C-LoRA adapts nn.Linear, transformers' Conv1D and Falcon's "
+                         f"FalconLinear only: inject_clora on exactly the adapter's layers, target_modules "
                          f"{config.get('target_modules')!r})")
     for name, m in layers:
         where = f"{directory}: layer {name!r}"

@@ -467,8 +467,8 @@ class CLoRALinear(nn.Linear):
 
     def __prepare_scriptable__(self):
         # (torch.jit.script asks every module before compiling it: the forward's try blocks failed there)
-        raise TypeError("torch.jit.script cannot compile a C-LoRA layer (its forward uses Python that TorchScript lacks): "
-                        "use torch.jit.trace or torch.export, or script after ck.merge_and_unload(model)")
+        raise TypeError("torch.jit.script cannot compile a C-LoRA layer (its forward uses Python that TorchScript "
+                        "lacks): use torch.jit.trace or torch.export, or script after ck.merge_and_unload(model)")
 
     def __getstate__(self):
         # copy.deepcopy and pickle (torch.save(model)): the policy's record of what it enforced keys the
@@ -1168,8 +1168,8 @@ def _bloom_tp(parent) -> bool:
 
 # Modules that compute with a child linear layer's weight without calling the child, so that an adapter
 # there would never run: (the class's module, its name) -> (the children, when it does so, what it does
-# with a child's weight, {w}). `_PARTLY` lists those that do it on one path only (the module is called
-# on the others): the layer is adapted, with a warning.
+# with a child's weight, {w}[, True where it does so on one path only (the module is called on the others):
+# the layer is then adapted, with a warning]).
 # Found by a helper's audit of torch 2.14.1, torchvision 0.29.1, timm 1.0.31 and transformers 5.25.0,
 # each confirmed by a model whose output the adapter left unchanged (BEiT / EVA / SwinV2 `qkv`:
 # `_call_qkv` makes them call it; nn.TransformerEncoderLayer's eval path: `_fused_paths`)
@@ -1201,7 +1201,7 @@ _WEIGHT_READERS = {
         (("k_proj",), _always, "convolves with {w}"),
     ("timm.models.naflexvit", "NaFlexEmbeds"):
         (("proj",), lambda p: bool(getattr(p, "enable_patch_interpolator", False)),
-         "passes {w} to its patch interpolator for pre-patchified 5-D input (enable_patch_interpolator)"),
+         "passes {w} to its patch interpolator for pre-patchified 5-D input (enable_patch_interpolator)", True),
     ("transformers.models.bloom.modeling_bloom", "BloomAttention"):
         (("dense",), _bloom_tp, "applies slices of {w} (pretraining_tp > 1 and slow_but_exact)"),
     ("transformers.models.bloom.modeling_bloom", "BloomMLP"):
@@ -1210,11 +1210,8 @@ _WEIGHT_READERS = {
         (("correction_coefs",), lambda p: getattr(getattr(p, "config", None), "altup_coef_clip", None) is not None,
          "applies {w} clamped in training (altup_coef_clip)"),
     ("transformers.models.reformer.modeling_reformer", "LSHSelfAttention"):
-        (("query_key", "value"), _always, "multiplies by {w} when decoding with a cache"),
+        (("query_key", "value"), _always, "multiplies by {w} when decoding with a cache", True),
 }
-
-
-_PARTLY = {("timm.models.naflexvit", "NaFlexEmbeds"), ("transformers.models.reformer.modeling_reformer", "LSHSelfAttention")}
 
 
 def _weight_read(model: nn.Module, name: str) -> Optional[tuple]:
@@ -1223,12 +1220,11 @@ def _weight_read(model: nn.Module, name: str) -> Optional[tuple]:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     cls = type(parent)
-    key = (cls.__module__, cls.__name__)
-    entry = _WEIGHT_READERS.get(key)
+    entry = _WEIGHT_READERS.get((cls.__module__, cls.__name__))
     if entry is None or child not in entry[0] or not entry[1](parent):
         return None
     why = f"{cls.__name__} {entry[2].format(w=f'the weight of {child!r}')} instead of calling it"
-    return why, key in _PARTLY
+    return why, len(entry) > 3 and entry[3]
 
 
 def _fused_experts(module: nn.Module) -> bool:
@@ -1249,11 +1245,12 @@ def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
         hit = lambda n: n == t or n.endswith("." + t)     # noqa: E731
         if any(hit(n) for n in names):
             continue
-        types = sorted({type(m).__name__ for n, m in model.named_modules()     # (a layer adapted already: not
-                        if n and hit(n) and (isinstance(m, nn.Linear) and not _linear_like(m)   # a second time)
-                                             and not isinstance(m, CLoRALinear) or _fused_experts(m))}
-                       | {f"{type(m).__name__}.{t}" for m in model.modules()     # (Llama's names on a MoE model:
-                          if _fused_experts(m) and t in m._parameters})           # its experts' fused down_proj)
+        # (a layer adapted already is not one: a second injection names it again)
+        modules = {type(m).__name__ for n, m in model.named_modules() if n and hit(n) and (
+            isinstance(m, nn.Linear) and not _linear_like(m) and not isinstance(m, CLoRALinear) or _fused_experts(m))}
+        # (Llama's names on a MoE model: its experts' fused down_proj is a parameter, not a module)
+        params = {f"{type(m).__name__}.{t}" for m in model.modules() if _fused_experts(m) and t in m._parameters}
+        types = sorted(modules | params)
         if types:
             out.append((t, types))
     return out
