@@ -1,4 +1,6 @@
 """torch.compile(fullgraph=True) of a C-LoRA ViT: the registered ops trace with no graph break."""
+import warnings
+
 import pytest
 import torch
 
@@ -143,6 +145,28 @@ def test_compiled_activation_checkpointing_in_one_graph(seed):
     assert rel_err(out, model(x)) < 1e-6
     out.sum().backward()
     assert model[0].lora_B.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_trainable_weight_is_warned_about(seed, backend):
+    """A base weight made trainable gets no gradient (design.md section 2), which eager says in the
+    backward. Compiled, that backward runs only while AOTAutograd traces it (and not at all on a warm
+    compile cache), where it said nothing: the weight trained silently not at all. It is said while the
+    forward is traced, in one graph."""
+    torch._dynamo.reset()
+    layer = ck.CLoRALinear(12, 8, rank=2)
+    layer.weight.requires_grad_(True)
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    x = torch.randn(5, 12)
+    with pytest.warns(UserWarning, match="gives its base weight no gradient"):
+        y = compiled(x)
+    assert rel_err(y, layer(x)) < 1e-6
+    y.sum().backward()
+    assert layer.weight.grad is None and layer.lora_A.grad is not None
+    layer.weight.requires_grad_(False)      # (guarded: a recompile, and nothing said)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(x).sum().backward()
 
 
 def test_a_graph_exported_without_grad_trains(seed):

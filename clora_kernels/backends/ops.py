@@ -169,12 +169,26 @@ _WEIGHT_NO_GRAD = ("a C-LoRA layer gives its base weight no gradient (docs/desig
                    "ck.merge_and_unload(model) gives back")
 
 
+def _weight_no_grad():
+    warnings.warn(_WEIGHT_NO_GRAD, UserWarning)
+
+
+@torch.compiler.assume_constant_result
+def _weight_no_grad_compiled() -> bool:
+    """The warning while torch.compile traces `linear` (this runs then, once a compile, and is no part of
+    the graph; the compiler cannot trace warnings.warn). Compiled, `_backward` runs only while
+    AOTAutograd traces it, and not at all on a warm compile cache: a trainable weight got no gradient
+    and no word."""
+    _weight_no_grad()
+    return True
+
+
 def _backward(ctx, grad_y, grad_t=None):
     if grad_y is None:      # the registered op's y took no part in the loss (only its t did)
         return (None,) * 12
     compiling = torch.compiler.is_compiling()
-    if ctx.needs_input_grad[1] and not compiling:
-        warnings.warn(_WEIGHT_NO_GRAD, UserWarning)
+    if ctx.needs_input_grad[1] and not compiling:     # (compiled: `linear` warns)
+        _weight_no_grad()
     if torch.is_grad_enabled() and not compiling:   # create_graph=True
         return _double_backward(ctx, grad_y)
     x, t, weight, lora_a, lora_b, r_old, r_delta, proj, r_eff = ctx.saved_tensors     # r_eff: None but eager torch
@@ -317,6 +331,8 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
             grad_through_old_route, need_t, backend)
     if torch.compiler.is_compiling() and not in_functorch():
+        if grad and weight.requires_grad:
+            _weight_no_grad_compiled()
         y = linear_fwd(*args)[0]
     elif in_functorch() or _is_tracing() \
             or _forward_ad._current_level >= 0:
