@@ -47,7 +47,7 @@ from ._io import parent_made, provenance, write_json_atomic
 from .backends import BACKEND_NAMES
 from .functional import exact_math
 from .images import DEFAULT_MODEL, IMAGE_DATASETS
-from .nn import clora_layers
+from .nn import DEFAULT_TARGETS, clora_layers
 
 SETTINGS = ("class-il", "task-il")
 OPTIMIZERS = ("adam", "sgd")
@@ -859,7 +859,7 @@ def markdown_row(name: str, m: dict) -> str:
 _DEFAULTS = {"digits": {"epochs": 10, "lr": 5e-3, "batch_size": 32, "seeds": [0, 1, 2, 3, 4], "backend": "torch",
                          "targets": ["fc1", "fc2"], "workers": 0},
              "images": {"epochs": 3, "lr": 1e-3, "batch_size": 64, "seeds": [0, 1, 2], "backend": "auto",
-                        "targets": ["qkv", "proj", "fc1", "fc2"]}}
+                        "targets": DEFAULT_TARGETS}}   # (the object: narrow layers left out, as inject_clora does)
 
 
 def _fill_defaults(args) -> None:

@@ -291,7 +291,8 @@ def _result_key(args) -> dict:
             "setting", "classifier", "features", "epochs", "lr", "head_lr", "rank", "batch_size", "lambda_orth",
             "optimizer", "protect_energy", "project_energy", "grad_through_old_route", "targets", "device", "backend",
             "language", "per_class_train", "per_class_test", "max_tokens")
-    return {k: getattr(args, k) for k in keys}
+    # (as run.json holds it: the default targets are a tuple, JSON's a list)
+    return {k: list(v) if isinstance(v := getattr(args, k), tuple) else v for k in keys}
 
 
 def backbone_fingerprint(base: nn.Module, head: str) -> str:

@@ -23,7 +23,7 @@ import torch
 from . import _cli, available_backends, inject_clora, merge
 from ._io import parent_made, provenance, write_json_atomic
 from .bench.core import peft_dtype_kwargs, usable_for_timing
-from .nn import clora_layers
+from .nn import DEFAULT_TARGETS, clora_layers
 from .reference import folded_lora_B
 
 MODES = ("eager", "cuda-graphs", "compile")
@@ -267,7 +267,8 @@ def _main(argv) -> int:
     args.targets = _cli.target_modules(args.targets)
     if args.targets is None:
         from .text import TEXT_TARGETS
-        args.targets = TEXT_TARGETS if args.model == "minilm" else ["qkv", "proj", "fc1", "fc2"]
+        # (the object itself: its narrow layers are left out as inject_clora's default leaves them, SwinV2-CR's)
+        args.targets = TEXT_TARGETS if args.model == "minilm" else DEFAULT_TARGETS
     args.backends_given = args.backends is not None
     if args.backends is None:
         args.backends = ["triton", "cuda", "torch"] if device.type == "cuda" else ["torch"]

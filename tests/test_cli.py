@@ -207,6 +207,23 @@ def test_profile_json(tmp_path, capsys):
     assert set(diffs) >= {"clora-merged", "clora-torch", "peft"} and max(diffs.values()) < 1e-4
 
 
+def test_profile_default_targets_leave_out_narrow_layers(tmp_path, capsys):
+    """Without --targets, the timm default is inject_clora's own: SwinV2-CR's 2 -> 384 relative-position
+    MLP (named fc1) is left out, with the library's warning, as inject_clora(model) leaves it out; the
+    CLI's equal list of names refused the model. The same names given on the command line keep it, and
+    the rank's refusal says why."""
+    argv = ["--model", "swinv2_cr_tiny_ns_224", "--img-size", "64", "--batch", "1", "--iters", "1", "--warmup", "0",
+            "--rank", "4", "--no-progress"]
+    js = tmp_path / "p.json"
+    with pytest.warns(UserWarning, match=r"the default targets leave out \d+ layer\(s\) narrower .*meta_mlp\.fc1"):
+        assert profile_main(argv + ["--json", str(js)]) == 0
+    assert json.loads(js.read_text())["meta"]["targets"] == ["qkv", "proj", "fc1", "fc2"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        profile_main(argv + ["--targets", "qkv", "proj", "fc1", "fc2"])
+    assert info.value.code == 2 and "meta_mlp.fc1': rank must be an int" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--model", "vit_tiny_patch"], "close names: .*vit_tiny_patch16_224"),
     (["--batch", "0"], "argument --batch: must be a positive integer, got 0"),

@@ -217,3 +217,21 @@ def test_mnist5k_protocol_and_its_cached_backbone(tmp_path, monkeypatch, capsys)
     assert json.loads((tmp_path / "m.json").read_text())["methods"]["clora_freeze"]["seconds"]["mean"] > 0.1
     again = json.loads((tmp_path / "m.json").read_text())["methods"]["clora_freeze"]
     assert again["acc_matrices"] == data["methods"]["clora_freeze"]["acc_matrices"]      # the same numbers
+
+
+def test_default_targets_leave_out_narrow_layers(tmp_path, capsys):
+    """Without --targets the image protocol adapts inject_clora's default targets as inject_clora does:
+    SwinV2-CR's 2 -> 384 relative-position MLP (named fc1) is left out, not a refusal of the rank (the
+    CLI's equal list of names refused every rank above 2); the run's saved settings still resume."""
+    data = _folder(tmp_path / "data")
+    argv = ["--dataset", "folder", "--tasks", "3", "--model", "swinv2_cr_tiny_ns_224", "--no-pretrained",
+            "--image-size", "64", "--epochs", "1", "--seeds", "0", "--workers", "0", "--batch-size", "8",
+            "--no-progress", "--data-dir", str(data), "--methods", "clora_freeze", "--rank", "4"]
+    with pytest.warns(UserWarning, match=r"the default targets leave out \d+ layer\(s\) narrower .*meta_mlp\.fc1"):
+        assert cc.main(argv + ["--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["result_key"]["targets"] == \
+        ["qkv", "proj", "fc1", "fc2"]
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="the default targets leave out"):
+        assert cc.main(argv + ["--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert "resumed" in capsys.readouterr().out
