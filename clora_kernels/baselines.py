@@ -48,6 +48,7 @@ section was not available to us; docs/design-notes.md lists the choices):
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 
@@ -55,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn import _replace, select_targets
+from .functional import exact_math
+from .nn import _lifecycle_step, _replace, select_targets
 from .protection import grow_input_basis
 
 
@@ -72,6 +74,9 @@ class _BaselineLinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.rank = rank
         self.scaling = float(rank if alpha is None else alpha) / rank
+
+    def _kept_state(self):      # what `_lifecycle_step` reads: the task boundaries run as CLoRALinear's do
+        return (self.base.weight,)
 
     @property
     def in_features(self) -> int:
@@ -93,6 +98,7 @@ class PerTaskLoRALinear(_BaselineLinear):
         self.branches = None        # how many branches the forward adds (None: all; `task_branches`)
         self.next_task()
 
+    @_lifecycle_step
     @torch.no_grad()
     def next_task(self) -> None:
         w = self.base.weight
@@ -137,8 +143,13 @@ class DualLoRALinear(_BaselineLinear):
     """A frozen nn.Linear with DualLoRA's orthogonal and residual adapters (module docstring).
     `begin_task()` before a task trains takes the task's own input directions outside the earlier
     tasks' bases (the residual adapter's subspace, from a pass inside `observe_new_inputs`);
-    `next_task()` at its end folds both adapters' trained deltas (the output is unchanged), grows the
-    bases from the inputs observed after training and freezes B_o and B_r after the first task."""
+    `next_task()` at its end folds both adapters' trained deltas (the factors keep their values), grows
+    the bases from the inputs observed after training and freezes B_o and B_r after the first task.
+    The fold alone changes no output, but the gate then reads the grown M instead of [M, M_t], which
+    differ where a layer's inputs moved while it trained (one after an adapted layer): on the digits
+    MLP the boundary moved fc2's outputs by up to 0.08 and the logits by up to 0.15 (a helper's
+    measurement, task-IL, 10 epochs; no prediction changed). The harness's accuracy row for a task
+    is taken before its boundary, so that move is counted as forgetting."""
 
     def __init__(self, base: nn.Linear, rank: int = 16, alpha=None, energy: float = 0.99):
         super().__init__(base, rank, alpha)
@@ -160,6 +171,9 @@ class DualLoRALinear(_BaselineLinear):
         self.begun = False          # begin_task ran for the task now training
         self._gram, self._observing = None, False
 
+    def _kept_state(self):
+        return self.lora_A_old, self.base.weight
+
     def _outside(self, t: Tensor) -> Tensor:     # t (I − M Mᵀ), rows of t in input space
         m = self.bases
         return t - (t @ m) @ m.t() if m.shape[1] else t
@@ -173,15 +187,20 @@ class DualLoRALinear(_BaselineLinear):
 
     def gate(self, input: Tensor) -> Tensor:
         """The dynamic memory: ‖x [M, M_t]‖² / ‖x‖² per row, the share of the input's energy in the
-        tasks' bases (the earlier ones and the current task's own; 0 before any exist)."""
-        inside = None
-        for m in (self.bases, self.task_bases):
-            if m.shape[1]:
-                e = (input @ m).square().sum(-1, keepdim=True)
-                inside = e if inside is None else inside + e
-        if inside is None:
-            return input.new_zeros(input.shape[:-1] + (1,))
-        return inside / input.square().sum(-1, keepdim=True).clamp(min=torch.finfo(input.dtype).tiny)
+        tasks' bases (the earlier ones and the current task's own; 0 before any exist). In float32 at
+        least, without autocast (‖x‖² of an ordinary float16 row, K = 1024 and |x| ~ 10, overflows
+        65504: the layer gave NaN where nn.Linear does not); returned in x's dtype."""
+        dt = torch.promote_types(input.dtype, torch.float32)
+        with exact_math(input):
+            x = input.to(dt)
+            inside = None
+            for m in (self.bases, self.task_bases):
+                if m.shape[1]:
+                    e = (x @ m.to(dt)).square().sum(-1, keepdim=True)
+                    inside = e if inside is None else inside + e
+            if inside is None:
+                return input.new_zeros(input.shape[:-1] + (1,))
+            return (inside / x.square().sum(-1, keepdim=True).clamp(min=torch.finfo(dt).tiny)).to(input.dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         if self._observing:
@@ -194,8 +213,10 @@ class DualLoRALinear(_BaselineLinear):
         """The residual adapter's output, gated by the dynamic memory (0 before any bases exist)."""
         if not (self.bases.shape[1] or self.task_bases.shape[1]):
             return 0.0
-        return self.scaling * self.gate(input) * F.linear(F.linear(input, self.residual_A()), self.res_B)
+        branch = F.linear(F.linear(input, self.residual_A()), self.res_B)
+        return self.scaling * self.gate(input).to(branch.dtype) * branch
 
+    @_lifecycle_step
     @torch.no_grad()
     def begin_task(self) -> None:
         """Before a task trains: M_t, the directions of its inputs (observed in a pass inside
@@ -222,6 +243,7 @@ class DualLoRALinear(_BaselineLinear):
                     "observe_new_inputs(model):` before training it")
         return ""
 
+    @_lifecycle_step
     @torch.no_grad()
     def next_task(self) -> None:
         why = self.not_ready()
@@ -247,6 +269,7 @@ class DualLoRALinear(_BaselineLinear):
         return {"tasks_done": self.tasks_done, "begun": self.begun,
                 **{n: getattr(self, n).detach().cpu().clone() for n in names}}
 
+    @_lifecycle_step
     @torch.no_grad()
     def load_task_state(self, state: dict) -> None:
         if "task_bases" not in state:
@@ -262,6 +285,28 @@ class DualLoRALinear(_BaselineLinear):
         self.lora_B.requires_grad_(first)
         self.res_B.requires_grad_(first)
         self._gram = None
+
+    def get_extra_state(self) -> dict:
+        """A state_dict carries the task count and whether the task now training began (`begun`), so a
+        freshly built model loads it to the same task: which B factors train, what next_task does."""
+        return {"tasks_done": self.tasks_done, "begun": self.begun}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.tasks_done, self.begun = int(state["tasks_done"]), bool(state["begun"])
+        self.lora_B.requires_grad_(self.tasks_done == 0)
+        self.res_B.requires_grad_(self.tasks_done == 0)
+        self._gram = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the bases grow with the tasks from (K, 0): a fresh layer takes the saved ones' width (size mismatch
+        # before); a saved tensor of another height still meets the size check
+        for name in ("bases", "task_bases"):
+            saved = state_dict.get(prefix + name)
+            mine = self._buffers[name]
+            if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[0] == mine.shape[0] \
+                    and saved.shape[1] != mine.shape[1]:
+                self._buffers[name] = mine.new_zeros(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def adapter_state(self) -> dict:
         """What the adapter stores at a task boundary (the trained deltas are folded then): both
@@ -293,7 +338,10 @@ class _DualMerged(nn.Module):
             self.linear.weight.copy_(w)
             if layer.base.bias is not None:
                 self.linear.bias.copy_(layer.base.bias)
-        self.layer = layer
+        # the residual adapter as it is now, a frozen copy (it moved with a layer that trained on), sharing
+        # only the frozen base
+        self.layer = copy.deepcopy(layer, {id(layer.base): layer.base}).requires_grad_(False)
+        self.layer._gram, self.layer._observing = None, False
 
     def forward(self, input: Tensor) -> Tensor:
         return self.linear(input) + self.layer.residual(input)
@@ -363,17 +411,41 @@ def inject_dual_lora(model: nn.Module, target_modules, rank: int = 16, alpha=Non
 
 
 def _inject(model, target_modules, make, what: str, rank: int) -> nn.Module:
-    names = [n for n in select_targets(model, target_modules, rank=rank) if type(model.get_submodule(n)) is nn.Linear]
+    """Layers injected by an earlier call keep their adapters trainable, and their own frozen `base`
+    is no target; a layer that is not a plain nn.Linear (transformers' Conv1D, which inject_clora
+    adapts) is refused by name rather than skipped: a comparison with C-LoRA ran on other layers. On
+    a refusal the model is as it was (a layer built before it had frozen its base)."""
+    held = [n for n, _ in baseline_layers(model)]
+    inside = tuple(n + "." for n in held)
+    names = [n for n in select_targets(model, target_modules, rank=rank) if not n.startswith(inside)]
     if not names:
-        raise ValueError(f"{what}: no nn.Linear matches target_modules={target_modules!r}")
-    new = [(n, make(model.get_submodule(n))) for n in names]     # every layer built before any is replaced
-    trainable = {id(p) for _, layer in new for p in layer.parameters() if p.requires_grad}
+        already = f"the model holds baseline layers already ({held[:8]}) and " if held else ""
+        raise ValueError(f"{what}: {already}no nn.Linear matches target_modules={target_modules!r}")
+    other = {n: type(model.get_submodule(n)).__name__ for n in names if type(model.get_submodule(n)) is not nn.Linear}
+    if other:
+        raise ValueError(f"{what}: the baselines wrap plain nn.Linear layers only, and target_modules="
+                         f"{target_modules!r} names {len(other)} other(s): {list(other.items())[:8]}; leave them out "
+                         f"(exclude them from the targets) to compare on the same layers")
+    trainable = {id(p) for _, m in baseline_layers(model) for p in m.parameters() if p.requires_grad}
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    new = []
+    for n in names:     # every layer built before any is replaced
+        try:
+            new.append((n, make(model.get_submodule(n))))
+        except (TypeError, ValueError) as exc:
+            for p, flag in before:
+                p.requires_grad_(flag)
+            raise type(exc)(f"{what}: layer {n!r}: {exc}; the model was not changed") from None
+    trainable |= {id(p) for _, layer in new for p in layer.parameters() if p.requires_grad}
     for p in model.parameters():
         p.requires_grad_(False)
     for n, layer in new:
         _replace(model, n, layer)
     for _, layer in new:
         for p in layer.parameters():
+            p.requires_grad_(id(p) in trainable)
+    for _, m in baseline_layers(model):
+        for p in m.parameters():
             p.requires_grad_(id(p) in trainable)
     return model
 

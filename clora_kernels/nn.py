@@ -196,9 +196,9 @@ def _lifecycle_step(method):
     def run(self, *args, **kwargs):
         if torch.compiler.is_compiling():       # (the compiler traces neither test)
             return method(self, *args, **kwargs)
-        with exact_math(self.routing_old):
-            if torch.is_inference_mode_enabled() and not (self.routing_old.is_inference()
-                                                          or self.weight.is_inference()):
+        kept = self._kept_state()       # (tensors of the layer: their device, and whether it was made there)
+        with exact_math(kept[0]):
+            if torch.is_inference_mode_enabled() and not any(t.is_inference() for t in kept):
                 with torch.inference_mode(False), torch.no_grad():    # (inference_mode(False) turns grad mode on)
                     return method(self, *args, **kwargs)
             return method(self, *args, **kwargs)
@@ -238,6 +238,9 @@ class CLoRALinear(nn.Linear):
         self.register_buffer("projection", torch.eye(rank, **fk))
         self.protection: Protection = make_protection(protection)
         self.reset_adapter()
+
+    def _kept_state(self):      # the tensors `_lifecycle_step` reads
+        return self.routing_old, self.weight
 
     def reset_parameters(self) -> None:
         """nn.Linear's init of weight and bias, and the adapter's first-task state (so the FSDP

@@ -328,3 +328,106 @@ def test_a_refused_dual_lora_boundary_changes_no_layer(seed):
         model(x)
     next_task(model)                    # the retry the message asks for
     assert [m.tasks_done for m in (model[0], model[2])] == [1, 1]
+
+
+# ---- cases a review of the baselines as drop-in layers found (each fails without its fix) --------------
+def test_dual_lora_gate_does_not_overflow_in_half(seed):
+    """‖x‖² of an ordinary float16 row (K = 64, |x| ~ 40: about 1e5) overflows 65504: the gate, and
+    the layer, gave NaN where nn.Linear does not. It is computed in float32 and returned in x's dtype."""
+    layer = DualLoRALinear(nn.Linear(64, 16), rank=4, energy=0.9)
+    x = 40 * torch.randn(8, 64)
+    with torch.no_grad(), observe_new_inputs(layer):
+        layer(x)
+    with torch.no_grad():
+        layer.res_B.normal_()
+        want = layer(x)
+        half = layer.half()
+        y = half(x.half())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    assert rel_err(y.float(), want) < 1e-2 and half.gate(x.half()).dtype == torch.float16
+
+
+def test_baseline_boundaries_under_inference_mode(seed):
+    """A task boundary called under torch.inference_mode (a validation loop's hook) made the new branch,
+    or DualLoRA's bases, inference tensors: per_task_lora's new branch then got no gradient, silently,
+    and dual_lora's next backward failed. They run outside it, as CLoRALinear's lifecycle does."""
+    x = torch.randn(20, 8)
+    model = inject_per_task_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), ["0"], rank=2)
+    with torch.inference_mode():
+        next_task(model)
+    model(x).sum().backward()
+    assert model[0].lora_A[1].grad is not None and model[0].lora_A[1].grad.abs().sum() == 0    # (lora_B = 0)
+    assert model[0].lora_B[1].grad.abs().sum() > 0
+    model = inject_dual_lora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), ["0", "2"], rank=2)
+    with torch.inference_mode(), observe_new_inputs(model):
+        model(x)
+    model(x).sum().backward()
+    with torch.inference_mode():
+        with observe_inputs(model):
+            model(x)
+        next_task(model)
+    assert not model[0].bases.is_inference() and model[0].bases.shape[1] > 0
+    with torch.no_grad(), observe_new_inputs(model):
+        model(x)
+    model.zero_grad()
+    model(x).sum().backward()
+    assert model[0].lora_A.grad is not None     # (the backward failed: inference tensors saved for it)
+
+
+def test_dual_lora_state_dict_loads_into_a_fresh_model(seed):
+    """The bases grow from (K, 0): a state_dict after a task met a size mismatch in a fresh model, and
+    the task count (which B factors train) was no part of it. Both load now."""
+    def make():
+        torch.manual_seed(1)
+        return inject_dual_lora(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)), ["0"], rank=2, energy=0.9)
+    model, x = make(), torch.randn(20, 10)
+    _begin(model, x)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        model[0].res_B.normal_()
+    _boundary(model, x)
+    fresh = make()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), model(x)) and fresh[0].tasks_done == 1
+    assert [n for n, p in fresh.named_parameters() if p.requires_grad] == ["0.lora_A", "0.res_A"]
+    with pytest.raises(RuntimeError, match="size mismatch for 0.bases"):
+        make().load_state_dict({**model.state_dict(), "0.bases": torch.zeros(7, 2)})
+
+
+def test_baseline_injection_second_call_refusals_and_conv1d(seed):
+    """A second injection froze the first one's adapters (and 'all-linear' wrapped the baselines' own
+    base layers); a refused injection left the layers built before it frozen and did not name the
+    layer; a transformers Conv1D among the targets was skipped silently (inject_clora adapts it)."""
+    transformers = pytest.importorskip("transformers")
+    for inject in (inject_per_task_lora, inject_dual_lora):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+        inject(model, ["0"], rank=2)
+        inject(model, ["2"], rank=2)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert any(n.startswith("0.lora_A") for n in trainable) and any(n.startswith("2.lora_A") for n in trainable)
+        with pytest.raises(ValueError, match=r"holds baseline layers already \(\['0', '2'\]\)"):
+            inject(model, ["0.base", "2.base"], rank=2)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+        with pytest.raises(ValueError, match=r"layer '2': rank must be in \[1, 2\], got 4; the model was not changed"):
+            inject(model, ["0", "2"], rank=4)
+        assert all(p.requires_grad for p in model.parameters())
+        model = nn.Sequential(transformers.pytorch_utils.Conv1D(16, 8), nn.ReLU(), nn.Linear(16, 2))
+        with pytest.raises(ValueError, match=r"plain nn.Linear layers only.*\('0', 'Conv1D'\)"):
+            inject(model, ["0", "2"], rank=2)
+        assert all(p.requires_grad for p in model.parameters())
+
+
+def test_dual_lora_merged_is_a_copy(seed):
+    """merged(), "an inference copy", kept the live layer: its residual branch moved when the layer
+    trained on, and its parameters were the layer's trainable factors."""
+    model = inject_dual_lora(nn.Sequential(nn.Linear(10, 8)), ["0"], rank=2, energy=0.9)
+    x = torch.randn(20, 10)
+    _begin(model, x)
+    with torch.no_grad():
+        model[0].res_B.normal_()
+    merged = model[0].merged()
+    before = merged(x).detach()
+    assert rel_err(before, model[0](x)) < 1e-6
+    _train(model, x, steps=5)
+    assert torch.equal(merged(x), before) and rel_err(model[0](x), before) > 1e-3
+    assert not any(p.requires_grad for p in merged.parameters())
