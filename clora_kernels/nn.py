@@ -345,11 +345,18 @@ class CLoRALinear(nn.Linear):
         super().__setattr__(name, value)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, rank: int = 16, alpha: Optional[float] = None, **kwargs) -> "CLoRALinear":
+    def from_linear(cls, linear: nn.Module, rank: int = 16, alpha: Optional[float] = None, *,
+                    autocast_adapter_dtype: bool = True, **kwargs) -> "CLoRALinear":
         """Wrap an existing nn.Linear, or a transformers `Conv1D` (GPT-2's (in, out) layout, kept
         as it is: the layer computes with a transposed view, PEFT's fan_in_fan_out). The weight
         and bias are shared, not copied: at init the output equals the base layer's exactly
-        (lora_B = 0)."""
+        (lora_B = 0). `autocast_adapter_dtype` (PEFT's option, and its default): on a float16 or
+        bfloat16 layer the adapter (lora_A, lora_B and the routing) is float32, and enters the
+        computation in the layer's dtype (`functional.module_linear`), so the optimizer updates
+        float32 values: in 16 bits an Adam step below the value's spacing was lost (a bf16 Llama's
+        routing_delta kept its diagonal at exactly 1.0 over ten steps at lr 1e-3). False: the adapter
+        takes the layer's dtype."""
+        autocast_adapter_dtype = check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
         conv1d = _is_conv1d(linear)
         if not (conv1d or isinstance(linear, nn.Linear)) or isinstance(linear, CLoRALinear):
             raise TypeError(f"from_linear expects a plain nn.Linear or a transformers Conv1D, got "
@@ -369,10 +376,11 @@ class CLoRALinear(nn.Linear):
         layer.weight = linear.weight.requires_grad_(False)       # the same Parameter: ties stay ties
         if linear.bias is not None:
             layer.bias = linear.bias.requires_grad_(False)
+        kw = {"device": w.device, "dtype": torch.float32 if autocast_adapter_dtype and w.dtype in _HALF else w.dtype}
         for name in ("lora_A", "lora_B", "routing_delta"):
-            setattr(layer, name, nn.Parameter(torch.empty_like(getattr(layer, name), device=w.device)))
+            setattr(layer, name, nn.Parameter(torch.empty_like(getattr(layer, name), **kw)))
         for name in ("routing_old", "projection"):
-            setattr(layer, name, torch.empty_like(getattr(layer, name), device=w.device))
+            setattr(layer, name, torch.empty_like(getattr(layer, name), **kw))
         layer.reset_adapter()           # also re-creates the policy's buffers on the weight's device
         return layer
 

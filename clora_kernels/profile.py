@@ -80,7 +80,8 @@ def make_variants(base, args, device):
     variants = {"plain": base}
     gen = torch.Generator(device="cpu").manual_seed(0)
     try:
-        adapted = inject_clora(copy.deepcopy(base), target_modules=args.targets, rank=args.rank, backend="torch")
+        adapted = inject_clora(copy.deepcopy(base), target_modules=args.targets, rank=args.rank, backend="torch",
+                               autocast_adapter_dtype=False)     # (the base's dtype, as PEFT's variant: peft_dtype_kwargs)
     except ValueError as exc:
         raise ProfileError(f"--targets / --rank: {exc}") from None
     with torch.no_grad():

@@ -1628,3 +1628,38 @@ def test_a_save_writes_through_a_symlink_and_keeps_the_files_mode(seed, tmp_path
     ck.inject_clora(fresh, ["0"], rank=2)
     ck.load_adapter(fresh, target)
     assert torch.equal(fresh[0].lora_B, model[0].lora_B)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_layer_keeps_a_float32_adapter(seed, dtype):
+    """from_linear / inject_clora on a 16-bit layer make a float32 adapter (PEFT's autocast_adapter_dtype,
+    its default), cast to the layer's dtype as it enters the op: the output is the 16-bit adapter's to
+    the bit, its gradients are float32, and an Adam step below bf16's spacing at 1.0 is kept (a bf16
+    routing_delta kept its diagonal at exactly 1.0 over ten steps at lr 1e-3: the first task never
+    trained it). observe_task records the 16-bit inputs (the policy read the adapter's dtype as the
+    input's and skipped them). autocast_adapter_dtype=False keeps the layer's dtype."""
+    base = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 6)).to(dtype)
+    wide = ck.inject_clora(copy.deepcopy(base), ["0", "2"], rank=4, protection="project")
+    narrow = ck.inject_clora(copy.deepcopy(base), ["0", "2"], rank=4, protection="project",
+                             autocast_adapter_dtype=False)
+    assert wide[0].lora_A.dtype == wide[0].routing_old.dtype == torch.float32 and wide[0].weight.dtype == dtype
+    assert narrow[0].lora_A.dtype == narrow[0].routing_delta.dtype == dtype
+    with torch.no_grad():
+        for m in (wide[0], wide[2]):
+            m.lora_A.copy_(m.lora_A.to(dtype))
+            m.lora_B.normal_()
+            m.lora_B.copy_(m.lora_B.to(dtype))
+    narrow.load_state_dict(wide.state_dict())
+    x = torch.randn(32, 24, dtype=dtype)
+    y = wide(x)
+    assert y.dtype == dtype and torch.equal(y, narrow(x))
+    y.float().square().mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in wide.parameters() if p.requires_grad)
+    opt = torch.optim.Adam([p for p in wide.parameters() if p.requires_grad], lr=1e-3)
+    opt.step()
+    assert (wide[0].routing_delta.diagonal() != 1).all()
+    with torch.no_grad(), ck.observe_task(wide):
+        wide(x)
+    ck.end_task(wide)           # (project refuses a task whose inputs it did not see)
+    assert wide[0].routing_old.abs().sum() > 0 and wide[0].lora_A.dtype == torch.float32
+    assert wide.to(torch.float32)[0].lora_A.dtype == torch.float32 and wide.to(dtype)[0].lora_A.dtype == dtype
