@@ -490,7 +490,17 @@ def grow_input_basis(u: Tensor, gram: Tensor, energy: float) -> Tensor:
     held = total - float(torch.trace(resid))         # what u already holds of this task
     new = 0 if held >= need else int((held + torch.cumsum(ev, 0) < need).sum().item()) + 1
     new = min(new, gram.shape[0] - u.shape[1])
-    return torch.linalg.qr(torch.cat([u, vec[:, :new]], 1))[0] if new else u
+    return _signed(torch.linalg.qr(torch.cat([u, vec[:, :new]], 1))[0]) if new else u
+
+
+def _signed(q: Tensor) -> Tensor:
+    """The basis `q` with each column's largest-magnitude entry positive. eigh's and QR's signs are
+    arbitrary, and rounding picks them: a DDP job's summed Gram and one process's (the same to 1e-16)
+    gave opposite columns, so their saved bases differed though they span the same subspace."""
+    if q.shape[1] == 0:
+        return q
+    sign = torch.sign(q.gather(0, q.abs().argmax(0, keepdim=True)))
+    return q * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def _range_basis(gram: Tensor, rtol: float = 1e-7) -> Tensor:
@@ -502,7 +512,7 @@ def _range_basis(gram: Tensor, rtol: float = 1e-7) -> Tensor:
     ev, vec = ev.flip(0).clamp(min=0), vec.flip(1)
     if ev.numel() == 0 or float(ev[0]) <= 0:
         return vec[:, :0]
-    return vec[:, :int((ev > rtol * ev[0]).sum().item())]
+    return _signed(vec[:, :int((ev > rtol * ev[0]).sum().item())])
 
 
 def make_protection(spec) -> Protection:
