@@ -444,13 +444,18 @@ class Project(Protection):
         k = layer.in_features     # (a layer the task's pass never reached: no new inputs to protect)
         gram = layer._observed.double() if layer._observed is not None else torch.zeros(
             k, k, dtype=torch.float64, device=layer.lora_A.device)
-        u = grow_input_basis(layer.protect_input_basis.double(), gram, self.energy)
+        eps = torch.finfo(layer._observed.dtype if layer._observed is not None else torch.float64).eps
+        u = grow_input_basis(layer.protect_input_basis.double(), gram, self.energy, eps)
         a = layer.lora_A.double()
         gram_t = a @ gram @ a.t()
         del gram
         r_eff = routing.double()
-        g_t = layer.protect_gram_t.double() + gram_t
-        g_u = layer.protect_gram_u.double() + r_eff.t() @ gram_t @ r_eff
+        # each task's t and u Grams enter the sums at unit trace: the r-space bases are the sums' ranges,
+        # and a task whose inputs were small beside an earlier one's (1e-4 of their scale) fell under
+        # _range_basis's rtol of the sum and lost its protection (a later task moved its outputs 95 %);
+        # the float32 sums of large inputs also grew to inf over the tasks, committed
+        g_t = layer.protect_gram_t.double() + _unit_trace(gram_t)
+        g_u = layer.protect_gram_u.double() + _unit_trace(r_eff.t() @ gram_t @ r_eff)
         w = self._routing_basis(layer, g_t, projection)
         v = _range_basis(g_u)
         b = layer.lora_B.double()
@@ -472,10 +477,18 @@ class Project(Protection):
         layer._no_room = prepared["no_room"]
 
 
-def grow_input_basis(u: Tensor, gram: Tensor, energy: float) -> Tensor:
+def _unit_trace(gram: Tensor) -> Tensor:
+    total = float(torch.trace(gram))
+    return gram / total if total > 0 else gram
+
+
+def grow_input_basis(u: Tensor, gram: Tensor, energy: float, eps: float = torch.finfo(torch.float64).eps) -> Tensor:
     """GPM's rule (Saha et al. 2021): the orthonormal basis `u` (K, k) grown by the leading
     eigenvectors of the part of a task's input Gram (K, K) outside it, until `u` holds `energy`
-    of the task's input energy; `u` unchanged when it holds enough (or the Gram is 0)."""
+    of the task's input energy; `u` unchanged when it holds enough (or the Gram is 0). Directions
+    whose energy is at the rounding level of the Gram's sums (`eps`, their dtype's: below
+    K·eps of its trace) are none of the inputs' and are never added: at energy 1.0 a float32 layer
+    whose every task fed one direction protected noise, a full basis after 20 of its 32 tasks."""
     total = float(torch.trace(gram))
     if total <= 0:
         return u
@@ -489,7 +502,7 @@ def grow_input_basis(u: Tensor, gram: Tensor, energy: float) -> Tensor:
     need = energy * total * (1 - 1e-12)
     held = total - float(torch.trace(resid))         # what u already holds of this task
     new = 0 if held >= need else int((held + torch.cumsum(ev, 0) < need).sum().item()) + 1
-    new = min(new, gram.shape[0] - u.shape[1])
+    new = min(new, gram.shape[0] - u.shape[1], int((ev > eps * gram.shape[0] * total).sum().item()))
     return _signed(torch.linalg.qr(torch.cat([u, vec[:, :new]], 1))[0]) if new else u
 
 

@@ -963,3 +963,36 @@ def test_an_interrupt_while_end_task_sets_the_layers_finishes_setting_them(seed,
         ck.end_task(model)
     assert [m.task_index for m in model] == [1, 1, 1]
     assert not any(m.lora_A.requires_grad for m in model)
+
+
+# ---- cases a helper's long-sequence audit found (each fails without its fix) ----------------------------
+def _observe_and_end(layer, x):
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(x)
+    layer.end_task()
+
+
+def test_project_at_energy_one_protects_no_rounding_noise(seed):
+    """Every task feeds one input direction: U grows by one column a task. In float32 the observed
+    Gram's rounding (eigenvalues of 1e-8 of its trace) was taken for inputs at energy 1.0: 2, 3, 5, 7
+    ... columns, a full basis after 20 of 32 tasks, lora_A then frozen in every direction."""
+    layer = CLoRALinear(32, 8, rank=4, protection=ck.Project(energy=1.0), backend="torch")
+    for t in range(8):
+        direction = F.normalize(torch.randn(32, dtype=torch.float64), dim=0)
+        _observe_and_end(layer, (torch.randn(64, 1, dtype=torch.float64) * direction).float())
+        assert layer.protect_input_basis.shape[1] == t + 1, t
+
+
+def test_project_protects_a_task_of_small_inputs_in_r_space(seed):
+    """The r-space bases were the ranges of the tasks' summed t / u Grams cut at 1e-7 of the largest
+    eigenvalue, so a task whose inputs were 1e-4 of another's lost its routing and output protection
+    (a later task moved its outputs by 95 %). Each task enters the sums at unit trace; the float32 sums
+    of large inputs, which grew to inf over the tasks and were committed, stay finite."""
+    layer = CLoRALinear(16, 8, rank=4, protection=ck.Project(energy=1.0), backend="torch", dtype=torch.float64)
+    for t, scale in enumerate((1.0, 1e-4, 1.0)):
+        _observe_and_end(layer, torch.randn(32, 1, dtype=torch.float64) * torch.eye(16, dtype=torch.float64)[t] * scale)
+        assert layer.protect_routing_basis.shape[1] == layer.protect_output_basis.shape[1] == t + 1, t
+    big = CLoRALinear(64, 16, rank=8, protection="project", backend="torch")
+    for _ in range(10):
+        _observe_and_end(big, torch.randn(256, 64) * 6e17)      # each task's Gram is finite, up to 1.1e38
+    assert all(bool(torch.isfinite(getattr(big, n)).all()) for n in big.protection.buffers)
