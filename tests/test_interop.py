@@ -811,3 +811,29 @@ def test_all_linear_says_a_moe_models_fused_experts_get_no_adapter(seed):
         ck.inject_clora(copy.deepcopy(model), "all-linear", rank=2)
     with pytest.warns(UserWarning, match=r"'down_proj' matches no layer that is adapted, only MixtralExperts.down_proj"):
         ck.inject_clora(model, LLAMA_TARGETS, rank=2)       # (PEFT's usual list: attention alone, silently)
+
+
+def test_reentrant_checkpointing_turned_on_before_injection_trains_the_adapters(seed):
+    """transformers' reentrant activation checkpointing, on before inject_clora in a model that is not a
+    text model (a ViT): no input of a checkpointed block required a gradient, so no adapter got one
+    (the loss required none; PEFT's get_peft_model calls enable_input_require_grads, and so does
+    inject_clora now). The gradients are those of the model without checkpointing."""
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=4, num_labels=5)
+    base = transformers.ViTForImageClassification(cfg).train()
+    plain = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], rank=4)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = ck.inject_clora(base, target_modules=["q_proj", "v_proj"], rank=4)
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    with torch.no_grad():
+        for _, layer in clora_layers(plain):
+            layer.lora_B.normal_()
+    model.load_state_dict(plain.state_dict())
+    for m in (model, plain):
+        m(pixel_values=x, labels=y).loss.backward()
+    got, want = dict(model.named_parameters()), dict(plain.named_parameters())
+    assert sorted(n for n, p in got.items() if p.grad is not None) == sorted(n for n, p in want.items()
+                                                                            if p.grad is not None)
+    for n, p in want.items():
+        if p.grad is not None:
+            assert rel_err(got[n].grad, p.grad) < 1e-5, n
