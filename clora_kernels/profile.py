@@ -81,7 +81,7 @@ def make_variants(base, args, device):
     gen = torch.Generator(device="cpu").manual_seed(0)
     try:
         adapted = inject_clora(copy.deepcopy(base), target_modules=args.targets, rank=args.rank, backend="torch",
-                               autocast_adapter_dtype=False)     # (the base's dtype, as PEFT's variant: peft_dtype_kwargs)
+                               autocast_adapter_dtype=False)     # (the base's dtype: PEFT's variant's too)
     except ValueError as exc:
         raise ProfileError(f"--targets / --rank: {exc}") from None
     with torch.no_grad():

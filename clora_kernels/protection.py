@@ -372,7 +372,8 @@ class Project(Protection):
                 return
             x = torch.cat(parts)
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != layer.in_features or not (
-                x.dtype in (layer.lora_A.dtype, layer.weight.dtype) or (x.dtype in _AUTOCAST_CASTS and _autocasting(x))):
+                x.dtype in (layer.lora_A.dtype, layer.weight.dtype)
+                or (x.dtype in _AUTOCAST_CASTS and _autocasting(x))):
             return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)
         x = x.detach().reshape(-1, x.shape[-1])
         with _LOCK:
