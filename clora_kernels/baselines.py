@@ -286,18 +286,23 @@ class DualLoRALinear(_BaselineLinear):
         self.res_B.requires_grad_(first)
         self._gram = None
 
-    def get_extra_state(self) -> dict:
+    def get_extra_state(self) -> Tensor:
         """A state_dict carries the task count and whether the task now training began (`begun`), so a
-        freshly built model loads it to the same task: which B factors train, what next_task does."""
-        return {"tasks_done": self.tasks_done, "begun": self.begun}
+        freshly built model loads it to the same task: which B factors train, what next_task does. A
+        tensor, (tasks_done, begun), as CLoRALinear's: safetensors and torch.load(weights_only=True)
+        take no dict."""
+        return torch.tensor([self.tasks_done, int(self.begun)], dtype=torch.int64)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.tasks_done, self.begun = int(state["tasks_done"]), bool(state["begun"])
+    def set_extra_state(self, state) -> None:
+        if not (isinstance(state, Tensor) and state.shape == (2,) and not state.is_floating_point()):
+            raise ValueError(f"DualLoRALinear's task state is a tensor (tasks_done, begun), got {state!r}")
+        self.tasks_done, self.begun = int(state[0]), bool(state[1])
         self.lora_B.requires_grad_(self.tasks_done == 0)
         self.res_B.requires_grad_(self.tasks_done == 0)
         self._gram = None
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         # the bases grow with the tasks from (K, 0): a fresh layer takes the saved ones' width (size mismatch
         # before); a saved tensor of another height still meets the size check
         for name in ("bases", "task_bases"):
@@ -306,7 +311,12 @@ class DualLoRALinear(_BaselineLinear):
             if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[0] == mine.shape[0] \
                     and saved.shape[1] != mine.shape[1]:
                 self._buffers[name] = mine.new_zeros(saved.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        missing = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # a state_dict of an earlier version has no task state: it loads as it did (the layer's own kept)
+        if prefix + "_extra_state" in missing_keys[missing:]:
+            missing_keys.remove(prefix + "_extra_state")
 
     def adapter_state(self) -> dict:
         """What the adapter stores at a task boundary (the trained deltas are folded then): both

@@ -1376,11 +1376,15 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
     users = _parameter_users(model)     # (after the replacement: an alias of a replaced Linear, `self.fc2 =
     for _, layer in new:                # self.fc1`, keeps the plain Linear and shares the weight: a tie)
         layer.tied_to = _tied(users, layer.weight, layer)
-    if getattr(model, "is_gradient_checkpointing", False) and callable(getattr(model, "enable_input_require_grads",
-                                                                               None)):
-        # transformers' reentrant checkpointing, turned on before: with the embeddings frozen no input of a
-        # checkpointed block requires a gradient, so none reached an adapter (a ViT's loss required none);
-        # PEFT's get_peft_model does the same (text models' own checkpointing already does it)
+    # transformers' activation checkpointing, turned on before: in its reentrant form, with the embeddings
+    # frozen, no input of a checkpointed block requires a gradient, so none reached an adapter (a ViT's loss
+    # required none). PEFT's get_peft_model does the same (text models' own checkpointing already does it).
+    # (is_activation_checkpointing in transformers 5; is_gradient_checkpointing, before it, warns there)
+    checkpointing = getattr(model, "is_activation_checkpointing",
+                            None) if hasattr(type(model), "is_activation_checkpointing") else None
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing is True and callable(getattr(model, "enable_input_require_grads", None)):
         model.enable_input_require_grads()
     return model
 

@@ -392,6 +392,14 @@ def test_dual_lora_state_dict_loads_into_a_fresh_model(seed):
     assert [n for n, p in fresh.named_parameters() if p.requires_grad] == ["0.lora_A", "0.res_A"]
     with pytest.raises(RuntimeError, match="size mismatch for 0.bases"):
         make().load_state_dict({**model.state_dict(), "0.bases": torch.zeros(7, 2)})
+    # the task state is a tensor (a review: a dict failed safetensors), and a state_dict of an earlier
+    # version, which has none, loads strictly as it did
+    from safetensors.torch import load, save
+    again = make()
+    again.load_state_dict(load(save(model.state_dict())))
+    assert again[0].tasks_done == 1 and torch.equal(again(x), model(x))
+    older = {k: v for k, v in make().state_dict().items() if not k.endswith("_extra_state")}
+    make().load_state_dict(older)
 
 
 def test_baseline_injection_second_call_refusals_and_conv1d(seed):

@@ -4,6 +4,7 @@ is downloaded."""
 import copy
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -823,7 +824,9 @@ def test_reentrant_checkpointing_turned_on_before_injection_trains_the_adapters(
     base = transformers.ViTForImageClassification(cfg).train()
     plain = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], rank=4)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model = ck.inject_clora(base, target_modules=["q_proj", "v_proj"], rank=4)
+    with warnings.catch_warnings():     # (transformers 5 deprecates is_gradient_checkpointing with a FutureWarning)
+        warnings.simplefilter("error", FutureWarning)
+        model = ck.inject_clora(base, target_modules=["q_proj", "v_proj"], rank=4)
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
     with torch.no_grad():
         for _, layer in clora_layers(plain):

@@ -996,3 +996,30 @@ def test_project_protects_a_task_of_small_inputs_in_r_space(seed):
     for _ in range(10):
         _observe_and_end(big, torch.randn(256, 64) * 6e17)      # each task's Gram is finite, up to 1.1e38
     assert all(bool(torch.isfinite(getattr(big, n)).all()) for n in big.protection.buffers)
+
+
+def test_project_rounding_floor_keeps_the_directions_of_a_wide_layer():
+    """The floor under which grow_input_basis takes an eigenvalue for rounding was K·eps of the trace
+    at first (a review): at K = 2048 in float32 that is 2.4e-4, above the smallest real direction of a
+    1/i spectrum (6e-5), and U missed 15 % of the energy at energy 0.99. It is 8·eps of the trace."""
+    from clora_kernels.protection import grow_input_basis
+    k = 2048
+    lam = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
+    want = int((torch.cumsum(lam, 0) < 0.99 * lam.sum() * (1 - 1e-12)).sum()) + 1
+    u = grow_input_basis(torch.zeros(k, 0, dtype=torch.float64), torch.diag(lam), 0.99, torch.finfo(torch.float32).eps)
+    assert u.shape[1] == want
+
+
+def test_project_continues_a_state_of_raw_sums():
+    """States saved before the unit-trace sums hold the tasks' raw t / u Grams (a trace of 1.5e8 for
+    inputs of a few hundred): a review found every later task's Gram, at unit trace, under the bases'
+    rtol, so no later task was protected in r-space (the next one moved its outputs 78 %). The earlier
+    sums count as task_index tasks."""
+    layer = CLoRALinear(16, 8, rank=4, protection=ck.Project(energy=1.0), backend="torch", dtype=torch.float64)
+    eye = torch.eye(16, dtype=torch.float64)
+    _observe_and_end(layer, torch.randn(32, 1, dtype=torch.float64) * eye[0])
+    with torch.no_grad():       # as a state saved before holds them
+        layer.protect_gram_t.mul_(1.5e8)
+        layer.protect_gram_u.mul_(1.5e8)
+    _observe_and_end(layer, torch.randn(32, 1, dtype=torch.float64) * eye[1])
+    assert layer.protect_routing_basis.shape[1] == layer.protect_output_basis.shape[1] == 2
