@@ -196,11 +196,12 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _adapter_in(dt, adapter):
+def _adapter_in(x, *adapter):
     """A float32 adapter on a 16-bit layer (`CLoRALinear.from_linear`'s autocast_adapter_dtype, PEFT's
     default) enters the op in x's dtype, by differentiable casts: its parameters keep float32 values and
     take float32 gradients. Operands of other dtypes stay as they are (the checks name a mismatch)."""
-    if not any(isinstance(t, Tensor) and t.dtype is torch.float32 for t in adapter):
+    dt = x.dtype if isinstance(x, Tensor) else None
+    if dt not in _HALF:
         return adapter
     return tuple(t.to(dt) if isinstance(t, Tensor) and t.dtype is torch.float32 else t for t in adapter)
 
@@ -222,9 +223,6 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
     call (the freeze policy's detached factors: the same dtype, device and shape), the parameters
     they view, whose identity keys the memo instead (else every such call would validate)."""
     w = weight.t() if fan_in_fan_out and isinstance(weight, Tensor) else weight
-    adapter = lora_A, lora_B, routing_old, routing_delta, projection
-    if isinstance(x, Tensor) and x.dtype in _HALF:
-        adapter = _adapter_in(x.dtype, adapter)
     # (a traced width, a tensor under the TorchScript tracer, is no key: the memo would outlive the trace;
     # and no memo under torch.compile, which traces the validation once and guards it: the memo's write
     # is a mutation of the module inside the graph, which compiled activation checkpointing refuses and
@@ -242,18 +240,22 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
         except AttributeError:      # an operand that is no tensor (`layer.lora_A = None`): the checks name it
             key = None
         if key is None:
-            return clora_linear(x, w, bias, *adapter, scaling, grad_through_old_route=grad_through_old_route,
-                                backend=backend)
+            return clora_linear(x, w, bias, *_adapter_in(x, lora_A, lora_B, routing_old, routing_delta, projection),
+                                scaling, grad_through_old_route=grad_through_old_route, backend=backend)
         operands = (weight, bias, *(factors or (lora_A, lora_B)), routing_old, routing_delta, projection)
+        if key[0] in _HALF:     # (the memo keys the operands as they are)
+            lora_A, lora_B, routing_old, routing_delta, projection = _adapter_in(
+                x, lora_A, lora_B, routing_old, routing_delta, projection)
         memo = owner._checked
         if memo is not None and memo[0] == key and all(map(operator.is_, memo[1], operands)):
-            return _ops.linear(x, w, bias, *adapter, scaling, grad_through_old_route, backend)
-        y = clora_linear(x, w, bias, *adapter, scaling, grad_through_old_route=grad_through_old_route,
-                         backend=backend)
+            return _ops.linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                               grad_through_old_route, backend)
+        y = clora_linear(x, w, bias, lora_A, lora_B, routing_old, routing_delta, projection, scaling,
+                         grad_through_old_route=grad_through_old_route, backend=backend)
         # (operands computed in the call, as torch.func.functional_call's or a transform's: new each call,
         # so never a hit, and kept they would hold their graph, which deepcopy of the module refuses)
         if not in_functorch() and not any(t is not None and t.grad_fn is not None for t in operands):
             owner._checked = (key, operands)
         return y
-    return clora_linear(x, w, bias, *adapter, scaling, grad_through_old_route=grad_through_old_route,
-                        backend=backend)
+    return clora_linear(x, w, bias, *_adapter_in(x, lora_A, lora_B, routing_old, routing_delta, projection), scaling,
+                        grad_through_old_route=grad_through_old_route, backend=backend)
