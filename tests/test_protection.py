@@ -685,18 +685,22 @@ def test_merge_for_evaluation_and_copies_change_nothing_of_a_project_run(seed):
 
 
 def test_a_16_bit_project_layer_keeps_its_sums_in_float32(seed):
-    """The project policy's t and u Grams sum over every observed row: stored in an fp16 layer's
-    dtype they overflowed 65504 after one task of 200k N(0,1) rows, the saved file was refused by
-    load_adapter, and every later end_task failed half-way (the routing folded, the task counted,
-    the bases not made). They stay float32 through .half() / .bfloat16() and back."""
+    """The project policy's Grams sum over every observed row: stored in an fp16 layer's dtype they
+    overflowed 65504 after one task of 200k N(0,1) rows, the saved file was refused by load_adapter,
+    and every later end_task failed half-way (the routing folded, the task counted, the bases not
+    made). The observed Gram and the t and u sums (a task at unit trace each, since the thirteenth
+    session) stay float32 through .half() / .bfloat16() and back."""
     layer = CLoRALinear(16, 16, rank=4, protection="project", backend="torch").half()
     assert layer.protect_gram_t.dtype == layer.protect_gram_u.dtype == torch.float32
     for task in range(2):
         with torch.no_grad(), ck.observe_task(layer):
             for _ in range(4):
                 layer(2 * torch.randn(50_000, 16, dtype=torch.float16))
+        assert layer._observed.dtype == torch.float32 and float(layer._observed.max()) > 65504
+        assert bool(torch.isfinite(layer._observed).all())
         layer.end_task()
-        assert bool(torch.isfinite(layer.protect_gram_t).all()) and float(layer.protect_gram_t.max()) > 65504
+        assert bool(torch.isfinite(layer.protect_gram_t).all())
+        assert abs(float(torch.trace(layer.protect_gram_t)) - (task + 1)) < 1e-3
     assert layer.task_index == 2
     assert layer.bfloat16().protect_gram_t.dtype == torch.float32 and layer.lora_A.dtype == torch.bfloat16
     gram = layer.protect_gram_u.clone()
