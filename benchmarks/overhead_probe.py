@@ -16,7 +16,6 @@ import pstats
 import time
 
 import torch
-import triton.testing
 
 import clora_kernels as ck
 
@@ -45,6 +44,7 @@ def call(backend, x, w, b, la, lb, ro, rd):
 
 
 def events_vs_graphs(backends):
+    import triton.testing       # (here, the GPU part's: the CPU part runs without triton, an optional extra)
     for m, k, n in [(16, 4096, 4096), (4096, 4096, 4096), (512, 4096, 14336)]:
         t = tensors(m, k, n)
         fns = {"merged": lambda: torch.nn.functional.linear(t[0], t[1], t[2]),
