@@ -289,8 +289,7 @@ class DualLoRALinear(_BaselineLinear):
     def get_extra_state(self) -> Tensor:
         """A state_dict carries the task count and whether the task now training began (`begun`), so a
         freshly built model loads it to the same task: which B factors train, what next_task does. A
-        tensor, (tasks_done, begun), as CLoRALinear's: safetensors and torch.load(weights_only=True)
-        take no dict."""
+        tensor, (tasks_done, begun), as CLoRALinear's: safetensors takes no dict."""
         return torch.tensor([self.tasks_done, int(self.begun)], dtype=torch.int64)
 
     def set_extra_state(self, state) -> None:

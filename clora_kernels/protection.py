@@ -451,12 +451,12 @@ class Project(Protection):
         gram_t = a @ gram @ a.t()
         del gram
         r_eff = routing.double()
-        # each task's t and u Grams enter the sums at unit trace: the r-space bases are the sums' ranges,
-        # and a task whose inputs were small beside an earlier one's (1e-4 of their scale) fell under
-        # _range_basis's rtol of the sum and lost its protection (a later task moved its outputs 95 %);
-        # the float32 sums of large inputs also grew to inf over the tasks, committed
-        # the earlier tasks' sums count as task_index tasks: a state saved before held raw sums (a trace of
-        # 1.5e8 put every later task under the rtol: a later task moved its outputs 78 %)
+        # Each task's t and u Grams enter the sums at unit trace, the earlier sums counting as task_index
+        # tasks. The r-space bases are the sums' ranges: with raw sums a task whose inputs were small
+        # beside an earlier one's (1e-4 of their scale) fell under _range_basis's rtol and lost its
+        # protection (a later task moved its outputs 95 %), and float32 sums of large inputs grew to inf
+        # over the tasks, committed. (A state saved before holds raw sums: rescaled, or a trace of 1.5e8
+        # put every later task under the rtol, 78 %.)
         g_t = _unit_trace(layer.protect_gram_t.double(), layer.task_index) + _unit_trace(gram_t)
         g_u = _unit_trace(layer.protect_gram_u.double(), layer.task_index) + _unit_trace(r_eff.t() @ gram_t @ r_eff)
         w = self._routing_basis(layer, g_t, projection)
