@@ -1380,8 +1380,7 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
     # frozen, no input of a checkpointed block requires a gradient, so none reached an adapter (a ViT's loss
     # required none). PEFT's get_peft_model does the same (text models' own checkpointing already does it).
     # (is_activation_checkpointing in transformers 5; is_gradient_checkpointing, before it, warns there)
-    checkpointing = getattr(model, "is_activation_checkpointing",
-                            None) if hasattr(type(model), "is_activation_checkpointing") else None
+    checkpointing = getattr(model, "is_activation_checkpointing", None)     # (a PeftModel forwards it)
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     if checkpointing is True and callable(getattr(model, "enable_input_require_grads", None)):

@@ -50,6 +50,7 @@ Policies beyond "paper" are this project's variants, not the paper's method:
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -381,9 +382,11 @@ class Project(Protection):
                 with torch.inference_mode(False):   # inference one), so that passes in and out of
                     layer._observed = torch.zeros(      # inference_mode all add to it
                         x.shape[1], x.shape[1], device=x.device, dtype=sum_dtype(x.dtype))
+                layer._observed_batches = 0     # (the sums' rounding grows with them: `prepare_end_task`)
             x = x.to(layer._observed.dtype)
             layer._observed.addmm_(x.t(), x)
             layer._observed_rows += x.shape[0]
+            layer._observed_batches += 1
             layer._observed_empty = False
 
     def observed(self, layer) -> None:
@@ -395,10 +398,11 @@ class Project(Protection):
         k = layer.in_features
         gram = layer._observed if layer._observed is not None else torch.zeros(
             k, k, device=layer.lora_A.device, dtype=sum_dtype(layer.lora_A.dtype))
-        rows = torch.tensor([layer._observed_rows], dtype=torch.float64, device=gram.device)
+        batches = getattr(layer, "_observed_batches", 0) if layer._observed is not None else 0
+        counts = torch.tensor([layer._observed_rows, batches], dtype=torch.float64, device=gram.device)
         torch.distributed.all_reduce(gram)
-        torch.distributed.all_reduce(rows)
-        layer._observed, layer._observed_rows = gram, int(rows.item())
+        torch.distributed.all_reduce(counts)
+        layer._observed, layer._observed_rows, layer._observed_batches = gram, int(counts[0]), int(counts[1])
 
     @staticmethod
     def sharded(layer) -> str:
@@ -445,8 +449,12 @@ class Project(Protection):
         k = layer.in_features     # (a layer the task's pass never reached: no new inputs to protect)
         gram = layer._observed.double() if layer._observed is not None else torch.zeros(
             k, k, dtype=torch.float64, device=layer.lora_A.device)
-        eps = torch.finfo(layer._observed.dtype if layer._observed is not None else torch.float64).eps
-        u = grow_input_basis(layer.protect_input_basis.double(), gram, self.energy, eps)
+        # the observed sums' rounding, as a share of the trace: measured about 0.05·√batches·eps (float32,
+        # one direction a task: 2.7 eps after 2,000 batches, 11 after 50,000), so max(8, √batches)·eps
+        observed = layer._observed is not None
+        noise = torch.finfo(layer._observed.dtype if observed else torch.float64).eps * max(
+            8.0, math.sqrt(getattr(layer, "_observed_batches", 1) if observed else 1))
+        u = grow_input_basis(layer.protect_input_basis.double(), gram, self.energy, noise)
         a = layer.lora_A.double()
         gram_t = a @ gram @ a.t()
         del gram
@@ -486,15 +494,16 @@ def _unit_trace(gram: Tensor, trace: float = 1.0) -> Tensor:
     return gram * (trace / total) if total > 0 and trace > 0 else gram
 
 
-def grow_input_basis(u: Tensor, gram: Tensor, energy: float, eps: float = torch.finfo(torch.float64).eps) -> Tensor:
+def grow_input_basis(u: Tensor, gram: Tensor, energy: float, noise: float = 8 * torch.finfo(torch.float64).eps
+                     ) -> Tensor:
     """GPM's rule (Saha et al. 2021): the orthonormal basis `u` (K, k) grown by the leading
     eigenvectors of the part of a task's input Gram (K, K) outside it, until `u` holds `energy`
     of the task's input energy; `u` unchanged when it holds enough (or the Gram is 0). Directions
-    whose energy is at the rounding level of the Gram's sums (below 8·eps of its trace, eps of
-    their dtype) are none of the inputs' and are never added: at energy 1.0 a float32 layer whose
-    every task fed one direction protected noise (5.6e-8 of the trace), a full basis after 20 of its
-    32 tasks. (K·eps, a matrix rank's usual cut, dropped real directions of wide layers: at K = 2048
-    U missed 15 % of a 1/i spectrum at energy 0.99.)"""
+    whose energy is below `noise` of the trace, the rounding level of the Gram's sums, are none of
+    the inputs' and are never added: at energy 1.0 a float32 layer whose every task fed one
+    direction protected noise (5.6e-8 of the trace), a full basis after 20 of its 32 tasks. (K·eps, a
+    matrix rank's usual cut, dropped real directions of wide layers: at K = 2048 U missed 15 % of a
+    1/i spectrum at energy 0.99.)"""
     total = float(torch.trace(gram))
     if total <= 0:
         return u
@@ -508,7 +517,7 @@ def grow_input_basis(u: Tensor, gram: Tensor, energy: float, eps: float = torch.
     need = energy * total * (1 - 1e-12)
     held = total - float(torch.trace(resid))         # what u already holds of this task
     new = 0 if held >= need else int((held + torch.cumsum(ev, 0) < need).sum().item()) + 1
-    new = min(new, gram.shape[0] - u.shape[1], int((ev > 8 * eps * total).sum().item()))
+    new = min(new, gram.shape[0] - u.shape[1], int((ev > noise * total).sum().item()))
     return _signed(torch.linalg.qr(torch.cat([u, vec[:, :new]], 1))[0]) if new else u
 
 

@@ -840,3 +840,20 @@ def test_reentrant_checkpointing_turned_on_before_injection_trains_the_adapters(
     for n, p in want.items():
         if p.grad is not None:
             assert rel_err(got[n].grad, p.grad) < 1e-5, n
+
+
+def test_injection_into_a_peft_model_reads_no_deprecated_attribute():
+    """inject_clora reads whether activation checkpointing is on; on a PeftModel, whose class lacks
+    is_activation_checkpointing, the first form fell back to is_gradient_checkpointing, which PeftModel
+    forwards to transformers' deprecated property (a FutureWarning; a review)."""
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(cfg)
+    base.gradient_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["v_proj"], r=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ck.inject_clora(model, target_modules=["q_proj"], rank=2)
+    assert clora_layers(model)
