@@ -450,10 +450,7 @@ def _inject(model, target_modules, make, what: str, rank: int) -> nn.Module:
         p.requires_grad_(False)
     for n, layer in new:
         _replace(model, n, layer)
-    for _, layer in new:
-        for p in layer.parameters():
-            p.requires_grad_(id(p) in trainable)
-    for _, m in baseline_layers(model):
+    for _, m in baseline_layers(model):     # (the new layers and those of an earlier call)
         for p in m.parameters():
             p.requires_grad_(id(p) in trainable)
     return model

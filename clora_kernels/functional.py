@@ -193,6 +193,8 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
                        grad_through_old_route, backend)
 
 
+# 16-bit dtypes: a float32 adapter enters the op cast to them (`_adapter_in`); a merge of a 16-bit weight
+# keeps the original (`nn.CLoRALinear.merge`)
 _HALF = (torch.float16, torch.bfloat16)
 
 

@@ -26,7 +26,7 @@ from ._io import read_safetensors, write_atomic
 from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
-from .functional import check_flag, exact_math, finite_number, module_linear
+from .functional import _HALF, check_flag, exact_math, finite_number, module_linear
 from .protection import Project, Protection, make_protection, sum_dtype
 
 try:
@@ -36,7 +36,6 @@ except ImportError:             # a torch built without torch.distributed: no pa
 
 _MODES = ("soft", "hard")
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "routing_old", "routing_delta", "projection")
-_HALF = (torch.float16, torch.bfloat16)     # 16-bit weights: merge keeps the original (`merge`)
 _REFUSED = object()     # CLoRALinear._loading while a load of another shape runs: set_extra_state takes nothing
 
 
