@@ -1252,7 +1252,7 @@ def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
         return []
     out = []
     for t in target_modules:
-        hit = lambda n: n == t or n.endswith("." + t)     # noqa: E731
+        hit = _name_selector([t], "target_modules")     # (the list's suffix rule, for this name alone)
         if any(hit(n) for n in names):
             continue
         # (a layer adapted already is not one: a second injection names it again)
