@@ -270,6 +270,10 @@ _forward_ad = torch.autograd.forward_ad      # _current_level >= 0 inside dual_l
 _is_tracing = torch._C._is_tracing     # torch.jit.is_tracing() less its is_scripting test (this code is never scripted)
 
 
+# eager only (what in_functorch asks, from the same stack, in one C call: 0.04 µs against 0.2 on the CPU machine)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: in_functorch())
+
+
 def in_functorch() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running, also while torch.compile
     traces one. isinstance, not `is not None`: Dynamo wraps the stack's top as an object, None too,
@@ -287,7 +291,9 @@ class _EagerLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out = _resolved_forward(*inputs[:9], *inputs[10:], ctx=ctx)
+        x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, _, need_t, backend = inputs
+        out = _resolved_forward(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                                need_t, backend, ctx=ctx)
         _setup_context(ctx, inputs, out, t_is_output=False)
         return out[0]
 
@@ -328,14 +334,13 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
             raise
         return _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                                grad_through_old_route)
-    args = (x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-            grad_through_old_route, need_t, backend)
-    if torch.compiler.is_compiling() and not in_functorch():
+    compiling = torch.compiler.is_compiling()
+    if compiling and not in_functorch():
         if grad and weight.requires_grad:
             _weight_no_grad_compiled()
-        y = linear_fwd(*args)[0]
-    elif in_functorch() or _is_tracing() \
-            or _forward_ad._current_level >= 0:
+        y = linear_fwd(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                       grad_through_old_route, need_t, backend)[0]
+    elif compiling or _functorch_active() or _is_tracing() or _forward_ad._current_level >= 0:   # (compiling: in_functorch)
         # torch.func (grad, vmap, jacrev, ...: its tensors are wrapped, and an autograd.Function without
         # setup_context cannot run under it), the TorchScript tracer (torch.jit.trace, the legacy
         # ONNX exporter, which mis-wires an autograd.Function's outputs) and forward-mode AD (dual
@@ -348,9 +353,11 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
     elif not grad or (not need_t and _graph_free(x, weight, bias, lora_a, routing_old, projection)):
         # grad mode on but no operand requiring a gradient (an eval loop without no_grad, a frozen
         # layer, the bench's fwd rows) is the no-grad path too: autograd would record nothing
-        y = _resolved_forward(*args[:9], *args[10:], pad_t=False)[0]
+        y = _resolved_forward(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
+                              backend, pad_t=False)[0]
     else:
-        y = _EagerLinear.apply(*args)
+        y = _EagerLinear.apply(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                               grad_through_old_route, need_t, backend)
     if dim == 2:        # nothing to flatten: the op's output (never a view) is the result
         return y
     # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
