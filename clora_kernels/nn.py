@@ -283,7 +283,7 @@ class CLoRALinear(nn.Linear):
     @torch.no_grad()
     @_lifecycle_step
     def _mode_changed(self) -> None:
-        """The policy's state that depends on P, after a mode switch (outside inference_mode, as every
+        """The policy's state that depends on P, after a mode switch or a new P (outside inference_mode, as every
         lifecycle step: a basis made there broke every later load)."""
         self.protection.mode_changed(self)
 
@@ -310,15 +310,22 @@ class CLoRALinear(nn.Linear):
                                   f"project policy protects the inputs it observes from here on)", UserWarning,
                                   stacklevel=2)
             return
-        if name == "mode" and "mode" in self.__dict__:
-            # checked as at construction (a 'Hard' ran as soft); a switch to hard after a task makes P from
-            # R_old as end_task would have (with P = I the new route would not be kept off the old one)
-            _check_mode(value)
-            changed = value != self.mode and self.task_index > 0 and "_loading" not in self.__dict__
+        if name in ("mode", "protect_energy") and name in self.__dict__:
+            # checked as at construction (a 'Hard' ran as soft); a switch to hard after a task, or another
+            # protect_energy in hard mode (end_task's warning of a P = 0 advises a lower one), makes P from
+            # R_old as end_task would have (with P = I the new route would not be kept off the old one; the
+            # energy alone changed nothing until the next end_task, so the stuck layer stayed stuck)
+            if name == "mode":
+                _check_mode(value)
+            else:
+                _check_energy(value)
+                value = float(value)
+            changed = value != self.__dict__[name] and self.task_index > 0 and "_loading" not in self.__dict__ \
+                and (name == "mode" or self.mode == "hard")
             self._remember_merged()
             super().__setattr__(name, value)
             if changed:
-                if value == "hard":
+                if self.mode == "hard":
                     with torch.no_grad():
                         self.projection.copy_(_hard_projection(self.routing_old, self.protect_energy))
                 self._mode_changed()
@@ -327,7 +334,7 @@ class CLoRALinear(nn.Linear):
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
         if name == "grad_through_old_route":
             value = check_flag(name, value)
-        if name == "protect_energy":
+        if name == "protect_energy":    # (at construction)
             _check_energy(value)
             value = float(value)
         if name == "task_index":    # (a bad one was saved, then refused by load_adapter, or broke state_dict())

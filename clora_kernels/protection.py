@@ -160,8 +160,8 @@ class Protection:
         """After the fold (routing_delta = 0): take the state prepare_end_task made."""
 
     def mode_changed(self, layer) -> None:
-        """After the layer's mode changed past its first task (an assignment, not a load; a switch to
-        hard has made P)."""
+        """After the layer's mode changed past its first task, or its protect_energy in hard mode (an
+        assignment, not a load; a switch to hard, or the energy, has made P)."""
 
     def loaded(self, layer) -> None:
         """After state_dict / adapter loading set the layer's task state."""

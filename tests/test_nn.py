@@ -1663,3 +1663,33 @@ def test_a_16_bit_layer_keeps_a_float32_adapter(seed, dtype):
     ck.end_task(wide)           # (project refuses a task whose inputs it did not see)
     assert wide[0].routing_old.abs().sum() > 0 and wide[0].lora_A.dtype == torch.float32
     assert wide.to(torch.float32)[0].lora_A.dtype == torch.float32 and wide.to(dtype)[0].lora_A.dtype == dtype
+
+
+@pytest.mark.parametrize("protection", ["paper", "freeze", "project"])
+def test_a_lower_protect_energy_after_a_task_makes_p_again(seed, protection):
+    """end_task's warning of a hard-mode P = 0 advises a lower protect_energy; set after the task, it
+    changed nothing until the next end_task (P stayed 0, routing_delta's gradient 0: the layer learned
+    nothing in the task). It now makes P from R_old as end_task does, as a switch to hard mode does."""
+    from clora_kernels.nn import _hard_projection
+    torch.manual_seed(seed)
+    layer = CLoRALinear(16, 12, rank=4, mode="hard", protection=protection, dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        # singular values whose energy 0.9 needs all four directions (P = 0), 0.5 two (trace 2)
+        layer.routing_delta.copy_(torch.diag(torch.tensor([1.0, 0.9, 0.8, 0.7], dtype=torch.float64)))
+    if protection == "project":
+        with ck.observe_task(layer):
+            layer(torch.randn(8, 16, dtype=torch.float64))
+        ck.end_task(layer)      # (project is never stuck: its factors learn outside the old inputs)
+    else:
+        with pytest.warns(RuntimeWarning, match="is now 0"):
+            ck.end_task(layer)
+    assert float(torch.trace(layer.projection)) < 0.5
+    layer.protect_energy = 0.5
+    want = _hard_projection(layer.routing_old, 0.5)
+    assert torch.equal(layer.projection, want) and float(torch.trace(want)) > 1.5
+    x = torch.randn(5, 16, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    assert layer.routing_delta.grad.abs().max() > 1e-3     # the next task's routing learns
+    layer.protect_energy = 0.5                              # the same value: nothing made again
+    assert torch.equal(layer.projection, want)
