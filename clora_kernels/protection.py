@@ -309,6 +309,7 @@ class Project(Protection):
         if layer.task_index > 0 and (fingerprint is True or (
                 isinstance(fingerprint, (list, tuple)) and list(fingerprint) == self._fingerprint(layer))):
             layer._enforced_versions = self._versions(layer)
+            layer._enforced_values = tuple(t.detach().clone() for t in (layer.lora_A, layer.routing_delta, layer.lora_B))
 
     @staticmethod
     @torch.no_grad()
@@ -342,14 +343,23 @@ class Project(Protection):
                              f"(torch.nn.utils.parametrize or prune), so the projection would be lost and earlier "
                              f"tasks unprotected: remove the parametrization, or use protection='freeze'")
         with _LOCK:
-            if not force and self._versions(layer) == layer._enforced_versions:
+            now, last = self._versions(layer), layer._enforced_versions
+            if not force and now == last:
                 return      # (another thread's forward enforced it meanwhile)
             tensors = (layer.lora_A, layer.routing_delta, layer.lora_B)
+            # Only an optimizer step somewhere in the process since the last enforce (versions and storage
+            # as enforced): a fused optimizer's step on these tensors, or another model's. A tensor still
+            # holding its enforced values keeps them bit for bit (projected again, it moved by its rounding:
+            # a model trained beside another drifted 1e-8 per step of the other's optimizer, and two equal
+            # models trained one after the other in a process ended 1.8e-7 apart). By a tensor comparison,
+            # not a branch on it: no device sync
+            kept = None if force or last is None or now[:-1] != last[:-1] else layer.__dict__.get("_enforced_values")
             with exact_math(layer.lora_A):          # (not in the caller's autocast: kept across steps)
-                for t, projected in zip(tensors, self.projected(layer, *tensors)):
+                for i, (t, projected) in enumerate(zip(tensors, self.projected(layer, *tensors))):
                     if projected is not t:
-                        t.copy_(projected)
+                        t.copy_(projected if kept is None else torch.where((t == kept[i]).all(), t, projected))
             layer._enforced_versions = self._versions(layer)
+            layer._enforced_values = tuple(t.detach().clone() for t in tensors)
 
     @staticmethod
     def projected(layer, lora_A: Tensor, routing_delta: Tensor, lora_B: Tensor) -> tuple:

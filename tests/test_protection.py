@@ -1045,3 +1045,33 @@ def test_project_rounding_floor_grows_with_the_batches_observed(seed):
         assert layer._observed_batches == 50_000
         layer.end_task()
         assert layer.protect_input_basis.shape[1] == t + 1, t
+
+
+def test_project_layer_is_not_moved_by_another_models_optimizer(seed):
+    """The policy re-enforces after any optimizer step of the process (fused ones bump no version
+    counter); projected again, the unchanged factors moved by their rounding (1e-8 per step of an
+    unrelated optimizer, even under no_grad in eval mode; two equal models trained one after the other in
+    a process ended 1.8e-7 apart, a helper's audit). A factor holding its enforced values keeps them."""
+    layer, _ = _first_task("project", seed)
+    _fit(layer, torch.randn(64, K), torch.randn(64, N), steps=5)
+    with torch.no_grad():
+        layer(torch.randn(4, K))
+    kept = [t.detach().clone() for t in (layer.lora_A, layer.routing_delta, layer.lora_B)]
+    other = nn.Parameter(torch.zeros(3))
+    sgd = torch.optim.SGD([other], lr=0.1)
+    for _ in range(5):
+        other.grad = torch.ones(3)
+        sgd.step()                                  # another model's step, then this one's forwards
+        with torch.no_grad():
+            layer(torch.randn(4, K))
+    for t, want in zip((layer.lora_A, layer.routing_delta, layer.lora_B), kept):
+        assert torch.equal(t, want)
+    # a fused step of its own still enforces (the values changed under the same version counters)
+    x_old = torch.randn(8, K) @ layer.protect_input_basis @ layer.protect_input_basis.t()
+    with torch.no_grad():
+        old = layer(x_old).clone()
+    _fit(layer, torch.randn(64, K), torch.randn(64, N), steps=5,
+         opt=torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=5e-3, fused=True))
+    with torch.no_grad():
+        assert rel_err(layer(x_old), old) < 1e-5
+    assert not torch.equal(layer.lora_A, kept[0])
