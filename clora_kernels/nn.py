@@ -372,6 +372,16 @@ class CLoRALinear(nn.Linear):
         if clash:
             raise TypeError(f"from_linear / inject_clora: {clash} come from the wrapped layer (its bias, its weight's "
                             f"device and dtype); convert the model itself (model.to(...)) instead")
+        hook = getattr(linear, "_hf_hook", None)
+        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):
+            # accelerate's hook that loads an offloaded layer's weights at each forward: a layer put in its place
+            # carried none, so its weight and the adapter stayed on the meta device ("device mismatch" at the
+            # forward; PEFT keeps the hooked layer inside its own). (A hook that only places the layer's inputs
+            # is dropped: the hook of the block around it, which a device_map also gives, places them)
+            raise ValueError(f"the layer is offloaded by accelerate's {type(hook).__name__} (a device_map entry "
+                             f"'cpu' or 'disk': its weights are on the meta device until its forward), and a C-LoRA "
+                             f"layer in its place would not load them: load the model without the device_map, "
+                             f"inject_clora, then accelerate.dispatch_model(model, device_map, offload_dir=...)")
         w = linear.weight
         k, n = w.shape if conv1d else w.shape[::-1]
         layer = cls(k, n, rank, alpha, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)

@@ -1693,3 +1693,32 @@ def test_a_lower_protect_energy_after_a_task_makes_p_again(seed, protection):
     assert layer.routing_delta.grad.abs().max() > 1e-3     # the next task's routing learns
     layer.protect_energy = 0.5                              # the same value: nothing made again
     assert torch.equal(layer.projection, want)
+
+
+def test_a_layer_offloaded_by_accelerate_is_refused_and_dispatch_after_injection_works(seed, tmp_path):
+    """inject_clora on a model loaded with a device_map that offloads a targeted layer (its weight on the
+    meta device, loaded by accelerate's hook on the layer at each forward) replaced the layer and dropped
+    the hook: the adapter was made on the meta device and the forward failed ("device mismatch"). Refused
+    now, naming the layer; the route it names (inject, then dispatch_model) computes what the model did."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(seed)
+
+    def model():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 4))
+    device_map = {"0": "cpu", "1": "disk"}      # (a block's hook is the block's: its layers are adapted)
+    dispatched = accelerate.dispatch_model(model(), device_map=device_map, offload_dir=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"layer '1'.*offloaded by accelerate's .*dispatch_model.*"
+                                         r"the model was not changed"):
+        ck.inject_clora(dispatched, ["0.0", "1"], rank=2)
+    assert type(dispatched[0][0]) is nn.Linear and type(dispatched[1]) is nn.Linear
+    assert dispatched[0][0].weight.requires_grad
+    x = torch.randn(5, 8)
+    plain = ck.inject_clora(model(), ["0.0", "1"], rank=2)
+    with torch.no_grad():
+        for m in plain.modules():
+            if isinstance(m, CLoRALinear):
+                m.lora_B.normal_()
+        want = plain(x)
+        accelerate.dispatch_model(plain, device_map=device_map, offload_dir=str(tmp_path / "b"))
+        assert torch.equal(plain(x), want)
