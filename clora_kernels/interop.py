@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -117,9 +118,11 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     r = config["r"]
     alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1.0)   # scaling = alpha / r
     saved_modules = config.get("modules_to_save") or []
+    tying = config.get("ensure_weight_tying") is True
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(model.named_buffers(remove_duplicate=False))
-    found, whole, skipped = {}, {}, {}
+    own.update(model.__dict__.get("_clora_originals", {}))      # (the base's tensors, tied as they were)
+    found, whole, skipped, holders = {}, {}, {}, {}
     layer_names = {n for n, _ in layers}
     strip = wrapper_prefix({k.removeprefix(_PREFIX).rpartition(".lora_")[0] for k in tensors
                             if k.startswith(_PREFIX) and ".lora_" in k}, layer_names)
@@ -137,6 +140,12 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             skipped[param] = (layer, base, value)       # PEFT's save_embedding_layers: the base, checked below
             continue
         holder = _saved_module(param, saved_modules) if key.startswith(_PREFIX) else ""
+        if not holder and tying and key.startswith(_PREFIX) and param in own:
+            # PEFT's ensure_weight_tying (0.21) stores a saved module's tied partner too, with the same values
+            # (lm_head.weight beside model.embed_tokens.weight, modules_to_save naming the latter): it loads
+            # into the model's tensor that the two names share, tied as it was
+            holder = next((h for q, t in own.items() if t is own[param] and (h := _saved_module(q, saved_modules))),
+                          "")
         if not holder:
             raise ValueError(f"{directory}: tensor {key!r} is not a LoRA factor "
                              f"({_PREFIX}<module>.lora_A.weight / .lora_B.weight) nor part of modules_to_save "
@@ -150,6 +159,17 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             raise ValueError(f"{directory}: modules_to_save module {holder!r} holds the C-LoRA layer(s) "
                              f"{sorted(adapted)[:8]}; a module is either adapted or stored whole, not both")
         whole[param] = value
+        holders[param] = holder
+    # without it, PEFT's copy of each saved module is its own: a tensor tied to one outside them is untied
+    untied = {} if tying else {p: [q for q, t in own.items() if t is own[p] and q not in whole] for p in whole}
+    untied = {p: q for p, q in untied.items() if q}
+    if tying:
+        shared = {}
+        for param, value in whole.items():
+            first = shared.setdefault(id(own[param]), param)
+            if not torch.equal(whole[first], value):
+                raise ValueError(f"{directory}: ensure_weight_tying, but the tied tensors {first!r} and {param!r} "
+                                 f"hold different values in the adapter")
     if any(t.is_meta for _, m in layers for t in (m.weight, m.lora_A)) or any(own[p].is_meta for p in whole):
         raise ValueError(f"{directory}: the model's tensors are on the meta device, where a load writes nothing: "
                          f"materialise the model first (to_empty, then its base weights), then load the adapter")
@@ -203,17 +223,26 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         # originals. A later load starts from the originals (a module it does not store is the base's again)
         set_tensors(model, placed_originals(model))        # (on the model's device and dtype now)
         model.__dict__.pop("_clora_originals", None)
-        fresh = {}
+        fresh, made = {}, {}
         for param, value in whole.items():
             mine = tensor_at(model, param)
+            if tying and id(own[param]) in made:    # (one new tensor for names that share one: still tied)
+                fresh[param] = made[id(own[param])]
+                continue
             with torch.inference_mode(mine.is_inference()):     # (normal tensors, as the model's, under it)
                 value = value.to(device=mine.device, dtype=mine.dtype).clone()
-                fresh[param] = nn.Parameter(value, requires_grad=mine.requires_grad) \
+                fresh[param] = made[id(own[param])] = nn.Parameter(value, requires_grad=mine.requires_grad) \
                     if isinstance(mine, nn.Parameter) else value
         if fresh:
             model._clora_originals = set_tensors(model, fresh)
     # what save_peft_adapter stores again by default, as PEFT's own config keeps modules_to_save
-    model._clora_modules_to_save = sorted({_saved_module(param, saved_modules) for param in whole})
+    model._clora_modules_to_save = sorted(set(holders.values()))
+    if untied:      # (PEFT warns of the same at get_peft_model)
+        warnings.warn(f"load_peft_adapter: {directory}: the adapter's modules_to_save give {sorted(untied)[:4]} values "
+                      f"of their own, untied from {sorted({q for v in untied.values() for q in v})[:4]} (as PEFT's copy "
+                      f"of the module is, without ensure_weight_tying): this model's state_dict now holds both, and "
+                      f"loads into a model where they are untied too (e.g. tie_word_embeddings=False), not into one "
+                      f"that ties them (both would be written into its one tensor)", UserWarning, stacklevel=2)
 
 
 def _saved_module(path: str, entries) -> str:
@@ -329,11 +358,23 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
         for p_name, p in modules[s].state_dict(keep_vars=True).items():
             if isinstance(p, torch.Tensor):
                 tensors[f"{_PREFIX}{s}.{p_name}"] = _full(p).detach().to("cpu", copy=True).contiguous()
+    # a stored tensor that the model shares with a module outside them (lm_head tied to embed_tokens): PEFT's
+    # copy of the stored module alone left the other on the base's values (a trained tied head computed 3.6
+    # off in logits), so the partner is stored too, with PEFT's ensure_weight_tying (0.21), which ties the copies
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    inside = {id(t) for n, t in named.items() if any(n == s or n.startswith(s + ".") for s in saved)}
+    partners = [n for n, t in named.items() if id(t) in inside and not any(n == s or n.startswith(s + ".")
+                                                                          for s in saved + sorted(layer_names))]
+    for n in partners:
+        tensors[f"{_PREFIX}{n}"] = _full(named[n]).detach().to("cpu", copy=True).contiguous()
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
               "target_modules": _target_modules(model, [n for n, _ in layers]), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": all(m.fan_in_fan_out for _, m in layers), "use_rslora": False, "use_dora": False,
               "modules_to_save": saved or None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
               "inference_mode": True, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path}
+    if partners:
+        config["ensure_weight_tying"] = True
 
     def write_config(p):
         with open(p, "w") as f:

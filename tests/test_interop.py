@@ -647,7 +647,9 @@ def test_tied_lm_head_as_modules_to_save_is_untied_as_in_peft(tmp_path, seed):
                 p.add_(0.3 * torch.randn_like(p))
     pm.save_pretrained(str(tmp_path / "peft"))
     model = ck.inject_clora(copy.deepcopy(base), target_modules=["c_attn"], rank=2, backend="torch")
-    ck.load_peft_adapter(model, tmp_path / "peft")
+    with pytest.warns(UserWarning, match=r"\['lm_head.weight'\] values of their own, untied from "
+                                         r"\['transformer.wte.weight'\].*not into one that ties them"):
+        ck.load_peft_adapter(model, tmp_path / "peft")
     assert torch.equal(model.transformer.wte.weight, base.transformer.wte.weight)    # (it moved with lm_head)
     ids = _data("gpt2")
     with torch.no_grad():
@@ -857,3 +859,60 @@ def test_injection_into_a_peft_model_reads_no_deprecated_attribute():
         warnings.simplefilter("error", FutureWarning)
         ck.inject_clora(model, target_modules=["q_proj"], rank=2)
     assert clora_layers(model)
+
+
+def _tied_llama():
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   hidden_size=16, intermediate_size=24, vocab_size=61, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_a_tied_head_travels_tied_with_peft_ensure_weight_tying(tmp_path, seed):
+    """PEFT 0.21's ensure_weight_tying stores a saved module's tied partner too (modules_to_save
+    ['model.embed_tokens'], lm_head.weight beside it): load_peft_adapter refused the file ("not part of
+    modules_to_save"). It loads tied now, as PEFT does, and a state_dict round trip into a fresh tied model
+    is exact. The other way, a stored tensor that the model ties to one outside modules_to_save (an edited
+    head, frozen) was stored alone: PEFT's copy left the embeddings on the base's values (3.6 off in logits);
+    the partner is stored too, with ensure_weight_tying."""
+    torch.manual_seed(seed)
+    base = _tied_llama()
+    ids = torch.randint(0, 61, (2, 7))
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                   modules_to_save=["lm_head"],
+                                                                   ensure_weight_tying=True))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj"], rank=2, backend="torch")
+    ck.load_peft_adapter(model, tmp_path / "peft")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        want = served(input_ids=ids).logits
+        assert rel_err(model(input_ids=ids).logits, want) < 1e-6
+        fresh = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj"], rank=2, backend="torch")
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    ck.save_peft_adapter(model, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    with torch.no_grad():
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "again")).eval()
+        assert rel_err(again(input_ids=ids).logits, want) < 1e-6
+    edited = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj"], rank=2, backend="torch")
+    with torch.no_grad():
+        edited.lm_head.weight.add_(0.3 * torch.randn_like(edited.lm_head.weight))     # (and embed_tokens: tied)
+        for _, m in clora_layers(edited):
+            m.lora_B.normal_()
+    ck.save_peft_adapter(edited, tmp_path / "edited", modules_to_save=["lm_head"])
+    with torch.no_grad():
+        served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "edited")).eval()
+        assert rel_err(served(input_ids=ids).logits, edited(input_ids=ids).logits) < 1e-6
+    bad = tmp_path / "peft"
+    tensors = ck.interop._read_tensors(bad)
+    tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"] + 1
+    from safetensors.torch import save_file
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"ensure_weight_tying, but the tied tensors .* hold different values"):
+        ck.load_peft_adapter(ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj"], rank=2), bad)
