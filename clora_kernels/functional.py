@@ -93,7 +93,8 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         raise ValueError(f"lora_A must have shape (rank, in_features=({k})), got {_shape(lora_A)}")
     r = lora_A.shape[0]
     if lora_B.shape != (n, r):
-        raise ValueError(f"lora_B must have shape (out_features, rank) = ({n}, {r}), got {_shape(lora_B)}")
+        raise ValueError(f"lora_B must have shape (out_features, rank) = ({n}, {r}), got {_shape(lora_B)} "
+                         f"(out_features from weight {_shape(weight)}, rank from lora_A {_shape(lora_A)})")
     rr = (r, r)
     if routing_old.shape != rr or routing_delta.shape != rr or (projection is not None and projection.shape != rr):
         for name, m in (("routing_old", routing_old), ("routing_delta", routing_delta), ("projection", projection)):
@@ -212,11 +213,11 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
                   scaling, grad_through_old_route, backend, mode, factors=None):
     """clora_linear for a module whose operands other than x change rarely. The full validation runs
     unless this call matches the last one that passed: x's dtype, device and width, the scaling (a
-    float), backend and mode, every operand's dtype, the shapes of the weight and of the operands that
-    a wrong shape would broadcast silently (routing_old, routing_delta, bias: a `.data` swap keeps the
-    tensor object; transformers' resize_token_embeddings does it to a tied weight; a swap of lora_A,
-    lora_B or the projection to another shape meets torch's own shape error, and keying them cost 0.25
-    µs a call more), and the operands themselves (the same tensor objects: a swapped one, as
+    float), backend and mode, every operand's dtype and shape (a `.data` swap keeps the tensor object;
+    transformers' resize_token_embeddings does it to a tied weight. The factors' shapes were left out
+    once, as meeting torch's own shape error, 0.25 µs a call: a helper found a lora_B swapped to
+    (5, r) on a one-output layer broadcast by the merge plan into a (M, 5) output, silently, and the
+    other swaps' errors named no argument), and the operands themselves (the same tensor objects: a swapped one, as
     torch.func.functional_call or a re-registered buffer gives, is checked again). `owner._checked`
     holds that memo; `owner` clears it when it is moved; owner None: no memo (operands computed anew
     each call, as a parametrization's). Under autocast every call
@@ -238,7 +239,8 @@ def module_linear(owner, x, weight, fan_in_fan_out, bias, lora_A, lora_B, routin
             key = (x.dtype, x.device, k, scaling, backend, mode, fan_in_fan_out, weight.shape, weight.dtype,
                    lora_A.dtype, lora_B.dtype, routing_old.dtype, routing_delta.dtype,
                    None if bias is None else bias.dtype, None if projection is None else projection.dtype,
-                   routing_old.shape, routing_delta.shape, None if bias is None else bias.shape)
+                   routing_old.shape, routing_delta.shape, None if bias is None else bias.shape, lora_A.shape,
+                   lora_B.shape, None if projection is None else projection.shape)
         except AttributeError:      # an operand that is no tensor (`layer.lora_A = None`): the checks name it
             key = None
         if key is None:

@@ -1722,3 +1722,29 @@ def test_a_layer_offloaded_by_accelerate_is_refused_and_dispatch_after_injection
         want = plain(x)
         accelerate.dispatch_model(plain, device_map=device_map, offload_dir=str(tmp_path / "b"))
         assert torch.equal(plain(x), want)
+
+
+def test_a_data_swap_of_a_factor_to_another_shape_is_named(seed):
+    """The validation memo keyed the shapes of the weight, bias and routing but not of the factors (a
+    swap of those 'meets torch's own shape error'): a helper swapped lora_B's .data to (5, 1) on a
+    one-output layer, and the merge plan (M = 700) broadcast it into a (700, 5) output without a word; the
+    other swaps raised torch's errors, naming no argument."""
+    torch.manual_seed(seed)
+    layer = CLoRALinear(16, 1, rank=1)
+    x = torch.randn(700, 16, requires_grad=True)
+    layer(x).sum().backward()
+    good = layer.lora_B.data
+    layer.lora_B.data = torch.randn(5, 1)
+    with pytest.raises(ValueError, match=r"lora_B must have shape \(out_features, rank\) = \(1, 1\), got \(5, 1\) "
+                                         r"\(out_features from weight \(1, 16\), rank from lora_A \(1, 16\)\)"):
+        layer(x)
+    layer.lora_B.data = good
+    assert layer(x).shape == (700, 1)
+    layer.lora_A.data = torch.randn(1, 17)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \(rank, in_features=\(16\)\), got \(1, 17\)"):
+        layer(x[:5])
+    hard = CLoRALinear(16, 24, rank=4, mode="hard")
+    hard(x[:5])
+    hard.projection.data = torch.eye(5)
+    with pytest.raises(ValueError, match=r"projection must have shape \(rank, rank\) = \(4, 4\), got \(5, 5\)"):
+        hard(x[:5])
