@@ -160,8 +160,9 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
                              f"{sorted(adapted)[:8]}; a module is either adapted or stored whole, not both")
         whole[param] = value
         holders[param] = holder
-    # without it, PEFT's copy of each saved module is its own: a tensor tied to one outside them is untied
-    untied = {} if tying else {p: [q for q, t in own.items() if t is own[p] and q not in whole] for p in whole}
+    # without it, PEFT's copy of each saved module is its own: a tensor that the model shares with another name
+    # (stored too, or not) gets a tensor of its own
+    untied = {} if tying else {p: [q for q, t in own.items() if t is own[p] and q != p] for p in whole}
     untied = {p: q for p, q in untied.items() if q}
     if tying:
         shared = {}
@@ -365,7 +366,13 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     named.update(model.named_buffers(remove_duplicate=False))
     inside = {id(t) for n, t in named.items() if any(n == s or n.startswith(s + ".") for s in saved)}
     partners = [n for n, t in named.items() if id(t) in inside and not any(n == s or n.startswith(s + ".")
-                                                                          for s in saved + sorted(layer_names))]
+                                                                          for s in saved)]
+    adapted_partners = [n for n in partners if any(n.startswith(s + ".") for s in layer_names)]
+    if adapted_partners:    # (PEFT's copy of the module would leave the adapted layer's base on the original)
+        raise ValueError(f"save_peft_adapter: modules_to_save {saved} store a tensor that the model ties to the base "
+                         f"weight of the C-LoRA layer(s) {adapted_partners[:4]}, which a PEFT adapter cannot keep "
+                         f"tied (its model would compute with the original there): leave the module out, or keep "
+                         f"the model's own format (clora_kernels.save_adapter with the model's state_dict)")
     for n in partners:
         tensors[f"{_PREFIX}{n}"] = _full(named[n]).detach().to("cpu", copy=True).contiguous()
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,

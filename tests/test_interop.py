@@ -909,6 +909,19 @@ def test_a_tied_head_travels_tied_with_peft_ensure_weight_tying(tmp_path, seed):
     with torch.no_grad():
         served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "edited")).eval()
         assert rel_err(served(input_ids=ids).logits, edited(input_ids=ids).logits) < 1e-6
+    # both tied names stored, without ensure_weight_tying: PEFT's two copies are apart, and so are these (said)
+    both = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                     modules_to_save=["lm_head", "embed_tokens"]))
+    both.save_pretrained(str(tmp_path / "both"))
+    loaded = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj"], rank=2, backend="torch")
+    with pytest.warns(UserWarning, match=r"untied from"):
+        ck.load_peft_adapter(loaded, tmp_path / "both")
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    # a stored tensor tied to an adapted layer's base weight: PEFT cannot keep that tie (it computed 6.4 off)
+    head = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj", "lm_head"], rank=2, backend="torch")
+    with pytest.raises(ValueError, match=r"ties to the base weight of the C-LoRA layer\(s\) \['lm_head.weight'\]"):
+        ck.save_peft_adapter(head, tmp_path / "head", modules_to_save=["model.embed_tokens"])
+    assert not (tmp_path / "head").exists()
     bad = tmp_path / "peft"
     tensors = ck.interop._read_tensors(bad)
     tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"] + 1
