@@ -503,6 +503,7 @@ class CLoRALinear(nn.Linear):
         # again (not bit-exact: a run resumed from a pickled model ended 1.5e-6 away); the fingerprint
         # carries it, as a state_dict does (`enforced_fingerprint`)
         state = super().__getstate__()
+        state.pop("_enforced_values", None)     # (the project policy's copy of the adapter: made again on load)
         try:
             state["_enforced_fingerprint"] = self.protection.enforced_fingerprint(self)
         except Exception:       # (meta tensors have no sums: the copy projects again, as before)
@@ -520,6 +521,7 @@ class CLoRALinear(nn.Linear):
 
     def _apply(self, fn, recurse=True):     # .to() / .half() / to_empty: the operands' validation is redone
         self.__dict__["_checked"] = None
+        self.__dict__.pop("_enforced_values", None)     # (project's copy of the adapter: not left on the old device)
         policy = self.__dict__.get("protection")
         try:        # (what was enforced stays so where the values do: share_memory() moved the storage, and
             fingerprint = policy.enforced_fingerprint(self)     # read-only workers projected it again)
@@ -1297,11 +1299,15 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     the layers' refusal names the rank); a name or regex that the caller gives keeps them, and the
     layer refuses."""
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+    default = target_modules is DEFAULT_TARGETS
+    heads = _output_heads(model) if all_linear or default else set()
     if all_linear:
-        heads = _output_heads(model)
         chosen = lambda name: name not in heads     # noqa: E731
     else:
-        chosen = _name_selector(target_modules, "target_modules")
+        # the default targets leave the output head alone too: timm's MetaFormer and InceptionNeXt heads are
+        # MLPs named fc1 / fc2 (their fc2 the classifier, whose weight then never trained)
+        named = _name_selector(target_modules, "target_modules")
+        chosen = (lambda name: named(name) and name not in heads) if default else named
     excluded = (lambda name: False) if exclude_modules is None else _name_selector(exclude_modules, "exclude_modules")
     names = [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
     if (all_linear or target_modules is DEFAULT_TARGETS) and isinstance(rank, int) and not isinstance(rank, bool):
@@ -1335,6 +1341,16 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
             warnings.warn(f"target_modules name {t!r} matches no layer that is adapted, only {', '.join(types)}: "
                           f"subclasses of nn.Linear are not (nn.MultiheadAttention computes with its out_proj's weight "
                           f"itself), nor MoE experts kept in fused 3-D parameters", UserWarning, stacklevel=3)
+    if default and names and warn:
+        # a model whose blocks name their layers otherwise (EVA-02: q_proj, k_proj, v_proj, fc1_g, fc1_x) got
+        # adapters on the layers that share timm's names only, without a word
+        unmatched = [t for t in DEFAULT_TARGETS if not any(n == t or n.endswith("." + t) for n in names)]
+        plain = [n for n, m in model.named_modules() if n and _linear_like(m) and n not in heads and n not in names
+                 and not isinstance(m, CLoRALinear)]
+        if unmatched and plain:
+            warnings.warn(f"the default targets {unmatched} match no layer of this model, and {len(plain)} of its "
+                          f"linear layers are left without an adapter: {plain[:8]} (name them in target_modules, or "
+                          f"pass 'all-linear')", UserWarning, stacklevel=3)
     if all_linear and warn:
         experts = [n for n, m in model.named_modules() if _fused_experts(m)]
         if experts:
@@ -1369,6 +1385,11 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
                 and select_targets(model, [target_modules], exclude_modules):
             hint = (f" (a string is a regex on the full module name, PEFT's rule; for names ending in "
                     f"{target_modules!r} pass [{target_modules!r}])")
+        if target_modules is DEFAULT_TARGETS or (isinstance(target_modules, str)
+                                                 and target_modules.lower() == "all-linear"):
+            heads = sorted(n for n in _output_heads(model) if _linear_like(model.get_submodule(n)))
+            if heads:
+                hint += f" (the output head is left out: {heads[:6]})"
         raise ValueError(f"inject_clora: no nn.Linear or Conv1D layer matches target_modules={target_modules!r}"
                          + ("" if exclude_modules is None else f" without exclude_modules={exclude_modules!r}")
                          + f"{hint}; the model's layers by type: {_candidates(model)} (subclasses of nn.Linear "

@@ -95,3 +95,25 @@ def test_cli_targets_take_all_linear_and_a_regex():
     assert _cli.target_modules([r"blocks\.0\..*"]) == r"blocks\.0\..*"
     assert _cli.target_modules(["qkv", "proj"]) == ["qkv", "proj"] and _cli.target_modules(["qkv"]) == ["qkv"]
     assert _cli.target_modules(None) is None
+
+
+def test_default_targets_leave_the_head_alone_and_say_what_they_miss():
+    """A helper's timm sweep: the default targets adapted MetaFormer's classifier (its head is an MLP named
+    fc1 / fc2; the classifier's weight then never trained), adapted 2 of EVA-02's 7 linear layers per block
+    without a word (its q_proj / k_proj / v_proj / fc1_g / fc1_x share no default name), and 'all-linear' on a
+    model whose only linear layers are its head said nothing of the head."""
+    import warnings
+    from clora_kernels.nn import clora_layers
+    caformer = timm.create_model("caformer_s18", num_classes=10, pretrained=False)
+    ck.inject_clora(caformer, rank=4)
+    assert not [n for n, _ in clora_layers(caformer) if n.startswith("head")] and clora_layers(caformer)
+    eva = timm.create_model("eva02_base_patch14_224", img_size=28, depth=1, embed_dim=64, num_heads=2,
+                            pretrained=False)
+    with pytest.warns(UserWarning, match=r"default targets \['qkv', 'fc1'\] match no layer.*5 of its linear layers "
+                                         r"are left without an adapter: \['blocks.0.attn.q_proj'"):
+        ck.inject_clora(eva, rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.inject_clora(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, pretrained=False), rank=4)
+    with pytest.raises(ValueError, match=r"the output head is left out: \['head.classifier.0', 'head.classifier.4'\]"):
+        ck.inject_clora(timm.create_model("efficientvit_b0", num_classes=10, pretrained=False), "all-linear")
