@@ -1290,6 +1290,11 @@ def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
+def _all_linear(target_modules) -> bool:
+    """Whether target_modules is PEFT's "all-linear" (any case)."""
+    return isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+
+
 def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=None, warn: bool = True) -> list:
     """Names of the linear-like layers (nn.Linear, transformers Conv1D, `_PLAIN_SUBCLASSES`) that inject_clora
     would replace, in module order (see inject_clora for the forms). With `rank`, "all-linear"
@@ -1298,7 +1303,7 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     rank above its size), and warn naming them (with `warn`; where every layer is, none is left out:
     the layers' refusal names the rank); a name or regex that the caller gives keeps them, and the
     layer refuses."""
-    all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+    all_linear = _all_linear(target_modules)
     default = target_modules is DEFAULT_TARGETS
     heads = _output_heads(model) if all_linear or default else set()
     if all_linear:
@@ -1310,7 +1315,7 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
         chosen = (lambda name: named(name) and name not in heads) if default else named
     excluded = (lambda name: False) if exclude_modules is None else _name_selector(exclude_modules, "exclude_modules")
     names = [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
-    if (all_linear or target_modules is DEFAULT_TARGETS) and isinstance(rank, int) and not isinstance(rank, bool):
+    if (all_linear or default) and isinstance(rank, int) and not isinstance(rank, bool):
         small = [n for n in names if min(model.get_submodule(n).weight.shape) < rank]
         if len(small) == len(names):    # every one: the layers' refusal says the rank, not "nothing matched"
             small = []
@@ -1381,12 +1386,11 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
             raise ValueError(f"inject_clora: the model holds C-LoRA layers already ({done[:8]}) and no other "
                              f"layer matches target_modules={target_modules!r}; inject once per model")
         hint = ""
-        if isinstance(target_modules, str) and target_modules.lower() != "all-linear" \
+        if isinstance(target_modules, str) and not _all_linear(target_modules) \
                 and select_targets(model, [target_modules], exclude_modules):
             hint = (f" (a string is a regex on the full module name, PEFT's rule; for names ending in "
                     f"{target_modules!r} pass [{target_modules!r}])")
-        if target_modules is DEFAULT_TARGETS or (isinstance(target_modules, str)
-                                                 and target_modules.lower() == "all-linear"):
+        if target_modules is DEFAULT_TARGETS or _all_linear(target_modules):
             heads = sorted(n for n in _output_heads(model) if _linear_like(model.get_submodule(n)))
             if heads:
                 hint += f" (the output head is left out: {heads[:6]})"
