@@ -1677,7 +1677,12 @@ def _originals(model: nn.Module) -> list:
 
 def placed_originals(model: nn.Module) -> dict:
     """`model`'s own `_clora_originals` (none: {}), each on the device and dtype of the tensor now in its place."""
-    return {n: _placed(t, tensor_at(model, n)) for n, t in model.__dict__.get("_clora_originals", {}).items()}
+    placed, out = {}, {}
+    for n, t in model.__dict__.get("_clora_originals", {}).items():
+        if id(t) not in placed:     # (one copy for names that shared the original: tied, as the base's were)
+            placed[id(t)] = _placed(t, tensor_at(model, n))
+        out[n] = placed[id(t)]
+    return out
 
 
 def _placed(original: Tensor, current: Tensor) -> Tensor:

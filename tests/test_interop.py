@@ -917,6 +917,11 @@ def test_a_tied_head_travels_tied_with_peft_ensure_weight_tying(tmp_path, seed):
     with pytest.warns(UserWarning, match=r"untied from"):
         ck.load_peft_adapter(loaded, tmp_path / "both")
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    loaded.to(torch.float64)        # the base's tensors, moved when they are put back, are tied as they were
+    with ck.disable_adapter(loaded):
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert loaded.lm_head.weight.dtype == torch.float64
+    loaded.to(torch.float32)
     # a stored tensor tied to an adapted layer's base weight: PEFT cannot keep that tie (it computed 6.4 off)
     head = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj", "lm_head"], rank=2, backend="torch")
     with pytest.raises(ValueError, match=r"ties to the base weight of the C-LoRA layer\(s\) \['lm_head.weight'\]"):
