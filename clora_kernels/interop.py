@@ -317,11 +317,13 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     if unknown:
         raise ValueError(f"save_peft_adapter: modules_to_save {unknown} are not modules of the model (full names, "
                          f"e.g. 'head')")
-    adapted = [n for n, _ in layers if any(n == s or n.startswith(s + ".") for s in saved)]
+    def stored(n):      # (the name is a stored module's, or inside one)
+        return any(n == s or n.startswith(s + ".") for s in saved)
+    adapted = [n for n, _ in layers if stored(n)]
     if adapted:
         raise ValueError(f"save_peft_adapter: modules_to_save {saved} hold the C-LoRA layer(s) {adapted[:8]}; a PEFT "
                          f"adapter cannot both adapt a module and store it whole")
-    left_out = [n for n in _trained_elsewhere(model) if not any(n == s or n.startswith(s + ".") for s in saved)]
+    left_out = [n for n in _trained_elsewhere(model) if not stored(n)]
     layer_names = {n for n, _ in layers}
     biased = [n for n in left_out if n in layer_names]
     if biased:
@@ -364,9 +366,8 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     # off in logits), so the partner is stored too, with PEFT's ensure_weight_tying (0.21), which ties the copies
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
-    inside = {id(t) for n, t in named.items() if any(n == s or n.startswith(s + ".") for s in saved)}
-    partners = [n for n, t in named.items() if id(t) in inside and not any(n == s or n.startswith(s + ".")
-                                                                          for s in saved)]
+    inside = {id(t) for n, t in named.items() if stored(n)}
+    partners = [n for n, t in named.items() if id(t) in inside and not stored(n)]
     adapted_partners = [n for n in partners if any(n.startswith(s + ".") for s in layer_names)]
     if adapted_partners:    # (PEFT's copy of the module would leave the adapted layer's base on the original)
         raise ValueError(f"save_peft_adapter: modules_to_save {saved} store a tensor that the model ties to the base "
