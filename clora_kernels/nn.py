@@ -384,20 +384,25 @@ class CLoRALinear(nn.Linear):
                              f"inject_clora, then accelerate.dispatch_model(model, device_map, offload_dir=...)")
         w = linear.weight
         k, n = w.shape if conv1d else w.shape[::-1]
-        layer = cls(k, n, rank, alpha, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)
-        layer.fan_in_fan_out = conv1d
-        cls = type(linear)
-        if (cls.__module__, cls.__name__) in _PLAIN_SUBCLASSES:     # (merge_and_unload puts that type back)
-            layer.__dict__["_base_class"] = cls
-        layer.weight = linear.weight.requires_grad_(False)       # the same Parameter: ties stay ties
-        if linear.bias is not None:
-            layer.bias = linear.bias.requires_grad_(False)
-        kw = {"device": w.device, "dtype": torch.float32 if autocast_adapter_dtype and w.dtype in _HALF else w.dtype}
-        for name in ("lora_A", "lora_B", "routing_delta"):
-            setattr(layer, name, nn.Parameter(torch.empty_like(getattr(layer, name), **kw)))
-        for name in ("routing_old", "projection"):
-            setattr(layer, name, torch.empty_like(getattr(layer, name), **kw))
-        layer.reset_adapter()           # also re-creates the policy's buffers on the weight's device
+        # the adapter of a layer that was made outside torch.inference_mode is made normal inside it (a server's
+        # loader under @torch.inference_mode() injecting): inference tensors there failed every later forward with
+        # grad ("cannot be saved for backward"), where PEFT's adapter made so works; a base made inside stays
+        with torch.inference_mode(torch.is_inference_mode_enabled() and w.is_inference()):
+            layer = cls(k, n, rank, alpha, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)
+            layer.fan_in_fan_out = conv1d
+            cls = type(linear)
+            if (cls.__module__, cls.__name__) in _PLAIN_SUBCLASSES:     # (merge_and_unload puts that type back)
+                layer.__dict__["_base_class"] = cls
+            layer.weight = linear.weight.requires_grad_(False)       # the same Parameter: ties stay ties
+            if linear.bias is not None:
+                layer.bias = linear.bias.requires_grad_(False)
+            kw = {"device": w.device,
+                  "dtype": torch.float32 if autocast_adapter_dtype and w.dtype in _HALF else w.dtype}
+            for name in ("lora_A", "lora_B", "routing_delta"):
+                setattr(layer, name, nn.Parameter(torch.empty_like(getattr(layer, name), **kw)))
+            for name in ("routing_old", "projection"):
+                setattr(layer, name, torch.empty_like(getattr(layer, name), **kw))
+            layer.reset_adapter()           # also re-creates the policy's buffers on the weight's device
         return layer
 
     # ---- the math -------------------------------------------------------------------------

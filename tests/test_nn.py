@@ -995,6 +995,38 @@ def test_end_task_under_inference_mode_keeps_loadable_state(seed):
     assert made.task_index == 1
 
 
+def test_an_adapter_injected_under_inference_mode_trains_and_explains_after_it(seed):
+    """A server's loader under @torch.inference_mode() injecting into a model made outside it: the adapter
+    was made of inference tensors, which the layer's backward saves, so every later forward with grad (an
+    eval forward without no_grad, an input-saliency backward, more training) failed with torch's "cannot
+    be saved for backward"; PEFT's adapter made so works. A base made inside inference_mode keeps its
+    adapter there, as nn.Linear's tensors are."""
+    from clora_kernels.reference import reference_formula
+    model = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 6))
+    with torch.inference_mode():
+        ck.inject_clora(model, target_modules=["0", "2"], rank=3)
+    layers = [model[0], model[2]]
+    assert all(isinstance(m, CLoRALinear) for m in layers)
+    assert not any(t.is_inference() for m in layers for t in m.state_dict().values())
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B.normal_()
+    x = torch.randn(5, 12, requires_grad=True)
+    model(x).square().sum().backward()
+    h = x.detach().double().requires_grad_()
+    out = h
+    for m in (model[0], None, model[2]):
+        out = torch.nn.functional.gelu(out) if m is None else reference_formula(
+            out, *(t.double() for t in (m.weight, m.bias, m.lora_A, m.lora_B, m.routing_old, m.routing_delta)), None,
+            m.scaling)
+    out.square().sum().backward()
+    assert rel_err(x.grad, h.grad) < 1e-5
+    assert all(m.lora_A.grad is not None and m.routing_delta.grad is not None for m in layers)
+    with torch.inference_mode():
+        made = ck.CLoRALinear.from_linear(nn.Linear(12, 10), rank=3)
+    assert made.weight.is_inference() and made.lora_A.is_inference()
+
+
 def test_load_adapter_refuses_a_meta_model(tmp_path):
     """A load into meta tensors writes nothing: refused, as load_peft_adapter does (it set the task
     index and left the adapter uninitialised)."""
