@@ -835,6 +835,11 @@ def build_parser():
                     help="C-LoRA: lora_A / lora_B also get the old route's gradient (the paper's stop-gradient off)")
     ap.add_argument("--pretrain-epochs", type=_cli.positive_int, default=15,
                     help="digits: epochs of the MLP's pre-training")
+    ap.add_argument("--pretrain-seed", type=_cli.seed, default=None,
+                    help="mnist5k: the seed of the Animal-MNIST backbone's pre-training (default 0; each seed's "
+                         "backbone is cached apart). A run's mean and std are over --seeds on one backbone; "
+                         "what the pre-training's draw moves needs runs with several (digits pre-trains one "
+                         "MLP per seed of --seeds)")
     ap.add_argument("--json", default=None, help="write {meta, methods} here, after every method")
     ap.add_argument("--plot", default=None, help="draw each method's accuracy matrix here (.png, .pdf, .svg)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (none are shown when stderr is not a terminal)")
@@ -884,7 +889,9 @@ def _fill_defaults(args) -> None:
     if kind == "images":            # before a resumed run is compared with its saved settings
         from .images import DEFAULT_TASKS
         args.tasks = args.tasks or DEFAULT_TASKS[args.dataset]
-        if args.dataset != "mnist5k":
+        if args.dataset == "mnist5k":
+            args.pretrain_seed = 0 if args.pretrain_seed is None else args.pretrain_seed
+        else:
             args.model = args.model or DEFAULT_MODEL
             args.pretrained = True if args.pretrained is None else args.pretrained
         if args.data_dir:
@@ -929,6 +936,9 @@ def main(argv=None) -> int:
         usable, why = available_backends()[args.backend]
         if not usable:
             ap.error(f"argument --backend: {args.backend} cannot run here ({why})")
+    if args.dataset != "mnist5k" and "pretrain_seed" in given:
+        ap.error("argument --pretrain-seed: only for --dataset mnist5k (digits pre-trains one MLP per seed of "
+                 "--seeds; the other datasets' backbones come pre-trained)")
     if not images:
         for flag, value in (("--data-dir", args.data_dir), ("--download", args.download or None),
                             ("--pretrained", args.pretrained), ("--image-size", args.image_size),

@@ -200,12 +200,14 @@ def _small_vit(num_classes: int = 10):
 ANIMAL_PRETRAIN = {"epochs": 20, "lr": 2e-3, "weight_decay": 0.05, "batch_size": 128, "seed": 0}
 
 
-def animal_mnist_backbone(progress: bool = True, log=print):
+def animal_mnist_backbone(progress: bool = True, log=print, seed: int = 0):
     """The small ViT pre-trained on Animal-MNIST (all 10 classes, 90 %; accuracy on the other 10 %
-    recorded), cached under the cache dir with its provenance; trained here when missing."""
+    recorded) from `seed` (ANIMAL_PRETRAIN's, 0, unless given: --pretrain-seed), cached under the
+    cache dir with its provenance, one file per seed; trained here when missing."""
     from safetensors.torch import load_file, save_file
     images, labels = _load_array("animal_mnist")
-    digest = hashlib.sha256(json.dumps(ANIMAL_PRETRAIN, sort_keys=True).encode() + images.tobytes()
+    cfg = dict(ANIMAL_PRETRAIN, seed=seed)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode() + images.tobytes()
                             + labels.tobytes() + b"vit-28-4-64-4-4-2").hexdigest()[:12]
     path = cache_dir("pretrained", f"animal_mnist_vit_{digest}.safetensors")
     model = _small_vit()
@@ -214,7 +216,6 @@ def animal_mnist_backbone(progress: bool = True, log=print):
         return model, json.load(open(path + ".json"))
     data = ArrayImages(images, labels)
     tr, te = split_per_class(data.labels, 0.1)
-    cfg = ANIMAL_PRETRAIN
     torch.manual_seed(cfg["seed"])
     model = _small_vit()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -290,7 +291,7 @@ def _result_key(args) -> dict:
     keys = ("dataset", "data_dir", "model", "pretrained", "image_size", "tasks", "class_order_seed", "data_seed",
             "setting", "classifier", "features", "epochs", "lr", "head_lr", "rank", "batch_size", "lambda_orth",
             "optimizer", "protect_energy", "project_energy", "grad_through_old_route", "targets", "device", "backend",
-            "language", "per_class_train", "per_class_test", "max_tokens")
+            "language", "per_class_train", "per_class_test", "max_tokens", "pretrain_seed")
     # (as run.json holds it: the default targets are a tuple, JSON's a list)
     return {k: list(v) if isinstance(v := getattr(args, k), tuple) else v for k in keys}
 
@@ -335,7 +336,9 @@ def check_run_dir(args) -> None:
         return
     if not args.resume:
         raise DataError(f"--out {args.out!r} holds a run already; pass --resume to continue it, or another --out")
-    saved = {"data_seed": 0, **json.load(open(meta)).get("result_key", {})}     # (runs older than --data-seed)
+    # (runs older than --data-seed and --pretrain-seed)
+    saved = {"data_seed": 0, "pretrain_seed": 0 if args.dataset == "mnist5k" else None,
+             **json.load(open(meta)).get("result_key", {})}
     diff = sorted(k for k in set(saved) | set(_result_key(args)) if saved.get(k) != _result_key(args).get(k))
     if diff:
         raise DataError(f"--resume: the run in {args.out!r} was made with other settings ({', '.join(diff)}: "
@@ -437,7 +440,7 @@ def prepare(args, progress: bool = True, log=print) -> dict:
                         f"up to {len(names) // 2})")
     args.tasks = tasks
     if args.dataset == "mnist5k":
-        base, info = animal_mnist_backbone(progress, log)
+        base, info = animal_mnist_backbone(progress, log, args.pretrain_seed)
     else:
         torch.manual_seed(0)            # one backbone for every seed and run (random with --no-pretrained)
         base, info = timm_backbone(args, len(names)), None

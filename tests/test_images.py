@@ -103,6 +103,7 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
         (["--data-dir", str(data), "--image-size", "7"], "the model cannot run on these images"),
         (["--data-dir", str(data), "--backend", "cuda"], "cuda cannot run here"),
         (["--data-dir", str(data), "--pretrain-epochs", "3"], "only for --dataset digits"),
+        (["--data-dir", str(data), "--pretrain-seed", "1"], "--pretrain-seed: only for --dataset mnist5k"),
     ]
     for extra, word in cases:
         _refused(ARGS + extra, capsys, word)
@@ -113,6 +114,7 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
              "--data-seed 1: CIFAR-100 comes with its own train/test split")
     _refused(["--dataset", "folder", "--no-progress"], capsys, "needs --data-dir")
     _refused(["--dataset", "mnist5k", "--model", "resnet18", "--no-progress"], capsys, "uses its own backbone")
+    _refused(["--pretrain-seed", "0", "--no-progress"], capsys, "--pretrain-seed: only for --dataset mnist5k")
     _refused(["--data-dir", str(data), "--no-progress"], capsys, "argument --data-dir: only for --dataset cifar100 / "
              "imagenet-r / folder")
 
@@ -217,6 +219,15 @@ def test_mnist5k_protocol_and_its_cached_backbone(tmp_path, monkeypatch, capsys)
     assert json.loads((tmp_path / "m.json").read_text())["methods"]["clora_freeze"]["seconds"]["mean"] > 0.1
     again = json.loads((tmp_path / "m.json").read_text())["methods"]["clora_freeze"]
     assert again["acc_matrices"] == data["methods"]["clora_freeze"]["acc_matrices"]      # the same numbers
+    # another pre-training seed: another backbone, cached beside the first; its run does not resume the first's
+    other = ["--dataset", "mnist5k", "--quick", "--methods", "simple_cil", "--no-progress", "--pretrain-seed", "3"]
+    assert cc.main(other + ["--json", str(tmp_path / "s3.json")]) == 0
+    assert "pre-trained the ViT on Animal-MNIST" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s3.json").read_text())["meta"]["pretraining"]["config"]["seed"] == 3
+    assert meta["pretraining"]["config"]["seed"] == 0
+    assert len(list((tmp_path / "cache" / "pretrained").glob("*.safetensors"))) == 2
+    _refused(argv + ["--out", str(tmp_path / "run"), "--resume", "--pretrain-seed", "3"], capsys,
+             "made with other settings (pretrain_seed")
 
 
 def test_default_targets_leave_out_narrow_layers(tmp_path, capsys):
