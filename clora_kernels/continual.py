@@ -838,8 +838,8 @@ def build_parser():
     ap.add_argument("--pretrain-seed", type=_cli.seed, default=None,
                     help="mnist5k: the seed of the Animal-MNIST backbone's pre-training (default 0; each seed's "
                          "backbone is cached apart). A run's mean and std are over --seeds on one backbone; "
-                         "what the pre-training's draw moves needs runs with several (digits pre-trains one "
-                         "MLP per seed of --seeds)")
+                         "what the pre-training's draw moves needs runs with several --pretrain-seed values "
+                         "(digits pre-trains one MLP per seed of --seeds)")
     ap.add_argument("--json", default=None, help="write {meta, methods} here, after every method")
     ap.add_argument("--plot", default=None, help="draw each method's accuracy matrix here (.png, .pdf, .svg)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (none are shown when stderr is not a terminal)")
@@ -938,7 +938,7 @@ def main(argv=None) -> int:
             ap.error(f"argument --backend: {args.backend} cannot run here ({why})")
     if args.dataset != "mnist5k" and "pretrain_seed" in given:
         ap.error("argument --pretrain-seed: only for --dataset mnist5k (digits pre-trains one MLP per seed of "
-                 "--seeds; the other datasets' backbones come pre-trained)")
+                 "--seeds; the other datasets' backbones are timm's or the packaged MiniLM, not trained here)")
     if not images:
         for flag, value in (("--data-dir", args.data_dir), ("--download", args.download or None),
                             ("--pretrained", args.pretrained), ("--image-size", args.image_size),

@@ -386,7 +386,8 @@ class CLoRALinear(nn.Linear):
         k, n = w.shape if conv1d else w.shape[::-1]
         # the adapter of a layer that was made outside torch.inference_mode is made normal inside it (a server's
         # loader under @torch.inference_mode() injecting): inference tensors there failed every later forward with
-        # grad ("cannot be saved for backward"), where PEFT's adapter made so works; a base made inside stays
+        # grad ("cannot be saved for backward"; PEFT's adapter made so survives a plain eval forward, not a backward
+        # or training); a base made inside stays
         with torch.inference_mode(torch.is_inference_mode_enabled() and w.is_inference()):
             layer = cls(k, n, rank, alpha, bias=linear.bias is not None, device="meta", dtype=w.dtype, **kwargs)
             layer.fan_in_fan_out = conv1d

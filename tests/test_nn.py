@@ -999,8 +999,8 @@ def test_an_adapter_injected_under_inference_mode_trains_and_explains_after_it(s
     """A server's loader under @torch.inference_mode() injecting into a model made outside it: the adapter
     was made of inference tensors, which the layer's backward saves, so every later forward with grad (an
     eval forward without no_grad, an input-saliency backward, more training) failed with torch's "cannot
-    be saved for backward"; PEFT's adapter made so works. A base made inside inference_mode keeps its
-    adapter there, as nn.Linear's tensors are."""
+    be saved for backward" (PEFT's adapter made so survives a plain eval forward only). A base made inside
+    inference_mode keeps its adapter there, as nn.Linear's tensors are."""
     from clora_kernels.reference import reference_formula
     model = nn.Sequential(nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 6))
     with torch.inference_mode():
@@ -1011,17 +1011,29 @@ def test_an_adapter_injected_under_inference_mode_trains_and_explains_after_it(s
     with torch.no_grad():
         for m in layers:
             m.lora_B.normal_()
+            m.routing_delta.add_(0.3 * torch.randn(3, 3))
+    names = ("lora_A", "lora_B", "routing_delta")
+    # the float64 oracle, on leaf copies of every trained tensor
+    ref = [{n: getattr(m, n).detach().double().requires_grad_() for n in names} for m in layers]
     x = torch.randn(5, 12, requires_grad=True)
-    model(x).square().sum().backward()
     h = x.detach().double().requires_grad_()
     out = h
-    for m in (model[0], None, model[2]):
-        out = torch.nn.functional.gelu(out) if m is None else reference_formula(
-            out, *(t.double() for t in (m.weight, m.bias, m.lora_A, m.lora_B, m.routing_old, m.routing_delta)), None,
-            m.scaling)
+    for i, m in enumerate((model[0], None, model[2])):
+        if m is None:
+            out = torch.nn.functional.gelu(out)
+            continue
+        r = ref[i // 2]
+        out = reference_formula(out, m.weight.double(), m.bias.double(), r["lora_A"], r["lora_B"],
+                                m.routing_old.double(), r["routing_delta"], None, m.scaling)
     out.square().sum().backward()
+    model(x).square().sum().backward()
     assert rel_err(x.grad, h.grad) < 1e-5
-    assert all(m.lora_A.grad is not None and m.routing_delta.grad is not None for m in layers)
+    for m, r in zip(layers, ref):
+        for n in names:
+            assert rel_err(getattr(m, n).grad, r[n].grad) < 1e-5, n
+    before = [m.lora_A.detach().clone() for m in layers]
+    torch.optim.SGD(model.parameters(), lr=0.1).step()                  # and it trains
+    assert all(not torch.equal(m.lora_A, b) for m, b in zip(layers, before))
     with torch.inference_mode():
         made = ck.CLoRALinear.from_linear(nn.Linear(12, 10), rank=3)
     assert made.weight.is_inference() and made.lora_A.is_inference()
