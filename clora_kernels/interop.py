@@ -25,8 +25,8 @@ from torch import nn
 
 from ._io import read_safetensors, write_atomic
 from .functional import exact_math, finite_number
-from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, nonfinite, placed_originals,
-                 refuse_meta, set_tensors, tensor_at, unwrapped, wrapper_prefix)
+from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, check_patterns, nonfinite,
+                 pattern_value, placed_originals, refuse_meta, set_tensors, tensor_at, unwrapped, wrapper_prefix)
 from .reference import folded_lora_B
 
 _PREFIX = "base_model.model."
@@ -36,7 +36,6 @@ _ADAPTER_PARAMS = ("lora_A", "lora_B", "routing_delta")
 # options of a PEFT LoRA config that change what the adapter computes or which tensors it holds,
 # with the values that mean "not used"
 _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "lora_bias": (False, None),
-                "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                 "layer_replication": (None, ()), "target_parameters": (None, ()),
                 "trainable_token_indices": (None, {}), "use_qalora": (False, None),
                 "alora_invocation_tokens": (None, ()), "use_bdlora": (None, False),
@@ -80,6 +79,11 @@ def _read_config(directory) -> dict:
         raise ValueError(f"{path}: r must be an int >= 1, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not finite_number(alpha):
         raise ValueError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+    try:
+        config["rank_pattern"], config["alpha_pattern"] = check_patterns(config.get("rank_pattern"),
+                                                                         config.get("alpha_pattern"), path)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
     return config
 
 
@@ -115,8 +119,12 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     layers = _require_layers(model, "load_peft_adapter")
     config = _read_config(directory)
     tensors = _read_tensors(directory)
-    r = config["r"]
-    alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1.0)   # scaling = alpha / r
+    rslora = bool(config.get("use_rslora"))
+
+    def rank_alpha(name):       # the layer's r, and its alpha for scaling = alpha / r (rsLoRA: lora_alpha / sqrt(r))
+        r = pattern_value(config["rank_pattern"], name, config["r"])
+        alpha = pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
+        return r, alpha * (math.sqrt(r) if rslora else 1.0)
     saved_modules = config.get("modules_to_save") or []
     tying = config.get("ensure_weight_tying") is True
     own = dict(model.named_parameters(remove_duplicate=False))
@@ -190,9 +198,12 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         where = f"{directory}: layer {name!r}"
         if m.merged:
             raise ValueError(f"{where} is merged; unmerge the model before load_peft_adapter")
+        r = rank_alpha(name)[0]
         if m.rank != r:
+            pattern = config["rank_pattern"]
+            given = f", rank_pattern={pattern!r}" if pattern else ""
             raise ValueError(f"{where}: the adapter's rank is r={r}, the layer's is {m.rank} "
-                             f"(inject_clora(..., rank={r}))")
+                             f"(inject_clora(..., rank={config['r']}{given}))")
         for t, want in (("lora_A", (r, m.in_features)), ("lora_B", (m.out_features, r))):
             if t not in found[name]:
                 raise ValueError(f"{where}: the adapter has no {t}")
@@ -215,7 +226,7 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     with torch.no_grad():
         for name, m in layers:
             m.reset_adapter()
-            m.alpha = float(alpha)      # (and scaling = alpha / rank)
+            m.alpha = float(rank_alpha(name)[1])      # (and scaling = alpha / rank)
             m.lora_A.copy_(_like(m.lora_A, found[name]["lora_A"]))
             m.lora_B.copy_(_like(m.lora_B, found[name]["lora_B"]))
         # the modules of modules_to_save get new tensors holding the saved values, beside the model's own
@@ -258,6 +269,28 @@ def _saved_module(path: str, entries) -> str:
     return ""
 
 
+def _peft_number(value: float):
+    """A float written as PEFT's configs write it: an int where it is one."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _common_and_pattern(model: nn.Module, values: list) -> tuple:
+    """(the most common value of (name, value) pairs, the smaller of a tie; {key: value} for the names with
+    another), each key a name PEFT's pattern rule (`pattern_value`) gives to that module alone: the
+    escaped name, anchored with ^ where another module's name ends with '.' + it."""
+    counts = {}
+    for _, v in values:
+        counts[v] = counts.get(v, 0) + 1
+    common = min(counts, key=lambda v: (-counts[v], v))
+    modules = [n for n, _ in model.named_modules()]
+    pattern = {}
+    for name, v in values:
+        if v != common:
+            key = re.escape(name)
+            pattern["^" + key if any(n.endswith("." + name) for n in modules) else key] = v
+    return common, pattern
+
+
 def _target_modules(model: nn.Module, names: list):
     """PEFT target_modules that select exactly `names`: their last name components when those
     select nothing else under PEFT's suffix rule (what vLLM and TGI expect, e.g. q_proj); else a
@@ -293,7 +326,9 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     must list their modules here: leaving them out would make the PEFT model compute something
     else, so that is refused; so is a module holding a C-LoRA layer (PEFT cannot both adapt and
     store one, and a trained bias of an adapted layer has no place in a PEFT LoRA adapter). Every
-    C-LoRA layer must have the same rank and alpha (PEFT's rank/alpha patterns are not written).
+    Layers of different ranks or alphas are written as PEFT writes them: `r` and `lora_alpha` the
+    most common (the smaller of a tie), the others in `rank_pattern` / `alpha_pattern` under their
+    full names (escaped; anchored where a longer name ends with one).
     Each file is replaced atomically (weights first, then the config): a save that is killed leaves
     the previous files, or the new weights beside the previous config. Under FSDP2 every rank calls
     it and rank 0 writes (as save_adapter)."""
@@ -304,11 +339,8 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     if any(name == "" for name, _ in layers):
         raise ValueError("save_peft_adapter: the model is a single CLoRALinear; PEFT adapts submodules, so wrap it "
                          "(e.g. nn.Sequential(layer)) and save that")
-    ranks = {(m.rank, m.alpha) for _, m in layers}
-    if len(ranks) != 1:
-        raise ValueError(f"save_peft_adapter: the C-LoRA layers have different (rank, alpha) {sorted(ranks)}; "
-                         f"a PEFT adapter written here has one r and one lora_alpha")
-    (rank, alpha), = ranks
+    rank, rank_pattern = _common_and_pattern(model, [(n, m.rank) for n, m in layers])
+    alpha, alpha_pattern = _common_and_pattern(model, [(n, _peft_number(m.alpha)) for n, m in layers])
     saved = list(getattr(model, "_clora_modules_to_save", []) if modules_to_save is None else modules_to_save)
     if "" in saved:
         raise ValueError("save_peft_adapter: modules_to_save names the whole model (''); PEFT stores submodules")
@@ -376,10 +408,11 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
                          f"the model's own format (clora_kernels.save_adapter with the model's state_dict)")
     for n in partners:
         tensors[f"{_PREFIX}{n}"] = _full(named[n]).detach().to("cpu", copy=True).contiguous()
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
               "target_modules": _target_modules(model, [n for n, _ in layers]), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": all(m.fan_in_fan_out for _, m in layers), "use_rslora": False, "use_dora": False,
-              "modules_to_save": saved or None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
+              "modules_to_save": saved or None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+              "init_lora_weights": True,
               "inference_mode": True, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path}
     if partners:
         config["ensure_weight_tying"] = True

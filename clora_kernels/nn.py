@@ -1371,8 +1371,47 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     return names
 
 
+def check_patterns(rank_pattern, alpha_pattern, where: str) -> tuple:
+    """PEFT's rank_pattern and alpha_pattern ({regex: rank}, {regex: alpha}; None or {} for none), checked:
+    keys that compile as regexes, ranks ints >= 1, alphas finite numbers. Returns them as dicts."""
+    out = []
+    for option, pattern, ok, what in (("rank_pattern", rank_pattern, lambda v: isinstance(v, int) and v >= 1,
+                                       "an int >= 1"),
+                                      ("alpha_pattern", alpha_pattern, _finite_real, "a finite number")):
+        pattern = {} if pattern is None else pattern
+        if not isinstance(pattern, dict):
+            raise TypeError(f"{where}: {option} must be a dict {{module name regex: value}}, got "
+                            f"{type(pattern).__name__}")
+        for key, value in pattern.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: {option} keys are module name regexes (str), got {key!r}")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"{where}: {option} key {key!r} is not a regex ({exc})") from None
+            if isinstance(value, bool) or not ok(value):
+                raise ValueError(f"{where}: {option}[{key!r}] must be {what}, got {value!r}")
+        out.append(dict(pattern))
+    return tuple(out)
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """The value that PEFT's rank_pattern / alpha_pattern gives the module called `name` (its rule,
+    peft.utils.other.get_pattern_key: the first key that `_pattern_matches` the name), else `default`."""
+    for key, value in pattern.items():
+        if _pattern_matches(key, name):
+            return value
+    return default
+
+
+def _pattern_matches(key: str, name: str) -> bool:
+    """PEFT's rule for a rank_pattern / alpha_pattern key: the qualified name matches `(.*\\.)?(key)$`."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 16,
-                 alpha: Optional[float] = None, *, exclude_modules=None, **kwargs) -> nn.Module:
+                 alpha: Optional[float] = None, *, exclude_modules=None, rank_pattern=None, alpha_pattern=None,
+                 **kwargs) -> nn.Module:
     """Replace the targeted linear layers (nn.Linear, and transformers' Conv1D, whose (in, out)
     weight is kept as it is) with CLoRALinear layers sharing their weights, freeze every other
     parameter, and return the model. `target_modules` takes PEFT's forms:
@@ -1382,9 +1421,12 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
     - "all-linear": every linear layer but the output head (transformers' output embeddings,
       timm's classifier, top-level lm_head / classifier / score / head).
 
-    `exclude_modules` (a list or a regex, as above) removes layers from the selection. Every
-    replacement is built first: if one fails (a rank too large for one layer, say), the model
-    is left as it was."""
+    `exclude_modules` (a list or a regex, as above) removes layers from the selection.
+    `rank_pattern` / `alpha_pattern` (PEFT's options): {regex: rank} / {regex: alpha} for the layers
+    whose qualified name matches `(.*\\.)?(regex)$` (the first key that matches), `rank` / `alpha`
+    for the others; a key that matches no adapted layer warns, as in PEFT. Every replacement is
+    built first: if one fails (a rank too large for one layer, say), the model is left as it was."""
+    rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern, "inject_clora")
     names = select_targets(model, target_modules, exclude_modules, rank=rank)
     if not names:
         done = [n for n, m in model.named_modules() if isinstance(m, CLoRALinear)]
@@ -1404,11 +1446,16 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
                          + ("" if exclude_modules is None else f" without exclude_modules={exclude_modules!r}")
                          + f"{hint}; the model's layers by type: {_candidates(model)} (subclasses of nn.Linear "
                          f"are not adapted: their forward may not be nn.Linear's)")
+    for option, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        unused = [key for key in pattern if not any(_pattern_matches(key, n) for n in names)]
+        if unused:
+            warnings.warn(f"inject_clora: {option} key(s) {unused} match no adapted layer", UserWarning, stacklevel=2)
     users = _parameter_users(model)
     new, flags = [], [(p, p.requires_grad) for p in model.parameters()]
     for name in names:
         try:
-            layer = CLoRALinear.from_linear(model.get_submodule(name), rank, alpha, **kwargs)
+            layer = CLoRALinear.from_linear(model.get_submodule(name), pattern_value(rank_pattern, name, rank),
+                                            pattern_value(alpha_pattern, name, alpha), **kwargs)
         except ValueError as exc:
             for p, flag in flags:           # from_linear froze the weights it shared
                 p.requires_grad_(flag)

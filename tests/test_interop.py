@@ -273,8 +273,7 @@ def _adapter_state(model):
 @pytest.mark.parametrize("option,match", [
     ({"use_dora": True}, r"use_dora=True is not supported"),
     ({"bias": "all"}, r"bias='all' is not supported"),
-    ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' is not supported.*modified base weight"),
-    ({"rank_pattern": {"fc1": 2}}, r"rank_pattern=\{'fc1': 2\} is not supported")])
+    ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' is not supported.*modified base weight")])
 def test_load_peft_adapter_refuses_unsupported_options(tmp_path, option, match):
     base = _vit()
     _peft_trained(base, ["qkv", "fc1"], tmp_path, **option)
@@ -349,11 +348,61 @@ def test_save_peft_adapter_killed_mid_write_leaves_the_previous_adapter(tmp_path
         assert rel_err(served(x), want) < 1e-5
 
 
-def test_save_peft_adapter_refuses_mixed_ranks(tmp_path):
-    model = ck.inject_clora(_vit(), target_modules=["qkv"], rank=2)
-    ck.inject_clora(model, target_modules=["fc1"], rank=3)
-    with pytest.raises(ValueError, match=r"different \(rank, alpha\) \[\(2, 2.0\), \(3, 3.0\)\]"):
-        ck.save_peft_adapter(model, tmp_path)
+@pytest.mark.parametrize("name", ["vit", "llama"])
+def test_per_layer_ranks_and_alphas_travel_as_peft_patterns(tmp_path, seed, name):
+    """PEFT's rank_pattern / alpha_pattern: inject_clora takes them (PEFT's rule, the first key the name ends
+    with), save_peft_adapter writes a model of mixed ranks and alphas with them (it refused one), and
+    load_peft_adapter reads PEFT's own (it refused them): each side computes what the other does."""
+    make, targets = MODELS[name]
+    base = make()
+    ranks = {"0.attn.qkv": 5, "fc1": 2} if name == "vit" else {"layers.1.self_attn.q_proj": 5, "down_proj": 2}
+    alphas = {"qkv": 7} if name == "vit" else {"q_proj": 7.5}
+    targets = ["qkv", "fc1", "fc2"] if name == "vit" else targets
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=3, rank_pattern=ranks,
+                            alpha_pattern=alphas, backend="torch")
+    got = {n: (m.rank, m.alpha) for n, m in clora_layers(model)}
+    if name == "vit":
+        assert got["blocks.0.attn.qkv"] == (5, 7.0) and got["blocks.1.attn.qkv"] == (3, 7.0)
+        assert got["blocks.0.mlp.fc1"] == (2, 2.0) and got["blocks.1.mlp.fc2"] == (3, 3.0)
+    else:
+        assert got["model.layers.1.self_attn.q_proj"] == (5, 7.5) and got["model.layers.0.self_attn.q_proj"] == (3, 7.5)
+        assert got["model.layers.0.mlp.down_proj"] == (2, 2.0) and got["model.layers.0.self_attn.k_proj"] == (3, 3.0)
+    _two_tasks(model)
+    data = _data(name)
+    with torch.no_grad():
+        want = _run(model, name, data)
+    ck.save_peft_adapter(model, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == 3 and config["rank_pattern"] and config["alpha_pattern"]
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        assert rel_err(_run(served, name, data), want) < 1e-5
+    # PEFT's own file with patterns, into a model injected with the same ones
+    pm = _peft_trained(base, targets, tmp_path / "in", rank_pattern=ranks, alpha_pattern=alphas)
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=3, rank_pattern=ranks, backend="torch")
+    ck.load_peft_adapter(model, tmp_path / "in")
+    with torch.no_grad():
+        assert rel_err(_run(model, name, data), _run(pm, name, data)) < 1e-5
+    plain = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=3)
+    with pytest.raises(ValueError, match=r"the adapter's rank is r=\d, the layer's is 3 "
+                                         r"\(inject_clora\(\.\.\., rank=3, rank_pattern="):
+        ck.load_peft_adapter(plain, tmp_path / "in")
+
+
+def test_rank_and_alpha_patterns_are_checked():
+    for kwargs, error, match in [
+            (dict(rank_pattern=["fc1"]), TypeError, "rank_pattern must be a dict"),
+            (dict(rank_pattern={"fc1": 0}), ValueError, r"rank_pattern\['fc1'\] must be an int >= 1, got 0"),
+            (dict(rank_pattern={"fc1": True}), ValueError, "must be an int >= 1, got True"),
+            (dict(alpha_pattern={"fc1": float("nan")}), ValueError, "must be a finite number"),
+            (dict(rank_pattern={"fc(1": 2}), ValueError, r"key 'fc\(1' is not a regex"),
+            (dict(rank_pattern={"qkv": 200}), ValueError, "layer 'blocks.0.attn.qkv'.*rank")]:
+        model = _vit()
+        with pytest.raises(error, match=match):
+            ck.inject_clora(model, target_modules=["qkv", "fc1"], rank=2, **kwargs)
+        assert not clora_layers(model)
+    with pytest.warns(UserWarning, match=r"rank_pattern key\(s\) \['fc2'\] match no adapted layer"):
+        ck.inject_clora(_vit(), target_modules=["qkv"], rank=2, rank_pattern={"fc2": 3})
 
 
 # ---- PEFT's conveniences --------------------------------------------------------------------
