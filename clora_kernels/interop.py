@@ -199,6 +199,14 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         if m.merged:
             raise ValueError(f"{where} is merged; unmerge the model before load_peft_adapter")
         r = rank_alpha(name)[0]
+        stored = found[name].get("lora_A")
+        if config["rank_pattern"] and stored is not None and stored.dim() == 2 and stored.shape[0] != r:
+            # (PEFT writes adapter_config.json with sorted keys: an order-dependent rank_pattern can come back
+            # reordered, giving a layer another rank than its tensors have; PEFT's own load fails there too)
+            raise ValueError(f"{where}: the config's rank_pattern {config['rank_pattern']!r} gives it r={r}, but the "
+                             f"adapter's lora_A has {stored.shape[0]} rows: the file contradicts itself (keys of "
+                             f"rank_pattern that more than one layer's name matches depend on their order, which "
+                             f"PEFT's saved config sorts)")
         if m.rank != r:
             pattern = config["rank_pattern"]
             given = f", rank_pattern={pattern!r}" if pattern else ""
@@ -325,7 +333,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     (none if it loaded none). A model that trains parameters outside its adapters (requires_grad)
     must list their modules here: leaving them out would make the PEFT model compute something
     else, so that is refused; so is a module holding a C-LoRA layer (PEFT cannot both adapt and
-    store one, and a trained bias of an adapted layer has no place in a PEFT LoRA adapter). Every
+    store one, and a trained bias of an adapted layer has no place in a PEFT LoRA adapter).
     Layers of different ranks or alphas are written as PEFT writes them: `r` and `lora_alpha` the
     most common (the smaller of a tie), the others in `rank_pattern` / `alpha_pattern` under their
     full names (escaped; anchored where a longer name ends with one).

@@ -1301,9 +1301,11 @@ def _all_linear(target_modules) -> bool:
     return isinstance(target_modules, str) and target_modules.lower() == "all-linear"
 
 
-def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=None, warn: bool = True) -> list:
+def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=None, warn: bool = True,
+                   rank_pattern=None) -> list:
     """Names of the linear-like layers (nn.Linear, transformers Conv1D, `_PLAIN_SUBCLASSES`) that inject_clora
-    would replace, in module order (see inject_clora for the forms). With `rank`, "all-linear"
+    would replace, in module order (see inject_clora for the forms). With `rank` (and `rank_pattern`, the
+    layer's own rank where a key matches it), "all-linear"
     and the default targets leave out the layers narrower than it (min(in, out) < rank: SwinV2's
     2 -> 512 relative-position MLP, named fc1, cannot hold a rank-r adapter here; PEFT adapts it with a
     rank above its size), and warn naming them (with `warn`; where every layer is, none is left out:
@@ -1322,13 +1324,15 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     excluded = (lambda name: False) if exclude_modules is None else _name_selector(exclude_modules, "exclude_modules")
     names = [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
     if (all_linear or default) and isinstance(rank, int) and not isinstance(rank, bool):
-        small = [n for n in names if min(model.get_submodule(n).weight.shape) < rank]
+        pattern = rank_pattern or {}
+        small = [n for n in names if min(model.get_submodule(n).weight.shape) < pattern_value(pattern, n, rank)]
         if len(small) == len(names):    # every one: the layers' refusal says the rank, not "nothing matched"
             small = []
         if small and warn:
             which = "'all-linear' leaves" if all_linear else "the default targets leave"
-            warnings.warn(f"{which} out {len(small)} layer(s) narrower than rank={rank} (min(in, out) < rank): "
-                          f"{small[:8]}", UserWarning, stacklevel=3)
+            theirs = " or their rank_pattern rank" if rank_pattern else ""
+            warnings.warn(f"{which} out {len(small)} layer(s) narrower than rank={rank}{theirs} (min(in, out) < "
+                          f"rank): {small[:8]}", UserWarning, stacklevel=3)
         names = [n for n in names if n not in small]
     read = {n: found for n in names if (found := _weight_read(model, n))}
     partly = {n: why for n, (why, part) in read.items() if part}
@@ -1386,7 +1390,7 @@ def check_patterns(rank_pattern, alpha_pattern, where: str) -> tuple:
             if not isinstance(key, str):
                 raise TypeError(f"{where}: {option} keys are module name regexes (str), got {key!r}")
             try:
-                re.compile(key)
+                re.compile(rf"(.*\.)?({key})$")        # (as `_pattern_matches` uses it)
             except re.error as exc:
                 raise ValueError(f"{where}: {option} key {key!r} is not a regex ({exc})") from None
             if isinstance(value, bool) or not ok(value):
@@ -1427,7 +1431,7 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
     for the others; a key that matches no adapted layer warns, as in PEFT. Every replacement is
     built first: if one fails (a rank too large for one layer, say), the model is left as it was."""
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern, "inject_clora")
-    names = select_targets(model, target_modules, exclude_modules, rank=rank)
+    names = select_targets(model, target_modules, exclude_modules, rank=rank, rank_pattern=rank_pattern)
     if not names:
         done = [n for n, m in model.named_modules() if isinstance(m, CLoRALinear)]
         if done:
@@ -1459,7 +1463,9 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
         except ValueError as exc:
             for p, flag in flags:           # from_linear froze the weights it shared
                 p.requires_grad_(flag)
-            raise ValueError(f"inject_clora: layer {name!r}: {exc}; the model was not changed") from None
+            key = next((k for k in rank_pattern if _pattern_matches(k, name)), None)     # (the rank's source)
+            given = "" if key is None else f" (its rank from rank_pattern[{key!r}])"
+            raise ValueError(f"inject_clora: layer {name!r}: {exc}{given}; the model was not changed") from None
         new.append((name, layer))
     keep = {id(p) for _, m in clora_layers(model) for p in (m.lora_A, m.lora_B, m.routing_delta)}
     for p in model.parameters():

@@ -383,6 +383,13 @@ def test_per_layer_ranks_and_alphas_travel_as_peft_patterns(tmp_path, seed, name
     ck.load_peft_adapter(model, tmp_path / "in")
     with torch.no_grad():
         assert rel_err(_run(model, name, data), _run(pm, name, data)) < 1e-5
+    config = json.loads((tmp_path / "in" / "adapter_config.json").read_text())     # a file that contradicts itself
+    (tmp_path / "in" / "adapter_config.json").write_text(json.dumps(dict(config, rank_pattern={
+        k: v + 1 for k, v in config["rank_pattern"].items()})))
+    with pytest.raises(ValueError, match=r"the config's rank_pattern .* gives it r=\d, but the adapter's lora_A has "
+                                         r"\d rows: the file contradicts itself"):
+        ck.load_peft_adapter(model, tmp_path / "in")
+    (tmp_path / "in" / "adapter_config.json").write_text(json.dumps(config))
     plain = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=3)
     with pytest.raises(ValueError, match=r"the adapter's rank is r=\d, the layer's is 3 "
                                          r"\(inject_clora\(\.\.\., rank=3, rank_pattern="):
@@ -396,13 +403,22 @@ def test_rank_and_alpha_patterns_are_checked():
             (dict(rank_pattern={"fc1": True}), ValueError, "must be an int >= 1, got True"),
             (dict(alpha_pattern={"fc1": float("nan")}), ValueError, "must be a finite number"),
             (dict(rank_pattern={"fc(1": 2}), ValueError, r"key 'fc\(1' is not a regex"),
-            (dict(rank_pattern={"qkv": 200}), ValueError, "layer 'blocks.0.attn.qkv'.*rank")]:
+            (dict(rank_pattern={"(?i)fc1": 2}), ValueError, r"key '\(\?i\)fc1' is not a regex"),   # (in PEFT's wrapper)
+            (dict(rank_pattern={"qkv": 200}), ValueError, r"layer 'blocks.0.attn.qkv'.*got 200 \(its rank from "
+                                                          r"rank_pattern\['qkv'\]\)")]:
         model = _vit()
         with pytest.raises(error, match=match):
             ck.inject_clora(model, target_modules=["qkv", "fc1"], rank=2, **kwargs)
         assert not clora_layers(model)
     with pytest.warns(UserWarning, match=r"rank_pattern key\(s\) \['fc2'\] match no adapted layer"):
         ck.inject_clora(_vit(), target_modules=["qkv"], rank=2, rank_pattern={"fc2": 3})
+    # "all-linear" leaves out a layer narrower than its own rank, the pattern's where one matches (it left out a
+    # layer narrower than `rank` that the pattern fits, where PEFT adapts it), and a key valid only inside
+    # PEFT's wrapper `(.*\.)?(key)$` selects what PEFT's does
+    net = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4), nn.Linear(4, 32), nn.Linear(32, 3))
+    with pytest.warns(UserWarning, match=r"leaves out 1 layer\(s\) narrower than rank=8 or their rank_pattern rank"):
+        ck.inject_clora(net, "all-linear", rank=8, rank_pattern={"1": 2, "2": 2, "1)|(zzz": 5})
+    assert {n: m.rank for n, m in clora_layers(net)} == {"0": 8, "1": 2, "2": 2}
 
 
 # ---- PEFT's conveniences --------------------------------------------------------------------
