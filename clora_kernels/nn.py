@@ -1359,7 +1359,7 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     if default and names and warn:
         # a model whose blocks name their layers otherwise (EVA-02: q_proj, k_proj, v_proj, fc1_g, fc1_x) got
         # adapters on the layers that share timm's names only, without a word
-        unmatched = [t for t in DEFAULT_TARGETS if not any(n == t or n.endswith("." + t) for n in names)]
+        unmatched = [t for t in DEFAULT_TARGETS if not any(map(_name_selector([t], "target_modules"), names))]
         plain = [n for n, m in model.named_modules() if n and _linear_like(m) and n not in heads and n not in names
                  and not isinstance(m, CLoRALinear)]
         if unmatched and plain:
@@ -1400,12 +1400,15 @@ def check_patterns(rank_pattern, alpha_pattern, where: str) -> tuple:
 
 
 def pattern_value(pattern: dict, name: str, default):
-    """The value that PEFT's rank_pattern / alpha_pattern gives the module called `name` (its rule,
-    peft.utils.other.get_pattern_key: the first key that `_pattern_matches` the name), else `default`."""
-    for key, value in pattern.items():
-        if _pattern_matches(key, name):
-            return value
-    return default
+    """The value that PEFT's rank_pattern / alpha_pattern gives the module called `name`, else `default`."""
+    key = _pattern_key(pattern, name)
+    return default if key is None else pattern[key]
+
+
+def _pattern_key(pattern: dict, name: str):
+    """The key of `pattern` that gives the module called `name` its value (PEFT's rule,
+    peft.utils.other.get_pattern_key: the first that `_pattern_matches` the name), else None."""
+    return next((key for key in pattern if _pattern_matches(key, name)), None)
 
 
 def _pattern_matches(key: str, name: str) -> bool:
@@ -1463,7 +1466,7 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
         except ValueError as exc:
             for p, flag in flags:           # from_linear froze the weights it shared
                 p.requires_grad_(flag)
-            key = next((k for k in rank_pattern if _pattern_matches(k, name)), None)     # (the rank's source)
+            key = _pattern_key(rank_pattern, name)     # (the rank's source)
             given = "" if key is None else f" (its rank from rank_pattern[{key!r}])"
             raise ValueError(f"inject_clora: layer {name!r}: {exc}{given}; the model was not changed") from None
         new.append((name, layer))
