@@ -234,15 +234,17 @@ def test_llama_trains_generates_and_round_trips(tmp_path, seed):
     ids = torch.randint(2, 61, (4, 9))
     losses = _train_steps(model, ids, ids)
     assert losses[-1] < losses[0]
-    out = model.generate(ids[:1, :3], max_new_tokens=4, do_sample=False)
+    # min_new_tokens: a random model may pick the end-of-sequence token (1 of 61) and stop early
+    greedy = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    out = model.generate(ids[:1, :3], **greedy)
     assert out.shape == (1, 7)
     ck.save_adapter(model, tmp_path / "a.safetensors")
     again = ck.inject_clora(copy.deepcopy(base), target_modules=LLAMA_TARGETS, rank=2, backend="torch")
     ck.load_adapter(again, tmp_path / "a.safetensors")
-    assert torch.equal(again.generate(ids[:1, :3], max_new_tokens=4, do_sample=False), out)
+    assert torch.equal(again.generate(ids[:1, :3], **greedy), out)
     ck.save_peft_adapter(model, tmp_path / "peft")
     served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
-    assert torch.equal(served.generate(input_ids=ids[:1, :3], max_new_tokens=4, do_sample=False), out)
+    assert torch.equal(served.generate(input_ids=ids[:1, :3], **greedy), out)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
