@@ -18,9 +18,11 @@ if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def seed():
-    """A fresh seed per test (CLORA_TEST_SEED=N reproduces one); printed so a failure shows it."""
+    """A fresh seed per test (CLORA_TEST_SEED=N reproduces one); printed so a failure shows it. Every
+    test gets it, asked for or not: a test drawing from torch's generator without it drew what the tests
+    before it left, which no seed reproduces."""
     import torch
     s = int(os.environ.get("CLORA_TEST_SEED", random.SystemRandom().randrange(2**31)))
     torch.manual_seed(s)
