@@ -22,6 +22,11 @@ needed the layer's state_dict to leave out the task state (`CLoRALinear._save_to
 
 An exported graph holds the adapter as it was at export (unmerged: the C-LoRA branch; merged:
 one MatMul per layer, `clora_kernels.merge(model)` first).
+
+`torch.export` keeps the op in its program, which then needs `import clora_kernels` wherever it is
+loaded, and which AOTInductor's C++ runtime cannot run. `export_decompositions()` is
+torch.export's own default table with the same decomposition added, for
+`ExportedProgram.run_decompositions`: the program is then core ATen ops only.
 """
 from __future__ import annotations
 
@@ -43,6 +48,24 @@ def _linear_fwd_decomposition(x, weight, bias, lora_a, lora_b, routing_old, rout
     y = reference_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, True)
     t = x @ lora_a.t() if need_t else x.new_empty(x.shape[0], 0)
     return y, t
+
+
+def export_decompositions():
+    """torch.export's default decomposition table (`torch.export.default_decompositions()`, core ATen)
+    with `clora::linear_fwd` written as plain tensor ops, for `ExportedProgram.run_decompositions`:
+
+        ep = torch.export.export(model.eval(), (x,)).run_decompositions(ck.export_decompositions())
+
+    leaves no C-LoRA op in the program, so it loads without `import clora_kernels` and AOTInductor
+    (`torch._inductor.aoti_compile_and_package`) compiles it (ExecuTorch, which lowers core ATen, was
+    not tried). A fresh table each call (add your own entries to it). The forward value only, with one
+    route R_eff = R_old + P·R_delta: gradients through the decomposed program reach lora_A and lora_B
+    through the old route too, so it is for serving, not for training (design.md section 2)."""
+    default = getattr(torch.export, "default_decompositions", None)     # torch >= 2.6; before, a dict
+    table = default() if default is not None else torch._decomp.core_aten_decompositions()
+    for op, fn in _DECOMPOSITIONS.items():
+        table[op] = fn
+    return table
 
 
 @contextlib.contextmanager

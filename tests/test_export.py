@@ -1,14 +1,19 @@
-"""torch.onnx.export of an inference model with C-LoRA layers, both exporters, checked with
-onnxruntime against the eager model (clora_kernels/export.py)."""
+"""Export of an inference model with C-LoRA layers (clora_kernels/export.py): torch.onnx.export,
+both exporters, checked with onnxruntime against the eager model; torch.export's program decomposed
+to core ATen, checked against the float64 oracle, loaded and compiled by AOTInductor in a process
+without the library."""
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import clora_kernels as ck
+from clora_kernels.backends.torch_ref import reference_formula
 from helpers import rel_err
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 
 def _model():
@@ -29,6 +34,8 @@ def _model():
 
 @pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"])   # dynamo: 4-5 s
 def test_onnx_export_runs_in_onnxruntime_like_eager(seed, tmp_path, exporter):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
     if exporter == "dynamo":
         pytest.importorskip("onnxscript")
     model = _model()
@@ -84,3 +91,56 @@ def test_inductor_falls_back_to_the_op_where_ci_is_set(seed, monkeypatch):
     # with "fx_graph_cache does not exist"
     with torch._inductor.config.patch(fx_graph_cache=False):
         assert rel_err(torch.compile(layer, fullgraph=True)(x), layer(x)) < 1e-5
+
+
+def _oracle(model, x):
+    """The float64 plain formula, layer by layer, of `_model()`'s Sequential (C-LoRA, GELU, C-LoRA)."""
+    for m in model:
+        if isinstance(m, ck.CLoRALinear):
+            d = lambda t: None if t is None else t.detach().double()        # noqa: E731
+            x = reference_formula(x, d(m.weight), d(m.bias), d(m.lora_A), d(m.lora_B), d(m.routing_old),
+                                  d(m.routing_delta), d(m._projection_arg()), m.scaling)
+        else:
+            x = F.gelu(x)
+    return x
+
+
+_LOAD_ELSEWHERE = """
+import sys, torch
+x, want = torch.load(sys.argv[1] + "/io.pt")
+got = [torch.export.load(sys.argv[1] + "/ep.pt2").module()(x)]
+if sys.argv[2] == "1":
+    got.append(torch._inductor.aoti_load_package(sys.argv[1] + "/aoti.pt2")(x))
+assert "clora_kernels" not in sys.modules
+print(" ".join(str(float((g - want).norm() / want.norm())) for g in got))
+"""
+
+
+@pytest.mark.slow       # AOTInductor's C++ build: about 10 s
+def test_export_decompositions_leave_core_aten_that_runs_without_the_library(seed, tmp_path):
+    """torch.export's program of an unmerged model keeps the clora op, which only a process that imports
+    clora_kernels can load; run_decompositions(ck.export_decompositions()) leaves core ATen ops that give
+    the float64 oracle's outputs at a batch size other than the example's, load in a process that never
+    imports the library, and compile with AOTInductor (where a C++ compiler is found)."""
+    model = _model().double()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.randn(3, 5, 12, dtype=torch.float64),), dynamic_shapes=({0: batch},))
+    ops = lambda p: {str(n.target) for n in p.graph.nodes if n.op == "call_function"}    # noqa: E731
+    assert "clora.linear_fwd.default" in ops(program)
+    table = ck.export_decompositions()
+    assert ck.export_decompositions() is not table          # a fresh table each call
+    program = program.run_decompositions(table)
+    assert not any("clora" in name for name in ops(program)), ops(program)
+    x = torch.randn(7, 5, 12, dtype=torch.float64)
+    want = _oracle(model, x)
+    assert rel_err(program.module()(x), want) < 1e-12
+    torch.export.save(program, str(tmp_path / "ep.pt2"))
+    aoti = shutil.which("c++") is not None or shutil.which("g++") is not None
+    if aoti:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "aoti.pt2"))
+    torch.save((x, want), tmp_path / "io.pt")
+    run = subprocess.run([sys.executable, "-c", _LOAD_ELSEWHERE, str(tmp_path), str(int(aoti))],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = [float(e) for e in run.stdout.split()]
+    assert len(errors) == 1 + aoti and max(errors) < 1e-12, errors
