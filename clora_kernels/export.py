@@ -2,7 +2,7 @@
 
 `torch.onnx.export(model, (x,), path)` (the torch.export-based exporter, torch's default) traces
 `clora::linear_fwd` as one opaque op, which ONNX has no function for. The decomposition below
-writes the op as the reference formula (`reference.reference_formula`: MatMul / Add in ONNX); the
+writes the op as the eager backend's unmerged plan (`reference.lora_gemm`: MatMul / Gemm in ONNX); the
 exporter applies what torch's global decomposition table holds, so `onnx_export()` puts it there
 for the export and takes it out after:
 
@@ -14,7 +14,7 @@ backend) refuses to fall back to the op when the environment variable CI is set 
 ... a decomposition exists") and would otherwise be asked to inline the formula in place of the
 kernels. It describes the forward value only: torch applies
 decompositions below autograd, so the gradient semantics (the stop-gradient on the old route)
-stay with the op's registered autograd, and the formula runs with one route R_eff = R_old + P·R_delta
+stay with the op's registered autograd, and the plan runs with one route R_eff = R_old + P·R_delta
 (the same value, one MatMul chain fewer in the exported graph).
 
 The TorchScript-based exporter (`dynamo=False`) traces the backend's torch ops directly; it only
@@ -36,7 +36,7 @@ import torch
 from torch._decomp import register_decomposition
 
 from .backends import ops as _ops  # noqa: F401  (registers torch.ops.clora.*)
-from .backends.torch_ref import reference_formula
+from .reference import lora_gemm, routing_eff
 
 
 _DECOMPOSITIONS: dict = {}
@@ -45,9 +45,11 @@ _DECOMPOSITIONS: dict = {}
 @register_decomposition(torch.ops.clora.linear_fwd.default, registry=_DECOMPOSITIONS)
 def _linear_fwd_decomposition(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                               grad_through_old_route, need_t, backend):
-    y = reference_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, True)
-    t = x @ lora_a.t() if need_t else x.new_empty(x.shape[0], 0)
-    return y, t
+    # the eager backend's unmerged plan: the scaling enters the last product as its alpha (as the formula's
+    # `scaling * lora`, a float16 program overflowed to inf where a small scaling kept the layer finite)
+    y, t = lora_gemm(x, weight, lora_a.t(), lora_b.t(), routing_eff(routing_old, routing_delta, projection), bias,
+                     scaling)
+    return y, (t if need_t else x.new_empty(x.shape[0], 0))
 
 
 def export_decompositions():
@@ -60,7 +62,9 @@ def export_decompositions():
     (`torch._inductor.aoti_compile_and_package`) compiles it (ExecuTorch, which lowers core ATen, was
     not tried). A fresh table each call (add your own entries to it). The forward value only, with one
     route R_eff = R_old + P·R_delta: gradients through the decomposed program reach lora_A and lora_B
-    through the old route too, so it is for serving, not for training (design.md section 2)."""
+    through the old route too, so it is for serving, not for training (design.md section 2). Under
+    protection="project", export after a forward or a save, not straight after an optimizer step (README,
+    "Export"): the program takes the factors as they are, before the policy's projection."""
     default = getattr(torch.export, "default_decompositions", None)     # torch >= 2.6; before, a dict
     table = default() if default is not None else torch._decomp.core_aten_decompositions()
     for op, fn in _DECOMPOSITIONS.items():

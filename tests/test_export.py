@@ -76,6 +76,29 @@ def test_decomposition_is_the_forward(seed):
         assert rel_err(y, y_op) < 1e-12 and t.shape == t_op.shape and rel_err(t, t_op) < 1e-12
 
 
+def test_float16_decomposition_scales_inside_the_product(seed):
+    """A float16 layer with a small scaling and large adapter activations: the unscaled product
+    t·R_eff·lora_Bᵀ exceeds float16's range (65504), the scaled one does not. The decomposition (the
+    exported ONNX graph and torch.export's program) takes the scaling in the product, as the op does;
+    written as the formula's `scaling * lora` it gave inf."""
+    from helpers import TOL, make_inputs, oracle
+    inp = make_inputs(6, 64, 32, 16, scaling=0.01)
+    inp["lora_A"] *= 3 * 64 ** 0.5
+    inp["lora_B"] *= 300 * 16 ** 0.5
+    inp["x"] *= 4
+    want, _ = oracle(inp)
+    args = [inp[k].half() if torch.is_tensor(inp[k]) else inp[k]
+            for k in ("x", "weight", "bias", "lora_A", "lora_B", "routing_old", "routing_delta", "projection", "scaling")]
+    x, la, lb, ro, rd = args[0], args[3], args[4], args[5], args[6]
+    assert not ((x @ la.t()) @ (ro + rd) @ lb.t()).isfinite().all()           # the unscaled product overflows
+    with ck.onnx_export():
+        decomp = torch._decomp.decomposition_table[torch.ops.clora.linear_fwd.default]
+    y, _ = decomp(*args, False, True, "auto")
+    y_op, _ = torch.ops.clora.linear_fwd(*args, False, True, "torch")
+    assert y.isfinite().all() and rel_err(y.double(), want) < TOL[torch.float16]
+    assert rel_err(y_op.double(), want) < TOL[torch.float16]
+
+
 def test_inductor_falls_back_to_the_op_where_ci_is_set(seed, monkeypatch):
     """With a decomposition of clora::linear_fwd left in torch's table, inductor's implicit fallback
     raised "a decomposition exists" whenever the environment variable CI was set (as in CI)."""
