@@ -1,6 +1,6 @@
 """clora-profile: end-to-end inference latency of a timm model with C-LoRA.
 
-For each batch size and mode (eager, cuda-graphs, compile) it times the plain model (a timm
+For each batch size and mode (eager, cuda-graphs, compile, aoti) it times the plain model (a timm
 model, or `--model minilm`: the packaged all-MiniLM-L6-v2 on 64-token inputs), the C-LoRA model
 merged (W + delta: a plain Linear at inference), the C-LoRA model unmerged on each usable backend,
 and PEFT's LoRA on the same layers. On CPU the default run is small (about a minute; --full for
@@ -20,13 +20,13 @@ import time
 
 import torch
 
-from . import _cli, available_backends, inject_clora, merge
+from . import _cli, available_backends, export_decompositions, inject_clora, merge
 from ._io import parent_made, provenance, write_json_atomic
 from .bench.core import peft_dtype_kwargs, usable_for_timing
 from .nn import DEFAULT_TARGETS, clora_layers
 from .reference import folded_lora_B
 
-MODES = ("eager", "cuda-graphs", "compile")
+MODES = ("eager", "cuda-graphs", "compile", "aoti")
 
 
 def _percentile(xs, q):
@@ -175,6 +175,11 @@ def runner(model, mode: str, x, device):
         return model
     if mode == "compile":
         return torch.compile(model)
+    if mode == "aoti":
+        # AOTInductor: torch.export at x's shape, the C-LoRA op written as core ATen ops (so every unmerged
+        # backend gives one program), compiled ahead of time into a package in inductor's cache, and loaded
+        program = torch.export.export(model, (x,)).run_decompositions(export_decompositions())
+        return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program))
     if device.type != "cuda":
         raise ValueError("cuda-graphs mode needs a CUDA device")
     from .bench.core import capture_graph
@@ -221,7 +226,9 @@ def build_parser():
                     help=f"batch sizes (default: {FULL['batch']} on CUDA, {CPU_QUICK['batch']} on CPU)")
     ap.add_argument("--full", action="store_true", help=f"on CPU too: batches {FULL['batch']}, {FULL['iters']} iters")
     ap.add_argument("--mode", nargs="+", choices=MODES, default=["eager"],
-                    help="how each variant runs: eager, compile (torch.compile), cuda-graphs (CUDA only)")
+                    help="how each variant runs: eager, compile (torch.compile), cuda-graphs (CUDA only), aoti "
+                         "(AOTInductor: torch.export with ck.export_decompositions(), compiled ahead of time per batch "
+                         "size; every unmerged backend gives the same program; minutes per variant on a CPU)")
     ap.add_argument("--backends", nargs="+", default=None,
                     help="engine backends for the unmerged variants (default: torch on CPU; triton cuda torch "
                          "on CUDA, each where usable)")

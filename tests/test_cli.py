@@ -251,6 +251,26 @@ def test_profile_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
     assert re.search(msg, err[-1]), err[-1]
 
 
+@pytest.mark.slow       # one AOTInductor build: about 10 s
+def test_profile_aoti_mode_runs_the_unmerged_model(seed):
+    """clora-profile's aoti mode: an unmerged C-LoRA model exported, its op decomposed, compiled by
+    AOTInductor and loaded; it computes the eager model's outputs."""
+    import clora_kernels as ck
+    from clora_kernels.profile import runner
+    from helpers import rel_err
+    model = ck.inject_clora(torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 5)),
+                            target_modules=["0", "2"], rank=3).eval()
+    with torch.no_grad():
+        for _, layer in ck.nn.clora_layers(model):
+            layer.lora_B.normal_()
+    x = torch.randn(4, 12)
+    with torch.inference_mode():        # as clora-profile runs it
+        got, want = runner(model, "aoti", x, torch.device("cpu"))(x), model(x)
+        with ck.disable_adapter(model):
+            base = model(x)
+    assert rel_err(got, want) < 1e-5 and rel_err(got, base) > 1e-2       # (the adapter is in the program)
+
+
 def test_profile_packaged_minilm(tmp_path, capsys):
     """CPU latency of the real MiniLM: plain, C-LoRA unmerged and merged, PEFT, in one run."""
     import importlib.util
