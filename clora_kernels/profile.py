@@ -4,7 +4,9 @@ For each batch size and mode (eager, cuda-graphs, compile, aoti) it times the pl
 model, or `--model minilm`: the packaged all-MiniLM-L6-v2 on 64-token inputs), the C-LoRA model
 merged (W + delta: a plain Linear at inference), the C-LoRA model unmerged on each usable backend,
 and PEFT's LoRA on the same layers. On CPU the default run is small (about a minute; --full for
-the GPU-sized one). Reports p50/p90/p99 latency and samples/s; --json writes the rows,
+the GPU-sized one). The variants of one batch size and mode are timed interleaved, in rounds
+(`time_interleaved`), and each row's p50 is also given as a ratio to clora-merged's in the same
+run. Reports p50/p90/p99 latency, samples/s and that ratio; --json writes the rows,
 --trace writes a torch.profiler Chrome trace of one variant, --top N prints its per-kernel
 time breakdown.
 """
@@ -148,25 +150,59 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_model(fn, x, device, warmup: int, iters: int) -> list:
-    """Per-iteration latency in ms: CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
+def _call_ms(fn, x, device) -> float:
+    """One call's latency in ms: CUDA events on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
         fn(x)
-    _sync(device)
-    out = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn(x)
-            e.record()
-            e.synchronize()
-            out.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn(x)
-            out.append(1e3 * (time.perf_counter() - t0))
-    return out
+        e.record()
+        e.synchronize()
+        return s.elapsed_time(e)
+    t0 = time.perf_counter()
+    fn(x)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def rounds_for(iters: int) -> int:
+    """How many interleaved rounds `iters` timed calls per variant are split into: one per 5 calls,
+    1 to 6 (the CPU default of 10 gives 2, the GPU default of 30 gives 6)."""
+    return max(1, min(iters // 5, 6))
+
+
+def time_interleaved(fns: dict, x, device, warmup: int, iters: int, on_error=None, on_block=None) -> dict:
+    """name -> per-call latencies in ms of each runner in `fns`, interleaved: `warmup` untimed calls
+    each, then `rounds_for(iters)` rounds in which every variant makes one untimed call (its caches
+    warm again after the others ran) and its share of the `iters` timed calls, every other round in
+    reverse order. A slower or busier stretch of the machine then falls on every variant alike: on the
+    CPU machine (ViT-S/16, fp32, eager and AOTInductor, batch 1 and 8) plain and clora-merged, which
+    do the same work, read 0.83-1.06 of each other timed one after the other, 0.998-1.012
+    interleaved. A variant that raises is reported through on_error(name, exc) and left out (of the
+    result too); on_block() after each timed block."""
+    live, lat = dict(fns), {name: [] for name in fns}
+
+    def block(name, untimed: int, timed: int):
+        fn = live[name]
+        try:
+            for _ in range(untimed):
+                fn(x)
+            _sync(device)
+            lat[name].extend(_call_ms(fn, x, device) for _ in range(timed))
+        except Exception as exc:
+            if on_error is None:
+                raise
+            del live[name], lat[name]
+            on_error(name, exc)
+    for name in list(live):
+        block(name, warmup, 0)
+    rounds = rounds_for(iters)
+    for rnd in range(rounds):
+        share = iters // rounds + (rnd < iters % rounds)
+        for name in (list(live) if rnd % 2 == 0 else list(live)[::-1]):
+            block(name, 1, share)
+            if on_block is not None:
+                on_block()
+    return lat
 
 
 def runner(model, mode: str, x, device):
@@ -239,8 +275,9 @@ def build_parser():
                     help="override a timm model's input size (not for minilm: 64 tokens)")
     ap.add_argument("--warmup", type=_cli.non_negative_int, default=5, help="untimed calls before timing")
     ap.add_argument("--iters", type=_cli.positive_int, default=None,
-                    help=f"timed iterations (default: {FULL['iters']} on CUDA, {CPU_QUICK['iters']} on CPU)")
-    ap.add_argument("--json", default=None, help="written after every row")
+                    help=f"timed calls per variant (default: {FULL['iters']} on CUDA, {CPU_QUICK['iters']} on CPU), "
+                         "in one interleaved round per 5 (1 to 6 rounds), each after one untimed call")
+    ap.add_argument("--json", default=None, help="written after every batch size and mode")
     ap.add_argument("--trace", default=None, help="write a Chrome trace of one variant here")
     ap.add_argument("--trace-variant", default=None, help="variant for --trace/--top (default: first unmerged)")
     ap.add_argument("--top", type=_cli.non_negative_int, default=0, help="print the N most expensive kernels of that variant")
@@ -311,38 +348,61 @@ def _main(argv) -> int:
               f"(relative to its largest): {off}", file=sys.stderr)
     rows, failed = [], 0
     from tqdm import tqdm
-    jobs = [(batch, mode, name) for batch in args.batch for mode in modes for name in variants]
+    groups = [(batch, mode) for batch in args.batch for mode in modes]
+    jobs = [(batch, mode, name) for batch, mode in groups for name in variants]
+    meta["rounds"] = rounds_for(args.iters)
+    meta["timing"] = (f"{args.iters} timed calls per variant, " + ("CUDA events" if device.type == "cuda" else
+                                                                    "perf_counter") + f" each; the variants of a "
+                      f"batch and mode interleaved in {meta['rounds']} round(s), every other one reversed")
+    bar = tqdm(total=len(jobs) * (1 + meta["rounds"]), desc="clora-profile", unit="step", file=sys.stderr,
+               disable=True if args.no_progress else None)
+
+    def failure(batch, mode):
+        def report(name, exc):
+            nonlocal failed
+            failed += 1
+            print(f"clora-profile: {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return report
     try:
         with torch.inference_mode():
             inputs = {batch: make_input(batch) for batch in args.batch}
-            for batch, mode, name in tqdm(jobs, desc="clora-profile", unit="run", file=sys.stderr,
-                                          disable=True if args.no_progress else None):
-                x = inputs[batch]
-                try:
-                    fn = runner(variants[name], mode, x, device)
-                    lat = time_model(fn, x, device, args.warmup, args.iters)
-                except Exception as exc:
-                    print(f"clora-profile: {name} {mode} batch {batch} failed: {type(exc).__name__}: {exc}",
-                          file=sys.stderr)
-                    failed += 1
-                    continue
-                p50 = statistics.median(lat)
-                rows.append({"variant": name, "batch": batch, "mode": mode, "p50_ms": p50,
-                             "p90_ms": _percentile(lat, 90), "p99_ms": _percentile(lat, 99),
-                             "samples_per_s": batch / (p50 / 1e3)})
+            for batch, mode in groups:
+                x, report = inputs[batch], failure(batch, mode)
+                fns = {}
+                for name, model in variants.items():       # every runner built first (AOTInductor: a build each)
+                    try:
+                        fns[name] = runner(model, mode, x, device)
+                    except Exception as exc:
+                        report(name, exc)
+                    bar.update()
+                lat = time_interleaved(fns, x, device, args.warmup, args.iters, report, bar.update)
+                group = []
+                for name, ms in lat.items():
+                    p50 = statistics.median(ms)
+                    group.append({"variant": name, "batch": batch, "mode": mode, "p50_ms": p50,
+                                  "p90_ms": _percentile(ms, 90), "p99_ms": _percentile(ms, 99),
+                                  "samples_per_s": batch / (p50 / 1e3)})
+                merged = next((r["p50_ms"] for r in group if r["variant"] == "clora-merged"), None)
+                for r in group:     # the ratio the interleaving is for (None where merged failed)
+                    r["vs_merged"] = None if merged is None else r["p50_ms"] / merged
+                rows += group
                 if args.json:
-                    write_json_atomic(args.json, {"meta": meta, "results": rows})     # after every row
+                    write_json_atomic(args.json, {"meta": meta, "results": rows})     # after every batch and mode
     except KeyboardInterrupt:
         print(f"\nclora-profile: interrupted after {len(rows)} of {len(jobs)} runs"
               + (f"; they are in {args.json}" if args.json and rows else
                  f"; {args.json} was not written by this run" if args.json else ""), file=sys.stderr)
         return 130
+    finally:
+        bar.close()
     print(f"\n{meta['command']}\n{args.model} rank {args.rank} on {meta['gpu'] or device} {meta['dtype']}"
-          f", torch {meta['torch']}, triton {meta['triton']}")
-    print(f"{'variant':16s} {'batch':>5s} {'mode':12s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'samples/s':>10s}")
+          f", torch {meta['torch']}, triton {meta['triton']}; {meta['timing']}")
+    print(f"{'variant':16s} {'batch':>5s} {'mode':12s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'samples/s':>10s} "
+          f"{'x merged':>8s}")
     for r in rows:
+        ratio = "" if r["vs_merged"] is None else f"{r['vs_merged']:8.3f}"
         print(f"{r['variant']:16s} {r['batch']:5d} {r['mode']:12s} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} "
-              f"{r['p99_ms']:9.3f} {r['samples_per_s']:10.1f}")
+              f"{r['p99_ms']:9.3f} {r['samples_per_s']:10.1f} {ratio:>8s}")
     if args.trace or args.top:
         name = args.trace_variant or next((k for k in variants if k.startswith("clora-") and k != "clora-merged"),
                                           "clora-merged")

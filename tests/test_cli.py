@@ -200,6 +200,8 @@ def test_profile_json(tmp_path, capsys):
     assert {"plain", "clora-merged", "clora-torch", "peft"} <= variants
     for r in data["results"]:
         assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p99_ms"] + 1e-9 and r["samples_per_s"] > 0
+        merged = next(m for m in data["results"] if m["variant"] == "clora-merged" and m["batch"] == r["batch"])
+        assert r["vs_merged"] == pytest.approx(r["p50_ms"] / merged["p50_ms"])
     out = capsys.readouterr().out
     assert "p50 ms" in out and "top 5 ops of clora-torch" in out
     # one adapter in every adapted variant (each had its own random lora_A and lora_B: 0.2 apart)
@@ -249,6 +251,30 @@ def test_profile_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err) and err[-1].startswith("clora-profile: error: ")
     assert re.search(msg, err[-1]), err[-1]
+
+
+def test_profile_times_the_variants_interleaved():
+    """clora-profile's timing: warm-up calls first, then rounds in which each variant makes one untimed
+    call and its share of the timed calls, every other round in reverse order; a variant that raises
+    is reported once and left out while the others finish their calls."""
+    from clora_kernels.profile import rounds_for, time_interleaved
+    calls, errors = [], []
+
+    def make(name, fail_at=None):
+        def fn(x):
+            calls.append(name)
+            if len(calls) == fail_at:
+                raise RuntimeError("boom")
+        return fn
+    lat = time_interleaved({"a": make("a"), "b": make("b")}, None, torch.device("cpu"), 2, 11)
+    assert rounds_for(11) == 2 and {k: len(v) for k, v in lat.items()} == {"a": 11, "b": 11}
+    assert calls == ["a"] * 2 + ["b"] * 2 + ["a"] * 7 + ["b"] * 7 + ["b"] * 6 + ["a"] * 6
+    calls.clear()
+    lat = time_interleaved({"a": make("a"), "b": make("b", fail_at=12), "c": make("c")}, None,
+                           torch.device("cpu"), 1, 10, on_error=lambda name, exc: errors.append((name, str(exc))))
+    assert errors == [("b", "boom")] and {k: len(v) for k, v in lat.items()} == {"a": 10, "c": 10}
+    assert calls[3:] == ["a"] * 6 + ["b"] * 3 + ["c"] * 6 + ["c"] * 6 + ["a"] * 6
+    assert [rounds_for(n) for n in (1, 4, 5, 10, 30, 100)] == [1, 1, 1, 2, 6, 6]
 
 
 @pytest.mark.slow       # one AOTInductor build: about 10 s
