@@ -25,7 +25,10 @@ and dx; clora-bench's fwd+bwd), as ratios to merged's step (F.linear's forward a
     ops         the layer's own forward and backward code (`ops._EagerLinear.forward`, `ops._backward`)
                 called directly on a stand-in ctx, without autograd: the plans' ops and their Python
     auto        clora_linear(..., backend="auto") with autograd: the whole step
-and each row's floor (`bench.core.floor_ratio`), which #17 asks auto to stay within 1.15 of.
+and each row's floor (`bench.core.floor_ratio`), which #17 asks auto to stay within 1.15 of; last,
+the minor page faults per step of merged and auto (`_faults_per_call`: glibc's malloc trimming its
+heap; `GLIBC_TUNABLES=glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432`
+turns that off for a run; measured, it did not change the geomean).
 
 Usage: python benchmarks/merge_floor.py [--training [--min-m M]] [--rounds N] [--min-time S]
 """
@@ -134,7 +137,7 @@ def _training(args) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; training step time / merged's, best "
           f"of {args.rounds} interleaved rounds")
     print(f"{'layer':20s} {'M':>5s} {'K':>4s} {'N':>4s} {'merged us':>10s} {'floor':>6s} "
-          + " ".join(f"{n:>10s}" for n in names[1:] + ("auto/floor",)))
+          + " ".join(f"{n:>10s}" for n in names[1:] + ("auto/floor",)) + "  page faults / step: merged, auto")
     for sh in shapes:
         m, k, n, r = sh.m, sh.k, sh.n, sh.r
         xs = [torch.randn(m, k).requires_grad_() for _ in range(2)]
@@ -172,11 +175,30 @@ def _training(args) -> int:
         row.append(row[-1] / floor)
         for name, v in zip(ratios, row):
             ratios[name].append(v)
+        faults = " ".join(f"{_faults_per_call(fns[name]):6.1f}" for name in ("merged", "auto"))
         print(f"{sh.layer:20s} {m:5d} {k:4d} {n:4d} {best['merged']:10.1f} {floor:6.3f} "
-              + " ".join(f"{v:10.3f}" for v in row))
+              + " ".join(f"{v:10.3f}" for v in row) + f"  {faults}")
     print("geomean" + " " * 46 + " ".join(f"{math.exp(sum(map(math.log, v)) / len(v)):10.3f}"
                                           for v in ratios.values()))
     return 0
+
+
+def _faults_per_call(fn, calls=50) -> float:
+    """Minor page faults per call of fn (after the timing, so warm), or NaN where getrusage is missing.
+    Each cost about 3 µs on the CPU machine (a fresh page touched). They come from glibc's malloc
+    handing back the top of its heap when a free leaves more than its trim threshold there (dynamic:
+    twice the largest freed mmap chunk, up to 32 MB), which the next step's buffers fault in again.
+    Measured (seventeenth session, two runs each): by default 0-387 per step on some rows, merged's
+    too, which rows changing from run to run; none with the GLIBC_TUNABLES of the module's docstring;
+    geomean auto / floor 1.332 and 1.325 against 1.321 and 1.394, the same within the VM's noise."""
+    try:
+        import resource
+    except ImportError:
+        return math.nan
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 if __name__ == "__main__":
