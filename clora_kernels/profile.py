@@ -165,9 +165,12 @@ def _call_ms(fn, x, device) -> float:
 
 
 def rounds_for(iters: int) -> int:
-    """How many interleaved rounds `iters` timed calls per variant are split into: one per 5 calls,
-    1 to 6 (the CPU default of 10 gives 2, the GPU default of 30 gives 6)."""
-    return max(1, min(iters // 5, 6))
+    """How many interleaved rounds `iters` timed calls per variant are split into: about one per 5
+    calls, an even number from 2 to 6 (the CPU default of 10 gives 2, the GPU default of 30 gives 6),
+    1 for a single call. Even, because reversing every other round cancels a steady drift of the
+    machine only over pairs of rounds: simulated on a linearly slowing machine, identical variants
+    read 0.98-1.03 of each other after 1, 3 or 5 rounds, 1.000 after 2, 4 or 6 (a helper's check)."""
+    return 1 if iters < 2 else max(2, min(iters // 5, 6) // 2 * 2)
 
 
 def time_interleaved(fns: dict, x, device, warmup: int, iters: int, on_error=None, on_block=None) -> dict:
@@ -264,7 +267,9 @@ def build_parser():
     ap.add_argument("--mode", nargs="+", choices=MODES, default=["eager"],
                     help="how each variant runs: eager, compile (torch.compile), cuda-graphs (CUDA only), aoti "
                          "(AOTInductor: torch.export with ck.export_decompositions(), compiled ahead of time per batch "
-                         "size; every unmerged backend gives the same program; a ViT-S build took about 30 s on 2 CPU cores)")
+                         "size; every unmerged backend gives the same program; a ViT-S build took about 30 s on 2 CPU cores). "
+                         "The variants of a batch size and mode are built before any is timed, so cuda-graphs and "
+                         "aoti hold one graph or one compiled copy of the weights per variant at once")
     ap.add_argument("--backends", nargs="+", default=None,
                     help="engine backends for the unmerged variants (default: torch on CPU; triton cuda torch "
                          "on CUDA, each where usable)")
@@ -273,10 +278,12 @@ def build_parser():
     ap.add_argument("--dtype", choices=list(_cli.DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--img-size", type=_cli.positive_int, default=None,
                     help="override a timm model's input size (not for minilm: 64 tokens)")
-    ap.add_argument("--warmup", type=_cli.non_negative_int, default=5, help="untimed calls before timing")
+    ap.add_argument("--warmup", type=_cli.non_negative_int, default=5,
+                    help="untimed calls per variant before the first round (each round adds one more)")
     ap.add_argument("--iters", type=_cli.positive_int, default=None,
                     help=f"timed calls per variant (default: {FULL['iters']} on CUDA, {CPU_QUICK['iters']} on CPU), "
-                         "in one interleaved round per 5 (1 to 6 rounds), each after one untimed call")
+                         "split into an even number of interleaved rounds (about one per 5 calls, 2 to 6); in "
+                         "each round a variant makes one untimed call, then its timed ones")
     ap.add_argument("--json", default=None, help="written after every batch size and mode")
     ap.add_argument("--trace", default=None, help="write a Chrome trace of one variant here")
     ap.add_argument("--trace-variant", default=None, help="variant for --trace/--top (default: first unmerged)")
@@ -351,9 +358,10 @@ def _main(argv) -> int:
     groups = [(batch, mode) for batch in args.batch for mode in modes]
     jobs = [(batch, mode, name) for batch, mode in groups for name in variants]
     meta["rounds"] = rounds_for(args.iters)
-    meta["timing"] = (f"{args.iters} timed calls per variant, " + ("CUDA events" if device.type == "cuda" else
-                                                                    "perf_counter") + f" each; the variants of a "
-                      f"batch and mode interleaved in {meta['rounds']} round(s), every other one reversed")
+    meta["timing"] = (f"{args.iters} timed call(s) per variant, " + ("CUDA events" if device.type == "cuda" else
+                                                                       "perf_counter") + " each; " +
+                      (f"the variants of a batch and mode interleaved in {meta['rounds']} rounds, every other one "
+                       f"reversed" if meta["rounds"] > 1 else "one variant after another (one call each)"))
     bar = tqdm(total=len(jobs) * (1 + meta["rounds"]), desc="clora-profile", unit="step", file=sys.stderr,
                disable=True if args.no_progress else None)
 
@@ -366,7 +374,7 @@ def _main(argv) -> int:
     try:
         with torch.inference_mode():
             inputs = {batch: make_input(batch) for batch in args.batch}
-            for batch, mode in groups:
+            for done, (batch, mode) in enumerate(groups, 1):
                 x, report = inputs[batch], failure(batch, mode)
                 fns = {}
                 for name, model in variants.items():       # every runner built first (AOTInductor: a build each)
@@ -376,6 +384,7 @@ def _main(argv) -> int:
                         report(name, exc)
                     bar.update()
                 lat = time_interleaved(fns, x, device, args.warmup, args.iters, report, bar.update)
+                bar.update(len(variants) * (1 + meta["rounds"]) * done - bar.n)    # (the blocks of failed variants)
                 group = []
                 for name, ms in lat.items():
                     p50 = statistics.median(ms)
@@ -386,9 +395,10 @@ def _main(argv) -> int:
                 for r in group:     # the ratio the interleaving is for (None where merged failed)
                     r["vs_merged"] = None if merged is None else r["p50_ms"] / merged
                 rows += group
-                if args.json:
-                    write_json_atomic(args.json, {"meta": meta, "results": rows})     # after every batch and mode
+                if args.json and group:     # (after every batch and mode that gave rows)
+                    write_json_atomic(args.json, {"meta": meta, "results": rows})
     except KeyboardInterrupt:
+        bar.close()     # (before the message: closed after it, tqdm drew the bar again below it)
         print(f"\nclora-profile: interrupted after {len(rows)} of {len(jobs)} runs"
               + (f"; they are in {args.json}" if args.json and rows else
                  f"; {args.json} was not written by this run" if args.json else ""), file=sys.stderr)

@@ -274,7 +274,7 @@ def test_profile_times_the_variants_interleaved():
                            torch.device("cpu"), 1, 10, on_error=lambda name, exc: errors.append((name, str(exc))))
     assert errors == [("b", "boom")] and {k: len(v) for k, v in lat.items()} == {"a": 10, "c": 10}
     assert calls[3:] == ["a"] * 6 + ["b"] * 3 + ["c"] * 6 + ["c"] * 6 + ["a"] * 6
-    assert [rounds_for(n) for n in (1, 4, 5, 10, 30, 100)] == [1, 1, 1, 2, 6, 6]
+    assert [rounds_for(n) for n in (1, 2, 5, 10, 15, 20, 25, 30, 100)] == [1, 2, 2, 2, 2, 4, 4, 6, 6]
 
 
 @pytest.mark.slow       # one AOTInductor build: about 10 s
