@@ -28,7 +28,7 @@ and dx; clora-bench's fwd+bwd), as ratios to merged's step (F.linear's forward a
 and each row's floor (`bench.core.floor_ratio`), which #17 asks auto to stay within 1.15 of; last,
 the minor page faults per step of merged and auto (`_faults_per_call`: glibc's malloc trimming its
 heap; `GLIBC_TUNABLES=glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432`
-turns that off for a run; measured, it did not change the geomean).
+turns that off for a run; measured, one row, vit_l16.fc2, about 10 % faster, the geomean within noise).
 
 Usage: python benchmarks/merge_floor.py [--training [--min-m M]] [--rounds N] [--min-time S]
 """
@@ -189,8 +189,9 @@ def _faults_per_call(fn, calls=50) -> float:
     handing back the top of its heap when a free leaves more than its trim threshold there (dynamic:
     twice the largest freed mmap chunk, up to 32 MB), which the next step's buffers fault in again.
     Measured (seventeenth session, two runs each): by default 0-387 per step on some rows, merged's
-    too, which rows changing from run to run; none with the GLIBC_TUNABLES of the module's docstring;
-    geomean auto / floor 1.332 and 1.325 against 1.321 and 1.394, the same within the VM's noise."""
+    too, which rows changing from run to run; none with the GLIBC_TUNABLES of the module's docstring,
+    where vit_l16.fc2 ran about 10 % faster (three processes each way) and the geomean auto / floor
+    read the same within the VM's noise (five each: mean 1.353 against 1.338; benchmarks/RESULTS.md)."""
     try:
         import resource
     except ImportError:
