@@ -1,7 +1,8 @@
 """Continual learning with C-LoRA: a task loop, the standard metrics, and `clora-continual`, the
 experiments on real data: scikit-learn's digits (the default), mnist5k and wiki-topics (shipped
-or installed; nothing is downloaded), cifar100, imagenet-r and an image folder (only --download
-fetches anything).
+or installed: no dataset is downloaded), cifar100, imagenet-r and an image folder (only --download
+fetches a dataset; their pretrained weights, on by default, come from timm's cache, else from the
+Hugging Face hub, as does a wiki-topics --model that names no folder).
 
 Task loop (`train_sequence`): for each task, train with the task loss (+ lambda_orth ·
 orthogonality_loss for C-LoRA), then one pass over the task's training data (inside
@@ -762,7 +763,7 @@ def build_parser():
     ap.add_argument("--seeds", type=_cli.seed, nargs="+", default=None,
                     help=f"seeds of the pre-training and the training order (the defaults were tuned on seeds "
                          f"{list(TUNING_SEEDS)} with --class-order-seed {TUNING_CLASS_ORDER_SEED}, which the "
-                         f"reported tables do not use; default 0-4 for digits, 0-2 for images)")
+                         f"reported tables do not use; default 0-4 for digits, 0-2 for the other datasets)")
     ap.add_argument("--class-order-seed", type=_cli.seed, default=None,
                     help="shuffle the classes into tasks with this seed (default: (0, 1), (2, 3), ...)")
     ap.add_argument("--data-seed", type=_cli.seed, default=0,
@@ -784,13 +785,16 @@ def build_parser():
     ap.add_argument("--tasks", type=_cli.positive_int, default=None,
                     help="number of tasks (default: 5 for digits, mnist5k and wiki-topics, 10 for cifar100 and "
                          "imagenet-r; required for folder)")
-    ap.add_argument("--model", default=None, help=f"timm model of the image datasets (default {DEFAULT_MODEL})")
+    ap.add_argument("--model", default=None,
+                    help=f"the backbone: a timm model for the image datasets (default {DEFAULT_MODEL}); for "
+                         f"wiki-topics a transformers folder or hub name (default minilm, the packaged MiniLM)")
     ap.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                     help="timm's pretrained weights (default: on)")
     ap.add_argument("--image-size", type=_cli.positive_int, default=None, help="input size (default: the model's)")
     ap.add_argument("--targets", nargs="+", default=None,
-                    help=_cli.TARGETS_HELP + " (default: fc1 fc2 for digits, qkv proj fc1 fc2 for images, the text "
-                         "model's own for wiki-topics)")
+                    help=_cli.TARGETS_HELP + " (default: fc1 fc2 for digits; for images inject_clora's default "
+                         "targets, qkv proj fc1 fc2 without the output head and the layers narrower than the rank, "
+                         "while the same names given here adapt every layer they match; the text model's own for wiki-topics)")
     ap.add_argument("--batch-size", type=_cli.positive_int, default=None,
                     help="default: 32 for digits, 64 for images, 16 for wiki-topics")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

@@ -183,7 +183,8 @@ def clora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     ``projection=None`` means the identity. Gradients follow docs/design.md section 2: none for
     ``weight`` or ``routing_old``; ``lora_A``/``lora_B`` see only the new route ``P R_delta``
     unless ``grad_through_old_route=True``. ``backend``: "auto" (then env ``CLORA_BACKEND``,
-    then the fastest usable), "torch", "triton" or "cuda".
+    then the first usable of triton, cuda, torch, and that backend's cheapest plan), "torch",
+    "triton" or "cuda".
     """
     x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection = _autocast_inputs(
         x, weight, bias, lora_A, lora_B, routing_old, routing_delta, projection)

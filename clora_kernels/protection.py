@@ -567,13 +567,14 @@ def _range_basis(gram: Tensor, rtol: float = 1e-7) -> Tensor:
 def make_protection(spec) -> Protection:
     """A fresh policy object from a name ('paper', 'freeze', 'project'), a config dict (what
     `config()` returns), or a policy object (copied, so that layers never share state)."""
+    given = spec        # (the error names what the caller gave: a name, not the dict made of it)
     if isinstance(spec, Protection):
         spec = spec.config()
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict) or spec.get("name") not in _POLICIES:
         raise ValueError(f"protection must be one of {list(_POLICIES)} (or clora_kernels.protection.Project("
-                         f"energy=...)), got {spec!r}")
+                         f"energy=...)), got {given!r}")
     kind = {"paper": Paper, "freeze": Freeze, "project": Project}[spec["name"]]
     args = {k: v for k, v in spec.items() if k != "name"}
     try:

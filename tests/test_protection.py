@@ -177,7 +177,9 @@ def test_policy_survives_state_dict_and_adapter_round_trips(seed, tmp_path, prot
 
 
 def test_protection_argument_errors():
-    for bad, words in (("gpm", "protection must be one of"), ({"name": "freeze", "energy": 0.9}, "takes no options"),
+    # (the message names what was given: a misspelt name was shown as the dict made of it)
+    for bad, words in (("gpm", "protection must be one of .*got 'gpm'$"),
+                       ({"name": "freeze", "energy": 0.9}, "takes no options"),
                        (ck.Freeze, "protection must be one of")):
         with pytest.raises(ValueError, match=words):
             CLoRALinear(8, 8, rank=2, protection=bad)
