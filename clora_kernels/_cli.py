@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from ._io import TMP_SUFFIX_LONGEST
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -99,8 +101,10 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
     run leaves no folder behind), and no name on the way is longer than the file system takes (with
     atomic, the file's temporary name too: `_io.write_json_atomic`); with folder_ok, `path` is that
     folder."""
-    if not path:
+    if path is None:
         return
+    if not path:        # (--json "" was taken, and the run wrote nothing)
+        ap.error(f"argument {flag}: the path is empty")
     if os.path.isdir(path) and not folder_ok:
         ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
     folder = os.path.abspath(path if folder_ok else os.path.dirname(os.path.abspath(path)))
@@ -116,12 +120,25 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
     except (OSError, ValueError):
         name_max = 255
     names = os.path.relpath(os.path.abspath(path), existing).split(os.sep)     # every name still to be made
-    if atomic:
-        names[-1] += ".tmp"
+    if atomic:      # (the longest temporary name write_atomic may give it: a run crashed after its first unit
+        names[-1] += TMP_SUFFIX_LONGEST     # of work with a name that passed with ".tmp" alone)
     long = [n for n in names if len(os.fsencode(n)) > name_max]
     if long:
         ap.error(f"argument {flag}: the name {long[0][:40]!r}... is longer than this file system's {name_max} bytes"
-                 + (" (with the .tmp the file is written through)" if atomic else ""))
+                 + (f" (with the up to {len(TMP_SUFFIX_LONGEST)} characters of the temporary name the file is "
+                    f"written through)" if atomic else ""))
+
+
+def check_distinct(ap: argparse.ArgumentParser, *outputs) -> None:
+    """That no two of the (flag, path) outputs given name one file (--json X --plot X: the plot
+    replaced the results, without a word)."""
+    seen = {}
+    for flag, path in outputs:
+        if path:
+            real = os.path.realpath(path)
+            if real in seen:
+                ap.error(f"argument {flag}: {path!r} is the file {seen[real]} writes too")
+            seen[real] = flag
 
 
 def check_plot(ap: argparse.ArgumentParser, flag: str, path) -> None:

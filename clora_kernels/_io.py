@@ -19,6 +19,15 @@ def parent_made(path: str) -> str:
     return path
 
 
+def _tmp_suffix() -> str:
+    """The suffix of `write_atomic`'s temporary name: this process and thread."""
+    return f".{os.getpid()}.{threading.get_ident()}.tmp"
+
+
+# the longest that suffix can be (pid_max 2**22, a 64-bit thread id), for the CLIs' up-front name checks
+TMP_SUFFIX_LONGEST = f".{2 ** 22}.{2 ** 64 - 1}.tmp"
+
+
 def write_atomic(path, write) -> None:
     """`write(tmp)` into a temporary file beside `path` (its folder made where missing), then an atomic
     rename: a reader, or a run interrupted mid-write (a killed torchrun rank, Ctrl-C), never sees a
@@ -26,7 +35,7 @@ def write_atomic(path, write) -> None:
     process and thread: two writers of the same path do not share it. A symlink is written through (its
     target replaced), and a replaced file keeps its permissions, as a write in place kept them."""
     path = os.path.realpath(path)
-    tmp = f"{parent_made(path)}.{os.getpid()}.{threading.get_ident()}.tmp"
+    tmp = parent_made(path) + _tmp_suffix()
     try:
         write(tmp)
         if os.path.exists(path):

@@ -959,7 +959,7 @@ def main(argv=None) -> int:
         if args.rank > 64:
             ap.error(f"argument --rank: the digits layers have 64 and 128 features, so rank must be <= 64, "
                      f"got {args.rank}")
-        from .nn import select_targets
+        from .nn import select_targets, unmatched_targets
         try:
             chosen = select_targets(MLP(), args.targets)
         except (TypeError, ValueError) as exc:
@@ -969,6 +969,9 @@ def main(argv=None) -> int:
                      f"full (or replaces by prototypes); target the layers before it")
         if not chosen:
             ap.error(f"argument --targets: none of {args.targets} is a layer of the digits MLP (fc1, fc2)")
+        missing = unmatched_targets(args.targets, chosen)
+        if missing:
+            ap.error(f"argument --targets: {missing} match no layer of the digits MLP (fc1, fc2)")
     elif "pretrain_epochs" in given:
         ap.error("argument --pretrain-epochs: only for --dataset digits (mnist5k's backbone has its own recipe)")
     elif args.dataset == "mnist5k" and (args.data_dir or args.download):
@@ -987,7 +990,8 @@ def main(argv=None) -> int:
         ap.error("argument --features: 'concat' feeds the prototype head; --classifier is linear")
     _cli.check_output(ap, "--json", args.json, atomic=True)
     _cli.check_plot(ap, "--plot", args.plot)
-    if images and args.out:
+    _cli.check_distinct(ap, ("--json", args.json), ("--plot", args.plot))
+    if images and args.out is not None:     # (--out "": no checkpoints, without a word)
         _cli.check_output(ap, "--out", args.out, folder_ok=True)
         from .images import DataError, check_run_dir
         try:

@@ -458,7 +458,7 @@ def prepare(args, progress: bool = True, log=print) -> dict:
 def _check_model(base, head: str, task, args) -> None:
     """What would fail only after a method trained: targets that match nothing, a rank too large
     for a targeted layer, a forward that fails at this image size. One batch goes through."""
-    from .nn import select_targets
+    from .nn import DEFAULT_TARGETS, select_targets, unmatched_targets
     try:
         chosen = select_targets(base, args.targets, rank=args.rank, warn=False)
     except (TypeError, ValueError) as exc:
@@ -470,6 +470,11 @@ def _check_model(base, head: str, task, args) -> None:
         from .nn import _candidates
         raise DataError(f"--targets {args.targets}: no nn.Linear of the model matches; its layers by type: "
                         f"{_candidates(base)[:300]}")
+    # (the default's names are timm's: a model that lacks some is warned about by inject_clora)
+    missing = [] if args.targets is DEFAULT_TARGETS else unmatched_targets(args.targets, chosen)
+    if missing:
+        raise DataError(f"--targets {missing}: match no layer of the model that is adapted (of {len(chosen)} that "
+                        f"the others match, e.g. {chosen[:3]})")
     small = min(min(base.get_submodule(n).in_features, base.get_submodule(n).out_features) for n in chosen)
     if args.rank > small:
         raise DataError(f"--rank {args.rank}: the targeted layers need rank <= {small} (their smallest side)")

@@ -1291,6 +1291,16 @@ def _unadapted_names(model: nn.Module, target_modules, names: list) -> list:
     return out
 
 
+def unmatched_targets(target_modules, names: list) -> list:
+    """The names of a target_modules list that match none of `names` (select_targets' answer); [] for
+    a regex or "all-linear". The command lines refuse them (a typo, `--targets fc2 fc3`, ran with
+    fc2 alone and recorded both); inject_clora, as PEFT's, adapts what matches, where a list written
+    for several architectures names layers that one of them lacks."""
+    if target_modules is None or isinstance(target_modules, str):
+        return []
+    return [t for t in target_modules if not any(map(_name_selector([t], "target_modules"), names))]
+
+
 # inject_clora's default targets (timm's ViT names); this object itself, not an equal list a caller gives,
 # leaves out narrow layers as "all-linear" does (select_targets)
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
@@ -1359,7 +1369,7 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     if default and names and warn:
         # a model whose blocks name their layers otherwise (EVA-02: q_proj, k_proj, v_proj, fc1_g, fc1_x) got
         # adapters on the layers that share timm's names only, without a word
-        unmatched = [t for t in DEFAULT_TARGETS if not any(map(_name_selector([t], "target_modules"), names))]
+        unmatched = unmatched_targets(DEFAULT_TARGETS, names)
         plain = [n for n, m in model.named_modules() if n and _linear_like(m) and n not in heads and n not in names
                  and not isinstance(m, CLoRALinear)]
         if unmatched and plain:

@@ -25,7 +25,7 @@ import torch
 from . import _cli, available_backends, export_decompositions, inject_clora, merge
 from ._io import parent_made, provenance, write_json_atomic
 from .bench.core import peft_dtype_kwargs, usable_for_timing
-from .nn import DEFAULT_TARGETS, clora_layers
+from .nn import DEFAULT_TARGETS, clora_layers, unmatched_targets
 from .reference import folded_lora_B
 
 MODES = ("eager", "cuda-graphs", "compile", "aoti")
@@ -86,6 +86,11 @@ def make_variants(base, args, device):
                                autocast_adapter_dtype=False)     # (the base's dtype: PEFT's variant's too)
     except ValueError as exc:
         raise ProfileError(f"--targets / --rank: {exc}") from None
+    names = [n for n, _ in clora_layers(adapted)]
+    missing = [] if args.targets is DEFAULT_TARGETS else unmatched_targets(args.targets, names)
+    if missing:
+        raise ProfileError(f"--targets: {missing} match no adapted layer of {args.model} (of {len(names)} that the "
+                           f"others match, e.g. {names[:3]})")
     with torch.no_grad():
         for _, layer in clora_layers(adapted):
             layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
@@ -318,6 +323,7 @@ def _main(argv) -> int:
     args.iters = args.iters if args.iters is not None else defaults["iters"]
     _cli.check_output(ap, "--json", args.json, atomic=True)
     _cli.check_output(ap, "--trace", args.trace)
+    _cli.check_distinct(ap, ("--json", args.json), ("--trace", args.trace))
     args.targets = _cli.target_modules(args.targets)
     if args.targets is None:
         from .text import TEXT_TARGETS

@@ -236,6 +236,11 @@ def test_profile_default_targets_leave_out_narrow_layers(tmp_path, capsys):
     (["--backends", "foo"], "unknown backend"),
     (["--trace", "{file}/dir/t.json"], "argument --trace: cannot create the folder"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--targets", "qkvv"], "--targets / --rank: inject_clora"),
+    # a typo beside a name that matches ran without it, and the JSON recorded both
+    (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--targets", "qkv", "fc3"],
+     r"--targets: \['fc3'\] match no adapted layer"),
+    (["--json", "{file}.json", "--trace", "{file}.json"], "argument --trace: .* is the file --json writes too"),
+    (["--json", ""], "argument --json: the path is empty"),
     (["--model", "resnet18", "--img-size", "32"], "no nn.Linear or Conv1D layer matches"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--rank", "1000"], "rank must be an int"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--backends", "cuda", "--device", "cpu"],

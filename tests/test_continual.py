@@ -244,6 +244,10 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys):
                        (["--features", "concat", "--classifier", "linear"], "--features"),
                        (["--targets", "fc1", "head"], "--targets: ['fc1', 'head'] names the classifier"),
                        (["--targets", "fc[1"], "--targets: target_modules='fc[1' is not a valid regular"),
+                       # (a typo beside a name that matches: the run trained fc2 alone and recorded both)
+                       (["--targets", "fc2", "fc3"], "--targets: ['fc3'] match no layer of the digits MLP"),
+                       (["--json", "same.png", "--plot", "same.png"], "--plot: 'same.png' is the file --json"),
+                       (["--json", ""], "--json: the path is empty"),      # (it ran, and wrote nothing)
                        (["--language", "fr-fr"], "--language: only for --dataset wiki-topics"),
                        (["--language", "en-us"], "--language: only for --dataset wiki-topics"),     # (its default)
                        (["--max-tokens", "3"], "--max-tokens: only for --dataset wiki-topics"),

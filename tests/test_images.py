@@ -99,6 +99,7 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
         (["--data-dir", str(data), "--pretrained"], "cannot be fetched"),
         (["--data-dir", str(data), "--resume", "--out", str(tmp_path / "fresh")], "holds no run to resume"),
         (["--data-dir", str(data), "--targets", "nope"], "no nn.Linear of the model matches"),
+        (["--data-dir", str(data), "--targets", "qkv", "fc_1"], "--targets ['fc_1']: match no layer"),
         (["--data-dir", str(data), "--rank", "1000"], "--rank 1000: the targeted layers need rank <= 192"),
         (["--data-dir", str(data), "--image-size", "7"], "the model cannot run on these images"),
         (["--data-dir", str(data), "--backend", "cuda"], "cuda cannot run here"),

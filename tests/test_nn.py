@@ -1383,6 +1383,15 @@ def test_output_names_are_checked_as_they_are_written(tmp_path):
     _cli.check_output(ap, "--plot", path)
     with pytest.raises(SystemExit):
         _cli.check_output(ap, "--json", path, atomic=True)
+    # the temporary name is NAME.<pid>.<thread id>.tmp: a 240-byte name passed a check of NAME.tmp, and the
+    # run crashed at its first write, after its first method (a helper's attack on clora-continual)
+    from clora_kernels._io import _tmp_suffix, write_json_atomic
+    path = str(tmp_path / ("b" * (255 - len(_tmp_suffix()) + 1)))
+    with pytest.raises(OSError, match="too long"):
+        write_json_atomic(path, {})
+    with pytest.raises(SystemExit):
+        _cli.check_output(ap, "--json", path, atomic=True)
+    _cli.check_output(ap, "--json", str(tmp_path / ("c" * 200)), atomic=True)
 
 
 def test_one_module_under_several_names_is_no_tie(seed):

@@ -334,6 +334,7 @@ def main(argv=None) -> int:
     args.rank = list(dict.fromkeys(args.rank))      # (a rank given twice timed every shape twice)
     _cli.check_output(ap, "--json", args.json, atomic=True)
     _cli.check_plot(ap, "--plot", args.plot)
+    _cli.check_distinct(ap, ("--json", args.json), ("--plot", args.plot))
     try:
         data = run(args)
     except ValueError as exc:
