@@ -33,6 +33,7 @@ import copy
 import math
 import numbers
 import os
+import signal
 import statistics
 import sys
 import time
@@ -122,8 +123,25 @@ class DataTask:
         data = self.train if split == "train" else self.test
         loader = DataLoader(data, batch_size=batch_size or 256, shuffle=gen is not None, generator=gen,
                             num_workers=self.workers, pin_memory=device is not None and device.type == "cuda",
-                            persistent_workers=False)
-        yield from loader
+                            persistent_workers=False, worker_init_fn=_worker_ignores_ctrl_c if self.workers else None)
+        if not self.workers or not hasattr(signal, "pthread_sigmask"):
+            yield from loader
+            return
+        # Ctrl-C while the workers are forked: its KeyboardInterrupt was raised in an at-fork hook, which Python
+        # ignores (the run went on), or a worker died of it before its handler was set ("DataLoader worker exited
+        # unexpectedly"). The workers start with Ctrl-C held back and ignore it (the main process shuts them down);
+        # the main process gets it when they are started.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            batches = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        yield from batches
+
+
+def _worker_ignores_ctrl_c(_worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -1005,8 +1023,8 @@ def main(argv=None) -> int:
         return _interrupted(args, done)
 
 
-def _interrupted(args, done: list) -> int:
-    """Ctrl-C: one line on what the result files hold (exit 130)."""
+def _interrupted(args, done: list, why: str = "interrupted", code: int = 130) -> int:
+    """Ctrl-C (exit 130), or a failure mid-run (`why`): one line on what the result files hold."""
     files = [p for p in (args.json, os.path.join(args.out, "results.json") if getattr(args, "out", None) else None)
              if p]
     if done and files:
@@ -1016,9 +1034,9 @@ def _interrupted(args, done: list) -> int:
     else:
         what = f"{len(done)} method(s) had finished; nothing is written without --json"
     resume = "; rerun the same command with --resume to continue from the last finished task" \
-        if getattr(args, "out", None) and os.path.isfile(os.path.join(args.out, "run.json")) else ""
-    print(f"\nclora-continual: interrupted; {what}{resume}", file=sys.stderr)
-    return 130
+        if code == 130 and getattr(args, "out", None) and os.path.isfile(os.path.join(args.out, "run.json")) else ""
+    print(f"\nclora-continual: {why}; {what}{resume}", file=sys.stderr)
+    return code
 
 
 def _main_digits(args, done: list) -> int:
@@ -1047,13 +1065,13 @@ def _main_digits(args, done: list) -> int:
 
 
 def _main_images(ap, args, done: list) -> int:
-    from .images import DataError, prepare, run_image_experiment
+    from .images import DataError, data_error_line, prepare, run_image_experiment
     if args.dataset == "wiki-topics":
         from .text import prepare
     try:
         prep = prepare(args, progress=not args.no_progress)
     except DataError as exc:
-        ap.error(str(exc))
+        ap.error(data_error_line(exc))
     meta = {"data": f"{args.dataset}, {args.tasks} tasks", "setting": args.setting, "classifier": args.classifier,
             "features": args.features,
             "recommended": RECOMMENDED, "seeds": args.seeds, "class_order_seed": args.class_order_seed,
@@ -1068,14 +1086,14 @@ def _main_images(ap, args, done: list) -> int:
                if args.dataset == "wiki-topics" else {}),
             **provenance("clora-continual", args.argv, _WIKI_DISTRIBUTIONS if args.dataset == "wiki-topics" else ())}
     if args.out:
-        from .images import _result_key, backbone_fingerprint, check_backbone
-        backbone = backbone_fingerprint(prep["base"], prep["head"])
+        from .images import _result_key, backbone_fingerprint, check_fingerprints, data_fingerprint
+        backbone, data = backbone_fingerprint(prep["base"], prep["head"]), data_fingerprint(prep["tasks"])
         try:
-            check_backbone(args, backbone)
+            check_fingerprints(args, backbone, data)
         except DataError as exc:
             ap.error(str(exc))
         write_json_atomic(os.path.join(args.out, "run.json"), {"result_key": _result_key(args), "backbone": backbone,
-                                                              "meta": meta})
+                                                              "data": data, "meta": meta})
 
     kept = {}       # a resumed run's results.json keeps the methods this command does not rerun (same seeds)
     if args.out and args.resume and os.path.isfile(os.path.join(args.out, "results.json")):
@@ -1099,6 +1117,8 @@ def _main_images(ap, args, done: list) -> int:
         methods, protocol = run_image_experiment(args, prep, progress=not args.no_progress, on_method=save)
     except FloatingPointError as exc:
         raise SystemExit(f"clora-continual: {exc}") from None
+    except DataError as exc:        # an image that cannot be read, found mid-run (exit 1)
+        return _interrupted(args, done, f"error: {data_error_line(exc)}", 1)
     meta.update(protocol)
     return _report(args, meta, methods, f"{meta['data']}; {args.setting}")
 

@@ -65,8 +65,21 @@ class _Transformed(Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        img, label = self.base[i]
-        return self.transform(img.convert("RGB")), label
+        try:
+            img, label = self.base[i]
+            return self.transform(img.convert("RGB")), label
+        except Exception as exc:        # (PIL: a file that is no image, a truncated one, a decompression bomb)
+            path = self.base.samples[i][0] if hasattr(self.base, "samples") else f"sample {i}"
+            raise DataError(f"--data-dir: {path!r} cannot be read as an image ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); remove or replace it") from None
+
+
+def data_error_line(exc: DataError) -> str:
+    """A DataError's message; one raised in a DataLoader worker comes back wrapped in the worker's
+    traceback (torch re-raises DataError(that text)), whose last line is the message."""
+    last = str(exc).rstrip().splitlines()[-1] if str(exc).strip() else ""
+    prefix = f"{DataError.__module__}.{DataError.__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def _load_array(name: str):
@@ -141,8 +154,10 @@ def load_dataset(args, transform):
         train = _image_folder(sub["train"], "--data-dir train/")
         test = _image_folder(sub.get("test", sub.get("val")), "--data-dir test/")
         if train.classes != test.classes:
-            raise DataError(f"--data-dir: train/ and test/ have different classes ({len(train.classes)} and "
-                            f"{len(test.classes)})")
+            only = [f"{sorted(set(a) - set(b))[:5]} in {name}/ alone"
+                    for a, b, name in ((train.classes, test.classes, "train"), (test.classes, train.classes, "test"))
+                    if set(a) - set(b)]
+            raise DataError(f"--data-dir: train/ and test/ have different classes ({'; '.join(only)})")
         return _Transformed(train, transform), _Transformed(test, transform), torch.tensor(train.targets), \
             torch.tensor(test.targets), train.classes
     full = _image_folder(root, "--data-dir")
@@ -308,18 +323,47 @@ def backbone_fingerprint(base: nn.Module, head: str) -> str:
     return h.hexdigest()[:16]
 
 
-def check_backbone(args, fingerprint: str, log=print) -> None:
-    """With --resume, refuse a backbone other than the one the run in --out began on (run.json's
-    `backbone`; a run from before the fingerprint cannot be checked, and says so)."""
+def data_fingerprint(tasks) -> str:
+    """A digest of what the tasks hold: their classes, labels and samples; for image files, each
+    file's path under its folder and its size, not its pixels (a file replaced by one of another size,
+    added or removed changes it; a copy of the folder elsewhere does not). A run resumed on a
+    changed --data-dir would mix two datasets' rows and prototypes."""
+    h = hashlib.sha256()
+    for t in tasks:
+        h.update(repr(t.classes).encode())
+        for split in ("train", "test"):
+            h.update(t.labels(split).numpy().tobytes())
+            data = getattr(t, split, None)      # (a Task's samples are tensors: train_x, test_x)
+            if data is None:
+                h.update(getattr(t, f"{split}_x").contiguous().numpy().tobytes())
+                continue
+            indices, data = (data.indices, data.dataset) if isinstance(data, Subset) else (range(len(data)), data)
+            for x in getattr(data, "tensors", ()):      # (wiki-topics: the tokens)
+                h.update(x.contiguous().numpy().tobytes())
+            folder = getattr(data, "base", None)
+            if hasattr(folder, "samples"):      # an ImageFolder
+                for i in indices:
+                    path = folder.samples[i][0]
+                    h.update(f"{os.path.relpath(path, folder.root)}\0{os.path.getsize(path)}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def check_fingerprints(args, backbone: str, data: str, log=print) -> None:
+    """With --resume, refuse a backbone or data other than those the run in --out began on (run.json's
+    `backbone` and `data`; a run from before a fingerprint cannot be checked, and says so)."""
     if not (args.out and args.resume):
         return
-    saved = json.load(open(os.path.join(args.out, "run.json"))).get("backbone")
-    if saved is None:
-        log(f"clora-continual: the run in {args.out!r} predates backbone fingerprints; its backbone is not checked")
-    elif saved != fingerprint:
-        raise DataError(f"--resume: the backbone's weights differ from those the run in {args.out!r} began on "
-                        f"(fingerprint {fingerprint}, the run's {saved}: a rebuilt pre-training cache, or other "
-                        f"weights); start a new --out")
+    run = json.load(open(os.path.join(args.out, "run.json")))
+    why = {"backbone": "the backbone's weights differ from those the run in {out!r} began on (fingerprint {now}, "
+                       "the run's {saved}: a rebuilt pre-training cache, or other weights)",
+           "data": "the data differ from those the run in {out!r} began on (fingerprint {now}, the run's {saved}: an "
+                   "image under --data-dir added, removed or replaced, or another dataset version)"}
+    for key, now in (("backbone", backbone), ("data", data)):
+        saved = run.get(key)
+        if saved is None:
+            log(f"clora-continual: the run in {args.out!r} predates {key} fingerprints; its {key} is not checked")
+        elif saved != now:
+            raise DataError("--resume: " + why[key].format(out=args.out, now=now, saved=saved) + "; start a new --out")
 
 
 def check_run_dir(args) -> None:
@@ -483,8 +527,9 @@ def _check_model(base, head: str, task, args) -> None:
         with torch.no_grad():
             base.eval()(x)
     except Exception as exc:
-        raise DataError(f"the model cannot run on these images ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                        f"check --image-size / --model") from None
+        what = ("texts", "--max-tokens") if args.dataset == "wiki-topics" else ("images", "--image-size")
+        raise DataError(f"the model cannot run on these {what[0]} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                        f"check {what[1]} / --model") from None
     finally:
         base.train()
 

@@ -126,6 +126,11 @@ def prepare(args, progress: bool = True, log=print) -> dict:
         raise DataError(f"--model {args.model!r}: cannot be loaded ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]})") from None
     model = MeanPooledEncoder(encoder, len(topics))
+    special = tok.num_special_tokens_to_add()
+    longest = getattr(encoder.config, "max_position_embeddings", None) or tok.model_max_length
+    if not special < args.max_tokens <= longest:
+        raise DataError(f"--max-tokens {args.max_tokens}: {args.model} takes {special + 1} to {longest} tokens per "
+                        f"summary ({special} of them its special tokens)")
 
     def encode(texts):
         enc = tok(texts, padding="max_length", truncation=True, max_length=args.max_tokens, return_tensors="pt")

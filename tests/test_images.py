@@ -90,9 +90,12 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = _folder(tmp_path / "data")
     gap = _folder(tmp_path / "gap", empty=4)
+    _folder(tmp_path / "split" / "train")
+    _folder(tmp_path / "split" / "test", classes=5)
     cases = [
         (["--data-dir", str(tmp_path / "nowhere")], "is not a folder"),
         (["--data-dir", str(gap)], "class4"),
+        (["--data-dir", str(tmp_path / "split")], "different classes (['class5'] in train/ alone)"),
         (["--data-dir", str(data), "--tasks", "4"], "--tasks 4: the 6 classes"),
         (["--data-dir", str(data), "--tasks", "7"], "--tasks 7: the 6 classes"),
         (["--data-dir", str(data), "--model", "vit_nonexistent_model"], "not a timm model"),
@@ -151,9 +154,48 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert cc.main(argv + ["--resume"]) == 0
     assert "predates backbone fingerprints" in capsys.readouterr().out
     assert json.loads(run_json.read_text())["backbone"] == record["backbone"]
+    # ... and on changed data: an image replaced by one of another size, one added (the same path and
+    # settings: the run mixed two datasets); a run from before the data fingerprint is resumed with a word
+    assert len(record["data"]) == 16
+    image = data / "class0" / "0.png"
+    original = image.read_bytes()
+    image.write_bytes(original + b"\0")
+    _refused(argv + ["--resume"], capsys, "the data differ from those the run")
+    image.write_bytes(original)
+    (data / "class1" / "new.png").write_bytes(original)
+    _refused(argv + ["--resume"], capsys, "the data differ from those the run")
+    (data / "class1" / "new.png").unlink()
+    run_json.write_text(json.dumps({k: v for k, v in record.items() if k != "data"}))
+    assert cc.main(argv + ["--resume"]) == 0
+    assert "predates data fingerprints" in capsys.readouterr().out
+    assert json.loads(run_json.read_text())["data"] == record["data"]
     # its run.json gone, the checkpoints stay: a new run there was refused by nothing and continued them
     run_json.unlink()
     _refused(argv, capsys, "holds checkpoints of an earlier run")
+
+
+def test_an_unreadable_image_is_named_in_one_line(tmp_path, capsys):
+    """A file under --data-dir that is no image: one line that names it, whether the DataLoader read it
+    in this process or in a worker (torch re-raises a worker's error wrapped in its traceback), found by
+    the check's first batch (exit 2, before any training) or mid-run (exit 1; no hint to --resume, which
+    the changed data would refuse)."""
+    root = tmp_path / "data"
+    _folder(root / "train")
+    _folder(root / "test")
+    bad = root / "train" / "class3" / "2.png"
+    bad.write_bytes(b"not a png")
+    for workers in ("0", "2"):
+        argv = list(ARGS)
+        argv[argv.index("--workers") + 1] = workers
+        out = tmp_path / f"run{workers}"
+        assert cc.main(argv + ["--data-dir", str(root), "--methods", "simple_cil", "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], err
+        assert err[0].startswith("clora-continual: error: --data-dir: ") and f"{bad}' cannot be read as an image" \
+            in err[0] and "--resume" not in err[0], err
+    for test_image in (root / "test").glob("*/*.png"):     # the check's first batch
+        test_image.write_bytes(b"not a png")
+    _refused(argv + ["--data-dir", str(root)], capsys, "cannot be read as an image (UnidentifiedImageError")
 
 
 def test_interrupt_before_the_run_exists_gives_no_resume_hint(tmp_path, monkeypatch, capsys):

@@ -69,3 +69,16 @@ def test_tasks_of_one_class_are_refused_before_the_model_loads(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--tasks 6: the 11 topics fill at most 5 tasks of two classes or more" in err, err
+
+
+@needs
+def test_max_tokens_outside_what_the_model_takes_is_one_line(capsys):
+    """--max-tokens 1 was transformers' traceback, 2 ran on [CLS] [SEP] alone (the chance accuracy), and
+    513 was blamed on --image-size: one line with the model's range."""
+    at = TINY.index("--max-tokens") + 1
+    for n in ("1", "2", "513"):
+        with pytest.raises(SystemExit) as info:
+            cc.main(TINY[:at] + [n] + TINY[at + 1:])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--max-tokens {n}: minilm takes 3 to 512 tokens per summary (2 of them its special tokens)" in err, err
