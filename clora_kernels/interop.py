@@ -31,6 +31,10 @@ from .reference import folded_lora_B
 
 _PREFIX = "base_model.model."
 _CONFIG, _WEIGHTS, _LEGACY_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+# PEFT's task types (peft.TaskType) and the heads its model class for each stores whole: every module whose
+# name ends with one of them joins modules_to_save, in its save_pretrained and in its loader, which expects them
+_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",), "CAUSAL_LM": (), "SEQ_2_SEQ_LM": (), "FEATURE_EXTRACTION": ()}
 _ADAPTER_PARAMS = ("lora_A", "lora_B", "routing_delta")
 
 # options of a PEFT LoRA config that change what the adapter computes or which tensors it holds,
@@ -328,12 +332,17 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     folded into lora_B (lora_B R_effᵀ); `peft.PeftModel.from_pretrained(base_model, directory)`
     then computes what this model computes, and LoRA servers (vLLM, TGI) serve it as any LoRA.
 
-    modules_to_save: names of whole modules to store as well (PEFT's option: a trained
+    modules_to_save: a list of names of whole modules to store as well (PEFT's option: a trained
     classifier head, say); None means those that load_peft_adapter last loaded into this model
     (none if it loaded none). A model that trains parameters outside its adapters (requires_grad)
     must list their modules here: leaving them out would make the PEFT model compute something
     else, so that is refused; so is a module holding a C-LoRA layer (PEFT cannot both adapt and
-    store one, and a trained bias of an adapted layer has no place in a PEFT LoRA adapter).
+    store one, and a trained bias of an adapted layer has no place in a PEFT LoRA adapter). A
+    trained tensor that the model ties to one of a listed module (lm_head and the input embeddings)
+    is stored with it, under PEFT's ensure_weight_tying.
+    task_type: None or one of PEFT's (peft.TaskType values, e.g. "SEQ_CLS"); as PEFT's model class
+    for the type does, "SEQ_CLS" and "TOKEN_CLS" store every module named ...classifier or ...score
+    whole, "QUESTION_ANS" every ...qa_outputs (PEFT's loader expects them).
     Layers of different ranks or alphas are written as PEFT writes them: `r` and `lora_alpha` the
     most common (the smaller of a tie), the others in `rank_pattern` / `alpha_pattern` under their
     full names (escaped; anchored where a longer name ends with one).
@@ -349,6 +358,16 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
                          "(e.g. nn.Sequential(layer)) and save that")
     rank, rank_pattern = _common_and_pattern(model, [(n, m.rank) for n, m in layers])
     alpha, alpha_pattern = _common_and_pattern(model, [(n, _peft_number(m.alpha)) for n, m in layers])
+    if isinstance(modules_to_save, (str, bytes)) or not (modules_to_save is None or
+                                                         all(isinstance(n, str) for n in modules_to_save)):
+        raise TypeError(f"save_peft_adapter: modules_to_save must be a list of module names (PEFT's form), got "
+                        f"{modules_to_save!r}")
+    if task_type is not None and task_type not in _PEFT_TASK_HEADS:
+        raise ValueError(f"save_peft_adapter: task_type {task_type!r} is none of PEFT's ({', '.join(_PEFT_TASK_HEADS)}) "
+                         f"or None")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"save_peft_adapter: {os.fspath(directory)!r} is a file; give a directory (PEFT's adapter "
+                         f"is a folder)")
     saved = list(getattr(model, "_clora_modules_to_save", []) if modules_to_save is None else modules_to_save)
     if "" in saved:
         raise ValueError("save_peft_adapter: modules_to_save names the whole model (''); PEFT stores submodules")
@@ -357,13 +376,23 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     if unknown:
         raise ValueError(f"save_peft_adapter: modules_to_save {unknown} are not modules of the model (full names, "
                          f"e.g. 'head')")
+    heads = _PEFT_TASK_HEADS.get(task_type, ())
+    saved += [n for n in modules if n and n.endswith(heads) and n not in saved]    # (str.endswith, as PEFT's test)
     def stored(n):      # (the name is a stored module's, or inside one)
         return any(n == s or n.startswith(s + ".") for s in saved)
     adapted = [n for n, _ in layers if stored(n)]
     if adapted:
         raise ValueError(f"save_peft_adapter: modules_to_save {saved} hold the C-LoRA layer(s) {adapted[:8]}; a PEFT "
-                         f"adapter cannot both adapt a module and store it whole")
-    left_out = [n for n in _trained_elsewhere(model) if not stored(n)]
+                         f"adapter cannot both adapt a module and store it whole"
+                         + (f" (task_type {task_type!r} stores PEFT's heads {list(heads)} whole: leave them out of "
+                            f"target_modules)" if heads and any(n.endswith(heads) for n in adapted) else ""))
+    # (a trained tensor tied to one of a stored module, lm_head's weight that is the input embeddings', is stored
+    # with it as its partner, below)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    inside = {id(t) for n, t in named.items() if stored(n)}
+    left_out = [n for n in _trained_elsewhere(model) if not stored(n)
+                and any(id(p) not in inside for p in modules[n].parameters(recurse=False) if p.requires_grad)]
     layer_names = {n for n, _ in layers}
     biased = [n for n in left_out if n in layer_names]
     if biased:
@@ -404,9 +433,6 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     # a stored tensor that the model shares with a module outside them (lm_head tied to embed_tokens): PEFT's
     # copy of the stored module alone left the other on the base's values (a trained tied head computed 3.6
     # off in logits), so the partner is stored too, with PEFT's ensure_weight_tying (0.21), which ties the copies
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
-    inside = {id(t) for n, t in named.items() if stored(n)}
     partners = [n for n, t in named.items() if id(t) in inside and not stored(n)]
     adapted_partners = [n for n in partners if any(n.startswith(s + ".") for s in layer_names)]
     if adapted_partners:    # (PEFT's copy of the module would leave the adapted layer's base on the original)

@@ -747,6 +747,59 @@ def test_peft_adapter_on_lm_head_with_its_saved_base_weight(tmp_path, seed):
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items() if torch.is_tensor(t))
 
 
+@pytest.mark.parametrize("task_type, model_class, head", [
+    ("SEQ_CLS", "BertForSequenceClassification", "classifier"),
+    ("TOKEN_CLS", "BertForTokenClassification", "classifier"),
+    ("QUESTION_ANS", "BertForQuestionAnswering", "qa_outputs")])
+def test_task_types_store_the_heads_peft_expects(tmp_path, seed, task_type, model_class, head):
+    """PEFT's model class for these task types stores its heads whole, and its loader expects them: the
+    directory written with modules_to_save None ended in PEFT's raw KeyError (a helper's attack)."""
+    cfg = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=16, intermediate_size=24,
+                                  vocab_size=61, num_labels=2)
+    base = getattr(transformers, model_class)(cfg).eval()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["query", "value"], rank=2)
+    _two_tasks(model)
+    ck.save_peft_adapter(model, tmp_path, task_type=task_type)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == task_type and config["modules_to_save"] == [head]
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ids = _data("bert")
+    with torch.no_grad():
+        a, b = served(input_ids=ids), model(input_ids=ids)
+        key = "start_logits" if task_type == "QUESTION_ANS" else "logits"
+        assert rel_err(a[key], b[key]) < 1e-6
+    adapted = ck.inject_clora(copy.deepcopy(base), target_modules=["query", head], rank=2)
+    with pytest.raises(ValueError, match=rf"hold the C-LoRA layer\(s\) \['{head}'\].*task_type '{task_type}' stores"):
+        ck.save_peft_adapter(adapted, tmp_path / "adapted", task_type=task_type)
+
+
+def test_save_peft_adapter_argument_errors_and_a_trained_tied_head(tmp_path, seed):
+    base = _gpt2()
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["c_attn"], rank=2, backend="torch")
+    _two_tasks(model)
+    model.lm_head.requires_grad_(True)       # tied to transformer.wte: trained there too
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1 * torch.randn_like(model.lm_head.weight))
+    with pytest.raises(TypeError, match=r"modules_to_save must be a list of module names .* got 'lm_head'"):
+        ck.save_peft_adapter(model, tmp_path / "a", modules_to_save="lm_head")     # (it was split into letters)
+    with pytest.raises(ValueError, match=r"task_type 'BOGUS' is none of PEFT's \(SEQ_CLS, "):
+        ck.save_peft_adapter(model, tmp_path / "a", modules_to_save=["lm_head"], task_type="BOGUS")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"'.*file' is a file; give a directory"):
+        ck.save_peft_adapter(model, tmp_path / "file", modules_to_save=["lm_head"])
+    assert not (tmp_path / "a").exists()
+    # the trained head alone, as the README says: its tied partner goes with it, under ensure_weight_tying (the
+    # partner counted as a module trained outside modules_to_save, and was refused)
+    ck.save_peft_adapter(model, tmp_path / "tied", modules_to_save=["lm_head"])
+    assert json.loads((tmp_path / "tied" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*weight.tying.*")
+        served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "tied")).eval()
+    ids = _data("gpt2")
+    with torch.no_grad():
+        assert rel_err(served(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-6
+
+
 def test_save_peft_adapter_refuses_the_root_module_by_name(tmp_path):
     model = ck.inject_clora(_vit(), target_modules=["qkv"], rank=2)
     model.cls_token.requires_grad_(True)
