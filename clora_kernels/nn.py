@@ -172,7 +172,8 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
     for name, value in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank > min(in_features, out_features):
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0 \
+            or rank > min(in_features, out_features):
         raise ValueError(f"rank must be an int in [1, min(in_features, out_features)] = [1, "
                          f"{min(in_features, out_features)}] for a {in_features}->{out_features} layer, got {rank!r}")
     if alpha is not None and not _finite_real(alpha):
@@ -214,7 +215,7 @@ class CLoRALinear(nn.Linear):
                  grad_through_old_route: bool = False, backend: str = "auto", protection=DEFAULT_PROTECTION,
                  device=None, dtype=None):
         _check_config(in_features, out_features, rank, alpha, mode, protect_energy, backend, protection)
-        self.rank = rank
+        rank = self.rank = int(rank)        # (a numpy integer, as in_features takes one)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -564,7 +565,8 @@ class CLoRALinear(nn.Linear):
     @_lifecycle_step
     def end_task(self) -> None:
         """Fold the task's routing into the frozen route: R_old <- R_old + P R_delta; in hard
-        mode recompute P from R_old's singular vectors; R_delta <- 0. The output is unchanged.
+        mode recompute P from R_old's singular vectors; R_delta <- 0, its gradient None. The output
+        is unchanged.
         Refuses (ValueError, nothing changed) when the adapter holds NaN or Inf."""
         bad = self._nonfinite_adapter()
         if bad:
@@ -574,6 +576,7 @@ class CLoRALinear(nn.Linear):
         if why:
             raise ValueError(f"end_task: {why}; nothing was changed")
         _end_tasks([self])
+        _warn_if_stuck([("", self)], stacklevel=5)
 
     @torch.no_grad()
     @_lifecycle_step
@@ -613,6 +616,7 @@ class CLoRALinear(nn.Linear):
         index, routing, projection, prepared, _ = plan
         self.routing_old.copy_(routing)
         self.routing_delta.zero_()
+        self.routing_delta.grad = None      # (the finished task's: an optimizer step before zero_grad applied it)
         if projection is not None:
             self.projection.copy_(projection)
         self.task_index = index + 1     # (before the policy's step: freeze reads it)
@@ -1570,15 +1574,22 @@ def end_task(model: nn.Module) -> None:
     if waiting:
         raise ValueError(f"end_task: {waiting[0][1]} (layers {[n for n, _ in waiting]}); no layer was changed")
     _end_tasks([m for _, m in layers])
-    full = [name or "<the model>" for name, m in layers
+    _warn_if_stuck(layers)
+
+
+def _warn_if_stuck(layers: list, stacklevel: int = 3) -> None:
+    """After end_task of the (name, layer) pairs (the model's helper and the layer's method): the
+    layers that no later task can change, or whose next task learns nothing, said once; stacklevel
+    names the caller's line (the method's two decorators are two frames more)."""
+    full = [name or "<this layer>" for name, m in layers
             if isinstance(m.protection, Project) and getattr(m, "_no_room", False)]
     if full:
         warnings.warn(f"end_task: under protection='project' the earlier tasks of layer(s) {full[:8]} now use every "
                       f"direction of their inputs, routing and outputs, so no later task can change them (a "
-                      f"larger rank, or a lower Project(energy=...), leaves room)", RuntimeWarning, stacklevel=2)
+                      f"larger rank, or a lower Project(energy=...), leaves room)", RuntimeWarning, stacklevel=stacklevel)
     # hard mode's P = 0 (R_old holds less than protect_energy in fewer than r directions): routing_delta then
     # changes nothing, and the factors learn only where the policy gives them a gradient besides the new route's
-    stuck = [name or "<the model>" for name, m in layers if m.mode == "hard" and not isinstance(m.protection, Project)
+    stuck = [name or "<this layer>" for name, m in layers if m.mode == "hard" and not isinstance(m.protection, Project)
              and not (m.grad_through_old_route and m.protection.factors_train(m))
              and float(torch.trace(_full(m.projection).double())) < 0.5]
     if stuck:
@@ -1587,7 +1598,7 @@ def end_task(model: nn.Module) -> None:
                       f"changes nothing there and, under protection 'freeze' (or 'paper' without "
                       f"grad_through_old_route), neither do lora_A and lora_B: these layers learn nothing in the "
                       f"next task (a lower protect_energy, soft mode or protection='project' leaves room)",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=stacklevel)
 
 
 def _end_tasks(layers: list) -> None:

@@ -41,6 +41,8 @@ def test_init_and_from_linear_exact(seed):
 def test_constructor_and_alpha():
     layer = CLoRALinear(16, 8, rank=4, alpha=8, bias=False, dtype=torch.float64)
     assert layer.bias is None and layer.scaling == 2.0 and layer.weight.dtype == torch.float64
+    import numpy as np      # a numpy integer, as in_features takes one (it was refused), kept as an int
+    assert type(CLoRALinear(np.int64(16), 8, rank=np.int64(4)).rank) is int
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B", "routing_delta"}
     r = repr(layer)
     for word in ("rank=4", "alpha=8", "scaling=2", "mode=soft", "task_index=0", "merged=False"):
@@ -181,9 +183,11 @@ def test_end_task_keeps_output_and_folds_routing(seed, mode):
     x = torch.randn(7, 24, dtype=torch.float64)
     for task in range(3):
         before, r_eff = layer(x), layer.routing().clone()
+        layer(x).sum().backward()
         layer.end_task()
         assert layer.task_index == task + 1
         assert torch.count_nonzero(layer.routing_delta) == 0
+        assert layer.routing_delta.grad is None     # (the finished task's; an optimizer step would have applied it)
         assert torch.allclose(layer.routing_old, r_eff, atol=1e-12)
         assert rel_err(layer(x), before) < 1e-12
         p = layer.projection
@@ -1735,8 +1739,13 @@ def test_a_lower_protect_energy_after_a_task_makes_p_again(seed, protection):
             layer(torch.randn(8, 16, dtype=torch.float64))
         ck.end_task(layer)      # (project is never stuck: its factors learn outside the old inputs)
     else:
-        with pytest.warns(RuntimeWarning, match="is now 0"):
+        twin = copy.deepcopy(layer)
+        with pytest.warns(RuntimeWarning, match="is now 0") as record:
             ck.end_task(layer)
+        assert record[0].filename == __file__
+        with pytest.warns(RuntimeWarning, match=r"\['<this layer>'\] is now 0") as record:
+            twin.end_task()         # (the layer's method warns too, at the caller's line)
+        assert record[0].filename == __file__
     assert float(torch.trace(layer.projection)) < 0.5
     layer.protect_energy = 0.5
     want = _hard_projection(layer.routing_old, 0.5)

@@ -624,8 +624,9 @@ def test_a_project_layer_with_no_room_left_warns(seed):
         layer.lora_B.normal_()
     with torch.no_grad(), ck.observe_task(layer):
         layer(torch.randn(64, 8))
-    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['<the model>'\] now use every direction"):
-        ck.end_task(layer)
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['<this layer>'\] now use every direction") as record:
+        layer.end_task()        # (the layer's method warns as the model's helper does, at the caller's line)
+    assert record[0].filename == __file__
 
 
 def test_a_mode_switch_under_inference_mode_and_a_dropped_pass(seed):
