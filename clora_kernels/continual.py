@@ -36,6 +36,7 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -124,24 +125,43 @@ class DataTask:
         loader = DataLoader(data, batch_size=batch_size or 256, shuffle=gen is not None, generator=gen,
                             num_workers=self.workers, pin_memory=device is not None and device.type == "cuda",
                             persistent_workers=False, worker_init_fn=_worker_ignores_ctrl_c if self.workers else None)
-        if not self.workers or not hasattr(signal, "pthread_sigmask"):
+        if not self.workers:
             yield from loader
             return
-        # Ctrl-C while the workers are forked: its KeyboardInterrupt was raised in an at-fork hook, which Python
-        # ignores (the run went on), or a worker died of it before its handler was set ("DataLoader worker exited
-        # unexpectedly"). The workers start with Ctrl-C held back and ignore it (the main process shuts them down);
-        # the main process gets it when they are started.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
+        # Ctrl-C while the workers are forked or shut down: its KeyboardInterrupt was raised in an at-fork hook or
+        # in the loader's __del__, both of which Python ignores (the run went on: 3 of 20 tries), or half-way
+        # through the loader's start; a worker died of it before its handler was set ("DataLoader worker exited
+        # unexpectedly"). There, Ctrl-C is noted and raised at the end; the workers ignore it (the main process
+        # shuts them down).
+        with _ctrl_c_deferred():
             batches = iter(loader)
+        try:
+            yield from batches
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        yield from batches
+            with _ctrl_c_deferred():
+                del batches
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Ctrl-C inside the block is noted, and raised (given to the handler the process had) at its end.
+    In the main thread only, where Python runs its handlers; a handler set outside Python is left alone."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted = []
+    signal.signal(signal.SIGINT, lambda *_: noted.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if noted:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _worker_ignores_ctrl_c(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -939,6 +959,7 @@ def main(argv=None) -> int:
     args.targets = _cli.target_modules(args.targets)
     given = _given(argv)
     _fill_defaults(args)
+    args.targets_given = "targets" in given     # (a default's names that a model lacks are not refused)
     repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
     if repeated:
         ap.error(f"argument --seeds: seed(s) {repeated} given more than once (each would count twice in the mean "

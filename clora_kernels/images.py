@@ -502,7 +502,7 @@ def prepare(args, progress: bool = True, log=print) -> dict:
 def _check_model(base, head: str, task, args) -> None:
     """What would fail only after a method trained: targets that match nothing, a rank too large
     for a targeted layer, a forward that fails at this image size. One batch goes through."""
-    from .nn import DEFAULT_TARGETS, select_targets, unmatched_targets
+    from .nn import select_targets, unmatched_targets
     try:
         chosen = select_targets(base, args.targets, rank=args.rank, warn=False)
     except (TypeError, ValueError) as exc:
@@ -514,8 +514,8 @@ def _check_model(base, head: str, task, args) -> None:
         from .nn import _candidates
         raise DataError(f"--targets {args.targets}: no nn.Linear of the model matches; its layers by type: "
                         f"{_candidates(base)[:300]}")
-    # (the default's names are timm's: a model that lacks some is warned about by inject_clora)
-    missing = [] if args.targets is DEFAULT_TARGETS else unmatched_targets(args.targets, chosen)
+    # (a default's names that a model lacks are not refused: timm's are warned about by inject_clora)
+    missing = unmatched_targets(args.targets, chosen) if getattr(args, "targets_given", False) else []
     if missing:
         raise DataError(f"--targets {missing}: match no layer of the model that is adapted (of {len(chosen)} that "
                         f"the others match, e.g. {chosen[:3]})")

@@ -172,8 +172,7 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
     for name, value in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0 \
-            or rank > min(in_features, out_features):
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank > min(in_features, out_features):
         raise ValueError(f"rank must be an int in [1, min(in_features, out_features)] = [1, "
                          f"{min(in_features, out_features)}] for a {in_features}->{out_features} layer, got {rank!r}")
     if alpha is not None and not _finite_real(alpha):
@@ -215,7 +214,7 @@ class CLoRALinear(nn.Linear):
                  grad_through_old_route: bool = False, backend: str = "auto", protection=DEFAULT_PROTECTION,
                  device=None, dtype=None):
         _check_config(in_features, out_features, rank, alpha, mode, protect_energy, backend, protection)
-        rank = self.rank = int(rank)        # (a numpy integer, as in_features takes one)
+        self.rank = rank
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
         if self.bias is not None:

@@ -127,7 +127,8 @@ def prepare(args, progress: bool = True, log=print) -> dict:
                         f"{str(exc).splitlines()[0][:200]})") from None
     model = MeanPooledEncoder(encoder, len(topics))
     special = tok.num_special_tokens_to_add()
-    longest = getattr(encoder.config, "max_position_embeddings", None) or tok.model_max_length
+    longest = min(getattr(encoder.config, "max_position_embeddings", None) or tok.model_max_length,
+                  tok.model_max_length)     # (RoBERTa's 514 positions hold 512 tokens; its tokenizer says 512)
     if not special < args.max_tokens <= longest:
         raise DataError(f"--max-tokens {args.max_tokens}: {args.model} takes {special + 1} to {longest} tokens per "
                         f"summary ({special} of them its special tokens)")

@@ -174,6 +174,23 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     _refused(argv, capsys, "holds checkpoints of an earlier run")
 
 
+def test_default_target_names_a_model_lacks_are_not_refused():
+    """The refusal of a --targets name that matches nothing is for names the command line gave: the
+    wiki-topics default (query key value dense) on an encoder without `query` (MPNet, DeBERTa) was
+    refused as if the user had written it (a review of the change)."""
+    import argparse
+    from collections import OrderedDict
+    from torch.utils.data import TensorDataset
+    model = torch.nn.Sequential(OrderedDict(dense=torch.nn.Linear(4, 4), head=torch.nn.Linear(4, 2)))
+    data = TensorDataset(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))
+    task = cc.DataTask((0, 1), data, data, data.tensors[1], data.tensors[1])
+    args = argparse.Namespace(targets=["query", "dense"], rank=2, dataset="wiki-topics", targets_given=False)
+    im._check_model(model, "head", task, args)
+    args.targets_given = True
+    with pytest.raises(im.DataError, match=r"--targets \['query'\]: match no layer"):
+        im._check_model(model, "head", task, args)
+
+
 def test_an_unreadable_image_is_named_in_one_line(tmp_path, capsys):
     """A file under --data-dir that is no image: one line that names it, whether the DataLoader read it
     in this process or in a worker (torch re-raises a worker's error wrapped in its traceback), found by
