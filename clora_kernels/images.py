@@ -333,10 +333,7 @@ def data_fingerprint(tasks) -> str:
         h.update(repr(t.classes).encode())
         for split in ("train", "test"):
             h.update(t.labels(split).numpy().tobytes())
-            data = getattr(t, split, None)      # (a Task's samples are tensors: train_x, test_x)
-            if data is None:
-                h.update(getattr(t, f"{split}_x").contiguous().numpy().tobytes())
-                continue
+            data = t.train if split == "train" else t.test
             indices, data = (data.indices, data.dataset) if isinstance(data, Subset) else (range(len(data)), data)
             for x in getattr(data, "tensors", ()):      # (wiki-topics: the tokens)
                 h.update(x.contiguous().numpy().tobytes())

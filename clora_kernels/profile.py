@@ -87,7 +87,7 @@ def make_variants(base, args, device):
     except ValueError as exc:
         raise ProfileError(f"--targets / --rank: {exc}") from None
     names = [n for n, _ in clora_layers(adapted)]
-    missing = [] if args.targets is DEFAULT_TARGETS else unmatched_targets(args.targets, names)
+    missing = unmatched_targets(args.targets, names) if getattr(args, "targets_given", False) else []
     if missing:
         raise ProfileError(f"--targets: {missing} match no adapted layer of {args.model} (of {len(names)} that the "
                            f"others match, e.g. {names[:3]})")
@@ -325,6 +325,7 @@ def _main(argv) -> int:
     _cli.check_output(ap, "--trace", args.trace)
     _cli.check_distinct(ap, ("--json", args.json), ("--trace", args.trace))
     args.targets = _cli.target_modules(args.targets)
+    args.targets_given = args.targets is not None     # (a default's names that a model lacks are not refused)
     if args.targets is None:
         from .text import TEXT_TARGETS
         # (the object itself: its narrow layers are left out as inject_clora's default leaves them, SwinV2-CR's)
