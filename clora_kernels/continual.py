@@ -1056,6 +1056,8 @@ def _interrupted(args, done: list, why: str = "interrupted", code: int = 130) ->
         what = f"{len(done)} method(s) had finished; nothing is written without --json"
     resume = "; rerun the same command with --resume to continue from the last finished task" \
         if code == 130 and getattr(args, "out", None) and os.path.isfile(os.path.join(args.out, "run.json")) else ""
+    if resume and "joint" in args.methods and "joint" not in done:
+        resume += " (joint, one training on every task, starts again)"
     print(f"\nclora-continual: {why}; {what}{resume}", file=sys.stderr)
     return code
 

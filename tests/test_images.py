@@ -306,3 +306,16 @@ def test_default_targets_leave_out_narrow_layers(tmp_path, capsys):
     with pytest.warns(UserWarning, match="the default targets leave out"):
         assert cc.main(argv + ["--out", str(tmp_path / "run"), "--resume"]) == 0
     assert "resumed" in capsys.readouterr().out
+
+
+def test_interrupted_joint_is_said_to_start_again(tmp_path, monkeypatch, capsys):
+    """joint trains once on every task and keeps no checkpoint: the hint to --resume said it would
+    continue from the last finished task (a helper's attack)."""
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cc, "run_joint", interrupted)
+    data = _folder(tmp_path / "data")
+    argv = ARGS + ["--data-dir", str(data), "--out", str(tmp_path / "run"), "--methods", "simple_cil", "joint"]
+    assert cc.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(simple_cil)" in err and "--resume" in err and "(joint, one training on every task, starts again)" in err
