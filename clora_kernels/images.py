@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 
 import torch
@@ -499,7 +500,7 @@ def prepare(args, progress: bool = True, log=print) -> dict:
 def _check_model(base, head: str, task, args) -> None:
     """What would fail only after a method trained: targets that match nothing, a rank too large
     for a targeted layer, a forward that fails at this image size. One batch goes through."""
-    from .nn import select_targets, unmatched_targets
+    from .nn import DEFAULT_TARGETS, select_targets, unmatched_targets
     try:
         chosen = select_targets(base, args.targets, rank=args.rank, warn=False)
     except (TypeError, ValueError) as exc:
@@ -511,11 +512,13 @@ def _check_model(base, head: str, task, args) -> None:
         from .nn import _candidates
         raise DataError(f"--targets {args.targets}: no nn.Linear of the model matches; its layers by type: "
                         f"{_candidates(base)[:300]}")
-    # (a default's names that a model lacks are not refused: timm's are warned about by inject_clora)
-    missing = unmatched_targets(args.targets, chosen) if getattr(args, "targets_given", False) else []
-    if missing:
+    missing = unmatched_targets(args.targets, chosen)
+    if missing and getattr(args, "targets_given", False):
         raise DataError(f"--targets {missing}: match no layer of the model that is adapted (of {len(chosen)} that "
                         f"the others match, e.g. {chosen[:3]})")
+    if missing and args.targets is not DEFAULT_TARGETS:     # (a default's: timm's are warned about by inject_clora)
+        print(f"clora-continual: the default targets' names {missing} match no layer of this model; the {len(chosen)} "
+              f"layers the others match are adapted (e.g. {chosen[:3]}; --targets chooses)", file=sys.stderr)
     small = min(min(base.get_submodule(n).in_features, base.get_submodule(n).out_features) for n in chosen)
     if args.rank > small:
         raise DataError(f"--rank {args.rank}: the targeted layers need rank <= {small} (their smallest side)")
