@@ -340,6 +340,9 @@ class CLoRALinear(nn.Linear):
         if name == "task_index":    # (a bad one was saved, then refused by load_adapter, or broke state_dict())
             _check_task_index(value)
             value = int(value)
+            # what the forward reads of it (the policies' `acts`): a bool, so torch.compile's guard on it takes two
+            # values, where one on the int recompiled after every end_task (fullgraph=True failed at the 9th task)
+            self.__dict__["_after_first_task"] = value > 0
         if name in ("alpha", "scaling") and "rank" in self.__dict__:
             if not _finite_real(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r} (alpha and scaling = alpha / rank "
@@ -518,6 +521,7 @@ class CLoRALinear(nn.Linear):
 
     def __setstate__(self, state):
         fingerprint = state.pop("_enforced_fingerprint", None)
+        state.setdefault("_after_first_task", state.get("task_index", 0) > 0)     # (a layer pickled before it)
         super().__setstate__(state)
         if fingerprint is not None:
             try:

@@ -206,7 +206,7 @@ class Freeze(Protection):
     name = "freeze"
 
     def acts(self, layer) -> bool:
-        return layer.task_index > 0
+        return layer._after_first_task
 
     def operands(self, layer, lora_A, lora_B, grad_through_old_route):
         return lora_A.detach(), lora_B.detach(), grad_through_old_route
@@ -266,7 +266,7 @@ class Project(Protection):
 
     # ---- training -------------------------------------------------------------------------
     def acts(self, layer) -> bool:
-        return layer.task_index > 0
+        return layer._after_first_task
 
     def operands(self, layer, lora_A, lora_B, grad_through_old_route):
         # The stop-gradient on the old route exists to keep it from moving; the projection keeps

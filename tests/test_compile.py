@@ -130,6 +130,42 @@ def test_freeze_after_the_first_task_compiles_in_one_graph(seed):
     assert rel_err(torch.compile(model, fullgraph=True, backend="eager")(x), model(x)) < 1e-6
 
 
+@torch._dynamo.config.patch(**{"recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit")
+                                else "cache_size_limit": 3})     # (its name before torch 2.7)
+def test_a_compiled_model_is_not_compiled_again_for_every_task(seed):
+    """The policies' forward read task_index > 0, and Dynamo guarded on the int: every end_task under
+    "freeze" (the default) compiled the model again, so fullgraph=True failed at the 9th task (torch's
+    8 compiles) and without it the run fell back to eager (a helper's attack). At most one compile more
+    now (the factors' requires_grad, off from the second task)."""
+    torch._dynamo.reset()
+    for protection in ("freeze", "project"):
+        model = torch.nn.Sequential(ck.CLoRALinear(12, 8, rank=2, backend="torch", protection=protection),
+                                    torch.nn.ReLU(), ck.CLoRALinear(8, 4, rank=2, backend="torch",
+                                                                    protection=protection))
+        compiled = torch.compile(model, fullgraph=protection == "freeze", backend="eager")
+        x = torch.randn(5, 12)
+        for task in range(6):
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+            y = compiled(x)
+            assert rel_err(y, model(x)) < 1e-6, (protection, task)
+            y.square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if protection == "project":
+                with torch.no_grad(), ck.observe_task(model):
+                    model(x)
+            ck.end_task(model)
+        torch._dynamo.reset()
+    layer = ck.CLoRALinear(6, 5, rank=2, backend="torch")
+    layer.end_task()
+    state = layer.__getstate__()
+    del state["_after_first_task"]          # a layer pickled before the flag
+    old = ck.CLoRALinear.__new__(ck.CLoRALinear)
+    old.__setstate__(state)
+    x = torch.randn(3, 6)
+    assert old._after_first_task is True and torch.equal(old(x), layer(x))
+
+
 # ---- cases a review of the compile / export surface found (each fails without its fix) ------------
 def test_compiled_activation_checkpointing_in_one_graph(seed):
     """The validation memo's write, a mutation of the module inside the traced region, was refused by
