@@ -1308,6 +1308,9 @@ def unmatched_targets(target_modules, names: list) -> list:
     return [t for t in target_modules if not any(map(_name_selector([t], "target_modules"), names))]
 
 
+# a module path through an attention block (blocks.0.attn.q, attn_pool.kv, layer.0.attention.self.query)
+_ATTENTION_PART = re.compile(r"(^|\.)(attn|attention|self_attn)[^.]*\.")
+
 # inject_clora's default targets (timm's ViT names); this object itself, not an equal list a caller gives,
 # leaves out narrow layers as "all-linear" does (select_targets)
 DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
@@ -1340,6 +1343,7 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
         chosen = (lambda name: named(name) and name not in heads) if default else named
     excluded = (lambda name: False) if exclude_modules is None else _name_selector(exclude_modules, "exclude_modules")
     names = [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
+    small = []
     if (all_linear or default) and isinstance(rank, int) and not isinstance(rank, bool):
         pattern = rank_pattern or {}
         small = [n for n in names if min(model.get_submodule(n).weight.shape) < pattern_value(pattern, n, rank)]
@@ -1379,10 +1383,17 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
         unmatched = unmatched_targets(DEFAULT_TARGETS, names)
         plain = [n for n, m in model.named_modules() if n and _linear_like(m) and n not in heads and n not in names
                  and not isinstance(m, CLoRALinear)]
+        # ... or where they all match somewhere, attention layers named otherwise beside them (CaiT's class
+        # attention q / k / v and talking heads proj_l / proj_w, SigLIP's attention pool q / kv)
+        attention = [n for n in plain if n not in small and n not in read and _ATTENTION_PART.search(n)]
         if unmatched and plain:
             warnings.warn(f"the default targets {unmatched} match no layer of this model, and {len(plain)} of its "
                           f"linear layers are left without an adapter: {plain[:8]} (name them in target_modules, or "
                           f"pass 'all-linear')", UserWarning, stacklevel=3)
+        elif attention:
+            warnings.warn(f"the default targets (timm's ViT names {list(DEFAULT_TARGETS)}) leave {len(attention)} "
+                          f"linear layer(s) of attention blocks without an adapter: {attention[:8]} (name them in "
+                          f"target_modules, or pass 'all-linear')", UserWarning, stacklevel=3)
     if all_linear and warn:
         experts = [n for n, m in model.named_modules() if _fused_experts(m)]
         if experts:

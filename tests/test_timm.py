@@ -115,5 +115,12 @@ def test_default_targets_leave_the_head_alone_and_say_what_they_miss():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ck.inject_clora(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, pretrained=False), rank=4)
+    # every default name matches somewhere, and attention layers named otherwise stayed plain without a word
+    # (CaiT's class attention q / k / v, SigLIP's attention pool; a second timm sweep)
+    cait = timm.create_model("cait_xxs24_224", img_size=32, depth=1, depth_token_only=1, pretrained=False)
+    with pytest.warns(UserWarning, match=r"default targets \(timm's ViT names .*\) leave 5 linear layer\(s\) of "
+                                         r"attention blocks without an adapter: \['blocks.0.attn.proj_l', "
+                                         r"'blocks.0.attn.proj_w', 'blocks_token_only.0.attn.q'"):
+        ck.inject_clora(cait, rank=4)
     with pytest.raises(ValueError, match=r"the output head is left out: \['head.classifier.0', 'head.classifier.4'\]"):
         ck.inject_clora(timm.create_model("efficientvit_b0", num_classes=10, pretrained=False), "all-linear")
