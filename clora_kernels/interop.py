@@ -358,12 +358,13 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
                          "(e.g. nn.Sequential(layer)) and save that")
     rank, rank_pattern = _common_and_pattern(model, [(n, m.rank) for n, m in layers])
     alpha, alpha_pattern = _common_and_pattern(model, [(n, _peft_number(m.alpha)) for n, m in layers])
-    if modules_to_save is not None and not isinstance(modules_to_save, (str, bytes)):
-        modules_to_save = list(modules_to_save)      # (an iterator, read once)
-    if isinstance(modules_to_save, (str, bytes)) or not (modules_to_save is None or
-                                                         all(isinstance(n, str) for n in modules_to_save)):
-        raise TypeError(f"save_peft_adapter: modules_to_save must be a list of module names (PEFT's form), got "
-                        f"{modules_to_save!r}")
+    if modules_to_save is not None:
+        iterable = hasattr(modules_to_save, "__iter__") and not isinstance(modules_to_save, (str, bytes))
+        names = list(modules_to_save) if iterable else []      # (an iterator: read once)
+        if not iterable or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"save_peft_adapter: modules_to_save must be a list of module names (PEFT's form), got "
+                            f"{modules_to_save!r}")
+        modules_to_save = names
     if task_type is not None and task_type not in _PEFT_TASK_HEADS:
         raise ValueError(f"save_peft_adapter: task_type {task_type!r} is none of PEFT's ({', '.join(_PEFT_TASK_HEADS)}) "
                          f"or None")
