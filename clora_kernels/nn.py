@@ -228,6 +228,8 @@ class CLoRALinear(nn.Linear):
         self.merged = False
         self.fan_in_fan_out = False      # True: `weight` is stored (in, out), transformers' Conv1D layout
         self.adapter_enabled = True      # False inside disable_adapter(): the base layer alone
+        self._observing = False          # (in the instance from the start: observe_task's first write into the
+        # __dict__ made a model compiled before it compile again, Dynamo having guarded on the key's absence)
         self.tied_to = []                # other parameters sharing `weight` (inject_clora, ck.merge(model) find them)
         fk = {"device": device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **fk))
@@ -522,6 +524,7 @@ class CLoRALinear(nn.Linear):
     def __setstate__(self, state):
         fingerprint = state.pop("_enforced_fingerprint", None)
         state.setdefault("_after_first_task", state.get("task_index", 0) > 0)     # (a layer pickled before it)
+        state.setdefault("_observing", False)
         super().__setstate__(state)
         if fingerprint is not None:
             try:

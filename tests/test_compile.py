@@ -166,6 +166,23 @@ def test_a_compiled_model_is_not_compiled_again_for_every_task(seed):
     assert old._after_first_task is True and torch.equal(old(x), layer(x))
 
 
+def test_observe_task_does_not_compile_the_model_again(seed):
+    """observe_task's first write of `_observing` put the key into the layer's __dict__, where Dynamo had
+    guarded on its absence: a model compiled before the pass compiled again after it."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.nn.Sequential(ck.CLoRALinear(12, 8, rank=2, backend="torch", protection="project"))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(5, 12)
+    compiled(x)
+    with torch.no_grad(), ck.observe_task(model):
+        model(x)
+    assert rel_err(compiled(x), model(x)) < 1e-6
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 # ---- cases a review of the compile / export surface found (each fails without its fix) ------------
 def test_compiled_activation_checkpointing_in_one_graph(seed):
     """The validation memo's write, a mutation of the module inside the traced region, was refused by
