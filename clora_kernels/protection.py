@@ -351,9 +351,12 @@ class Project(Protection):
             # as enforced): a fused optimizer's step on these tensors, or another model's. A tensor still
             # holding its enforced values keeps them bit for bit (projected again, it moved by its rounding:
             # a model trained beside another drifted 1e-8 per step of the other's optimizer, and two equal
-            # models trained one after the other in a process ended 1.8e-7 apart). By a tensor comparison,
-            # not a branch on it: no device sync
-            kept = None if force or last is None or now[:-1] != last[:-1] else layer.__dict__.get("_enforced_values")
+            # models trained one after the other in a process ended 1.8e-7 apart). Forced too (end_task): a
+            # tensor a forward projected since the last step is not projected twice, so DDP ranks whose observe
+            # pass fed one of them no batch end the task bit for bit equal (they differed by up to 7e-7); a `.data`
+            # edit, what force is for, changes the values, which are then projected. By a tensor comparison, not
+            # a branch on it: no device sync
+            kept = None if last is None or now[:-1] != last[:-1] else layer.__dict__.get("_enforced_values")
             with exact_math(layer.lora_A):          # (not in the caller's autocast: kept across steps)
                 for i, (t, projected) in enumerate(zip(tensors, self.projected(layer, *tensors))):
                     if projected is not t:
