@@ -1126,7 +1126,7 @@ def _main_images(ap, args, done: list) -> int:
             kept = saved.get("methods", {})
         else:
             print(f"clora-continual: {args.out}/results.json held seeds {saved.get('meta', {}).get('seeds')}; it "
-                  f"now holds this command's methods alone, on seeds {args.seeds}", file=sys.stderr)
+                  f"will hold this command's methods alone, on seeds {args.seeds}, each written as it ends", file=sys.stderr)
 
     def save(methods, protocol):
         meta.update(protocol)

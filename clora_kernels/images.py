@@ -312,6 +312,12 @@ def _result_key(args) -> dict:
     return {k: list(v) if isinstance(v := getattr(args, k), tuple) else v for k in keys}
 
 
+def _settings(key: dict) -> dict:
+    """A result key with the head's learning rate as trained: --head-lr left out is --lr (a run
+    resumed with it spelt out was refused as made with other settings)."""
+    return {**key, "head_lr": key.get("lr") if key.get("head_lr") is None else key["head_lr"]}
+
+
 def backbone_fingerprint(base: nn.Module, head: str) -> str:
     """A digest of the frozen backbone's weights and buffers (the classifier `head`, new for every
     seed, left out): a run resumed on another backbone (a rebuilt mnist5k cache, other timm weights)
@@ -379,9 +385,10 @@ def check_run_dir(args) -> None:
     if not args.resume:
         raise DataError(f"--out {args.out!r} holds a run already; pass --resume to continue it, or another --out")
     # (runs older than --data-seed and --pretrain-seed)
-    saved = {"data_seed": 0, "pretrain_seed": 0 if args.dataset == "mnist5k" else None,
-             **json.load(open(meta)).get("result_key", {})}
-    diff = sorted(k for k in set(saved) | set(_result_key(args)) if saved.get(k) != _result_key(args).get(k))
+    saved = _settings({"data_seed": 0, "pretrain_seed": 0 if args.dataset == "mnist5k" else None,
+                       **json.load(open(meta)).get("result_key", {})})
+    now = _settings(_result_key(args))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         raise DataError(f"--resume: the run in {args.out!r} was made with other settings ({', '.join(diff)}: "
                         f"{[saved.get(k) for k in diff]}); resume with the same command")

@@ -130,6 +130,10 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     _refused(argv, capsys, "holds a run already; pass --resume")
     _refused([a if a != "32" else "48" for a in argv] + ["--resume"], capsys, "other settings (image_size")
     assert cc.main(argv + ["--resume"]) == 0                   # complete: nothing left to train
+    # --head-lr spelt out as the --lr it defaults to is the same setting (it was refused); another is not
+    lr = str(cc._DEFAULTS["images"]["lr"])
+    assert cc.main(argv + ["--resume", "--head-lr", lr]) == 0
+    _refused(argv + ["--resume", "--head-lr", "0.5"], capsys, "other settings (head_lr")
     # a resume that runs another method keeps the run's results of the earlier ones in results.json
     other = [a if a != "simple_cil" else "seq_lora" for a in argv] + ["--resume", "--json", str(tmp_path / "o.json")]
     assert cc.main(other) == 0
