@@ -1039,6 +1039,18 @@ def test_an_adapter_injected_under_inference_mode_trains_and_explains_after_it(s
     with torch.inference_mode():
         made = ck.CLoRALinear.from_linear(nn.Linear(12, 10), rank=3)
     assert made.weight.is_inference() and made.lora_A.is_inference()
+    # and runs outside it with grad mode on, as nn.Linear made there does (the Function's save for the
+    # backward failed with torch's "Inference tensors cannot be saved for backward"; a helper's attack)
+    with torch.inference_mode():
+        made.lora_B.copy_(torch.randn(10, 3))
+    x = torch.randn(4, 12)
+    want = reference_formula(x.double(), made.weight.double(), made.bias.double(), made.lora_A.double(),
+                             made.lora_B.double(), made.routing_old.double(), made.routing_delta.double(), None,
+                             made.scaling)
+    assert rel_err(made(x), want) < 1e-6
+    with torch.inference_mode():
+        built = nn.Sequential(ck.CLoRALinear(12, 10, rank=3), nn.GELU())
+    assert built(x).shape == (4, 10)
 
 
 def test_load_adapter_refuses_a_meta_model(tmp_path):

@@ -356,8 +356,18 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
         y = _resolved_forward(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling, need_t,
                               backend, pad_t=False)[0]
     else:
-        y = _EagerLinear.apply(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-                               grad_through_old_route, need_t, backend)
+        try:
+            y = _EagerLinear.apply(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                                   grad_through_old_route, need_t, backend)
+        except RuntimeError:
+            # operands made under torch.inference_mode (a layer built there), used outside it with grad mode
+            # on: the Function cannot save them for its backward, where nn.Linear's ops, which autograd does
+            # not record on them, return the output: the formula in those ops, as nn.Linear would
+            if not any(t is not None and t.is_inference() for t in (x, weight, bias, lora_a, lora_b, routing_old,
+                                                                     routing_delta, projection)):
+                raise
+            return _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
+                                   grad_through_old_route)
     if dim == 2:        # nothing to flatten: the op's output (never a view) is the result
         return y
     # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
