@@ -336,6 +336,13 @@ class CLoRALinear(nn.Linear):
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
         if name == "grad_through_old_route":
             value = check_flag(name, value)
+        if name == "backend" and value not in BACKEND_NAMES:    # (refused here, not at the next forward)
+            raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {value!r}")
+        if name == "rank" and "rank" in self.__dict__ and value != self.__dict__["rank"]:
+            # (the adapter's tensors, the scaling and the policy's state are of the rank made: a write left a
+            # layer whose reset_adapter, merge and saves failed or disagreed with its tensors)
+            raise ValueError(f"rank is the adapter's size, {self.__dict__['rank']}, fixed when the layer is made; "
+                             f"for rank {value!r}, make a new layer (CLoRALinear.from_linear, inject_clora)")
         if name == "protect_energy":    # (at construction)
             _check_energy(value)
             value = float(value)

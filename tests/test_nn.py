@@ -116,9 +116,16 @@ def test_operands_revalidated_after_every_change(seed):
     with pytest.raises(ValueError, match="scaling must be a finite real number"):
         layer(torch.randn(2, 16))
     layer = fresh()
-    layer.backend = "tpu"
+    with pytest.raises(ValueError, match="backend must be one of"):     # refused when set (was: at the forward)
+        layer.backend = "tpu"
+    layer.__dict__["backend"] = "tpu"                                    # and if it got there anyway
     with pytest.raises(ValueError, match="backend must be one of"):
         layer(torch.randn(2, 16))
+    layer = fresh()
+    with pytest.raises(ValueError, match="rank is the adapter's size, 4, fixed"):   # (reset_adapter failed later)
+        layer.rank = 8
+    layer.rank = 4
+    layer.reset_adapter()
     layer = fresh()
     for bad, err, words in [(torch.randn(2, 15), ValueError, r"15 features.*in_features=16"),
                             (torch.ones(2, 16, dtype=torch.int64), TypeError, "floating-point"),
