@@ -1251,6 +1251,14 @@ _WEIGHT_READERS = {
         (("k_proj",), _always, "convolves with {w}"),
     ("transformers.models.maskformer.modeling_maskformer", "MaskFormerDetrMHAttentionMap"):
         (("k_proj",), _always, "convolves with {w}"),
+    ("transformers.models.dab_detr.modeling_dab_detr", "DabDetrMHAttentionMap"):
+        (("k_linear",), _always, "convolves with {w}"),
+    **{(f"transformers.models.{package}.modeling_{module}", "TDNNLayer"): (("kernel",), _always, "convolves with {w}")
+       for package, module in (("wav2vec2", "wav2vec2"), ("wavlm", "wavlm"), ("unispeech_sat", "unispeech_sat"),
+                               ("data2vec", "data2vec_audio"), ("wav2vec2_bert", "wav2vec2_bert"),
+                               ("wav2vec2_conformer", "wav2vec2_conformer"))},     # (the XVector heads)
+    ("transformers.models.layoutlmv2.modeling_layoutlmv2", "LayoutLMv2Encoder"):
+        (("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"), _always, "looks up rows of {w} as a table"),
     ("timm.models.naflexvit", "NaFlexEmbeds"):
         (("proj",), lambda p: bool(getattr(p, "enable_patch_interpolator", False)),
          "passes {w} to its patch interpolator for pre-patchified 5-D input (enable_patch_interpolator)", True),

@@ -1055,3 +1055,30 @@ def test_a_tied_head_travels_tied_with_peft_ensure_weight_tying(tmp_path, seed):
     save_file(tensors, str(bad / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"ensure_weight_tying, but the tied tensors .* hold different values"):
         ck.load_peft_adapter(ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj"], rank=2), bad)
+
+
+def test_transformers_layers_whose_parent_reads_their_weight_are_refused(seed):
+    """The XVector heads' TDNNLayer convolves with `kernel.weight`, DAB-DETR's attention map with
+    `k_linear.weight`, LayoutLMv2's encoder looks up rows of its relative-position layers' weights: an
+    adapter there never ran (the outputs stayed the base's exactly, and merge then changed them), with no
+    word (a helper's attack). Named, they are refused; under "all-linear" left out with a warning."""
+    cfg = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2, tdnn_dim=(16, 16, 32),
+        tdnn_kernel=(3, 1, 1), tdnn_dilation=(1, 1, 1), xvector_output_dim=16, num_labels=3)
+    model = transformers.Wav2Vec2ForXVector(cfg).eval()
+    with pytest.raises(ValueError, match=r"'tdnn.0.kernel' cannot be adapted: TDNNLayer convolves with the weight "
+                                         r"of 'kernel'.*3 such layer"):
+        ck.inject_clora(model, target_modules=["kernel"], rank=4)
+    with pytest.warns(UserWarning, match="'all-linear' leaves out 3 layer"):
+        ck.inject_clora(model, "all-linear", rank=4)
+    assert clora_layers(model) and not any(n.endswith("kernel") for n, _ in clora_layers(model))
+    from transformers.models.dab_detr.modeling_dab_detr import DabDetrMHAttentionMap
+    with pytest.raises(ValueError, match="DabDetrMHAttentionMap convolves with the weight of 'k_linear'"):
+        ck.inject_clora(DabDetrMHAttentionMap(16, 16, 2, 0.0), target_modules=["q_linear", "k_linear"], rank=2)
+    from transformers.models.layoutlmv2.modeling_layoutlmv2 import LayoutLMv2Encoder
+    encoder = LayoutLMv2Encoder(transformers.LayoutLMv2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        has_relative_attention_bias=True, has_spatial_attention_bias=True))
+    with pytest.raises(ValueError, match="LayoutLMv2Encoder looks up rows of the weight of 'rel_pos_bias'"):
+        ck.inject_clora(encoder, target_modules=["rel_pos_bias", "query"], rank=2)
