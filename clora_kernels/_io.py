@@ -19,6 +19,13 @@ def parent_made(path: str) -> str:
     return path
 
 
+def check_path(path, what: str, name: str = "path") -> None:
+    """A TypeError naming `what`'s argument where `path` is no str or os.PathLike (None reached
+    os.stat's own message, which named neither)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what}: {name} must be a str or os.PathLike, got {type(path).__name__}")
+
+
 def _tmp_suffix() -> str:
     """The suffix of `write_atomic`'s temporary name: this process and thread."""
     return f".{os.getpid()}.{threading.get_ident()}.tmp"

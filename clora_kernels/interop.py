@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._io import read_safetensors, write_atomic
+from ._io import check_path, read_safetensors, write_atomic
 from .functional import exact_math, finite_number
 from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, check_patterns, nonfinite,
                  pattern_value, placed_originals, refuse_meta, set_tensors, tensor_at, unwrapped, wrapper_prefix)
@@ -119,6 +119,7 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     unless told otherwise. The model then computes what the PEFT model computes. Every layer is
     checked first; on any error nothing is changed and a ValueError names the layer, the tensor or the
     option. lora_dropout is not kept (C-LoRA layers have no dropout)."""
+    check_path(directory, "load_peft_adapter", "directory")
     model = unwrapped(model)
     layers = _require_layers(model, "load_peft_adapter")
     config = _read_config(directory)
@@ -350,6 +351,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     the previous files, or the new weights beside the previous config. Under FSDP2 every rank calls
     it and rank 0 writes (as save_adapter)."""
     from safetensors.torch import save_file
+    check_path(directory, "save_peft_adapter", "directory")
     model = unwrapped(model)
     layers = _require_layers(model, "save_peft_adapter")
     refuse_meta(layers, "save_peft_adapter")
@@ -365,6 +367,9 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
             raise TypeError(f"save_peft_adapter: modules_to_save must be a list of module names (PEFT's form), got "
                             f"{modules_to_save!r}")
         modules_to_save = names
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, (str, os.PathLike)):
+        raise TypeError(f"save_peft_adapter: base_model_name_or_path must be a str (a hub name or a folder) or None, "
+                        f"got {base_model_name_or_path!r}")
     if task_type is not None and task_type not in _PEFT_TASK_HEADS:
         raise ValueError(f"save_peft_adapter: task_type {task_type!r} is none of PEFT's ({', '.join(_PEFT_TASK_HEADS)}) "
                          f"or None")
@@ -450,7 +455,8 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
               "fan_in_fan_out": all(m.fan_in_fan_out for _, m in layers), "use_rslora": False, "use_dora": False,
               "modules_to_save": saved or None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
               "init_lora_weights": True,
-              "inference_mode": True, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path}
+              "inference_mode": True, "task_type": task_type,
+              "base_model_name_or_path": None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)}
     if partners:
         config["ensure_weight_tying"] = True
 

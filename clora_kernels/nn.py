@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._io import read_safetensors, write_atomic
+from ._io import check_path, read_safetensors, write_atomic
 from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
@@ -665,6 +665,8 @@ class CLoRALinear(nn.Linear):
         for 16-bit weights, where W + Δ − Δ rounds away from W (one bf16 cycle changed 60 % of
         the elements), at the cost of one more weight while merged; fp32/fp64 subtract (their
         rounding is far below the adapter's tolerance). merge_and_unload keeps none."""
+        if keep_original is not None:       # (a str was taken for its truth: "no" kept the copy)
+            keep_original = check_flag("keep_original", keep_original)
         if self.merged:
             return
         why = self._refusal("merge")
@@ -1133,9 +1135,16 @@ def refuse_meta(layers, what: str) -> None:
                          f"materialise the model first (to_empty, then its weights or an adapter load)")
 
 
+def _check_model(model, what: str) -> None:
+    """A TypeError naming `what` where `model` is no nn.Module (None met `.modules` first)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def _require_layers(model: nn.Module, what: str, reshard: bool = True) -> list:
     """The model's C-LoRA layers (a ValueError for `what` when it has none), FSDP2's parameters
     resharded first (`_resharded`) unless the caller runs inside the training step (`reshard`)."""
+    _check_model(model, what)
     if reshard:
         _resharded(model)
     layers = clora_layers(model)
@@ -1349,6 +1358,7 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
     rank above its size), and warn naming them (with `warn`; where every layer is, none is left out:
     the layers' refusal names the rank); a name or regex that the caller gives keeps them, and the
     layer refuses."""
+    _check_model(model, "select_targets")
     all_linear = _all_linear(target_modules)
     default = target_modules is DEFAULT_TARGETS
     heads = _output_heads(model) if all_linear or default else set()
@@ -1479,6 +1489,7 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
     whose qualified name matches `(.*\\.)?(regex)$` (the first key that matches), `rank` / `alpha`
     for the others; a key that matches no adapted layer warns, as in PEFT. Every replacement is
     built first: if one fails (a rank too large for one layer, say), the model is left as it was."""
+    _check_model(model, "inject_clora")
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern, "inject_clora")
     names = select_targets(model, target_modules, exclude_modules, rank=rank, rank_pattern=rank_pattern)
     if not names:
@@ -1720,6 +1731,8 @@ def orthogonality_loss(model: nn.Module) -> Tensor:
 
 def merge(model: nn.Module, keep_original=None) -> None:
     """Merge every C-LoRA layer (CLoRALinear.merge; keep_original as there), or none of them."""
+    if keep_original is not None:
+        keep_original = check_flag("keep_original", keep_original)
     for _, m in _layers_that_can(model, "merge"):
         m.merge(keep_original)
 
@@ -1864,6 +1877,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> tuple:
     """(trainable, total) parameter counts of the model, each shared parameter counted once."""
+    _check_model(model, "trainable_parameters")
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
@@ -1887,6 +1901,7 @@ def save_adapter(model: nn.Module, path) -> None:
     writes the file, and it returns on every rank once the file is there. Unsharded models (one
     process, DDP) write wherever it is called."""
     from safetensors.torch import save_file
+    check_path(path, "save_adapter")
     model = unwrapped(model)
     layers = _require_layers(model, "save_adapter")
     refuse_meta(layers, "save_adapter")
@@ -1969,6 +1984,7 @@ def load_adapter(model: nn.Module, path) -> None:
     model must be in the file with the same shapes, and every layer of the file in the model;
     everything is checked first, so on any error nothing is changed and a ValueError names the
     layer and the sizes."""
+    check_path(path, "load_adapter")
     model = unwrapped(model)
     layers = _require_layers(model, "load_adapter")
 

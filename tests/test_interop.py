@@ -1082,3 +1082,21 @@ def test_transformers_layers_whose_parent_reads_their_weight_are_refused(seed):
         has_relative_attention_bias=True, has_spatial_attention_bias=True))
     with pytest.raises(ValueError, match="LayoutLMv2Encoder looks up rows of the weight of 'rel_pos_bias'"):
         ck.inject_clora(encoder, target_modules=["rel_pos_bias", "query"], rank=2)
+
+
+def test_peft_directories_that_are_no_paths_are_named(tmp_path):
+    """None as the directory met os.stat's message, which named neither the helper nor the argument; a
+    base model name that is no str went into adapter_config.json, and merge's keep_original took a str
+    for its truth (a helper's attack)."""
+    net = ck.inject_clora(nn.Sequential(nn.Linear(8, 8)), ["0"], rank=2)
+    for fn in (ck.save_peft_adapter, ck.load_peft_adapter):
+        with pytest.raises(TypeError, match=f"{fn.__name__}: directory must be a str or os.PathLike, got NoneType"):
+            fn(net, None)
+    with pytest.raises(TypeError, match="base_model_name_or_path must be a str .* got 5"):
+        ck.save_peft_adapter(net, tmp_path / "a", base_model_name_or_path=5)     # (it was written into the config)
+    with pytest.raises(TypeError, match="keep_original must be a bool, got 'no'"):
+        ck.merge(net, keep_original="no")                                   # (taken for its truth: True)
+    assert not clora_layers(net)[0][1].merged and not (tmp_path / "a").exists()
+    ck.save_peft_adapter(net, tmp_path / "b", base_model_name_or_path=tmp_path / "base")    # a path is a str there
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base")

@@ -1,4 +1,5 @@
 """CLoRALinear, the task lifecycle, merge, persistence and the model helpers."""
+import contextlib
 import copy
 import io
 import json
@@ -348,6 +349,18 @@ def test_helpers_refuse_models_without_clora():
             fn(_Net())
     with pytest.raises(ValueError, match="no nn.Linear or Conv1D layer matches"):
         ck.inject_clora(_Net(), target_modules=("nothing",))
+    # no model, no path: the helper and its argument named (None met `.modules` or os.stat first)
+    for fn in (ck.end_task, ck.orthogonality_loss, ck.merge, ck.unmerge, ck.merge_and_unload, ck.inject_clora,
+               ck.trainable_parameters, ck.disable_adapter, ck.observe_task):
+        with pytest.raises(TypeError, match=f"{fn.__name__}: model must be a torch.nn.Module, got NoneType"):
+            with contextlib.ExitStack() as stack:
+                out = fn(None)
+                if hasattr(out, "__enter__"):
+                    stack.enter_context(out)
+    net = ck.inject_clora(_Net(), rank=4)
+    for fn in (ck.save_adapter, ck.load_adapter):
+        with pytest.raises(TypeError, match=f"{fn.__name__}: path must be a str or os.PathLike, got NoneType"):
+            fn(net, None)
 
 
 @pytest.mark.parametrize("tensor,protection", [("routing_delta", "freeze"), ("lora_A", "project"),
@@ -776,7 +789,7 @@ def test_merge_refuses_a_computed_weight(seed, how):
     y = net(x)
     for call in (ck.merge, ck.merge_and_unload, net[1].merge):
         with pytest.raises(ValueError, match=r"merge: this layer's weight is computed by torch.nn.utils.prune"):
-            call(net) if call is not net[1].merge else call()
+            call(net) if call != net[1].merge else call()       # (a bound method is new at each access: ==)
         assert not net[0].merged and not net[1].merged
         assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items() if torch.is_tensor(v))
     assert torch.equal(net(x), y)
