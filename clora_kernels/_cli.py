@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ._io import TMP_SUFFIX_LONGEST
+from ._io import TMP_SUFFIX_LONGEST, _tmp_suffix, special_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -107,6 +107,10 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
         ap.error(f"argument {flag}: the path is empty")
     if os.path.isdir(path) and not folder_ok:
         ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
+    if special_file(path) and not folder_ok:    # (a device or a pipe, written into: its folder is not written)
+        if not os.access(path, os.W_OK):
+            ap.error(f"argument {flag}: {path!r} is not writable")
+        return
     folder = os.path.abspath(path if folder_ok else os.path.dirname(os.path.abspath(path)))
     existing = folder
     while not os.path.exists(existing):
@@ -127,6 +131,13 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
         ap.error(f"argument {flag}: the name {long[0][:40]!r}... is longer than this file system's {name_max} bytes"
                  + (f" (with the up to {len(TMP_SUFFIX_LONGEST)} characters of the temporary name the file is "
                     f"written through)" if atomic else ""))
+    if existing == folder:      # a file made and removed there: a folder that takes none (/proc) passed the tests
+        probe = os.path.join(folder, ".clora-probe" + _tmp_suffix())    # above and failed after the work
+        try:
+            open(probe, "x").close()
+            os.remove(probe)
+        except OSError as exc:
+            ap.error(f"argument {flag}: no file can be written in the folder {folder!r} ({exc.strerror})")
 
 
 def check_distinct(ap: argparse.ArgumentParser, *outputs) -> None:

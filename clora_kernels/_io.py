@@ -35,12 +35,27 @@ def _tmp_suffix() -> str:
 TMP_SUFFIX_LONGEST = f".{2 ** 22}.{2 ** 64 - 1}.tmp"
 
 
+def special_file(path) -> bool:
+    """Whether `path` (a link followed) is there and is neither a regular file nor a folder: a device,
+    a pipe or a socket (/dev/null, /dev/stdout), which `write_atomic` writes into, never replaces."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def write_atomic(path, write) -> None:
     """`write(tmp)` into a temporary file beside `path` (its folder made where missing), then an atomic
     rename: a reader, or a run interrupted mid-write (a killed torchrun rank, Ctrl-C), never sees a
     half-written file; the previous complete file stays until replaced. The temporary name holds the
     process and thread: two writers of the same path do not share it. A symlink is written through (its
-    target replaced), and a replaced file keeps its permissions, as a write in place kept them."""
+    target replaced), and a replaced file keeps its permissions, as a write in place kept them. A device,
+    pipe or socket (`special_file`) is written into: replaced, root's --json /dev/null became a file, and
+    /dev/stdout, a pipe, had no folder to write a temporary file in."""
+    if special_file(path):
+        write(os.fspath(path))
+        return
     path = os.path.realpath(path)
     tmp = parent_made(path) + _tmp_suffix()
     try:

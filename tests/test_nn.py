@@ -4,6 +4,7 @@ import copy
 import io
 import json
 import math
+import os
 import warnings
 
 import numpy as np
@@ -1426,6 +1427,34 @@ def test_output_names_are_checked_as_they_are_written(tmp_path):
     with pytest.raises(SystemExit):
         _cli.check_output(ap, "--json", path, atomic=True)
     _cli.check_output(ap, "--json", str(tmp_path / ("c" * 200)), atomic=True)
+
+
+def test_outputs_that_are_pipes_are_written_into_and_folders_that_take_no_file_are_refused(tmp_path):
+    """An output that is a device or a pipe was replaced by the atomic write's rename (root's --json
+    /dev/null became a regular file), or failed after the work (/dev/stdout: no folder for the temporary
+    file); a folder that takes no file (/proc) passed the check and failed at the first write."""
+    import argparse
+    import stat
+    import threading
+    from clora_kernels import _cli
+    from clora_kernels._io import write_json_atomic
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    ap = argparse.ArgumentParser(prog="p")
+    _cli.check_output(ap, "--json", str(fifo), atomic=True)
+    write_json_atomic(fifo, {"a": 1})
+    reader.join(10)
+    assert got and json.loads(got[0]) == {"a": 1}
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(SystemExit):
+            _cli.check_output(ap, "--json", "/proc/x.json", atomic=True)
+    assert os.listdir(tmp_path) == ["out.json"]             # (the check's probe file is gone)
+    _cli.check_output(ap, "--json", str(tmp_path / "fine.json"), atomic=True)
+    assert os.listdir(tmp_path) == ["out.json"]
 
 
 def test_one_module_under_several_names_is_no_tie(seed):
