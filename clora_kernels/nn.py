@@ -1409,11 +1409,15 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
         # a model whose blocks name their layers otherwise (EVA-02: q_proj, k_proj, v_proj, fc1_g, fc1_x) got
         # adapters on the layers that share timm's names only, without a word
         unmatched = unmatched_targets(DEFAULT_TARGETS, names)
+        # (not those narrower than the rank they would get: named, they are refused, and 'all-linear' leaves them
+        # out, so the advice below failed for them: SwinV2's cpb_mlp, a small Mixer's token MLPs)
+        pattern = rank_pattern or {}
         plain = [n for n, m in model.named_modules() if n and _linear_like(m) and n not in heads and n not in names
-                 and not isinstance(m, CLoRALinear)]
+                 and not isinstance(m, CLoRALinear) and not (
+                     isinstance(rank, int) and min(m.weight.shape) < pattern_value(pattern, n, rank))]
         # ... or where they all match somewhere, attention layers named otherwise beside them (CaiT's class
         # attention q / k / v and talking heads proj_l / proj_w, SigLIP's attention pool q / kv)
-        attention = [n for n in plain if n not in small and n not in read and _ATTENTION_PART.search(n)]
+        attention = [n for n in plain if n not in read and _ATTENTION_PART.search(n)]
         if unmatched and plain:
             warnings.warn(f"the default targets {unmatched} match no layer of this model, and {len(plain)} of its "
                           f"linear layers are left without an adapter: {plain[:8]} (name them in target_modules, or "

@@ -122,5 +122,12 @@ def test_default_targets_leave_the_head_alone_and_say_what_they_miss():
                                          r"attention blocks without an adapter: \['blocks.0.attn.proj_l', "
                                          r"'blocks.0.attn.proj_w', 'blocks_token_only.0.attn.q'"):
         ck.inject_clora(cait, rank=4)
+    # and the layers in those lists are those that advice can adapt: SwinV2's 2 -> 512 cpb_mlp.0 is narrower
+    # than rank 16, so naming it was refused and 'all-linear' left it out (a third timm sweep)
+    swin = timm.create_model("swinv2_tiny_window8_256", img_size=64, depths=(1, 1, 1, 1), window_size=2,
+                             pretrained=False)
+    with pytest.warns(UserWarning, match=r"leave 1 linear layer\(s\) of attention blocks without an adapter: "
+                                         r"\['layers.3.blocks.0.attn.cpb_mlp.2'\]"):
+        ck.inject_clora(swin)
     with pytest.raises(ValueError, match=r"the output head is left out: \['head.classifier.0', 'head.classifier.4'\]"):
         ck.inject_clora(timm.create_model("efficientvit_b0", num_classes=10, pretrained=False), "all-linear")
