@@ -292,9 +292,9 @@ def build_parser():
                          "split into an even number of interleaved rounds (about one per 5 calls, 2 to 6); in "
                          "each round a variant makes one untimed call, then its timed ones")
     ap.add_argument("--json", default=None, help="written after every batch size and mode")
-    ap.add_argument("--trace", default=None, help="write a Chrome trace of one variant here")
+    ap.add_argument("--trace", default=None, help="write a Chrome trace of one variant here (eager, the first batch)")
     ap.add_argument("--trace-variant", default=None, help="variant for --trace/--top (default: first unmerged)")
-    ap.add_argument("--top", type=_cli.non_negative_int, default=0, help="print the N most expensive kernels of that variant")
+    ap.add_argument("--top", type=_cli.non_negative_int, default=0, help="print the N most expensive kernels of that variant (eager, the first batch)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (none when stderr is not a terminal)")
     return ap
 
@@ -319,8 +319,13 @@ def _main(argv) -> int:
         ap.error("argument --img-size: not for --model minilm (text of 64 tokens)")
     quick = device.type == "cpu" and not args.full
     defaults = CPU_QUICK if quick else FULL
-    args.batch = args.batch or defaults["batch"]
+    # (a batch or mode given twice timed its group twice: repeated rows, in the table and the JSON)
+    args.batch = list(dict.fromkeys(args.batch or defaults["batch"]))
+    args.mode = list(dict.fromkeys(args.mode))
+    args.backends = None if args.backends is None else list(dict.fromkeys(args.backends))
     args.iters = args.iters if args.iters is not None else defaults["iters"]
+    if args.trace_variant is not None and not (args.trace or args.top):
+        ap.error("argument --trace-variant: names the variant of --trace or --top; give one of them")
     _cli.check_output(ap, "--json", args.json, atomic=True)
     _cli.check_output(ap, "--trace", args.trace)
     _cli.check_distinct(ap, ("--json", args.json), ("--trace", args.trace))
@@ -442,7 +447,7 @@ def _main(argv) -> int:
         if args.top:
             print(f"\ntop {args.top} ops of {name}, batch {args.batch[0]}, eager:\n{table}")
         if args.trace:
-            print(f"Chrome trace of {name} written to {args.trace}")
+            print(f"Chrome trace of {name}, batch {args.batch[0]}, eager, written to {args.trace}")
     if failed:
         print(f"clora-profile: {failed} of {len(jobs)} runs failed (above)", file=sys.stderr)
         return 1

@@ -193,9 +193,13 @@ def test_profile_failures_exit_1(tmp_path, capsys):
 
 def test_profile_json(tmp_path, capsys):
     js = tmp_path / "p.json"
-    assert profile_main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "1", "2", "--rank", "4",
-                         "--mode", "eager", "--iters", "2", "--warmup", "1", "--json", str(js), "--top", "5"]) == 0
+    # (a batch or mode given twice is timed once: its rows were repeated, in the table and the JSON)
+    assert profile_main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "1", "2", "1", "--rank",
+                         "4", "--mode", "eager", "eager", "--iters", "2", "--warmup", "1", "--json", str(js), "--top",
+                         "5"]) == 0
     data = json.loads(js.read_text())
+    keys = [(r["variant"], r["batch"], r["mode"]) for r in data["results"]]
+    assert len(keys) == len(set(keys)) and {b for _, b, _ in keys} == {1, 2}
     variants = {r["variant"] for r in data["results"]}
     assert {"plain", "clora-merged", "clora-torch", "peft"} <= variants
     for r in data["results"]:
@@ -246,6 +250,7 @@ def test_profile_default_targets_leave_out_narrow_layers(tmp_path, capsys):
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--backends", "cuda", "--device", "cpu"],
      "none of the requested backends"),
     (["--model", "minilm", "--img-size", "32"], "argument --img-size: not for --model minilm"),
+    (["--trace-variant", "peft"], "argument --trace-variant: names the variant of --trace or --top"),   # (ignored)
 ])
 def test_profile_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
     (tmp_path / "file").write_text("")
