@@ -357,7 +357,7 @@ def check_fingerprints(args, backbone: str, data: str, log=print) -> None:
     `backbone` and `data`; a run from before a fingerprint cannot be checked, and says so)."""
     if not (args.out and args.resume):
         return
-    run = json.load(open(os.path.join(args.out, "run.json")))
+    run = read_run_json(args.out)
     why = {"backbone": "the backbone's weights differ from those the run in {out!r} began on (fingerprint {now}, "
                        "the run's {saved}: a rebuilt pre-training cache, or other weights)",
            "data": "the data differ from those the run in {out!r} began on (fingerprint {now}, the run's {saved}: an "
@@ -368,6 +368,20 @@ def check_fingerprints(args, backbone: str, data: str, log=print) -> None:
             log(f"clora-continual: the run in {args.out!r} predates {key} fingerprints; its {key} is not checked")
         elif saved != now:
             raise DataError("--resume: " + why[key].format(out=args.out, now=now, saved=saved) + "; start a new --out")
+
+
+def read_run_json(out: str) -> dict:
+    """--out's run.json, or a DataError naming it where it cannot be read (a truncated or hand-edited
+    file was a JSONDecodeError traceback)."""
+    path = os.path.join(out, "run.json")
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--resume: {path} cannot be read ({exc}); start a new --out") from None
+    if not isinstance(run, dict):
+        raise DataError(f"--resume: {path} holds no run's settings; start a new --out")
+    return run
 
 
 def check_run_dir(args) -> None:
@@ -386,7 +400,7 @@ def check_run_dir(args) -> None:
         raise DataError(f"--out {args.out!r} holds a run already; pass --resume to continue it, or another --out")
     # (runs older than --data-seed and --pretrain-seed)
     saved = _settings({"data_seed": 0, "pretrain_seed": 0 if args.dataset == "mnist5k" else None,
-                       **json.load(open(meta)).get("result_key", {})})
+                       **read_run_json(args.out).get("result_key", {})})
     now = _settings(_result_key(args))
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
@@ -579,11 +593,20 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
             protos = cc.PrototypeHead(num_classes, cc.feature_dim(model.get_submodule(head), reference)).to(device) \
                 if classifier == "prototype" else None
             start, acc, before = 0, [], 0.0
-            state = ckpt.load() if ckpt and getattr(args, "resume", False) else None
-            if state is not None:
-                ckpt.restore(model, state, protos, gen)
-                start, acc, before = state["task"] + 1, state["acc"], state.get("seconds", 0.0)
-                log(f"{method} seed {seed}: resumed after task {state['task']}")
+            state = None
+            if ckpt and getattr(args, "resume", False):
+                try:
+                    state = ckpt.load()
+                    if state is not None:
+                        ckpt.restore(model, state, protos, gen)
+                        start, acc, before = state["task"] + 1, state["acc"], state.get("seconds", 0.0)
+                except Exception as exc:    # (truncated, a file of it removed, hand-edited: a torch or safetensors
+                    first = (str(exc).strip().splitlines() or [""])[0]      # traceback mid-run)
+                    raise DataError(f"--resume: the checkpoint of {method} seed {seed} in {ckpt.folder} cannot be "
+                                    f"read ({type(exc).__name__}: {first}); remove that folder to train {method} "
+                                    f"seed {seed} again, or start a new --out") from None
+                if state is not None:
+                    log(f"{method} seed {seed}: resumed after task {state['task']}")
             began = time.perf_counter()
             if method == "joint":
                 rows = cc.run_joint(model, tasks, args, seed, progress, head=head, prototypes=protos, device=device,

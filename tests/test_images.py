@@ -123,6 +123,33 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
              "imagenet-r / folder")
 
 
+def test_resume_names_a_damaged_run_and_outputs_on_the_runs_files_are_refused(tmp_path, capsys):
+    """A truncated run.json or checkpoint was a JSONDecodeError / PytorchStreamReader traceback, a truncated
+    results.json one after the backbone and data had loaded; --json on run.json overwrote it (every later
+    --resume refused), on a method folder failed mid-run; a method given twice trained twice and was
+    reported once (a helper's attack)."""
+    data = _folder(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ARGS + ["--data-dir", str(data), "--methods", "seq_lora", "--out", str(out)]
+    for extra in (["--json", str(out / "run.json")], ["--json", str(out)], ["--json", str(out / "seq_lora")],
+                  ["--plot", str(out / "seq_lora" / "seed0" / "m.png")]):
+        _refused(argv + extra, capsys, f"is a file the run in --out {str(out)!r} writes itself")
+    _refused(ARGS + ["--data-dir", str(data), "--methods", "seq_lora", "simple_cil", "seq_lora"], capsys,
+             "--methods: ['seq_lora'] given more than once")
+    assert cc.main(argv + ["--json", str(out / "mine.json")]) == 0           # (beside the run's files: fine)
+    (out / "results.json").write_text("{")
+    assert cc.main(argv + ["--resume"]) == 0      # (its rows come from the checkpoints again)
+    assert "results.json cannot be read" in capsys.readouterr().err
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"seq_lora"}
+    state = out / "seq_lora" / "seed0" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    assert cc.main(argv + ["--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "the checkpoint of seq_lora seed 0 in" in err and "remove that folder" in err and "Traceback" not in err
+    (out / "run.json").write_text("{")
+    _refused(argv + ["--resume"], capsys, "run.json cannot be read")
+
+
 def test_resume_refuses_other_settings(tmp_path, capsys):
     data = _folder(tmp_path / "data")
     argv = ARGS + ["--data-dir", str(data), "--methods", "simple_cil", "--out", str(tmp_path / "run")]
