@@ -1678,7 +1678,7 @@ def _end_tasks(layers: list) -> None:
 
 
 @contextlib.contextmanager
-def observe_task(model: nn.Module):
+def observe_task(model: nn.Module, group=None):
     """Record the inputs of every C-LoRA layer whose protection policy needs them (protection=
     'project'), for the next end_task:
 
@@ -1692,9 +1692,14 @@ def observe_task(model: nn.Module):
     pass split over threads sums whole; a request served by the same model meanwhile is recorded
     too: serve from a copy). In a multi-process job (DDP) every process runs the block on its share of the
     task's data; at its end the Grams are summed over the processes (an all-reduce), so each
-    protects the whole task's inputs."""
+    protects the whole task's inputs. `group`: the processes holding replicas of the model, whose
+    inputs are summed (torch.distributed's process group); default: a DistributedDataParallel
+    wrapper's own group where `model` is one, else every process of the job (models trained apart in
+    one job, an ensemble or seeds side by side, each protected the others' inputs: pass their group)."""
     layers = [m for _, m in _require_layers(model, "observe_task", reshard=False)
               if m.protection.needs_inputs and not m._observing]   # nested: counted once
+    if group is None and isinstance(model, nn.parallel.DistributedDataParallel):
+        group = model.process_group
     for m in layers:
         m._observing = True
     try:
@@ -1705,7 +1710,7 @@ def observe_task(model: nn.Module):
         raise
     else:
         for m in layers:
-            m.protection.observed(m)
+            m.protection.observed(m, group)
         if any(m._observed_rows for m in layers):
             for m in layers:        # a pass that fed other layers but never reached these (a branch the
                 if not m._observed_rows:    # task does not use): they have no new inputs to protect

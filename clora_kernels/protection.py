@@ -14,7 +14,7 @@ init / merge / forward):
                             factors, so they get no gradient; project: plain gradients)
     enforce(layer, force)   put the trainable tensors back on the allowed set (project)
     observe(layer, x)       accumulate the inputs of a pass over the task's data (project)
-    observed(layer)         after that pass (project: sums the inputs over the processes of a DDP job)
+    observed(layer, group)  after that pass (project: sums the inputs over the processes holding replicas)
     not_ready(layer)        why end_task cannot run yet ('' when it can), checked before anything changes
     prepare_end_task(layer, routing, P)  the policy's state after the task, made before anything changes
     end_task(layer, prepared)  after the routing fold (routing_delta is 0 then): takes that state
@@ -144,8 +144,9 @@ class Protection:
     def observe(self, layer, x: Tensor) -> None:
         pass
 
-    def observed(self, layer) -> None:
-        """After a pass inside observe_task ends normally (every process of a job runs it together)."""
+    def observed(self, layer, group=None) -> None:
+        """After a pass inside observe_task ends normally (every process of `group`, the processes holding
+        replicas of the model, runs it together; None: every process of the job)."""
 
     def not_ready(self, layer) -> str:
         return ""
@@ -402,19 +403,20 @@ class Project(Protection):
             layer._observed_batches += 1
             layer._observed_empty = False
 
-    def observed(self, layer) -> None:
-        """Several processes (DDP): each observed its share of the task's data; sum the Grams, so
-        every process protects the whole task's inputs, as one process given all of them would."""
+    def observed(self, layer, group=None) -> None:
+        """Several processes (DDP): each observed its share of the task's data; sum the Grams over
+        `group` (the replicas' processes; None: the job's), so every process protects the whole task's
+        inputs, as one process given all of them would."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1):
+                and torch.distributed.get_world_size(group) > 1):
             return
         k = layer.in_features
         gram = layer._observed if layer._observed is not None else torch.zeros(
             k, k, device=layer.lora_A.device, dtype=sum_dtype(layer.lora_A.dtype))
         batches = getattr(layer, "_observed_batches", 0) if layer._observed is not None else 0
         counts = torch.tensor([layer._observed_rows, batches], dtype=torch.float64, device=gram.device)
-        torch.distributed.all_reduce(gram)
-        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(gram, group=group)
+        torch.distributed.all_reduce(counts, group=group)
         layer._observed, layer._observed_rows, layer._observed_batches = gram, int(counts[0]), int(counts[1])
 
     @staticmethod

@@ -219,6 +219,19 @@ def _ddp_worker(rank, world, out_dir):
     res["find_unused"] = _results(once, os.path.join(out_dir, f"ddp_unused{rank}.safetensors"))
     projected = _train(_model(protection="project"), rank, world, wrap=DDP, observe=True)
     res["project"] = _results(projected, os.path.join(out_dir, f"ddp_project{rank}.safetensors"))
+    # models trained apart in one job (each rank its own, in a one-rank DDP group): observe_task summed the
+    # inputs over every process, so each protected the other's too (a helper's attack). It sums over the
+    # wrapper's group, or the one given
+    groups = [dist.new_group([r]) for r in range(world)]    # (every rank makes every group)
+    x, _ = _batch(0, rank, world)
+    res["apart_rows"] = []
+    for how in ("wrapper", "group"):
+        apart = _model(protection="project")
+        net = DDP(apart, process_group=groups[rank])
+        with torch.no_grad(), (ck.observe_task(net) if how == "wrapper" else
+                               ck.observe_task(apart, group=groups[rank])):
+            net(x)
+        res["apart_rows"].append(apart[0]._observed_rows)
     stale = _model()
     ddp = DDP(stale)              # wrapped once, without find_unused_parameters: what the README warns about
     try:
@@ -339,6 +352,7 @@ def test_ddp_project_policy_equals_one_process(ddp, one_process_project):
                                                       for t in ("lora_A", "lora_B", "routing_delta"))
     for rank, res in enumerate(ddp):
         _assert_same(res["project"], one_process_project, f"rank {rank} project")
+        assert res["apart_rows"] == [B // WORLD * 2] * 2, rank        # its own rows only (3-D: 2 per sample)
 
 
 def test_ddp_wrapped_once_fails_after_end_task(ddp):
