@@ -1101,14 +1101,19 @@ def _resharded(model: nn.Module) -> None:
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The module inside torch.compile's, DistributedDataParallel's or DataParallel's wrapper (any
-    nesting of them), else `model`: a wrapper names every submodule `_orig_mod.<name>` or
-    `module.<name>`, which adapter files would then carry (a PEFT model would not find them)."""
+    """The module inside torch.compile's, DistributedDataParallel's or DataParallel's wrapper, or an
+    averaged copy's (torch's AveragedModel, timm's ModelEma / V2 / V3) (any nesting of them), else
+    `model`: a wrapper names every submodule `_orig_mod.<name>` or `module.<name>`, which adapter
+    files would then carry (a PEFT model would not find them: it loaded an averaged copy's PEFT
+    directory with a warning and no adapter)."""
     dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    swa = sys.modules.get("torch.optim.swa_utils")
     while True:
         if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
             model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
+                swa is not None and isinstance(model, swa.AveragedModel)) or (
+                type(model).__module__ == "timm.utils.model_ema" and type(model).__name__.startswith("ModelEma")):
             model = model.module
         else:
             return model

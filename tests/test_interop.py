@@ -1100,3 +1100,35 @@ def test_peft_directories_that_are_no_paths_are_named(tmp_path):
     ck.save_peft_adapter(net, tmp_path / "b", base_model_name_or_path=tmp_path / "base")    # a path is a str there
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         tmp_path / "base")
+
+
+def test_averaged_copies_save_and_load_as_their_model(tmp_path):
+    """torch's AveragedModel and timm's ModelEmaV3 name every layer `module.<name>`: an averaged copy's
+    PEFT directory held those names, which PEFT loaded with a warning and no adapter (outputs 1.35 off),
+    and its adapter file refused a plain model's (a helper's attack). They are unwrapped as DDP's is."""
+    from peft import PeftModel
+    from torch.optim.swa_utils import AveragedModel
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = ck.inject_clora(build(), ["0", "2"], rank=3)
+    with torch.no_grad():
+        for _, m in clora_layers(model):
+            m.lora_B.normal_()
+    x = torch.randn(4, 6)
+    averaged = AveragedModel(model)
+    ck.save_peft_adapter(averaged, tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)         # (PEFT's "missing adapter keys")
+        served = PeftModel.from_pretrained(build(), str(tmp_path / "peft"))
+    assert rel_err(served(x), model(x)) < 1e-6
+    ck.save_adapter(model, tmp_path / "plain.safetensors")
+    ck.load_adapter(averaged, tmp_path / "plain.safetensors")
+    timm_ema = pytest.importorskip("timm.utils.model_ema")
+    ema = timm_ema.ModelEmaV3(model, decay=0.9)
+    ck.save_adapter(ema, tmp_path / "ema.safetensors")
+    ck.load_adapter(ema, tmp_path / "plain.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ema.safetensors"), "pt") as f:
+        assert sorted(json.loads(f.metadata()["layers"])) == ["0", "2"]
