@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import stat
+import tempfile
 
 import torch
 
-from ._io import TMP_SUFFIX_LONGEST, _tmp_suffix, special_file
+from ._io import TMP_SUFFIX_LONGEST, special_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -107,10 +109,21 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
         ap.error(f"argument {flag}: the path is empty")
     if os.path.isdir(path) and not folder_ok:
         ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
-    if special_file(path) and not folder_ok:    # (a device or a pipe, written into: its folder is not written)
-        if not os.access(path, os.W_OK):
-            ap.error(f"argument {flag}: {path!r} is not writable")
-        return
+    if not folder_ok:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            st = None
+        if st is not None and any(os.path.samestat(st, own) for own in _own_streams()):
+            # (/dev/stdout: a pipe got a document per write, among the table's lines; a file it is redirected
+            # to was replaced, and what the command printed went to the replaced one)
+            ap.error(f"argument {flag}: {path!r} is this command's own output, where it prints; give a file")
+        if st is not None and stat.S_ISSOCK(st.st_mode):
+            ap.error(f"argument {flag}: {path!r} is a socket; give a file")
+        if special_file(path):      # (a device or a named pipe, written into: its folder is not written)
+            if not os.access(path, os.W_OK):
+                ap.error(f"argument {flag}: {path!r} is not writable")
+            return
     folder = os.path.abspath(path if folder_ok else os.path.dirname(os.path.abspath(path)))
     existing = folder
     while not os.path.exists(existing):
@@ -131,13 +144,25 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
         ap.error(f"argument {flag}: the name {long[0][:40]!r}... is longer than this file system's {name_max} bytes"
                  + (f" (with the up to {len(TMP_SUFFIX_LONGEST)} characters of the temporary name the file is "
                     f"written through)" if atomic else ""))
-    if existing == folder:      # a file made and removed there: a folder that takes none (/proc) passed the tests
-        probe = os.path.join(folder, ".clora-probe" + _tmp_suffix())    # above and failed after the work
+    # a file made and removed in the nearest existing folder: one that takes none (/proc) passed the tests above
+    # and failed after the work
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".clora-probe", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as exc:
+        ap.error(f"argument {flag}: the folder {existing!r} takes no new file ({exc.strerror})")
+
+
+def _own_streams() -> list:
+    """The stat of this process's standard output and error, where they are open."""
+    out = []
+    for fd in (1, 2):
         try:
-            open(probe, "x").close()
-            os.remove(probe)
-        except OSError as exc:
-            ap.error(f"argument {flag}: no file can be written in the folder {folder!r} ({exc.strerror})")
+            out.append(os.fstat(fd))
+        except OSError:
+            pass
+    return out
 
 
 def check_distinct(ap: argparse.ArgumentParser, *outputs) -> None:

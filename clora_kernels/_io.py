@@ -36,13 +36,13 @@ TMP_SUFFIX_LONGEST = f".{2 ** 22}.{2 ** 64 - 1}.tmp"
 
 
 def special_file(path) -> bool:
-    """Whether `path` (a link followed) is there and is neither a regular file nor a folder: a device,
-    a pipe or a socket (/dev/null, /dev/stdout), which `write_atomic` writes into, never replaces."""
+    """Whether `path` (a link followed) is a device or a named pipe (/dev/null), which `write_atomic`
+    writes into, never replaces (a pipe's reader gets one document per write)."""
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):
         return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)
 
 
 def write_atomic(path, write) -> None:
@@ -50,9 +50,8 @@ def write_atomic(path, write) -> None:
     rename: a reader, or a run interrupted mid-write (a killed torchrun rank, Ctrl-C), never sees a
     half-written file; the previous complete file stays until replaced. The temporary name holds the
     process and thread: two writers of the same path do not share it. A symlink is written through (its
-    target replaced), and a replaced file keeps its permissions, as a write in place kept them. A device,
-    pipe or socket (`special_file`) is written into: replaced, root's --json /dev/null became a file, and
-    /dev/stdout, a pipe, had no folder to write a temporary file in."""
+    target replaced), and a replaced file keeps its permissions, as a write in place kept them. A device
+    or a named pipe (`special_file`) is written into: replaced, root's --json /dev/null became a file."""
     if special_file(path):
         write(os.fspath(path))
         return

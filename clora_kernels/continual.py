@@ -1144,12 +1144,14 @@ def _main_images(ap, args, done: list) -> int:
             with open(os.path.join(args.out, "results.json")) as f:
                 saved = json.load(f)
             held, methods = saved.get("meta", {}).get("seeds"), saved.get("methods", {})
+            if not isinstance(methods, dict):
+                raise ValueError("its 'methods' is no mapping")
         except (OSError, ValueError, AttributeError) as exc:    # (truncated or hand-edited: a traceback, after the
             # backbone and data had loaded; the checkpoints give the finished methods' rows again)
             print(f"clora-continual: {args.out}/results.json cannot be read ({exc}); it will hold this command's "
                   f"methods, each written as it ends", file=sys.stderr)
         else:
-            if held == args.seeds and isinstance(methods, dict):
+            if held == args.seeds:
                 kept = methods
             else:
                 print(f"clora-continual: {args.out}/results.json held seeds {held}; it will hold this command's "

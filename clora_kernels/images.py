@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import sys
 import time
 
@@ -379,7 +380,7 @@ def read_run_json(out: str) -> dict:
             run = json.load(f)
     except (OSError, ValueError) as exc:
         raise DataError(f"--resume: {path} cannot be read ({exc}); start a new --out") from None
-    if not isinstance(run, dict):
+    if not isinstance(run, dict) or not isinstance(run.get("result_key", {}), dict):
         raise DataError(f"--resume: {path} holds no run's settings; start a new --out")
     return run
 
@@ -600,11 +601,14 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
                     if state is not None:
                         ckpt.restore(model, state, protos, gen)
                         start, acc, before = state["task"] + 1, state["acc"], state.get("seconds", 0.0)
-                except Exception as exc:    # (truncated, a file of it removed, hand-edited: a torch or safetensors
-                    first = (str(exc).strip().splitlines() or [""])[0]      # traceback mid-run)
+                except (RuntimeError, ValueError, KeyError, EOFError, FileNotFoundError, pickle.UnpicklingError) \
+                        as exc:     # (truncated, a file of it removed, hand-edited: a torch or safetensors traceback
+                    if isinstance(exc, torch.OutOfMemoryError):     # mid-run; not a failure of the machine's)
+                        raise
+                    first = (str(exc).strip().splitlines() or [""])[0]
                     raise DataError(f"--resume: the checkpoint of {method} seed {seed} in {ckpt.folder} cannot be "
                                     f"read ({type(exc).__name__}: {first}); remove that folder to train {method} "
-                                    f"seed {seed} again, or start a new --out") from None
+                                    f"seed {seed} again, or start a new --out") from exc
                 if state is not None:
                     log(f"{method} seed {seed}: resumed after task {state['task']}")
             began = time.perf_counter()

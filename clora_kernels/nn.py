@@ -179,9 +179,13 @@ def _check_config(in_features: int, out_features: int, rank, alpha, mode, protec
         raise ValueError(f"alpha must be a finite number or None (None means alpha = rank), got {alpha!r}")
     _check_mode(mode)
     _check_energy(protect_energy)
+    _check_backend(backend)
+    make_protection(protection)
+
+
+def _check_backend(backend) -> None:
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
-    make_protection(protection)
 
 
 def _lifecycle_step(method):
@@ -336,9 +340,9 @@ class CLoRALinear(nn.Linear):
         # what the forward computes with (scaling) is what a save writes (alpha: save_adapter, lora_alpha)
         if name == "grad_through_old_route":
             value = check_flag(name, value)
-        if name == "backend" and value not in BACKEND_NAMES:    # (refused here, not at the next forward)
-            raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {value!r}")
-        if name == "rank" and "rank" in self.__dict__ and value != self.__dict__["rank"]:
+        if name == "backend":       # (refused here, not at the next forward)
+            _check_backend(value)
+        if name == "rank" and "rank" in self.__dict__ and not (type(value) is int and value == self.__dict__["rank"]):
             # (the adapter's tensors, the scaling and the policy's state are of the rank made: a write left a
             # layer whose reset_adapter, merge and saves failed or disagreed with its tensors)
             raise ValueError(f"rank is the adapter's size, {self.__dict__['rank']}, fixed when the layer is made; "
@@ -1376,10 +1380,13 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
         chosen = (lambda name: named(name) and name not in heads) if default else named
     excluded = (lambda name: False) if exclude_modules is None else _name_selector(exclude_modules, "exclude_modules")
     names = [n for n, m in model.named_modules() if n and _linear_like(m) and chosen(n) and not excluded(n)]
+    pattern, ranked = rank_pattern or {}, isinstance(rank, int) and not isinstance(rank, bool)
+
+    def narrow(n):      # narrower than the rank it would get: named, the layer refuses it
+        return ranked and min(model.get_submodule(n).weight.shape) < pattern_value(pattern, n, rank)
     small = []
-    if (all_linear or default) and isinstance(rank, int) and not isinstance(rank, bool):
-        pattern = rank_pattern or {}
-        small = [n for n in names if min(model.get_submodule(n).weight.shape) < pattern_value(pattern, n, rank)]
+    if (all_linear or default) and ranked:
+        small = [n for n in names if narrow(n)]
         if len(small) == len(names):    # every one: the layers' refusal says the rank, not "nothing matched"
             small = []
         if small and warn:
@@ -1416,10 +1423,8 @@ def select_targets(model: nn.Module, target_modules, exclude_modules=None, rank=
         unmatched = unmatched_targets(DEFAULT_TARGETS, names)
         # (not those narrower than the rank they would get: named, they are refused, and 'all-linear' leaves them
         # out, so the advice below failed for them: SwinV2's cpb_mlp, a small Mixer's token MLPs)
-        pattern = rank_pattern or {}
         plain = [n for n, m in model.named_modules() if n and _linear_like(m) and n not in heads and n not in names
-                 and not isinstance(m, CLoRALinear) and not (
-                     isinstance(rank, int) and min(m.weight.shape) < pattern_value(pattern, n, rank))]
+                 and not isinstance(m, CLoRALinear) and not narrow(n)]
         # ... or where they all match somewhere, attention layers named otherwise beside them (CaiT's class
         # attention q / k / v and talking heads proj_l / proj_w, SigLIP's attention pool q / kv)
         attention = [n for n in plain if n not in read and _ATTENTION_PART.search(n)]
@@ -1745,9 +1750,7 @@ def orthogonality_loss(model: nn.Module) -> Tensor:
 
 def merge(model: nn.Module, keep_original=None) -> None:
     """Merge every C-LoRA layer (CLoRALinear.merge; keep_original as there), or none of them."""
-    if keep_original is not None:
-        keep_original = check_flag("keep_original", keep_original)
-    for _, m in _layers_that_can(model, "merge"):
+    for _, m in _layers_that_can(model, "merge"):     # (the first layer checks keep_original before any merges)
         m.merge(keep_original)
 
 

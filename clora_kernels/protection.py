@@ -41,7 +41,8 @@ Policies beyond "paper" are this project's variants, not the paper's method:
              per-coordinate scaling would leak) before each forward that follows a change or an
              optimizer step. An in-place write through `.data` outside an optimizer (a hand-written
              `p.data -= lr * p.grad`) is none of these: write under torch.no_grad() instead, or call
-             `layer.protection.enforce(layer, force=True)` after it. Under torch.func transforms the
+             `layer.protection.enforce(layer, force=True)` after it (which projects the factors
+             whose values changed). Under torch.func transforms the
              forward projects its operands out of place instead (their tensors take no in-place
              write), so there the projection is part of the function and its gradients are the
              projected ones. Needs one pass over each task's data before end_task, inside
@@ -335,7 +336,9 @@ class Project(Protection):
         Runs when one of the three tensors may have changed since it last ran: a new version or
         storage, or an optimizer step anywhere in the process. Writes that are none of these (an
         in-place edit through `.data` outside an optimizer) are not seen: pass force=True after
-        them (end_task forces it; merge and the saves do not, so that neither changes a run)."""
+        them (end_task forces it; merge and the saves do not, so that neither changes a run). Forced, it
+        projects every factor whose values are not those it last enforced (a factor still holding them
+        stays bit for bit: projected again, it would move by its rounding)."""
         if layer.task_index == 0 or (not force and self._versions(layer) == layer._enforced_versions):
             return
         computed = [n for n in ("lora_A", "routing_delta", "lora_B") if n not in layer._parameters]

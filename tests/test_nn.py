@@ -124,8 +124,9 @@ def test_operands_revalidated_after_every_change(seed):
     with pytest.raises(ValueError, match="backend must be one of"):
         layer(torch.randn(2, 16))
     layer = fresh()
-    with pytest.raises(ValueError, match="rank is the adapter's size, 4, fixed"):   # (reset_adapter failed later)
-        layer.rank = 8
+    for bad in (8, 4.0):    # (reset_adapter failed later; an equal float was stored, and saved as r: 4.0)
+        with pytest.raises(ValueError, match="rank is the adapter's size, 4, fixed"):
+            layer.rank = bad
     layer.rank = 4
     layer.reset_adapter()
     layer = fresh()
@@ -1071,7 +1072,9 @@ def test_an_adapter_injected_under_inference_mode_trains_and_explains_after_it(s
     assert rel_err(made(x), want) < 1e-6
     with torch.inference_mode():
         built = nn.Sequential(ck.CLoRALinear(12, 10, rank=3), nn.GELU())
-    assert built(x).shape == (4, 10)
+    assert built(x).shape == (4, 10) and built(torch.randn(2, 3, 12)).shape == (2, 3, 10)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):   # (x needs dx: as nn.Linear)
+        made(x.requires_grad_())
 
 
 def test_load_adapter_refuses_a_meta_model(tmp_path):
@@ -1450,8 +1453,15 @@ def test_outputs_that_are_pipes_are_written_into_and_folders_that_take_no_file_a
     assert got and json.loads(got[0]) == {"a": 1}
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     if os.path.isdir("/proc/self"):
+        for bad in ("/proc/x.json", "/proc/new/x.json", "/dev/stdout"):     # (the last: its table's stream)
+            with pytest.raises(SystemExit):
+                _cli.check_output(ap, "--json", bad, atomic=True)
+    import socket
+    with socket.socket(socket.AF_UNIX) as sock:             # (open() fails on one: refused before the work)
+        sock.bind(str(tmp_path / "s"))
         with pytest.raises(SystemExit):
-            _cli.check_output(ap, "--json", "/proc/x.json", atomic=True)
+            _cli.check_output(ap, "--json", str(tmp_path / "s"), atomic=True)
+    os.remove(tmp_path / "s")
     assert os.listdir(tmp_path) == ["out.json"]             # (the check's probe file is gone)
     _cli.check_output(ap, "--json", str(tmp_path / "fine.json"), atomic=True)
     assert os.listdir(tmp_path) == ["out.json"]

@@ -359,15 +359,21 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
         try:
             y = _EagerLinear.apply(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
                                    grad_through_old_route, need_t, backend)
-        except RuntimeError:
+        except RuntimeError as exc:
             # operands made under torch.inference_mode (a layer built there), used outside it with grad mode
-            # on: the Function cannot save them for its backward, where nn.Linear's ops, which autograd does
-            # not record on them, return the output: the formula in those ops, as nn.Linear would
-            if not any(t is not None and t.is_inference() for t in (x, weight, bias, lora_a, lora_b, routing_old,
-                                                                     routing_delta, projection)):
+            # on: the Function cannot save them for its backward ("Inference tensors cannot be saved"), where
+            # nn.Linear returns its output unless a normal operand (x) needs a gradient through them, and then
+            # raises this. Computed again without grad, on the same backend: nothing a backward could use is
+            # recorded on such tensors (a test of every operand before the call would cost every call; this
+            # path, the rare one, pays a second forward)
+            operands = [t for t in (x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection)
+                        if t is not None]
+            if "nference tensor" not in str(exc) or not any(t.is_inference() for t in operands) or any(
+                    t.requires_grad and not t.is_inference() for t in operands):
                 raise
-            return _frozen_formula(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, scaling,
-                                   grad_through_old_route)
+            with torch.no_grad():
+                y = _resolved_forward(x2, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection,
+                                      scaling, False, backend, pad_t=False)[0]
     if dim == 2:        # nothing to flatten: the op's output (never a view) is the result
         return y
     # not a view of y (reshape would return one): nn.Linear's output is none, and FSDP2's backward
