@@ -19,7 +19,7 @@ def test_bench_quick_json_and_plot(tmp_path, capsys):
                        "--pass", "both", "--backends", "merged", "torch", "compile", "--json", str(js),
                        "--plot", str(png), "--no-progress"]) == 0
     data = json.loads(js.read_text())
-    assert META_FIELDS <= set(data["meta"])
+    assert META_FIELDS <= set(data["meta"]) and data["meta"]["skipped_shapes"] == []
     res = data["results"]
     assert {r["backend"] for r in res} == {"merged", "torch", "compile"}
     assert {r["pass"] for r in res} == {"fwd", "fwd+bwd"}
@@ -128,6 +128,7 @@ def test_bench_failures_exit_1_and_name_skipped_layers(monkeypatch, tmp_path, ca
     assert "skipping vit_b16.qkv@b8 at rank 16: rank > min(K, N) = 12 at --size-div 64" in captured.err
     meta = json.loads(js.read_text())["meta"]
     assert meta["failed"] and all(f.startswith("torch at ") for f in meta["failed"])
+    assert "vit_b16.qkv@b8 at rank 16" in meta["skipped_shapes"]      # (the JSON said nothing of a partial suite)
     assert "merged" in captured.out
 
 

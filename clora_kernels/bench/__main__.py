@@ -84,11 +84,13 @@ def run(args) -> dict:
         widest = max(min(s.k, s.n) for s in layers)
         raise ValueError(f"argument --rank: {args.rank} fits no layer of the {args.suite} suite at --size-div "
                          f"{args.size_div} (the rank must be <= min(K, N), at most {widest} here)")
-    for one in layers:          # the layers a rank does not fit: named
+    unfit = []      # the layers a rank does not fit: named (and in the JSON: a reader saw a whole suite)
+    for one in layers:
         for r in args.rank:
             if r > min(one.k, one.n):
                 print(f"clora-bench: skipping {one.layer} at rank {r}: rank > min(K, N) = {min(one.k, one.n)} at "
                       f"--size-div {args.size_div}", file=sys.stderr)
+                unfit.append(f"{one.layer} at rank {r}")
     if args.cuda_graphs and device.type != "cuda":
         raise ValueError("argument --cuda-graphs: needs a CUDA device")
     variants, skipped = _select_variants(args.backends, device)
@@ -105,6 +107,7 @@ def run(args) -> dict:
                       "torch.utils.benchmark wall clock, median; best of 3 interleaved rounds")
     meta["ceilings"] = measure_ceilings(device, dtype)
     meta["skipped"] = {n: w for n, w in skipped}
+    meta["skipped_shapes"] = unfit
     meta["failed"] = failed = []      # "variant at shape: error", one per failure (main exits 1 if any)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     # the compile row compiles each shape static: one graph per shape and pass (264 for --suite full), beyond
@@ -150,7 +153,7 @@ def run(args) -> dict:
                 step, reset, best = built[name]
                 try:
                     with ctx():
-                        built[name] = (step, reset, min(best, time_us(step, device, reset, args.rep_ms // rounds)))
+                        built[name] = (step, reset, min(best, time_us(step, device, reset, max(1, args.rep_ms // rounds))))
                 except Exception as exc:
                     failed.append(f"{name} at {shape}: {type(exc).__name__}: {exc}")
                     print(f"clora-bench: {name} failed at {shape}: {type(exc).__name__}: {exc}", file=sys.stderr)
