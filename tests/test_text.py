@@ -82,3 +82,35 @@ def test_max_tokens_outside_what_the_model_takes_is_one_line(capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"--max-tokens {n}: minilm takes 3 to 512 tokens per summary (2 of them its special tokens)" in err, err
+
+
+@needs
+def test_model_folders_and_languages_that_cannot_serve_are_one_line(tmp_path, capsys):
+    """A --model folder without its tokenizer ran on a 5-token one (every word [UNK], chance accuracy, exit
+    0); a tokenizer without a pad token, and a model whose pooler-less load failed, were tracebacks; a
+    --language with a '/' looked in another folder (a helper's attack on the text path)."""
+    import transformers
+    path = tx.model_path("minilm")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "notok")
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "nopad")
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "nopad")
+    distil = tmp_path / "distil_bad"
+    transformers.AutoTokenizer.from_pretrained(path).save_pretrained(distil)
+    transformers.DistilBertModel(transformers.DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1,
+                                                               n_heads=2, hidden_dim=64)).save_pretrained(distil)
+    (distil / "model.safetensors").write_bytes(b"garbage" * 10)
+    for extra, words in ((["--model", str(tmp_path / "notok")], "is the tokenizer saved there"),
+                         (["--model", str(tmp_path / "nopad")], "no padding token"),
+                         (["--model", str(distil)], "cannot be loaded"),
+                         (["--language", "x/y"], "--language 'x/y': the package has no summaries for it (it has [")):
+        with pytest.raises(SystemExit) as info:
+            cc.main(TINY + extra)
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err) and words in err[-1], err[-1]
+    with pytest.raises(ValueError, match="per_train must be an int >= 1, got -5"):
+        tx.load_wiki_topics("en-us", -5, 10)
