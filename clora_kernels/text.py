@@ -129,6 +129,9 @@ def prepare(args, progress: bool = True, log=print) -> dict:
         raise DataError(f"--tasks {tasks_n}: the {len(topics)} topics fill at most {len(topics) // 2} tasks of two "
                         f"classes or more")
     path = model_path(args.model)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress:        # (--no-progress: transformers' "Loading weights" bar was drawn all the same)
+        transformers.utils.logging.disable_progress_bar()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
         try:
@@ -138,6 +141,9 @@ def prepare(args, progress: bool = True, log=print) -> dict:
     except Exception as exc:
         raise DataError(f"--model {args.model!r}: cannot be loaded ({type(exc).__name__}: "
                         f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     vocab = getattr(encoder.config, "vocab_size", None)
     if vocab and len(tok) < vocab // 2:
         # a folder saved without its tokenizer: transformers built a few-token one, every word became [UNK], and
