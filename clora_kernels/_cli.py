@@ -114,9 +114,11 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
             st = os.stat(path)
         except (OSError, ValueError):
             st = None
-        if st is not None and any(os.path.samestat(st, own) for own in _own_streams()):
+        if st is not None and not stat.S_ISCHR(st.st_mode) and any(os.path.samestat(st, own)
+                                                                   for own in _own_streams()):
             # (/dev/stdout: a pipe got a document per write, among the table's lines; a file it is redirected
-            # to was replaced, and what the command printed went to the replaced one)
+            # to was replaced, and what the command printed went to the replaced one. A device, /dev/null or a
+            # terminal, is written into)
             ap.error(f"argument {flag}: {path!r} is this command's own output, where it prints; give a file")
         if st is not None and stat.S_ISSOCK(st.st_mode):
             ap.error(f"argument {flag}: {path!r} is a socket; give a file")
@@ -148,10 +150,13 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
     # and failed after the work
     try:
         handle, probe = tempfile.mkstemp(prefix=".clora-probe", dir=existing)
-        os.close(handle)
-        os.remove(probe)
     except OSError as exc:
         ap.error(f"argument {flag}: the folder {existing!r} takes no new file ({exc.strerror})")
+    os.close(handle)
+    try:
+        os.remove(probe)
+    except OSError:     # (a folder that takes files but lets none be removed: the write goes on, the probe stays)
+        pass
 
 
 def _own_streams() -> list:

@@ -342,7 +342,8 @@ class CLoRALinear(nn.Linear):
             value = check_flag(name, value)
         if name == "backend":       # (refused here, not at the next forward)
             _check_backend(value)
-        if name == "rank" and "rank" in self.__dict__ and not (type(value) is int and value == self.__dict__["rank"]):
+        if name == "rank" and "rank" in self.__dict__ and not (
+                isinstance(value, int) and not isinstance(value, bool) and value == self.__dict__["rank"]):
             # (the adapter's tensors, the scaling and the policy's state are of the rank made: a write left a
             # layer whose reset_adapter, merge and saves failed or disagreed with its tensors)
             raise ValueError(f"rank is the adapter's size, {self.__dict__['rank']}, fixed when the layer is made; "
@@ -1116,11 +1117,16 @@ def unwrapped(model: nn.Module) -> nn.Module:
         if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
             model = model._orig_mod
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
-                swa is not None and isinstance(model, swa.AveragedModel)) or (
-                type(model).__module__ == "timm.utils.model_ema" and type(model).__name__.startswith("ModelEma")):
-            model = model.module
+                swa is not None and isinstance(model, swa.AveragedModel)) or _timm_ema(model):
+            model = model.module if isinstance(model, nn.Module) else model.ema     # (timm's first ModelEma: .ema)
         else:
             return model
+
+
+def _timm_ema(model) -> bool:
+    """Whether `model` is one of timm's ModelEma copies (a subclass too), by name: timm is not imported."""
+    return any(c.__module__ == "timm.utils.model_ema" and c.__name__.startswith("ModelEma")
+               for c in type(model).__mro__)
 
 
 def wrapper_prefix(saved, names) -> str:
@@ -1708,8 +1714,12 @@ def observe_task(model: nn.Module, group=None):
     one job, an ensemble or seeds side by side, each protected the others' inputs: pass their group)."""
     layers = [m for _, m in _require_layers(model, "observe_task", reshard=False)
               if m.protection.needs_inputs and not m._observing]   # nested: counted once
-    if group is None and isinstance(model, nn.parallel.DistributedDataParallel):
-        group = model.process_group
+    if group is None:       # (DDP's own group, under torch.compile's wrapper too: torch's DDP + compile recipe)
+        dynamo, inner = sys.modules.get("torch._dynamo.eval_frame"), model
+        while dynamo is not None and isinstance(inner, dynamo.OptimizedModule):
+            inner = inner._orig_mod
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
+            group = inner.process_group
     for m in layers:
         m._observing = True
     try:

@@ -144,11 +144,10 @@ def prepare(args, progress: bool = True, log=print) -> dict:
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    vocab = getattr(encoder.config, "vocab_size", None)
-    if vocab and len(tok) < vocab // 2:
-        # a folder saved without its tokenizer: transformers built a few-token one, every word became [UNK], and
-        # the run ended without a word at chance
-        raise DataError(f"--model {args.model!r}: its tokenizer has {len(tok)} tokens for a model of {vocab}; is the "
+    if len(tok) <= len(set(tok.all_special_tokens)):
+        # a folder saved without its tokenizer: transformers built one of special tokens alone, every word became
+        # [UNK], and the run ended without a word at chance
+        raise DataError(f"--model {args.model!r}: its tokenizer has no token but its {len(tok)} special ones; is the "
                         f"tokenizer saved there (tokenizer.save_pretrained)?")
     if tok.pad_token is None:   # (GPT-2's kind: the summaries are padded to --max-tokens, the mask leaves it out)
         if tok.eos_token is None:

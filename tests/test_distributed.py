@@ -225,11 +225,11 @@ def _ddp_worker(rank, world, out_dir):
     groups = [dist.new_group([r]) for r in range(world)]    # (every rank makes every group)
     x, _ = _batch(0, rank, world)
     res["apart_rows"] = []
-    for how in ("wrapper", "group"):
+    for how in ("wrapper", "compiled wrapper", "group"):     # (torch's DDP + compile recipe compiles the DDP)
         apart = _model(protection="project")
         net = DDP(apart, process_group=groups[rank])
-        with torch.no_grad(), (ck.observe_task(net) if how == "wrapper" else
-                               ck.observe_task(apart, group=groups[rank])):
+        given = {"wrapper": net, "compiled wrapper": torch.compile(net, backend="eager"), "group": apart}[how]
+        with torch.no_grad(), ck.observe_task(given, group=groups[rank] if how == "group" else None):
             net(x)
         res["apart_rows"].append(apart[0]._observed_rows)
     stale = _model()
@@ -352,7 +352,7 @@ def test_ddp_project_policy_equals_one_process(ddp, one_process_project):
                                                       for t in ("lora_A", "lora_B", "routing_delta"))
     for rank, res in enumerate(ddp):
         _assert_same(res["project"], one_process_project, f"rank {rank} project")
-        assert res["apart_rows"] == [B // WORLD * 2] * 2, rank        # its own rows only (3-D: 2 per sample)
+        assert res["apart_rows"] == [B // WORLD * 2] * 3, rank        # its own rows only (3-D: 2 per sample)
 
 
 def test_ddp_wrapped_once_fails_after_end_task(ddp):

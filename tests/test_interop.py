@@ -1132,3 +1132,10 @@ def test_averaged_copies_save_and_load_as_their_model(tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "ema.safetensors"), "pt") as f:
         assert sorted(json.loads(f.metadata()["layers"])) == ["0", "2"]
+    # timm's first ModelEma keeps its copy in .ema (no nn.Module), and a subclass of the others is one too
+    class MyEma(timm_ema.ModelEmaV3):
+        pass
+    for wrapper in (timm_ema.ModelEma(model), MyEma(model)):
+        ck.save_adapter(wrapper, tmp_path / "w.safetensors")
+        with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+            assert sorted(json.loads(f.metadata()["layers"])) == ["0", "2"]

@@ -1456,6 +1456,13 @@ def test_outputs_that_are_pipes_are_written_into_and_folders_that_take_no_file_a
         for bad in ("/proc/x.json", "/proc/new/x.json", "/dev/stdout"):     # (the last: its table's stream)
             with pytest.raises(SystemExit):
                 _cli.check_output(ap, "--json", bad, atomic=True)
+    # /dev/null is written into even where the command's own output goes there too (cron, `> /dev/null`)
+    import subprocess
+    import sys
+    code = ("import argparse, sys; from clora_kernels import _cli; "
+            "_cli.check_output(argparse.ArgumentParser(prog='p'), '--json', '/dev/null', atomic=True)")
+    assert subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
     import socket
     with socket.socket(socket.AF_UNIX) as sock:             # (open() fails on one: refused before the work)
         sock.bind(str(tmp_path / "s"))

@@ -363,9 +363,10 @@ def linear(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projecti
             # operands made under torch.inference_mode (a layer built there), used outside it with grad mode
             # on: the Function cannot save them for its backward ("Inference tensors cannot be saved"), where
             # nn.Linear returns its output unless a normal operand (x) needs a gradient through them, and then
-            # raises this. Computed again without grad, on the same backend: nothing a backward could use is
-            # recorded on such tensors (a test of every operand before the call would cost every call; this
-            # path, the rare one, pays a second forward)
+            # raises this. Computed again without grad, on the same backend: the output takes no gradient (a
+            # layer of inference tensors trains nothing: no optimizer can write them outside inference_mode).
+            # A test of every operand before the call would cost every call; this path, the rare one, pays a
+            # second forward
             operands = [t for t in (x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection)
                         if t is not None]
             if "nference tensor" not in str(exc) or not any(t.is_inference() for t in operands) or any(
