@@ -1138,6 +1138,7 @@ def _main_images(ap, args, done: list) -> int:
                                                               "data": data, "meta": meta})
 
     kept = {}       # a resumed run's results.json keeps the methods this command does not rerun (same seeds)
+    earlier = {}    # and says which command and date each of those came from (meta held this command's alone)
     if args.out and args.resume and os.path.isfile(os.path.join(args.out, "results.json")):
         import json
         try:
@@ -1152,7 +1153,10 @@ def _main_images(ap, args, done: list) -> int:
                   f"methods, each written as it ends", file=sys.stderr)
         else:
             if held == args.seeds:
-                kept = methods
+                kept, old = methods, saved.get("meta", {})
+                came = old.get("earlier") if isinstance(old.get("earlier"), dict) else {}
+                earlier = {name: came.get(name) or {"command": old.get("command"), "date": old.get("date")}
+                           for name in kept}
             else:
                 print(f"clora-continual: {args.out}/results.json held seeds {held}; it will hold this command's "
                       f"methods alone, on seeds {args.seeds}, each written as it ends", file=sys.stderr)
@@ -1162,7 +1166,9 @@ def _main_images(ap, args, done: list) -> int:
         if args.json:
             write_json_atomic(args.json, {"meta": meta, "methods": methods})   # after every method
         if args.out:
-            write_json_atomic(os.path.join(args.out, "results.json"), {"meta": meta, "methods": {**kept, **methods}})
+            before = {name: came for name, came in earlier.items() if name not in methods}
+            write_json_atomic(os.path.join(args.out, "results.json"), {
+                "meta": {**meta, **({"earlier": before} if before else {})}, "methods": {**kept, **methods}})
         done[:] = list(methods)
 
     try:

@@ -164,7 +164,12 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     # a resume that runs another method keeps the run's results of the earlier ones in results.json
     other = [a if a != "simple_cil" else "seq_lora" for a in argv] + ["--resume", "--json", str(tmp_path / "o.json")]
     assert cc.main(other) == 0
-    assert set(json.loads((tmp_path / "run" / "results.json").read_text())["methods"]) == {"simple_cil", "seq_lora"}
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["methods"]) == {"simple_cil", "seq_lora"}
+    # which command each kept method came from (meta named this command alone, which ran no simple_cil)
+    assert set(results["meta"]["earlier"]) == {"simple_cil"}
+    assert "--methods simple_cil" in results["meta"]["earlier"]["simple_cil"]["command"]
+    assert "--methods seq_lora" in results["meta"]["command"]
     assert set(json.loads((tmp_path / "o.json").read_text())["methods"]) == {"seq_lora"}     # (this command's)
     capsys.readouterr()
     # on other seeds the earlier entries would stand under this run's meta.seeds: they are not kept
