@@ -31,6 +31,10 @@ class TritonBackend(KernelBackend):
         if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting() and not auto):
             reasons.append(f"tensors are on {x.device}, the triton backend needs a CUDA device"
                            + (" (the CPU interpreter runs only when asked for by name)" if interpreting() else ""))
+        if x.device.type == "cpu" and interpreting() and x.dtype == torch.bfloat16:
+            # (its output was ~1e10 where the values are ~1: a silent garbage result, not an error)
+            reasons.append("bfloat16 under TRITON_INTERPRET=1: the interpreter's bf16 tl.dot is wrong (measured with "
+                           "triton 3.8 and 3.9); run float32 or float16 there, or bfloat16 on a GPU")
         rows = x.numel() // max(1, x.shape[-1])
         if max(x.numel(), weight.numel(), rows * max(weight.shape)) > _MAX_ELEMS:
             reasons.append("an operand holds 2**31 elements or more (the kernels use int32 offsets)")
