@@ -90,7 +90,7 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
             f"x has {width} features in its last dimension (shape {_shape(x)}) but weight "
             f"expects in_features={k} (weight shape {_shape(weight)})")
     if lora_A.dim() != 2 or lora_A.shape[1] != k or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A must have shape (rank, in_features=({k})), got {_shape(lora_A)}")
+        raise ValueError(f"lora_A must have shape (rank, in_features={k}) with rank >= 1, got {_shape(lora_A)}")
     r = lora_A.shape[0]
     if lora_B.shape != (n, r):
         raise ValueError(f"lora_B must have shape (out_features, rank) = ({n}, {r}), got {_shape(lora_B)} "
