@@ -130,20 +130,34 @@ def prepare(args, progress: bool = True, log=print) -> dict:
                         f"classes or more")
     path = model_path(args.model)
     bars = transformers.utils.logging.is_progress_bar_enabled()
+    verbosity = transformers.utils.logging.get_verbosity()
     if not progress:        # (--no-progress: transformers' "Loading weights" bar was drawn all the same)
         transformers.utils.logging.disable_progress_bar()
+    # transformers' own load report (a table of keys on every run: the pooler's, which the pooler-less
+    # encoder leaves out on purpose) is silenced; the loading info says what it would, checked below
+    transformers.utils.logging.set_verbosity_error()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
         try:
-            encoder = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+            encoder, info = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False,
+                                                                   output_loading_info=True)
         except TypeError:          # an encoder class without a pooler argument
-            encoder = transformers.AutoModel.from_pretrained(path)
+            encoder, info = transformers.AutoModel.from_pretrained(path, output_loading_info=True)
     except Exception as exc:
         raise DataError(f"--model {args.model!r}: cannot be loaded ({type(exc).__name__}: "
                         f"{(str(exc).splitlines() or [''])[0][:200]})") from None
     finally:
+        transformers.utils.logging.set_verbosity(verbosity)
         if bars:
             transformers.utils.logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:     # (transformers initializes them at random and warns: a run on a partly random encoder)
+        raise DataError(f"--model {args.model!r}: its checkpoint lacks {len(missing)} of the encoder's weights "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would be random")
+    unused = sorted(k for k in info.get("unexpected_keys") or () if not k.startswith("pooler."))
+    if unused:      # (another task's head, say: harmless, as transformers says, but said)
+        log(f"note: --model {args.model!r}: {len(unused)} weights of its checkpoint are not the encoder's and are "
+            f"not used ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")
     if len(tok) <= len(set(tok.all_special_tokens)):
         # a folder saved without its tokenizer: transformers built one of special tokens alone, every word became
         # [UNK], and the run ended without a word at chance

@@ -120,3 +120,38 @@ def test_model_folders_and_languages_that_cannot_serve_are_one_line(tmp_path, ca
         assert "Traceback" not in "\n".join(err) and words in err[-1], err[-1]
     with pytest.raises(ValueError, match="per_train must be an int >= 1, got -5"):
         tx.load_wiki_topics("en-us", -5, 10)
+
+
+@needs
+def test_the_load_report_is_silenced_and_its_findings_checked(tmp_path, capfd):
+    """transformers printed a table of the pooler's keys (left out on purpose) on every wiki-topics run; it is
+    silenced, and what it reported is checked: weights missing from the checkpoint (random, where transformers
+    only warned) are refused, weights the encoder does not use (another task's head) get one note."""
+    import safetensors.torch
+    import transformers
+    args = cc.build_parser().parse_args(TINY)
+    cc._fill_defaults(args)
+    lines = []
+    tx.prepare(args, progress=False, log=lines.append)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "UNEXPECTED" not in out + err and not lines, (out, err, lines)
+    path = tx.model_path("minilm")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    for name, model in (("mlm", transformers.BertForMaskedLM(cfg)), ("holed", transformers.BertModel(cfg))):
+        tok.save_pretrained(tmp_path / name)
+        model.save_pretrained(tmp_path / name)
+    weights = tmp_path / "holed" / "model.safetensors"
+    state = safetensors.torch.load_file(weights)
+    del state["encoder.layer.0.attention.self.query.weight"]
+    safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
+    verbosity = transformers.utils.logging.get_verbosity()
+    args.model = str(tmp_path / "mlm")
+    tx.prepare(args, progress=False, log=lines.append)
+    assert len(lines) == 1 and "are not the encoder's and are not used (cls.predictions." in lines[0], lines
+    args.model = str(tmp_path / "holed")
+    with pytest.raises(tx.DataError, match=r"lacks 1 of the encoder's weights \(encoder.layer.0.attention.self."
+                                           r"query.weight\), which would be random"):
+        tx.prepare(args, progress=False, log=lines.append)
+    assert transformers.utils.logging.get_verbosity() == verbosity       # restored
