@@ -17,8 +17,8 @@ the engine's op. Its parameters, adapter storage and compute grow with the numbe
 C-LoRA's do not.
 
 `dual_lora`: after DualLoRA (Chen et al., arXiv 2411.00623, "Replay-Free Continual Low-Rank
-Adaptation with Dynamic Memory"). What its public text states (the v1 abstract; v4's keeps all but
-the two subspaces): an orthogonal LoRA adapter updated in the subspace orthogonal to earlier
+Adaptation with Dynamic Memory"). What its public abstracts state (the two subspaces v1's, the
+calibration v4's): an orthogonal LoRA adapter updated in the subspace orthogonal to earlier
 tasks, a residual LoRA adapter updated in the subspace spanned by the tasks' bases, a dynamic memory
 that balances them, and a calibration by predicted task identity. What this project chose where the text we could read is silent (its method
 section was not available to us; docs/design-notes.md lists the choices):
