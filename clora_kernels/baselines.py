@@ -51,13 +51,15 @@ import contextlib
 import copy
 import itertools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import exact_math
-from .nn import _lifecycle_step, _replace, select_targets
+from .nn import (_check_energy, _finite_real, _lifecycle_step, _replace, replica_group, select_targets,
+                 several_processes)
 from .protection import grow_input_basis
 
 
@@ -69,8 +71,11 @@ class _BaselineLinear(nn.Module):
         super().__init__()
         if type(base) is not nn.Linear:
             raise TypeError(f"{type(self).__name__} wraps an nn.Linear, got {type(base).__name__}")
-        if not 1 <= rank <= min(base.in_features, base.out_features):
-            raise ValueError(f"rank must be in [1, {min(base.in_features, base.out_features)}], got {rank}")
+        most = min(base.in_features, base.out_features)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= most:
+            raise ValueError(f"rank must be an int in [1, {most}], got {rank!r}")
+        if alpha is not None and not _finite_real(alpha):     # (CLoRALinear's rule: inf gave NaN at once)
+            raise ValueError(f"alpha must be a finite number or None (None means alpha = rank), got {alpha!r}")
         self.base = base.requires_grad_(False)
         self.rank = rank
         self.scaling = float(rank if alpha is None else alpha) / rank
@@ -127,6 +132,26 @@ class PerTaskLoRALinear(_BaselineLinear):
             y = y + self.scaling * F.linear(F.linear(input, a), b)
         return y
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a state saved after another number of tasks holds that many branches: the layer takes their count
+        # first (as DualLoRALinear takes the saved bases' width), the newest training. Before, a fresh model
+        # refused a state saved after two tasks (unexpected keys), and a non-strict load dropped the branches
+        saved = 0
+        while prefix + f"lora_A.{saved}" in state_dict and prefix + f"lora_B.{saved}" in state_dict:
+            saved += 1
+        if saved and saved != len(self.lora_A):
+            while len(self.lora_A) < saved:
+                self.next_task()
+            if len(self.lora_A) > saved:
+                with torch.no_grad():
+                    self.lora_A = nn.ParameterList(list(self.lora_A)[:saved])
+                    self.lora_B = nn.ParameterList(list(self.lora_B)[:saved])
+                self.lora_A[-1].requires_grad_(True)
+                self.lora_B[-1].requires_grad_(True)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def adapter_state(self) -> dict:
         """What the adapter stores: every branch."""
         return {f"{n}.{i}": t for n, ts in (("lora_A", self.lora_A), ("lora_B", self.lora_B)) for i, t in enumerate(ts)}
@@ -153,8 +178,7 @@ class DualLoRALinear(_BaselineLinear):
 
     def __init__(self, base: nn.Linear, rank: int = 16, alpha=None, energy: float = 0.99):
         super().__init__(base, rank, alpha)
-        if not 0.0 < energy <= 1.0:
-            raise ValueError(f"energy must be in (0, 1], got {energy!r}")
+        _check_energy(energy, "energy")
         self.energy = float(energy)
         w = base.weight
         k, n = base.in_features, base.out_features
@@ -189,10 +213,13 @@ class DualLoRALinear(_BaselineLinear):
         """The dynamic memory: ‖x [M, M_t]‖² / ‖x‖² per row, the share of the input's energy in the
         tasks' bases (the earlier ones and the current task's own; 0 before any exist). In float32 at
         least, without autocast (‖x‖² of an ordinary float16 row, K = 1024 and |x| ~ 10, overflows
-        65504: the layer gave NaN where nn.Linear does not); returned in x's dtype."""
+        65504: the layer gave NaN where nn.Linear does not), each row scaled by its largest entry
+        first (the share does not depend on it: a float32 row of 1e19s, K = 16, overflowed to
+        inf / inf = NaN, and one of 1e-20s underflowed to a wrong share); returned in x's dtype."""
         dt = torch.promote_types(input.dtype, torch.float32)
         with exact_math(input):
             x = input.to(dt)
+            x = x / x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(dt).tiny)
             inside = None
             for m in (self.bases, self.task_bases):
                 if m.shape[1]:
@@ -233,10 +260,19 @@ class DualLoRALinear(_BaselineLinear):
 
     def not_ready(self, begin: bool = False) -> str:
         """Why next_task (begin_task with `begin`) cannot run ('' when it can)."""
+        if begin and self.begun:
+            # a second begin re-projected the trained residual delta into the new task's directions: the
+            # earlier task's outputs moved (by up to 2.7 in a helper's attack), silently
+            return ("DualLoRALinear.begin_task: the task that began has not ended; run a pass over its data inside "
+                    "`with observe_inputs(model):` and next_task(model) before the next task begins")
         if self._gram is None:
             return (f"DualLoRALinear.{'begin_task' if begin else 'next_task'}: no inputs were observed for the task "
                     f"that {'begins' if begin else 'ended'}; run a pass over its data inside `with "
                     f"{'observe_new_inputs' if begin else 'observe_inputs'}(model):` first")
+        if not bool(torch.isfinite(self._gram).all()):
+            # (the bases' eigendecomposition failed on it, after some layers had moved to the next task)
+            return (f"DualLoRALinear.{'begin_task' if begin else 'next_task'}: the inputs observed for the task "
+                    f"hold NaN or Inf (did training diverge?); no bases can be taken from them")
         if not begin and not self.begun:
             return ("DualLoRALinear.next_task: begin_task did not run before the task trained, so its residual "
                     "adapter had no subspace and did not train; run a pass over the task's data inside `with "
@@ -326,6 +362,7 @@ class DualLoRALinear(_BaselineLinear):
     def adapter_numel(self) -> int:
         return sum(t.numel() for t in self.adapter_state().values())
 
+    @_lifecycle_step
     def merged(self) -> nn.Module:
         """An inference copy with the orthogonal adapter merged into the weight; the residual one
         stays a branch (the dynamic memory g(x) depends on the input, so it cannot be merged)."""
@@ -357,10 +394,13 @@ class _DualMerged(nn.Module):
 
 
 @contextlib.contextmanager
-def observe_inputs(model: nn.Module):
+def observe_inputs(model: nn.Module, group=None):
     """The baselines' counterpart of `observe_task`: DualLoRALinear layers record their inputs'
-    Gram during the pass (for the next `next_task`)."""
+    Gram during the pass (for the next `next_task`). In a multi-process job (DDP) the Grams are
+    summed over the processes at the block's end, as observe_task sums them (`group`: its meaning
+    there), so every replica takes the same bases, those of the whole task."""
     layers = [m for _, m in baseline_layers(model) if isinstance(m, DualLoRALinear)]
+    group = replica_group(model, group)
     for m in layers:
         m._observing, m._gram = True, None
     try:
@@ -369,24 +409,50 @@ def observe_inputs(model: nn.Module):
         for m in layers:
             m._gram = None
         raise
+    else:
+        if several_processes(group):
+            _sum_grams(layers, group)
     finally:
         for m in layers:
             m._observing = False
 
 
+def _sum_grams(layers, group) -> None:
+    """Each process observed its share of the task: every layer's Gram summed over `group` (a process
+    that fed a layer no batch adds zeros; a layer no process fed keeps none)."""
+    for m in layers:
+        k, w = m.in_features, m.base.weight
+        gram = m._gram if m._gram is not None else torch.zeros(k, k, device=w.device, dtype=torch.float64)
+        fed = torch.tensor([float(m._gram is not None)], dtype=torch.float64, device=gram.device)
+        torch.distributed.all_reduce(gram, group=group)
+        torch.distributed.all_reduce(fed, group=group)
+        m._gram = gram if fed.item() else None
+
+
 @contextlib.contextmanager
-def observe_new_inputs(model: nn.Module):
+def observe_new_inputs(model: nn.Module, group=None):
     """Entered for a pass over a task's training data before it trains: each DualLoRALinear then
-    takes the task's own input directions (`begin_task`) for its residual adapter."""
-    with observe_inputs(model):
-        yield model
+    takes the task's own input directions (`begin_task`) for its residual adapter (`group`: as
+    observe_inputs). A task that began and has not ended (next_task) is refused before the pass.
+    A layer left without room (its earlier tasks' bases span its inputs, and the task brings no
+    direction outside them: neither adapter can move) is named in a warning."""
     layers = [(n, m) for n, m in baseline_layers(model) if isinstance(m, DualLoRALinear)]
+    for name, m in layers:
+        if m.begun:
+            raise ValueError(f"{m.not_ready(begin=True)} (layer {name!r}; no layer was changed)")
+    with observe_inputs(model, group):
+        yield model
     for name, m in layers:          # every layer checked first: on an error none has begun
         why = m.not_ready(begin=True)
         if why:
             raise ValueError(f"{why} (layer {name!r}; no layer was changed)")
     for _, m in layers:
         m.begin_task()
+    full = [name for name, m in layers if m.bases.shape[1] == m.in_features]
+    if full:
+        warnings.warn(f"dual_lora: {len(full)} layer(s) have no input direction left outside the earlier tasks' "
+                      f"bases, so neither adapter can move there for this task: {full[:8]}", UserWarning,
+                      stacklevel=3)
 
 
 @contextlib.contextmanager

@@ -143,10 +143,10 @@ def _check_mode(mode) -> None:
         raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
 
 
-def _check_energy(protect_energy) -> None:
+def _check_energy(protect_energy, name: str = "protect_energy") -> None:
     if isinstance(protect_energy, bool) or not isinstance(protect_energy, numbers.Real) \
             or not (0.0 < protect_energy <= 1.0):
-        raise ValueError(f"protect_energy must be in (0, 1], got {protect_energy!r}")
+        raise ValueError(f"{name} must be in (0, 1], got {protect_energy!r}")
 
 
 def _check_task_index(value) -> None:
@@ -1714,12 +1714,7 @@ def observe_task(model: nn.Module, group=None):
     one job, an ensemble or seeds side by side, each protected the others' inputs: pass their group)."""
     layers = [m for _, m in _require_layers(model, "observe_task", reshard=False)
               if m.protection.needs_inputs and not m._observing]   # nested: counted once
-    if group is None:       # (DDP's own group, under torch.compile's wrapper too: torch's DDP + compile recipe)
-        dynamo, inner = sys.modules.get("torch._dynamo.eval_frame"), model
-        while dynamo is not None and isinstance(inner, dynamo.OptimizedModule):
-            inner = inner._orig_mod
-        if isinstance(inner, nn.parallel.DistributedDataParallel):
-            group = inner.process_group
+    group = replica_group(model, group)
     for m in layers:
         m._observing = True
     try:
@@ -1738,6 +1733,25 @@ def observe_task(model: nn.Module, group=None):
     finally:
         for m in layers:
             m._observing = False
+
+
+def replica_group(model: nn.Module, group=None):
+    """The processes holding replicas of `model`, whose observed inputs are summed: `group` where
+    given, else a DistributedDataParallel wrapper's own group (under torch.compile's wrapper too:
+    torch's DDP + compile recipe), else None (torch.distributed's default: every process of the job)."""
+    if group is None:
+        dynamo, inner = sys.modules.get("torch._dynamo.eval_frame"), model
+        while dynamo is not None and isinstance(inner, dynamo.OptimizedModule):
+            inner = inner._orig_mod
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
+            group = inner.process_group
+    return group
+
+
+def several_processes(group=None) -> bool:
+    """Whether torch.distributed runs with more than one process in `group`."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size(group) > 1)
 
 
 @torch.compiler.disable

@@ -410,8 +410,8 @@ class Project(Protection):
         """Several processes (DDP): each observed its share of the task's data; sum the Grams over
         `group` (the replicas' processes; None: the job's), so every process protects the whole task's
         inputs, as one process given all of them would."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size(group) > 1):
+        from .nn import several_processes
+        if not several_processes(group):
             return
         k = layer.in_features
         gram = layer._observed if layer._observed is not None else torch.zeros(

@@ -416,7 +416,7 @@ def test_baseline_injection_second_call_refusals_and_conv1d(seed):
         with pytest.raises(ValueError, match=r"holds baseline layers already \(\['0', '2'\]\)"):
             inject(model, ["0.base", "2.base"], rank=2)
         model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
-        with pytest.raises(ValueError, match=r"layer '2': rank must be in \[1, 2\], got 4; the model was not changed"):
+        with pytest.raises(ValueError, match=r"layer '2': rank must be an int in \[1, 2\], got 4; the model was not changed"):
             inject(model, ["0", "2"], rank=4)
         assert all(p.requires_grad for p in model.parameters())
         model = nn.Sequential(transformers.pytorch_utils.Conv1D(16, 8), nn.ReLU(), nn.Linear(16, 2))
@@ -439,3 +439,129 @@ def test_dual_lora_merged_is_a_copy(seed):
     _train(model, x, steps=5)
     assert torch.equal(merged(x), before) and rel_err(model[0](x), before) > 1e-3
     assert not any(p.requires_grad for p in merged.parameters())
+
+
+# ---- cases a helper's attack on the baselines' API found (2026-12-07; each fails without its fix) -----------
+def _two_dual_layers(seed=0):
+    torch.manual_seed(seed)
+    return inject_dual_lora(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)), ["0", "2"], rank=2)
+
+
+def test_dual_lora_non_finite_inputs_change_no_layer(seed):
+    """A diverged layer fed NaN to the next: next_task's eigendecomposition failed there after the first
+    layer had moved on (tasks_done [1, 0], a retry moved it twice), and a begin left begun [True, False].
+    Both are refused before any layer changes, naming the cause."""
+    model, x = _two_dual_layers(), torch.randn(16, 8)
+    _begin(model, x)
+    with torch.no_grad():
+        model[0].lora_B.fill_(float("nan"))
+    with torch.no_grad(), observe_inputs(model):
+        model(x)
+    with pytest.raises(ValueError, match=r"next_task: the inputs observed for the task hold NaN or Inf .* "
+                                         r"\(layer '2'; no layer was changed\)"):
+        next_task(model)
+    assert [m.tasks_done for m in (model[0], model[2])] == [0, 0]
+    model = _two_dual_layers()
+    with torch.no_grad():
+        model[0].lora_A.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"begin_task: the inputs observed .* NaN or Inf .*no layer was changed"):
+        _begin(model, x)
+    assert [m.begun for m in (model[0], model[2])] == [False, False]
+
+
+def test_dual_lora_a_second_begin_is_refused_before_its_pass(seed):
+    """Task B began while task A had not ended: its bases replaced A's and re-projected A's trained residual
+    delta, moving A's outputs silently. Refused, before the pass, with what to do."""
+    model, x = _two_dual_layers(), torch.randn(16, 8)
+    _begin(model, x)
+    _train(model, x, steps=5)
+    before, bases = model(x).detach(), model[0].task_bases.clone()
+    with pytest.raises(ValueError, match=r"the task that began has not ended; .*observe_inputs.*next_task"):
+        _begin(model, torch.randn(16, 8))
+    assert torch.equal(model(x), before) and torch.equal(model[0].task_bases, bases) and model[0]._gram is None
+    with pytest.raises(ValueError, match="the task that began has not ended"):
+        model[0].begin_task()
+    _boundary(model, x)
+    _begin(model, torch.randn(16, 8))               # after the boundary, the next task begins
+    assert model[0].begun and model[0].tasks_done == 1
+
+
+def test_per_task_lora_state_dict_after_tasks_loads_into_a_fresh_model(seed):
+    """A state saved after two tasks (three branches) met 'Unexpected key(s) 0.lora_A.1, ...' in a freshly
+    injected model, and a non-strict load dropped the later branches (another output). The layer takes the
+    saved branch count, in both directions, the newest branch training."""
+    from safetensors.torch import load, save
+
+    def make():
+        torch.manual_seed(1)
+        return inject_per_task_lora(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)), ["0", "2"], rank=2)
+    model, x = make(), torch.randn(20, 10)
+    for _ in range(2):
+        _train(model, x, steps=3)
+        next_task(model)
+    _train(model, x, steps=3)
+    for state in (model.state_dict(), load(save(model.state_dict()))):
+        fresh = make()
+        fresh.load_state_dict(state)
+        assert torch.equal(fresh(x), model(x)) and len(fresh[0].lora_A) == 3
+        assert [n for n, p in fresh.named_parameters() if p.requires_grad] == [
+            "0.lora_A.2", "0.lora_B.2", "2.lora_A.2", "2.lora_B.2"]
+    first = make().state_dict()
+    model.load_state_dict(first)                     # back to one branch
+    assert torch.equal(model(x), make()(x)) and len(model[2].lora_B) == 1 and model[2].lora_B[0].requires_grad
+
+
+def test_dual_lora_merged_runs_without_the_callers_autocast(seed):
+    """merged() inside torch.autocast built the merged weight in bfloat16 (off by 0.027, outputs 1e-2 off);
+    the lifecycle methods already ran without autocast."""
+    model, x = inject_dual_lora(nn.Sequential(nn.Linear(10, 8)), ["0"], rank=2, energy=0.9), torch.randn(20, 10)
+    _begin(model, x)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        model[0].res_B.normal_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = model[0].merged()
+    assert merged.linear.weight.dtype == torch.float32 and rel_err(merged(x), model[0](x)) < 1e-6
+
+
+def test_baseline_arguments_are_checked_by_name():
+    """alpha=inf gave NaN on the first forward and alpha='4' / True were taken; rank=2.0 / True / '2' / None
+    and energy='0.9' / None failed in torch.empty or a comparison, without naming the argument; energy=True
+    was taken as 1.0."""
+    for layer in (PerTaskLoRALinear, DualLoRALinear):
+        for alpha in (float("inf"), float("nan"), "4", True):
+            with pytest.raises(ValueError, match=r"alpha must be a finite number or None"):
+                layer(nn.Linear(4, 4), rank=2, alpha=alpha)
+        for rank in (2.0, True, "2", None):
+            with pytest.raises(ValueError, match=r"rank must be an int in \[1, 4\], got"):
+                layer(nn.Linear(4, 4), rank=rank)
+    for energy in ("0.9", None, True):
+        with pytest.raises(ValueError, match=r"energy must be in \(0, 1\], got"):
+            DualLoRALinear(nn.Linear(4, 4), rank=2, energy=energy)
+
+
+def test_dual_lora_gate_is_scale_free(seed):
+    """‖x‖² of a float32 row of 1e19s (K = 16) overflowed: the gate was inf / inf = NaN and so the output,
+    where nn.Linear is finite; rows of 1e-20s underflowed to a wrong share (0.11 for 0.61)."""
+    layer, x = DualLoRALinear(nn.Linear(16, 4), rank=2, energy=0.9), torch.randn(12, 16)
+    with torch.no_grad(), observe_new_inputs(layer):
+        layer(x[:4])
+    with torch.no_grad():
+        layer.res_B.normal_()
+        want = layer.gate(x)
+        for scale in (1e19, 1e-20, 1e-30):
+            assert rel_err(layer.gate(scale * x), want) < 1e-5, scale
+        assert torch.isfinite(layer(1e19 * x)).all()
+        assert torch.equal(layer.gate(torch.zeros(2, 16)), torch.zeros(2, 1))
+
+
+def test_dual_lora_a_layer_without_room_is_named(seed):
+    """Once a layer's bases span its inputs (energy 1, full-rank inputs) neither adapter can move on the next
+    task: the layer trained nothing, silently; the begin names it (protection='project' warns likewise)."""
+    model = inject_dual_lora(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), ["0", "2"], rank=2,
+                             energy=1.0)
+    x = torch.randn(32, 4)
+    _begin(model, x)
+    _boundary(model, x)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) have no input direction left .*\['0', '2'\]"):
+        _begin(model, x)

@@ -232,6 +232,7 @@ def _ddp_worker(rank, world, out_dir):
         with torch.no_grad(), ck.observe_task(given, group=groups[rank] if how == "group" else None):
             net(x)
         res["apart_rows"].append(apart[0]._observed_rows)
+    res["dual_bases"] = _dual_lora_bases(rank, world, wrap=DDP)
     stale = _model()
     ddp = DDP(stale)              # wrapped once, without find_unused_parameters: what the README warns about
     try:
@@ -240,6 +241,26 @@ def _ddp_worker(rank, world, out_dir):
     except RuntimeError as exc:
         res["stale_error"] = str(exc)
     return res
+
+
+def _dual_lora_bases(rank, world, wrap=lambda m: m):
+    """The bases of a dual_lora layer after a task whose inputs lie in 4 of 8 dimensions on one rank and
+    in the other 4 on the other (each rank its own share): observe_inputs kept each rank's own (4 of the
+    whole task's 8), and the replicas differed. They are summed over the processes, as observe_task's."""
+    from clora_kernels.baselines import inject_dual_lora, next_task, observe_inputs, observe_new_inputs
+    torch.manual_seed(0)
+    model = inject_dual_lora(nn.Sequential(nn.Linear(K, 4)).double(), ["0"], rank=2, energy=0.999)
+    g = torch.Generator().manual_seed(7)
+    x = torch.zeros(2 * B, K, dtype=torch.float64)
+    x[:B, :K // 2] = torch.randn(B, K // 2, generator=g, dtype=torch.float64)
+    x[B:, K // 2:] = torch.randn(B, K // 2, generator=g, dtype=torch.float64)
+    mine = x[rank * 2 * B // world:(rank + 1) * 2 * B // world]
+    net = wrap(model)
+    for observe in (observe_new_inputs, observe_inputs):
+        with torch.no_grad(), observe(net):
+            net(mine)
+    next_task(model)
+    return model[0].bases @ model[0].bases.t()      # the projector: one value for any basis of the span
 
 
 def _entry(rank, port, worker, out_dir):
@@ -353,6 +374,13 @@ def test_ddp_project_policy_equals_one_process(ddp, one_process_project):
     for rank, res in enumerate(ddp):
         _assert_same(res["project"], one_process_project, f"rank {rank} project")
         assert res["apart_rows"] == [B // WORLD * 2] * 3, rank        # its own rows only (3-D: 2 per sample)
+
+
+def test_ddp_dual_lora_bases_are_the_whole_tasks(ddp):
+    want = _dual_lora_bases(0, 1)
+    assert torch.linalg.matrix_rank(want).item() == K
+    for res in ddp:
+        assert rel_err(res["dual_bases"], want) < 1e-10
 
 
 def test_ddp_wrapped_once_fails_after_end_task(ddp):
