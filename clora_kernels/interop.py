@@ -47,6 +47,16 @@ _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "lora_bias": 
                 # between adapters at inference): PEFT 0.21's options that change what the adapter computes
                 # ({} is not "unset" there: PEFT makes it the option's default config, which turns it on)
                 "kasa_config": (None,), "monteclora_config": (None,), "arrow_config": (None,)}
+# the options of PEFT 0.21's LoraConfig (and PeftConfig's): a key outside them (and the installed PEFT's) is
+# a newer PEFT's option, which may change what the adapter computes; PEFT warns of them, and so does the load
+_KNOWN_OPTIONS = frozenset((
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
+    "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config",
+    "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
+    "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern",
+    "revision", "runtime_config", "target_modules", "target_parameters", "task_type", "trainable_token_indices",
+    "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config"))
 # initialisations that leave the base weights as they are; the others (PiSSA, OLoRA, CorDA, LoftQ,
 # LoRA-GA) train the adapter against a modified base, which PEFT rebuilds on load and this does not
 _BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal")
@@ -74,6 +84,11 @@ def _read_config(directory) -> dict:
                                         and option not in ("kasa_config", "monteclora_config", "arrow_config")):
             raise ValueError(f"{path}: option {option}={value!r} is not supported by C-LoRA layers "
                              f"(supported: plain LoRA, with use_rslora, any lora_dropout, modules_to_save)")
+    unknown = sorted(set(config) - _KNOWN_OPTIONS - _installed_peft_options())
+    if unknown:
+        warnings.warn(f"load_peft_adapter: {path}: option(s) {unknown[:8]} are unknown to this version (saved by a "
+                      f"newer PEFT?) and are ignored; if one changes what the adapter computes, the loaded model "
+                      f"computes something else than the PEFT model", UserWarning, stacklevel=3)
     init = config.get("init_lora_weights", True)
     if init not in _BASE_KEEPING_INITS:
         raise ValueError(f"{path}: option init_lora_weights={init!r} is not supported: that initialisation trains "
@@ -89,6 +104,16 @@ def _read_config(directory) -> dict:
     except TypeError as exc:
         raise ValueError(str(exc)) from None
     return config
+
+
+def _installed_peft_options() -> frozenset:
+    """The options of the installed PEFT's LoraConfig (none when PEFT is not installed: it is optional)."""
+    try:
+        import dataclasses
+        from peft import LoraConfig
+        return frozenset(f.name for f in dataclasses.fields(LoraConfig))
+    except Exception:       # (not installed, or a version that fails to import)
+        return frozenset()
 
 
 def _read_tensors(directory) -> dict:
@@ -127,15 +152,17 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     rslora = bool(config.get("use_rslora"))
 
     def rank_alpha(name):       # the layer's r, and its alpha for scaling = alpha / r (rsLoRA: lora_alpha / sqrt(r))
-        r = pattern_value(config["rank_pattern"], name, config["r"])
-        alpha = pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
+        # (matched against the name PEFT's model gave the layer: with the wrapper's prefix where the adapter has one;
+        # without it an alpha_pattern key 'module.<name>' was dropped, silently: PEFT's scaling 20, this one's 2)
+        r = pattern_value(config["rank_pattern"], strip + name, config["r"])
+        alpha = pattern_value(config["alpha_pattern"], strip + name, config["lora_alpha"])
         return r, alpha * (math.sqrt(r) if rslora else 1.0)
     saved_modules = config.get("modules_to_save") or []
     tying = config.get("ensure_weight_tying") is True
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(model.named_buffers(remove_duplicate=False))
     own.update(model.__dict__.get("_clora_originals", {}))      # (the base's tensors, tied as they were)
-    found, whole, skipped, holders = {}, {}, {}, {}
+    found, whole, skipped, holders, plain = {}, {}, {}, {}, {}
     layer_names = {n for n, _ in layers}
     strip = wrapper_prefix({k.removeprefix(_PREFIX).rpartition(".lora_")[0] for k in tensors
                             if k.startswith(_PREFIX) and ".lora_" in k}, layer_names)
@@ -153,6 +180,11 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             skipped[param] = (layer, base, value)       # PEFT's save_embedding_layers: the base, checked below
             continue
         holder = _saved_module(param, saved_modules) if key.startswith(_PREFIX) else ""
+        if not holder and key.startswith(_PREFIX) and param in own and not tying:
+            # PEFT's save_embedding_layers (its default where the vocabulary was resized) stores the embeddings of a
+            # layer it does not adapt under their own names: the model's tensor, checked below
+            plain[param] = value
+            continue
         if not holder and tying and key.startswith(_PREFIX) and param in own:
             # PEFT's ensure_weight_tying (0.21) stores a saved module's tied partner too, with the same values
             # (lm_head.weight beside model.embed_tokens.weight, modules_to_save naming the latter): it loads
@@ -229,6 +261,15 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         if bad:
             raise ValueError(f"{where}: {bad} in the adapter holds non-finite values (NaN/Inf; was it saved from a "
                              f"diverged run?)")
+    for param, value in plain.items():
+        mine = own[param]
+        if mine.is_meta or tuple(mine.shape) != tuple(value.shape) \
+                or not torch.equal(_full(mine).detach().cpu(), value.to(mine.dtype)):
+            raise ValueError(f"{directory}: tensor {_PREFIX + strip + param!r} is not a LoRA factor nor part of modules_to_save "
+                             f"{saved_modules}; it holds the model's {param!r} (PEFT's save_embedding_layers, where "
+                             f"the vocabulary was resized) with other values or shape ({tuple(value.shape)} against "
+                             f"{tuple(mine.shape)}): load the adapter into the base model it was trained on (with "
+                             f"the same vocabulary size)")
     for param, (layer, base, value) in skipped.items():     # (after the merged check: a merged base differs)
         mine = getattr(model.get_submodule(layer), base)
         if mine is None or mine.is_meta or tuple(mine.shape) != tuple(value.shape) \
@@ -272,14 +313,20 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
 
 def _saved_module(path: str, entries) -> str:
     """The module holding the tensor `path` (a name in the model) that an entry of modules_to_save names
-    (PEFT's rule: the module's name is the entry or ends with '.' + entry; the outermost such module,
-    whose whole state PEFT saves), or "" when none does."""
+    (the outermost such module, whose whole state PEFT saves), or "" when none does."""
     parts = path.split(".")
     for i in range(1, len(parts)):
         module = ".".join(parts[:i])
-        if any(module == s or module.endswith("." + s) for s in entries):
+        if peft_stores(module, entries):
             return module
     return ""
+
+
+def peft_stores(module: str, entries) -> bool:
+    """PEFT's rule for modules_to_save (`_set_trainable`): a module whose name ends with an entry, as
+    text, is stored whole: 'classifier' stores DistilBERT's pre_classifier too, 'norm' Llama's
+    input_layernorm (a load refused PEFT's own files, and a save wrote one that PEFT could not load)."""
+    return any(module.endswith(s) for s in entries)
 
 
 def _peft_number(value: float):
@@ -386,14 +433,21 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
                          f"e.g. 'head')")
     heads = _PEFT_TASK_HEADS.get(task_type, ())
     saved += [n for n in modules if n and n.endswith(heads) and n not in saved]    # (str.endswith, as PEFT's test)
+    # every module PEFT's model will store whole (`peft_stores`: the names that end with an entry), the outermost
+    wrapped = [n for n in modules if n and peft_stores(n, saved)]
+    wrapped = [n for n in wrapped if not any(n.startswith(w + ".") for w in wrapped)]
+
     def stored(n):      # (the name is a stored module's, or inside one)
-        return any(n == s or n.startswith(s + ".") for s in saved)
+        return any(n == s or n.startswith(s + ".") for s in wrapped)
     adapted = [n for n, _ in layers if stored(n)]
     if adapted:
+        by_text = sorted(set(wrapped) - set(saved))
         raise ValueError(f"save_peft_adapter: modules_to_save {saved} hold the C-LoRA layer(s) {adapted[:8]}; a PEFT "
                          f"adapter cannot both adapt a module and store it whole"
                          + (f" (task_type {task_type!r} stores PEFT's heads {list(heads)} whole: leave them out of "
-                            f"target_modules)" if heads and any(n.endswith(heads) for n in adapted) else ""))
+                            f"target_modules)" if heads and any(n.endswith(heads) for n in adapted) else "")
+                         + (f" (PEFT stores every module whose name ends with an entry, as text: also {by_text[:8]})"
+                            if by_text else ""))
     # (a trained tensor tied to one of a stored module, lm_head's weight that is the input embeddings', is stored
     # with it as its partner, below)
     named = dict(model.named_parameters(remove_duplicate=False))
@@ -418,8 +472,8 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
         raise ValueError(f"save_peft_adapter: the model trains parameters outside its adapters in {left_out[:8]}; "
                          f"pass modules_to_save={left_out[:8]!r} to store them with the adapter, or freeze them "
                          f"(requires_grad_(False)) if the PEFT model should not have them")
-    on_meta = [s for s in saved if any(t.is_meta for t in modules[s].state_dict(keep_vars=True).values()
-                                       if isinstance(t, torch.Tensor))]
+    on_meta = [s for s in wrapped if any(t.is_meta for t in modules[s].state_dict(keep_vars=True).values()
+                                         if isinstance(t, torch.Tensor))]
     if on_meta:
         raise ValueError(f"save_peft_adapter: modules_to_save {on_meta} are on the meta device and hold no values: "
                          f"materialise the model first")
@@ -434,7 +488,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
         if bad:     # (load_peft_adapter refuses such a file; PEFT would serve NaN)
             raise ValueError(f"save_peft_adapter: the adapter's {bad} of layer {name!r} holds non-finite values "
                              f"(NaN/Inf; did training diverge?); nothing was written")
-    for s in saved:     # the module's whole state (buffers too), as PEFT saves it; tied tensors stored apart
+    for s in wrapped:   # the module's whole state (buffers too), as PEFT saves it; tied tensors stored apart
         for p_name, p in modules[s].state_dict(keep_vars=True).items():
             if isinstance(p, torch.Tensor):
                 tensors[f"{_PREFIX}{s}.{p_name}"] = _full(p).detach().to("cpu", copy=True).contiguous()

@@ -1139,3 +1139,89 @@ def test_averaged_copies_save_and_load_as_their_model(tmp_path):
         ck.save_adapter(wrapper, tmp_path / "w.safetensors")
         with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
             assert sorted(json.loads(f.metadata()["layers"])) == ["0", "2"]
+
+
+# ---- cases a helper's attack on the PEFT interop found (2026-12-07; each fails without its fix) --------------
+def _peft_saved(base, directory, save_kw=None, **config):
+    """A PEFT model of `base` with random factors (and trained modules_to_save), saved by PEFT itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(base, peft.LoraConfig(**config))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.normal_(std=0.3)
+                elif p.requires_grad:
+                    p.add_(0.3 * torch.randn_like(p))
+        pm.save_pretrained(str(directory), **(save_kw or {}))
+    return pm.eval()
+
+
+def test_patterns_of_an_adapter_saved_from_a_wrapped_model(tmp_path, seed):
+    """PEFT on a DataParallel model names the layers module.<name>, in the tensors and in alpha_pattern: the
+    tensors' prefix was stripped and the pattern's not, so layer 0's q_proj got scaling 2 where PEFT's is 20,
+    with no word (logits 72 % off)."""
+    base, ids = _llama(), torch.randint(2, 61, (2, 7))
+    pm = _peft_saved(nn.DataParallel(copy.deepcopy(base)), tmp_path, r=2, lora_alpha=4,
+                     target_modules=["q_proj", "v_proj"], alpha_pattern={"module.model.layers.0.self_attn.q_proj": 40})
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], rank=2, backend="torch")
+    ck.load_peft_adapter(model, tmp_path)
+    assert model.model.layers[0].self_attn.q_proj.scaling == 20.0
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5
+
+
+def test_modules_to_save_follow_peft_text_suffix_rule(tmp_path, seed):
+    """PEFT stores every module whose name ends with an entry, as text: DistilBERT's SEQ_CLS adapter (the PEFT
+    tutorial's) holds pre_classifier too, and Llama's modules_to_save=['norm'] every *_layernorm. Both loads were
+    refused ('not ... part of modules_to_save'); a save whose 'classifier' entry also named an adapted
+    pre_classifier wrote a directory PEFT could not load."""
+    ids = torch.randint(2, 61, (2, 7))
+    distil = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        vocab_size=61, dim=16, n_layers=2, n_heads=2, hidden_dim=24, num_labels=3)).eval()
+    for base, targets, kw, where in ((distil, ["q_lin", "v_lin"], {"task_type": "SEQ_CLS"}, "distil"),
+                                     (_llama(), ["q_proj", "v_proj"], {"modules_to_save": ["norm"]}, "llama")):
+        pm = _peft_saved(copy.deepcopy(base), tmp_path / where, r=2, lora_alpha=4, target_modules=targets, **kw)
+        model = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=2, backend="torch")
+        ck.load_peft_adapter(model, tmp_path / where)
+        with torch.no_grad():
+            assert rel_err(model(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5, where
+    model = ck.inject_clora(copy.deepcopy(distil), target_modules="all-linear", rank=2)
+    assert "pre_classifier" in dict(clora_layers(model))
+    model.classifier.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"hold the C-LoRA layer\(s\) \['pre_classifier'\].*as text: also "
+                                         r"\['pre_classifier'\]"):
+        ck.save_peft_adapter(model, tmp_path / "refused", modules_to_save=["classifier"])
+
+
+def test_embeddings_that_peft_saved_with_the_adapter(tmp_path, seed):
+    """save_embedding_layers=True (PEFT's default where the vocabulary was resized) stores the embeddings under
+    their own names: refused as 'not a LoRA factor'; they load where they equal the model's, and otherwise the
+    refusal says why."""
+    base, ids = _llama(), torch.randint(2, 61, (2, 7))
+    pm = _peft_saved(copy.deepcopy(base), tmp_path, {"save_embedding_layers": True}, r=2, lora_alpha=4,
+                     target_modules=["q_proj", "v_proj"])
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], rank=2, backend="torch")
+    ck.load_peft_adapter(model, tmp_path)
+    with torch.no_grad():
+        assert rel_err(model(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5
+        other = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], rank=2)
+        other.model.embed_tokens.weight.add_(1.0)
+    with pytest.raises(ValueError, match=r"holds the model's 'model.embed_tokens.weight' \(PEFT's "
+                                         r"save_embedding_layers.*with other values"):
+        ck.load_peft_adapter(other, tmp_path)
+
+
+def test_options_of_a_newer_peft_are_named(tmp_path, seed):
+    """An option this version does not know (a newer PEFT's) was ignored without a word; PEFT warns."""
+    base = _llama()
+    _peft_saved(copy.deepcopy(base), tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_hira": True}))
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj"], rank=2)
+    with pytest.warns(UserWarning, match=r"option\(s\) \['use_hira'\] are unknown to this version"):
+        ck.load_peft_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))    # PEFT's own keys: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ck.load_peft_adapter(model, tmp_path)
