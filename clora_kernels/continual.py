@@ -225,15 +225,18 @@ def validate_tasks(tasks, num_classes: int) -> None:
         if len(task.classes) == 0 or n_train == 0 or n_test == 0:
             raise ValueError(f"task {i} is empty (classes {tuple(task.classes)}, {n_train} train "
                              f"and {n_test} test samples)")
-        again = seen & set(task.classes)
+        classes = {int(c) for c in task.classes}     # (a tensor's elements hash by identity: labels 'outside' them)
+        again = seen & classes
         if again:
             raise ValueError(f"task {i} has classes {sorted(again)} that an earlier task already had")
-        if max(task.classes) >= num_classes:
-            raise ValueError(f"task {i} has class {max(task.classes)} but the head has only {num_classes} outputs")
+        if max(classes) >= num_classes:
+            raise ValueError(f"task {i} has class {max(classes)} but the head has only {num_classes} outputs")
+        if min(classes) < 0:
+            raise ValueError(f"task {i} has class {min(classes)}; classes are the head's outputs, from 0")
         labels = {int(c) for split in ("train", "test") for c in task.labels(split).unique().tolist()}
-        if not labels <= set(task.classes):
-            raise ValueError(f"task {i} holds labels {sorted(labels - set(task.classes))} outside its classes")
-        seen |= set(task.classes)
+        if not labels <= classes:
+            raise ValueError(f"task {i} holds labels {sorted(labels - classes)} outside its classes")
+        seen |= classes
 
 
 def _masked(logits, classes):
@@ -260,6 +263,10 @@ class PrototypeHead(nn.Module):
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.sums.shape[0]):
             raise ValueError(f"PrototypeHead.add: labels must be in [0, {self.sums.shape[0]}), got "
                              f"{int(labels.min())}..{int(labels.max())}")
+        bad = ~torch.isfinite(features).all(-1)
+        if bool(bad.any()):     # (one NaN feature made its class's cosine NaN, which argmax takes as the largest)
+            raise FloatingPointError(f"PrototypeHead.add: {int(bad.sum())} feature row(s) hold NaN or Inf (classes "
+                             f"{sorted(set(labels[bad].tolist()))[:8]}; did training diverge, or an input hold NaN?)")
         self.sums.index_add_(0, labels, features.to(self.sums.dtype))
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
 
@@ -322,6 +329,13 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
     if prototypes is not None and features is None:
         raise ValueError("evaluate: prototypes read the head's input, so `features` (a _HeadInput on the model's "
                          "head) must be given with them")
+    allowed = [int(c) for c in allowed]
+    if not allowed:     # (argmax over scores all -inf is index 0: class 0's samples counted right)
+        raise ValueError("evaluate: no class is allowed")
+    if prototypes is not None:
+        missing = [c for c in allowed if not float(prototypes.counts[c]) > 0]
+        if missing:
+            raise ValueError(f"evaluate: the prototypes hold no mean for the allowed class(es) {missing[:8]}")
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     right = total = 0
@@ -332,7 +346,12 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
                 logits = model(x)
                 if prototypes is not None:
                     logits = prototypes(features.read(x))
-            pred = _masked(logits.float(), allowed).argmax(-1)
+            scores = _masked(logits.float(), allowed)
+            if not bool(torch.isfinite(scores[:, allowed]).all()):
+                # (argmax takes NaN as the largest: a diverged model or a NaN input scored some accuracy, silently)
+                raise FloatingPointError(f"evaluate: the scores of the classes {tuple(task.classes)} on the test "
+                                         f"split hold NaN or Inf (did training diverge, or a test input hold NaN?)")
+            pred = scores.argmax(-1)
             right += int((pred == y).sum())
             total += y.shape[0]
     finally:
@@ -418,11 +437,14 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
     head_mod = model.get_submodule(head)
     if not isinstance(head_mod, nn.Linear):
         raise ValueError(f"model.{head} must be an nn.Linear head, got {type(head_mod).__name__}")
+    # (a generator of tasks was read through by the validation: the loop then trained nothing and returned [])
+    tasks = list(tasks)
     validate_tasks(tasks, head_mod.out_features)
     if clora and not clora_layers(model):
         raise ValueError("train_sequence(clora=True): the model has no CLoRALinear layers (call inject_clora first)")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValueError(f"train_sequence: start must be an int >= 0 (tasks already done), got {start!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(tasks):
+        raise ValueError(f"train_sequence: start must be an int in [0, {len(tasks)}] (tasks already done, of the "
+                         f"{len(tasks)} given), got {start!r}")
     if start and len(acc or ()) < start:
         raise ValueError(f"train_sequence: resuming after {start} task(s) needs their {start} accuracy row(s) in "
                          f"`acc`, got {len(acc or ())}")
@@ -430,6 +452,13 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
         raise ValueError(f"train_sequence: resuming after {start} task(s) with the prototype classifier needs the "
                          f"`prototypes` they built (a fresh head knows none of their classes)")
     if prototypes is not None:
+        if prototypes.sums.shape[0] < head_mod.out_features:
+            raise ValueError(f"train_sequence: the prototypes given hold {prototypes.sums.shape[0]} classes, the head "
+                             f"{head_mod.out_features}")
+        unknown = sorted(c for t in tasks[:start] for c in t.classes if not float(prototypes.counts[c]) > 0)
+        if unknown:     # (a fresh head given to a resume: the tasks done scored 0, silently)
+            raise ValueError(f"train_sequence: resuming after {start} task(s), but the prototypes given hold none of "
+                             f"their classes {unknown[:8]}: pass the PrototypeHead saved with them")
         known = sorted(c for t in tasks[start:] for c in t.classes if float(prototypes.counts[c]) > 0)
         if known:
             raise ValueError(f"train_sequence: the prototypes given already hold classes {known[:8]} of the tasks to "

@@ -414,3 +414,38 @@ def test_evaluate_leaves_modes_and_a_frozen_batchnorm_keeps_its_statistics():
     stats = model.norm.running_mean.clone()
     cc.train_sequence(model, tasks[:2], epochs=1, classifier="linear", progress=False)
     assert torch.equal(model.norm.running_mean, stats)          # a frozen backbone's statistics stay
+
+
+def test_the_python_api_refuses_what_scored_silently(seed):
+    """A helper's attack on the harness's Python API (each fails without its fix): a generator of tasks trained
+    nothing and returned []; a NaN feature made its class's prototype win every prediction; a resume given a
+    fresh PrototypeHead scored the tasks done 0; evaluate with no class allowed (or no prototype for one) and on
+    NaN scores returned 0.5 (argmax of -inf / NaN is an index); start past the tasks returned rows for tasks
+    that do not exist; classes given as a tensor were 'outside' their own labels."""
+    tasks = _tasks()[:2]
+    model = ck.inject_clora(cc.MLP(), target_modules=("fc1", "fc2"), rank=4)
+    acc = cc.train_sequence(model, (t for t in tasks), epochs=0, progress=False, classifier="linear")
+    assert [len(row) for row in acc] == [1, 2]
+    head = cc.PrototypeHead(3, 2)
+    with pytest.raises(FloatingPointError, match=r"1 feature row\(s\) hold NaN or Inf \(classes \[1\]"):
+        head.add(torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]), torch.tensor([0, 1]))
+    assert head.counts.sum() == 0
+    with pytest.raises(ValueError, match=r"the prototypes given hold none of their classes \[0, 1, 2, 3\]"):
+        cc.train_sequence(model, _tasks()[:3], epochs=0, progress=False, start=2, acc=[[1.0], [1.0, 1.0]],
+                          prototypes=cc.PrototypeHead(10, 128))
+    with pytest.raises(ValueError, match=r"start must be an int in \[0, 2\]"):
+        cc.train_sequence(model, tasks, epochs=0, progress=False, start=3, acc=[[1.0]] * 3, classifier="linear")
+    with pytest.raises(ValueError, match="no class is allowed"):
+        cc.evaluate(model, tasks[0], [])
+    features = cc._HeadInput(model.head)
+    with pytest.raises(ValueError, match=r"the prototypes hold no mean for the allowed class\(es\) \[0, 1\]"):
+        cc.evaluate(model, tasks[0], (0, 1), cc.PrototypeHead(10, 128), features)
+    features.remove()
+    poisoned = cc.Task(tasks[0].classes, tasks[0].train_x, tasks[0].train_y, tasks[0].test_x.clone(),
+                       tasks[0].test_y)
+    poisoned.test_x[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"scores of the classes \(0, 1\) on the test split hold NaN"):
+        cc.evaluate(model, poisoned, (0, 1))
+    as_tensor = cc.Task(torch.tensor(tasks[0].classes), tasks[0].train_x, tasks[0].train_y, tasks[0].test_x,
+                        tasks[0].test_y)
+    cc.validate_tasks([as_tensor, tasks[1]], 10)
