@@ -55,9 +55,9 @@ def scaled_addmm(input, m1, m2, scale, beta=1):
     """torch.addmm(input, m1, m2, beta=beta, alpha=scale), save at a scale of 0 (a Python float): BLAS
     skips the product there, so NaN and Inf in m1 or m2 vanished, where IEEE arithmetic (the float64
     oracle, the Triton kernels, PEFT) keeps them; there the product is computed and times 0."""
-    if type(scale) is float and scale == 0:
-        product = torch.mm(m1, m2).mul_(scale)
-        return product if beta == 0 else product.add_(input, alpha=beta)
+    if type(scale) is float and scale == 0:     # (out of place: the export decomposition runs this, where
+        product = torch.mm(m1, m2) * scale      # torch refuses in-place ops; a scaling of 0 failed to export)
+        return product if beta == 0 else torch.add(product, input, alpha=beta)
     return torch.addmm(input, m1, m2, beta=beta, alpha=scale)
 
 

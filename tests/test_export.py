@@ -167,3 +167,21 @@ def test_export_decompositions_leave_core_aten_that_runs_without_the_library(see
     assert run.returncode == 0, run.stderr[-3000:]
     errors = [float(e) for e in run.stdout.split()]
     assert len(errors) == 1 + aoti and max(errors) < 1e-12, errors
+
+
+def test_a_scaling_of_zero_exports(seed, tmp_path):
+    """alpha = 0 (scaling 0: the product kept, times 0, so that NaN stays NaN) ran in-place ops in the
+    decomposition, which torch.export's run_decompositions and the dynamo ONNX exporter refuse (a helper's
+    attack: 'expected to have an entirely functional graph, but found aten.add_')."""
+    model = ck.CLoRALinear(8, 4, rank=2, alpha=0.0).eval()
+    with torch.no_grad():
+        model.lora_B.normal_()
+    x = torch.randn(3, 8)
+    program = torch.export.export(model, (x,)).run_decompositions(ck.export_decompositions())
+    assert torch.equal(program.module()(x), model(x))
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    with ck.onnx_export():
+        torch.onnx.export(model, (x,), str(tmp_path / "zero.onnx"), dynamo=True)
+    got = ort.InferenceSession(str(tmp_path / "zero.onnx")).run(None, {"input": x.numpy()})[0]
+    assert rel_err(torch.from_numpy(got), model(x).detach()) < 1e-6
