@@ -562,6 +562,9 @@ def test_dual_lora_a_layer_without_room_is_named(seed):
                              energy=1.0)
     x = torch.randn(32, 4)
     _begin(model, x)
-    _boundary(model, x)
-    with pytest.warns(UserWarning, match=r"2 layer\(s\) have no input direction left .*\['0', '2'\]"):
+    with torch.no_grad(), observe_inputs(model):
+        model[0](x)                 # layer 2's inputs here: a 2-dimensional subspace of its 8
+        model[2](torch.randn(32, 2) @ torch.randn(2, 8))
+    next_task(model)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) have no input direction left .*\['0'\]"):
         _begin(model, x)
