@@ -3,7 +3,7 @@
 For each batch size and mode (eager, cuda-graphs, compile, aoti) it times the plain model (a timm
 model, or `--model minilm`: the packaged all-MiniLM-L6-v2 on 64-token inputs), the C-LoRA model
 merged (W + delta: a plain Linear at inference), the C-LoRA model unmerged on each usable backend,
-and PEFT's LoRA on the same layers. On CPU the default run is small (about a minute; --full for
+and PEFT's LoRA on the same layers. On CPU the default run is small (about 2.5 minutes on 2 cores; --full for
 the GPU-sized one). The variants of one batch size and mode are timed interleaved, in rounds
 (`time_interleaved`), and each row's p50 is also given as a ratio to clora-merged's in the same
 run. Reports p50/p90/p99 latency, samples/s and that ratio; --json writes the rows,
@@ -348,8 +348,8 @@ def _main(argv) -> int:
     if not modes:
         ap.error("argument --mode: no requested mode can run here")
     if quick:
-        print(f"clora-profile: CPU run of {args.model} at batches {args.batch}, {args.iters} iterations (about a "
-              f"minute); --full for batches {FULL['batch']} and {FULL['iters']} iterations", flush=True)
+        print(f"clora-profile: CPU run of {args.model} at batches {args.batch}, {args.iters} iterations (ViT-B: "
+              f"about 2.5 minutes on 2 cores); --full for batches {FULL['batch']} and {FULL['iters']} iterations", flush=True)
     try:
         base, make_input = build_model(args.model, args.img_size, device, dtype)
         variants = make_variants(base, args, device)
