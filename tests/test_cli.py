@@ -1,5 +1,7 @@
 """clora-bench and clora-profile end to end on CPU at tiny sizes; JSON validated field by field."""
+import argparse
 import json
+import os
 import re
 
 import pytest
@@ -368,3 +370,23 @@ def test_merge_floor_training_ops_are_the_layers_step(m):
     want = (y.detach(),) + tuple(t.grad for t in leaves)
     for name, a, e in zip(("y", "dx", "lora_A", "lora_B", "routing_delta"), got, want):
         assert torch.allclose(a, e, rtol=1e-12, atol=1e-12), name
+
+
+def test_bench_times_peft_s_layer_and_records_the_cpu_and_auto_s_plan():
+    """A helper's audit: the peft row was timed through the PeftModel and its tuner (two more modules per
+    call, about +1 on its ratio to merged at M=24), while every other row is one layer's call; meta.cpu was
+    'x86_64' (platform.processor() is '' on Linux) and a CPU auto row did not say which plan it ran."""
+    pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+    from clora_kernels.bench import __main__ as bm
+    from clora_kernels.bench.core import _peft_layer, make_case
+    from clora_kernels.bench.shapes import Shape
+    case = make_case(Shape("t", "t", 5, 24, 40, 4), torch.float32, torch.device("cpu"), False)
+    assert isinstance(_peft_layer(case), LoraLayer)
+    meta = bm._meta(argparse.Namespace(dtype="fp32", argv=[]), torch.device("cpu"))
+    assert meta["cpu_count"] >= 1
+    if os.path.exists("/proc/cpuinfo"):
+        assert meta["cpu"] not in ("x86_64", "aarch64", "")
+    plans = [bm._chosen_strategies("auto", Shape("t", "t", m, 96, 96, 16), torch.float32, torch.device("cpu"), t)
+             for m, t in ((24, False), (1576, False), (1576, True))]
+    assert plans == [{"fwd": "eager"}, {"fwd": "merge"}, {"fwd": "merge", "dx": "merge"}]

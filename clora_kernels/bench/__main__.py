@@ -3,6 +3,7 @@ write JSON (--json) and a PNG of the ratios to `merged` (--plot)."""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import warnings
@@ -28,8 +29,22 @@ def _meta(args, device) -> dict:
         except Exception:
             meta["driver"] = None
     else:
-        meta["cpu"] = platform.processor() or platform.machine()
+        meta["cpu"] = _cpu_name()
+        meta["cpu_count"] = os.cpu_count()
     return meta
+
+
+def _cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux: platform.processor() is '' there), else what
+    platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _select_variants(requested, device) -> tuple:
@@ -60,7 +75,16 @@ def _select_variants(requested, device) -> tuple:
 
 
 def _chosen_strategies(name, shape, dtype, device, training) -> dict:
-    """The Triton tuner's strategy per kind (fwd, dx) for this shape, for the triton and auto rows."""
+    """The plan per kind (fwd, dx) for this shape: on CPU the torch backend's under auto (`auto.torch_plan`,
+    eager or merge; the torch row always runs eager); on a GPU the Triton tuner's, for the triton and auto
+    rows."""
+    if name == "auto" and device.type == "cpu":
+        from ..backends.auto import torch_plan
+        x, g = torch.empty(shape.m, shape.k, dtype=dtype), torch.empty(shape.m, shape.n, dtype=dtype)
+        plans = {"fwd": torch_plan(x, shape.n, shape.r, training)}
+        if training:
+            plans["dx"] = torch_plan(g, shape.k, shape.r, True)
+        return plans
     if name not in ("triton", "auto") or device.type != "cuda" or not available_backends()["triton"][0]:
         return {}
     from ..backends.triton.tune import chosen_strategies
