@@ -141,14 +141,17 @@ class PerTaskLoRALinear(_BaselineLinear):
         while prefix + f"lora_A.{saved}" in state_dict and prefix + f"lora_B.{saved}" in state_dict:
             saved += 1
         if saved and saved != len(self.lora_A):
-            while len(self.lora_A) < saved:
-                self.next_task()
-            if len(self.lora_A) > saved:
-                with torch.no_grad():
-                    self.lora_A = nn.ParameterList(list(self.lora_A)[:saved])
-                    self.lora_B = nn.ParameterList(list(self.lora_B)[:saved])
-                self.lora_A[-1].requires_grad_(True)
-                self.lora_B[-1].requires_grad_(True)
+            # zeros the load overwrites (not next_task's draw from torch's generator), the newest branch training
+            # as the newest did before (a frozen layer stays frozen)
+            trains = self.lora_A[-1].requires_grad
+            a, b = list(self.lora_A)[:saved], list(self.lora_B)[:saved]
+            while len(a) < saved:
+                a.append(nn.Parameter(torch.zeros_like(self.lora_A[0])))
+                b.append(nn.Parameter(torch.zeros_like(self.lora_B[0])))
+            for i, (pa, pb) in enumerate(zip(a, b)):
+                pa.requires_grad_(trains and i == saved - 1)
+                pb.requires_grad_(trains and i == saved - 1)
+            self.lora_A, self.lora_B = nn.ParameterList(a), nn.ParameterList(b)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -219,7 +222,8 @@ class DualLoRALinear(_BaselineLinear):
         dt = torch.promote_types(input.dtype, torch.float32)
         with exact_math(input):
             x = input.to(dt)
-            x = x / x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(dt).tiny)
+            # (the scale detached: the share does not depend on it, and autograd kept 3 more copies of x for it)
+            x = x / x.detach().abs().amax(-1, keepdim=True).clamp(min=torch.finfo(dt).tiny)
             inside = None
             for m in (self.bases, self.task_bases):
                 if m.shape[1]:
@@ -398,7 +402,9 @@ def observe_inputs(model: nn.Module, group=None):
     """The baselines' counterpart of `observe_task`: DualLoRALinear layers record their inputs'
     Gram during the pass (for the next `next_task`). In a multi-process job (DDP) the Grams are
     summed over the processes at the block's end, as observe_task sums them (`group`: its meaning
-    there), so every replica takes the same bases, those of the whole task."""
+    there), so every replica takes the same bases, those of the whole task. As there, without a DDP
+    wrapper or `group` every process of the job takes part: models trained apart in one job (a sweep
+    under torchrun) pass their own group."""
     layers = [m for _, m in baseline_layers(model) if isinstance(m, DualLoRALinear)]
     group = replica_group(model, group)
     for m in layers:

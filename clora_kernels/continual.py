@@ -332,10 +332,6 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
     allowed = [int(c) for c in allowed]
     if not allowed:     # (argmax over scores all -inf is index 0: class 0's samples counted right)
         raise ValueError("evaluate: no class is allowed")
-    if prototypes is not None:
-        missing = [c for c in allowed if not float(prototypes.counts[c]) > 0]
-        if missing:
-            raise ValueError(f"evaluate: the prototypes hold no mean for the allowed class(es) {missing[:8]}")
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     right = total = 0
@@ -347,10 +343,18 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
                 if prototypes is not None:
                     logits = prototypes(features.read(x))
             scores = _masked(logits.float(), allowed)
-            if not bool(torch.isfinite(scores[:, allowed]).all()):
-                # (argmax takes NaN as the largest: a diverged model or a NaN input scored some accuracy, silently)
-                raise FloatingPointError(f"evaluate: the scores of the classes {tuple(task.classes)} on the test "
-                                         f"split hold NaN or Inf (did training diverge, or a test input hold NaN?)")
+            # argmax takes NaN as the largest, and a row of -inf (no allowed class scored: prototypes of none of
+            # them) as index 0: a diverged model, a NaN input or an empty head scored some accuracy, silently.
+            # -inf for some classes is a prototype head's "not added yet"
+            seen = scores[:, allowed]
+            bad = seen.isnan() | (seen == float("inf"))
+            if bool(bad.any()) or bool((seen == float("-inf")).all(-1).any()):
+                which = sorted({allowed[j] for j in bad.any(0).nonzero().flatten().tolist()})
+                raise FloatingPointError(
+                    f"evaluate: on task {tuple(task.classes)}'s test split "
+                    + (f"the scores of class(es) {which[:8]} hold NaN or Inf (did training diverge, or a test input "
+                       f"hold NaN?)" if which else f"no allowed class has a score (a prototype head holding none "
+                                                   f"of {allowed[:8]}?)"))
             pred = scores.argmax(-1)
             right += int((pred == y).sum())
             total += y.shape[0]
@@ -452,9 +456,10 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
         raise ValueError(f"train_sequence: resuming after {start} task(s) with the prototype classifier needs the "
                          f"`prototypes` they built (a fresh head knows none of their classes)")
     if prototypes is not None:
-        if prototypes.sums.shape[0] < head_mod.out_features:
-            raise ValueError(f"train_sequence: the prototypes given hold {prototypes.sums.shape[0]} classes, the head "
-                             f"{head_mod.out_features}")
+        largest = max(int(c) for t in tasks for c in t.classes)
+        if prototypes.sums.shape[0] <= largest:
+            raise ValueError(f"train_sequence: the prototypes given hold classes 0 to {prototypes.sums.shape[0] - 1}, "
+                             f"the tasks reach class {largest}")
         unknown = sorted(c for t in tasks[:start] for c in t.classes if not float(prototypes.counts[c]) > 0)
         if unknown:     # (a fresh head given to a resume: the tasks done scored 0, silently)
             raise ValueError(f"train_sequence: resuming after {start} task(s), but the prototypes given hold none of "

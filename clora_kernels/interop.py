@@ -84,7 +84,8 @@ def _read_config(directory) -> dict:
                                         and option not in ("kasa_config", "monteclora_config", "arrow_config")):
             raise ValueError(f"{path}: option {option}={value!r} is not supported by C-LoRA layers "
                              f"(supported: plain LoRA, with use_rslora, any lora_dropout, modules_to_save)")
-    unknown = sorted(set(config) - _KNOWN_OPTIONS - _installed_peft_options())
+    unknown = set(config) - _KNOWN_OPTIONS
+    unknown = sorted(unknown - _installed_peft_options()) if unknown else []     # (PEFT imported only then)
     if unknown:
         warnings.warn(f"load_peft_adapter: {path}: option(s) {unknown[:8]} are unknown to this version (saved by a "
                       f"newer PEFT?) and are ignored; if one changes what the adapter computes, the loaded model "
@@ -180,17 +181,17 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
             skipped[param] = (layer, base, value)       # PEFT's save_embedding_layers: the base, checked below
             continue
         holder = _saved_module(param, saved_modules) if key.startswith(_PREFIX) else ""
-        if not holder and key.startswith(_PREFIX) and param in own and not tying:
-            # PEFT's save_embedding_layers (its default where the vocabulary was resized) stores the embeddings of a
-            # layer it does not adapt under their own names: the model's tensor, checked below
-            plain[param] = value
-            continue
         if not holder and tying and key.startswith(_PREFIX) and param in own:
             # PEFT's ensure_weight_tying (0.21) stores a saved module's tied partner too, with the same values
             # (lm_head.weight beside model.embed_tokens.weight, modules_to_save naming the latter): it loads
             # into the model's tensor that the two names share, tied as it was
             holder = next((h for q, t in own.items() if t is own[param] and (h := _saved_module(q, saved_modules))),
                           "")
+        if not holder and key.startswith(_PREFIX) and param in own:
+            # PEFT's save_embedding_layers (its default where the vocabulary was resized) stores the embeddings of a
+            # layer it does not adapt under their own names: the model's tensor, checked below
+            plain[param] = value
+            continue
         if not holder:
             raise ValueError(f"{directory}: tensor {key!r} is not a LoRA factor "
                              f"({_PREFIX}<module>.lora_A.weight / .lora_B.weight) nor part of modules_to_save "
@@ -265,11 +266,11 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
         mine = own[param]
         if mine.is_meta or tuple(mine.shape) != tuple(value.shape) \
                 or not torch.equal(_full(mine).detach().cpu(), value.to(mine.dtype)):
-            raise ValueError(f"{directory}: tensor {_PREFIX + strip + param!r} is not a LoRA factor nor part of modules_to_save "
-                             f"{saved_modules}; it holds the model's {param!r} (PEFT's save_embedding_layers, where "
-                             f"the vocabulary was resized) with other values or shape ({tuple(value.shape)} against "
-                             f"{tuple(mine.shape)}): load the adapter into the base model it was trained on (with "
-                             f"the same vocabulary size)")
+            raise ValueError(f"{directory}: tensor {_PREFIX + strip + param!r} is not a LoRA factor nor part of "
+                             f"modules_to_save {saved_modules}, and it differs from the model's {param!r} (shape "
+                             f"{tuple(value.shape)} against {tuple(mine.shape)}): a trained module left out of "
+                             f"modules_to_save, or embeddings PEFT's save_embedding_layers stored from a model with "
+                             f"another vocabulary; load the adapter into the base model it was trained on")
     for param, (layer, base, value) in skipped.items():     # (after the merged check: a merged base differs)
         mine = getattr(model.get_submodule(layer), base)
         if mine is None or mine.is_meta or tuple(mine.shape) != tuple(value.shape) \

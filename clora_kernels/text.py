@@ -154,7 +154,7 @@ def prepare(args, progress: bool = True, log=print) -> dict:
     if missing:     # (transformers initializes them at random and warns: a run on a partly random encoder)
         raise DataError(f"--model {args.model!r}: its checkpoint lacks {len(missing)} of the encoder's weights "
                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would be random")
-    unused = sorted(k for k in info.get("unexpected_keys") or () if not k.startswith("pooler."))
+    unused = sorted(k for k in info.get("unexpected_keys") or () if "pooler" not in k.split(".")[:-1])
     if unused:      # (another task's head, say: harmless, as transformers says, but said)
         log(f"note: --model {args.model!r}: {len(unused)} weights of its checkpoint are not the encoder's and are "
             f"not used ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")

@@ -568,3 +568,33 @@ def test_dual_lora_a_layer_without_room_is_named(seed):
     next_task(model)
     with pytest.warns(UserWarning, match=r"1 layer\(s\) have no input direction left .*\['0'\]"):
         _begin(model, x)
+
+
+def test_review_of_the_baseline_fixes(seed):
+    """A review of this session's fixes: the gate's row scale was kept for autograd (3 more copies of x per
+    layer in training; detached, the share does not depend on it); a per_task_lora load that changes the
+    branch count drew from torch's generator (next_task's init) and made a frozen layer's newest branch
+    train."""
+    layer = DualLoRALinear(nn.Linear(64, 32), rank=4, energy=0.9)
+    with torch.no_grad(), observe_new_inputs(layer):
+        layer(torch.randn(100, 64))
+    x = torch.randn(256, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        g = layer.gate(x)
+    assert sum(saved) < 2 * x.numel() * 4, sum(saved)
+    want, = torch.autograd.grad(g.sum(), x)
+    assert torch.isfinite(want).all()
+
+    def make():
+        torch.manual_seed(1)
+        return inject_per_task_lora(nn.Sequential(nn.Linear(10, 8)), ["0"], rank=2)
+    trained = make()
+    next_task(trained)
+    next_task(trained)
+    frozen = make().requires_grad_(False)
+    state = torch.get_rng_state()
+    frozen.load_state_dict(trained.state_dict())
+    assert torch.equal(torch.get_rng_state(), state) and len(frozen[0].lora_A) == 3
+    assert not any(p.requires_grad for p in frozen.parameters())

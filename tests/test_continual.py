@@ -438,14 +438,29 @@ def test_the_python_api_refuses_what_scored_silently(seed):
     with pytest.raises(ValueError, match="no class is allowed"):
         cc.evaluate(model, tasks[0], [])
     features = cc._HeadInput(model.head)
-    with pytest.raises(ValueError, match=r"the prototypes hold no mean for the allowed class\(es\) \[0, 1\]"):
+    with pytest.raises(FloatingPointError, match=r"no allowed class has a score \(a prototype head holding none"):
         cc.evaluate(model, tasks[0], (0, 1), cc.PrototypeHead(10, 128), features)
+    head = cc.PrototypeHead(10, 128)           # classes not added yet score -inf: allowed all the same (a review)
+    model(tasks[0].train_x)
+    head.add(features.read(tasks[0].train_x), tasks[0].train_y)
+    assert cc.evaluate(model, tasks[0], range(10), head, features) == cc.evaluate(model, tasks[0], (0, 1), head,
+                                                                                  features)
     features.remove()
     poisoned = cc.Task(tasks[0].classes, tasks[0].train_x, tasks[0].train_y, tasks[0].test_x.clone(),
                        tasks[0].test_y)
     poisoned.test_x[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"scores of the classes \(0, 1\) on the test split hold NaN"):
+    with pytest.raises(FloatingPointError, match=r"on task \(0, 1\)'s test split the scores of class\(es\) \[0, 1\] "
+                                                 r"hold NaN"):
         cc.evaluate(model, poisoned, (0, 1))
+    with torch.no_grad():
+        model.head.bias[7] = float("nan")      # the class named is the one whose score is NaN
+    with pytest.raises(FloatingPointError, match=r"scores of class\(es\) \[7\] hold NaN"):
+        cc.evaluate(model, tasks[0], range(10))
+    small = cc.PrototypeHead(4, 128)            # smaller than the head, large enough for the tasks' classes
+    cc.train_sequence(ck.inject_clora(cc.MLP(), ("fc1", "fc2"), rank=4), tasks, epochs=0, prototypes=small,
+                      progress=False)
+    with pytest.raises(ValueError, match="the prototypes given hold classes 0 to 3, the tasks reach class 5"):
+        cc.train_sequence(model, _tasks()[:3], epochs=0, prototypes=cc.PrototypeHead(4, 128), progress=False)
     as_tensor = cc.Task(torch.tensor(tasks[0].classes), tasks[0].train_x, tasks[0].train_y, tasks[0].test_x,
                         tasks[0].test_y)
     cc.validate_tasks([as_tensor, tasks[1]], 10)

@@ -1207,8 +1207,9 @@ def test_embeddings_that_peft_saved_with_the_adapter(tmp_path, seed):
         assert rel_err(model(input_ids=ids).logits, pm(input_ids=ids).logits) < 1e-5
         other = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], rank=2)
         other.model.embed_tokens.weight.add_(1.0)
-    with pytest.raises(ValueError, match=r"holds the model's 'model.embed_tokens.weight' \(PEFT's "
-                                         r"save_embedding_layers.*with other values"):
+    with pytest.raises(ValueError, match=r"differs from the model's 'model.embed_tokens.weight' \(shape \(61, 16\) "
+                                         r"against \(61, 16\)\).*save_embedding_layers stored from a model with "
+                                         r"another vocabulary"):
         ck.load_peft_adapter(other, tmp_path)
 
 
@@ -1225,3 +1226,13 @@ def test_options_of_a_newer_peft_are_named(tmp_path, seed):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ck.load_peft_adapter(model, tmp_path)
+
+
+def test_a_load_of_known_options_does_not_import_peft(tmp_path, seed, monkeypatch):
+    """PEFT is optional: the unknown-option check imported it (and transformers, 4 s) on every load; it asks
+    the installed PEFT only about keys that PEFT 0.21 does not have."""
+    from clora_kernels import interop
+    base = _llama()
+    _peft_saved(copy.deepcopy(base), tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
+    monkeypatch.setattr(interop, "_installed_peft_options", lambda: pytest.fail("asked the installed PEFT"))
+    ck.load_peft_adapter(ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj"], rank=2), tmp_path)
