@@ -1655,6 +1655,20 @@ def _warn_if_stuck(layers: list, stacklevel: int = 3) -> None:
     stuck = [name or "<this layer>" for name, m in layers if m.mode == "hard" and not isinstance(m.protection, Project)
              and not (m.grad_through_old_route and m.protection.factors_train(m))
              and float(torch.trace(_full(m.projection).double())) < 0.5]
+    # a factor that is all zeros at the boundary (a layer the task never trained: a per-task head, a branch of the
+    # model the task does not reach): lora_B = 0 gives routing_delta no gradient and, where the policy trains the
+    # factors through the new route alone (R_delta = 0 after end_task), them none either; the layer learnt
+    # nothing in any later task, silently (a helper's attack). Under "project" lora_B stays 0 once its output
+    # basis holds every routing direction
+    dead = [name or "<this layer>" for name, m in layers if (name or "<this layer>") not in stuck + full and (
+        (isinstance(m.protection, Project) and m.protect_output_basis.shape[1] >= m.rank and _all_zero(m.lora_B))
+        or (not isinstance(m.protection, Project) and not (m.grad_through_old_route and m.protection.factors_train(m))
+            and (_all_zero(m.lora_B) or _all_zero(m.lora_A))))]
+    if dead:
+        warnings.warn(f"end_task: layer(s) {dead[:8]} end the task with lora_B (or lora_A) all zeros (the task never "
+                      f"trained them?), so under their protection no later task can train them: they learn nothing "
+                      f"more (protection='project' with room, or grad_through_old_route under 'paper', lets them)",
+                      RuntimeWarning, stacklevel=stacklevel)
     if stuck:
         warnings.warn(f"end_task: in hard mode the projection P of layer(s) {stuck[:8]} is now 0 (the earlier tasks' "
                       f"routing_old needs every direction to hold protect_energy of its energy), so routing_delta "
@@ -1662,6 +1676,10 @@ def _warn_if_stuck(layers: list, stacklevel: int = 3) -> None:
                       f"grad_through_old_route), neither do lora_A and lora_B: these layers learn nothing in the "
                       f"next task (a lower protect_energy, soft mode or protection='project' leaves room)",
                       RuntimeWarning, stacklevel=stacklevel)
+
+
+def _all_zero(t) -> bool:
+    return not bool(_full(t).detach().any())
 
 
 def _end_tasks(layers: list) -> None:

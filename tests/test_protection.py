@@ -1109,3 +1109,38 @@ def test_ranks_whose_observe_pass_was_uneven_end_the_task_equal(seed):
     ck.end_task(b)
     for (name, t), u in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(t, u), name
+
+
+@pytest.mark.parametrize("protection", ["paper", "freeze", "project"])
+def test_a_layer_its_task_never_trained_is_named_at_end_task(protection, seed):
+    """A helper's attack: a layer whose lora_B is still 0 at end_task (a per-task head, a branch the task
+    never reaches) gives routing_delta no gradient, and under 'freeze' / 'paper' the factors none either:
+    every later task left it at 0, silently (50 Adam steps, loss unchanged). Under 'project' lora_B stays 0
+    once its output basis holds every routing direction. end_task names it; a trained layer, and 'paper'
+    with grad_through_old_route (its factors learn through the old route), do not warn."""
+    kw = dict(rank=2, protection=protection, dtype=torch.float64)
+    heads = nn.ModuleDict({"h0": CLoRALinear(K, N, **kw), "h1": CLoRALinear(K, N, **kw),
+                           "h2": CLoRALinear(K, N, grad_through_old_route=True, **kw)})
+    x = torch.randn(32, K, dtype=torch.float64)
+    opt = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):                               # task 0 trains h0 alone
+        opt.zero_grad()
+        heads["h0"](x).square().mean().backward()
+        opt.step()
+    if protection == "project":
+        with ck.observe_task(heads):
+            for m in heads.values():
+                m(x)
+    want = ["h1"] + (["h2"] if protection != "paper" else [])
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \[" + ", ".join(f"'{n}'" for n in want)
+                      + r"\] end the task with lora_B \(or lora_A\) all zeros") as record:
+        ck.end_task(heads)
+    assert len([r for r in record if "all zeros" in str(r.message)]) == 1
+    if protection != "project":
+        opt = torch.optim.Adam([p for p in heads["h1"].parameters() if p.requires_grad] or [torch.zeros(1)], lr=1e-2)
+        before = heads["h1"](x).detach()
+        for _ in range(5):
+            opt.zero_grad()
+            heads["h1"](x).square().mean().backward()
+            opt.step()
+        assert torch.equal(heads["h1"](x), before)       # what the warning says: it learns nothing more
