@@ -315,6 +315,12 @@ class CLoRALinear(nn.Linear):
                                   f"fresh state: what {current!r} kept of the earlier tasks is no longer kept (a "
                                   f"project policy protects the inputs it observes from here on)", UserWarning,
                                   stacklevel=2)
+                elif self.task_index > 0 and self.protection.name == "project":
+                    # (from paper: nothing was kept, but the earlier tasks' inputs were never observed, and project
+                    # trains both routes: they drifted 1.5 in the next task, without a word; a helper's attack)
+                    warnings.warn(f"protection switched to {self.protection!r} after task {self.task_index}: it "
+                                  f"protects the inputs it observes from here on, and the earlier tasks' were never "
+                                  f"observed, so their outputs are not protected", UserWarning, stacklevel=2)
             return
         if name in ("mode", "protect_energy") and name in self.__dict__:
             # checked as at construction (a 'Hard' ran as soft); a switch to hard after a task, or another

@@ -1144,3 +1144,15 @@ def test_a_layer_its_task_never_trained_is_named_at_end_task(protection, seed):
             heads["h1"](x).square().mean().backward()
             opt.step()
         assert torch.equal(heads["h1"](x), before)       # what the warning says: it learns nothing more
+
+
+def test_switching_from_paper_to_project_after_a_task_warns(seed):
+    """paper keeps nothing of its own, so leaving it was silent; but a project policy taken after a task has
+    observed none of the earlier tasks' inputs and trains both routes: their outputs drifted 1.5 in the next
+    task (a helper's attack). The switch says so; leaving paper for freeze stays silent."""
+    layer = _trained_first_task()
+    layer.protection = "paper"
+    ck.end_task(nn.Sequential(layer))
+    with pytest.warns(UserWarning, match=r"after task 1: it protects the inputs it observes from here on, and the "
+                                         r"earlier tasks' were never observed"):
+        layer.protection = "project"
