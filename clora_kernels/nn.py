@@ -1210,7 +1210,24 @@ def _output_heads(model: nn.Module) -> set:
             found.extend(h for h in (head if isinstance(head, (tuple, list)) else (head,)) if isinstance(h, nn.Module))
     heads.update(n for n, m in model.named_modules() if any(m is h for h in found))
     heads.update(n for n, _ in model.named_children() if n in _HEAD_NAMES)
+    # timm's pretrained_cfg lists every classifier (VOLO's aux_head beside head: its get_classifier() names
+    # head alone, and "all-linear" adapted aux_head, a num_classes-wide output, frozen under a rank-4 adapter)
+    for prefix, sub in model.named_modules():
+        cfg = getattr(sub, "pretrained_cfg", None)
+        names = cfg.get("classifier") if isinstance(cfg, dict) else None
+        for name in (names,) if isinstance(names, str) else names if isinstance(names, (tuple, list)) else ():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(name, str) and isinstance(_submodule(model, full), nn.Linear):
+                heads.add(full)
     return {n for h in heads for n, _ in model.named_modules() if n == h or n.startswith(h + ".")}
+
+
+def _submodule(model: nn.Module, name: str):
+    """model.get_submodule(name), or None where it has none."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _name_selector(spec, what: str):

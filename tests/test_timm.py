@@ -131,3 +131,14 @@ def test_default_targets_leave_the_head_alone_and_say_what_they_miss():
         ck.inject_clora(swin)
     with pytest.raises(ValueError, match=r"the output head is left out: \['head.classifier.0', 'head.classifier.4'\]"):
         ck.inject_clora(timm.create_model("efficientvit_b0", num_classes=10, pretrained=False), "all-linear")
+
+
+def test_all_linear_skips_every_classifier_timm_lists():
+    """VOLO's get_classifier() names `head` alone, and 'all-linear' adapted its `aux_head` (a num_classes-wide
+    output, frozen under a rank-4 adapter: half the classifier could not train); timm's pretrained_cfg lists
+    both (a helper's sweep of timm)."""
+    model = timm.create_model("volo_d1_224", pretrained=False, num_classes=5, img_size=64)
+    assert model.pretrained_cfg["classifier"] == ("head", "aux_head")
+    ck.inject_clora(model, "all-linear", rank=2)
+    assert type(model.aux_head) is torch.nn.Linear and type(model.head) is torch.nn.Linear
+    assert ck.nn.clora_layers(model)
