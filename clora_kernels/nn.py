@@ -1212,22 +1212,15 @@ def _output_heads(model: nn.Module) -> set:
     heads.update(n for n, _ in model.named_children() if n in _HEAD_NAMES)
     # timm's pretrained_cfg lists every classifier (VOLO's aux_head beside head: its get_classifier() names
     # head alone, and "all-linear" adapted aux_head, a num_classes-wide output, frozen under a rank-4 adapter)
-    for prefix, sub in model.named_modules():
+    modules = dict(model.named_modules())
+    for prefix, sub in modules.items():
         cfg = getattr(sub, "pretrained_cfg", None)
         names = cfg.get("classifier") if isinstance(cfg, dict) else None
         for name in (names,) if isinstance(names, str) else names if isinstance(names, (tuple, list)) else ():
             full = f"{prefix}.{name}" if prefix else name
-            if isinstance(name, str) and isinstance(_submodule(model, full), nn.Linear):
+            if isinstance(name, str) and full in modules:
                 heads.add(full)
-    return {n for h in heads for n, _ in model.named_modules() if n == h or n.startswith(h + ".")}
-
-
-def _submodule(model: nn.Module, name: str):
-    """model.get_submodule(name), or None where it has none."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+    return {n for h in heads for n in modules if n == h or n.startswith(h + ".")}
 
 
 def _name_selector(spec, what: str):
