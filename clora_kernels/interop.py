@@ -47,8 +47,10 @@ _UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "lora_bias": 
                 # between adapters at inference): PEFT 0.21's options that change what the adapter computes
                 # ({} is not "unset" there: PEFT makes it the option's default config, which turns it on)
                 "kasa_config": (None,), "monteclora_config": (None,), "arrow_config": (None,)}
-# the options of PEFT 0.21's LoraConfig (and PeftConfig's): a key outside them (and the installed PEFT's) is
-# a newer PEFT's option, which may change what the adapter computes; PEFT warns of them, and so does the load
+# the options of PEFT 0.21's LoraConfig (and PeftConfig's): a key outside them that is set (not None / False) is a
+# newer PEFT's option, which may change what the adapter computes and which this load does not read: it warns
+# (PEFT 0.22 writes "astra_config": null, unset). Whether the installed PEFT knows the key does not matter: this
+# load would ignore it all the same
 _KNOWN_OPTIONS = frozenset((
     "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
     "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
@@ -84,8 +86,7 @@ def _read_config(directory) -> dict:
                                         and option not in ("kasa_config", "monteclora_config", "arrow_config")):
             raise ValueError(f"{path}: option {option}={value!r} is not supported by C-LoRA layers "
                              f"(supported: plain LoRA, with use_rslora, any lora_dropout, modules_to_save)")
-    unknown = set(config) - _KNOWN_OPTIONS
-    unknown = sorted(unknown - _installed_peft_options()) if unknown else []     # (PEFT imported only then)
+    unknown = sorted(k for k in set(config) - _KNOWN_OPTIONS if config[k] not in (None, False))
     if unknown:
         warnings.warn(f"load_peft_adapter: {path}: option(s) {unknown[:8]} are unknown to this version (saved by a "
                       f"newer PEFT?) and are ignored; if one changes what the adapter computes, the loaded model "
@@ -105,16 +106,6 @@ def _read_config(directory) -> dict:
     except TypeError as exc:
         raise ValueError(str(exc)) from None
     return config
-
-
-def _installed_peft_options() -> frozenset:
-    """The options of the installed PEFT's LoraConfig (none when PEFT is not installed: it is optional)."""
-    try:
-        import dataclasses
-        from peft import LoraConfig
-        return frozenset(f.name for f in dataclasses.fields(LoraConfig))
-    except Exception:       # (not installed, or a version that fails to import)
-        return frozenset()
 
 
 def _read_tensors(directory) -> dict:
