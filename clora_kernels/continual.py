@@ -462,8 +462,8 @@ def train_sequence(model: nn.Module, tasks, *, head: str = "head", clora: bool =
                              f"the tasks reach class {largest}")
         unknown = sorted(c for t in tasks[:start] for c in t.classes if not float(prototypes.counts[c]) > 0)
         if unknown:     # (a fresh head given to a resume: the tasks done scored 0, silently)
-            raise ValueError(f"train_sequence: resuming after {start} task(s), but the prototypes given hold none of "
-                             f"their classes {unknown[:8]}: pass the PrototypeHead saved with them")
+            raise ValueError(f"train_sequence: resuming after {start} task(s), but the prototypes given hold no mean for "
+                             f"their class(es) {unknown[:8]}: pass the PrototypeHead saved with them")
         known = sorted(c for t in tasks[start:] for c in t.classes if float(prototypes.counts[c]) > 0)
         if known:
             raise ValueError(f"train_sequence: the prototypes given already hold classes {known[:8]} of the tasks to "
