@@ -255,8 +255,7 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
                              f"diverged run?)")
     for param, value in plain.items():
         mine = own[param]
-        if mine.is_meta or tuple(mine.shape) != tuple(value.shape) \
-                or not torch.equal(_full(mine).detach().cpu(), value.to(mine.dtype)):
+        if not _holds(mine, value):
             raise ValueError(f"{directory}: tensor {_PREFIX + strip + param!r} is not a LoRA factor nor part of "
                              f"modules_to_save {saved_modules}, and it differs from the model's {param!r} (shape "
                              f"{tuple(value.shape)} against {tuple(mine.shape)}): a trained module left out of "
@@ -264,8 +263,7 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
                              f"another vocabulary; load the adapter into the base model it was trained on")
     for param, (layer, base, value) in skipped.items():     # (after the merged check: a merged base differs)
         mine = getattr(model.get_submodule(layer), base)
-        if mine is None or mine.is_meta or tuple(mine.shape) != tuple(value.shape) \
-                or not torch.equal(_full(mine).detach().cpu(), value.to(mine.dtype)):
+        if not _holds(mine, value):
             raise ValueError(f"{directory}: the adapter holds a base {base} for layer {layer!r} ({param}, PEFT's "
                              f"save_embedding_layers) that differs from the model's: load the adapter into the base "
                              f"model it was trained on (with the same vocabulary size)")
@@ -301,6 +299,13 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
                       f"of the module is, without ensure_weight_tying): this model's state_dict now holds both, and "
                       f"loads into a model where they are untied too (e.g. tie_word_embeddings=False), not into one "
                       f"that ties them (both would be written into its one tensor)", UserWarning, stacklevel=2)
+
+
+def _holds(mine, value) -> bool:
+    """Whether the model's tensor `mine` (None, or on the meta device: it holds nothing) holds the adapter
+    file's `value`: the base tensors PEFT's save_embedding_layers stores beside the factors."""
+    return mine is not None and not mine.is_meta and tuple(mine.shape) == tuple(value.shape) \
+        and torch.equal(_full(mine).detach().cpu(), value.to(mine.dtype))
 
 
 def _saved_module(path: str, entries) -> str:
