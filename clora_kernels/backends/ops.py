@@ -130,9 +130,15 @@ def _double_backward(ctx, grad_y):
     """The backward when it is itself differentiated (create_graph=True, e.g. a gradient penalty):
     autograd through the reference formula of the same semantics, recomputed from the saved
     inputs, so second derivatives are right (the kernels' dx has no derivative of its own). The
-    bias enters linearly, so the formula runs without it and its gradient is Σ_rows g."""
+    bias enters linearly, so the formula runs without it and its gradient is Σ_rows g. Each operand
+    is taken through a fresh view (its gradient passes to the saved tensor unchanged), so that the
+    formula's derivative in one is partial: where x was computed from lora_A (a layer applied to its
+    own output, x and lora_A one tensor), autograd.grad in the saved tensors themselves also counted
+    the paths through x's own graph, and the dx returned counted them again (40-100 % off)."""
     x, _, weight, lora_a, lora_b, r_old, r_delta, proj, _ = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    x, lora_a, lora_b, r_delta = (v.view_as(v) if needs[i] else v
+                                  for i, v in ((0, x), (3, lora_a), (4, lora_b), (6, r_delta)))
     wrt = [(i, v) for i, v in ((0, x), (3, lora_a), (4, lora_b), (6, r_delta)) if needs[i]]
     y = _frozen_formula(x, weight, None, lora_a, lora_b, r_old, r_delta, proj, ctx.scaling, ctx.through_old)
     got = torch.autograd.grad(y, [v for _, v in wrt], grad_y, create_graph=True, allow_unused=True) if wrt else ()
