@@ -470,12 +470,16 @@ class CLoRALinear(nn.Linear):
         if self._observing:     # (read in the forward, not a hook: a module compiled before observe_task
             _observe(self, x)   # runs no hook added later, and its layers protected nothing, silently)
         if self.merged or not self.adapter_enabled:
-            if self.merged and self.training and torch.is_grad_enabled() and self.routing_delta.requires_grad:
+            # any adapter tensor that trains (a plain LoRA, routing_delta frozen, as seq_lora: A and B trained
+            # nothing, silently)
+            trained = next((p for p in (self.routing_delta, self.lora_A, self.lora_B) if p.requires_grad), None) \
+                if self.merged and self.training and torch.is_grad_enabled() else None
+            if trained is not None:
                 if torch.compiler.is_compiling():   # the compiler cannot carry the guard's raise to the backward
                     raise RuntimeError(_MERGED_TRAINING)    # (without fullgraph: a graph break, then the guard)
                 if not _is_tracing():   # (a TorchScript trace is inference: it records F.linear, as nn.Linear's)
                     # inference works; a backward says why not
-                    return _MergedGuard.apply(x, self.base_weight(), self.bias, self.routing_delta)
+                    return _MergedGuard.apply(x, self.base_weight(), self.bias, trained)
             return F.linear(x, self.base_weight(), self.bias)
         params, buffers = self._parameters, self._buffers
         memo = self     # (module_linear's validation memo; None where the operands are new each call)
@@ -1063,7 +1067,7 @@ class _MergedGuard(torch.autograd.Function):
     generate_vmap_rule = True      # (torch.func: vmap of the forward runs; grad meets the refusal below)
 
     @staticmethod
-    def forward(x, weight, bias, routing_delta):
+    def forward(x, weight, bias, trained):     # (trained: an adapter tensor that requires grad)
         return F.linear(x, weight, bias)
 
     @staticmethod

@@ -868,6 +868,24 @@ def test_merged_layer_input_gradients_and_compile(seed):
     assert rel_err(x.grad, want) < 1e-5 and layer.routing_delta.grad is None
 
 
+def test_merged_layer_guard_when_only_the_factors_train(seed):
+    """The guard holds for a plain LoRA too (routing_delta frozen, lora_A and lora_B trained, as the
+    seq_lora baseline): a backward through the merged layer in training mode refuses, where lora_A and
+    lora_B trained nothing, silently (torch's "does not require grad" on a bare layer)."""
+    layer = _trained(CLoRALinear(12, 10, rank=3))
+    layer.routing_delta.requires_grad_(False)
+    layer.merge()
+    with pytest.raises(RuntimeError, match="backward through a merged CLoRALinear in training mode"):
+        layer(torch.randn(4, 12)).sum().backward()
+    layer.lora_A.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="backward through a merged CLoRALinear in training mode"):
+        layer(torch.randn(4, 12)).sum().backward()
+    layer.lora_B.requires_grad_(False)      # nothing trains: a frozen layer, as nn.Linear's
+    x = torch.randn(4, 12, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+
+
 def test_from_linear_refuses_what_the_wrapped_layer_decides():
     """dtype, device and bias come from the wrapped layer: a clear TypeError, not Python's "got
     multiple values for keyword argument"."""
