@@ -537,6 +537,10 @@ class CLoRALinear(nn.Linear):
         # carries it, as a state_dict does (`enforced_fingerprint`)
         state = super().__getstate__()
         state.pop("_enforced_values", None)     # (the project policy's copy of the adapter: made again on load)
+        if state.get("_observing"):
+            # made inside an observe_task block, which the copy is no part of: it recorded every later forward
+            # forever; as an interrupted pass, nothing of the open one is kept (the copy observes again)
+            state.update(_observing=False, _observed=None, _observed_rows=0, _observed_empty=False)
         try:
             state["_enforced_fingerprint"] = self.protection.enforced_fingerprint(self)
         except Exception:       # (meta tensors have no sums: the copy projects again, as before)

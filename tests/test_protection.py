@@ -258,6 +258,30 @@ def test_observe_task_counts_once_drops_bad_passes_and_takes_keyword_input():
     assert layer.task_index == 1
 
 
+def test_a_copy_made_inside_observe_task_does_not_observe(seed):
+    """A deepcopy or torch.save of a layer inside an observe_task block is no part of the block: it
+    records nothing after (it recorded every later forward into its Gram, forever), and nothing of the
+    open pass (as an interrupted one); the original's pass is whole."""
+    import io
+    layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(torch.randn(8, K))
+        twin = copy.deepcopy(layer)
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+        layer(torch.randn(4, K))
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    assert layer._observed_rows == 12
+    for c in (twin, saved):
+        assert not c._observing and c._observed_rows == 0
+        with torch.no_grad():
+            c(torch.randn(5, K))
+        assert c._observed_rows == 0
+        with pytest.raises(ValueError, match="needs the task's inputs"):
+            c.end_task()
+
+
 def test_state_saved_before_policies_loads_as_paper():
     old = CLoRALinear(K, N, rank=R, protection="paper").state_dict()     # the dict such states held
     old["_extra_state"] = {k: v for k, v in ck.nn.task_state(old["_extra_state"]).items() if k != "protection"}
