@@ -1915,6 +1915,7 @@ def disable_adapter(model: nn.Module):
     entry or exit does not backpropagate (torch's "modified by an inplace operation")."""
     layers = [m for _, m in _layers_that_can(model, "unmerge", "disable_adapter")]
     merged = [m for m in layers if m.merged]
+    kept = [m._original_weight is not None for m in merged]     # (merged again as they were: keep_original)
     was = [m.adapter_enabled for m in layers]
     for m in merged:
         m.unmerge()
@@ -1931,8 +1932,8 @@ def disable_adapter(model: nn.Module):
             m.adapter_enabled = enabled
         if merged:
             _resharded(model)       # (the block's forwards may have left FSDP2's parameters unsharded)
-        for m in merged:
-            m.merge()
+        for m, keep in zip(merged, kept):
+            m.merge(keep_original=keep)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
