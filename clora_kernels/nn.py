@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -765,12 +766,36 @@ class CLoRALinear(nn.Linear):
         """The task state (`task_state` reads it), as a tensor: a state_dict of tensors only is what
         safetensors, transformers' save_pretrained and code moving every entry with .to() take (a dict
         here failed them all)."""
-        return _encode_task_state({"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
-                                   "protection": self.protection.config(),
-                                   "enforced": self.protection.enforced_fingerprint(self), "alpha": float(self.alpha),
-                                   "protect_energy": float(self.protect_energy),
-                                   "grad_through_old_route": bool(self.grad_through_old_route),
-                                   "weight_sums": _weight_sums(self.weight) if self.merged else None})
+        state = {"task_index": int(self.task_index), "mode": self.mode, "merged": bool(self.merged),
+                 "protection": self.protection.config(), "enforced": self.protection.enforced_fingerprint(self),
+                 "alpha": float(self.alpha), "protect_energy": float(self.protect_energy),
+                 "grad_through_old_route": bool(self.grad_through_old_route),
+                 "weight_sums": _weight_sums(self.weight) if self.merged else None}
+        out = _encode_task_state(state)
+        _given(out, self, state)
+        return out
+
+    def _stale_live(self, entry, state: dict) -> str:
+        """Why a task state being loaded is out of date ('' when it is not): the very tensor get_extra_state
+        gave (not a copy, not written by a loader since: it still says `state`), of a layer that has since
+        ended a task, merged or unmerged, or switched its mode or policy. The state_dict's other tensors are
+        then that layer's own, changed in place by the step, and the task state alone would go back: a
+        freeze layer back at its first task trained its frozen factors again, a merged one added its
+        adapter twice (`best = model.state_dict()` without a copy, then a load; nn.Linear's is a no-op)."""
+        given = _GIVEN.get(id(entry))
+        layer = given[1]() if given is not None and given[0]() is entry and given[2] == state else None
+        if layer is None:
+            return ""
+        now = {"task_index": int(layer.task_index), "merged": bool(layer.merged), "mode": layer.mode,
+               "protection": layer.protection.config()}
+        changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in now.items() if state.get(k) != v]
+        if not changed:
+            return ""
+        whose = "this layer's own" if layer is self else "another layer's"
+        return (f"this state_dict is {whose}, taken by state_dict() and not copied, and that layer has changed "
+                f"since ({', '.join(changed)}): its tensors are the layer's, changed in place, so loading it "
+                f"gives the old task state with the new tensors. To keep a state to go back to, copy it "
+                f"(copy.deepcopy(model.state_dict()), or torch.save)")
 
     def set_extra_state(self, state) -> None:
         """The task state, from a state_dict load (which calls this after copying the tensors) or a caller:
@@ -940,9 +965,12 @@ class CLoRALinear(nn.Linear):
         # projection policy's bases) take the saved shapes
         extra = _task_state_entry(state_dict, prefix)
         try:        # (checked whole before any tensor is copied: a refused value leaves the layer as it was)
-            extra = None if extra is None else task_state(extra)
+            entry, extra = extra, (None if extra is None else task_state(extra))
             if extra is not None:
                 _check_task_state(extra)
+                why = self._stale_live(entry, extra)
+                if why:
+                    raise ValueError(why)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{prefix}_extra_state: {exc}") from None
         saved_a = state_dict.get(prefix + "lora_A")
@@ -999,6 +1027,20 @@ def _untraced(fn, *args) -> None:
         fn(*args)
     finally:
         torch._C._set_tracing_state(state)
+
+
+# The task-state tensors get_extra_state gave, while they live: id -> (the tensor's weakref, the layer's, what it
+# said). Not an attribute of the tensor (torch.save pickles those) nor of the layer (a copy would share it)
+_GIVEN: dict = {}
+
+
+def _given(out: Tensor, layer, state: dict) -> None:
+    key = id(out)
+
+    def gone(ref, key=key):
+        if _GIVEN.get(key, (None,))[0] is ref:
+            del _GIVEN[key]
+    _GIVEN[key] = (weakref.ref(out, gone), weakref.ref(layer), state)
 
 
 _TASK_STATE_BYTES = 1024     # one size for every layer and task: torch.distributed.checkpoint loads in place

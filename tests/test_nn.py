@@ -886,6 +886,41 @@ def test_merged_layer_guard_when_only_the_factors_train(seed):
     assert x.grad is not None
 
 
+def test_a_live_state_dict_out_of_date_is_refused(seed):
+    """`sd = model.state_dict()` without a copy holds the layer's own tensors: after an end_task, a merge
+    or an unmerge changed them in place, loading sd put back the old task state alone (a freeze layer
+    back at task 0 trained its frozen factors again; a merged layer added its adapter twice: 1.0 off),
+    where nn.Linear's load is a no-op. It is refused, naming what changed, and nothing is loaded (another
+    layer's live state_dict too); a copy loads, and so does a live state_dict whose layer took no such
+    step."""
+    model = nn.Sequential(_trained(CLoRALinear(10, 8, rank=3)))
+    x = torch.randn(4, 10)
+    sd = model.state_dict()
+    kept = copy.deepcopy(sd)
+    ck.end_task(model)
+    y = model(x).detach()
+    with pytest.raises(ValueError, match=r"0\._extra_state: this state_dict is this layer's own.*task_index 0 -> 1"):
+        model.load_state_dict(sd)
+    assert model[0].task_index == 1 and not model[0].lora_A.requires_grad and torch.equal(model(x), y)
+    live = model.state_dict()
+    model[0].merge()
+    with pytest.raises(ValueError, match=r"merged False -> True"):
+        model.load_state_dict(live)
+    assert rel_err(model(x), y) < 1e-6
+    model[0].unmerge()
+    model.load_state_dict(live)          # (back as it was: the load changes nothing)
+    assert model[0].task_index == 1 and rel_err(model(x), y) < 1e-6
+    twin = copy.deepcopy(model)          # another layer's live state_dict, out of date too
+    theirs = twin.state_dict()
+    ck.end_task(twin)
+    with pytest.raises(ValueError, match=r"another layer's.*task_index 1 -> 2"):
+        model.load_state_dict(theirs)
+    model.load_state_dict(twin.state_dict())    # (up to date, and a copy: they load)
+    assert model[0].task_index == 2
+    model.load_state_dict(kept)
+    assert model[0].task_index == 0 and model[0].lora_A.requires_grad
+
+
 def test_from_linear_refuses_what_the_wrapped_layer_decides():
     """dtype, device and bias come from the wrapped layer: a clear TypeError, not Python's "got
     multiple values for keyword argument"."""
