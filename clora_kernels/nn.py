@@ -775,19 +775,27 @@ class CLoRALinear(nn.Linear):
         _given(out, self, state)
         return out
 
-    def _stale_live(self, entry, state: dict) -> str:
+    def _stale_live(self, entry, state: dict, state_dict, prefix: str) -> str:
         """Why a task state being loaded is out of date ('' when it is not): the very tensor get_extra_state
-        gave (not a copy, not written by a loader since: it still says `state`), of a layer that has since
-        ended a task, merged or unmerged, or switched its mode or policy. The state_dict's other tensors are
-        then that layer's own, changed in place by the step, and the task state alone would go back: a
-        freeze layer back at its first task trained its frozen factors again, a merged one added its
-        adapter twice (`best = model.state_dict()` without a copy, then a load; nn.Linear's is a no-op)."""
+        gave (not a copy, not written by a loader since: it still says `state`), of a layer whose own
+        tensors the state_dict still holds (not copies: views of them), and which has since ended a task,
+        merged or unmerged, or switched its mode, policy or (hard mode) protect_energy, each a change of
+        those tensors in place. The task state alone would then go back: a freeze layer back at its first
+        task trained its frozen factors again, a merged one added its adapter twice (`best =
+        model.state_dict()` without a copy, then a load; nn.Linear's is a no-op). A state_dict whose
+        tensors were copied (`{k: v.cpu()}` of a GPU model) and whose task state was not is a snapshot and
+        loads. Not caught: a task state made a new tensor (`{k: v.detach()}`), or saved after the change."""
         given = _GIVEN.get(id(entry))
         layer = given[1]() if given is not None and given[0]() is entry and given[2] == state else None
         if layer is None:
             return ""
+        own = dict(layer._parameters, **layer._buffers)
+        if not any(_shares(state_dict.get(prefix + n), own.get(n)) for n in ("weight",) + _ADAPTER_TENSORS):
+            return ""
         now = {"task_index": int(layer.task_index), "merged": bool(layer.merged), "mode": layer.mode,
                "protection": layer.protection.config()}
+        if "hard" in (layer.mode, state.get("mode")):      # (P is made from it, in place)
+            now["protect_energy"] = float(layer.protect_energy)
         changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in now.items() if state.get(k) != v]
         if not changed:
             return ""
@@ -968,7 +976,7 @@ class CLoRALinear(nn.Linear):
             entry, extra = extra, (None if extra is None else task_state(extra))
             if extra is not None:
                 _check_task_state(extra)
-                why = self._stale_live(entry, extra)
+                why = self._stale_live(entry, extra, state_dict, prefix)
                 if why:
                     raise ValueError(why)
         except (TypeError, ValueError) as exc:
@@ -1032,6 +1040,12 @@ def _untraced(fn, *args) -> None:
 # The task-state tensors get_extra_state gave, while they live: id -> (the tensor's weakref, the layer's, what it
 # said). Not an attribute of the tensor (torch.save pickles those) nor of the layer (a copy would share it)
 _GIVEN: dict = {}
+
+
+def _shares(a, b) -> bool:
+    """Whether two tensors are views of one memory (a state_dict's entry and the layer's own tensor)."""
+    return (isinstance(a, Tensor) and isinstance(b, Tensor) and not isinstance(a, DTensor) and not isinstance(b, DTensor)
+            and not a.is_meta and a.device == b.device and a.data_ptr() != 0 and a.data_ptr() == b.data_ptr())
 
 
 def _given(out: Tensor, layer, state: dict) -> None:

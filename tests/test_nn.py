@@ -890,9 +890,10 @@ def test_a_live_state_dict_out_of_date_is_refused(seed):
     """`sd = model.state_dict()` without a copy holds the layer's own tensors: after an end_task, a merge
     or an unmerge changed them in place, loading sd put back the old task state alone (a freeze layer
     back at task 0 trained its frozen factors again; a merged layer added its adapter twice: 1.0 off),
-    where nn.Linear's load is a no-op. It is refused, naming what changed, and nothing is loaded (another
-    layer's live state_dict too); a copy loads, and so does a live state_dict whose layer took no such
-    step."""
+    where nn.Linear's load is a no-op. It is refused, naming what changed, and nothing of the layer is
+    loaded (another layer's live state_dict too); a copy loads, and so do a live state_dict whose layer
+    took no such step, one whose tensors were copied but not its task state (`{k: v.cpu()}` of a GPU
+    model), and one whose layer has new tensors since (`.double()`)."""
     model = nn.Sequential(_trained(CLoRALinear(10, 8, rank=3)))
     x = torch.randn(4, 10)
     sd = model.state_dict()
@@ -919,6 +920,21 @@ def test_a_live_state_dict_out_of_date_is_refused(seed):
     assert model[0].task_index == 2
     model.load_state_dict(kept)
     assert model[0].task_index == 0 and model[0].lora_A.requires_grad
+    floats = {k: v.clone() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    ck.end_task(model)
+    model.load_state_dict(floats)        # (a snapshot: its tensors are copies)
+    assert model[0].task_index == 0
+    before = model.state_dict()
+    model.double()                       # (new tensors: `before` holds the old ones, a snapshot now)
+    ck.end_task(model)
+    model.load_state_dict(before)
+    assert model[0].task_index == 0
+    hard = nn.Sequential(_trained(CLoRALinear(10, 8, rank=3, mode="hard")))
+    ck.end_task(hard)
+    live = hard.state_dict()
+    hard[0].protect_energy = 0.3         # P made again, in place
+    with pytest.raises(ValueError, match=r"protect_energy 0.9 -> 0.3"):
+        hard.load_state_dict(live)
 
 
 def test_from_linear_refuses_what_the_wrapped_layer_decides():
