@@ -912,7 +912,8 @@ def build_parser():
     ap.add_argument("--project-energy", type=_cli.fraction, default=0.99,
                     help="clora_project and dual_lora: the energy their protected subspaces hold")
     ap.add_argument("--grad-through-old-route", action="store_true",
-                    help="C-LoRA: lora_A / lora_B also get the old route's gradient (the paper's stop-gradient off)")
+                    help="clora_soft / clora_hard: lora_A / lora_B also get the old route's gradient (the paper's "
+                         "stop-gradient off; the other methods' policies fix the factors' gradient)")
     ap.add_argument("--pretrain-epochs", type=_cli.positive_int, default=15,
                     help="digits: epochs of the MLP's pre-training")
     ap.add_argument("--pretrain-seed", type=_cli.seed, default=None,
@@ -1077,6 +1078,11 @@ def main(argv=None) -> int:
             ap.error("argument --device: cuda was asked for but torch sees no CUDA GPU")
         if args.workers < 0:
             ap.error(f"argument --workers: must be >= 0, got {args.workers}")
+    paper = [m for m in CLORA_METHODS if CLORA_METHODS[m][1] == "paper"]
+    if args.grad_through_old_route and not set(args.methods) & set(paper):
+        # (freeze detaches the factors and project gives them the plain gradient: recorded as on, it did nothing)
+        ap.error(f"argument --grad-through-old-route: acts on {' / '.join(paper)} only (the paper's policy; the "
+                 f"others' policies fix the factors' gradient), and none of them is in --methods")
     if args.features == "concat" and args.classifier != "prototype":
         ap.error("argument --features: 'concat' feeds the prototype head; --classifier is linear")
     _cli.check_output(ap, "--json", args.json, atomic=True)

@@ -297,6 +297,9 @@ def test_cli_argument_errors_are_one_line_exit_2(capsys):
                        (["--seeds", "0", "0", "1"], "--seeds: seed(s) [0] given more than once"),
                        (["--json", "a" * 260 + ".json"], "--json: the name 'aaa"),        # (a traceback after the run)
                        (["--dataset", "mnist5k", "--pretrain-epochs", "15"], "--pretrain-epochs: only for"),  # (its default)
+                       # (freeze and project fix the factors' gradient: recorded as on, the flag did nothing)
+                       (["--methods", "clora_freeze", "clora_project", "seq_lora", "--grad-through-old-route"],
+                        "--grad-through-old-route: acts on clora_soft / clora_hard only"),
                        ):
         with pytest.raises(SystemExit) as info:
             cc.main(argv + ["--no-progress"])
