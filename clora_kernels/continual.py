@@ -38,6 +38,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -337,7 +338,7 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
         raise ValueError("evaluate: no class is allowed")
     was = [(m, m.training) for m in model.modules()]
     model.eval()
-    right = total = 0
+    right, total, flat = 0.0, 0, 0
     try:
         for x, y in task.batches("test", None, device=device):   # the whole split, or the loader's default batches
             x, y = _to(x, device), _to(y, device)
@@ -358,14 +359,27 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
                     + (f"the scores of class(es) {which[:8]} hold NaN or Inf (did training diverge, or a test input "
                        f"hold NaN?)" if which else f"no allowed class has a score (a prototype head holding none "
                                                    f"of {allowed[:8]}?)"))
-            pred = scores.argmax(-1)
-            right += int((pred == y).sum())
+            # a row whose top score several classes share counts 1/k right where the true class is one of the k
+            # (argmax took the lowest index: a collapsed model, its features all zero and every cosine 0, scored
+            # 0.108 on digits where chance is 0.1, class 0's samples all right)
+            tied = seen == seen.max(-1, keepdim=True).values
+            position = torch.full((scores.shape[1],), -1, dtype=torch.long, device=y.device)
+            position[allowed] = torch.arange(len(allowed), device=y.device)     # a class's column in `seen`, or -1
+            col = position[y]
+            hit = tied.gather(1, col.clamp(min=0)[:, None])[:, 0] & (col >= 0)
+            k = tied.sum(-1)        # (flat: every class a row can be given, all but the -inf of not-added ones, alike)
+            right += float((hit.double() / k).sum())
+            flat += int(((k > 1) & (k == torch.isfinite(seen).sum(-1))).sum())
             total += y.shape[0]
     finally:
         for m, training in was:
             m.training = training
     if not total:
         raise ValueError("evaluate: the task's test split is empty")
+    if flat:
+        warnings.warn(f"evaluate: {flat} of task {tuple(task.classes)}'s {total} test samples score every class they "
+                      f"can be given alike (features all zero? did training diverge?); each counts as 1/k right among "
+                      f"its k classes, chance", RuntimeWarning, stacklevel=2)
     return right / total
 
 

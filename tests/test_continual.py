@@ -419,6 +419,33 @@ def test_evaluate_leaves_modes_and_a_frozen_batchnorm_keeps_its_statistics():
     assert torch.equal(model.norm.running_mean, stats)          # a frozen backbone's statistics stay
 
 
+def test_evaluate_scores_tied_predictions_at_chance(seed):
+    """A collapsed model (its features all zero: every cosine 0) scores each sample 1/k right among the k
+    classes it can be given, with a warning, where argmax took the lowest index (class 0's samples all right: 0.108 on digits,
+    a helper's attack with lr 0.2); a tie of two classes counts a half; untied predictions are argmax's."""
+    task = _tasks()[0]
+    model = cc.MLP()
+    features = cc._HeadInput(model.head)
+    head = cc.PrototypeHead(10, 128)
+    model(task.train_x)
+    head.add(features.read(task.train_x), task.train_y)
+    with torch.no_grad():
+        model.fc2.weight.zero_()
+        model.fc2.bias.zero_()
+    for allowed in (task.classes, range(10)):     # (the classes not added yet score -inf: they are not given)
+        with pytest.warns(RuntimeWarning, match=r"50 test samples score every class they can be given alike"):
+            assert cc.evaluate(model, task, allowed, head, features) == 0.5
+    with torch.no_grad():       # the linear head: classes 0 and 1 share the top logit, the others below
+        model.head.weight.zero_()
+        model.head.bias.fill_(-1.0)
+        model.head.bias[task.classes[0]] = model.head.bias[task.classes[1]] = 1.0
+    assert cc.evaluate(model, task, range(10)) == 0.5
+    with torch.no_grad():
+        model.head.bias[task.classes[0]] = 2.0
+    assert cc.evaluate(model, task, range(10)) == float((task.test_y == task.classes[0]).float().mean())
+    features.remove()
+
+
 def test_the_python_api_refuses_what_scored_silently(seed):
     """A helper's attack on the harness's Python API (each fails without its fix): a generator of tasks trained
     nothing and returned []; a NaN feature made its class's prototype win every prediction; a resume given a
