@@ -628,8 +628,15 @@ def digits_splits(pretrain_frac: float = 0.3, test_frac: float = 0.2, task_class
         pre.append(idx[:k])
         rest[c] = idx[k:]
     pre = torch.cat(pre)
+    task_classes = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)] if task_classes is None else [
+        tuple(int(c) for c in classes) for classes in task_classes]
+    flat = [c for classes in task_classes for c in classes]
+    if not task_classes or not all(task_classes) or any(not 0 <= c <= 9 for c in flat) or len(set(flat)) < len(flat):
+        # (an empty order ran the default one; an empty task failed in torch.cat, class 10 with a bare KeyError)
+        raise ValueError(f"task_classes must be tasks of digit classes 0-9, none empty and no class twice, got "
+                         f"{task_classes!r}")
     tasks = []
-    for classes in task_classes or [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]:
+    for classes in task_classes:
         tr, te = [], []
         for c in classes:
             idx = rest[c]
@@ -755,7 +762,13 @@ def run_experiment(args, progress=True, on_method=None) -> dict:
     """The digits experiment: every method × seed (args from build_parser; defaults filled here, on a
     copy: a second call with other settings gets their defaults)."""
     args = copy.copy(args)
+    if getattr(args, "dataset", "digits") != "digits":
+        raise ValueError(f"run_experiment runs the digits experiment; dataset {args.dataset!r} runs through main() "
+                         f"(clora-continual --dataset {args.dataset})")
     _fill_defaults(args)
+    why = _runs_refused(args)
+    if why:
+        raise ValueError(f"run_experiment: {why.lstrip('-')}")
     pre, tasks = digits_splits(task_classes=class_order(args.class_order_seed), data_seed=args.data_seed)
     methods = {}
     for method in args.methods:
@@ -962,6 +975,20 @@ _DEFAULTS = {"digits": {"epochs": 10, "lr": 5e-3, "batch_size": 32, "seeds": [0,
                         "targets": DEFAULT_TARGETS}}   # (the object: narrow layers left out, as inject_clora does)
 
 
+def _runs_refused(args) -> str:
+    """What is wrong with args' seeds and methods ('' when nothing): the CLI's error and run_experiment's."""
+    seeds, methods = list(args.seeds), list(args.methods)
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        return f"--seeds: seed(s) {repeated} given more than once (each would count twice in the mean and std)"
+    repeated = [m for m in dict.fromkeys(methods) if methods.count(m) > 1]
+    if repeated:
+        return f"--methods: {repeated} given more than once (each would train again, and be reported once)"
+    if not seeds or not methods:
+        return f"--{'seeds' if not seeds else 'methods'}: none given"
+    return ""
+
+
 def _fill_defaults(args) -> None:
     kind = "digits" if args.dataset == "digits" else "images"
     if args.quick:      # the reduced run's epochs and seeds, where the command line gives none
@@ -1023,14 +1050,9 @@ def main(argv=None) -> int:
     given = _given(argv)
     _fill_defaults(args)
     args.targets_given = "targets" in given     # (a default's names that a model lacks are not refused)
-    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
-    if repeated:
-        ap.error(f"argument --seeds: seed(s) {repeated} given more than once (each would count twice in the mean "
-                 f"and std)")
-    repeated = [m for m in dict.fromkeys(args.methods) if args.methods.count(m) > 1]
-    if repeated:
-        ap.error(f"argument --methods: {repeated} given more than once (each would train again, and be reported "
-                 f"once)")
+    why = _runs_refused(args)
+    if why:
+        ap.error(f"argument {why}")
     images = args.dataset != "digits"
     text_flags = (("--language", "language"), ("--per-class-train", "per_class_train"),
                   ("--per-class-test", "per_class_test"), ("--max-tokens", "max_tokens"))

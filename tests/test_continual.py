@@ -1,7 +1,9 @@
 """The continual-learning workflow: metrics on hand-made matrices, bad input, the CLI's JSON, the
 prototype head, and the recommended recipe's targets against sequential LoRA on a reduced run."""
+import argparse
 import json
 import math
+import re
 
 import numpy as np
 
@@ -417,6 +419,27 @@ def test_evaluate_leaves_modes_and_a_frozen_batchnorm_keeps_its_statistics():
     stats = model.norm.running_mean.clone()
     cc.train_sequence(model, tasks[:2], epochs=1, classifier="linear", progress=False)
     assert torch.equal(model.norm.running_mean, stats)          # a frozen backbone's statistics stay
+
+
+def test_the_api_refuses_what_the_cli_refuses():
+    """run_experiment and the splits check what main() checks (a helper's attack): duplicate seeds counted
+    twice in the mean, no seed failed in statistics, no method returned {}, another dataset ran digits with
+    image defaults; an empty class order ran the default one, an empty task failed in torch.cat, class 10
+    with a bare KeyError; images.make_tasks divided by zero, or left classes out."""
+    from clora_kernels.images import make_tasks
+    args = cc.build_parser().parse_args(["--epochs", "1", "--methods", "seq_lora"])
+    for change, word in ((dict(seeds=[0, 0]), "seeds: seed(s) [0] given more than once"),
+                         (dict(seeds=[]), "seeds: none given"), (dict(methods=[]), "methods: none given"),
+                         (dict(dataset="mnist5k"), "runs through main")):
+        with pytest.raises(ValueError, match=re.escape(word)):
+            cc.run_experiment(argparse.Namespace(**dict(vars(args), **change)), progress=False)
+    for order in ([], [(0, 1), ()], [(0, 10)], [(0, 1), (1, 2)]):
+        with pytest.raises(ValueError, match="task_classes must be tasks of digit classes 0-9"):
+            cc.digits_splits(task_classes=order)
+    labels = torch.arange(4)
+    for tasks in (0, 3, 5):
+        with pytest.raises(ValueError, match="make_tasks: tasks must divide the 4 classes"):
+            make_tasks(None, None, labels, labels, [0, 1, 2, 3], tasks, 0)
 
 
 def test_evaluate_scores_tied_predictions_at_chance(seed):
