@@ -24,6 +24,8 @@ def check_path(path, what: str, name: str = "path") -> None:
     os.stat's own message, which named neither)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what}: {name} must be a str or os.PathLike, got {type(path).__name__}")
+    if os.fspath(path) in ("", b""):    # (a save wrote its temporary file into the folder above, then failed on it)
+        raise ValueError(f"{what}: {name} is empty")
 
 
 def _tmp_suffix() -> str:
@@ -65,6 +67,20 @@ def write_atomic(path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_safetensors_atomic(path, tensors: dict, metadata=None) -> None:
+    """Write a safetensors file atomically (`write_atomic`): the bytes made in memory, then written by
+    open(). Not safetensors' save_file, which writes a temporary file of its own and renames it over
+    the path: a device, a named pipe or a link to one (`save_adapter(m, "/dev/null")` as root) was
+    replaced by a plain file, and a new file had mode 0600 where open() gives the umask's."""
+    from safetensors.torch import save
+    data = save(tensors, metadata=metadata)
+
+    def dump(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    write_atomic(path, dump)
 
 
 def write_json_atomic(path, data) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ._io import cache_dir, provenance, write_atomic, write_json_atomic
+from ._io import cache_dir, provenance, write_json_atomic, write_safetensors_atomic
 
 IMAGE_DATASETS = ("mnist5k", "cifar100", "imagenet-r", "folder")
 DEFAULT_MODEL = "vit_base_patch16_224.augreg_in21k"
@@ -224,7 +224,7 @@ def animal_mnist_backbone(progress: bool = True, log=print, seed: int = 0):
     """The small ViT pre-trained on Animal-MNIST (all 10 classes, 90 %; accuracy on the other 10 %
     recorded) from `seed` (ANIMAL_PRETRAIN's, 0, unless given: --pretrain-seed), cached under the
     cache dir with its provenance, one file per seed; trained here when missing."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     images, labels = _load_array("animal_mnist")
     cfg = dict(ANIMAL_PRETRAIN, seed=seed)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode() + images.tobytes()
@@ -259,7 +259,7 @@ def animal_mnist_backbone(progress: bool = True, log=print, seed: int = 0):
             "seconds": time.perf_counter() - start, "config": cfg,
             "architecture": "timm VisionTransformer img 28, patch 4, in_chans 1, width 64, depth 4, heads 4, mlp 2",
             **provenance("clora-continual")}
-    write_atomic(path, lambda tmp: save_file(model.state_dict(), tmp))   # (two runs pre-training at once: one file)
+    write_safetensors_atomic(path, model.state_dict())   # (two runs pre-training at once: one file)
     write_json_atomic(path + ".json", info)
     if log:
         log(f"pre-trained the ViT on Animal-MNIST in {info['seconds']:.0f} s: held-out accuracy {acc:.3f} "

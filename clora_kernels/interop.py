@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._io import check_path, read_safetensors, write_atomic
+from ._io import check_path, read_safetensors, write_atomic, write_safetensors_atomic
 from .functional import exact_math, finite_number
 from .nn import (CLoRALinear, _full, _like, _require_layers, _sharded, _write_once, check_patterns, nonfinite,
                  pattern_value, placed_originals, refuse_meta, set_tensors, tensor_at, unwrapped, wrapper_prefix)
@@ -394,7 +394,6 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     Each file is replaced atomically (weights first, then the config): a save that is killed leaves
     the previous files, or the new weights beside the previous config. Under FSDP2 every rank calls
     it and rank 0 writes (as save_adapter)."""
-    from safetensors.torch import save_file
     check_path(directory, "save_peft_adapter", "directory")
     model = unwrapped(model)
     layers = _require_layers(model, "save_peft_adapter")
@@ -517,6 +516,6 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
 
     def write():
         os.makedirs(directory, exist_ok=True)
-        write_atomic(os.path.join(directory, _WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write_safetensors_atomic(os.path.join(directory, _WEIGHTS), tensors, {"format": "pt"})
         write_atomic(os.path.join(directory, _CONFIG), write_config)
     _write_once(model, write)      # FSDP2: every rank gathered the tensors, rank 0 writes

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._io import check_path, read_safetensors, write_atomic
+from ._io import check_path, read_safetensors, write_safetensors_atomic
 from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
@@ -2040,12 +2040,11 @@ def save_adapter(model: nn.Module, path) -> None:
     A model sharded by FSDP2 (`fully_shard`): every rank calls it (it gathers the shards), rank 0
     writes the file, and it returns on every rank once the file is there. Unsharded models (one
     process, DDP) write wherever it is called."""
-    from safetensors.torch import save_file
     check_path(path, "save_adapter")
     model = unwrapped(model)
     layers = _require_layers(model, "save_adapter")
     refuse_meta(layers, "save_adapter")
-    if os.path.isdir(path):
+    if os.path.isdir(path) or str(os.fspath(path)).endswith(("/", os.sep)):     # ("run/": a file named run was made)
         raise ValueError(f"save_adapter: {path} is a folder; save_adapter writes one file (e.g. "
                          f"{os.path.join(path, 'adapter.safetensors')})")
     tensors, meta = {}, {}
@@ -2065,7 +2064,7 @@ def save_adapter(model: nn.Module, path) -> None:
                       "task_index": m.task_index, "in_features": m.in_features, "out_features": m.out_features,
                       "enforced": m.protection.enforced_fingerprint(m)}
     metadata = {"format": _FORMAT, "layers": json.dumps(meta)}
-    _write_once(model, lambda: write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata)))
+    _write_once(model, lambda: write_safetensors_atomic(path, tensors, metadata))
 
 
 def _adapter_entry(path, name: str, m: "CLoRALinear", info: dict, tensors: dict) -> dict:

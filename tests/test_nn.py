@@ -1501,6 +1501,37 @@ def test_output_names_are_checked_as_they_are_written(tmp_path):
     _cli.check_output(ap, "--json", str(tmp_path / ("c" * 200)), atomic=True)
 
 
+def test_adapter_files_written_into_a_pipe_and_with_the_umask(tmp_path):
+    """save_adapter (and every safetensors file the package writes) goes through write_atomic: a named pipe
+    is written into and stays one (safetensors' save_file renamed its own temporary file over it, so a
+    device, /dev/null as root, became a plain file and a pipe's reader got nothing), and a new file has the
+    umask's mode (save_file's was 0600)."""
+    import stat
+    import threading
+    from safetensors.torch import load
+    model = nn.Sequential(_trained(CLoRALinear(6, 4, rank=2)))
+    fifo = tmp_path / "a.safetensors"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    ck.save_adapter(model, fifo)
+    reader.join(10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert torch.equal(load(got[0])["0.lora_B"], model[0].lora_B)
+    umask = os.umask(0o022)
+    try:
+        ck.save_adapter(model, tmp_path / "b.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "b.safetensors").st_mode) == 0o644
+    with pytest.raises(ValueError, match="save_adapter: path is empty"):
+        ck.save_adapter(model, "")
+    with pytest.raises(ValueError, match="is a folder; save_adapter writes one file"):
+        ck.save_adapter(model, str(tmp_path / "run") + os.sep)      # (a file named 'run' was made)
+    assert not (tmp_path / "run").exists()
+
+
 def test_outputs_that_are_pipes_are_written_into_and_folders_that_take_no_file_are_refused(tmp_path):
     """An output that is a device or a pipe was replaced by the atomic write's rename (root's --json
     /dev/null became a regular file), or failed after the work (/dev/stdout: no folder for the temporary
