@@ -2157,6 +2157,10 @@ def load_adapter(model: nn.Module, path) -> None:
         if why:
             raise ValueError(f"{path}: layer {name!r}: {why}")
     entries = [(m, _adapter_entry(path, name, m, info[name], tensors)) for name, m in layers]
+    unused = sorted(set(tensors) - {f"{name}.{t}" for (name, _), (_, e) in zip(layers, entries) for t in e["tensors"]})
+    if unused:      # (as PEFT's load names its unexpected keys: a hand-edited or foreign file, loaded without a word)
+        warnings.warn(f"load_adapter: {path} holds {len(unused)} tensor(s) that no layer reads, not loaded: "
+                      f"{unused[:8]}", UserWarning, stacklevel=2)
     for (name, _), (m, e) in zip(layers, entries):      # (a later task's project state: no sharded layer holds it)
         why = e["policy"].sharded(m) if e["task_index"] and isinstance(e["policy"], Project) else ""
         if why:

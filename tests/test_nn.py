@@ -343,6 +343,14 @@ def test_load_adapter_mismatch_errors(tmp_path):
         ck.load_adapter(ck.inject_clora(_Net(), rank=4), tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="a folder, not a safetensors file"):
         ck.load_adapter(ck.inject_clora(_Net(), rank=4), tmp_path)
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(dict(load_file(str(path)), **{"blocks.0.qkv.lora_C": torch.zeros(2)}), str(tmp_path / "more.safetensors"),
+              metadata=meta)
+    with pytest.warns(UserWarning, match=r"holds 1 tensor\(s\) that no layer reads, not loaded: \['blocks.0.qkv.lora_C'\]"):
+        ck.load_adapter(ck.inject_clora(_Net(), rank=4), tmp_path / "more.safetensors")
 
 
 def test_helpers_refuse_models_without_clora():
