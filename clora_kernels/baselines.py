@@ -236,7 +236,10 @@ class DualLoRALinear(_BaselineLinear):
     def forward(self, input: Tensor) -> Tensor:
         if self._observing:
             x = input.detach().reshape(-1, input.shape[-1]).double()
-            self._gram = x.t() @ x if self._gram is None else self._gram.addmm_(x.t(), x)
+            if self._gram is None:      # a normal tensor (not an inference one), so that batches in and out of
+                with torch.inference_mode(False):   # inference_mode all add to it (an in-place add failed)
+                    self._gram = x.new_zeros(x.shape[1], x.shape[1])
+            self._gram.addmm_(x.t(), x)
         return self.base(input) + self.scaling * F.linear(F.linear(input, self.orthogonal_A()), self.lora_B) \
             + self.residual(input)
 

@@ -372,6 +372,12 @@ def test_baseline_boundaries_under_inference_mode(seed):
     model.zero_grad()
     model(x).sum().backward()
     assert model[0].lora_A.grad is not None     # (the backward failed: inference tensors saved for it)
+    with observe_inputs(model):     # a pass mixing inference_mode and no_grad batches sums them all (it failed)
+        with torch.inference_mode():
+            model(x[:12])
+        with torch.no_grad():
+            model(x[12:])
+    assert torch.allclose(model[0]._gram, x.double().t() @ x.double())
 
 
 def test_dual_lora_state_dict_loads_into_a_fresh_model(seed):
