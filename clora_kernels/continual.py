@@ -32,6 +32,7 @@ import contextlib
 import copy
 import math
 import numbers
+import operator
 import os
 import signal
 import statistics
@@ -333,7 +334,7 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
     if prototypes is not None and features is None:
         raise ValueError("evaluate: prototypes read the head's input, so `features` (a _HeadInput on the model's "
                          "head) must be given with them")
-    allowed = [int(c) for c in allowed]
+    allowed = list(dict.fromkeys(int(c) for c in allowed))     # (a class named twice is one, not a tie)
     if not allowed:     # (argmax over scores all -inf is index 0: class 0's samples counted right)
         raise ValueError("evaluate: no class is allowed")
     was = [(m, m.training) for m in model.modules()]
@@ -363,9 +364,10 @@ def evaluate(model, task, allowed, prototypes: PrototypeHead = None, features: _
             # (argmax took the lowest index: a collapsed model, its features all zero and every cosine 0, scored
             # 0.108 on digits where chance is 0.1, class 0's samples all right)
             tied = seen == seen.max(-1, keepdim=True).values
-            position = torch.full((scores.shape[1],), -1, dtype=torch.long, device=y.device)
+            width = scores.shape[1]
+            position = torch.full((width,), -1, dtype=torch.long, device=y.device)
             position[allowed] = torch.arange(len(allowed), device=y.device)     # a class's column in `seen`, or -1
-            col = position[y]
+            col = torch.where((y >= 0) & (y < width), position[y.clamp(0, width - 1)], -1)     # (a label outside: wrong)
             hit = tied.gather(1, col.clamp(min=0)[:, None])[:, 0] & (col >= 0)
             k = tied.sum(-1)        # (flat: every class a row can be given, all but the -inf of not-added ones, alike)
             right += float((hit.double() / k).sum())
@@ -628,8 +630,11 @@ def digits_splits(pretrain_frac: float = 0.3, test_frac: float = 0.2, task_class
         pre.append(idx[:k])
         rest[c] = idx[k:]
     pre = torch.cat(pre)
-    task_classes = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)] if task_classes is None else [
-        tuple(int(c) for c in classes) for classes in task_classes]
+    try:        # (operator.index: a class 1.5 is no class 1)
+        task_classes = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)] if task_classes is None else [
+            tuple(operator.index(c) for c in classes) for classes in task_classes]
+    except TypeError:
+        raise ValueError(f"task_classes must be tasks of digit classes 0-9 (ints), got {task_classes!r}") from None
     flat = [c for classes in task_classes for c in classes]
     if not task_classes or not all(task_classes) or any(not 0 <= c <= 9 for c in flat) or len(set(flat)) < len(flat):
         # (an empty order ran the default one; an empty task failed in torch.cat, class 10 with a bare KeyError)
@@ -986,6 +991,11 @@ def _runs_refused(args) -> str:
         return f"--methods: {repeated} given more than once (each would train again, and be reported once)"
     if not seeds or not methods:
         return f"--{'seeds' if not seeds else 'methods'}: none given"
+    paper = [m for m in CLORA_METHODS if CLORA_METHODS[m][1] == "paper"]
+    if getattr(args, "grad_through_old_route", False) and not set(methods) & set(paper):
+        # (freeze detaches the factors and project gives them the plain gradient: recorded as on, it did nothing)
+        return (f"--grad-through-old-route: acts on {' / '.join(paper)} only (the paper's policy; the others' "
+                f"policies fix the factors' gradient), and none of them is in --methods")
     return ""
 
 
@@ -1114,11 +1124,6 @@ def main(argv=None) -> int:
             ap.error("argument --device: cuda was asked for but torch sees no CUDA GPU")
         if args.workers < 0:
             ap.error(f"argument --workers: must be >= 0, got {args.workers}")
-    paper = [m for m in CLORA_METHODS if CLORA_METHODS[m][1] == "paper"]
-    if args.grad_through_old_route and not set(args.methods) & set(paper):
-        # (freeze detaches the factors and project gives them the plain gradient: recorded as on, it did nothing)
-        ap.error(f"argument --grad-through-old-route: acts on {' / '.join(paper)} only (the paper's policy; the "
-                 f"others' policies fix the factors' gradient), and none of them is in --methods")
     if args.features == "concat" and args.classifier != "prototype":
         ap.error("argument --features: 'concat' feeds the prototype head; --classifier is linear")
     _cli.check_output(ap, "--json", args.json, atomic=True)

@@ -188,7 +188,8 @@ def class_order(num_classes: int, seed) -> list:
 def make_tasks(train, test, train_labels, test_labels, order: list, tasks: int, workers: int):
     """`tasks` DataTasks of len(order) / tasks classes each, in `order`."""
     from .continual import DataTask
-    if not (isinstance(tasks, int) and 0 < tasks <= len(order) and len(order) % tasks == 0):
+    if not (isinstance(tasks, int) and not isinstance(tasks, bool) and 0 < tasks <= len(order)
+            and len(order) % tasks == 0):
         # (0 divided by zero; 4 classes in 3 tasks left class 3 out, silently. The CLI's prepare refuses both)
         raise ValueError(f"make_tasks: tasks must divide the {len(order)} classes of the order, got {tasks!r}")
     per = len(order) // tasks

@@ -775,17 +775,19 @@ class CLoRALinear(nn.Linear):
                  "grad_through_old_route": bool(self.grad_through_old_route),
                  "weight_sums": _weight_sums(self.weight) if self.merged else None}
         out = _encode_task_state(state)
-        _given(out, self, state)
+        _given(out, self, state, _version(self.projection))
         return out
 
     def _stale_live(self, entry, state: dict, state_dict, prefix: str) -> str:
         """Why a task state being loaded is out of date ('' when it is not): the very tensor get_extra_state
         gave (not a copy, not written by a loader since: it still says `state`), of a layer whose own
         tensors the state_dict still holds (not copies: views of them), and which has since ended a task,
-        merged or unmerged, or switched its mode, policy or (hard mode) protect_energy, each a change of
-        those tensors in place. The task state alone would then go back: a freeze layer back at its first
-        task trained its frozen factors again, a merged one added its adapter twice (`best =
-        model.state_dict()` without a copy, then a load; nn.Linear's is a no-op). A state_dict whose
+        merged or unmerged, or made its projection P again (a switch to hard mode, or another
+        protect_energy in it, after a task), each a change of those tensors in place. The task state alone
+        would then go back: a freeze layer back at its first task trained its frozen factors again, a merged
+        one added its adapter twice (`best = model.state_dict()` without a copy, then a load; nn.Linear's
+        is a no-op). A switch of mode, energy or policy that wrote no tensor is a setting the load restores
+        (a "try hard mode, then roll back" loads). A state_dict whose
         tensors were copied (`{k: v.cpu()}` of a GPU model) and whose task state was not is a snapshot and
         loads. Not caught: a task state made a new tensor (`{k: v.detach()}`), or saved after the change."""
         given = _GIVEN.get(id(entry))
@@ -795,10 +797,11 @@ class CLoRALinear(nn.Linear):
         own = dict(layer._parameters, **layer._buffers)
         if not any(_shares(state_dict.get(prefix + n), own.get(n)) for n in ("weight",) + _ADAPTER_TENSORS):
             return ""
-        now = {"task_index": int(layer.task_index), "merged": bool(layer.merged), "mode": layer.mode,
-               "protection": layer.protection.config()}
-        if "hard" in (layer.mode, state.get("mode")):      # (P is made from it, in place)
-            now["protect_energy"] = float(layer.protect_energy)
+        now = {"task_index": int(layer.task_index), "merged": bool(layer.merged)}
+        if _version(layer.projection) != given[3]:
+            # P made again in place (a switch to hard mode, or another protect_energy in it, after a task); a
+            # mode, energy or policy switch that wrote no tensor is a setting the load restores, as before
+            now.update(mode=layer.mode, protect_energy=float(layer.protect_energy))
         changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in now.items() if state.get(k) != v]
         if not changed:
             return ""
@@ -1051,13 +1054,21 @@ def _shares(a, b) -> bool:
             and not a.is_meta and a.device == b.device and a.data_ptr() != 0 and a.data_ptr() == b.data_ptr())
 
 
-def _given(out: Tensor, layer, state: dict) -> None:
+def _given(out: Tensor, layer, state: dict, projection_version) -> None:
     key = id(out)
 
     def gone(ref, key=key):
         if _GIVEN.get(key, (None,))[0] is ref:
             del _GIVEN[key]
-    _GIVEN[key] = (weakref.ref(out, gone), weakref.ref(layer), state)
+    _GIVEN[key] = (weakref.ref(out, gone), weakref.ref(layer), state, projection_version)
+
+
+def _version(t: Tensor):
+    """t's version counter (bumped by every in-place write), or None where it keeps none (an inference tensor)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 _TASK_STATE_BYTES = 1024     # one size for every layer and task: torch.distributed.checkpoint loads in place
@@ -2047,7 +2058,7 @@ def save_adapter(model: nn.Module, path) -> None:
     model = unwrapped(model)
     layers = _require_layers(model, "save_adapter")
     refuse_meta(layers, "save_adapter")
-    if os.path.isdir(path) or str(os.fspath(path)).endswith(("/", os.sep)):     # ("run/": a file named run was made)
+    if os.path.isdir(path) or os.fsdecode(os.fspath(path)).endswith(("/", os.sep)):    # ("run/": a file named run was made)
         raise ValueError(f"save_adapter: {path} is a folder; save_adapter writes one file (e.g. "
                          f"{os.path.join(path, 'adapter.safetensors')})")
     tensors, meta = {}, {}

@@ -430,14 +430,15 @@ def test_the_api_refuses_what_the_cli_refuses():
     args = cc.build_parser().parse_args(["--epochs", "1", "--methods", "seq_lora"])
     for change, word in ((dict(seeds=[0, 0]), "seeds: seed(s) [0] given more than once"),
                          (dict(seeds=[]), "seeds: none given"), (dict(methods=[]), "methods: none given"),
-                         (dict(dataset="mnist5k"), "runs through main")):
+                         (dict(dataset="mnist5k"), "runs through main"),
+                         (dict(grad_through_old_route=True), "grad-through-old-route: acts on clora_soft")):
         with pytest.raises(ValueError, match=re.escape(word)):
             cc.run_experiment(argparse.Namespace(**dict(vars(args), **change)), progress=False)
-    for order in ([], [(0, 1), ()], [(0, 10)], [(0, 1), (1, 2)]):
+    for order in ([], [(0, 1), ()], [(0, 10)], [(0, 1), (1, 2)], [(0, 1.5)]):
         with pytest.raises(ValueError, match="task_classes must be tasks of digit classes 0-9"):
             cc.digits_splits(task_classes=order)
     labels = torch.arange(4)
-    for tasks in (0, 3, 5):
+    for tasks in (0, 3, 5, True):
         with pytest.raises(ValueError, match="make_tasks: tasks must divide the 4 classes"):
             make_tasks(None, None, labels, labels, [0, 1, 2, 3], tasks, 0)
 
@@ -465,7 +466,11 @@ def test_evaluate_scores_tied_predictions_at_chance(seed):
     assert cc.evaluate(model, task, range(10)) == 0.5
     with torch.no_grad():
         model.head.bias[task.classes[0]] = 2.0
-    assert cc.evaluate(model, task, range(10)) == float((task.test_y == task.classes[0]).float().mean())
+    want = float((task.test_y == task.classes[0]).float().mean())
+    assert cc.evaluate(model, task, range(10)) == want
+    assert cc.evaluate(model, task, [*task.classes, task.classes[0]]) == want     # (a class named twice is one)
+    labels = cc.Task(task.classes, task.train_x, task.train_y, task.test_x, torch.full_like(task.test_y, -1))
+    assert cc.evaluate(model, labels, range(10)) == 0.0          # (a label outside the classes is wrong)
     features.remove()
 
 

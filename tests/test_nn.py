@@ -961,6 +961,11 @@ def test_a_live_state_dict_out_of_date_is_refused(seed):
     hard[0].protect_energy = 0.3         # P made again, in place
     with pytest.raises(ValueError, match=r"protect_energy 0.9 -> 0.3"):
         hard.load_state_dict(live)
+    soft = nn.Sequential(_trained(CLoRALinear(10, 8, rank=3)))
+    live = soft.state_dict()
+    soft[0].mode, soft[0].protection = "hard", "paper"      # (at task 0: settings, no tensor written)
+    soft.load_state_dict(live)           # a roll back of settings loads, as before
+    assert soft[0].mode == "soft" and soft[0].protection.name == "freeze"
 
 
 def test_from_linear_refuses_what_the_wrapped_layer_decides():
