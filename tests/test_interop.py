@@ -3,6 +3,7 @@ out (checked with PEFT itself), and PEFT's conveniences. Tiny models built from 
 is downloaded."""
 import copy
 import json
+import os
 import re
 import warnings
 
@@ -338,13 +339,13 @@ def test_save_peft_adapter_killed_mid_write_leaves_the_previous_adapter(tmp_path
     _two_tasks(model)
     import safetensors.torch
 
-    def dies_mid_write(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"\x00" * 100)
+    def dies(src, dst):     # (killed after the temporary file's bytes, zeros here, before the rename)
         raise KeyboardInterrupt
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_mid_write)
-    with pytest.raises(KeyboardInterrupt):
-        ck.save_peft_adapter(model, tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save", lambda tensors, metadata=None: b"\x00" * 100)
+        patch.setattr(os, "replace", dies)
+        with pytest.raises(KeyboardInterrupt):
+            ck.save_peft_adapter(model, tmp_path)
     served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     with torch.no_grad():
         assert rel_err(served(x), want) < 1e-5

@@ -1863,13 +1863,13 @@ def test_an_interrupted_save_keeps_the_previous_file(seed, tmp_path, monkeypatch
     good = path.read_bytes()
     _trained(model[0])
 
-    def dies(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half")
+    def dies(src, dst):     # (killed after the temporary file's bytes, half of them here, before the rename)
         raise KeyboardInterrupt
-    monkeypatch.setattr(safetensors.torch, "save_file", dies)
-    with pytest.raises(KeyboardInterrupt):
-        ck.save_adapter(model, path)
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save", lambda tensors, metadata=None: b"half")
+        patch.setattr(os, "replace", dies)
+        with pytest.raises(KeyboardInterrupt):
+            ck.save_adapter(model, path)
     assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
 
 
