@@ -741,9 +741,6 @@ class CLoRALinear(nn.Linear):
         or into a weight tied to another module; either, where the weight is computed on every access
         (torch.nn.utils.prune's weight_orig · weight_mask, or a parametrization), so that an in-place
         change of it would be lost; the others, where an adapter tensor is computed so."""
-        if what == "reset_adapter" and self.merged:
-            # (the merged layer went on computing the old adapter, as load_adapter into a merged layer is refused)
-            return "the layer is merged, and its weight holds the adapter this would reset; unmerge it first"
         if what == "merge" and not self.adapter_enabled:
             return ("merge inside disable_adapter(): the merged layer would compute the adapter; leave the block "
                     "first")

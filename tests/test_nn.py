@@ -894,24 +894,6 @@ def test_merged_layer_guard_when_only_the_factors_train(seed):
     assert x.grad is not None
 
 
-def test_reset_adapter_of_a_merged_layer_is_refused(seed):
-    """reset_adapter on a merged layer left the old adapter in the weight, computed until an unmerge (0.55
-    off the reset layer, a helper's attack): refused, as load_adapter into a merged layer is; unmerged, it
-    resets, and reset_parameters (a new weight) still does."""
-    layer = _trained(CLoRALinear(10, 8, rank=3))
-    layer.merge()
-    with pytest.raises(ValueError, match="reset_adapter: the layer is merged.*unmerge it first"):
-        layer.reset_adapter()
-    assert layer.merged and float(layer.lora_B.detach().abs().sum()) > 0
-    layer.reset_parameters()
-    assert not layer.merged and float(layer.lora_B.detach().abs().sum()) == 0
-    _trained(layer).merge()
-    layer.unmerge()
-    layer.reset_adapter()
-    x = torch.randn(3, 10)
-    assert rel_err(layer(x), nn.functional.linear(x, layer.weight, layer.bias)) < 1e-6
-
-
 def test_a_live_state_dict_out_of_date_is_refused(seed):
     """`sd = model.state_dict()` without a copy holds the layer's own tensors: after an end_task, a merge
     or an unmerge changed them in place, loading sd put back the old task state alone (a freeze layer
