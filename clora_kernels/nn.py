@@ -542,6 +542,8 @@ class CLoRALinear(nn.Linear):
             # made inside an observe_task block, which the copy is no part of: it recorded every later forward
             # forever; as an interrupted pass, nothing of the open one is kept (the copy observes again)
             state.update(_observing=False, _observed=None, _observed_rows=0, _observed_empty=False)
+            state.pop("_observed_summed", None)
+            state.pop("_observed_shared", None)
         try:
             state["_enforced_fingerprint"] = self.protection.enforced_fingerprint(self)
         except Exception:       # (meta tensors have no sums: the copy projects again, as before)
@@ -1848,6 +1850,13 @@ def replica_group(model: nn.Module, group=None):
     """The processes holding replicas of `model`, whose observed inputs are summed: `group` where
     given, else a DistributedDataParallel wrapper's own group (under torch.compile's wrapper too:
     torch's DDP + compile recipe), else None (torch.distributed's default: every process of the job)."""
+    dist = torch.distributed
+    if group is not None and dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER:
+        # (torch's new_group on a process it leaves out: taken for a job of one, this process protected its own
+        # inputs alone and the replicas differed, silently)
+        raise ValueError("group: this process is not in the process group given (torch.distributed.new_group "
+                         "returns NON_GROUP_MEMBER on the processes it leaves out); pass the group of the processes "
+                         "holding replicas of this model, on each of them")
     if group is None:
         dynamo, inner = sys.modules.get("torch._dynamo.eval_frame"), model
         while dynamo is not None and isinstance(inner, dynamo.OptimizedModule):

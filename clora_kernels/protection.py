@@ -101,6 +101,14 @@ def sum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def forget_observed(layer) -> None:
+    """No observed inputs: none kept ((K, K) Gram, a row count), none summed over the processes, and no pass
+    that fed other layers but this one nothing (`_observed_empty`)."""
+    layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
+    layer.__dict__.pop("_observed_summed", None)
+    layer.__dict__.pop("_observed_shared", None)
+
+
 class Protection:
     """The paper's semantics: nothing is protected beyond the stop-gradient on the old route."""
 
@@ -280,7 +288,7 @@ class Project(Protection):
         # no observed inputs ((K, K) Gram, a row count, whether a pass that fed other layers fed this
         # one nothing), nothing enforced yet
         _watch_optimizer_steps()
-        layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
+        forget_observed(layer)
         layer._enforced_versions = None
         layer._no_room = False
 
@@ -395,6 +403,12 @@ class Project(Protection):
             return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)
         x = x.detach().reshape(-1, x.shape[-1])
         with _LOCK:
+            if layer.__dict__.pop("_observed_summed", False):
+                # the Gram holds earlier blocks' inputs, summed over the processes already (`observed`): kept
+                # apart, and this block's own sum made, so that the next sum over them adds it alone (each
+                # block summed the whole Gram again: a second block counted the first one's inputs twice)
+                layer._observed_shared = (layer._observed, layer._observed_rows, layer._observed_batches)
+                layer._observed, layer._observed_rows = None, 0
             if layer._observed is None:     # fp32 at least, fp64 layers in fp64; a normal tensor (not an
                 with torch.inference_mode(False):   # inference one), so that passes in and out of
                     layer._observed = torch.zeros(      # inference_mode all add to it
@@ -413,14 +427,26 @@ class Project(Protection):
         from .nn import several_processes
         if not several_processes(group):
             return
+        d = layer.__dict__
+        # what earlier blocks summed already: kept apart by `observe` where this process fed this block, else
+        # the Gram itself, to which this process adds nothing (zeros)
+        shared = d.pop("_observed_shared", None) or (
+            (layer._observed, layer._observed_rows, layer._observed_batches) if d.pop("_observed_summed", False)
+            else None)
+        own = layer._observed if shared is None or shared[0] is not layer._observed else None
         k = layer.in_features
-        gram = layer._observed if layer._observed is not None else torch.zeros(
-            k, k, device=layer.lora_A.device, dtype=sum_dtype(layer.lora_A.dtype))
-        batches = getattr(layer, "_observed_batches", 0) if layer._observed is not None else 0
-        counts = torch.tensor([layer._observed_rows, batches], dtype=torch.float64, device=gram.device)
+        gram = own if own is not None else torch.zeros(k, k, device=layer.lora_A.device,
+                                                       dtype=sum_dtype(layer.lora_A.dtype))
+        batches = getattr(layer, "_observed_batches", 0) if own is not None else 0
+        counts = torch.tensor([layer._observed_rows if own is not None else 0, batches], dtype=torch.float64,
+                              device=gram.device)
         torch.distributed.all_reduce(gram, group=group)
         torch.distributed.all_reduce(counts, group=group)
-        layer._observed, layer._observed_rows, layer._observed_batches = gram, int(counts[0]), int(counts[1])
+        rows, batches = int(counts[0]), int(counts[1])
+        if shared is not None and shared[0] is not None:
+            gram, rows, batches = shared[0] + gram.to(shared[0].dtype), shared[1] + rows, shared[2] + batches
+        layer._observed, layer._observed_rows, layer._observed_batches = gram, rows, batches
+        layer._observed_summed = True
 
     @staticmethod
     def sharded(layer) -> str:
@@ -441,7 +467,7 @@ class Project(Protection):
         if layer._observed is not None and not bool(torch.isfinite(layer._observed).all()):
             dtype = layer._observed.dtype
             # dropped, so that a new pass can replace it (and no earlier empty pass stands in for it)
-            layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
+            forget_observed(layer)
             return (f"the inputs observed for protection='project' held NaN/Inf, or values too large for their "
                     f"{dtype} sums of squares "
                     f"(they were dropped); observe the task again inside `with clora_kernels.observe_task(model):` "
@@ -501,7 +527,7 @@ class Project(Protection):
         for name, value in prepared.items():
             if name != "no_room":
                 setattr(layer, name, value)
-        layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
+        forget_observed(layer)
         layer._enforced_versions = None
         layer._no_room = prepared["no_room"]
 

@@ -232,6 +232,24 @@ def _ddp_worker(rank, world, out_dir):
         with torch.no_grad(), ck.observe_task(given, group=groups[rank] if how == "group" else None):
             net(x)
         res["apart_rows"].append(apart[0]._observed_rows)
+    # two observe_task blocks before one end_task, uneven, a rank feeding the second nothing: the Gram is the
+    # whole task's once (each block's exit summed the whole Gram again, so the first block counted twice)
+    blocks = _model(protection="project").double()
+    g = torch.Generator().manual_seed(11)
+    parts = [[torch.randn(3 + r, K, generator=g, dtype=torch.float64) for r in range(world)] for _ in range(3)]
+    for i, block in enumerate(parts):
+        with torch.no_grad(), ck.observe_task(blocks):
+            if i < 2 or rank == 0:
+                blocks(block[rank])
+    every = torch.cat([x for block in parts[:2] for x in block] + [parts[2][0]])
+    layer = blocks[0]
+    res["blocks"] = (rel_err(layer._observed, every.t() @ every), layer._observed_rows, every.shape[0])
+    try:
+        with ck.observe_task(blocks, group=dist.new_group([0])):
+            pass
+        res["non_member"] = None
+    except ValueError as exc:
+        res["non_member"] = str(exc)
     res["dual_bases"] = _dual_lora_bases(rank, world, wrap=DDP)
     stale = _model()
     ddp = DDP(stale)              # wrapped once, without find_unused_parameters: what the README warns about
@@ -374,6 +392,17 @@ def test_ddp_project_policy_equals_one_process(ddp, one_process_project):
     for rank, res in enumerate(ddp):
         _assert_same(res["project"], one_process_project, f"rank {rank} project")
         assert res["apart_rows"] == [B // WORLD * 2] * 3, rank        # its own rows only (3-D: 2 per sample)
+
+
+def test_ddp_observe_blocks_sum_each_input_once(ddp):
+    """Two or three observe_task blocks before one end_task (a rank feeding the last none): each input is in
+    the Gram once, on every rank; a group that leaves the process out is refused there, not taken for a job
+    of one process."""
+    for rank, res in enumerate(ddp):
+        err, rows, want = res["blocks"]
+        assert err < 1e-12 and rows == want, (rank, res["blocks"])
+    assert ddp[0]["non_member"] is None
+    assert "this process is not in the process group given" in ddp[1]["non_member"]
 
 
 def test_ddp_dual_lora_bases_are_the_whole_tasks(ddp):
