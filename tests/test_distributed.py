@@ -167,8 +167,11 @@ def _fsdp_worker(rank, world, out_dir):
         res["peft_loaded_out"] = peft_loaded(x)
     # protection="project" refuses sharded parameters, before anything changes
     project = _shard(_model(protection="project"), mesh)
-    with torch.no_grad(), ck.observe_task(project):
-        project(x)
+    try:        # (refused at the observe pass, not after it at end_task)
+        with torch.no_grad(), ck.observe_task(project):
+            res["project_observe_error"] = None
+    except ValueError as exc:
+        res["project_observe_error"] = str(exc)
     try:
         ck.end_task(project)
         res["project_error"] = None
@@ -359,6 +362,8 @@ def test_fsdp2_checkpoint_and_adapter_round_trip(fsdp, one_process):
 
 def test_fsdp2_project_policy_refuses_clearly(fsdp):
     for res in fsdp:
+        assert "observe_task: protection='project' does not run on parameters sharded by FSDP2" in \
+            res["project_observe_error"]
         assert "FSDP2" in res["project_error"] and "no layer was changed" in res["project_error"]
         assert res["project_task_index"] == 0
         assert "saved at task 1 with protection='project' does not run on parameters sharded by FSDP2" in \
