@@ -8,7 +8,6 @@ autograd formula (docs/design.md section 2) for all backends (`backends/ops.py`)
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import operator
@@ -17,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import BACKEND_NAMES, device_type
+from .backends import BACKEND_NAMES, _autocasting, device_type, exact_math  # noqa: F401  (exact_math: imported from here)
 from .backends import ops as _ops  # registers torch.ops.clora.*
 from .backends.ops import in_functorch
 
@@ -141,26 +140,6 @@ def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
 
 
 _compiling = torch.compiler.is_compiling
-# one C call answers "no autocast anywhere", the common case, without building x's device type
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
-
-
-def _autocasting(x: Tensor) -> bool:
-    """Whether torch.autocast casts x's operands (it does on CUDA and CPU)."""
-    if not _any_autocast():
-        return False
-    dev = device_type(x)
-    return dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
-
-
-def exact_math(t: Tensor):
-    """A context in which t's device computes without torch.autocast: the lifecycle's math (merge,
-    end_task's fold, the project policy's projection) writes state kept across steps, which a
-    caller's autocast would round to 16 bits (a merge then unmerge moved an fp32 base weight by
-    1.5e-2; a hard-mode end_task changed the output)."""
-    return torch.autocast(device_type(t), enabled=False) if _autocasting(t) else contextlib.nullcontext()
-
-
 def _autocast_inputs(x: Tensor, *tensors: Optional[Tensor]):
     """Under torch.autocast, compute in the autocast dtype the way nn.Linear (F.linear) does: every
     floating-point tensor but float64 is cast (autocast leaves float64 alone). The casts are

@@ -231,6 +231,24 @@ def test_autocast_like_linear(seed):
     assert rel_err(y, y64) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_backward_inside_autocast_after_a_forward_outside_it(seed, backend):
+    """`loss.backward()` inside torch.autocast after an fp32 forward outside it (autograd runs the
+    backward with the caller's autocast): the gradients are the fp32 backward's, to fp32 precision, as
+    nn.Linear's are (the backward's products were autocast to bf16 and the dx failed with a dtype
+    mismatch; the cuda extension read half-size buffers); also with create_graph=True."""
+    inp = make_inputs(40, 24, 40, 4)
+    want = cast_inputs(inp, torch.float32)
+    call(clora_linear, want, backend=backend).square().sum().backward()
+    for create in (False, True):
+        got = cast_inputs(inp, torch.float32)
+        y = call(clora_linear, got, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y.square().sum().backward(create_graph=create)
+        for k, g in grads_of(want).items():
+            assert got[k].grad.dtype == torch.float32 and rel_err(got[k].grad, g) < 1e-6, (k, create)
+
+
 def test_autocast_leaves_float64_alone_like_linear(seed):
     """autocast casts no float64 tensor (F.linear stays float64 under it): neither does the op,
     and the result is the float64 oracle's to float64 precision."""

@@ -17,6 +17,7 @@ torch backend, whose ops read it; the kernel backends build it from r_old, r_del
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -57,6 +58,26 @@ def device_type(t: torch.Tensor) -> str:
     t.device.type costs 0.42 µs, t.is_cpu 0.07 (four reads per call were a tenth of a small layer's
     Python cost)."""
     return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+
+
+# one C call answers "no autocast anywhere", the common case, without building x's device type
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    """Whether torch.autocast casts x's operands (it does on CUDA and CPU)."""
+    if not _any_autocast():
+        return False
+    dev = device_type(x)
+    return dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
+
+
+def exact_math(t: torch.Tensor):
+    """A context in which t's device computes without torch.autocast: the lifecycle's math (merge,
+    end_task's fold, the project policy's projection) writes state kept across steps, which a
+    caller's autocast would round to 16 bits (a merge then unmerge moved an fp32 base weight by
+    1.5e-2; a hard-mode end_task changed the output)."""
+    return torch.autocast(device_type(t), enabled=False) if _autocasting(t) else contextlib.nullcontext()
 
 
 class BackendUnavailableError(RuntimeError):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import routing_eff, scaled_addmm
+from . import _any_autocast, exact_math
 from .auto import plain, run, run_kernels
 
 
@@ -192,6 +193,17 @@ def _weight_no_grad_compiled() -> bool:
 def _backward(ctx, grad_y, grad_t=None):
     if grad_y is None:      # the registered op's y took no part in the loss (only its t did)
         return (None,) * 12
+    if _any_autocast():
+        # a backward called inside torch.autocast (autograd runs it with the caller's autocast): computed in
+        # the dtypes the forward saved, as autograd's own formulas are (a forward outside autocast, then
+        # `loss.backward()` inside it, failed here with a dtype mismatch, and read half-size buffers in the
+        # cuda extension's kernels)
+        with exact_math(grad_y):
+            return _backward_math(ctx, grad_y)
+    return _backward_math(ctx, grad_y)
+
+
+def _backward_math(ctx, grad_y):
     compiling = torch.compiler.is_compiling()
     if ctx.needs_input_grad[1] and not compiling:     # (compiled: `linear` warns)
         _weight_no_grad()
