@@ -57,6 +57,10 @@ class ArrayImages(Dataset):
         return self.images[i].float().div_(127.5).sub_(1.0), int(self.labels[i])
 
 
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")     # PIL modes wider than 8 bits per pixel
+_SPLIT_NAMES = ("train", "test", "val", "valid", "validation")     # a split's folder, not a class's
+
+
 class _Transformed(Dataset):
     """A dataset of PIL images with a transform applied (the split's indices are kept outside)."""
 
@@ -107,13 +111,32 @@ def split_per_class(labels: torch.Tensor, test_fraction: float = TEST_FRACTION, 
 def _image_folder(root: str, what: str):
     """torchvision's ImageFolder of `root`, with every failure as a one-line DataError."""
     from torchvision.datasets import ImageFolder
+
+    class Folder(ImageFolder):
+        def find_classes(self, directory):      # (not a hidden folder: a .ipynb_checkpoints/ became a class)
+            names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+            return names, {c: i for i, c in enumerate(names)}
+
+    def load(path):     # torchvision's pil_loader, less its silent clipping of wide pixels
+        from PIL import Image
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if img.mode in _WIDE_MODES:     # (the RGB conversion clips them: 99.6 % of a 16-bit PNG's pixels white)
+                raise ValueError(f"its pixels are of mode {img.mode} (16 or 32 bits, or float), which the RGB "
+                                 f"conversion clips to 8 bits; convert the images to 8-bit first")
+            return img.convert("RGB")
+
     if not os.path.isdir(root):
         raise DataError(f"{what}: {root!r} is not a folder (an ImageFolder tree: one subfolder of images per class)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{what}: {root!r} has no class subfolders (an ImageFolder tree: one subfolder per class)")
+    split = [c for c in classes if c.lower() in _SPLIT_NAMES]
+    if split:       # (train/ beside valid/ ran as two classes named so, silently)
+        raise DataError(f"{what}: {root!r} has folder(s) {split} named as a split, not a class: a tree split in "
+                        f"advance holds train/ and test/ (or val/); a tree of class folders names none so")
     try:
-        return ImageFolder(root, allow_empty=False)
+        return Folder(root, loader=load, allow_empty=False)
     except (FileNotFoundError, RuntimeError) as exc:      # an empty class folder, no images at all
         raise DataError(f"{what}: {root!r}: {str(exc).splitlines()[0]} (every class needs at least one image)") \
             from None
@@ -274,7 +297,7 @@ def timm_backbone(args, num_classes: int):
     import timm
     kwargs = {"img_size": args.image_size} if args.image_size else {}
     try:
-        return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
+        model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise DataError(f"--model {args.model!r} is not a timm model ({exc})") from None
@@ -286,6 +309,14 @@ def timm_backbone(args, num_classes: int):
                         f"{str(exc).splitlines()[0].split('. ')[0][:200]}); connect once to cache them, or pass "
                         f"--no-pretrained") \
             from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if args.image_size and isinstance(patch, int) and args.image_size % patch:
+        # (a patch grid cuts the rest off: at 30 with patches of 16 the model saw the top-left 16x16 pixels)
+        raise DataError(f"--image-size {args.image_size}: {args.model} cuts images into {patch}x{patch} patches, and "
+                        f"the last {args.image_size % patch} rows and columns would be dropped; give a multiple of "
+                        f"{patch}")
+    return model
 
 
 def _transform(model, args):

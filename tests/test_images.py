@@ -92,19 +92,34 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
     gap = _folder(tmp_path / "gap", empty=4)
     _folder(tmp_path / "split" / "train")
     _folder(tmp_path / "split" / "test", classes=5)
+    _folder(tmp_path / "valid" / "train")
+    _folder(tmp_path / "valid" / "valid")
+    hidden = _folder(tmp_path / "hidden")
+    (hidden / ".ipynb_checkpoints").mkdir()
+    PIL.new("RGB", (20, 20)).save(hidden / ".ipynb_checkpoints" / "0.png")
+    wide = _folder(tmp_path / "wide")
+    for png in wide.glob("*/*.png"):
+        PIL.open(png).convert("L").convert("I;16").save(png)
     cases = [
         (["--data-dir", str(tmp_path / "nowhere")], "is not a folder"),
         (["--data-dir", str(gap)], "class4"),
         (["--data-dir", str(tmp_path / "split")], "different classes (['class5'] in train/ alone)"),
         (["--data-dir", str(data), "--tasks", "4"], "--tasks 4: the 6 classes"),
         (["--data-dir", str(data), "--tasks", "7"], "--tasks 7: the 6 classes"),
+        (["--data-dir", str(hidden), "--tasks", "4"], "--tasks 4: the 6 classes"),    # (.ipynb_checkpoints/ was one)
         (["--data-dir", str(data), "--model", "vit_nonexistent_model"], "not a timm model"),
         (["--data-dir", str(data), "--pretrained"], "cannot be fetched"),
         (["--data-dir", str(data), "--resume", "--out", str(tmp_path / "fresh")], "holds no run to resume"),
         (["--data-dir", str(data), "--targets", "nope"], "no nn.Linear of the model matches"),
         (["--data-dir", str(data), "--targets", "qkv", "fc_1"], "--targets ['fc_1']: match no layer"),
         (["--data-dir", str(data), "--rank", "1000"], "--rank 1000: the targeted layers need rank <= 192"),
-        (["--data-dir", str(data), "--image-size", "7"], "the model cannot run on these images"),
+        (["--data-dir", str(data), "--image-size", "7"], "--image-size 7: vit_tiny_patch16_224 cuts images into 16x16"),
+        # (at 40 the model saw the top-left 32x32 pixels alone, silently; a helper's attack)
+        (["--data-dir", str(data), "--image-size", "40"], "the last 8 rows and columns would be dropped"),
+        # (train/ beside valid/ ran as two classes named so)
+        (["--data-dir", str(tmp_path / "valid")], "has folder(s) ['train', 'valid'] named as a split"),
+        # (PIL's RGB conversion clipped 16-bit pixels to white: a run at chance, exit 0)
+        (["--data-dir", str(wide)], "pixels are of mode I;16"),
         (["--data-dir", str(data), "--backend", "cuda"], "cuda cannot run here"),
         (["--data-dir", str(data), "--pretrain-epochs", "3"], "only for --dataset digits"),
         (["--data-dir", str(data), "--pretrain-seed", "1"], "--pretrain-seed: only for --dataset mnist5k"),
