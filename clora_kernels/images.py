@@ -108,35 +108,54 @@ def split_per_class(labels: torch.Tensor, test_fraction: float = TEST_FRACTION, 
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def _image_folder(root: str, what: str):
-    """torchvision's ImageFolder of `root`, with every failure as a one-line DataError."""
+def _load_image(path):
+    """torchvision's pil_loader, less its silent clipping of wide pixels (module level: a DataLoader worker
+    started by spawn unpickles the dataset, and this with it)."""
+    from PIL import Image
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if img.mode in _WIDE_MODES:     # (the RGB conversion clips them: 99.6 % of a 16-bit PNG's pixels white)
+            raise ValueError(f"its pixels are of mode {img.mode} (16 or 32 bits, or float), which the RGB "
+                             f"conversion clips to 8 bits; convert the images to 8-bit first")
+        return img.convert("RGB")
+
+
+def _class_folders(root: str) -> list:
+    """The class folders of an ImageFolder tree: its subfolders, less hidden ones (a .ipynb_checkpoints/
+    became a class)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def __getattr__(name):
+    """`_Folder`, made on first use: ImageFolder with `_class_folders` (torchvision is imported only by the
+    image protocols). A module attribute, so that a DataLoader worker started by spawn unpickles it."""
+    if name != "_Folder":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from torchvision.datasets import ImageFolder
 
-    class Folder(ImageFolder):
-        def find_classes(self, directory):      # (not a hidden folder: a .ipynb_checkpoints/ became a class)
-            names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    class _Folder(ImageFolder):
+        def find_classes(self, directory):
+            names = _class_folders(directory)
             return names, {c: i for i, c in enumerate(names)}
+    _Folder.__module__, _Folder.__qualname__ = __name__, "_Folder"
+    globals()["_Folder"] = _Folder
+    return _Folder
 
-    def load(path):     # torchvision's pil_loader, less its silent clipping of wide pixels
-        from PIL import Image
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            if img.mode in _WIDE_MODES:     # (the RGB conversion clips them: 99.6 % of a 16-bit PNG's pixels white)
-                raise ValueError(f"its pixels are of mode {img.mode} (16 or 32 bits, or float), which the RGB "
-                                 f"conversion clips to 8 bits; convert the images to 8-bit first")
-            return img.convert("RGB")
 
+def _image_folder(root: str, what: str):
+    """torchvision's ImageFolder of `root`, with every failure as a one-line DataError."""
     if not os.path.isdir(root):
         raise DataError(f"{what}: {root!r} is not a folder (an ImageFolder tree: one subfolder of images per class)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = _class_folders(root)
     if not classes:
         raise DataError(f"{what}: {root!r} has no class subfolders (an ImageFolder tree: one subfolder per class)")
-    split = [c for c in classes if c.lower() in _SPLIT_NAMES]
-    if split:       # (train/ beside valid/ ran as two classes named so, silently)
-        raise DataError(f"{what}: {root!r} has folder(s) {split} named as a split, not a class: a tree split in "
-                        f"advance holds train/ and test/ (or val/); a tree of class folders names none so")
+    split = sorted(set(classes) & set(_SPLIT_NAMES))
+    if "train" in split and len(split) > 1:     # (train/ beside valid/ ran as two classes named so, silently;
+        # a class named train alone is one: CIFAR-100 has it)
+        raise DataError(f"{what}: {root!r} has folders {split}, a tree split in advance, not classes: give train/ "
+                        f"and test/ (or val/), or class folders")
     try:
-        return Folder(root, loader=load, allow_empty=False)
+        return __getattr__("_Folder")(root, loader=_load_image, allow_empty=False)
     except (FileNotFoundError, RuntimeError) as exc:      # an empty class folder, no images at all
         raise DataError(f"{what}: {root!r}: {str(exc).splitlines()[0]} (every class needs at least one image)") \
             from None
@@ -309,13 +328,16 @@ def timm_backbone(args, num_classes: int):
                         f"{str(exc).splitlines()[0].split('. ')[0][:200]}); connect once to cache them, or pass "
                         f"--no-pretrained") \
             from None
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-    if args.image_size and isinstance(patch, int) and args.image_size % patch:
+    embed = getattr(model, "patch_embed", None)
+    # the patches' stride (PiT's patches of 16 overlap, 8 apart), else their size
+    step = getattr(getattr(embed, "proj", None), "stride", None) or getattr(embed, "patch_size", None)
+    step = tuple(step) if isinstance(step, (tuple, list)) else (step, step)
+    if args.image_size and all(isinstance(p, int) and p > 0 for p in step) and any(args.image_size % p for p in step):
         # (a patch grid cuts the rest off: at 30 with patches of 16 the model saw the top-left 16x16 pixels)
-        raise DataError(f"--image-size {args.image_size}: {args.model} cuts images into {patch}x{patch} patches, and "
-                        f"the last {args.image_size % patch} rows and columns would be dropped; give a multiple of "
-                        f"{patch}")
+        cut = max(args.image_size % p for p in step)
+        raise DataError(f"--image-size {args.image_size}: {args.model} cuts images into patches {step[0]}x{step[1]} "
+                        f"apart, and the last {cut} rows or columns would be dropped; give a multiple of "
+                        f"{max(step)}")
     return model
 
 

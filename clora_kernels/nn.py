@@ -1825,7 +1825,7 @@ def observe_task(model: nn.Module, group=None):
     one job, an ensemble or seeds side by side, each protected the others' inputs: pass their group)."""
     layers = [m for _, m in _require_layers(model, "observe_task", reshard=False)
               if m.protection.needs_inputs and not m._observing]   # nested: counted once
-    why = next((w for w in (m.protection.sharded(m) for m in layers) if w), "")
+    why = next((w for w in (getattr(m.protection, "sharded", lambda _: "")(m) for m in layers) if w), "")
     if why:     # (refused by end_task, after the whole pass, and a task trained for nothing)
         raise ValueError(f"observe_task: {why}")
     group = replica_group(model, group)

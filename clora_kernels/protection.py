@@ -425,9 +425,18 @@ class Project(Protection):
         `group` (the replicas' processes; None: the job's), so every process protects the whole task's
         inputs, as one process given all of them would."""
         from .nn import several_processes
-        if not several_processes(group):
-            return
         d = layer.__dict__
+        if not several_processes(group):
+            # (one process: nothing to sum; what an earlier block summed, kept apart by `observe` in a run resumed
+            # from a multi-process one, or after its process group ended, is this one's too)
+            d.pop("_observed_summed", None)
+            shared = d.pop("_observed_shared", None)
+            if shared is not None and shared[0] is not None:
+                own = layer._observed
+                layer._observed = shared[0] if own is None else shared[0] + own.to(shared[0].dtype)
+                layer._observed_rows += shared[1]
+                layer._observed_batches = shared[2] + (getattr(layer, "_observed_batches", 0) if own is not None else 0)
+            return
         # what earlier blocks summed already: kept apart by `observe` where this process fed this block, else
         # the Gram itself, to which this process adds nothing (zeros)
         shared = d.pop("_observed_shared", None) or (
@@ -435,8 +444,8 @@ class Project(Protection):
             else None)
         own = layer._observed if shared is None or shared[0] is not layer._observed else None
         k = layer.in_features
-        gram = own if own is not None else torch.zeros(k, k, device=layer.lora_A.device,
-                                                       dtype=sum_dtype(layer.lora_A.dtype))
+        gram = own if own is not None else torch.zeros(k, k, device=layer.lora_A.device, dtype=(
+            shared[0].dtype if shared is not None and shared[0] is not None else sum_dtype(layer.lora_A.dtype)))
         batches = getattr(layer, "_observed_batches", 0) if own is not None else 0
         counts = torch.tensor([layer._observed_rows if own is not None else 0, batches], dtype=torch.float64,
                               device=gram.device)

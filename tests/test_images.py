@@ -113,11 +113,12 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
         (["--data-dir", str(data), "--targets", "nope"], "no nn.Linear of the model matches"),
         (["--data-dir", str(data), "--targets", "qkv", "fc_1"], "--targets ['fc_1']: match no layer"),
         (["--data-dir", str(data), "--rank", "1000"], "--rank 1000: the targeted layers need rank <= 192"),
-        (["--data-dir", str(data), "--image-size", "7"], "--image-size 7: vit_tiny_patch16_224 cuts images into 16x16"),
+        (["--data-dir", str(data), "--image-size", "7"], "--image-size 7: vit_tiny_patch16_224 cuts images into "
+                                                          "patches 16x16 apart"),
         # (at 40 the model saw the top-left 32x32 pixels alone, silently; a helper's attack)
-        (["--data-dir", str(data), "--image-size", "40"], "the last 8 rows and columns would be dropped"),
+        (["--data-dir", str(data), "--image-size", "40"], "the last 8 rows or columns would be dropped"),
         # (train/ beside valid/ ran as two classes named so)
-        (["--data-dir", str(tmp_path / "valid")], "has folder(s) ['train', 'valid'] named as a split"),
+        (["--data-dir", str(tmp_path / "valid")], "has folders ['train', 'valid'], a tree split in advance"),
         # (PIL's RGB conversion clipped 16-bit pixels to white: a run at chance, exit 0)
         (["--data-dir", str(wide)], "pixels are of mode I;16"),
         (["--data-dir", str(data), "--backend", "cuda"], "cuda cannot run here"),
@@ -136,6 +137,23 @@ def test_refusals_before_any_training(tmp_path, capsys, monkeypatch):
     _refused(["--pretrain-seed", "0", "--no-progress"], capsys, "--pretrain-seed: only for --dataset mnist5k")
     _refused(["--data-dir", str(data), "--no-progress"], capsys, "argument --data-dir: only for --dataset cifar100 / "
              "imagenet-r / folder")
+
+
+def test_a_folder_dataset_pickles_and_a_class_named_train_is_a_class(tmp_path):
+    """The dataset pickles, as a DataLoader worker started by spawn (macOS, Windows, Python 3.14) needs (a
+    class made inside a function did not), and a class folder named train beside others is a class
+    (CIFAR-100 has one), where train/ beside valid/ is a split."""
+    import pickle
+    import subprocess
+    import sys
+    data = _folder(tmp_path / "data", classes=3)
+    (data / "class0").rename(data / "train")
+    ds = im._image_folder(str(data), "--data-dir")
+    assert ds.classes == ["class1", "class2", "train"]
+    (tmp_path / "ds.pkl").write_bytes(pickle.dumps(ds))
+    code = f"import pickle; ds = pickle.loads(open({str(tmp_path / 'ds.pkl')!r}, 'rb').read()); print(len(ds), ds[0][1])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == [str(len(ds)), "0"], out.stderr
 
 
 def test_resume_names_a_damaged_run_and_outputs_on_the_runs_files_are_refused(tmp_path, capsys):

@@ -282,6 +282,23 @@ def test_a_copy_made_inside_observe_task_does_not_observe(seed):
             c.end_task()
 
 
+def test_a_block_summed_over_processes_then_resumed_in_one_keeps_its_inputs(seed):
+    """A layer saved between two observe_task blocks of a DDP run carries the mark that its Gram is summed
+    over the processes already (so that a later DDP block sums only its own inputs); resumed in a single
+    process, the next block lost the earlier ones (the Gram moved aside and never put back: 0.69 off).
+    The mark is set here as a DDP block's exit sets it."""
+    layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch").double()
+    a, b = torch.randn(5, K, dtype=torch.float64), torch.randn(7, K, dtype=torch.float64)
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(a)
+    layer._observed_summed = True           # (what a DDP block's exit leaves, carried by torch.save)
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(b)
+    both = torch.cat([a, b])
+    assert layer._observed_rows == 12 and rel_err(layer._observed, both.t() @ both) < 1e-12
+    assert "_observed_shared" not in layer.__dict__ and "_observed_summed" not in layer.__dict__
+
+
 def test_state_saved_before_policies_loads_as_paper():
     old = CLoRALinear(K, N, rank=R, protection="paper").state_dict()     # the dict such states held
     old["_extra_state"] = {k: v for k, v in ck.nn.task_state(old["_extra_state"]).items() if k != "protection"}
