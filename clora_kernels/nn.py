@@ -28,7 +28,7 @@ from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
 from .functional import _HALF, check_flag, exact_math, finite_number, module_linear
-from .protection import Project, Protection, make_protection, sum_dtype
+from .protection import Project, Protection, forget_observed, make_protection, sum_dtype
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -541,9 +541,8 @@ class CLoRALinear(nn.Linear):
         if state.get("_observing"):
             # made inside an observe_task block, which the copy is no part of: it recorded every later forward
             # forever; as an interrupted pass, nothing of the open one is kept (the copy observes again)
-            state.update(_observing=False, _observed=None, _observed_rows=0, _observed_empty=False)
-            state.pop("_observed_summed", None)
-            state.pop("_observed_shared", None)
+            state["_observing"] = False
+            forget_observed(state)
         try:
             state["_enforced_fingerprint"] = self.protection.enforced_fingerprint(self)
         except Exception:       # (meta tensors have no sums: the copy projects again, as before)
@@ -786,9 +785,9 @@ class CLoRALinear(nn.Linear):
         would then go back: a freeze layer back at its first task trained its frozen factors again, a merged
         one added its adapter twice (`best = model.state_dict()` without a copy, then a load; nn.Linear's
         is a no-op). A switch of mode, energy or policy that wrote no tensor is a setting the load restores
-        (a "try hard mode, then roll back" loads). A state_dict whose
-        tensors were copied (`{k: v.cpu()}` of a GPU model) and whose task state was not is a snapshot and
-        loads. Not caught: a task state made a new tensor (`{k: v.detach()}`), or saved after the change."""
+        (a "try hard mode, then roll back" loads). A state_dict whose tensors were copied (`{k: v.cpu()}` of
+        a GPU model) and whose task state was not is a snapshot and loads. Not caught: a task state made a
+        new tensor (`{k: v.detach()}`), or saved after the change."""
         given = _GIVEN.get(id(entry))
         layer = given[1]() if given is not None and given[0]() is entry and given[2] == state else None
         if layer is None:
@@ -1049,8 +1048,9 @@ _GIVEN: dict = {}
 
 def _shares(a, b) -> bool:
     """Whether two tensors are views of one memory (a state_dict's entry and the layer's own tensor)."""
-    return (isinstance(a, Tensor) and isinstance(b, Tensor) and not isinstance(a, DTensor) and not isinstance(b, DTensor)
-            and not a.is_meta and a.device == b.device and a.data_ptr() != 0 and a.data_ptr() == b.data_ptr())
+    return (isinstance(a, Tensor) and isinstance(b, Tensor) and not isinstance(a, DTensor)
+            and not isinstance(b, DTensor) and not a.is_meta and a.device == b.device and a.data_ptr() != 0
+            and a.data_ptr() == b.data_ptr())
 
 
 def _given(out: Tensor, layer, state: dict, projection_version) -> None:
@@ -2067,7 +2067,8 @@ def save_adapter(model: nn.Module, path) -> None:
     model = unwrapped(model)
     layers = _require_layers(model, "save_adapter")
     refuse_meta(layers, "save_adapter")
-    if os.path.isdir(path) or os.fsdecode(os.fspath(path)).endswith(("/", os.sep)):    # ("run/": a file named run was made)
+    # ("run/", not yet a folder: a file named run was made)
+    if os.path.isdir(path) or os.fsdecode(os.fspath(path)).endswith(("/", os.sep)):
         raise ValueError(f"save_adapter: {path} is a folder; save_adapter writes one file (e.g. "
                          f"{os.path.join(path, 'adapter.safetensors')})")
     tensors, meta = {}, {}

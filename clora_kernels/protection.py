@@ -101,12 +101,13 @@ def sum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def forget_observed(layer) -> None:
-    """No observed inputs: none kept ((K, K) Gram, a row count), none summed over the processes, and no pass
-    that fed other layers but this one nothing (`_observed_empty`)."""
-    layer._observed, layer._observed_rows, layer._observed_empty = None, 0, False
-    layer.__dict__.pop("_observed_summed", None)
-    layer.__dict__.pop("_observed_shared", None)
+def forget_observed(state: dict) -> None:
+    """No observed inputs in a layer's __dict__ (or the state a copy of it is made from): none kept ((K, K)
+    Gram, a row count), none summed over the processes, and no pass that fed other layers but this one
+    nothing (`_observed_empty`)."""
+    state.update(_observed=None, _observed_rows=0, _observed_empty=False)
+    state.pop("_observed_summed", None)
+    state.pop("_observed_shared", None)
 
 
 class Protection:
@@ -288,7 +289,7 @@ class Project(Protection):
         # no observed inputs ((K, K) Gram, a row count, whether a pass that fed other layers fed this
         # one nothing), nothing enforced yet
         _watch_optimizer_steps()
-        forget_observed(layer)
+        forget_observed(layer.__dict__)
         layer._enforced_versions = None
         layer._no_room = False
 
@@ -426,36 +427,31 @@ class Project(Protection):
         inputs, as one process given all of them would."""
         from .nn import several_processes
         d = layer.__dict__
-        if not several_processes(group):
-            # (one process: nothing to sum; what an earlier block summed, kept apart by `observe` in a run resumed
-            # from a multi-process one, or after its process group ended, is this one's too)
-            d.pop("_observed_summed", None)
-            shared = d.pop("_observed_shared", None)
-            if shared is not None and shared[0] is not None:
-                own = layer._observed
-                layer._observed = shared[0] if own is None else shared[0] + own.to(shared[0].dtype)
-                layer._observed_rows += shared[1]
-                layer._observed_batches = shared[2] + (getattr(layer, "_observed_batches", 0) if own is not None else 0)
-            return
-        # what earlier blocks summed already: kept apart by `observe` where this process fed this block, else
-        # the Gram itself, to which this process adds nothing (zeros)
-        shared = d.pop("_observed_shared", None) or (
-            (layer._observed, layer._observed_rows, layer._observed_batches) if d.pop("_observed_summed", False)
-            else None)
-        own = layer._observed if shared is None or shared[0] is not layer._observed else None
-        k = layer.in_features
-        gram = own if own is not None else torch.zeros(k, k, device=layer.lora_A.device, dtype=(
-            shared[0].dtype if shared is not None and shared[0] is not None else sum_dtype(layer.lora_A.dtype)))
-        batches = getattr(layer, "_observed_batches", 0) if own is not None else 0
-        counts = torch.tensor([layer._observed_rows if own is not None else 0, batches], dtype=torch.float64,
-                              device=gram.device)
-        torch.distributed.all_reduce(gram, group=group)
-        torch.distributed.all_reduce(counts, group=group)
-        rows, batches = int(counts[0]), int(counts[1])
+        # what earlier blocks summed over the processes already: kept apart by `observe` where this block fed
+        # the layer, else the Gram itself (this block fed it nothing). Only this block's own inputs are summed
+        # (each block summed the whole Gram again: a second block counted the first one's inputs twice); in
+        # one process (a run resumed from a multi-process one) the earlier sum is folded back, unsummed
+        shared = d.pop("_observed_shared", None)
+        if shared is None and d.pop("_observed_summed", False):
+            shared, own = (layer._observed, layer._observed_rows, layer._observed_batches), None
+        else:
+            own = layer._observed
+        rows, batches = (layer._observed_rows, getattr(layer, "_observed_batches", 0)) if own is not None else (0, 0)
+        several = several_processes(group)
+        if several:
+            k = layer.in_features
+            own = own if own is not None else torch.zeros(k, k, device=layer.lora_A.device, dtype=(
+                shared[0].dtype if shared is not None and shared[0] is not None else sum_dtype(layer.lora_A.dtype)))
+            counts = torch.tensor([rows, batches], dtype=torch.float64, device=own.device)
+            torch.distributed.all_reduce(own, group=group)
+            torch.distributed.all_reduce(counts, group=group)
+            rows, batches = int(counts[0]), int(counts[1])
         if shared is not None and shared[0] is not None:
-            gram, rows, batches = shared[0] + gram.to(shared[0].dtype), shared[1] + rows, shared[2] + batches
-        layer._observed, layer._observed_rows, layer._observed_batches = gram, rows, batches
-        layer._observed_summed = True
+            own = shared[0] if own is None else shared[0] + own.to(shared[0].dtype)
+            rows, batches = shared[1] + rows, shared[2] + batches
+        layer._observed, layer._observed_rows, layer._observed_batches = own, rows, batches
+        if several:
+            layer._observed_summed = True
 
     @staticmethod
     def sharded(layer) -> str:
@@ -476,7 +472,7 @@ class Project(Protection):
         if layer._observed is not None and not bool(torch.isfinite(layer._observed).all()):
             dtype = layer._observed.dtype
             # dropped, so that a new pass can replace it (and no earlier empty pass stands in for it)
-            forget_observed(layer)
+            forget_observed(layer.__dict__)
             return (f"the inputs observed for protection='project' held NaN/Inf, or values too large for their "
                     f"{dtype} sums of squares "
                     f"(they were dropped); observe the task again inside `with clora_kernels.observe_task(model):` "
@@ -536,7 +532,7 @@ class Project(Protection):
         for name, value in prepared.items():
             if name != "no_room":
                 setattr(layer, name, value)
-        forget_observed(layer)
+        forget_observed(layer.__dict__)
         layer._enforced_versions = None
         layer._no_room = prepared["no_room"]
 
