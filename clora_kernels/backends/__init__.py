@@ -76,7 +76,8 @@ def exact_math(t: torch.Tensor):
     """A context in which t's device computes without torch.autocast: the lifecycle's math (merge,
     end_task's fold, the project policy's projection) writes state kept across steps, which a
     caller's autocast would round to 16 bits (a merge then unmerge moved an fp32 base weight by
-    1.5e-2; a hard-mode end_task changed the output)."""
+    1.5e-2; a hard-mode end_task changed the output); the op's backward computes in the dtypes its
+    forward saved (`ops._backward`)."""
     return torch.autocast(device_type(t), enabled=False) if _autocasting(t) else contextlib.nullcontext()
 
 
