@@ -316,3 +316,23 @@ def test_compile_over_torch_func(backend, protection, seed):
         torch.compile(layer, backend=lambda gm, _: graphs.append(str(gm.graph)) or gm.forward, fullgraph=True)(x)
         assert graphs and "clora.linear_fwd" in graphs[0]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "eager"])
+def test_compiled_backward_inside_autocast_after_a_forward_outside_it(seed, backend):
+    """A compiled fp32 forward outside torch.autocast, then `loss.backward()` inside it: the graph calls
+    clora::linear_dx at run time, under the caller's autocast, where the dx failed with a dtype mismatch
+    (the eager path runs its whole backward without autocast). Gradients equal eager's fp32 ones."""
+    torch._dynamo.reset()
+    layer = ck.CLoRALinear(12, 10, rank=3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 12)
+    grads = []
+    for fn in (layer, torch.compile(layer, backend=backend)):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y.square().sum().backward()
+        grads.append(xi.grad)
+    assert grads[1].dtype == torch.float32 and rel_err(grads[1], grads[0]) < 1e-6

@@ -102,8 +102,11 @@ def _(x, weight, bias, lora_a, lora_b, routing_old, routing_delta, projection, s
 def _linear_dx(g: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, routing_old: Tensor,
                routing_delta: Tensor, projection: Optional[Tensor], scaling: float,
                backend: str) -> tuple[Tensor, Tensor]:
-    return run(backend, g, weight, lora_a.shape[0], lambda impl, auto: impl.dx(
-        g, weight, lora_a, lora_b, routing_old, routing_delta, projection, scaling, auto))
+    # without the caller's autocast, as `_backward`: a compiled graph calls this op in its backward, at run time
+    # (a compiled forward outside autocast, then a backward inside it, failed with a dtype mismatch)
+    with exact_math(g):
+        return run(backend, g, weight, lora_a.shape[0], lambda impl, auto: impl.dx(
+            g, weight, lora_a, lora_b, routing_old, routing_delta, projection, scaling, auto))
 
 
 linear_dx = torch.library.custom_op("clora::linear_dx", _linear_dx, mutates_args=())
@@ -195,9 +198,9 @@ def _backward(ctx, grad_y, grad_t=None):
         return (None,) * 12
     if _any_autocast():
         # a backward called inside torch.autocast (autograd runs it with the caller's autocast): computed in
-        # the dtypes the forward saved, as autograd's own formulas are (a forward outside autocast, then
-        # `loss.backward()` inside it, failed here with a dtype mismatch, and read half-size buffers in the
-        # cuda extension's kernels)
+        # the dtypes the forward saved, the forward's choice (a forward outside autocast, then `loss.backward()`
+        # inside it, failed here with a dtype mismatch, and read half-size buffers in the cuda extension's
+        # kernels; nn.Linear's backward runs autocast to 16 bits there)
         with exact_math(grad_y):
             return _backward_math(ctx, grad_y)
     return _backward_math(ctx, grad_y)
