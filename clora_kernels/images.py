@@ -126,20 +126,27 @@ def _class_folders(root: str) -> list:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def __getattr__(name):
-    """`_Folder`, made on first use: ImageFolder with `_class_folders` (torchvision is imported only by the
-    image protocols). A module attribute, so that a DataLoader worker started by spawn unpickles it."""
-    if name != "_Folder":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from torchvision.datasets import ImageFolder
+def _folder_class():
+    """`_Folder`, made once, on first use: ImageFolder with `_class_folders` (torchvision is imported only by
+    the image protocols). A module attribute, so that a DataLoader worker started by spawn unpickles it;
+    one class, so that every dataset made pickles (a second one made anew left the first unpicklable)."""
+    cls = globals().get("_Folder")
+    if cls is None:
+        from torchvision.datasets import ImageFolder
 
-    class _Folder(ImageFolder):
-        def find_classes(self, directory):
-            names = _class_folders(directory)
-            return names, {c: i for i, c in enumerate(names)}
-    _Folder.__module__, _Folder.__qualname__ = __name__, "_Folder"
-    globals()["_Folder"] = _Folder
-    return _Folder
+        class _Folder(ImageFolder):
+            def find_classes(self, directory):
+                names = _class_folders(directory)
+                return names, {c: i for i, c in enumerate(names)}
+        _Folder.__module__, _Folder.__qualname__ = __name__, "_Folder"
+        cls = globals()["_Folder"] = _Folder
+    return cls
+
+
+def __getattr__(name):      # (pickle's lookup of `_Folder` in a fresh process)
+    if name == "_Folder":
+        return _folder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _image_folder(root: str, what: str):
@@ -155,7 +162,7 @@ def _image_folder(root: str, what: str):
         raise DataError(f"{what}: {root!r} has folders {split}, a tree split in advance, not classes: give train/ "
                         f"and test/ (or val/), or class folders")
     try:
-        return __getattr__("_Folder")(root, loader=_load_image, allow_empty=False)
+        return _folder_class()(root, loader=_load_image, allow_empty=False)
     except (FileNotFoundError, RuntimeError) as exc:      # an empty class folder, no images at all
         raise DataError(f"{what}: {root!r}: {str(exc).splitlines()[0]} (every class needs at least one image)") \
             from None

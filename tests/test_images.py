@@ -149,6 +149,7 @@ def test_a_folder_dataset_pickles_and_a_class_named_train_is_a_class(tmp_path):
     data = _folder(tmp_path / "data", classes=3)
     (data / "class0").rename(data / "train")
     ds = im._image_folder(str(data), "--data-dir")
+    im._image_folder(str(data), "--data-dir")      # (a second one, as train/ and test/ make: the first still pickles)
     assert ds.classes == ["class1", "class2", "train"]
     (tmp_path / "ds.pkl").write_bytes(pickle.dumps(ds))
     code = f"import pickle; ds = pickle.loads(open({str(tmp_path / 'ds.pkl')!r}, 'rb').read()); print(len(ds), ds[0][1])"
