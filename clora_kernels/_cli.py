@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from ._io import TMP_SUFFIX_LONGEST, special_file
+from ._io import special_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -97,12 +97,12 @@ def seed(text):
     return v
 
 
-def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool = False, atomic: bool = False) -> None:
+def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool = False) -> None:
     """Before the work starts: an output file's folder exists and is writable, or can be made (its
     nearest existing folder is writable; the writer makes it, `_io.parent_made`, so that a refused
-    run leaves no folder behind), and no name on the way is longer than the file system takes (with
-    atomic, the file's temporary name too: `_io.write_json_atomic`); with folder_ok, `path` is that
-    folder."""
+    run leaves no folder behind), and no name on the way is longer than the file system takes (a file
+    written through a temporary one, `_io.write_atomic`, gets one that fits); with folder_ok, `path` is
+    that folder."""
     if path is None:
         return
     if not path:        # (--json "" was taken, and the run wrote nothing)
@@ -139,13 +139,9 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
     except (OSError, ValueError):
         name_max = 255
     names = os.path.relpath(os.path.abspath(path), existing).split(os.sep)     # every name still to be made
-    if atomic:      # (the longest temporary name write_atomic may give it: a run crashed after its first unit
-        names[-1] += TMP_SUFFIX_LONGEST     # of work with a name that passed with ".tmp" alone)
     long = [n for n in names if len(os.fsencode(n)) > name_max]
     if long:
-        ap.error(f"argument {flag}: the name {long[0][:40]!r}... is longer than this file system's {name_max} bytes"
-                 + (f" (with the up to {len(TMP_SUFFIX_LONGEST)} characters of the temporary name the file is "
-                    f"written through)" if atomic else ""))
+        ap.error(f"argument {flag}: the name {long[0][:40]!r}... is longer than this file system's {name_max} bytes")
     # a file made and removed in the nearest existing folder: one that takes none (/proc) passed the tests above
     # and failed after the work
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -33,8 +34,21 @@ def _tmp_suffix() -> str:
     return f".{os.getpid()}.{threading.get_ident()}.tmp"
 
 
-# the longest that suffix can be (pid_max 2**22, a 64-bit thread id), for the CLIs' up-front name checks
-TMP_SUFFIX_LONGEST = f".{2 ** 22}.{2 ** 64 - 1}.tmp"
+def _tmp_path(path: str) -> str:
+    """`write_atomic`'s temporary file for `path` (its folder exists): NAME + `_tmp_suffix()`, or, where
+    that is longer than the file system's names (a legal name of 230-255 bytes failed at its first
+    write), the name cut short and a hash of the whole name in its place, so two names cut alike differ."""
+    folder, name = os.path.split(path)
+    suffix = _tmp_suffix()
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(name + suffix)) > name_max:
+        digest = "~" + hashlib.sha1(os.fsencode(name)).hexdigest()[:12]
+        keep = os.fsencode(name)[:max(0, name_max - len(suffix) - len(digest))]
+        name = keep.decode("utf-8", "ignore") + digest      # (no character cut in two)
+    return os.path.join(folder, name + suffix)
 
 
 def special_file(path) -> bool:
@@ -51,14 +65,14 @@ def write_atomic(path, write) -> None:
     """`write(tmp)` into a temporary file beside `path` (its folder made where missing), then an atomic
     rename: a reader, or a run interrupted mid-write (a killed torchrun rank, Ctrl-C), never sees a
     half-written file; the previous complete file stays until replaced. The temporary name holds the
-    process and thread: two writers of the same path do not share it. A symlink is written through (its
+    process and thread: two writers of the same path do not share it (`_tmp_path`). A symlink is written through (its
     target replaced), and a replaced file keeps its permissions, as a write in place kept them. A device
     or a named pipe (`special_file`) is written into: replaced, root's --json /dev/null became a file."""
     if special_file(path):
         write(os.fspath(path))
         return
     path = os.path.realpath(path)
-    tmp = parent_made(path) + _tmp_suffix()
+    tmp = _tmp_path(parent_made(path))
     try:
         write(tmp)
         if os.path.exists(path):

@@ -1126,7 +1126,7 @@ def main(argv=None) -> int:
             ap.error(f"argument --workers: must be >= 0, got {args.workers}")
     if args.features == "concat" and args.classifier != "prototype":
         ap.error("argument --features: 'concat' feeds the prototype head; --classifier is linear")
-    _cli.check_output(ap, "--json", args.json, atomic=True)
+    _cli.check_output(ap, "--json", args.json)
     _cli.check_plot(ap, "--plot", args.plot)
     _cli.check_distinct(ap, ("--json", args.json), ("--plot", args.plot))
     if images and args.out is not None:     # (--out "": no checkpoints, without a word)

@@ -326,7 +326,7 @@ def _main(argv) -> int:
     args.iters = args.iters if args.iters is not None else defaults["iters"]
     if args.trace_variant is not None and not (args.trace or args.top):
         ap.error("argument --trace-variant: names the variant of --trace or --top; give one of them")
-    _cli.check_output(ap, "--json", args.json, atomic=True)
+    _cli.check_output(ap, "--json", args.json)
     _cli.check_output(ap, "--trace", args.trace)
     _cli.check_distinct(ap, ("--json", args.json), ("--trace", args.trace))
     args.targets = _cli.target_modules(args.targets)

@@ -1493,25 +1493,28 @@ def test_module_calls_with_computed_operands_keep_no_memo(seed):
         assert torch.equal(twin(x), layer(x))
 
 
-def test_output_names_are_checked_as_they_are_written(tmp_path):
-    """A 255-byte name is legal for a file written directly (a plot, a trace), not for one written
-    through NAME.tmp (the JSON); the check refused both."""
+def test_long_names_are_written_through_a_temporary_name_that_fits(tmp_path):
+    """A legal name of up to 255 bytes is written atomically: the temporary name NAME.<pid>.<thread id>.tmp
+    was longer than the file system takes for names of 230-255 bytes, so a JSON, an adapter file or a
+    checkpoint failed at its first write, and the CLIs refused such names up front. The name is now cut
+    short for the temporary file, with a hash of the whole name (two names cut alike do not share it); a
+    name over the limit is still refused by the CLIs."""
     import argparse
     from clora_kernels import _cli
+    from clora_kernels._io import _tmp_path, write_json_atomic, write_safetensors_atomic
     ap = argparse.ArgumentParser(prog="p")
-    path = str(tmp_path / ("a" * 251 + ".png"))
-    _cli.check_output(ap, "--plot", path)
+    for name in ("b" * 255, "b" * 240, "é" * 127, "é" * 120 + "x" * 14, "c" * 200):
+        path = str(tmp_path / name)
+        _cli.check_output(ap, "--json", path)
+        write_json_atomic(path, {"name": name})
+        assert json.load(open(path)) == {"name": name}
+        os.remove(path)
+    write_safetensors_atomic(str(tmp_path / ("d" * 255)), {"t": torch.ones(2)})
+    assert sorted(os.listdir(tmp_path)) == ["d" * 255]         # (no temporary file left)
+    one, two = _tmp_path(str(tmp_path / ("e" * 254 + "1"))), _tmp_path(str(tmp_path / ("e" * 254 + "2")))
+    assert one != two and max(len(os.fsencode(os.path.basename(t))) for t in (one, two)) <= 255
     with pytest.raises(SystemExit):
-        _cli.check_output(ap, "--json", path, atomic=True)
-    # the temporary name is NAME.<pid>.<thread id>.tmp: a 240-byte name passed a check of NAME.tmp, and the
-    # run crashed at its first write, after its first method (a helper's attack on clora-continual)
-    from clora_kernels._io import _tmp_suffix, write_json_atomic
-    path = str(tmp_path / ("b" * (255 - len(_tmp_suffix()) + 1)))
-    with pytest.raises(OSError, match="too long"):
-        write_json_atomic(path, {})
-    with pytest.raises(SystemExit):
-        _cli.check_output(ap, "--json", path, atomic=True)
-    _cli.check_output(ap, "--json", str(tmp_path / ("c" * 200)), atomic=True)
+        _cli.check_output(ap, "--json", str(tmp_path / ("f" * 256)))
 
 
 def test_adapter_files_written_into_a_pipe_and_with_the_umask(tmp_path):
@@ -1560,7 +1563,7 @@ def test_outputs_that_are_pipes_are_written_into_and_folders_that_take_no_file_a
     reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
     reader.start()
     ap = argparse.ArgumentParser(prog="p")
-    _cli.check_output(ap, "--json", str(fifo), atomic=True)
+    _cli.check_output(ap, "--json", str(fifo))
     write_json_atomic(fifo, {"a": 1})
     reader.join(10)
     assert got and json.loads(got[0]) == {"a": 1}
@@ -1568,22 +1571,22 @@ def test_outputs_that_are_pipes_are_written_into_and_folders_that_take_no_file_a
     if os.path.isdir("/proc/self"):
         for bad in ("/proc/x.json", "/proc/new/x.json", "/dev/stdout"):     # (the last: its table's stream)
             with pytest.raises(SystemExit):
-                _cli.check_output(ap, "--json", bad, atomic=True)
+                _cli.check_output(ap, "--json", bad)
     # /dev/null is written into even where the command's own output goes there too (cron, `> /dev/null`)
     import subprocess
     import sys
     code = ("import argparse, sys; from clora_kernels import _cli; "
-            "_cli.check_output(argparse.ArgumentParser(prog='p'), '--json', '/dev/null', atomic=True)")
+            "_cli.check_output(argparse.ArgumentParser(prog='p'), '--json', '/dev/null')")
     assert subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL).returncode == 0
     import socket
     with socket.socket(socket.AF_UNIX) as sock:             # (open() fails on one: refused before the work)
         sock.bind(str(tmp_path / "s"))
         with pytest.raises(SystemExit):
-            _cli.check_output(ap, "--json", str(tmp_path / "s"), atomic=True)
+            _cli.check_output(ap, "--json", str(tmp_path / "s"))
     os.remove(tmp_path / "s")
     assert os.listdir(tmp_path) == ["out.json"]             # (the check's probe file is gone)
-    _cli.check_output(ap, "--json", str(tmp_path / "fine.json"), atomic=True)
+    _cli.check_output(ap, "--json", str(tmp_path / "fine.json"))
     assert os.listdir(tmp_path) == ["out.json"]
 
 

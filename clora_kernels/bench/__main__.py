@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     if args.rank is None:
         args.rank = [16] if args.suite == "quick" else list(RANKS)
     args.rank = list(dict.fromkeys(args.rank))      # (a rank given twice timed every shape twice)
-    _cli.check_output(ap, "--json", args.json, atomic=True)
+    _cli.check_output(ap, "--json", args.json)
     _cli.check_plot(ap, "--plot", args.plot)
     _cli.check_distinct(ap, ("--json", args.json), ("--plot", args.plot))
     try:
