@@ -738,10 +738,16 @@ class CLoRALinear(nn.Linear):
 
     def _refusal(self, what: str) -> str:
         """Why this layer cannot `what` ("merge", "unmerge", or a step writing the adapter in place:
-        "end_task", "reset_adapter", "load_adapter"; '' when it can): merging inside disable_adapter(),
+        "end_task", "reset_adapter", "load_adapter", "load_state_dict"; '' when it can): a step inside an
+        open observe_task block (merging keeps the output, and what was observed); merging inside disable_adapter(),
         or into a weight tied to another module; either, where the weight is computed on every access
         (torch.nn.utils.prune's weight_orig · weight_mask, or a parametrization), so that an in-place
         change of it would be lost; the others, where an adapter tensor is computed so."""
+        if self._observing and what not in ("merge", "unmerge"):
+            # (the rows observed so far were dropped, taken with the state the step replaces; an end_task
+            # inside the block protected none of them: the block sums its inputs as it closes)
+            return (f"{what} inside an open observe_task block (its inputs are recorded for the next end_task "
+                    f"and summed when it closes); leave the block first")
         if what == "merge" and not self.adapter_enabled:
             return ("merge inside disable_adapter(): the merged layer would compute the adapter; leave the block "
                     "first")
@@ -875,6 +881,9 @@ class CLoRALinear(nn.Linear):
         # takes the loaded adapter, scaling and mode in place of the merged ones (it went on computing the
         # old ones, silently), and unmerge takes out the loaded one; a state that changes none of them
         # leaves the weight as it is (an unmerge and merge would round it)
+        why = self._observing and self._refusal("load_state_dict")
+        if why:
+            raise ValueError(f"layer {prefix[:-1]!r}: {why}")
         remerge = self.merged and prefix + "weight" not in state_dict \
             and not self.__dict__.get("_parts", {}).get("merged") \
             and (any(prefix + n in state_dict for n in _ADAPTER_TENSORS)

@@ -282,6 +282,32 @@ def test_a_copy_made_inside_observe_task_does_not_observe(seed):
             c.end_task()
 
 
+def test_steps_that_change_the_adapter_are_refused_inside_observe_task(seed, tmp_path):
+    """load_adapter, load_state_dict, reset_adapter and end_task inside an open observe_task block are
+    refused, naming the block: each dropped the rows observed so far (a load of the same state kept 3 of
+    8 rows), and an end_task protected none of them (the block sums its inputs as it closes). Caught
+    inside the block, the refusal leaves the pass whole; merge and unmerge keep the output and go on."""
+    model = nn.Sequential(CLoRALinear(K, N, rank=R, protection="project", backend="torch"))
+    path = str(tmp_path / "a.safetensors")
+    ck.save_adapter(model, path)
+    state = copy.deepcopy(model.state_dict())
+    steps = {"load_adapter": lambda: ck.load_adapter(model, path),
+             "load_state_dict": lambda: model.load_state_dict(state),
+             "reset_adapter": lambda: model[0].reset_adapter(),
+             "end_task": lambda: ck.end_task(model)}
+    with torch.no_grad(), ck.observe_task(model):
+        model(torch.randn(5, K))
+        for what, step in steps.items():
+            with pytest.raises(ValueError, match=f"{what} inside an open observe_task block"):
+                step()
+        ck.merge(model)
+        ck.unmerge(model)
+        model(torch.randn(3, K))
+    assert model[0]._observed_rows == 8
+    ck.end_task(model)
+    assert model[0].task_index == 1
+
+
 def test_a_block_summed_over_processes_then_resumed_in_one_keeps_its_inputs(seed):
     """A layer saved between two observe_task blocks of a DDP run carries the mark that its Gram is summed
     over the processes already (so that a later DDP block sums only its own inputs); resumed in a single
