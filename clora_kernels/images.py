@@ -634,7 +634,8 @@ def run_image_experiment(args, prep: dict, progress: bool = True, log=print, on_
     num_classes, pretrain_info = len(names), prep["pretraining"]
     meta = {"dataset": args.dataset, "model": "small ViT pre-trained on Animal-MNIST" if args.dataset == "mnist5k"
             else args.model, "pretrained": True if args.pretrained is None else args.pretrained,
-            "pretraining": pretrain_info, "image_size": prep["image_size"], "workers": args.workers,
+            "pretraining": pretrain_info, "image_size": prep["image_size"], "data_dir": getattr(args, "data_dir", None),
+            "workers": args.workers,
             "tasks": args.tasks, "class_order": [list(t.classes) for t in tasks], "classes": names,
             "test_sizes": cc.task_test_sizes(tasks),
             "targets": args.targets, "device": str(device), "backend": args.backend}

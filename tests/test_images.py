@@ -43,6 +43,7 @@ def test_folder_protocol_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     meta = whole["meta"]
     assert meta["dataset"] == "folder" and meta["model"] == "vit_tiny_patch16_224" and meta["pretrained"] is False
     assert meta["image_size"] == 32 and meta["tasks"] == 3 and len(meta["class_order"]) == 3
+    assert meta["data_dir"] == str(data)         # (absolute; results.json named no data folder)
     assert sorted(c for t in meta["class_order"] for c in t) == list(range(6))
     for m in methods:
         entry = whole["methods"][m]
