@@ -458,13 +458,15 @@ class CLoRALinear(nn.Linear):
         return delta_weight(lora_A, lora_B, r_eff, scaling)
 
     def orthogonality_loss(self) -> Tensor:
-        """|| Oᵀ (P R_delta) ||_F² with O = routing_old (soft) or Q (hard; I - P = Q Qᵀ)."""
-        delta = _full(self.routing_delta)
-        new = delta if self.mode == "soft" else self.projection @ delta
+        """|| Oᵀ (P R_delta) ||_F² with O = routing_old (soft) or Q (hard; I - P = Q Qᵀ), in float32 for a
+        16-bit layer (a float16 one's squares overflowed to inf at r = 32, a value of 8e4)."""
+        dtype = sum_dtype(self.routing_delta.dtype)
+        delta, projection = _full(self.routing_delta).to(dtype), self.projection.to(dtype)
+        new = delta if self.mode == "soft" else projection @ delta
         if self.mode == "soft":
-            return (self.routing_old.t() @ new).square().sum()
+            return (self.routing_old.to(dtype).t() @ new).square().sum()
         # ||Qᵀ M||_F = ||Q Qᵀ M||_F = ||(I - P) M||_F  (Q has orthonormal columns)
-        return (new - self.projection @ new).square().sum()
+        return (new - projection @ new).square().sum()
 
     def forward(self, input: Tensor) -> Tensor:     # nn.Linear's argument name: layer(input=x) works
         x = input
@@ -588,6 +590,16 @@ class CLoRALinear(nn.Linear):
             self._original_weight = fn(self._original_weight)
         if original is not None:
             self._original_weight = fn(original)
+        for key in ("_observed", "_observed_shared"):   # an open observe_task pass's sums move with the layer
+            held = self.__dict__.get(key)                 # (the next observed input was on the new device)
+            gram = held[0] if isinstance(held, tuple) else held
+            if isinstance(gram, Tensor):
+                try:
+                    gram = gram.to(self.lora_A.device)     # (its dtype kept: the noise floor is that of its sums)
+                except (NotImplementedError, RuntimeError):     # (out of meta, to_empty: nothing to keep)
+                    forget_observed(self.__dict__)
+                    break
+                self.__dict__[key] = (gram,) + held[1:] if isinstance(held, tuple) else gram
         if fingerprint is not None:
             try:
                 policy.loaded_enforced(self, fingerprint)

@@ -2,6 +2,7 @@
 earlier tasks under Adam, that the policy is the layer's (not the caller's optimizer's), and that
 it survives state_dict and adapter-file round trips."""
 import copy
+import math
 import warnings
 
 import pytest
@@ -280,6 +281,75 @@ def test_a_copy_made_inside_observe_task_does_not_observe(seed):
         assert c._observed_rows == 0
         with pytest.raises(ValueError, match="needs the task's inputs"):
             c.end_task()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_untrained_project_end_tasks_leave_the_output_exactly(seed, dtype, mode):
+    """A "project" layer's end_task with no training in between leaves its output bit for bit: the
+    anchors are lora_A·U and lora_B·V as the projection computes them, with the bases as kept. Made in
+    float64 and rounded apart, they moved the factors by rounding at every end_task (no training: bf16
+    0.55 % of the adapter's output after one end_task, 1.4 % after twelve; fp16 0.06-0.22 %; fp32
+    2e-7-1.3e-6; a helper's attack)."""
+    layer = CLoRALinear(K, N, rank=R, mode=mode, protection=ck.Project(energy=0.99), dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.routing_delta.add_(0.3 * torch.randn(R, R, dtype=dtype))
+    x = torch.randn(16, K, dtype=dtype)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = layer(x)
+        for _ in range(4):
+            with ck.observe_task(layer):
+                layer(torch.randn(64, K, dtype=dtype) * torch.rand(K, dtype=dtype))
+            layer.end_task()
+            assert torch.equal(layer(x), before)
+    assert layer.protect_input_basis.shape[1] > 0 and layer.task_index == 4
+
+
+def test_the_penalty_of_a_16_bit_layer_is_summed_in_float32(seed):
+    """orthogonality_loss of a float16 layer squared and summed in float16 and overflowed to inf (r = 32,
+    a value of 8e4; the model's helper cast it to float32 after the overflow); it is float32 now, and
+    its gradient reaches routing_delta in float16."""
+    layer = CLoRALinear(64, 48, rank=32, mode="soft", dtype=torch.float16)
+    with torch.no_grad():
+        layer.routing_delta.normal_(0, 1.5)
+        layer.routing_old.normal_(0, 1.5)
+    ro, rd = layer.routing_old.double(), layer.routing_delta.double()
+    expected = float((ro.t() @ rd).square().sum())
+    assert expected > 65504
+    for loss in (layer.orthogonality_loss(), ck.orthogonality_loss(nn.Sequential(layer))):
+        assert loss.dtype == torch.float32 and abs(float(loss) - expected) <= 1e-4 * expected
+    layer.orthogonality_loss().backward()
+    grad = 2 * ro @ (ro.t() @ rd)
+    assert layer.routing_delta.grad.dtype == torch.float16
+    assert torch.allclose(layer.routing_delta.grad.double(), grad, rtol=2e-3, atol=1e-2)
+    hard = CLoRALinear(64, 48, rank=32, mode="hard", dtype=torch.float16)
+    assert hard.orthogonality_loss().dtype == torch.float32
+
+
+def test_an_open_observe_pass_moves_with_the_layer(seed):
+    """The Gram an observe_task pass keeps moves with the layer's `.to()` (it stayed where the first input
+    was: the next observed input on the new device failed, and an end_task there would too), in the dtype
+    its sums began in (its noise floor is theirs); the end_task after a cast protects what was observed
+    before and after it."""
+    x1, x2 = torch.randn(7, K, dtype=torch.float64), torch.randn(5, K, dtype=torch.float64)
+    layer = CLoRALinear(K, N, rank=R, protection=ck.Project(energy=1.0), backend="torch")
+    with torch.no_grad(), ck.observe_task(layer):
+        layer(x1.float())
+        layer.double()
+        layer(x2)
+    assert layer._observed_rows == 12
+    gram = x1.float().double().t() @ x1.float().double() + x2.float().double().t() @ x2.float().double()
+    assert layer._observed.dtype == torch.float32 and torch.allclose(layer._observed.double(), gram, atol=1e-5)
+    layer.end_task()
+    assert layer.protect_input_basis.shape[1] == 12
+    meta = CLoRALinear(K, N, rank=R, protection="project")
+    with torch.no_grad(), ck.observe_task(meta):
+        meta(torch.randn(3, K))
+        meta.to("meta")
+        meta(torch.randn(3, K, device="meta"))
+    assert meta._observed.device.type == "meta" and meta._observed_rows == 6
 
 
 def test_steps_that_change_the_adapter_are_refused_inside_observe_task(seed, tmp_path):
