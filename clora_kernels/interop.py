@@ -59,9 +59,10 @@ _KNOWN_OPTIONS = frozenset((
     "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern",
     "revision", "runtime_config", "target_modules", "target_parameters", "task_type", "trainable_token_indices",
     "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config"))
-# initialisations that leave the base weights as they are; the others (PiSSA, OLoRA, CorDA, LoftQ,
-# LoRA-GA) train the adapter against a modified base, which PEFT rebuilds on load and this does not
-_BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# initialisations that leave the base weights as they are (MiCA too: plain LoRA's forward, lora_B frozen
+# in PEFT's training); the others (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) train the adapter against a
+# modified base, which PEFT rebuilds on load and this does not
+_BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 def _read_config(directory) -> dict:
@@ -127,6 +128,42 @@ def _module_kind(model: nn.Module, name: str) -> str:
         return "missing"
 
 
+def _served_without_adapter(model: nn.Module, names: list) -> list:
+    """Where PEFT, given this adapter and a fresh base model, would not run some of its layers (each
+    measured against PEFT 0.21 by a helper): timm attention whose `qkv` inject_clora made callable
+    (`qkv_bias_separate`, off in a fresh model: BEiT 2.4e-2, EVA-02 0.27 off), torch's fused eval path of
+    nn.TransformerEncoderLayer (0.26 off), and the shared experts of DeepSeek-V2 / V3, GLM-4-MoE,
+    ERNIE-4.5-MoE and dots1, whose saved names PEFT maps onto the fused experts (0.22-0.35 off)."""
+    out = []
+    qkv = [n for n in names if n.rpartition(".")[2] == "qkv"
+           and getattr(model.get_submodule(n.rpartition(".")[0]), "qkv_bias_separate", None) is True]
+    if qkv:
+        out.append(f"a fresh timm model computes {qkv[:3]} without calling them (qkv_bias_separate=False), so PEFT "
+                   f"would never run their adapter: set qkv_bias_separate=True on those attention modules of the "
+                   f"model PEFT is given, as inject_clora did here")
+    fused = [n for n in names if n.rpartition(".")[2] in ("linear1", "linear2")
+             and isinstance(model.get_submodule(n.rpartition(".")[0]), nn.TransformerEncoderLayer)]
+    if fused:
+        out.append(f"in eval mode without gradients, torch's fused path of nn.TransformerEncoderLayer reads "
+                   f"{fused[:3]}'s weight without calling them, so PEFT's model would leave their adapter out: serve "
+                   f"it after torch.backends.mha.set_fastpath_enabled(False)")
+    shared = [n for n in names if ".shared_experts." in f".{n}."]
+    if shared:
+        out.append(f"PEFT 0.21 maps the saved names of shared experts ({shared[:3]}) onto the fused experts for "
+                   f"DeepSeek-V2 / V3, GLM-4-MoE, ERNIE-4.5-MoE and dots1, and then applies none of them: for those, "
+                   f"keep clora_kernels.save_adapter, or leave the shared experts out of the targets")
+    return out
+
+
+def _refuse_disabled(layers: list, what: str) -> None:
+    """A ValueError inside disable_adapter(), where the modules of modules_to_save hold the base model's
+    tensors for the block: a save wrote the base's head for the trained one (PEFT serving it 0.995 off),
+    and a load's modules were put back to the earlier ones as the block closed (1.38 off)."""
+    if any(not m.adapter_enabled for _, m in layers):
+        raise ValueError(f"{what} inside disable_adapter(): in the block, the modules of modules_to_save hold the "
+                         f"base model's tensors and the adapter is off; leave the block first")
+
+
 def load_peft_adapter(model: nn.Module, directory) -> None:
     """Load a PEFT LoRA adapter directory into the C-LoRA layers of `model` (made by inject_clora
     on the same targets, with the adapter's rank), as the first task's state: lora_A, lora_B and
@@ -139,6 +176,7 @@ def load_peft_adapter(model: nn.Module, directory) -> None:
     check_path(directory, "load_peft_adapter", "directory")
     model = unwrapped(model)
     layers = _require_layers(model, "load_peft_adapter")
+    _refuse_disabled(layers, "load_peft_adapter")
     config = _read_config(directory)
     tensors = _read_tensors(directory)
     rslora = bool(config.get("use_rslora"))
@@ -397,6 +435,7 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
     check_path(directory, "save_peft_adapter", "directory")
     model = unwrapped(model)
     layers = _require_layers(model, "save_peft_adapter")
+    _refuse_disabled(layers, "save_peft_adapter")
     refuse_meta(layers, "save_peft_adapter")
     if any(name == "" for name, _ in layers):
         raise ValueError("save_peft_adapter: the model is a single CLoRALinear; PEFT adapts submodules, so wrap it "
@@ -509,6 +548,8 @@ def save_peft_adapter(model: nn.Module, directory, *, modules_to_save=None, base
               "base_model_name_or_path": None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)}
     if partners:
         config["ensure_weight_tying"] = True
+    for why in _served_without_adapter(model, [n for n, _ in layers]):
+        warnings.warn(f"save_peft_adapter: {why}", UserWarning, stacklevel=2)
 
     def write_config(p):
         with open(p, "w") as f:

@@ -1626,6 +1626,17 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
     _check_model(model, "inject_clora")
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern, "inject_clora")
     names = select_targets(model, target_modules, exclude_modules, rank=rank, rank_pattern=rank_pattern)
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    peft_layers = [n for n, m in model.named_modules() if tuners is not None and isinstance(m, tuners.BaseTunerLayer)]
+    inside = [n for n in names if any(n.startswith(p + ".") for p in peft_layers)]
+    if inside:      # ("all-linear" on a PeftModel adapted PEFT's own base_layer, lora_A and lora_B, without a word,
+        # and a save then wrote a file PEFT's loader refused; the PeftModel's other layers are adapted as any)
+        why = (f"inject_clora: {inside[:4]} are parts of PEFT's adapter layers (its base_layer, lora_A, lora_B); "
+               f"adapt the base model's layers beside them, or merge them first (peft_model.merge_and_unload())")
+        if not _all_linear(target_modules):
+            raise ValueError(why)
+        warnings.warn(why + "; they are left out", UserWarning, stacklevel=2)
+        names = [n for n in names if n not in inside]
     if not names:
         done = [n for n, m in model.named_modules() if isinstance(m, CLoRALinear)]
         if done:

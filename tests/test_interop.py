@@ -1244,3 +1244,77 @@ def test_options_of_a_newer_peft_are_named(tmp_path, seed):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ck.load_peft_adapter(model, tmp_path)
+
+
+def test_peft_files_are_refused_inside_disable_adapter(tmp_path, seed):
+    """Inside disable_adapter the modules of modules_to_save hold the base model's tensors: save_peft_adapter
+    there wrote the base's head for the trained one (PEFT serving it 0.995 off), and load_peft_adapter's
+    modules were put back to the earlier ones as the block closed (1.38 off); both are refused, naming the
+    block, and work after it (a helper's attack on PEFT interop)."""
+    base = _headed()
+    pm = _peft_headed(base, tmp_path / "a")
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["body"], rank=3, backend="torch")
+    ck.load_peft_adapter(model, tmp_path / "a")
+    with ck.disable_adapter(model):
+        for step in (lambda: ck.save_peft_adapter(model, tmp_path / "ours"),
+                     lambda: ck.load_peft_adapter(model, tmp_path / "a")):
+            with pytest.raises(ValueError, match="inside disable_adapter"):
+                step()
+    assert not (tmp_path / "ours").exists()
+    ck.save_peft_adapter(model, tmp_path / "ours")
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert rel_err(served(x), pm(x)) < 1e-6
+
+
+def test_a_mica_adapter_loads_as_lora(tmp_path, seed):
+    """PEFT's MiCA init keeps the base weight and computes plain LoRA (lora_B frozen in its training): it
+    loads (it was refused as training against a modified base)."""
+    base = _llama()
+    pm = _peft_trained(base, ["q_proj", "v_proj"], tmp_path, init_lora_weights="mica")
+    model = ck.inject_clora(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], rank=3, backend="torch")
+    ck.load_peft_adapter(model, tmp_path)
+    data = _data("llama")
+    with torch.no_grad():
+        assert rel_err(_run(model, "llama", data), _run(pm, "llama", data)) < 1e-5
+
+
+def test_injecting_into_a_peft_model_leaves_peft_layers_alone(seed):
+    """inject_clora(peft_model, "all-linear") adapted PEFT's own base_layer, lora_A and lora_B (22 layers,
+    no word), and a save then wrote a file PEFT's loader refused: "all-linear" leaves them out with a
+    warning and adapts the other linear layers; a regex that reaches them is refused, naming them."""
+    pm = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"q_proj.base_layer.*parts of PEFT's adapter layers"):
+        ck.inject_clora(copy.deepcopy(pm), target_modules=r".*q_proj.*", rank=2)
+    with pytest.warns(UserWarning, match="parts of PEFT's adapter layers.*left out"):
+        ck.inject_clora(pm, target_modules="all-linear", rank=2)
+    names = [n for n, _ in clora_layers(pm)]
+    assert names and not any("q_proj" in n for n in names) and any(n.endswith("k_proj") for n in names)
+
+
+def test_save_peft_adapter_warns_where_peft_would_not_run_the_adapter(tmp_path, seed):
+    """A fresh base given to PEFT leaves out some adapters that this model runs: timm's qkv that inject_clora
+    made callable (qkv_bias_separate), nn.TransformerEncoderLayer's fused eval path, and the shared experts
+    of several MoE models, whose names PEFT maps onto the fused experts. Each is said at save."""
+    import timm
+    beit = ck.inject_clora(timm.create_model("beit_base_patch16_224", pretrained=False, depth=1, embed_dim=32,
+                                             num_heads=2, num_classes=3), target_modules=["qkv"], rank=2)
+    encoder = nn.Sequential()
+    encoder.add_module("enc", nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1,
+                                                    enable_nested_tensor=False))
+    ck.inject_clora(encoder, target_modules=["linear1"], rank=2)
+    moe = nn.Sequential()
+    moe.add_module("mlp", nn.Module())
+    moe.mlp.add_module("shared_experts", nn.Sequential())
+    moe.mlp.shared_experts.add_module("up_proj", nn.Linear(8, 8))
+    ck.inject_clora(moe, target_modules=["up_proj"], rank=2)
+    for model, match in ((beit, r"\['blocks.0.attn.qkv'\].*qkv_bias_separate=True"),
+                         (encoder, r"TransformerEncoderLayer.*enc.layers.0.linear1.*set_fastpath_enabled"),
+                         (moe, r"shared experts \(\['mlp.shared_experts.up_proj'\]\).*DeepSeek")):
+        with pytest.warns(UserWarning, match=match):
+            ck.save_peft_adapter(model, tmp_path / type(model).__name__)
+    plain = ck.inject_clora(_llama(), target_modules=["q_proj"], rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.save_peft_adapter(plain, tmp_path / "plain")
