@@ -26,6 +26,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# this checkout's package before anything imports one (overhead_probe does): from a second checkout
+# sharing an editable venv, the installed one was timed as "the working tree"
+sys.path.insert(0, ROOT)
+import clora_kernels as new  # noqa: E402
+from clora_kernels._cli import positive_int  # noqa: E402
 
 
 def import_revision(rev: str):
@@ -57,18 +62,24 @@ def import_revision(rev: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rev", default="HEAD", help="the revision to compare the working tree against")
-    ap.add_argument("--shape", type=int, nargs=4, default=(1, 64, 64, 4), metavar=("M", "K", "N", "R"))
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shape", type=positive_int, nargs=4, default=(1, 64, 64, 4), metavar=("M", "K", "N", "R"))
+    ap.add_argument("--rounds", type=positive_int, default=15)
+    ap.add_argument("--threads", type=positive_int, default=1)
     args = ap.parse_args()
+    m, k, n, r = args.shape
+    if r > min(k, n):
+        ap.error(f"argument --shape: R = {r} must be <= min(K, N) = {min(k, n)}")
     torch.set_num_threads(args.threads)
+    if os.path.dirname(os.path.abspath(new.__file__)) != os.path.join(ROOT, "clora_kernels"):
+        ap.error(f"the clora_kernels imported is {new.__file__}, not this checkout's ({ROOT})")
     sys.path.insert(0, HERE)
     import overhead_probe as probe          # its hand-written LoRA, on the CPU in fp32
     probe.dev, probe.dt = "cpu", torch.float32
-    sys.path.insert(0, ROOT)
-    import clora_kernels as new
-    old, sha = import_revision(args.rev)
-    m, k, n, r = args.shape
+    try:
+        old, sha = import_revision(args.rev)
+    except subprocess.CalledProcessError as exc:
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        ap.error(f"argument --rev: git could not read {args.rev!r} ({err.strip()})")
     base = torch.nn.Linear(k, n).requires_grad_(False)
     layers = {"hand": probe.HandLoRA(base, r)}
     for name, lib in ((sha, old), ("tree", new)):

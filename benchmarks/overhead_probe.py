@@ -17,6 +17,7 @@ With --what-if (CPU), two rows that say what the with-grad path could cost done 
 Usage: python benchmarks/overhead_probe.py [--top N] [--rounds N] [--what-if]
 """
 import argparse
+import copy
 import cProfile
 import io
 import pstats
@@ -25,6 +26,7 @@ import time
 import torch
 
 import clora_kernels as ck
+from clora_kernels import _cli
 from clora_kernels.backends import ops
 
 GPU = torch.cuda.is_available()
@@ -100,14 +102,18 @@ class HandLoRA(torch.nn.Module):
 
 
 def layers(m, k, n, r):
-    """name -> module, all on the same frozen base weight."""
+    """name -> module, all on the same frozen base weight (PEFT's on a copy of it), each adapter in the
+    base's dtype (PEFT's default kept a bf16 base's adapter in fp32, with casts: `peft_dtype_kwargs`)."""
     base = torch.nn.Linear(k, n, device=dev, dtype=dt).requires_grad_(False)
     out = {"nn.Linear": base, "hand LoRA": HandLoRA(base, r)}
     try:
         from peft import LoraConfig, get_peft_model
+
+        from clora_kernels.bench.core import peft_dtype_kwargs
         holder = torch.nn.Sequential()
-        holder.add_module("lin", torch.nn.Linear(k, n, device=dev, dtype=dt))
-        out["PEFT LoRA"] = get_peft_model(holder, LoraConfig(r=r, target_modules=["lin"])).base_model.model.lin
+        holder.add_module("lin", copy.deepcopy(base))
+        out["PEFT LoRA"] = get_peft_model(holder, LoraConfig(r=r, target_modules=["lin"]),
+                                          **peft_dtype_kwargs()).base_model.model.lin
     except ImportError:
         pass
     clora = ck.CLoRALinear.from_linear(base, rank=r)     # first task: lora_A, lora_B, routing_delta train,
@@ -296,9 +302,9 @@ def profile_calls(backends, top):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--top", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
+    ap.add_argument("--top", type=_cli.positive_int, default=10)
+    ap.add_argument("--rounds", type=_cli.positive_int, default=5)
+    ap.add_argument("--threads", type=_cli.positive_int, default=1, help="torch threads on CPU (default 1)")
     ap.add_argument("--what-if", action="store_true", help="CPU: the two rows above (builds a C++ op, ~35 s)")
     args = ap.parse_args()
     if not GPU:

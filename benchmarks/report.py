@@ -25,8 +25,13 @@ def _by_shape(data):
 
 
 def vs(data, base, engine):
-    print(f"\n{engine} vs {base} ({data['meta']['dtype']}; speed-up = t_{base} / t_{engine}):")
     by = _by_shape(data)
+    present = {b for v in by.values() for b in v}
+    missing = [b for b in (base, engine) if b not in present]
+    if missing:     # (an empty header, exit 0)
+        print(f"\n--vs: no rows of {missing} in this file (its backends: {sorted(present)})")
+        return
+    print(f"\n{engine} vs {base} ({data['meta']['dtype']}; speed-up = t_{base} / t_{engine}):")
     for pas in ("fwd", "fwd+bwd"):
         pairs = [(k, v[base]["median_us"], v[engine]["median_us"]) for k, v in by.items()
                  if k[0] == pas and base in v and engine in v]
@@ -76,11 +81,14 @@ def main(path, per_shape=False, versus=None):
           + (" | auto plan (fwd/dx)" if plans else "") + " |")
     print("|" + "---|" * (7 + len(backends) - 1 + plans))
     for k, v in by.items():
-        cells = [f"{v[b]['ratio_to_merged']:.2f}" if b in v else "-" for b in backends[1:]]
+        # (a shape whose merged row failed has no ratios: clora-bench writes None there)
+        cells = [f"{v[b]['ratio_to_merged']:.2f}" if v.get(b, {}).get("ratio_to_merged") is not None else "-"
+                 for b in backends[1:]]
         if plans:
             p = v.get("auto", {}).get("plans", {})
             cells.append("/".join(p[kind] for kind in ("fwd", "dx") if kind in p) or "-")
-        print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {k[5]} | {v['merged']['median_us']:.1f} | "
+        merged = f"{v['merged']['median_us']:.1f}" if "merged" in v else "-"
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {k[5]} | {merged} | "
               + " | ".join(cells) + " |")
 
 

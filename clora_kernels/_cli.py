@@ -109,6 +109,9 @@ def check_output(ap: argparse.ArgumentParser, flag: str, path, folder_ok: bool =
         ap.error(f"argument {flag}: the path is empty")
     if os.path.isdir(path) and not folder_ok:
         ap.error(f"argument {flag}: {path!r} is a folder; give a file name")
+    if not folder_ok and os.fspath(path).endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        # (a missing folder's name with its slash became a file of that name; `keep.json/` replaced keep.json)
+        ap.error(f"argument {flag}: {path!r} ends with a separator, a folder's name; give a file name")
     if not folder_ok:
         try:
             st = os.stat(path)

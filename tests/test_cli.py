@@ -85,6 +85,8 @@ def test_bench_refuses_a_plot_it_cannot_write_before_any_work(capsys, tmp_path):
     (["--cuda-graphs", "--size-div", "64"], "argument --cuda-graphs: needs a CUDA device"),
     (["--json", "{new}/b.json", "--backends", "tpu"], r"argument --backends: unknown"),     # (no folder left)
     (["--plot", "{new}/p"], "argument --plot: .*has no extension; name the format"),
+    # (a missing folder's name with its slash was written as a file of that name)
+    (["--json", "{new}/"], "argument --json: .* ends with a separator, a folder's name"),
 ])
 def test_bench_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
     """Checked before any timing: nothing written, one line, argparse's exit code 2."""
@@ -390,3 +392,58 @@ def test_bench_times_peft_s_layer_and_records_the_cpu_and_auto_s_plan():
     plans = [bm._chosen_strategies("auto", Shape("t", "t", m, 96, 96, 16), torch.float32, torch.device("cpu"), t)
              for m, t in ((24, False), (1576, False), (1576, True))]
     assert plans == [{"fwd": "eager"}, {"fwd": "merge"}, {"fwd": "merge", "dx": "merge"}]
+
+
+def test_bench_auto_row_is_auto_and_the_command_is_quoted(monkeypatch, capsys, tmp_path):
+    """With CLORA_BACKEND set, the auto row timed that backend under auto's name (and auto's plan in the
+    JSON): refused, naming the variable. The JSON's command is quoted so that it runs as written (a path
+    with a space was two arguments)."""
+    monkeypatch.setenv("CLORA_BACKEND", "torch")
+    with pytest.raises(SystemExit) as info:
+        bench_main(["--device", "cpu", "--no-progress", "--size-div", "64"])
+    assert info.value.code == 2 and "CLORA_BACKEND=torch is set" in capsys.readouterr().err
+    path = tmp_path / "a b.json"
+    assert bench_main(["--device", "cpu", "--no-progress", "--size-div", "64", "--rep-ms", "1", "--backends",
+                       "torch", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["meta"]["command"].endswith(f"--json '{path}'")
+
+
+@pytest.mark.parametrize("script,argv,msg", [
+    ("overhead_probe.py", ["--rounds", "0"], "argument --rounds: must be a positive integer"),
+    ("overhead_probe.py", ["--threads", "0"], "argument --threads: must be a positive integer"),
+    ("host_ab.py", ["--rounds", "0"], "argument --rounds: must be a positive integer"),
+    ("host_ab.py", ["--shape", "1", "8", "8", "64"], r"argument --shape: R = 64 must be <= min\(K, N\) = 8"),
+    ("host_ab.py", ["--rev", "no-such-revision"], "argument --rev: git could not read 'no-such-revision'"),
+])
+def test_host_cost_scripts_refuse_bad_arguments(script, argv, msg):
+    """overhead_probe.py printed a table of inf and nan for --rounds 0; host_ab.py ended in a KeyError or a
+    traceback for bad rounds, threads, shapes and revisions: one argparse line, exit 2."""
+    import pathlib
+    import subprocess
+    import sys
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / script
+    done = subprocess.run([sys.executable, str(path)] + argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert re.search(msg, done.stderr.strip().splitlines()[-1]), done.stderr
+
+
+def test_host_ab_times_this_checkout_s_package(tmp_path):
+    """host_ab.py imported overhead_probe, and with it the installed clora_kernels, before putting its own
+    checkout first: run from a second checkout sharing an editable venv, it timed the installed package
+    as "the working tree". Its package is now this checkout's, or it stops."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    copy = tmp_path / "copy"
+    (copy / "benchmarks").mkdir(parents=True)
+    for f in ("host_ab.py", "overhead_probe.py"):
+        shutil.copy(root / "benchmarks" / f, copy / "benchmarks" / f)
+    shutil.copytree(root / "clora_kernels", copy / "clora_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import runpy, sys; sys.argv = ['host_ab.py', '--rounds', '0']; "
+             f"g = runpy.run_path({str(copy / 'benchmarks' / 'host_ab.py')!r}, run_name='not_main'); "
+             "print(g['new'].__file__)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(copy / "clora_kernels" / "__init__.py")

@@ -57,6 +57,10 @@ def _select_variants(requested, device) -> tuple:
     for name in names:
         if name in ("triton", "cuda", "auto", "torch"):
             if name == "auto":
+                env = os.environ.get("CLORA_BACKEND")
+                if env and env != "auto":   # (it named the row auto and timed `env`, with auto's plan in the JSON)
+                    raise ValueError(f"argument --backends: CLORA_BACKEND={env} is set, so the auto row would time the "
+                                     f"{env} backend; unset it (--backends picks the rows: --backends {env})")
                 chosen.append(name)
                 continue
             ok, why = usable_for_timing(name, device, usable)
