@@ -1166,11 +1166,26 @@ class _MergedGuard(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.save_for_forward(inputs[0], inputs[1])
+        ctx.set_materialize_grads(False)        # (jvp: None for an input without a tangent, not zeros)
 
     @staticmethod
     def backward(ctx, grad):
         raise RuntimeError(f"backward through {_MERGED_TRAINING}")
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, trained_t):
+        # forward-mode AD (torch.func.jvp, jacfwd, dual tensors): F.linear's tangent; the adapter's tangent has
+        # no way into the merged weight, as its gradient has none (torch's "implement the jvp" error before)
+        if trained_t is not None:
+            raise RuntimeError(f"forward-mode AD in the adapter through {_MERGED_TRAINING}")
+        x, weight = ctx.saved_tensors
+        out = F.linear(x_t, weight) if x_t is not None else None
+        if weight_t is not None:
+            out = F.linear(x, weight_t) if out is None else out + F.linear(x, weight_t)
+        if bias_t is not None:
+            out = bias_t.expand(*x.shape[:-1], bias_t.shape[0]) if out is None else out + bias_t
+        return out
 
 
 def _hard_projection(routing_old: Tensor, protect_energy: float) -> Tensor:

@@ -402,6 +402,9 @@ class Project(Protection):
                 x.dtype in (layer.lora_A.dtype, layer.weight.dtype)
                 or (x.dtype in _AUTOCAST_CASTS and _autocasting(x))):
             return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)
+        if torch._C._functorch.is_batchedtensor(x):     # (vmap's in-place sum failed, naming aten::addmm_)
+            raise RuntimeError("observe_task: a forward under torch.func.vmap cannot be recorded (the layer's input "
+                               "is batched); run the observe pass without vmap")
         x = x.detach().reshape(-1, x.shape[-1])
         with _LOCK:
             if layer.__dict__.pop("_observed_summed", False):

@@ -1075,6 +1075,24 @@ def test_merged_layer_in_training_mode_traces_and_vmaps(seed, tmp_path):
         torch.func.grad(lambda x: layer(x).sum())(x)
 
 
+def test_merged_layer_in_training_mode_runs_forward_mode_ad(seed):
+    """Forward-mode AD (torch.func.jvp, jacfwd, dual tensors) through a merged layer in training mode met
+    torch's "You must implement the jvp function" of the guard's autograd.Function; it gets F.linear's
+    tangent (it trains nothing), and a tangent of the adapter meets the guard's refusal."""
+    import torch.autograd.forward_ad as fwAD
+    layer = _trained(CLoRALinear(12, 10, rank=3)).double()
+    layer.merge()
+    x, t = torch.randn(4, 12, dtype=torch.float64), torch.randn(4, 12, dtype=torch.float64)
+    want = t @ layer.weight.detach().t()
+    assert torch.allclose(torch.func.jvp(layer, (x,), (t,))[1], want)
+    assert torch.allclose(torch.func.jacfwd(layer)(x[0]), layer.weight.detach())
+    with fwAD.dual_level():
+        assert torch.allclose(fwAD.unpack_dual(layer(fwAD.make_dual(x, t)))[1], want)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD in the adapter through a merged"):
+        dual = fwAD.make_dual(layer.routing_delta, torch.ones_like(layer.routing_delta))
+        torch.func.functional_call(layer, {"routing_delta": dual}, (x,))
+
+
 def test_end_task_under_inference_mode_keeps_loadable_state(seed):
     """end_task called inside torch.inference_mode (a validation hook) made the project policy's
     bases inference tensors, so every later load_state_dict / load_adapter failed half-way."""

@@ -352,6 +352,17 @@ def test_an_open_observe_pass_moves_with_the_layer(seed):
     assert meta._observed.device.type == "meta" and meta._observed_rows == 6
 
 
+def test_an_observe_pass_under_vmap_says_why_it_cannot_record(seed):
+    """vmap(model)(x) inside observe_task failed with vmap's error for aten::addmm_, an op the user never
+    wrote; it names the cause now, and the same pass without vmap records."""
+    layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
+    with torch.no_grad(), ck.observe_task(layer):
+        with pytest.raises(RuntimeError, match="under torch.func.vmap cannot be recorded"):
+            torch.func.vmap(layer)(torch.randn(3, 2, K))
+        layer(torch.randn(6, K))
+    assert layer._observed_rows == 6
+
+
 def test_steps_that_change_the_adapter_are_refused_inside_observe_task(seed, tmp_path):
     """load_adapter, load_state_dict, reset_adapter and end_task inside an open observe_task block are
     refused, naming the block: each dropped the rows observed so far (a load of the same state kept 3 of

@@ -309,6 +309,39 @@ def test_module_backend_argument(seed, force_plan):
     assert rel_err(layer(x), ref) < 1e-5
 
 
+def test_batched_and_dual_backward_grads_run_in_plain_ops(seed, force_plan):
+    """autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) vmap the backward: the kernel's dx
+    failed on the batched g ("Cannot access storage of BatchedTensorImpl"; under auto on a GPU the kernel
+    backend was then dropped for the rest of the process), and a dual grad_y (forward-over-reverse) lost
+    its tangents in the kernel (None, read as 0). Both now run the dx in plain ops; the kernels serve the
+    next call (a helper's attack on function transforms)."""
+    import torch.autograd.forward_ad as fwAD
+    force_plan(PLANS["fused"])
+    m, k, n, r = 5, 6, 7, 3
+    x, w, b, la, lb = (torch.randn(*s, device=DEV) for s in ((m, k), (n, k), (n,), (r, k), (n, r)))
+    ro, rd = torch.randn(r, r, device=DEV), torch.randn(r, r, device=DEV)
+    leaves = [t.clone().requires_grad_() for t in (x, la, lb, rd)]
+
+    def run(backend, xs):
+        return ck.clora_linear(xs[0], w, b, xs[1], xs[2], ro, xs[3], None, 0.7, backend=backend,
+                               grad_through_old_route=True)
+    gs = torch.randn(4, m, n, device=DEV)
+    want = torch.autograd.grad(run("torch", leaves), leaves, gs, is_grads_batched=True)
+    got = torch.autograd.grad(run("triton", leaves), leaves, gs, is_grads_batched=True)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and rel_err(a, e) < 1e-5
+    jac = torch.autograd.functional.jacobian(lambda v: run("triton", [v] + leaves[1:]), x, vectorize=True)
+    assert rel_err(jac, torch.autograd.functional.jacobian(lambda v: run("torch", [v] + leaves[1:]), x)) < 1e-5
+    g0, gt = torch.randn(m, n, device=DEV), torch.randn(m, n, device=DEV)
+    with fwAD.dual_level():
+        tangents = [[fwAD.unpack_dual(d)[1] for d in torch.autograd.grad(run(bk, leaves), leaves,
+                                                                          fwAD.make_dual(g0, gt))]
+                    for bk in ("triton", "torch")]
+    for a, e in zip(*tangents):
+        assert a is not None and rel_err(a, e) < 1e-5
+    assert rel_err(run("triton", leaves), run("torch", leaves)) < 1e-5
+
+
 # ---- GPU only -------------------------------------------------------------------------------
 @pytest.mark.gpu
 # the persistent plans run where the tiles outnumber the SMs (test_gpu_persistent_walks_several_tiles);

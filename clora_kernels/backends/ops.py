@@ -223,6 +223,13 @@ def _backward_math(ctx, grad_y):
     dx = d_a = d_lb = d_rd = d_bias = None
     if need_x:
         impl = None if compiling else getattr(ctx, "impl", None)
+        if impl is not None and impl.name != "torch" and (
+                _functorch_active() or _forward_ad._current_level >= 0 or _legacy_batched(g)):
+            # a vmapped backward (autograd.grad's is_grads_batched, jacobian(vectorize=True)) or a dual grad_y
+            # (forward-over-reverse): plain torch ops, which both transforms run through (a kernel failed on
+            # vmap's batched g, and under auto was then dropped for the rest of the process; it dropped the
+            # tangents of a dual g)
+            impl = plain("torch", g)[0]
         if impl is not None:    # eager: the backend the forward resolved to (torch, or one asked for by name)
             dx, v = impl.dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.auto, r_eff)
         else:
@@ -289,6 +296,8 @@ _peek_interpreter_stack = getattr(torch._C._functorch, "peek_interpreter_stack",
 _CInterpreter = getattr(torch._C._functorch, "CInterpreter", ())
 _forward_ad = torch.autograd.forward_ad      # _current_level >= 0 inside dual_level(): forward-mode AD
 _is_tracing = torch._C._is_tracing     # torch.jit.is_tracing() less its is_scripting test (this code is never scripted)
+# autograd.grad's is_grads_batched vmaps the backward with the legacy batching, not torch.func's
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 # eager only (what in_functorch asks, from the same stack, in one C call: 0.04 µs against 0.2 on the CPU machine)
