@@ -17,6 +17,7 @@ import re
 import sys
 import warnings
 import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -279,9 +280,10 @@ class CLoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))       # drawn whole, so an FSDP2 shard gets its part
             self.lora_A.copy_(_like(self.lora_A, a))
             self.lora_B.zero_()
-            self.routing_delta.copy_(_like(self.routing_delta, torch.eye(self.rank)))
+            # (on the CPU, not the default device: under torch.device("meta") a real layer's reset failed half-way)
+            self.routing_delta.copy_(_like(self.routing_delta, torch.eye(self.rank, device="cpu")))
             self.routing_old.zero_()
-            self.projection.copy_(torch.eye(self.rank))
+            self.projection.copy_(torch.eye(self.rank, device="cpu"))
         for p in (self.lora_A, self.lora_B, self.routing_delta):
             p.requires_grad_(True)
         self.task_index = 0
@@ -406,6 +408,12 @@ class CLoRALinear(nn.Linear):
                              f"'cpu' or 'disk': its weights are on the meta device until its forward), and a C-LoRA "
                              f"layer in its place would not load them: load the model without the device_map, "
                              f"inject_clora, then accelerate.dispatch_model(model, device_map, offload_dir=...)")
+        computed = [n for n in ("weight", "bias") if getattr(linear, n, None) is not None and n not in linear._parameters]
+        if computed:    # (torch.nn.utils.prune, the old weight_norm: a tensor its forward pre-hook computes, which
+            # failed deep in the swap with torch's "can only change requires_grad flags of leaf variables")
+            raise ValueError(f"the layer's {computed} is computed on every forward (torch.nn.utils.prune, "
+                             f"parametrize or the old weight_norm), so a C-LoRA layer cannot share it; remove that "
+                             f"first (prune.remove, parametrize.remove_parametrizations, remove_weight_norm)")
         w = linear.weight
         k, n = w.shape if conv1d else w.shape[::-1]
         # the adapter of a layer that was made outside torch.inference_mode is made normal inside it (a server's
@@ -428,6 +436,7 @@ class CLoRALinear(nn.Linear):
             for name in ("routing_old", "projection"):
                 setattr(layer, name, torch.empty_like(getattr(layer, name), **kw))
             layer.reset_adapter()           # also re-creates the policy's buffers on the weight's device
+        carry_hooks(linear, layer)
         return layer
 
     # ---- the math -------------------------------------------------------------------------
@@ -889,6 +898,17 @@ class CLoRALinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        hooks = self._load_state_dict_pre_hooks
+        if hooks:   # run first, as nn.Module's load does: the checks below read the state (a hook that put a
+            # weight saved (in, out) back in shape was run after the shape check, which then dropped the task state)
+            for hook in hooks.values():
+                hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+            self.__dict__["_load_state_dict_pre_hooks"] = OrderedDict()
+            try:
+                return self._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                  unexpected_keys, error_msgs)
+            finally:
+                self.__dict__["_load_state_dict_pre_hooks"] = hooks
         # an adapter or a task state without the weight (strict=False) into a merged layer: the weight then
         # takes the loaded adapter, scaling and mode in place of the merged ones (it went on computing the
         # old ones, silently), and unmerge takes out the loaded one; a state that changes none of them
@@ -1100,7 +1120,7 @@ def _encode_task_state(state: dict) -> Tensor:
     data = json.dumps(state).encode()
     if len(data) > _TASK_STATE_BYTES:       # (about 400 bytes in practice)
         raise ValueError(f"the task state takes {len(data)} bytes, more than {_TASK_STATE_BYTES}: {state!r}")
-    out = torch.zeros(_TASK_STATE_BYTES, dtype=torch.uint8)
+    out = torch.zeros(_TASK_STATE_BYTES, dtype=torch.uint8, device="cpu")     # (not the default device: meta lost it)
     out[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return out
 
@@ -1149,6 +1169,28 @@ def _requires_grad_kept(layer):
     if layer.protection.factors_train(layer) == before:
         for p, flag in zip((layer.lora_A, layer.lora_B), flags):
             p.requires_grad_(flag)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The hooks registered on `old` (forward, backward and state_dict ones) onto `new`, which takes its
+    place (inject_clora's layer, merge_and_unload's plain one): they were dropped, silently (a pre-hook
+    that clamped the input stopped running; PEFT keeps the hooked layer inside its own, where they run).
+    The hook dicts themselves where `new` has none of its own, so that the handles given for them still
+    remove them."""
+    for name in _HOOK_DICTS:
+        hooks, mine = old.__dict__.get(name), new.__dict__.get(name)
+        if hooks:
+            if mine:
+                mine.update(hooks)
+            else:
+                new.__dict__[name] = hooks
+    if old.__dict__.get("_is_full_backward_hook") is not None:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
 
 
 class _MergedGuard(torch.autograd.Function):
@@ -1680,9 +1722,11 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
         try:
             layer = CLoRALinear.from_linear(model.get_submodule(name), pattern_value(rank_pattern, name, rank),
                                             pattern_value(alpha_pattern, name, alpha), **kwargs)
-        except ValueError as exc:
+        except BaseException as exc:
             for p, flag in flags:           # from_linear froze the weights it shared
                 p.requires_grad_(flag)
+            if not isinstance(exc, ValueError):
+                raise
             key = _pattern_key(rank_pattern, name)     # (the rank's source)
             given = "" if key is None else f" (its rank from rank_pattern[{key!r}])"
             raise ValueError(f"inject_clora: layer {name!r}: {exc}{given}; the model was not changed") from None
@@ -2079,6 +2123,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 plain = m.__dict__.get("_base_class", nn.Linear)(m.in_features, m.out_features, bias=m.bias is not None)
         plain.weight = m.weight
         plain.bias = m.bias
+        carry_hooks(m, plain)
         if not name:                    # the model is the layer itself
             return plain
         _replace(model, name, plain)

@@ -2020,3 +2020,72 @@ def test_a_data_swap_of_a_factor_to_another_shape_is_named(seed):
     hard.projection.data = torch.eye(5)
     with pytest.raises(ValueError, match=r"projection must have shape \(rank, rank\) = \(4, 4\), got \(5, 5\)"):
         hard(x[:5])
+
+
+def test_inject_and_merge_and_unload_carry_the_layers_hooks(seed):
+    """Hooks registered on a Linear before inject_clora were dropped with it (a pre-hook clamping the input
+    stopped running, silently; PEFT keeps the hooked layer inside its own), and merge_and_unload dropped
+    the C-LoRA layer's: both carry them, and the handles given for them still remove them."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    seen = []
+    clamp = model[0].register_forward_pre_hook(lambda m, args: (args[0].clamp(-0.1, 0.1),))
+    model[2].register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    x = torch.randn(3, 6)
+    want = model(x)
+    ck.inject_clora(model, target_modules=["0", "2"], rank=2)
+    assert torch.equal(model(x), want) and seen == ["Linear", "CLoRALinear"]
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    adapted = model(x)
+    ck.merge_and_unload(model)
+    assert type(model[2]) is nn.Linear and torch.allclose(model(x), adapted, atol=1e-6)
+    assert seen[-1] == "Linear"
+    clamp.remove()
+    assert not model[0]._forward_pre_hooks and not torch.allclose(model(x), adapted, atol=1e-3)
+
+
+def test_load_pre_hooks_run_before_the_layer_reads_the_state(seed):
+    """A load_state_dict pre-hook on the layer (one putting a weight saved (in, out) back in shape) ran after
+    the layer's own shape check, which then took the state for another layer's and dropped its task state:
+    "All keys matched", task_index 0, and the output 3.4 off. The hooks run first, once."""
+    src = _trained(CLoRALinear(6, 5, rank=2, alpha=4.0))
+    src.end_task()
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    state["weight"] = state["weight"].t().contiguous()
+    dst = CLoRALinear(6, 5, rank=2)
+    calls = []
+
+    def transpose(module, sd, prefix, *rest):
+        calls.append(prefix)
+        sd[prefix + "weight"] = sd[prefix + "weight"].t()
+    dst._register_load_state_dict_pre_hook(transpose, with_module=True)
+    dst.load_state_dict(state)
+    x = torch.randn(3, 6)
+    assert calls == [""] and dst.task_index == 1 and dst.alpha == 4.0 and not dst.lora_A.requires_grad
+    assert torch.allclose(dst(x), src(x))
+
+
+def test_a_pruned_target_is_refused_and_the_model_left_as_it_was():
+    """inject_clora on a Linear pruned by torch.nn.utils.prune (or the old weight_norm) failed deep in the swap
+    with torch's "can only change requires_grad flags of leaf variables", leaving other layers frozen: refused,
+    naming the cause, with every requires_grad as it was."""
+    from torch.nn.utils import prune
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    prune.l1_unstructured(model[2], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"layer '2'.*computed on every forward.*prune.remove"):
+        ck.inject_clora(model, target_modules=["0", "2"], rank=2)
+    assert all(p.requires_grad for p in model.parameters()) and type(model[0]) is nn.Linear
+
+
+def test_a_layer_used_under_a_meta_default_device(seed):
+    """Inside torch.device("meta") (or set_default_device), a real layer's reset_parameters failed half-way
+    (its identity routing made on meta), and its state_dict held a meta task state that saved without a
+    word and could not be loaded: both are made on the CPU."""
+    layer = CLoRALinear(6, 5, rank=2)
+    with torch.device("meta"):
+        layer.reset_parameters()
+        state = layer.state_dict()
+        made = CLoRALinear.from_linear(nn.Linear(6, 5, device="cpu"), rank=2)
+    assert torch.equal(layer.routing_delta, torch.eye(2)) and state["_extra_state"].device.type == "cpu"
+    assert not made.lora_A.is_meta and torch.equal(made.projection, torch.eye(2))
+    CLoRALinear(6, 5, rank=2).load_state_dict(state)
