@@ -189,8 +189,9 @@ def check_plot(ap: argparse.ArgumentParser, flag: str, path) -> None:
         return
     try:
         from matplotlib.backend_bases import FigureCanvasBase
-    except ImportError:
-        return      # (the plot then says that matplotlib is missing)
+    except ImportError as exc:      # (the run did its work, printed its table, then failed on the import)
+        ap.error(f"argument {flag}: writing a plot needs matplotlib ({exc}): pip install matplotlib, or leave "
+                 f"{flag} out")
     ext = os.path.splitext(path)[1][1:].lower()
     kinds = FigureCanvasBase.get_supported_filetypes()
     if not ext:         # (matplotlib would write PATH.png, which no message names)

@@ -143,7 +143,8 @@ def provenance(prog: str, argv=None, distributions=()) -> dict:
     from . import __version__
     argv = sys.argv[1:] if argv is None else list(argv)
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": shlex.join([prog] + argv),       # (quoted: runs again as written) "clora_kernels": __version__, "commit": _commit(),
+           "command": shlex.join([prog] + argv),       # (quoted: it runs again as written)
+           "clora_kernels": __version__, "commit": _commit(),
            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     modules = ("triton", "peft", "timm", "torchvision", "transformers", "numpy")
     for name in modules + tuple(distributions):

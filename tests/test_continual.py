@@ -522,3 +522,33 @@ def test_the_python_api_refuses_what_scored_silently(seed):
     as_tensor = cc.Task(torch.tensor(tasks[0].classes), tasks[0].train_x, tasks[0].train_y, tasks[0].test_x,
                         tasks[0].test_y)
     cc.validate_tasks([as_tensor, tasks[1]], 10)
+
+
+def test_a_failed_write_mid_run_and_unknown_api_methods_say_so(tmp_path, monkeypatch, capsys):
+    """A write that fails mid-run (a full disk: --json /dev/full, or --out on a small tmpfs) ended in an
+    OSError traceback: one line now, exit 1. run_experiment refused an unknown method only when it reached
+    it, after training the ones before it (a helper's attack)."""
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cc, "write_json_atomic", full)
+    argv = ["--seeds", "0", "--epochs", "1", "--methods", "seq_lora", "--json", str(tmp_path / "c.json"),
+            "--no-progress"]
+    assert cc.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "clora-continual: error: [Errno 28] No space left on device" in err and "Traceback" not in err
+    monkeypatch.setattr(cc, "train_sequence", lambda *a, **k: pytest.fail("trained before the check"))
+    args = cc.build_parser().parse_args(["--epochs", "1", "--methods", "full_ft"])
+    with pytest.raises(ValueError, match=r"methods: \['nope'\] are none of"):
+        cc.run_experiment(argparse.Namespace(**dict(vars(args), methods=["full_ft", "nope"])), progress=False)
+
+
+def test_a_plot_without_matplotlib_is_refused_before_the_work(monkeypatch, capsys):
+    """--plot without matplotlib (it is in the test and bench extras only) trained the whole run, printed its
+    table, then failed on the import (exit 1): refused up front, naming matplotlib."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
+    monkeypatch.setattr(cc, "train_sequence", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(SystemExit) as info:
+        cc.main(["--quick", "--methods", "seq_lora", "--plot", "p.png", "--no-progress"])
+    assert info.value.code == 2 and "writing a plot needs matplotlib" in capsys.readouterr().err

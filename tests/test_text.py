@@ -74,7 +74,7 @@ def test_tasks_of_one_class_are_refused_before_the_model_loads(capsys):
         cc.main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--tasks 6: the 11 topics fill at most 5 tasks of two classes or more" in err, err
+    assert "--tasks 6: the 11 topics of --language en-us fill at most 5 tasks of two classes or more; pass --tasks 5" in err, err
 
 
 @needs
