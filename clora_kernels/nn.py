@@ -132,7 +132,7 @@ def _write_once(model: nn.Module, write) -> None:
         raise RuntimeError(f"rank 0 could not write the file: {failure[0]}")
 
 
-DEFAULT_PROTECTION = "freeze"   # docs/design.md section 2: what won on held-out seeds (README "Continual learning")
+DEFAULT_PROTECTION = "freeze"   # docs/design.md section 2: what won on the tuning seeds (README "Continual learning")
 
 
 def _finite_real(value) -> bool:
