@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import math
 import numbers
 import operator
@@ -1150,7 +1151,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return _interrupted(args, done)
     except OSError as exc:      # a write that failed mid-run (a full disk: a traceback; the checkpoints are sound)
+        if exc.errno not in _WRITE_ERRORS:
+            raise
         return _interrupted(args, done, f"error: {exc}", 1, resumable=True)
+
+
+# a write that failed for want of room or rights (full disk, quota, a file too large, read-only, I/O), which a
+# rerun with --resume gets past once mended; any other OSError is a traceback
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 def _interrupted(args, done: list, why: str = "interrupted", code: int = 130, resumable: bool = False) -> int:

@@ -128,6 +128,10 @@ def _module_kind(model: nn.Module, name: str) -> str:
         return "missing"
 
 
+# transformers model types whose shared experts PEFT 0.21 maps onto the fused experts in a saved adapter
+_SHARED_EXPERTS_MAPPED = {"deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1"}
+
+
 def _served_without_adapter(model: nn.Module, names: list) -> list:
     """Where PEFT, given this adapter and a fresh base model, would not run some of its layers (each
     measured against PEFT 0.21 by a helper): timm attention whose `qkv` inject_clora made callable
@@ -141,13 +145,15 @@ def _served_without_adapter(model: nn.Module, names: list) -> list:
         out.append(f"a fresh timm model computes {qkv[:3]} without calling them (qkv_bias_separate=False), so PEFT "
                    f"would never run their adapter: set qkv_bias_separate=True on those attention modules of the "
                    f"model PEFT is given, as inject_clora did here")
-    fused = [n for n in names if n.rpartition(".")[2] in ("linear1", "linear2")
-             and isinstance(model.get_submodule(n.rpartition(".")[0]), nn.TransformerEncoderLayer)]
+    fused = [n for n in names if n.rpartition(".")[2] in ("linear1", "linear2")     # (torch's fast path needs
+             and isinstance(parent := model.get_submodule(n.rpartition(".")[0]), nn.TransformerEncoderLayer)
+             and getattr(parent.self_attn, "batch_first", False)]                   # batch_first)
     if fused:
         out.append(f"in eval mode without gradients, torch's fused path of nn.TransformerEncoderLayer reads "
                    f"{fused[:3]}'s weight without calling them, so PEFT's model would leave their adapter out: serve "
                    f"it after torch.backends.mha.set_fastpath_enabled(False)")
-    shared = [n for n in names if ".shared_experts." in f".{n}."]
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    shared = [n for n in names if ".shared_experts." in f".{n}."] if kind in _SHARED_EXPERTS_MAPPED else []
     if shared:
         out.append(f"PEFT 0.21 maps the saved names of shared experts ({shared[:3]}) onto the fused experts for "
                    f"DeepSeek-V2 / V3, GLM-4-MoE, ERNIE-4.5-MoE and dots1, and then applies none of them: for those, "

@@ -408,6 +408,9 @@ class CLoRALinear(nn.Linear):
                              f"'cpu' or 'disk': its weights are on the meta device until its forward), and a C-LoRA "
                              f"layer in its place would not load them: load the model without the device_map, "
                              f"inject_clora, then accelerate.dispatch_model(model, device_map, offload_dir=...)")
+        if getattr(linear, "activation_post_process", None) is not None:     # (its observer hook, carried, failed)
+            raise ValueError("the layer is prepared for quantization (torch.ao.quantization.prepare: it has an "
+                             "activation_post_process); inject the adapter before prepare, or into the float model")
         computed = [n for n in ("weight", "bias") if getattr(linear, n, None) is not None and n not in linear._parameters]
         if computed:    # (torch.nn.utils.prune, the old weight_norm: a tensor its forward pre-hook computes, which
             # failed deep in the swap with torch's "can only change requires_grad flags of leaf variables")
@@ -484,14 +487,14 @@ class CLoRALinear(nn.Linear):
         if self.merged or not self.adapter_enabled:
             # any adapter tensor that trains (a plain LoRA, routing_delta frozen, as seq_lora: A and B trained
             # nothing, silently)
-            trained = next((p for p in (self.routing_delta, self.lora_A, self.lora_B) if p.requires_grad), None) \
-                if self.merged and self.training and torch.is_grad_enabled() else None
-            if trained is not None:
+            adapter = (self.routing_delta, self.lora_A, self.lora_B)
+            trained = self.merged and self.training and torch.is_grad_enabled() and any(p.requires_grad for p in adapter)
+            if trained:
                 if torch.compiler.is_compiling():   # the compiler cannot carry the guard's raise to the backward
                     raise RuntimeError(_MERGED_TRAINING)    # (without fullgraph: a graph break, then the guard)
                 if not _is_tracing():   # (a TorchScript trace is inference: it records F.linear, as nn.Linear's)
                     # inference works; a backward says why not
-                    return _MergedGuard.apply(x, self.base_weight(), self.bias, trained)
+                    return _MergedGuard.apply(x, self.base_weight(), self.bias, *adapter)
             return F.linear(x, self.base_weight(), self.bias)
         params, buffers = self._parameters, self._buffers
         memo = self     # (module_linear's validation memo; None where the operands are new each call)
@@ -913,7 +916,8 @@ class CLoRALinear(nn.Linear):
         # takes the loaded adapter, scaling and mode in place of the merged ones (it went on computing the
         # old ones, silently), and unmerge takes out the loaded one; a state that changes none of them
         # leaves the weight as it is (an unmerge and merge would round it)
-        why = self._observing and self._refusal("load_state_dict")
+        # (only a state for this layer: a load of other modules, the head alone, goes on)
+        why = self._observing and any(k.startswith(prefix) for k in state_dict) and self._refusal("load_state_dict")
         if why:
             raise ValueError(f"layer {prefix[:-1]!r}: {why}")
         remerge = self.merged and prefix + "weight" not in state_dict \
@@ -1172,16 +1176,16 @@ def _requires_grad_kept(layer):
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 def carry_hooks(old: nn.Module, new: nn.Module) -> None:
-    """The hooks registered on `old` (forward, backward and state_dict ones) onto `new`, which takes its
-    place (inject_clora's layer, merge_and_unload's plain one): they were dropped, silently (a pre-hook
-    that clamped the input stopped running; PEFT keeps the hooked layer inside its own, where they run).
-    The hook dicts themselves where `new` has none of its own, so that the handles given for them still
-    remove them."""
+    """The forward and backward hooks registered on `old` onto `new`, which takes its place (inject_clora's
+    layer, merge_and_unload's plain one): they were dropped, silently (a pre-hook that clamped the input
+    stopped running; PEFT keeps the hooked layer inside its own, where they run). `new` takes the hook
+    dicts themselves, so that the handles given for them remove them from it, and `old` keeps copies (a
+    hook registered on one later is not the other's). Not the state_dict hooks: torch holds the module in
+    them by a weak reference (the old one, dead after the swap: a later load_state_dict failed)."""
     for name in _HOOK_DICTS:
         hooks, mine = old.__dict__.get(name), new.__dict__.get(name)
         if hooks:
@@ -1189,6 +1193,7 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
                 mine.update(hooks)
             else:
                 new.__dict__[name] = hooks
+                old.__dict__[name] = type(hooks)(hooks)
     if old.__dict__.get("_is_full_backward_hook") is not None:
         new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
 
@@ -1203,7 +1208,7 @@ class _MergedGuard(torch.autograd.Function):
     generate_vmap_rule = True      # (torch.func: vmap of the forward runs; grad meets the refusal below)
 
     @staticmethod
-    def forward(x, weight, bias, trained):     # (trained: an adapter tensor that requires grad)
+    def forward(x, weight, bias, *adapter):     # (adapter: routing_delta, lora_A, lora_B, one of them trained)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -1216,10 +1221,10 @@ class _MergedGuard(torch.autograd.Function):
         raise RuntimeError(f"backward through {_MERGED_TRAINING}")
 
     @staticmethod
-    def jvp(ctx, x_t, weight_t, bias_t, trained_t):
-        # forward-mode AD (torch.func.jvp, jacfwd, dual tensors): F.linear's tangent; the adapter's tangent has
-        # no way into the merged weight, as its gradient has none (torch's "implement the jvp" error before)
-        if trained_t is not None:
+    def jvp(ctx, x_t, weight_t, bias_t, *adapter_t):
+        # forward-mode AD (torch.func.jvp, jacfwd, dual tensors): F.linear's tangent; an adapter tensor's tangent
+        # has no way into the merged weight, as its gradient has none (torch's "implement the jvp" error before)
+        if any(t is not None for t in adapter_t):
             raise RuntimeError(f"forward-mode AD in the adapter through {_MERGED_TRAINING}")
         x, weight = ctx.saved_tensors
         out = F.linear(x_t, weight) if x_t is not None else None
@@ -1683,13 +1688,17 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
     _check_model(model, "inject_clora")
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern, "inject_clora")
     names = select_targets(model, target_modules, exclude_modules, rank=rank, rank_pattern=rank_pattern)
-    tuners = sys.modules.get("peft.tuners.tuners_utils")
-    peft_layers = [n for n, m in model.named_modules() if tuners is not None and isinstance(m, tuners.BaseTunerLayer)]
+    # PEFT's own layers: its tuner layers and the wrappers of its modules_to_save / trainable tokens
+    peft_types = tuple(getattr(sys.modules.get(module), name) for module, name in (
+        ("peft.tuners.tuners_utils", "BaseTunerLayer"), ("peft.utils.other", "AuxiliaryTrainingWrapper"))
+        if hasattr(sys.modules.get(module), name))
+    peft_layers = [n for n, m in model.named_modules() if peft_types and isinstance(m, peft_types)]
     inside = [n for n in names if any(n.startswith(p + ".") for p in peft_layers)]
     if inside:      # ("all-linear" on a PeftModel adapted PEFT's own base_layer, lora_A and lora_B, without a word,
         # and a save then wrote a file PEFT's loader refused; the PeftModel's other layers are adapted as any)
-        why = (f"inject_clora: {inside[:4]} are parts of PEFT's adapter layers (its base_layer, lora_A, lora_B); "
-               f"adapt the base model's layers beside them, or merge them first (peft_model.merge_and_unload())")
+        why = (f"inject_clora: {inside[:4]} are parts of PEFT's adapter layers (its base_layer, lora_A, lora_B, "
+               f"modules_to_save copies); adapt the base model's layers beside them, or merge them first "
+               f"(peft_model.merge_and_unload())")
         if not _all_linear(target_modules):
             raise ValueError(why)
         warnings.warn(why + "; they are left out", UserWarning, stacklevel=2)

@@ -51,6 +51,7 @@ Policies beyond "paper" are this project's variants, not the paper's method:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -99,6 +100,28 @@ _POLICIES = ("paper", "freeze", "project")
 def sum_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of a policy's sums over observed rows (`Protection.sums`) in a layer of `dtype`."""
     return torch.promote_types(dtype, torch.float32)
+
+
+_functorch = torch._C._functorch
+# the observed sums are the process's, not the transform's: summed into with torch.func off (a grad pass after
+# any plain forward failed: "mutate a captured Tensor")
+_outside_functorch = getattr(torch._C, "_DisableFuncTorch", contextlib.nullcontext)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """The rows of an observed input (K its last dim) as a plain (rows, K) tensor: out of torch.func's
+    wrappers (vmap's batched tensor: every sample's rows, the batch dim first; grad's and jvp's: the
+    values). The Gram was summed into in place from inside the transform, which torch.func refuses for
+    a tensor made outside it (a grad pass after any plain forward, vmap, per-sample gradients), naming
+    aten::addmm_, an op the user never wrote."""
+    while _functorch.is_functorch_wrapped_tensor(x):
+        if _functorch.is_batchedtensor(x):
+            x, dim = _functorch._unwrap_batched(x, _functorch.maybe_get_level(x))
+            if dim is not None:
+                x = x.movedim(dim, 0)
+        else:
+            x = _functorch.get_unwrapped(x)
+    return x.reshape(-1, x.shape[-1])
 
 
 def forget_observed(state: dict) -> None:
@@ -402,11 +425,8 @@ class Project(Protection):
                 x.dtype in (layer.lora_A.dtype, layer.weight.dtype)
                 or (x.dtype in _AUTOCAST_CASTS and _autocasting(x))):
             return      # not the layer's input: its forward, which runs next, says why (clora_linear's checks)
-        if torch._C._functorch.is_batchedtensor(x):     # (vmap's in-place sum failed, naming aten::addmm_)
-            raise RuntimeError("observe_task: a forward under torch.func.vmap cannot be recorded (the layer's input "
-                               "is batched); run the observe pass without vmap")
-        x = x.detach().reshape(-1, x.shape[-1])
-        with _LOCK:
+        x = _rows(x.detach())
+        with _LOCK, _outside_functorch():
             if layer.__dict__.pop("_observed_summed", False):
                 # the Gram holds earlier blocks' inputs, summed over the processes already (`observed`): kept
                 # apart, and this block's own sum made, so that the next sum over them adds it alone (each

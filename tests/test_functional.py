@@ -798,3 +798,32 @@ def test_scaling_zero_keeps_non_finite_values_as_the_oracle_does(seed, m, hard):
             assert torch.equal(y.isnan(), y_ref.isnan()) and bool(y_ref.isnan().any()), (backend, dtype)
             for name, ref in grads_of(d).items():
                 assert torch.equal(got[name].grad.isfinite(), ref.isfinite()), (backend, dtype, name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_a_vmapped_backward_never_reaches_a_kernel(monkeypatch, backend):
+    """is_grads_batched vmaps the backward: a kernel's dx fails on the batched g, and under auto the kernel
+    backend was then dropped for the rest of the process (auto's dx resolves again, past the check the
+    forward's own backend had). A stand-in kernel backend on the CPU that fails on a batched g, as the
+    triton kernels do (a review of this change)."""
+    import torch._C._functorch as functorch
+    from clora_kernels import CLoRALinear, backends
+    from clora_kernels.backends import auto, torch_ref
+
+    class Kernel(torch_ref.TorchBackend):
+        name, auto_devices = "triton", ("cpu",)
+
+        def dx(self, g, *args, **kwargs):
+            if functorch.is_legacy_batchedtensor(g) or functorch.is_batchedtensor(g):
+                raise RuntimeError("a kernel cannot take a batched g")
+            return super().dx(g, *args, **kwargs)
+    monkeypatch.setitem(backends._registry, "triton", Kernel())
+    monkeypatch.setattr(auto, "broken", {})
+    layer = CLoRALinear(6, 4, rank=2, backend=backend)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 6, requires_grad=True)
+    gs = torch.eye(12).reshape(12, 3, 4)
+    got = torch.autograd.grad(layer(x), x, gs, is_grads_batched=True)[0]
+    assert torch.allclose(got, gs @ (layer.weight + layer.delta_weight()).detach(), atol=1e-5)
+    assert auto.broken == {}

@@ -1291,6 +1291,10 @@ def test_injecting_into_a_peft_model_leaves_peft_layers_alone(seed):
         ck.inject_clora(pm, target_modules="all-linear", rank=2)
     names = [n for n, _ in clora_layers(pm)]
     assert names and not any("q_proj" in n for n in names) and any(n.endswith("k_proj") for n in names)
+    headed = peft.get_peft_model(_headed(), peft.LoraConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
+    with pytest.warns(UserWarning, match="parts of PEFT's adapter layers"):    # (its copies of the head too)
+        with pytest.raises(ValueError, match="no nn.Linear or Conv1D layer matches"):
+            ck.inject_clora(headed, target_modules="all-linear", rank=2)
 
 
 def test_save_peft_adapter_warns_where_peft_would_not_run_the_adapter(tmp_path, seed):
@@ -1309,6 +1313,11 @@ def test_save_peft_adapter_warns_where_peft_would_not_run_the_adapter(tmp_path, 
     moe.mlp.add_module("shared_experts", nn.Sequential())
     moe.mlp.shared_experts.add_module("up_proj", nn.Linear(8, 8))
     ck.inject_clora(moe, target_modules=["up_proj"], rank=2)
+    with warnings.catch_warnings():     # (another model type's shared experts: PEFT runs them)
+        warnings.simplefilter("error")
+        ck.save_peft_adapter(moe, tmp_path / "other_moe")
+    import types
+    moe.config = types.SimpleNamespace(model_type="deepseek_v2")
     for model, match in ((beit, r"\['blocks.0.attn.qkv'\].*qkv_bias_separate=True"),
                          (encoder, r"TransformerEncoderLayer.*enc.layers.0.linear1.*set_fastpath_enabled"),
                          (moe, r"shared experts \(\['mlp.shared_experts.up_proj'\]\).*DeepSeek")):

@@ -1088,9 +1088,10 @@ def test_merged_layer_in_training_mode_runs_forward_mode_ad(seed):
     assert torch.allclose(torch.func.jacfwd(layer)(x[0]), layer.weight.detach())
     with fwAD.dual_level():
         assert torch.allclose(fwAD.unpack_dual(layer(fwAD.make_dual(x, t)))[1], want)
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD in the adapter through a merged"):
-        dual = fwAD.make_dual(layer.routing_delta, torch.ones_like(layer.routing_delta))
-        torch.func.functional_call(layer, {"routing_delta": dual}, (x,))
+    for name in ("routing_delta", "lora_B"):     # (lora_B's tangent was dropped: the guard took routing_delta alone)
+        with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD in the adapter through a merged"):
+            dual = fwAD.make_dual(getattr(layer, name), torch.ones_like(getattr(layer, name)))
+            torch.func.functional_call(layer, {name: dual}, (x,))
 
 
 def test_end_task_under_inference_mode_keeps_loadable_state(seed):
@@ -2042,6 +2043,29 @@ def test_inject_and_merge_and_unload_carry_the_layers_hooks(seed):
     assert seen[-1] == "Linear"
     clamp.remove()
     assert not model[0]._forward_pre_hooks and not torch.allclose(model(x), adapted, atol=1e-3)
+    # not the state_dict hooks (torch holds the module in them by a weak reference: the old one, dead after
+    # the swap, failed every later load), and the layer kept aside keeps its own hooks, not the new layer's
+    import gc
+    base = nn.Linear(6, 5)
+    base._register_load_state_dict_pre_hook(lambda *a: None, with_module=True)
+    base.register_forward_hook(lambda *a: None)
+    held = nn.Sequential(base)
+    ck.inject_clora(held, target_modules=["0"], rank=2)
+    del base
+    gc.collect()
+    held.load_state_dict(held.state_dict())
+    kept = nn.Linear(6, 5)
+    kept.register_forward_hook(lambda *a: None)
+    layer = CLoRALinear.from_linear(kept, rank=2)
+    layer.register_forward_hook(lambda m, a, out: seen.append("new layer's"))
+    kept(x)
+    assert "new layer's" not in seen
+    from torch.ao import quantization as tq
+    prepared = nn.Sequential(nn.Linear(6, 5))
+    prepared.qconfig = tq.default_qconfig
+    tq.prepare(prepared, inplace=True)
+    with pytest.raises(ValueError, match="prepared for quantization"):
+        ck.inject_clora(prepared, target_modules=["0"], rank=2)
 
 
 def test_load_pre_hooks_run_before_the_layer_reads_the_state(seed):

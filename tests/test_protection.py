@@ -352,15 +352,26 @@ def test_an_open_observe_pass_moves_with_the_layer(seed):
     assert meta._observed.device.type == "meta" and meta._observed_rows == 6
 
 
-def test_an_observe_pass_under_vmap_says_why_it_cannot_record(seed):
-    """vmap(model)(x) inside observe_task failed with vmap's error for aten::addmm_, an op the user never
-    wrote; it names the cause now, and the same pass without vmap records."""
-    layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
-    with torch.no_grad(), ck.observe_task(layer):
-        with pytest.raises(RuntimeError, match="under torch.func.vmap cannot be recorded"):
-            torch.func.vmap(layer)(torch.randn(3, 2, K))
-        layer(torch.randn(6, K))
-    assert layer._observed_rows == 6
+def test_an_observe_pass_under_torch_func_transforms_records_its_rows(seed):
+    """Inside observe_task, a forward under torch.func failed with torch.func's error for aten::addmm_, an op
+    the user never wrote: vmap (a batched input), per-sample gradients (vmap(grad)), and any grad / jacrev /
+    jvp pass after a plain forward ("mutate a captured Tensor"; a pass that began under grad worked). Each
+    records its rows now, as the same inputs without the transform would."""
+    cases = {"vmap": lambda f, x: torch.func.vmap(f)(x),
+             "vmap over dim 1": lambda f, x: torch.func.vmap(f, in_dims=1)(x.t()),
+             "vmap(grad)": lambda f, x: torch.func.vmap(torch.func.grad(lambda v: f(v).sum()))(x),
+             "grad": lambda f, x: torch.func.grad(lambda v: f(v).sum())(x),
+             "jacrev": lambda f, x: torch.func.jacrev(f)(x),
+             "jvp": lambda f, x: torch.func.jvp(f, (x,), (torch.ones_like(x),))}
+    for name, run in cases.items():
+        layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
+        x, first = torch.randn(5, K), torch.randn(3, K)
+        with ck.observe_task(layer):
+            with torch.no_grad():
+                layer(first)
+            run(layer, x)
+        assert layer._observed_rows == 8, name
+        assert torch.allclose(layer._observed, first.t() @ first + x.t() @ x, atol=1e-5), name
 
 
 def test_steps_that_change_the_adapter_are_refused_inside_observe_task(seed, tmp_path):
@@ -385,6 +396,12 @@ def test_steps_that_change_the_adapter_are_refused_inside_observe_task(seed, tmp
         ck.unmerge(model)
         model(torch.randn(3, K))
     assert model[0]._observed_rows == 8
+    # a load that holds nothing of the layer (another module's state) goes on inside the block
+    headed = nn.Sequential(CLoRALinear(K, N, rank=R, protection="project", backend="torch"), nn.Linear(N, 2))
+    with torch.no_grad(), ck.observe_task(headed):
+        headed(torch.randn(4, K))
+        headed.load_state_dict({"1." + k: v for k, v in nn.Linear(N, 2).state_dict().items()}, strict=False)
+    assert headed[0]._observed_rows == 4
     ck.end_task(model)
     assert model[0].task_index == 1
 

@@ -222,16 +222,16 @@ def _backward_math(ctx, grad_y):
         t = torch.mm(x, lora_a.t())
     dx = d_a = d_lb = d_rd = d_bias = None
     if need_x:
-        impl = None if compiling else getattr(ctx, "impl", None)
-        if impl is not None and impl.name != "torch" and (
+        impl, auto = (None, False) if compiling else (getattr(ctx, "impl", None), getattr(ctx, "auto", False))
+        if not compiling and (impl is None or impl.name != "torch") and (
                 _functorch_active() or _forward_ad._current_level >= 0 or _legacy_batched(g)):
             # a vmapped backward (autograd.grad's is_grads_batched, jacobian(vectorize=True)) or a dual grad_y
             # (forward-over-reverse): plain torch ops, which both transforms run through (a kernel failed on
             # vmap's batched g, and under auto was then dropped for the rest of the process; it dropped the
-            # tangents of a dual g)
-            impl = plain("torch", g)[0]
+            # tangents of a dual g). Eager only: a kernel asked for by name (impl) or by auto (None here)
+            impl, auto = plain("torch", g)
         if impl is not None:    # eager: the backend the forward resolved to (torch, or one asked for by name)
-            dx, v = impl.dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, ctx.auto, r_eff)
+            dx, v = impl.dx(g, weight, lora_a, lora_b, r_old, r_delta, proj, s, auto, r_eff)
         else:
             dx, v = (linear_dx if compiling else _linear_dx)(g, weight, lora_a, lora_b, r_old, r_delta, proj, s,
                                                              ctx.backend)
