@@ -1150,15 +1150,20 @@ def main(argv=None) -> int:
         return _main_images(ap, args, done) if images else _main_digits(args, done)
     except KeyboardInterrupt:
         return _interrupted(args, done)
-    except OSError as exc:      # a write that failed mid-run (a full disk: a traceback; the checkpoints are sound)
-        if exc.errno not in _WRITE_ERRORS:
+    except (OSError, RuntimeError) as exc:      # a write that failed mid-run (a full disk: a traceback; the
+        if not _write_failed(exc):              # checkpoints are sound)
             raise
         return _interrupted(args, done, f"error: {exc}", 1, resumable=True)
 
 
-# a write that failed for want of room or rights (full disk, quota, a file too large, read-only, I/O), which a
-# rerun with --resume gets past once mended; any other OSError is a traceback
-_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+def _write_failed(exc: BaseException) -> bool:
+    """Whether `exc` is a write that failed for want of room, or on a file system gone read-only or failing
+    (full disk, quota, a file too large, I/O; torch.save's own RuntimeError for them), which a rerun with
+    --resume gets past once mended; any other error is a traceback."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+    text = str(exc)
+    return "PytorchStreamWriter failed" in text or "inline_container.cc" in text
 
 
 def _interrupted(args, done: list, why: str = "interrupted", code: int = 130, resumable: bool = False) -> int:

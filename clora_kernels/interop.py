@@ -128,8 +128,19 @@ def _module_kind(model: nn.Module, name: str) -> str:
         return "missing"
 
 
-# transformers model types whose shared experts PEFT 0.21 maps onto the fused experts in a saved adapter
-_SHARED_EXPERTS_MAPPED = {"deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "dots1"}
+def _converts_experts(model_type) -> bool:
+    """Whether transformers converts `model_type`'s checkpoints (fusing the experts), which PEFT 0.21 applies to a
+    saved adapter's keys too: a layer named shared_experts there is mapped onto the fused experts and left out
+    (DeepSeek-V2 / V3 / V3.2, GLM-4-MoE, ERNIE-4.5-MoE, dots1, Solar-Open, EXAONE-MoE, two helpers' sweeps).
+    Qwen2-MoE names its shared_expert in the singular and loads exactly; a model without a config is not a
+    transformers one."""
+    if model_type is None:
+        return False
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return True
+    return get_checkpoint_conversion_mapping(model_type) is not None
 
 
 def _served_without_adapter(model: nn.Module, names: list) -> list:
@@ -149,15 +160,17 @@ def _served_without_adapter(model: nn.Module, names: list) -> list:
              and isinstance(parent := model.get_submodule(n.rpartition(".")[0]), nn.TransformerEncoderLayer)
              and getattr(parent.self_attn, "batch_first", False)]                   # batch_first)
     if fused:
-        out.append(f"in eval mode without gradients, torch's fused path of nn.TransformerEncoderLayer reads "
-                   f"{fused[:3]}'s weight without calling them, so PEFT's model would leave their adapter out: serve "
-                   f"it after torch.backends.mha.set_fastpath_enabled(False)")
+        out.append(f"in eval mode without gradients, torch's fused path of nn.TransformerEncoderLayer (where its "
+                   f"conditions hold: batch_first, an even head count, relu or gelu, ...) reads {fused[:3]}'s weight "
+                   f"without calling them, so PEFT's model would leave their adapter out: serve it after "
+                   f"torch.backends.mha.set_fastpath_enabled(False)")
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    shared = [n for n in names if ".shared_experts." in f".{n}."] if kind in _SHARED_EXPERTS_MAPPED else []
+    shared = [n for n in names if ".shared_experts." in f".{n}."] if _converts_experts(kind) else []
     if shared:
-        out.append(f"PEFT 0.21 maps the saved names of shared experts ({shared[:3]}) onto the fused experts for "
-                   f"DeepSeek-V2 / V3, GLM-4-MoE, ERNIE-4.5-MoE and dots1, and then applies none of them: for those, "
-                   f"keep clora_kernels.save_adapter, or leave the shared experts out of the targets")
+        out.append(f"PEFT 0.21 maps the saved names of shared experts ({shared[:3]}) onto the fused experts of "
+                   f"transformers 5's {kind} (as for DeepSeek-V2 / V3, GLM-4-MoE, ERNIE-4.5-MoE and dots1), and then "
+                   f"applies none of them: keep clora_kernels.save_adapter there, or leave the shared experts out of "
+                   f"the targets")
     return out
 
 

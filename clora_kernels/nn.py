@@ -1176,24 +1176,33 @@ def _requires_grad_kept(layer):
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def carry_hooks(old: nn.Module, new: nn.Module) -> None:
-    """The forward and backward hooks registered on `old` onto `new`, which takes its place (inject_clora's
-    layer, merge_and_unload's plain one): they were dropped, silently (a pre-hook that clamped the input
-    stopped running; PEFT keeps the hooked layer inside its own, where they run). `new` takes the hook
-    dicts themselves, so that the handles given for them remove them from it, and `old` keeps copies (a
-    hook registered on one later is not the other's). Not the state_dict hooks: torch holds the module in
-    them by a weak reference (the old one, dead after the swap: a later load_state_dict failed)."""
+    """The hooks registered on `old` (forward, backward, state_dict) onto `new`, which takes its place
+    (inject_clora's layer, merge_and_unload's plain one): they were dropped, silently (a pre-hook that
+    clamped the input stopped running; PEFT keeps the hooked layer inside its own, where they run). `new`
+    takes the hook dicts themselves, so that the handles given for them remove them from it; `old` keeps
+    copies (a hook registered on one later is not the other's; a handle's remove no longer reaches them).
+    A load pre-hook that takes its module (held by a weak reference: the old one, dead after the swap,
+    failed a later load) is given `new`."""
+    wrapped = getattr(sys.modules.get("torch.nn.modules.module"), "_WrappedHook", None)
     for name in _HOOK_DICTS:
         hooks, mine = old.__dict__.get(name), new.__dict__.get(name)
-        if hooks:
-            if mine:
-                mine.update(hooks)
-            else:
-                new.__dict__[name] = hooks
-                old.__dict__[name] = type(hooks)(hooks)
+        if not hooks:
+            continue
+        kept = type(hooks)(hooks)
+        if wrapped is not None and name == "_load_state_dict_pre_hooks":
+            for key, hook in hooks.items():
+                if isinstance(hook, wrapped) and hook.with_module:
+                    hooks[key] = wrapped(hook.hook, new)
+        if mine:
+            mine.update(hooks)
+        else:
+            new.__dict__[name] = hooks
+        old.__dict__[name] = kept
     if old.__dict__.get("_is_full_backward_hook") is not None:
         new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
 

@@ -536,6 +536,17 @@ def test_a_failed_write_mid_run_and_unknown_api_methods_say_so(tmp_path, monkeyp
     assert cc.main(argv) == 1
     err = capsys.readouterr().err
     assert "clora-continual: error: [Errno 28] No space left on device" in err and "Traceback" not in err
+
+    def torch_full(path, data):     # (torch.save's own error for a full disk: a RuntimeError)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(cc, "write_json_atomic", torch_full)
+    assert cc.main(argv) == 1 and "inline_container" in capsys.readouterr().err
+
+    def bug(path, data):            # (any other error is the traceback it is)
+        raise FileNotFoundError(2, "No such file or directory")
+    monkeypatch.setattr(cc, "write_json_atomic", bug)
+    with pytest.raises(FileNotFoundError):
+        cc.main(argv)
     monkeypatch.setattr(cc, "train_sequence", lambda *a, **k: pytest.fail("trained before the check"))
     args = cc.build_parser().parse_args(["--epochs", "1", "--methods", "full_ft"])
     with pytest.raises(ValueError, match=r"methods: \['nope'\] are none of"):

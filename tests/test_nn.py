@@ -2043,17 +2043,20 @@ def test_inject_and_merge_and_unload_carry_the_layers_hooks(seed):
     assert seen[-1] == "Linear"
     clamp.remove()
     assert not model[0]._forward_pre_hooks and not torch.allclose(model(x), adapted, atol=1e-3)
-    # not the state_dict hooks (torch holds the module in them by a weak reference: the old one, dead after
-    # the swap, failed every later load), and the layer kept aside keeps its own hooks, not the new layer's
+    # the state_dict hooks too, a load pre-hook given the new layer (torch holds its module by a weak reference:
+    # the old one, dead after the swap, failed every later load); a layer kept aside keeps its own hooks
     import gc
-    base = nn.Linear(6, 5)
-    base._register_load_state_dict_pre_hook(lambda *a: None, with_module=True)
-    base.register_forward_hook(lambda *a: None)
+    base, loads = nn.Linear(6, 5), []
+    base._register_load_state_dict_pre_hook(lambda module, *a: loads.append(type(module).__name__), with_module=True)
+    base.register_state_dict_post_hook(lambda module, sd, prefix, meta: sd.__setitem__(prefix + "marker", 1))
     held = nn.Sequential(base)
     ck.inject_clora(held, target_modules=["0"], rank=2)
     del base
     gc.collect()
-    held.load_state_dict(held.state_dict())
+    state = held.state_dict()
+    assert state.pop("0.marker") == 1
+    held.load_state_dict(state)
+    assert loads == ["CLoRALinear"]
     kept = nn.Linear(6, 5)
     kept.register_forward_hook(lambda *a: None)
     layer = CLoRALinear.from_linear(kept, rank=2)
