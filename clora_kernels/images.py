@@ -335,17 +335,24 @@ def timm_backbone(args, num_classes: int):
                         f"{str(exc).splitlines()[0].split('. ')[0][:200]}); connect once to cache them, or pass "
                         f"--no-pretrained") \
             from None
+    why = patch_misfit(model, args.image_size)
+    if why:
+        raise DataError(f"--image-size {args.image_size}: {args.model} {why}")
+    return model
+
+
+def patch_misfit(model, size) -> str:
+    """Why an input of `size` pixels square does not fit the patch grid of a timm `model` ('' where it does,
+    or `size` is None): a grid cuts the rest off (at 30 with patches of 16 the model saw the top-left 16x16
+    pixels), or the model refuses it at its first forward."""
     embed = getattr(model, "patch_embed", None)
     # the patches' stride (PiT's patches of 16 overlap, 8 apart), else their size
     step = getattr(getattr(embed, "proj", None), "stride", None) or getattr(embed, "patch_size", None)
     step = tuple(step) if isinstance(step, (tuple, list)) else (step, step)
-    if args.image_size and all(isinstance(p, int) and p > 0 for p in step) and any(args.image_size % p for p in step):
-        # (a patch grid cuts the rest off: at 30 with patches of 16 the model saw the top-left 16x16 pixels)
-        cut = max(args.image_size % p for p in step)
-        raise DataError(f"--image-size {args.image_size}: {args.model} cuts images into patches {step[0]}x{step[1]} "
-                        f"apart, and the last {cut} rows or columns would be dropped; give a multiple of "
-                        f"{max(step)}")
-    return model
+    if size and all(isinstance(p, int) and p > 0 for p in step) and any(size % p for p in step):
+        return (f"cuts images into patches {step[0]}x{step[1]} apart, and the last {max(size % p for p in step)} "
+                f"rows or columns would be dropped; give a multiple of {max(step)}")
+    return ""
 
 
 def _transform(model, args):

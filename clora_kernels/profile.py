@@ -16,15 +16,17 @@ import argparse
 import copy
 import difflib
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
 from . import _cli, available_backends, export_decompositions, inject_clora, merge
-from ._io import parent_made, provenance, write_json_atomic
-from .bench.core import peft_dtype_kwargs, usable_for_timing
+from ._io import provenance, write_atomic, write_json_atomic
+from .bench.core import peft_dtype_kwargs, raise_compile_limits, usable_for_timing
 from .nn import DEFAULT_TARGETS, clora_layers, unmatched_targets
 from .reference import folded_lora_B
 
@@ -60,7 +62,7 @@ def build_model(name: str, img_size, device, dtype):
             return torch.stack([ids, torch.ones_like(ids)], 1)
         return model, make
     import timm
-    if name not in timm.list_models():
+    if not timm.is_model(name):     # (a tagged name, vit_base_patch16_224.augreg_in21k, is one: list_models has no tags)
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         raise ProfileError(f"--model {name!r} is not a timm model (or 'minilm')" +
                            (f"; close names: {', '.join(close)}" if close else ""))
@@ -68,6 +70,10 @@ def build_model(name: str, img_size, device, dtype):
         model = timm.create_model(name, pretrained=False, **({"img_size": img_size} if img_size else {}))
     except TypeError:            # a model without an img_size argument (a CNN) takes any input size
         model = timm.create_model(name, pretrained=False)
+    from .images import patch_misfit
+    why = patch_misfit(model, img_size)
+    if why:     # (every run failed on it, the table empty, exit 1)
+        raise ProfileError(f"--img-size {img_size}: {name} {why}")
     model = model.to(device=device, dtype=dtype).eval()
     size = model.default_cfg.get("input_size", (3, 224, 224)) if not img_size else (3, img_size, img_size)
     return model, lambda batch: torch.randn(batch, *size[-3:], device=device, dtype=dtype)
@@ -218,6 +224,7 @@ def runner(model, mode: str, x, device):
     if mode == "eager":
         return model
     if mode == "compile":
+        raise_compile_limits()      # (past torch's 8 compiles of the timm forward, a variant ran eager, silently)
         return torch.compile(model)
     if mode == "aoti":
         # AOTInductor: torch.export at x's shape, the C-LoRA op written as core ATen ops (so every unmerged
@@ -247,9 +254,18 @@ def profile_breakdown(fn, x, device, top: int, trace_path=None) -> str:
             fn(x)
         _sync(device)
     if trace_path:
-        prof.export_chrome_trace(parent_made(trace_path))
-        if not os.path.isfile(trace_path):      # (torch logs a failed write and returns)
-            raise OSError(f"torch.profiler wrote no file at {trace_path}")
+        # through write_atomic, from a file torch writes apart: torch writes a temporary file and renames it over
+        # the path, so `--trace /dev/null` as root replaced the machine's /dev/null with a plain file
+        with tempfile.TemporaryDirectory() as folder:
+            made = os.path.join(folder, "trace.json")
+            prof.export_chrome_trace(made)
+            if not os.path.isfile(made):      # (torch logs a failed write and returns)
+                raise OSError(f"torch.profiler wrote no trace for {trace_path}")
+
+            def copy(target):
+                with open(made, "rb") as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            write_atomic(trace_path, copy)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=top)
 
@@ -357,17 +373,24 @@ def _main(argv) -> int:
         ap.error(str(exc))
     if args.trace_variant and args.trace_variant not in variants:
         ap.error(f"argument --trace-variant: {args.trace_variant!r} is not one of {list(variants)}")
+    inputs = {}
+    for batch in args.batch:
+        try:
+            inputs[batch] = make_input(batch)
+        except RuntimeError as exc:     # (out of memory: a traceback)
+            ap.error(f"argument --batch: the input of batch {batch} cannot be made ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0][:160]})")
     meta = {"model": args.model, "rank": args.rank, "targets": args.targets, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "dtype": str(dtype)[6:],
             "iters": args.iters, "warmup": args.warmup, **provenance("clora-profile", args.argv)}
     # every adapted variant holds one adapter: their outputs agree, or a row times something else
-    meta["max_rel_diff_to_merged"] = diffs = same_outputs(variants, make_input(args.batch[0]))
+    meta["max_rel_diff_to_merged"] = diffs = same_outputs(variants, inputs[args.batch[0]])
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     off = {name: d for name, d in diffs.items() if d is not None and not d <= tol}
     if off:
         print(f"clora-profile: warning: these variants' outputs differ from clora-merged's by more than {tol:g} "
               f"(relative to its largest): {off}", file=sys.stderr)
-    rows, failed = [], 0
+    rows, failed, unwritten = [], 0, None
     from tqdm import tqdm
     groups = [(batch, mode) for batch in args.batch for mode in modes]
     jobs = [(batch, mode, name) for batch, mode in groups for name in variants]
@@ -387,7 +410,6 @@ def _main(argv) -> int:
         return report
     try:
         with torch.inference_mode():
-            inputs = {batch: make_input(batch) for batch in args.batch}
             for done, (batch, mode) in enumerate(groups, 1):
                 x, report = inputs[batch], failure(batch, mode)
                 fns = {}
@@ -410,7 +432,12 @@ def _main(argv) -> int:
                     r["vs_merged"] = None if merged is None else r["p50_ms"] / merged
                 rows += group
                 if args.json and group:     # (after every batch and mode that gave rows)
-                    write_json_atomic(args.json, {"meta": meta, "results": rows})
+                    try:
+                        write_json_atomic(args.json, {"meta": meta, "results": rows})
+                    except OSError as exc:      # (a full disk: a traceback, and the table was lost)
+                        print(f"clora-profile: {args.json} could not be written ({exc}); the table follows",
+                              file=sys.stderr)
+                        unwritten, args.json = args.json, None
     except KeyboardInterrupt:
         bar.close()     # (before the message: closed after it, tqdm drew the bar again below it)
         print(f"\nclora-profile: interrupted after {len(rows)} of {len(jobs)} runs"
@@ -430,7 +457,7 @@ def _main(argv) -> int:
     if args.trace or args.top:
         name = args.trace_variant or next((k for k in variants if k.startswith("clora-") and k != "clora-merged"),
                                           "clora-merged")
-        x = make_input(args.batch[0])
+        x = inputs[args.batch[0]]
         with torch.inference_mode():
             try:
                 table = profile_breakdown(variants[name], x, device, max(args.top, 1), args.trace)
@@ -450,8 +477,9 @@ def _main(argv) -> int:
             print(f"Chrome trace of {name}, batch {args.batch[0]}, eager, written to {args.trace}")
     if failed:
         print(f"clora-profile: {failed} of {len(jobs)} runs failed (above)", file=sys.stderr)
-        return 1
-    return 0
+    if unwritten:
+        print(f"clora-profile: {unwritten} was not written (above)", file=sys.stderr)
+    return 1 if failed or unwritten else 0
 
 
 if __name__ == "__main__":

@@ -186,10 +186,17 @@ def test_bench_interrupt_names_what_the_json_holds(monkeypatch, tmp_path, capsys
     assert "the shapes measured so far are in" in capsys.readouterr().err and "results" in json.loads(js.read_text())
 
 
-def test_profile_failures_exit_1(tmp_path, capsys):
-    """Every variant failing (an image too small for the model): each failure reported, the command
-    printed once, exit 1; --top on a failing variant is one line, not a traceback."""
-    assert profile_main(["--model", "vit_tiny_patch16_224", "--img-size", "7", "--batch", "1", "--iters", "1",
+def test_profile_failures_exit_1(tmp_path, capsys, monkeypatch):
+    """Every variant failing (an input of two channels for a model of three): each failure reported, the
+    command printed once, exit 1; --top on a failing variant is one line, not a traceback."""
+    import clora_kernels.profile as prof
+    real = prof.build_model
+
+    def two_channels(*args, **kwargs):
+        model, make = real(*args, **kwargs)
+        return model, lambda batch: make(batch)[:, :2]
+    monkeypatch.setattr(prof, "build_model", two_channels)
+    assert profile_main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "1", "--iters", "1",
                          "--warmup", "0", "--rank", "4", "--top", "3", "--no-progress"]) == 1
     captured = capsys.readouterr()
     assert "failed" in captured.err and "Traceback" not in captured.err
@@ -256,6 +263,11 @@ def test_profile_default_targets_leave_out_narrow_layers(tmp_path, capsys):
      "none of the requested backends"),
     (["--model", "minilm", "--img-size", "32"], "argument --img-size: not for --model minilm"),
     (["--trace-variant", "peft"], "argument --trace-variant: names the variant of --trace or --top"),   # (ignored)
+    # (every run failed on it, exit 1, the table empty; an input too large for memory was a traceback)
+    (["--model", "vit_tiny_patch16_224", "--img-size", "30"], "--img-size 30: vit_tiny_patch16_224 cuts images into "
+                                                              "patches 16x16 apart"),
+    (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "100000000000"],
+     "argument --batch: the input of batch 100000000000 cannot be made"),
 ])
 def test_profile_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
     (tmp_path / "file").write_text("")
@@ -447,3 +459,23 @@ def test_host_ab_times_this_checkout_s_package(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(copy / "clora_kernels" / "__init__.py")
+
+
+def test_profile_trace_into_a_pipe_tagged_names_and_compile_limits(tmp_path, capsys):
+    """--trace was written by torch.profiler, which writes a temporary file and renames it over the path:
+    `--trace /dev/null` as root replaced the machine's /dev/null with a plain file (a helper's attack did).
+    It goes through write_atomic now (a device or a pipe is written into). A tagged timm name was refused
+    (timm.list_models has no tags); the compile rows ran eager past torch's 8 recompiles, silently."""
+    import threading
+    fifo = tmp_path / "trace"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    assert profile_main(["--model", "vit_tiny_patch16_224.augreg_in21k", "--img-size", "32", "--batch", "1",
+                         "--iters", "1", "--warmup", "0", "--rank", "4", "--trace", str(fifo), "--no-progress"]) == 0
+    reader.join(60)
+    assert os.path.exists(fifo) and not os.path.isfile(fifo) and json.loads(got[0])["traceEvents"]
+    from clora_kernels.profile import runner
+    runner(torch.nn.Linear(2, 2), "compile", torch.randn(1, 2), torch.device("cpu"))
+    assert torch._dynamo.config.cache_size_limit >= 512

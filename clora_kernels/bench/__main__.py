@@ -13,7 +13,7 @@ import torch
 from .. import _cli, available_backends
 from .._io import parent_made, provenance, write_json_atomic
 from .core import BASELINES, DTYPES, ENGINE, build_variant, floor_ratio, flops_bytes, geomean, graph_sets, \
-    make_case, measure_ceilings, peak_mem, time_graph_us, time_us, usable_for_timing
+    make_case, measure_ceilings, peak_mem, raise_compile_limits, time_graph_us, time_us, usable_for_timing
 from .shapes import RANKS, suite_shapes
 
 
@@ -138,11 +138,8 @@ def run(args) -> dict:
     meta["skipped_shapes"] = unfit
     meta["failed"] = failed = []      # "variant at shape: error", one per failure (main exits 1 if any)
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-    # the compile row compiles each shape static: one graph per shape and pass (264 for --suite full), beyond
-    # Dynamo's limits, which fall back to eager silently and would leave eager rows labelled "compile"
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
-    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+    # the compile row compiles each shape static: one graph per shape and pass (264 for --suite full)
+    raise_compile_limits()
     compiled: dict = {}
     results = []
     from tqdm import tqdm

@@ -108,6 +108,16 @@ def build_variant(name: str, case: Case, training: bool, compiled_cache: dict):
                                                c.routing_delta, None, c.scaling, backend=backend), training)
 
 
+def raise_compile_limits() -> None:
+    """Dynamo's recompile limits raised for a timing run, which compiles many graphs of one code: past them
+    torch falls back to eager silently, and an eager row is labelled "compile" (clora-bench compiles each
+    shape static; clora-profile compiles one timm forward per variant and batch size, 10 on a GPU against
+    torch's default 8)."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+
+
 def peft_dtype_kwargs() -> dict:
     """get_peft_model's autocast_adapter_dtype=False: the adapter in the base's dtype, as every other
     variant computes (PEFT's default keeps a bf16 model's adapter in fp32, with casts around it; peft
