@@ -1162,8 +1162,8 @@ def _write_failed(exc: BaseException) -> bool:
     --resume gets past once mended; any other error is a traceback."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
-    text = str(exc)
-    return "PytorchStreamWriter failed" in text or "inline_container.cc" in text
+    text = str(exc)     # (not torch's failures to open the file: a folder, no rights, which are no want of room)
+    return "PytorchStreamWriter failed" in text or ("inline_container.cc" in text and "unexpected pos" in text)
 
 
 def _interrupted(args, done: list, why: str = "interrupted", code: int = 130, resumable: bool = False) -> int:

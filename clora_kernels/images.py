@@ -344,15 +344,35 @@ def timm_backbone(args, num_classes: int):
 def patch_misfit(model, size) -> str:
     """Why an input of `size` pixels square does not fit the patch grid of a timm `model` ('' where it does,
     or `size` is None): a grid cuts the rest off (at 30 with patches of 16 the model saw the top-left 16x16
-    pixels), or the model refuses it at its first forward."""
+    pixels; ConvNeXt's 4x4 stem, silently too), or the model refuses it at its first forward. The grid is
+    that of the first convolution without padding, the patch embedding's where there is one (PiT's
+    patches of 16 overlap, 8 apart: 232 fits), else the model's stem; a padded one drops no pixel."""
+    import torch.nn as nn
+    if not size:
+        return ""
     embed = getattr(model, "patch_embed", None)
-    # the patches' stride (PiT's patches of 16 overlap, 8 apart), else their size
-    step = getattr(getattr(embed, "proj", None), "stride", None) or getattr(embed, "patch_size", None)
-    step = tuple(step) if isinstance(step, (tuple, list)) else (step, step)
-    if size and all(isinstance(p, int) and p > 0 for p in step) and any(size % p for p in step):
-        return (f"cuts images into patches {step[0]}x{step[1]} apart, and the last {max(size % p for p in step)} "
-                f"rows or columns would be dropped; give a multiple of {max(step)}")
-    return ""
+    if getattr(embed, "dynamic_img_pad", False):        # (timm pads the image to the grid)
+        return ""
+    convs = [m for m in (embed or model).modules() if isinstance(m, nn.Conv2d)]
+    if convs:
+        conv = convs[0]
+        if isinstance(conv.padding, str) or any(conv.padding):
+            return ""
+        kernel, stride = conv.kernel_size, conv.stride
+    else:
+        step = getattr(embed, "patch_size", None)
+        step = tuple(step) if isinstance(step, (tuple, list)) else (step, step)
+        if not all(isinstance(p, int) and p > 0 for p in step):
+            return ""
+        kernel = stride = step
+    cut = max((size - k) % s if size >= k else size for k, s in zip(kernel, stride))
+    if not cut:
+        return ""
+    if tuple(kernel) == tuple(stride):
+        return (f"cuts images into patches {stride[0]}x{stride[1]} apart, and the last {cut} rows or columns would "
+                f"be dropped; give a multiple of {max(stride)}")
+    return (f"cuts images into patches {kernel[0]}x{kernel[1]}, {stride[0]} apart, and the last {cut} rows or "
+            f"columns would be dropped; give {max(kernel)} plus a multiple of {max(stride)}")
 
 
 def _transform(model, args):

@@ -67,9 +67,12 @@ def build_model(name: str, img_size, device, dtype):
         raise ProfileError(f"--model {name!r} is not a timm model (or 'minilm')" +
                            (f"; close names: {', '.join(close)}" if close else ""))
     try:
-        model = timm.create_model(name, pretrained=False, **({"img_size": img_size} if img_size else {}))
-    except TypeError:            # a model without an img_size argument (a CNN) takes any input size
-        model = timm.create_model(name, pretrained=False)
+        try:
+            model = timm.create_model(name, pretrained=False, **({"img_size": img_size} if img_size else {}))
+        except TypeError:            # a model without an img_size argument (a CNN) takes any input size
+            model = timm.create_model(name, pretrained=False)
+    except RuntimeError as exc:     # (an unknown tag, vit_tiny_patch16_224.bogus: a traceback)
+        raise ProfileError(f"--model {name!r}: {str(exc).splitlines()[0]}") from None
     from .images import patch_misfit
     why = patch_misfit(model, img_size)
     if why:     # (every run failed on it, the table empty, exit 1)

@@ -268,6 +268,7 @@ def test_profile_default_targets_leave_out_narrow_layers(tmp_path, capsys):
                                                               "patches 16x16 apart"),
     (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "100000000000"],
      "argument --batch: the input of batch 100000000000 cannot be made"),
+    (["--model", "vit_tiny_patch16_224.bogus_tag", "--img-size", "32"], "Invalid pretrained tag"),
 ])
 def test_profile_bad_input_is_one_line_exit_2(argv, msg, capsys, tmp_path):
     (tmp_path / "file").write_text("")

@@ -547,6 +547,12 @@ def test_a_failed_write_mid_run_and_unknown_api_methods_say_so(tmp_path, monkeyp
     monkeypatch.setattr(cc, "write_json_atomic", bug)
     with pytest.raises(FileNotFoundError):
         cc.main(argv)
+
+    def folder(path, data):         # (torch.save into a folder: no want of room)
+        raise RuntimeError("[enforce fail at inline_container.cc:747] open file failed with strerror: Is a directory")
+    monkeypatch.setattr(cc, "write_json_atomic", folder)
+    with pytest.raises(RuntimeError, match="Is a directory"):
+        cc.main(argv)
     monkeypatch.setattr(cc, "train_sequence", lambda *a, **k: pytest.fail("trained before the check"))
     args = cc.build_parser().parse_args(["--epochs", "1", "--methods", "full_ft"])
     with pytest.raises(ValueError, match=r"methods: \['nope'\] are none of"):

@@ -392,3 +392,18 @@ def test_interrupted_joint_is_said_to_start_again(tmp_path, monkeypatch, capsys)
     assert cc.main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "(simple_cil)" in err and "--resume" in err and "(joint, one training on every task, starts again)" in err
+
+
+def test_patch_misfit_reads_the_first_unpadded_convolution():
+    """The grid check read a patch embedding's `proj` or its patch size: PiT's patches of 16 overlap, 8 apart
+    (its embedding holds `conv`), and sizes that fit (232) were refused; ConvNeXt has no patch embedding and
+    its 4x4 stem dropped the last rows silently at 230. ResNet's padded stem drops none."""
+    import timm
+    from clora_kernels.images import patch_misfit
+
+    def misfit(name, size):
+        kwargs = {} if name.startswith(("resnet", "convnext")) else {"img_size": size}
+        return patch_misfit(timm.create_model(name, pretrained=False, **kwargs), size)
+    assert misfit("pit_ti_224", 232) == "" and "16x16, 8 apart, and the last 6 rows" in misfit("pit_ti_224", 230)
+    assert "4x4 apart, and the last 2 rows" in misfit("convnext_atto", 230) and misfit("convnext_atto", 224) == ""
+    assert misfit("resnet18", 225) == "" and "the last 8 rows" in misfit("vit_tiny_patch16_224", 40)
