@@ -347,7 +347,6 @@ def patch_misfit(model, size) -> str:
     pixels; ConvNeXt's 4x4 stem, silently too), or the model refuses it at its first forward. The grid is
     that of the first convolution without padding, the patch embedding's where there is one (PiT's
     patches of 16 overlap, 8 apart: 232 fits), else the model's stem; a padded one drops no pixel."""
-    import torch.nn as nn
     if not size:
         return ""
     embed = getattr(model, "patch_embed", None)

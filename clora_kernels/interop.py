@@ -147,8 +147,9 @@ def _served_without_adapter(model: nn.Module, names: list) -> list:
     """Where PEFT, given this adapter and a fresh base model, would not run some of its layers (each
     measured against PEFT 0.21 by a helper): timm attention whose `qkv` inject_clora made callable
     (`qkv_bias_separate`, off in a fresh model: BEiT 2.4e-2, EVA-02 0.27 off), torch's fused eval path of
-    nn.TransformerEncoderLayer (0.26 off), and the shared experts of DeepSeek-V2 / V3, GLM-4-MoE,
-    ERNIE-4.5-MoE and dots1, whose saved names PEFT maps onto the fused experts (0.22-0.35 off)."""
+    nn.TransformerEncoderLayer (0.26 off), and the shared experts of a model type whose checkpoints
+    transformers converts (`_converts_experts`), whose saved names PEFT maps onto the fused experts
+    (0.22-0.38 off)."""
     out = []
     qkv = [n for n in names if n.rpartition(".")[2] == "qkv"
            and getattr(model.get_submodule(n.rpartition(".")[0]), "qkv_bias_separate", None) is True]
