@@ -143,6 +143,18 @@ def _converts_experts(model_type) -> bool:
     return get_checkpoint_conversion_mapping(model_type) is not None
 
 
+def _fast_path_layer(layer: nn.Module) -> bool:
+    """Whether torch's fused eval path of nn.TransformerEncoderLayer can take this layer, by the conditions
+    its forward tests on the layer itself (batch_first, an input-projection bias, one packed qkv weight, relu
+    or gelu, equal norm eps, an even head count); those on the call (gradients, autocast, masks, hooks) are
+    the serving side's."""
+    if not isinstance(layer, nn.TransformerEncoderLayer):
+        return False
+    attn = layer.self_attn
+    return bool(attn.batch_first and attn.in_proj_bias is not None and attn._qkv_same_embed_dim
+                and layer.activation_relu_or_gelu and layer.norm1.eps == layer.norm2.eps and attn.num_heads % 2 == 0)
+
+
 def _served_without_adapter(model: nn.Module, names: list) -> list:
     """Where PEFT, given this adapter and a fresh base model, would not run some of its layers (each
     measured against PEFT 0.21 by a helper): timm attention whose `qkv` inject_clora made callable
@@ -157,14 +169,12 @@ def _served_without_adapter(model: nn.Module, names: list) -> list:
         out.append(f"a fresh timm model computes {qkv[:3]} without calling them (qkv_bias_separate=False), so PEFT "
                    f"would never run their adapter: set qkv_bias_separate=True on those attention modules of the "
                    f"model PEFT is given, as inject_clora did here")
-    fused = [n for n in names if n.rpartition(".")[2] in ("linear1", "linear2")     # (torch's fast path needs
-             and isinstance(parent := model.get_submodule(n.rpartition(".")[0]), nn.TransformerEncoderLayer)
-             and getattr(parent.self_attn, "batch_first", False)]                   # batch_first)
+    fused = [n for n in names if n.rpartition(".")[2] in ("linear1", "linear2")
+             and _fast_path_layer(model.get_submodule(n.rpartition(".")[0]))]
     if fused:
-        out.append(f"in eval mode without gradients, torch's fused path of nn.TransformerEncoderLayer (where its "
-                   f"conditions hold: batch_first, an even head count, relu or gelu, ...) reads {fused[:3]}'s weight "
-                   f"without calling them, so PEFT's model would leave their adapter out: serve it after "
-                   f"torch.backends.mha.set_fastpath_enabled(False)")
+        out.append(f"in eval mode without gradients, torch's fused path of nn.TransformerEncoderLayer reads "
+                   f"{fused[:3]}'s weight without calling them, so PEFT's model would leave their adapter out: "
+                   f"serve it after torch.backends.mha.set_fastpath_enabled(False)")
     kind = getattr(getattr(model, "config", None), "model_type", None)
     shared = [n for n in names if ".shared_experts." in f".{n}."] if _converts_experts(kind) else []
     if shared:

@@ -1414,8 +1414,10 @@ def _candidates(model: nn.Module) -> str:
     """The model's weight-holding layers by type, a few names each, for 'nothing matched' errors."""
     by_type = {}
     for n, m in sorted(model.named_modules(), key=lambda nm: not _linear_like(nm[1])):   # linear layers first
-        if n and isinstance(getattr(m, "weight", None), Tensor):
-            by_type.setdefault(type(m).__name__, []).append(n)
+        if n and isinstance(getattr(m, "weight", None), Tensor):   # (a class named as one of torch.nn's but not
+            t = type(m)                                                # it, torch.ao's QAT Linear say, in full)
+            label = t.__name__ if getattr(nn, t.__name__, t) is t else f"{t.__module__}.{t.__qualname__}"
+            by_type.setdefault(label, []).append(n)
     return "; ".join(f"{t} ({len(ns)}): {ns[:6]}" for t, ns in by_type.items()) or "none"
 
 

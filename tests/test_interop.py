@@ -1327,3 +1327,13 @@ def test_save_peft_adapter_warns_where_peft_would_not_run_the_adapter(tmp_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ck.save_peft_adapter(plain, tmp_path / "plain")
+    for i, kwargs in enumerate(({"nhead": 1}, {"activation": torch.tanh}, {"batch_first": False},
+                                {"layer_norm_eps": 1e-6})):   # torch's own fast-path conditions keep it off
+        kwargs = {"nhead": 2, "batch_first": True, **kwargs}
+        layer = nn.TransformerEncoderLayer(16, dim_feedforward=32, **kwargs)
+        if "layer_norm_eps" in kwargs:
+            layer.norm2.eps = 1e-5
+        slow = ck.inject_clora(nn.Sequential(layer), target_modules=["linear2"], rank=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ck.save_peft_adapter(slow, tmp_path / f"slow{i}")

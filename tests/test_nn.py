@@ -2069,6 +2069,11 @@ def test_inject_and_merge_and_unload_carry_the_layers_hooks(seed):
     tq.prepare(prepared, inplace=True)
     with pytest.raises(ValueError, match="prepared for quantization"):
         ck.inject_clora(prepared, target_modules=["0"], rank=2)
+    qat = nn.Sequential(nn.Linear(6, 5)).train()      # a subclass named as nn.Linear is named in full
+    qat.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    tq.prepare_qat(qat, inplace=True)
+    with pytest.raises(ValueError, match=r"by type: torch\.ao\.nn\.qat\.modules\.linear\.Linear \(1\)"):
+        ck.inject_clora(qat, target_modules=["0"], rank=2)
 
 
 def test_load_pre_hooks_run_before_the_layer_reads_the_state(seed):
