@@ -1736,7 +1736,6 @@ def inject_clora(model: nn.Module, target_modules=DEFAULT_TARGETS, rank: int = 1
         unused = [key for key in pattern if not any(_pattern_matches(key, n) for n in names)]
         if unused:
             warnings.warn(f"inject_clora: {option} key(s) {unused} match no adapted layer", UserWarning, stacklevel=2)
-    users = _parameter_users(model)
     new, flags = [], [(p, p.requires_grad) for p in model.parameters()]
     for name in names:
         try:
@@ -2016,20 +2015,32 @@ def unmerge(model: nn.Module) -> None:
         m.unmerge()
 
 
+def _values_of(p: Tensor):
+    """What a parameter's values are, for ties: its memory where it has one (two Parameter objects over the
+    same elements are one: `load_state_dict(..., assign=True)` of a tied checkpoint leaves a tie so, and a
+    merge wrote into the embedding, silently), the object itself otherwise (meta, empty, a subclass)."""
+    try:
+        if p.device.type != "meta" and p.numel() and type(p) in (nn.Parameter, Tensor):
+            return (p.device, p.dtype, p.untyped_storage().data_ptr(), p.storage_offset(), p.shape, p.stride())
+    except (RuntimeError, NotImplementedError):
+        pass
+    return id(p)
+
+
 def _parameter_users(model: nn.Module) -> dict:
-    """id(parameter) -> (name, holding module) for every name under which the model's modules hold it:
-    a tied one has several holders; one module reachable under several names (timm's CoaT:
+    """`_values_of(parameter)` -> (name, holding module) for every name under which the model's modules hold
+    it: a tied one has several holders; one module reachable under several names (timm's CoaT:
     `self.mlp2 = self.mlp3 = self.mlp4 = Mlp(...)`) is one holder, not a tie."""
     users = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for p_name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            users.setdefault(id(p), []).append((f"{mod_name}.{p_name}" if mod_name else p_name, mod))
+            users.setdefault(_values_of(p), []).append((f"{mod_name}.{p_name}" if mod_name else p_name, mod))
     return users
 
 
 def _tied(users: dict, weight: Tensor, holder: nn.Module) -> list:
     """The names of `weight` (`_parameter_users`) held by modules other than `holder`."""
-    return [name for name, mod in users.get(id(weight), []) if mod is not holder]
+    return [name for name, mod in users.get(_values_of(weight), []) if mod is not holder]
 
 
 def _layers_that_can(model: nn.Module, what: str, caller: str = "") -> list:

@@ -1647,6 +1647,28 @@ def test_one_module_under_several_names_is_no_tie(seed):
     with pytest.raises(ValueError, match=r"tied to \['fc2.weight'\]"):
         alias.fc1.merge()
 
+    # a tied checkpoint loaded with assign=True (torch's idiom for a model built on meta): two Parameter
+    # objects over one memory, a tie all the same (merge wrote the head's delta into the other layer, silently)
+    src = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6, bias=False))
+    src[2].weight = src[0].weight
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6, bias=False))
+    meta.load_state_dict(torch.load(buf), assign=True)
+    assert meta[0].weight is not meta[2].weight and meta[0].weight.data_ptr() == meta[2].weight.data_ptr()
+    loaded = ck.inject_clora(meta, target_modules=["1", "2"], rank=2)
+    assert loaded[2].tied_to == ["0.weight"] and loaded[1].tied_to == []
+    with pytest.raises(ValueError, match=r"tied to \['0.weight'\]"):
+        ck.merge(loaded)
+    apart = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))     # views of one buffer, not the same elements
+    flat = torch.randn(72)
+    apart[0].weight, apart[1].weight = nn.Parameter(flat[:36].view(6, 6)), nn.Parameter(flat[36:].view(6, 6))
+    apart = ck.inject_clora(apart, target_modules=["1"], rank=2)
+    assert apart[1].tied_to == []
+    ck.merge(apart)
+
 
 class _Identity(nn.Module):
     def forward(self, x):
