@@ -167,6 +167,12 @@ def _check_task_state(state: dict) -> None:
         raise ValueError(f"alpha must be a finite number, got {state['alpha']!r}")
     _check_energy(state.get("protect_energy", 0.9))
     check_flag("grad_through_old_route", state.get("grad_through_old_route", False))
+    merged_as = state.get("merged_as")
+    if not (merged_as in (None, "unknown") or isinstance(merged_as, dict) and set(merged_as) == {"scaling", "mode"}
+            and _finite_real(merged_as["scaling"])):
+        raise ValueError(f"the task state's merged_as must be None, 'unknown' or {{'scaling', 'mode'}}, got {merged_as!r}")
+    if isinstance(merged_as, dict):
+        _check_mode(merged_as["mode"])
 
 
 def _check_config(in_features: int, out_features: int, rank, alpha, mode, protect_energy, backend,
@@ -585,7 +591,7 @@ class CLoRALinear(nn.Linear):
         sums = {n: self._buffers[n] for n in getattr(policy, "sums", ()) if self._buffers.get(n) is not None}
         original = None     # a layer merged in fp32/fp64 cast to 16 bits: keep the weight as it was before the
         if self.__dict__.get("merged") and getattr(self, "_original_weight", None) is None \
-                and self.weight.dtype not in _HALF and fn(self.weight.new_empty(0)).dtype in _HALF:
+                and not self.__dict__.get("_merged_unknown") and self.weight.dtype not in _HALF and fn(self.weight.new_empty(0)).dtype in _HALF:
             with torch.no_grad():   # merge, as a 16-bit merge does (unmerge's subtraction in 16 bits moved 64 %
                 original = self.weight.detach().clone()     # of the elements by up to 2e-2 of max |W|)
                 self._take_out_merged(original)
@@ -692,12 +698,38 @@ class CLoRALinear(nn.Linear):
         of what was merged, so unmerge would take out the delta of the new setting; it remembers the
         delta it holds now (not while a load sets them: the loaded state's own)."""
         d = self.__dict__
-        if d.get("merged") and d.get("_merged_adapter") is None and "_loading" not in d:
+        if d.get("merged") and d.get("_merged_adapter") is None and "_loading" not in d and not d.get("_merged_unknown"):
             self._merged_adapter = self._merge_memo()
 
     def _merge_memo(self) -> tuple:
         """What merge remembers: the adapter's small tensors as they are, the scaling and the mode."""
         return tuple(t.detach().clone() for t in self._adapter()) + (self.scaling, self.mode)
+
+    def _merged_as(self):
+        """For a merged layer's task state, where its weight does not hold the adapter as saved (the
+        adapter, the scaling or the mode changed since the merge, as a merged layer allows): the merged
+        scaling and mode where only they changed, "unknown" where the adapter's tensors did (a state_dict
+        holds them as they are now, and the base is then in no tensor of it); None otherwise. Without it a
+        load took the saved adapter for the merged one, and unmerge left the base 0.2-0.9 off."""
+        if self.__dict__.get("_merged_unknown"):
+            return "unknown"
+        memo = self.__dict__.get("_merged_adapter")
+        if not self.merged or memo is None or any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
+            return None
+        def factors(a, b, r_old, r_delta, p, mode):     # what the delta reads in the merged mode
+            return a, b, routing_eff(r_old, r_delta, p if mode == "hard" else None)
+        with torch.no_grad():       # (an end_task since the merge moved the routing, not R_eff: the same delta)
+            if not all(map(torch.equal, factors(*memo[:5], memo[-1]), factors(*self._adapter(), memo[-1]))):
+                return "unknown"
+        return None if (memo[-2], memo[-1]) == (self.scaling, self.mode) else {"scaling": memo[-2], "mode": memo[-1]}
+
+    def _remember_merged_as(self, merged_as) -> None:
+        """A merged state's `merged_as` (`_merged_as`), loaded with its adapter: what unmerge takes out."""
+        if merged_as == "unknown":
+            self._merged_adapter, self.__dict__["_merged_unknown"] = None, True
+        elif merged_as is not None:
+            self._merged_adapter = tuple(t.detach().clone() for t in self._adapter()) + (
+                float(merged_as["scaling"]), merged_as["mode"])
 
     @torch.no_grad()
     @_lifecycle_step
@@ -759,6 +791,7 @@ class CLoRALinear(nn.Linear):
         what an earlier merge of this layer remembered."""
         self.merged = merged
         self._merged_adapter = self._original_weight = None
+        self.__dict__.pop("_merged_unknown", None)
 
     def _refusal(self, what: str) -> str:
         """Why this layer cannot `what` ("merge", "unmerge", or a step writing the adapter in place:
@@ -779,6 +812,11 @@ class CLoRALinear(nn.Linear):
             return (f"merge: this layer's weight is tied to {self.tied_to} (shared embeddings?); merging would "
                     f"change those too. Keep the adapter unmerged, or untie the weights first (then "
                     f"clora_kernels.merge(model), which finds the ties again)")
+        if what == "unmerge" and self.__dict__.get("_merged_unknown"):
+            return ("unmerge: this layer was loaded merged from a state saved after its adapter changed (a "
+                    "reset_adapter, a load or a training step on the merged layer): the state holds the merged weight "
+                    "and the adapter as it was then, not the merged one, so the base weight is in none of it. Load a "
+                    "state saved unmerged, or saved before that change; the merged forward is exact")
         if what in ("merge", "unmerge") and "weight" not in self._parameters:
             return (f"{what}: this layer's weight is computed by torch.nn.utils.prune or parametrize, so {what} "
                     f"could not change it in place; remove the pruning / parametrization first (prune.remove, "
@@ -802,6 +840,9 @@ class CLoRALinear(nn.Linear):
                  "alpha": float(self.alpha), "protect_energy": float(self.protect_energy),
                  "grad_through_old_route": bool(self.grad_through_old_route),
                  "weight_sums": _weight_sums(self.weight) if self.merged else None}
+        merged_as = self._merged_as()
+        if merged_as is not None:
+            state["merged_as"] = merged_as
         out = _encode_task_state(state)
         _given(out, self, state, _version(self.projection))
         return out
@@ -864,8 +905,10 @@ class CLoRALinear(nn.Linear):
             self._set_merged(bool(state.get("merged", False)))
             if self.merged and loading is not None and all(map(loaded, _ADAPTER_TENSORS)):
                 self._remember_loaded_adapter()
+                self._remember_merged_as(state.get("merged_as"))
             elif self.merged and loading is not None:   # the adapter comes in a later part (a sharded checkpoint):
                 self._load_parts()["merged"] = True     # none of it is one to merge in place of the weight's
+                self._load_parts()["merged_as"] = state.get("merged_as")
         elif loading is not None and state.get("merged"):
             # a sharded checkpoint's part: the merged weight comes in another load_state_dict call, before
             # this one (it is the layer's weight now) or after it (`_load_layer` takes it for the merged one,
@@ -924,6 +967,9 @@ class CLoRALinear(nn.Linear):
             and not self.__dict__.get("_parts", {}).get("merged") \
             and (any(prefix + n in state_dict for n in _ADAPTER_TENSORS)
                  or _task_state_entry(state_dict, prefix) is not None)
+        if remerge and self.__dict__.get("_merged_unknown"):
+            raise ValueError(f"layer {prefix[:-1]!r}: an adapter or task state without the weight cannot be loaded "
+                             f"into this merged layer: " + self._refusal("unmerge").partition(": ")[2])
         if remerge:
             self._remember_merged()         # what is in the weight, before the load replaces the adapter
         errors = len(error_msgs)
@@ -966,6 +1012,10 @@ class CLoRALinear(nn.Linear):
                         self._merged_from_parts()
                     elif not any(prefix + name in state_dict for name in ("lora_A", "lora_B", "routing_delta")):
                         self._set_merged(False)
+                    elif self.merged:   # the loaded weight merged with the loaded adapter (what merge left, the
+                        self._set_merged(True)      # weight before it, is gone: unmerge took that out, or put
+                        if all(prefix + n in state_dict for n in _ADAPTER_TENSORS):     # back the old weight)
+                            self._remember_loaded_adapter()
                 if len(error_msgs) == errors:
                     self._part_loaded(state_dict, prefix, extra is not None)
             finally:
@@ -997,6 +1047,7 @@ class CLoRALinear(nn.Linear):
         if parts.get("merged") and seen.issuperset(_ADAPTER_TENSORS):
             del parts["merged"]         # the checkpoint's adapter is in: what the merged weight holds
             self._remember_loaded_adapter()
+            self._remember_merged_as(parts.pop("merged_as", None))
         if parts.get("enforced") is not None and seen.issuperset(_ADAPTER_TENSORS + self.protection.buffers):
             self.protection.loaded_enforced(self, parts.pop("enforced"))
         if not (set(parts) - {"seen"}) and (whole or seen.issuperset(("_extra_state",) + _ADAPTER_TENSORS

@@ -1318,6 +1318,69 @@ def test_a_layer_loaded_merged_unmerges_what_was_merged_after_the_adapter_change
         assert rel_err(layer.weight, base) < 1e-6, change
 
 
+@pytest.mark.parametrize("change", ["alpha", "hard mode", "reset", "step"])
+def test_a_merged_layer_changed_since_its_merge_saves_what_its_weight_holds(change, seed):
+    """A merged layer keeps its merged output, and its unmerge, through a change of the scaling, the mode or
+    the adapter; its state_dict holds the merged weight and the adapter as it is now. A load took that adapter
+    for the merged one, and unmerge left the base 0.2-0.9 off, silently. The task state now says what the
+    weight holds: the merged scaling and mode, which the load remembers; after a change of the adapter's
+    tensors the base is in no tensor of the state, and the loaded layer's unmerge is refused by name (its
+    merged forward exact). A second save and load keeps either."""
+    src = _trained(CLoRALinear(10, 8, rank=3))
+    base = src.weight.detach().clone()
+    src.merge()
+    if change == "alpha":
+        src.alpha = 3 * src.alpha
+    elif change == "hard mode":
+        src.end_task()
+        src.mode = "hard"
+    elif change == "reset":
+        src.reset_adapter()
+    else:
+        with torch.no_grad():
+            src.lora_B.add_(1.0)
+    x = torch.randn(4, 10)
+    want = src(x).detach()
+    twin = CLoRALinear(10, 8, rank=3)
+    twin.load_state_dict(copy.deepcopy(src.state_dict()))
+    again = CLoRALinear(10, 8, rank=3)
+    again.load_state_dict(copy.deepcopy(twin.state_dict()))
+    for layer in (twin, again):
+        assert layer.merged and torch.equal(layer(x), want)
+        if change in ("reset", "step"):
+            with pytest.raises(ValueError, match="loaded merged from a state saved after its adapter changed"):
+                ck.unmerge(nn.Sequential(layer))
+            with pytest.raises(ValueError, match="cannot be loaded into this merged layer"):
+                layer.load_state_dict({k: v for k, v in src.state_dict().items() if k != "weight"}, strict=False)
+            assert layer.merged and torch.equal(layer(x), want)
+        else:
+            layer.unmerge()
+            assert rel_err(layer.weight, base) < 1e-6, change
+    src.unmerge()
+    assert rel_err(src.weight, base) < 1e-6
+    assert ck.nn.task_state(src.state_dict()["_extra_state"]).get("merged_as") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_weight_and_adapter_without_task_state_replace_what_the_merge_remembered(dtype, seed):
+    """A merged model's weight and adapter without their task state (strict=False) into another merged
+    layer: it stays merged (the state says nothing of merging), and unmerge takes the loaded adapter out
+    of the loaded weight. It took out the merge done before the load (0.5 off), or put back the weight from
+    before it (16 bits: the loaded weight thrown away, 1.0 off)."""
+    src = _trained(CLoRALinear(8, 6, rank=3)).to(dtype)
+    with torch.no_grad():
+        src.weight.add_(1.0)
+    base = src.weight.detach().clone()
+    src.merge()
+    state = {k: v.clone() for k, v in src.state_dict().items() if k != "_extra_state"}
+    dst = _trained(CLoRALinear(8, 6, rank=3)).to(dtype)
+    dst.merge()
+    dst.load_state_dict(state, strict=False)
+    assert dst.merged
+    dst.unmerge()
+    assert rel_err(dst.weight, base) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_state_dict_keeps_protect_energy_and_grad_through_old_route(seed):
     """The state_dict's task state carries every setting save_adapter keeps: a hard-mode layer with
     protect_energy 0.5 and the old route trained, restored into a default layer, trained with the
