@@ -391,12 +391,15 @@ class Project(Protection):
             # tensor a forward projected since the last step is not projected twice, so DDP ranks whose observe
             # pass fed one of them no batch end the task bit for bit equal (they differed by up to 7e-7); a `.data`
             # edit, what force is for, changes the values, which are then projected. By a tensor comparison, not
-            # a branch on it: no device sync
+            # a branch on it: no device sync; on the CPU, where a branch costs none, a tensor holding its
+            # enforced values is not written at all (the write bumped its version, and a graph built before
+            # another model's optimizer step failed its backward after this layer's next forward)
             kept = None if last is None or now[:-1] != last[:-1] else layer.__dict__.get("_enforced_values")
             with exact_math(layer.lora_A):          # (not in the caller's autocast: kept across steps)
                 for i, (t, projected) in enumerate(zip(tensors, self.projected(layer, *tensors))):
-                    if projected is not t:
-                        t.copy_(projected if kept is None else torch.where((t == kept[i]).all(), t, projected))
+                    if projected is t or kept is not None and t.device.type == "cpu" and torch.equal(t, kept[i]):
+                        continue
+                    t.copy_(projected if kept is None else torch.where((t == kept[i]).all(), t, projected))
             layer._enforced_versions = self._versions(layer)
             _keep_values(layer, tensors)
 

@@ -1234,6 +1234,16 @@ def test_project_layer_is_not_moved_by_another_models_optimizer(seed):
             layer(torch.randn(4, K))
     for t, want in zip((layer.lora_A, layer.routing_delta, layer.lora_B), kept):
         assert torch.equal(t, want)
+    # nor written (on the CPU, where the test costs no sync): a graph built before another model's step
+    # backpropagates after this layer's next forward (its write bumped the factors' versions: "modified by
+    # an inplace operation", also between threads serving one model while another trains)
+    x = torch.randn(4, K, requires_grad=True)
+    y = layer(x)
+    other.grad = torch.ones(3)
+    sgd.step()
+    layer(torch.randn(4, K))
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
     # a fused step of its own still enforces (the values changed under the same version counters)
     x_old = torch.randn(8, K) @ layer.protect_input_basis @ layer.protect_input_basis.t()
     with torch.no_grad():
