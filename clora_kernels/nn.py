@@ -29,7 +29,7 @@ from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
 from .functional import _HALF, check_flag, exact_math, finite_number, module_linear
-from .protection import Project, Protection, forget_observed, make_protection, sum_dtype
+from .protection import Project, Protection, forget_observed, make_protection, protection_lock, sum_dtype
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -678,14 +678,15 @@ class CLoRALinear(nn.Linear):
     def _end_task_commit(self, plan: tuple) -> None:
         """Set what the plan made; run again, it sets the same (`_end_tasks` finishes an interrupted one)."""
         index, routing, projection, prepared, _ = plan
-        self.routing_old.copy_(routing)
-        self.routing_delta.zero_()
-        self.routing_delta.grad = None      # (the finished task's: an optimizer step before zero_grad applied it)
-        if projection is not None:
-            self.projection.copy_(projection)
-        self.task_index = index + 1     # (before the policy's step: freeze reads it)
-        self.protection.end_task(self, prepared)
-        self.__dict__.pop("_parts", None)       # (a load's parts are over)
+        with protection_lock():         # (a forward of another thread projects the factors in between no more)
+            self.routing_old.copy_(routing)
+            self.routing_delta.zero_()
+            self.routing_delta.grad = None      # (the finished task's: an optimizer step before zero_grad applied it)
+            if projection is not None:
+                self.projection.copy_(projection)
+            self.task_index = index + 1     # (before the policy's step: freeze reads it)
+            self.protection.end_task(self, prepared)
+            self.__dict__.pop("_parts", None)       # (a load's parts are over)
 
     def _nonfinite_adapter(self) -> str:
         """Names of the adapter tensors holding NaN or Inf ('' when all are finite): a task ended on

@@ -1331,3 +1331,46 @@ def test_switching_from_paper_to_project_after_a_task_warns(seed):
     with pytest.warns(UserWarning, match=r"after task 1: it protects the inputs it observes from here on, and the "
                                          r"earlier tasks' were never observed"):
         layer.protection = "project"
+
+
+def test_a_task_ends_whole_beside_another_threads_forward(seed, monkeypatch):
+    """A forward of another thread (a model served while it trains) projected the factors while end_task
+    set the policy's new bases and anchors one after the other, with a new basis and the old anchor (40
+    end_tasks beside three serving threads moved the output by up to 6.3, for good, or failed the forward).
+    The task's end and a projection now run one after the other."""
+    import threading
+    from clora_kernels.protection import Project
+    torch.manual_seed(seed)
+    layer, x_old = _first_task("project", seed, inputs=torch.randn(256, 4) @ torch.randn(4, K))
+    x_new = torch.randn(32, 4) @ torch.randn(4, K)      # (the input basis grows: 4 columns to 8)
+    _fit(layer, x_new, torch.randn(32, N), steps=3)
+    with torch.no_grad():
+        with ck.observe_task(layer):
+            layer(x_new)
+        want_old, want_new = layer(x_old[:8]).clone(), layer(x_new).clone()
+    plain, errors = Project.end_task, []
+
+    def serve():
+        try:
+            with torch.no_grad():
+                layer(x_old[:8])
+        except Exception as exc:    # (reported below)
+            errors.append(exc)
+
+    def halfway(self, lay, prepared):       # a serving thread's forward after the first of the policy's writes
+        for name in prepared:
+            if name.endswith("_basis"):
+                setattr(lay, name, prepared[name])
+        thread = threading.Thread(target=serve)
+        thread.start()
+        thread.join(timeout=1.0)
+        plain(self, lay, prepared)
+        return thread
+    threads = []
+    monkeypatch.setattr(Project, "end_task", lambda self, lay, prepared=None: threads.append(
+        halfway(self, lay, prepared)))
+    layer.end_task()
+    threads[0].join()
+    assert not errors and layer.protect_input_basis.shape[1] == 8
+    with torch.no_grad():
+        assert rel_err(layer(x_old[:8]), want_old) < 1e-5 and rel_err(layer(x_new), want_new) < 1e-5
