@@ -15,6 +15,7 @@ import numbers
 import os
 import re
 import sys
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
@@ -562,6 +563,7 @@ class CLoRALinear(nn.Linear):
             # made inside an observe_task block, which the copy is no part of: it recorded every later forward
             # forever; as an interrupted pass, nothing of the open one is kept (the copy observes again)
             state["_observing"] = False
+            state.pop("_observing_thread", None)
             forget_observed(state)
         try:
             state["_enforced_fingerprint"] = self.protection.enforced_fingerprint(self)
@@ -1979,20 +1981,26 @@ def observe_task(model: nn.Module, group=None):
     Layers of the other policies ignore the pass. What is recorded is a K×K Gram per layer, freed
     by end_task. Every forward of the layers while the block is open counts, from any thread (a
     pass split over threads sums whole; a request served by the same model meanwhile is recorded
-    too: serve from a copy). In a multi-process job (DDP) every process runs the block on its share of the
+    too: serve from a copy; a block of another thread beside an open one is refused). In a multi-process job (DDP) every process runs the block on its share of the
     task's data; at its end the Grams are summed over the processes (an all-reduce), so each
     protects the whole task's inputs. `group`: the processes holding replicas of the model, whose
     inputs are summed (torch.distributed's process group); default: a DistributedDataParallel
     wrapper's own group where `model` is one, else every process of the job (models trained apart in
     one job, an ensemble or seeds side by side, each protected the others' inputs: pass their group)."""
-    layers = [m for _, m in _require_layers(model, "observe_task", reshard=False)
-              if m.protection.needs_inputs and not m._observing]   # nested: counted once
+    needs = [(n, m) for n, m in _require_layers(model, "observe_task", reshard=False) if m.protection.needs_inputs]
+    me = threading.get_ident()
+    busy = [n or "<the model>" for n, m in needs if m._observing and m.__dict__.get("_observing_thread") != me]
+    if busy:    # (the first block to close ended the other's recording, silently: 20 of 160 rows kept)
+        raise ValueError(f"observe_task: another thread's observe_task block is open on {busy[:4]}; open one block "
+                         f"per model at a time (a pass split over threads runs inside one block)")
+    layers = [m for _, m in needs if not m._observing]   # nested: counted once
     why = next((w for w in (getattr(m.protection, "sharded", lambda _: "")(m) for m in layers) if w), "")
     if why:     # (refused by end_task, after the whole pass, and a task trained for nothing)
         raise ValueError(f"observe_task: {why}")
     group = replica_group(model, group)
     for m in layers:
         m._observing = True
+        m.__dict__["_observing_thread"] = me
     try:
         yield model
     except BaseException:
@@ -2009,6 +2017,7 @@ def observe_task(model: nn.Module, group=None):
     finally:
         for m in layers:
             m._observing = False
+            m.__dict__.pop("_observing_thread", None)
 
 
 def replica_group(model: nn.Module, group=None):

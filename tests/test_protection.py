@@ -242,6 +242,24 @@ def test_observe_task_counts_once_drops_bad_passes_and_takes_keyword_input():
     with torch.no_grad(), ck.observe_task(layer), ck.observe_task(layer):   # nested: one record
         layer(input=x)
     assert layer._observed_rows == 16
+    import threading        # another thread's block beside an open one is refused (where the first one closed
+    seen = []               # first, the other's recorded nothing more, silently); a pass over threads in one counts
+
+    def other():
+        try:
+            with ck.observe_task(layer):
+                pass
+        except ValueError as exc:
+            seen.append(str(exc))
+        layer(x[:4])
+    with torch.no_grad(), ck.observe_task(layer):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(seen) == 1 and "another thread's observe_task block is open on ['<the model>']" in seen[0], seen
+    assert layer._observed_rows == 20 and "_observing_thread" not in layer.__dict__
+    with ck.observe_task(layer):        # (closed: a new block in this thread is one)
+        assert layer.__dict__["_observing_thread"] == threading.get_ident()
     with pytest.raises(KeyboardInterrupt), torch.no_grad(), ck.observe_task(layer):
         layer(x)
         raise KeyboardInterrupt                                           # an interrupted pass is dropped
