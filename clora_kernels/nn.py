@@ -30,7 +30,8 @@ from .backends import BACKEND_NAMES
 from .backends.ops import _is_tracing, in_functorch
 from .reference import delta_weight, routing_eff
 from .functional import _HALF, check_flag, exact_math, finite_number, module_linear
-from .protection import Project, Protection, forget_observed, make_protection, protection_lock, sum_dtype
+from .protection import (Project, Protection, factor_leaves, forget_observed, make_protection, protection_lock,
+                         sum_dtype)
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -1222,10 +1223,11 @@ def _requires_grad_kept(layer):
     it changes whether the layer's policy trains them (the first task against a later one under
     "freeze", or another policy): a frozen teacher or EMA copy loading its student's state stays
     frozen, as nn.Linear's loading leaves requires_grad alone."""
-    before, flags = layer.protection.factors_train(layer), [p.requires_grad for p in (layer.lora_A, layer.lora_B)]
+    leaves = factor_leaves(layer)
+    before, flags = layer.protection.factors_train(layer), [p.requires_grad for p in leaves]
     yield
     if layer.protection.factors_train(layer) == before:
-        for p, flag in zip((layer.lora_A, layer.lora_B), flags):
+        for p, flag in zip(leaves, flags):
             p.requires_grad_(flag)
 
 

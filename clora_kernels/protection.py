@@ -262,7 +262,7 @@ class Freeze(Protection):
         self.apply_requires_grad(layer)
 
     def detach(self, layer) -> None:
-        for p in (layer.lora_A, layer.lora_B):     # another policy decides about them now
+        for p in factor_leaves(layer):     # another policy decides about them now
             p.requires_grad_(True)
 
     def apply_requires_grad(self, layer) -> None:
@@ -274,10 +274,22 @@ class Freeze(Protection):
         Under DistributedDataParallel the factors become unused parameters after the first task:
         wrap with find_unused_parameters=True, or wrap again after end_task."""
         first = self.factors_train(layer)
-        for p in (layer.lora_A, layer.lora_B):
+        for p in factor_leaves(layer):
             p.requires_grad_(first)
             if not first:
                 p.grad = None
+
+
+def factor_leaves(layer) -> list:
+    """The parameters that hold lora_A and lora_B: themselves, or where torch.nn.utils.parametrize computes
+    one, its original(s) (requires_grad_ on the computed tensor failed halfway through a load or a policy
+    switch, the layer left in the new task with its factor still training)."""
+    out = []
+    for name in ("lora_A", "lora_B"):
+        held = layer._parameters.get(name)
+        plist = getattr(getattr(layer, "parametrizations", None), name, None) if held is None else None
+        out += [held] if held is not None else list(plist.parameters(recurse=False)) if plist is not None else []
+    return out
 
 
 class Project(Protection):

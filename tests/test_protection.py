@@ -704,6 +704,33 @@ def test_project_refuses_a_parametrized_factor_it_cannot_write(seed):
         layer(x_old)
 
 
+def test_freeze_sets_requires_grad_on_a_parametrized_factors_original(seed):
+    """"freeze" turns a factor's training off at the task's end, a load of a later task's state and a
+    switch to the policy; where torch.nn.utils.parametrize computes lora_A it set requires_grad on the
+    computed tensor, which torch refuses: the load stopped halfway (task_index set, lora_A not loaded,
+    0.28 off) and a switch left the policy set with lora_A still training. The original is frozen."""
+    from torch.nn.utils import parametrize
+
+    class Same(nn.Module):
+        def forward(self, a):
+            return 1.0 * a
+    src, x_old = _first_task("freeze", seed)
+    parametrize.register_parametrization(src, "lora_A", Same())
+    dst = CLoRALinear(K, N, rank=R, backend="torch")
+    parametrize.register_parametrization(dst, "lora_A", Same())
+    dst.load_state_dict(copy.deepcopy(src.state_dict()))
+    original = dst.parametrizations.lora_A.original
+    assert dst.task_index == 1 and not original.requires_grad and not dst.lora_B.requires_grad
+    with torch.no_grad():
+        assert torch.equal(dst(x_old), src(x_old))
+    paper, _ = _first_task("paper", seed)
+    parametrize.register_parametrization(paper, "lora_A", Same())
+    paper.protection = "freeze"
+    assert not paper.parametrizations.lora_A.original.requires_grad and not paper.lora_B.requires_grad
+    paper.protection = "paper"
+    assert paper.parametrizations.lora_A.original.requires_grad
+
+
 def test_observe_task_leaves_bad_input_to_the_layers_own_errors():
     layer = CLoRALinear(K, N, rank=R, protection="project", backend="torch")
     with ck.observe_task(layer):
