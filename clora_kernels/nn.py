@@ -695,7 +695,7 @@ class CLoRALinear(nn.Linear):
         """Names of the adapter tensors holding NaN or Inf ('' when all are finite): a task ended on
         them would fold them into the frozen route, freeze them ("freeze") or fail half-way through
         the policy's bases ("project")."""
-        return nonfinite((n, _full(getattr(self, n))) for n in _ADAPTER_TENSORS)
+        return nonfinite((n, _full(getattr(self, n))) for n in _ADAPTER_TENSORS if not getattr(self, n).is_meta)
 
     def _remember_merged(self) -> None:
         """Before the mode or the scaling changes: a layer merged elsewhere (loaded merged) has no memory
@@ -803,7 +803,14 @@ class CLoRALinear(nn.Linear):
         open observe_task block (merging keeps the output, and what was observed); merging inside disable_adapter(),
         or into a weight tied to another module; either, where the weight is computed on every access
         (torch.nn.utils.prune's weight_orig · weight_mask, or a parametrization), so that an in-place
-        change of it would be lost; the others, where an adapter tensor is computed so."""
+        change of it would be lost; the others, where an adapter tensor is computed so; any, where some of the
+        layer's tensors are on the meta device and others not (a model built on meta and loaded in part)."""
+        if what in ("merge", "unmerge", "end_task"):
+            meta = [n for n in ("weight",) + _ADAPTER_TENSORS if getattr(self, n).is_meta]
+            if meta and len(meta) <= len(_ADAPTER_TENSORS):
+                return ((f"{what}: " if what != "end_task" else "") + f"{meta} are on the meta device and the rest of the layer is not (a model built on "
+                        f"meta and loaded in part: load its whole state with assign=True, or reset_parameters() "
+                        f"after to_empty())")
         if self._observing and what not in ("merge", "unmerge"):
             # (the rows observed so far were dropped, taken with the state the step replaces; an end_task
             # inside the block protected none of them: the block sums its inputs as it closes)

@@ -834,6 +834,20 @@ def test_reset_parameters_of_a_merged_layer_leaves_it_unmerged(seed):
     assert rel_err(layer(x), nn.functional.linear(x, w, layer.bias)) < 1e-6
 
 
+def test_a_layer_loaded_in_part_onto_meta_refuses_the_lifecycle_by_name(seed):
+    """A model built on the meta device and given only its base weights (assign=True, strict=False): end_task
+    failed with torch's "Tensor.item() cannot be called on meta tensors" and merge set merged with nothing
+    added. Each names the tensors still on meta; a layer wholly on meta merges as before."""
+    with torch.device("meta"):
+        model = nn.Sequential(CLoRALinear(6, 5, rank=2))
+    model.load_state_dict({"0.weight": torch.randn(5, 6), "0.bias": torch.zeros(5)}, strict=False, assign=True)
+    for step in (ck.end_task, ck.merge):
+        with pytest.raises(ValueError, match=r"\['lora_A', 'lora_B', 'routing_old', 'routing_delta', 'projection'\] "
+                                             r"are on the meta device and the rest of the layer is not"):
+            step(model)
+    assert not model[0].merged and model[0].task_index == 0
+
+
 def test_what_merge_remembered_moves_with_the_layer(seed):
     """.to() moves merge's memo with the weights, so unmerge works where the layer is now (here the
     meta device; a CPU memo beside a CUDA weight would fail the same way)."""
