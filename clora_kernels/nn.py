@@ -172,7 +172,8 @@ def _check_task_state(state: dict) -> None:
     merged_as = state.get("merged_as")
     if not (merged_as in (None, "unknown") or isinstance(merged_as, dict) and set(merged_as) == {"scaling", "mode"}
             and _finite_real(merged_as["scaling"])):
-        raise ValueError(f"the task state's merged_as must be None, 'unknown' or {{'scaling', 'mode'}}, got {merged_as!r}")
+        raise ValueError(f"the task state's merged_as must be None, 'unknown' or {{'scaling', 'mode'}}, "
+                         f"got {merged_as!r}")
     if isinstance(merged_as, dict):
         _check_mode(merged_as["mode"])
 
@@ -594,7 +595,8 @@ class CLoRALinear(nn.Linear):
         sums = {n: self._buffers[n] for n in getattr(policy, "sums", ()) if self._buffers.get(n) is not None}
         original = None     # a layer merged in fp32/fp64 cast to 16 bits: keep the weight as it was before the
         if self.__dict__.get("merged") and getattr(self, "_original_weight", None) is None \
-                and not self.__dict__.get("_merged_unknown") and self.weight.dtype not in _HALF and fn(self.weight.new_empty(0)).dtype in _HALF:
+                and not self.__dict__.get("_merged_unknown") and self.weight.dtype not in _HALF \
+                and fn(self.weight.new_empty(0)).dtype in _HALF:
             with torch.no_grad():   # merge, as a 16-bit merge does (unmerge's subtraction in 16 bits moved 64 %
                 original = self.weight.detach().clone()     # of the elements by up to 2e-2 of max |W|)
                 self._take_out_merged(original)
@@ -808,9 +810,9 @@ class CLoRALinear(nn.Linear):
         if what in ("merge", "unmerge", "end_task"):
             meta = [n for n in ("weight",) + _ADAPTER_TENSORS if getattr(self, n).is_meta]
             if meta and len(meta) <= len(_ADAPTER_TENSORS):
-                return ((f"{what}: " if what != "end_task" else "") + f"{meta} are on the meta device and the rest of the layer is not (a model built on "
-                        f"meta and loaded in part: load its whole state with assign=True, or reset_parameters() "
-                        f"after to_empty())")
+                return ((f"{what}: " if what != "end_task" else "") + f"{meta} are on the meta device and the rest "
+                        f"of the layer is not (a model built on meta and loaded in part: load its whole state with "
+                        f"assign=True, or reset_parameters() after to_empty())")
         if self._observing and what not in ("merge", "unmerge"):
             # (the rows observed so far were dropped, taken with the state the step replaces; an end_task
             # inside the block protected none of them: the block sums its inputs as it closes)
@@ -1990,9 +1992,9 @@ def observe_task(model: nn.Module, group=None):
     Layers of the other policies ignore the pass. What is recorded is a K×K Gram per layer, freed
     by end_task. Every forward of the layers while the block is open counts, from any thread (a
     pass split over threads sums whole; a request served by the same model meanwhile is recorded
-    too: serve from a copy; a block of another thread beside an open one is refused). In a multi-process job (DDP) every process runs the block on its share of the
-    task's data; at its end the Grams are summed over the processes (an all-reduce), so each
-    protects the whole task's inputs. `group`: the processes holding replicas of the model, whose
+    too: serve from a copy; a block of another thread beside an open one is refused). In a multi-process
+    job (DDP) every process runs the block on its share of the task's data; at its end the Grams are
+    summed over the processes (an all-reduce), so each protects the whole task's inputs. `group`: the processes holding replicas of the model, whose
     inputs are summed (torch.distributed's process group); default: a DistributedDataParallel
     wrapper's own group where `model` is one, else every process of the job (models trained apart in
     one job, an ensemble or seeds side by side, each protected the others' inputs: pass their group)."""
