@@ -720,8 +720,9 @@ class CLoRALinear(nn.Linear):
         if self.__dict__.get("_merged_unknown"):
             return "unknown"
         memo = self.__dict__.get("_merged_adapter")
-        if not self.merged or memo is None or any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
-            return None
+        if not self.merged or memo is None or any(isinstance(t, DTensor) or t.is_meta
+                                                  for t in (getattr(self, n) for n in _ADAPTER_TENSORS)):
+            return None     # (FSDP2: no collective in a state_dict, as a load remembers none: `_remember_loaded_adapter`)
         def factors(a, b, r_old, r_delta, p, mode):     # what the delta reads in the merged mode
             return a, b, routing_eff(r_old, r_delta, p if mode == "hard" else None)
         with torch.no_grad():       # (an end_task since the merge moved the routing, not R_eff: the same delta)
@@ -808,8 +809,9 @@ class CLoRALinear(nn.Linear):
         change of it would be lost; the others, where an adapter tensor is computed so; any, where some of the
         layer's tensors are on the meta device and others not (a model built on meta and loaded in part)."""
         if what in ("merge", "unmerge", "end_task"):
-            meta = [n for n in ("weight",) + _ADAPTER_TENSORS if getattr(self, n).is_meta]
-            if meta and len(meta) <= len(_ADAPTER_TENSORS):
+            own = [(n, t) for n, t in (*self._parameters.items(), *self._buffers.items()) if t is not None]
+            meta = [n for n, t in own if t.is_meta]
+            if meta and len(meta) < len(own):
                 return ((f"{what}: " if what != "end_task" else "") + f"{meta} are on the meta device and the rest "
                         f"of the layer is not (a model built on meta and loaded in part: load its whole state with "
                         f"assign=True, or reset_parameters() after to_empty())")
@@ -921,12 +923,15 @@ class CLoRALinear(nn.Linear):
                 self._remember_merged_as(state.get("merged_as"))
             elif self.merged and loading is not None:   # the adapter comes in a later part (a sharded checkpoint):
                 self._load_parts()["merged"] = True     # none of it is one to merge in place of the weight's
-                self._load_parts()["merged_as"] = state.get("merged_as")
+                if state.get("merged_as") is not None:
+                    self._load_parts()["merged_as"] = state["merged_as"]
         elif loading is not None and state.get("merged"):
             # a sharded checkpoint's part: the merged weight comes in another load_state_dict call, before
             # this one (it is the layer's weight now) or after it (`_load_layer` takes it for the merged one,
             # also where the layer was merged before the load). Before, the layer took the merged weight for
             # its base and added the adapter a second time (a 14-layer Llama's logits moved 0.5-0.7)
+            if state.get("merged_as") is not None:      # (taken with the adapter: `_part_loaded`)
+                self._load_parts()["merged_as"] = state["merged_as"]
             sums = state.get("weight_sums")
             if not self.merged and _same_sums(_weight_sums(self.weight), sums):
                 self._merged_from_parts()
@@ -1999,19 +2004,20 @@ def observe_task(model: nn.Module, group=None):
     wrapper's own group where `model` is one, else every process of the job (models trained apart in
     one job, an ensemble or seeds side by side, each protected the others' inputs: pass their group)."""
     needs = [(n, m) for n, m in _require_layers(model, "observe_task", reshard=False) if m.protection.needs_inputs]
-    me = threading.get_ident()
-    busy = [n or "<the model>" for n, m in needs if m._observing and m.__dict__.get("_observing_thread") != me]
-    if busy:    # (the first block to close ended the other's recording, silently: 20 of 160 rows kept)
-        raise ValueError(f"observe_task: another thread's observe_task block is open on {busy[:4]}; open one block "
-                         f"per model at a time (a pass split over threads runs inside one block)")
-    layers = [m for _, m in needs if not m._observing]   # nested: counted once
-    why = next((w for w in (getattr(m.protection, "sharded", lambda _: "")(m) for m in layers) if w), "")
-    if why:     # (refused by end_task, after the whole pass, and a task trained for nothing)
-        raise ValueError(f"observe_task: {why}")
     group = replica_group(model, group)
-    for m in layers:
-        m._observing = True
-        m.__dict__["_observing_thread"] = me
+    me = threading.get_ident()
+    with protection_lock():     # (tested and marked at once: two threads' blocks both got in)
+        busy = [n or "<the model>" for n, m in needs if m._observing and m.__dict__.get("_observing_thread") != me]
+        if busy:    # (the first block to close ended the other's recording, silently: 20 of 160 rows kept)
+            raise ValueError(f"observe_task: another thread's observe_task block is open on {busy[:4]}; open one "
+                             f"block per model at a time (a pass split over threads runs inside one block)")
+        layers = [m for _, m in needs if not m._observing]   # nested: counted once
+        why = next((w for w in (getattr(m.protection, "sharded", lambda _: "")(m) for m in layers) if w), "")
+        if why:     # (refused by end_task, after the whole pass, and a task trained for nothing)
+            raise ValueError(f"observe_task: {why}")
+        for m in layers:
+            m._observing = True
+            m.__dict__["_observing_thread"] = me
     try:
         yield model
     except BaseException:

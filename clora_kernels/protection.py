@@ -281,14 +281,21 @@ class Freeze(Protection):
 
 
 def factor_leaves(layer) -> list:
-    """The parameters that hold lora_A and lora_B: themselves, or where torch.nn.utils.parametrize computes
-    one, its original(s) (requires_grad_ on the computed tensor failed halfway through a load or a policy
-    switch, the layer left in the new task with its factor still training)."""
+    """The parameters that hold lora_A and lora_B: themselves, or where torch.nn.utils.parametrize or prune
+    computes one, its original(s) (requires_grad_ on the computed tensor failed halfway through a load or a
+    policy switch, the layer left in the new task with its factor still training)."""
     out = []
     for name in ("lora_A", "lora_B"):
-        held = layer._parameters.get(name)
-        plist = getattr(getattr(layer, "parametrizations", None), name, None) if held is None else None
-        out += [held] if held is not None else list(plist.parameters(recurse=False)) if plist is not None else []
+        plist = getattr(getattr(layer, "parametrizations", None), name, None)
+        if name in layer._parameters:
+            out.append(layer._parameters[name])
+        elif plist is not None:
+            out += list(plist.parameters(recurse=False))
+        elif name + "_orig" in layer._parameters:       # (prune's)
+            out.append(layer._parameters[name + "_orig"])
+        else:
+            raise ValueError(f"{name} is computed by something this layer does not know (neither parametrize nor "
+                             f"prune), so its training cannot be turned off; remove that first")
     return out
 
 

@@ -842,10 +842,17 @@ def test_a_layer_loaded_in_part_onto_meta_refuses_the_lifecycle_by_name(seed):
         model = nn.Sequential(CLoRALinear(6, 5, rank=2))
     model.load_state_dict({"0.weight": torch.randn(5, 6), "0.bias": torch.zeros(5)}, strict=False, assign=True)
     for step in (ck.end_task, ck.merge):
-        with pytest.raises(ValueError, match=r"\['lora_A', 'lora_B', 'routing_old', 'routing_delta', 'projection'\] "
+        with pytest.raises(ValueError, match=r"\['lora_A', 'lora_B', 'routing_delta', 'routing_old', 'projection'\] "
                                              r"are on the meta device and the rest of the layer is not"):
             step(model)
     assert not model[0].merged and model[0].task_index == 0
+    with torch.device("meta"):          # the policy's buffers are named too
+        project = nn.Sequential(CLoRALinear(6, 5, rank=2, protection="project"))
+    state = _trained(CLoRALinear(6, 5, rank=2, protection="project")).state_dict()
+    project.load_state_dict({f"0.{k}": v for k, v in state.items() if not k.startswith("protect_")}, strict=False,
+                            assign=True)
+    with pytest.raises(ValueError, match=r"\['protect_input_basis', .* are on the meta device"):
+        ck.end_task(project)
 
 
 def test_what_merge_remembered_moves_with_the_layer(seed):
@@ -860,6 +867,7 @@ def test_what_merge_remembered_moves_with_the_layer(seed):
     layer.merge()
     layer.to("meta")
     assert all(t.is_meta for t in layer._merged_adapter if torch.is_tensor(t))    # (CPU before the fix)
+    assert "_extra_state" in layer.state_dict()      # (no comparison of meta tensors: `_merged_as`)
     layer.unmerge()
     assert layer.weight.is_meta and not layer.merged
 
@@ -1370,6 +1378,17 @@ def test_a_merged_layer_changed_since_its_merge_saves_what_its_weight_holds(chan
         else:
             layer.unmerge()
             assert rel_err(layer.weight, base) < 1e-6, change
+    if change == "alpha":       # a checkpoint in parts (the weight apart, either first): the same
+        state = copy.deepcopy(src.state_dict())
+        for first in ("weight", "adapter"):
+            parted = CLoRALinear(10, 8, rank=3)
+            weight = {k: state[k] for k in ("weight", "bias")}
+            rest = {k: v for k, v in state.items() if k not in weight}
+            for part in ((weight, rest) if first == "weight" else (rest, weight)):
+                parted.load_state_dict(part, strict=False)
+            assert parted.merged and torch.equal(parted(x), want)
+            parted.unmerge()
+            assert rel_err(parted.weight, base) < 1e-6, first
     src.unmerge()
     assert rel_err(src.weight, base) < 1e-6
     assert ck.nn.task_state(src.state_dict()["_extra_state"]).get("merged_as") is None

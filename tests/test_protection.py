@@ -260,6 +260,29 @@ def test_observe_task_counts_once_drops_bad_passes_and_takes_keyword_input():
     assert layer._observed_rows == 20 and "_observing_thread" not in layer.__dict__
     with ck.observe_task(layer):        # (closed: a new block in this thread is one)
         assert layer.__dict__["_observing_thread"] == threading.get_ident()
+    import time                         # two threads opening blocks at once: one gets in (both did, the test
+    slow = ck.nn.replica_group          # and the mark apart)
+
+    def opening(*args):
+        time.sleep(0.2)
+        return slow(*args)
+    outcomes = []
+
+    def block():
+        try:
+            with ck.observe_task(layer):
+                time.sleep(0.3)
+            outcomes.append("in")
+        except ValueError:
+            outcomes.append("refused")
+    import unittest.mock
+    with unittest.mock.patch.object(ck.nn, "replica_group", opening):
+        both = [threading.Thread(target=block) for _ in range(2)]
+        for t in both:
+            t.start()
+        for t in both:
+            t.join()
+    assert sorted(outcomes) == ["in", "refused"], outcomes
     with pytest.raises(KeyboardInterrupt), torch.no_grad(), ck.observe_task(layer):
         layer(x)
         raise KeyboardInterrupt                                           # an interrupted pass is dropped
@@ -729,6 +752,11 @@ def test_freeze_sets_requires_grad_on_a_parametrized_factors_original(seed):
     assert not paper.parametrizations.lora_A.original.requires_grad and not paper.lora_B.requires_grad
     paper.protection = "paper"
     assert paper.parametrizations.lora_A.original.requires_grad
+    pruned, _ = _first_task("paper", seed)          # prune's original too (a switch left it training, silently)
+    from torch.nn.utils import prune
+    prune.l1_unstructured(pruned, "lora_A", amount=0.25)
+    pruned.protection = "freeze"
+    assert not pruned.lora_A_orig.requires_grad and not pruned.lora_B.requires_grad
 
 
 def test_observe_task_leaves_bad_input_to_the_layers_own_errors():
@@ -1408,7 +1436,7 @@ def test_a_task_ends_whole_beside_another_threads_forward(seed, monkeypatch):
                 setattr(lay, name, prepared[name])
         thread = threading.Thread(target=serve)
         thread.start()
-        thread.join(timeout=1.0)
+        thread.join(timeout=2.0)     # (with the lock held the thread waits; without, it runs the forward)
         plain(self, lay, prepared)
         return thread
     threads = []
