@@ -2135,7 +2135,8 @@ def _layers_that_can(model: nn.Module, what: str, caller: str = "") -> list:
     for name, m in layers:
         why = m._refusal(what) if m.merged == (what == "unmerge") else ""
         if why:
-            raise ValueError(f"{why} (layer {name or '<the model>'!r}; no layer was changed)")
+            raise ValueError(("" if not caller or caller == what else f"{caller}: ")     # (disable_adapter unmerges)
+                             + f"{why} (layer {name or '<the model>'!r}; no layer was changed)")
     return layers
 
 

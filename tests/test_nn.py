@@ -1372,6 +1372,9 @@ def test_a_merged_layer_changed_since_its_merge_saves_what_its_weight_holds(chan
         if change in ("reset", "step"):
             with pytest.raises(ValueError, match="loaded merged from a state saved after its adapter changed"):
                 ck.unmerge(nn.Sequential(layer))
+            with pytest.raises(ValueError, match="^disable_adapter: unmerge: this layer was loaded merged"):
+                with ck.disable_adapter(nn.Sequential(layer)):
+                    pass
             with pytest.raises(ValueError, match="cannot be loaded into this merged layer"):
                 layer.load_state_dict({k: v for k, v in src.state_dict().items() if k != "weight"}, strict=False)
             assert layer.merged and torch.equal(layer(x), want)
