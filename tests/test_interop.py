@@ -62,6 +62,15 @@ def _data(name):
     return torch.randn(2, 3, 16, 16) if name == "vit" else torch.randint(0, 61, (2, 7))
 
 
+def _apart64(a, b, name, data) -> float:
+    """rel_err of two models' outputs, each run as a float64 copy: what their tensors compute, without fp32's
+    rounding, which these small random models amplify (factors of std 0.3 over a base of 0.02: PEFT's own fp32
+    output was 1e-4 off its float64 one on 0.7 % of seeds, and the comparisons at 1e-5 failed)."""
+    with torch.no_grad():
+        return rel_err(*(_run(copy.deepcopy(m).double(), name, data.double() if name == "vit" else data)
+                         for m in (a, b)))
+
+
 def _two_tasks(model):
     """Every layer with a non-trivial adapter after one end_task: R_old and R_delta both non-zero
     and non-identity, so a folding that drops either is seen."""
@@ -181,8 +190,7 @@ def test_save_peft_adapter_loads_in_peft_with_the_same_outputs(tmp_path, seed, n
     if name == "llama":          # short names where they select exactly the layers (what vLLM expects)
         assert config["target_modules"] == sorted(LLAMA_TARGETS)
     served = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
-    with torch.no_grad():
-        assert rel_err(_run(served, name, data), want) < 1e-5
+    assert _apart64(served, model, name, data) < 1e-5      # (the routing folded into lora_B in fp32: its rounding)
 
 
 # ---- PEFT in: load_peft_adapter of what PEFT's save_pretrained wrote ------------------------
@@ -257,11 +265,16 @@ def test_transformers_models_train_and_round_trip(tmp_path, seed, name):
     model = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=2, backend="torch")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     ids = torch.randint(2, 61, (4, 7))
+    labels = ids if name == "gpt2" else torch.tensor([0, 1, 2, 0])
+
+    def eval_loss():        # (without dropout: the training losses' noise left a margin of 0.02 % on some seeds)
+        with torch.no_grad():
+            return model.eval()(input_ids=ids, labels=labels).loss.item()
+    before = eval_loss()
     model.train()
-    losses = _train_steps(model, ids, ids if name == "gpt2" else torch.tensor([0, 1, 2, 0]))
-    assert losses[-1] < losses[0]
+    _train_steps(model, ids, labels)
+    assert eval_loss() < before
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    model.eval()
     ck.save_adapter(model, tmp_path / "a.safetensors")
     again = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=2, backend="torch").eval()
     ck.load_adapter(again, tmp_path / "a.safetensors")
@@ -384,8 +397,7 @@ def test_per_layer_ranks_and_alphas_travel_as_peft_patterns(tmp_path, seed, name
     pm = _peft_trained(base, targets, tmp_path / "in", rank_pattern=ranks, alpha_pattern=alphas)
     model = ck.inject_clora(copy.deepcopy(base), target_modules=targets, rank=3, rank_pattern=ranks, backend="torch")
     ck.load_peft_adapter(model, tmp_path / "in")
-    with torch.no_grad():
-        assert rel_err(_run(model, name, data), _run(pm, name, data)) < 1e-5
+    assert _apart64(model, pm, name, data) < 1e-10      # (the same tensors: the same values)
     config = json.loads((tmp_path / "in" / "adapter_config.json").read_text())     # a file that contradicts itself
     (tmp_path / "in" / "adapter_config.json").write_text(json.dumps(dict(config, rank_pattern={
         k: v + 1 for k, v in config["rank_pattern"].items()})))

@@ -321,7 +321,8 @@ def test_inject_and_model_helpers(seed, tmp_path):
     assert rel_err(other(x), net(x)) > 1e-3
     ck.load_adapter(other, path)
     assert all(m.task_index == 1 for _, m in ck.nn.clora_layers(other))
-    assert rel_err(other(x), net(x)) < 1e-6   # net's base went through merge/unmerge rounding
+    assert rel_err(other(x), y2) < 1e-6      # (y2: net's output before its base went through merge and unmerge,
+    # whose fp32 rounding, with the adapter far larger than the base, passed 1e-6 on 0.1-0.3 % of seeds)
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:   # adapter tensors only: no base weights
         assert all(k.rsplit(".", 1)[1] in ("lora_A", "lora_B", "routing_old", "routing_delta", "projection")
