@@ -730,6 +730,14 @@ class CLoRALinear(nn.Linear):
                 return "unknown"
         return None if (memo[-2], memo[-1]) == (self.scaling, self.mode) else {"scaling": memo[-2], "mode": memo[-1]}
 
+    def _part_merged_as(self, merged_as) -> None:
+        """A merged task state's `merged_as` in one part of a checkpoint, for when its adapter is in (one of an
+        unfinished earlier load is replaced: it was taken for this checkpoint's, 2.9 off)."""
+        if merged_as is None:
+            self.__dict__.get("_parts", {}).pop("merged_as", None)
+        else:
+            self._load_parts()["merged_as"] = merged_as
+
     def _remember_merged_as(self, merged_as) -> None:
         """A merged state's `merged_as` (`_merged_as`), loaded with its adapter: what unmerge takes out."""
         if merged_as == "unknown":
@@ -809,7 +817,7 @@ class CLoRALinear(nn.Linear):
         change of it would be lost; the others, where an adapter tensor is computed so; any, where some of the
         layer's tensors are on the meta device and others not (a model built on meta and loaded in part)."""
         if what in ("merge", "unmerge", "end_task"):
-            own = [(n, t) for n, t in (*self._parameters.items(), *self._buffers.items()) if t is not None]
+            own = [*self.named_parameters(), *self.named_buffers()]     # (a parametrization's originals too)
             meta = [n for n, t in own if t.is_meta]
             if meta and len(meta) < len(own):
                 return ((f"{what}: " if what != "end_task" else "") + f"{meta} are on the meta device and the rest "
@@ -921,17 +929,16 @@ class CLoRALinear(nn.Linear):
             if self.merged and loading is not None and all(map(loaded, _ADAPTER_TENSORS)):
                 self._remember_loaded_adapter()
                 self._remember_merged_as(state.get("merged_as"))
+                self.__dict__.get("_parts", {}).pop("merged_as", None)     # (an unfinished earlier part's)
             elif self.merged and loading is not None:   # the adapter comes in a later part (a sharded checkpoint):
                 self._load_parts()["merged"] = True     # none of it is one to merge in place of the weight's
-                if state.get("merged_as") is not None:
-                    self._load_parts()["merged_as"] = state["merged_as"]
+                self._part_merged_as(state.get("merged_as"))
         elif loading is not None and state.get("merged"):
             # a sharded checkpoint's part: the merged weight comes in another load_state_dict call, before
             # this one (it is the layer's weight now) or after it (`_load_layer` takes it for the merged one,
             # also where the layer was merged before the load). Before, the layer took the merged weight for
             # its base and added the adapter a second time (a 14-layer Llama's logits moved 0.5-0.7)
-            if state.get("merged_as") is not None:      # (taken with the adapter: `_part_loaded`)
-                self._load_parts()["merged_as"] = state["merged_as"]
+            self._part_merged_as(state.get("merged_as"))     # (taken with the adapter: `_part_loaded`)
             sums = state.get("weight_sums")
             if not self.merged and _same_sums(_weight_sums(self.weight), sums):
                 self._merged_from_parts()
@@ -2032,9 +2039,11 @@ def observe_task(model: nn.Module, group=None):
                 if not m._observed_rows:    # task does not use): they have no new inputs to protect
                     m._observed_empty = True
     finally:
-        for m in layers:
-            m._observing = False
-            m.__dict__.pop("_observing_thread", None)
+        with protection_lock():     # (closed and unmarked at once: another thread's block opening in between
+            for m in layers:        # lost its mark)
+                m._observing = False
+                if m.__dict__.get("_observing_thread") == me:
+                    del m.__dict__["_observing_thread"]
 
 
 def replica_group(model: nn.Module, group=None):

@@ -274,28 +274,32 @@ class Freeze(Protection):
         Under DistributedDataParallel the factors become unused parameters after the first task:
         wrap with find_unused_parameters=True, or wrap again after end_task."""
         first = self.factors_train(layer)
-        for p in factor_leaves(layer):
+        for p in factor_leaves(layer, strict=not first):
             p.requires_grad_(first)
             if not first:
                 p.grad = None
 
 
-def factor_leaves(layer) -> list:
-    """The parameters that hold lora_A and lora_B: themselves, or where torch.nn.utils.parametrize or prune
-    computes one, its original(s) (requires_grad_ on the computed tensor failed halfway through a load or a
-    policy switch, the layer left in the new task with its factor still training)."""
+def factor_leaves(layer, strict: bool = False) -> list:
+    """The parameters that hold lora_A and lora_B: themselves, or where torch.nn.utils.parametrize, prune or the
+    old weight_norm computes one, its original(s) (requires_grad_ on the computed tensor failed halfway through a
+    load or a policy switch, the layer left in the new task with its factor still training). A factor computed
+    otherwise is left out, or, `strict` (a policy turning its training off), refused by name."""
     out = []
     for name in ("lora_A", "lora_B"):
         plist = getattr(getattr(layer, "parametrizations", None), name, None)
-        if name in layer._parameters:
-            out.append(layer._parameters[name])
+        own = layer._parameters
+        if own.get(name) is not None:
+            out.append(own[name])
         elif plist is not None:
             out += list(plist.parameters(recurse=False))
-        elif name + "_orig" in layer._parameters:       # (prune's)
-            out.append(layer._parameters[name + "_orig"])
-        else:
-            raise ValueError(f"{name} is computed by something this layer does not know (neither parametrize nor "
-                             f"prune), so its training cannot be turned off; remove that first")
+        elif own.get(name + "_orig") is not None:       # (prune's)
+            out.append(own[name + "_orig"])
+        elif own.get(name + "_g") is not None and own.get(name + "_v") is not None:     # (weight_norm's)
+            out += [own[name + "_g"], own[name + "_v"]]
+        elif strict:
+            raise ValueError(f"{name} is computed by something this layer does not know (neither parametrize, "
+                             f"prune nor weight_norm), so its training cannot be turned off; remove that first")
     return out
 
 

@@ -854,6 +854,14 @@ def test_a_layer_loaded_in_part_onto_meta_refuses_the_lifecycle_by_name(seed):
                             assign=True)
     with pytest.raises(ValueError, match=r"\['protect_input_basis', .* are on the meta device"):
         ck.end_task(project)
+    with torch.device("meta"):          # and a parametrization's original (merge added nothing, and said merged)
+        computed = CLoRALinear(6, 5, rank=2)
+    torch.nn.utils.parametrize.register_parametrization(computed, "lora_A", _Identity())
+    computed.load_state_dict({k: v for k, v in CLoRALinear(6, 5, rank=2).state_dict().items() if k != "lora_A"},
+                             strict=False, assign=True)
+    with pytest.raises(ValueError, match=r"\['parametrizations.lora_A.original'\] are on the meta device"):
+        computed.merge()
+    assert not computed.merged
 
 
 def test_what_merge_remembered_moves_with_the_layer(seed):
@@ -1393,6 +1401,16 @@ def test_a_merged_layer_changed_since_its_merge_saves_what_its_weight_holds(chan
             assert parted.merged and torch.equal(parted(x), want)
             parted.unmerge()
             assert rel_err(parted.weight, base) < 1e-6, first
+        other = _trained(CLoRALinear(10, 8, rank=3, alpha=6.0))    # a part of that checkpoint alone, then another
+        other_base = other.weight.detach().clone()      # merged unchanged, in parts: the first's merged scaling
+        other.merge()                                   # was taken for the second's (2.9 off)
+        other_state = copy.deepcopy(other.state_dict())
+        stray = CLoRALinear(10, 8, rank=3, alpha=6.0)
+        stray.load_state_dict({k: v for k, v in state.items() if k not in ("weight", "bias")}, strict=False)
+        stray.load_state_dict({k: v for k, v in other_state.items() if k not in ("weight", "bias")}, strict=False)
+        stray.load_state_dict({k: other_state[k] for k in ("weight", "bias")}, strict=False)
+        stray.unmerge()
+        assert rel_err(stray.weight, other_base) < 1e-6
     src.unmerge()
     assert rel_err(src.weight, base) < 1e-6
     assert ck.nn.task_state(src.state_dict()["_extra_state"]).get("merged_as") is None

@@ -757,6 +757,13 @@ def test_freeze_sets_requires_grad_on_a_parametrized_factors_original(seed):
     prune.l1_unstructured(pruned, "lora_A", amount=0.25)
     pruned.protection = "freeze"
     assert not pruned.lora_A_orig.requires_grad and not pruned.lora_B.requires_grad
+    with warnings.catch_warnings():     # torch's old weight_norm (deprecated): its g and v; a load of a layer's
+        warnings.simplefilter("ignore")     # own state under any policy goes on (a second review: it raised)
+        normed, _ = _first_task("paper", seed)
+        torch.nn.utils.weight_norm(normed, "lora_A")
+    normed.load_state_dict(copy.deepcopy(normed.state_dict()))
+    normed.protection = "freeze"
+    assert not normed.lora_A_g.requires_grad and not normed.lora_A_v.requires_grad
 
 
 def test_observe_task_leaves_bad_input_to_the_layers_own_errors():
