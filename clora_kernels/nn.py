@@ -475,8 +475,11 @@ class CLoRALinear(nn.Linear):
 
     def _delta(self, lora_A, lora_B, routing_old, routing_delta, projection, scaling, mode=None) -> Tensor:
         """The delta of these adapter tensors in `mode` (default the layer's: merge remembers its own)."""
-        r_eff = routing_eff(routing_old, routing_delta, projection if (mode or self.mode) == "hard" else None)
-        return delta_weight(lora_A, lora_B, r_eff, scaling)
+        return delta_weight(lora_A, lora_B, self._r_eff(routing_old, routing_delta, projection, mode), scaling)
+
+    def _r_eff(self, routing_old, routing_delta, projection, mode=None) -> Tensor:
+        """R_eff of these routing tensors in `mode` (default the layer's): soft mode reads no projection."""
+        return routing_eff(routing_old, routing_delta, projection if (mode or self.mode) == "hard" else None)
 
     def orthogonality_loss(self) -> Tensor:
         """|| Oᵀ (P R_delta) ||_F² with O = routing_old (soft) or Q (hard; I - P = Q Qᵀ), in float32 for a
@@ -723,10 +726,10 @@ class CLoRALinear(nn.Linear):
         if not self.merged or memo is None or any(isinstance(t, DTensor) or t.is_meta
                                                   for t in (getattr(self, n) for n in _ADAPTER_TENSORS)):
             return None     # (FSDP2: no collective in a state_dict, as a load remembers none: `_remember_loaded_adapter`)
-        def factors(a, b, r_old, r_delta, p, mode):     # what the delta reads in the merged mode
-            return a, b, routing_eff(r_old, r_delta, p if mode == "hard" else None)
+        def factors(a, b, r_old, r_delta, p):      # what the delta reads in the merged mode
+            return a, b, self._r_eff(r_old, r_delta, p, memo[-1])
         with torch.no_grad():       # (an end_task since the merge moved the routing, not R_eff: the same delta)
-            if not all(map(torch.equal, factors(*memo[:5], memo[-1]), factors(*self._adapter(), memo[-1]))):
+            if not all(map(torch.equal, factors(*memo[:5]), factors(*self._adapter()))):
                 return "unknown"
         return None if (memo[-2], memo[-1]) == (self.scaling, self.mode) else {"scaling": memo[-2], "mode": memo[-1]}
 
@@ -743,8 +746,7 @@ class CLoRALinear(nn.Linear):
         if merged_as == "unknown":
             self._merged_adapter, self.__dict__["_merged_unknown"] = None, True
         elif merged_as is not None:
-            self._merged_adapter = tuple(t.detach().clone() for t in self._adapter()) + (
-                float(merged_as["scaling"]), merged_as["mode"])
+            self._merged_adapter = self._merge_memo()[:-2] + (float(merged_as["scaling"]), merged_as["mode"])
 
     @torch.no_grad()
     @_lifecycle_step
