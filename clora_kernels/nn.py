@@ -500,7 +500,8 @@ class CLoRALinear(nn.Linear):
             # any adapter tensor that trains (a plain LoRA, routing_delta frozen, as seq_lora: A and B trained
             # nothing, silently)
             adapter = (self.routing_delta, self.lora_A, self.lora_B)
-            trained = self.merged and self.training and torch.is_grad_enabled() and any(p.requires_grad for p in adapter)
+            trained = self.merged and self.training and torch.is_grad_enabled() and any(p.requires_grad
+                                                                                        for p in adapter)
             if trained:
                 if torch.compiler.is_compiling():   # the compiler cannot carry the guard's raise to the backward
                     raise RuntimeError(_MERGED_TRAINING)    # (without fullgraph: a graph break, then the guard)
@@ -707,7 +708,8 @@ class CLoRALinear(nn.Linear):
         of what was merged, so unmerge would take out the delta of the new setting; it remembers the
         delta it holds now (not while a load sets them: the loaded state's own)."""
         d = self.__dict__
-        if d.get("merged") and d.get("_merged_adapter") is None and "_loading" not in d and not d.get("_merged_unknown"):
+        if d.get("merged") and d.get("_merged_adapter") is None and "_loading" not in d \
+                and not d.get("_merged_unknown"):
             self._merged_adapter = self._merge_memo()
 
     def _merge_memo(self) -> tuple:
@@ -725,7 +727,7 @@ class CLoRALinear(nn.Linear):
         memo = self.__dict__.get("_merged_adapter")
         if not self.merged or memo is None or any(isinstance(t, DTensor) or t.is_meta
                                                   for t in (getattr(self, n) for n in _ADAPTER_TENSORS)):
-            return None     # (FSDP2: no collective in a state_dict, as a load remembers none: `_remember_loaded_adapter`)
+            return None     # (FSDP2: no collective in a state_dict; a load remembers none: _remember_loaded_adapter)
         def factors(a, b, r_old, r_delta, p):      # what the delta reads in the merged mode
             return a, b, self._r_eff(r_old, r_delta, p, memo[-1])
         with torch.no_grad():       # (an end_task since the merge moved the routing, not R_eff: the same delta)
@@ -740,13 +742,6 @@ class CLoRALinear(nn.Linear):
             self.__dict__.get("_parts", {}).pop("merged_as", None)
         else:
             self._load_parts()["merged_as"] = merged_as
-
-    def _remember_merged_as(self, merged_as) -> None:
-        """A merged state's `merged_as` (`_merged_as`), loaded with its adapter: what unmerge takes out."""
-        if merged_as == "unknown":
-            self._merged_adapter, self.__dict__["_merged_unknown"] = None, True
-        elif merged_as is not None:
-            self._merged_adapter = self._merge_memo()[:-2] + (float(merged_as["scaling"]), merged_as["mode"])
 
     @torch.no_grad()
     @_lifecycle_step
@@ -929,8 +924,7 @@ class CLoRALinear(nn.Linear):
             # the adapter's delta as it is then. A state without the weight: see _load_from_state_dict
             self._set_merged(bool(state.get("merged", False)))
             if self.merged and loading is not None and all(map(loaded, _ADAPTER_TENSORS)):
-                self._remember_loaded_adapter()
-                self._remember_merged_as(state.get("merged_as"))
+                self._remember_loaded_adapter(state.get("merged_as"))
                 self.__dict__.get("_parts", {}).pop("merged_as", None)     # (an unfinished earlier part's)
             elif self.merged and loading is not None:   # the adapter comes in a later part (a sharded checkpoint):
                 self._load_parts()["merged"] = True     # none of it is one to merge in place of the weight's
@@ -1073,20 +1067,25 @@ class CLoRALinear(nn.Linear):
         seen.update(names)
         if parts.get("merged") and seen.issuperset(_ADAPTER_TENSORS):
             del parts["merged"]         # the checkpoint's adapter is in: what the merged weight holds
-            self._remember_loaded_adapter()
-            self._remember_merged_as(parts.pop("merged_as", None))
+            self._remember_loaded_adapter(parts.pop("merged_as", None))
         if parts.get("enforced") is not None and seen.issuperset(_ADAPTER_TENSORS + self.protection.buffers):
             self.protection.loaded_enforced(self, parts.pop("enforced"))
         if not (set(parts) - {"seen"}) and (whole or seen.issuperset(("_extra_state",) + _ADAPTER_TENSORS
                                                                       + self.protection.buffers)):
             del self.__dict__["_parts"]     # (the weight is no part of it: a merged one is found by its sums)
 
-    def _remember_loaded_adapter(self) -> None:
+    def _remember_loaded_adapter(self, merged_as=None) -> None:
         """A merged state loaded whole: the adapter as loaded is what the weight holds (as merge remembers
-        it), so that unmerge takes out that delta even after the adapter changes; not where FSDP2 shards
-        it (no collective inside a load: unmerge then takes out the adapter as it is)."""
-        if not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
-            self._merged_adapter = self._merge_memo()
+        it), in the scaling and mode of its `merged_as` (`_merged_as`) where it has one, so that unmerge takes
+        out that delta even after the adapter changes; not where FSDP2 shards it (no collective inside a load:
+        unmerge then takes out the adapter as it is). A merged_as "unknown": the base is in no tensor of it,
+        and unmerge is refused."""
+        if merged_as == "unknown":
+            self._merged_adapter, self.__dict__["_merged_unknown"] = None, True
+        elif not any(isinstance(getattr(self, t), DTensor) for t in _ADAPTER_TENSORS):
+            memo = self._merge_memo()
+            self._merged_adapter = memo if merged_as is None else memo[:-2] + (float(merged_as["scaling"]),
+                                                                               merged_as["mode"])
 
     def _merged_from_parts(self) -> None:
         """A sharded checkpoint's merged weight and its task state met: the layer is merged, and until the
@@ -2008,10 +2007,11 @@ def observe_task(model: nn.Module, group=None):
     pass split over threads sums whole; a request served by the same model meanwhile is recorded
     too: serve from a copy; a block of another thread beside an open one is refused). In a multi-process
     job (DDP) every process runs the block on its share of the task's data; at its end the Grams are
-    summed over the processes (an all-reduce), so each protects the whole task's inputs. `group`: the processes holding replicas of the model, whose
-    inputs are summed (torch.distributed's process group); default: a DistributedDataParallel
-    wrapper's own group where `model` is one, else every process of the job (models trained apart in
-    one job, an ensemble or seeds side by side, each protected the others' inputs: pass their group)."""
+    summed over the processes (an all-reduce), so each protects the whole task's inputs. `group`: the
+    processes holding replicas of the model, whose inputs are summed (torch.distributed's process group);
+    default: a DistributedDataParallel wrapper's own group where `model` is one, else every process of the
+    job (models trained apart in one job, an ensemble or seeds side by side, each protected the others'
+    inputs: pass their group)."""
     needs = [(n, m) for n, m in _require_layers(model, "observe_task", reshard=False) if m.protection.needs_inputs]
     group = replica_group(model, group)
     me = threading.get_ident()

@@ -62,7 +62,7 @@ def build_model(name: str, img_size, device, dtype):
             return torch.stack([ids, torch.ones_like(ids)], 1)
         return model, make
     import timm
-    if not timm.is_model(name):     # (a tagged name, vit_base_patch16_224.augreg_in21k, is one: list_models has no tags)
+    if not timm.is_model(name):     # (a tagged name, vit_base_patch16_224.augreg_in21k, is one: no tags listed)
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         raise ProfileError(f"--model {name!r} is not a timm model (or 'minilm')" +
                            (f"; close names: {', '.join(close)}" if close else ""))

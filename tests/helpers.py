@@ -101,9 +101,10 @@ def ill_conditioned(dtype, m, r, lead=None) -> bool:
 def conditioning_floor(base, g, refs, dtype, through_old=False) -> dict:
     """CONDITIONING_SLACK·u·κ per output: u·κ is the error of rounding each product and sum once in
     `dtype` (u its unit roundoff), κ = ‖oracle on |inputs| and |g|‖ / ‖oracle‖ the output's condition;
-    check_backend admits it where ill_conditioned(...) holds. The same-dtype plain formula's error alone is one sample, which a lucky summation order makes small
-    (seed 840054436 at M = r = 1: t = x·aᵀ = 0.0027 from terms whose magnitudes sum to 2.77,
-    κ = 1034 for lora_B, plain error < 1e-5, every Triton plan 1.8e-5). A tf32 or half-precision
+    check_backend admits it where ill_conditioned(...) holds. The same-dtype plain formula's error alone
+    is one sample, which a lucky summation order makes small (seed 840054436 at M = r = 1: t = x·aᵀ =
+    0.0027 from terms whose magnitudes sum to 2.77, κ = 1034 for lora_B, plain error < 1e-5, every Triton
+    plan 1.8e-5). A tf32 or half-precision
     slip in an fp32 path errs by ~1e-3, above u·κ on most draws."""
     absolute = _oracle_outputs({key: (v.abs() if torch.is_tensor(v) else v) for key, v in base.items()}, g.abs(),
                                through_old)
